@@ -1,0 +1,20 @@
+//! `clock`: the seed's `onWorkerStart` + `Timer::add(5.0, ...)` program. Every 5 seconds each
+//! worker pushes `Hello Client! Now is HH:MM:SS` to all of its connections, and it logs what
+//! clients send (`echo 'Message From client: ', $data`).
+
+use crate::Worker;
+use std::time::Duration;
+
+pub const INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn clock(worker: &mut Worker) {
+    worker.on_worker_start(|ctx| {
+        ctx.add_timer(INTERVAL, |ctx| {
+            let now = chrono::Local::now().format("%H:%M:%S");
+            ctx.broadcast(format!("Hello Client! Now is {now}"));
+        });
+    });
+    worker.on_message(|_ctx, _conn, msg| {
+        log::info!("Message From client: {msg}");
+    });
+}

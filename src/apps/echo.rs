@@ -1,0 +1,9 @@
+//! `echo`: every message comes back as it was sent (text stays text, binary stays binary).
+
+use crate::Worker;
+
+pub fn echo(worker: &mut Worker) {
+    worker.on_message(|ctx, conn, msg| {
+        let _ = ctx.send(conn, msg);
+    });
+}

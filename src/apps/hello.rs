@@ -1,0 +1,10 @@
+//! `hello`: replies `hello <message>`, the seed's Workerman example
+//! (`$connection->send('hello ' . $data)`).
+
+use crate::Worker;
+
+pub fn hello(worker: &mut Worker) {
+    worker.on_message(|ctx, conn, msg| {
+        let _ = ctx.send(conn, format!("hello {msg}"));
+    });
+}

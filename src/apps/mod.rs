@@ -1,0 +1,18 @@
+//! The built-in apps of the `wsd` binary, selected per group with `app = "..."`.
+//!
+//! Each is written against the public library API only, exactly as a user's program would be.
+
+mod clock;
+mod echo;
+mod hello;
+
+use crate::Worker;
+
+pub use clock::clock;
+pub use echo::echo;
+pub use hello::hello;
+
+/// Name and installer of every built-in app.
+pub fn builtin() -> Vec<(&'static str, fn(&mut Worker))> {
+    vec![("echo", echo), ("hello", hello), ("clock", clock)]
+}

@@ -1,0 +1,207 @@
+//! The control path's client side: `wsd start|stop|restart|status|check`.
+//!
+//! Every command but `start` and `check` talks to the running master over its control socket
+//! (JSON lines) and turns the answer into output and an exit code: 0 on success, 1 with a
+//! one-line reason on stderr otherwise.
+
+mod status;
+
+use crate::config::{Config, ConfigError, ServerConfig};
+use crate::control::{self, Reply, Request};
+use crate::master::{self, pidfile};
+use crate::{Runner, Worker};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(version, about = "A multi-process WebSocket server in the mould of Workerman")]
+struct Cli {
+    /// Config file [default: ./workers.toml]
+    #[arg(short, long, env = "WSD_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the master and its workers (in the foreground unless -d)
+    Start {
+        /// Detach: run as a daemon, logging to [server] log_file
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Stop the running master: clients get Close 1001, workers exit
+    Stop {
+        /// Graceful: stop accepting and wait, without a time limit, for clients to leave
+        #[arg(short, long)]
+        graceful: bool,
+    },
+    /// Stop, then start again
+    Restart {
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Show the master and every worker process
+    Status {
+        /// Print one JSON object instead of the table
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second, like top
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Validate the config file without starting anything
+    Check,
+}
+
+/// A failed command: printed as `wsd: <reason>`, exit code 1.
+struct Failed(String);
+
+impl From<ConfigError> for Failed {
+    fn from(e: ConfigError) -> Failed {
+        Failed(e.to_string())
+    }
+}
+
+pub(crate) fn main(runner: Runner, args: Vec<String>) -> i32 {
+    let prog = args.first().and_then(|a| Path::new(a).file_name()).and_then(|n| n.to_str()).unwrap_or("wsd").to_string();
+    let matches = match Cli::command().name(prog.clone()).bin_name(prog).try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let cli = Cli::from_arg_matches(&matches).expect("clap validated the arguments");
+    match run(runner, cli) {
+        Ok(code) => code,
+        Err(Failed(reason)) => {
+            eprintln!("wsd: {reason}");
+            1
+        }
+    }
+}
+
+fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
+    let explicit = cli.config.is_some();
+    let config_path = cli.config.unwrap_or_else(|| PathBuf::from("workers.toml"));
+    let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
+    let have_file = explicit || config_path.exists();
+    match cli.command {
+        Command::Check => {
+            if !have_file {
+                return Err(Failed(format!("no config file: {} not found (use -c FILE)", config_path.display())));
+            }
+            let config = Config::load(&config_path, &runner.app_names())?;
+            let workers: usize = config.groups.iter().map(|g| g.count).sum();
+            println!("{}: ok ({} group(s), {workers} worker(s))", config_path.display(), config.groups.len());
+            Ok(0)
+        }
+        Command::Start { daemon } => start(runner, have_file.then_some(&config_path), daemon),
+        Command::Restart { daemon } => {
+            let server = locate(have_file.then_some(&config_path));
+            match request(&server, &Request::Stop { graceful: false }, None) {
+                Ok(_) => println!("wsd stopped"),
+                Err(Failed(e)) if e.contains("not running") => {}
+                Err(e) => return Err(e),
+            }
+            start(runner, have_file.then_some(&config_path), daemon)
+        }
+        Command::Stop { graceful } => {
+            let server = locate(have_file.then_some(&config_path));
+            if graceful {
+                println!("wsd is stopping gracefully: waiting for clients to leave");
+            }
+            request(&server, &Request::Stop { graceful }, None)?;
+            println!("wsd stopped");
+            Ok(0)
+        }
+        Command::Status { json, watch } => {
+            let server = locate(have_file.then_some(&config_path));
+            loop {
+                let reply = request(&server, &Request::Status, Some(Duration::from_secs(5)))?;
+                let st = reply.status.ok_or_else(|| Failed("master sent no status".into()))?;
+                let text = if json { serde_json::to_string_pretty(&st).unwrap_or_default() } else { status::render(&st) };
+                if watch {
+                    // Clear the screen and redraw from the top, like top(1).
+                    print!("\x1b[H\x1b[2J{text}\n(refreshing every second; Ctrl+C to quit)\n");
+                    let _ = io::stdout().flush();
+                    std::thread::sleep(Duration::from_secs(1));
+                } else {
+                    println!("{text}");
+                    return Ok(0);
+                }
+            }
+        }
+    }
+}
+
+fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<i32, Failed> {
+    let config = match config_path {
+        Some(p) => Config::load(p, &runner.app_names())?,
+        None if !runner.workers.is_empty() => Config::empty(),
+        None => return Err(Failed("no config file: ./workers.toml not found (use -c FILE)".into())),
+    };
+    crate::logging::init(&config.server.log_level);
+    let mut groups: Vec<Worker> = Vec::new();
+    let Runner { apps, workers } = runner;
+    for w in workers {
+        w.check().map_err(|e| Failed(format!("worker {:?}: {e}", w.name())))?;
+        groups.push(w);
+    }
+    for g in &config.groups {
+        let mut w = Worker::from_config(g.clone());
+        let install = apps.get(&g.app).expect("config validated the app name");
+        install(&mut w);
+        groups.push(w);
+    }
+    Ok(master::start(master::Plan { config, groups, daemon }))
+}
+
+fn locate(config_path: Option<&PathBuf>) -> ServerConfig {
+    match config_path {
+        Some(p) => Config::locate(p),
+        None => Config::empty().server,
+    }
+}
+
+/// Sends one request to the master and waits for its reply (`timeout` None: no limit).
+fn request(server: &ServerConfig, req: &Request, timeout: Option<Duration>) -> Result<Reply, Failed> {
+    let sock = &server.control_socket;
+    let mut stream = UnixStream::connect(sock).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => not_running(server),
+        io::ErrorKind::PermissionDenied => Failed(format!("permission denied on {}", sock.display())),
+        _ => Failed(format!("cannot reach the master at {}: {e}", sock.display())),
+    })?;
+    stream.set_read_timeout(timeout).ok();
+    stream.write_all(&control::line(req)).map_err(|e| Failed(format!("cannot talk to the master: {e}")))?;
+    let mut line = String::new();
+    match BufReader::new(&stream).read_line(&mut line) {
+        Ok(0) if matches!(req, Request::Stop { .. }) => {
+            // The master went away without a word (killed?): stopped all the same.
+            return Ok(Reply::ok());
+        }
+        Ok(0) => return Err(Failed("the master closed the connection without answering".into())),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(Failed(format!("the master did not answer within {}s", timeout.unwrap_or_default().as_secs())));
+        }
+        Err(e) => return Err(Failed(format!("cannot read the master's answer: {e}"))),
+    }
+    let reply: Reply = serde_json::from_str(&line).map_err(|e| Failed(format!("bad answer from the master: {e}")))?;
+    if !reply.ok {
+        return Err(Failed(reply.error.unwrap_or_else(|| "the master refused".into())));
+    }
+    Ok(reply)
+}
+
+fn not_running(server: &ServerConfig) -> Failed {
+    match pidfile::running_pid(&server.pid_file) {
+        Some(pid) => Failed(format!("master pid {pid} holds {} but its control socket {} does not answer", server.pid_file.display(), server.control_socket.display())),
+        None => Failed(format!("not running (no master for {})", server.pid_file.display())),
+    }
+}

@@ -1,0 +1,101 @@
+//! `wsd status` as a Workerman-style table.
+
+use crate::control::Status;
+use std::fmt::Write;
+
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    let m = &st.master;
+    let started = chrono::DateTime::from_timestamp(m.started_at, 0)
+        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default();
+    let up = m.uptime_secs;
+    let processes: usize = st.groups.iter().map(|g| g.count).sum();
+    let _ = writeln!(out, "{:-^110}", " GLOBAL STATUS ");
+    let _ = writeln!(out, "wsd version: {:<20} master pid: {:<10} config: {}", m.version, m.pid, m.config);
+    let _ = writeln!(
+        out,
+        "start time: {started}   run {} days {} hours {} minutes   master memory: {}",
+        up / 86400,
+        up % 86400 / 3600,
+        up % 3600 / 60,
+        human(m.memory)
+    );
+    let [l1, l5, l15] = m.load_average;
+    let _ = writeln!(out, "load average: {l1:.2}, {l5:.2}, {l15:.2}");
+    let _ = writeln!(out, "{} group(s)   {processes} process(es)", st.groups.len());
+    let _ = writeln!(out, "{:<20} {:<30} {}", "group", "exit_status", "exit_count");
+    for g in &st.groups {
+        if g.exits.is_empty() {
+            let _ = writeln!(out, "{:<20} {:<30} {}", g.name, "-", 0);
+        }
+        for (how, n) in &g.exits {
+            let _ = writeln!(out, "{:<20} {:<30} {n}", g.name, how);
+        }
+    }
+    let _ = writeln!(out, "{:-^110}", " PROCESS STATUS ");
+    let header = ["pid", "memory", "listening", "name", "connections", "send_fail", "timers", "total_request", "qps", "status"];
+    let _ = writeln!(out, "{}", row(&header.map(String::from)));
+    let (mut mem, mut conns, mut fails, mut timers, mut total, mut qps) = (0, 0, 0, 0, 0, 0.0);
+    for w in &st.workers {
+        let c = &w.counters;
+        mem += c.memory;
+        conns += c.connections;
+        fails += c.send_fail;
+        timers += c.timers;
+        total += c.total_request;
+        qps += w.qps;
+        let _ = writeln!(
+            out,
+            "{}",
+            row(&[
+                w.pid.to_string(),
+                human(c.memory),
+                w.listen.clone(),
+                format!("{}#{}", w.name, w.slot),
+                c.connections.to_string(),
+                c.send_fail.to_string(),
+                c.timers.to_string(),
+                c.total_request.to_string(),
+                format!("{:.1}", w.qps),
+                format!("[{}]", w.status),
+            ])
+        );
+    }
+    let _ = writeln!(out, "{:-^110}", " Summary ");
+    let _ = write!(
+        out,
+        "{}",
+        row(&[
+            "Summary".into(),
+            human(mem),
+            "-".into(),
+            "-".into(),
+            conns.to_string(),
+            fails.to_string(),
+            timers.to_string(),
+            total.to_string(),
+            format!("{qps:.1}"),
+            "[Summary]".into(),
+        ])
+    );
+    out
+}
+
+fn row(cells: &[String; 10]) -> String {
+    let widths = [8, 8, 30, 14, 12, 10, 7, 14, 9, 10];
+    let mut s = String::new();
+    for (cell, w) in cells.iter().zip(widths) {
+        let _ = write!(s, "{cell:<w$} ");
+    }
+    s.trim_end().to_string()
+}
+
+/// `2.1M`, `512K`.
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        b => format!("{}K", b >> 10),
+    }
+}

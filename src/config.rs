@@ -1,0 +1,480 @@
+//! The `workers.toml` schema: a `[server]` table and one `[[worker]]` table per group.
+//!
+//! Every key has a default, unknown keys are errors, and every error names the file, the
+//! line and the reason (`workers.toml:7:9: count must be between 1 and 1024`). Values that
+//! need checking (listen addresses, sizes, durations, counts) are parsed by their own
+//! `Deserialize` impls, so the TOML parser attaches the line of the offending value for us.
+
+use serde::{Deserialize, Deserializer, de};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A config file that could not be used, with the place and the reason.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when the error has a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration: server-wide settings and the worker groups it defines.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, if any (a library program may run with no file).
+    pub file: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub groups: Vec<GroupConfig>,
+}
+
+/// `[server]`: where the master keeps its files and how it stops.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Pid file, locked by the running master. Relative paths are relative to the config file.
+    pub pid_file: PathBuf,
+    /// Unix socket the CLI talks to. Relative to the config file.
+    pub control_socket: PathBuf,
+    /// Where `start -d` sends output. Relative to the config file.
+    pub log_file: PathBuf,
+    /// How long a stop waits for workers before the master SIGKILLs them.
+    #[serde(deserialize_with = "seconds")]
+    pub stop_timeout: Duration,
+    /// Log filter in `RUST_LOG` syntax (`info`, `wsd=debug`); `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            pid_file: PathBuf::from("wsd.pid"),
+            control_socket: PathBuf::from("wsd.sock"),
+            log_file: PathBuf::from("wsd.log"),
+            stop_timeout: Duration::from_secs(10),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// `[[worker]]`: one group of identical worker processes behind one listen address, and the
+/// knobs of their event loops. A library program builds the same struct with
+/// [`GroupConfig::new`]; every key but `listen` has a safe default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Shown in the banner, `status` and logs. Empty means the app's name.
+    #[serde(default)]
+    pub name: String,
+    /// `websocket://HOST:PORT` (or `ws://`, or bare `HOST:PORT`). Port 0 picks a free port.
+    pub listen: Listen,
+    /// Worker processes in this group (1..=1024).
+    #[serde(default = "d::count", deserialize_with = "count")]
+    pub count: usize,
+    /// Which built-in (or library-registered) app runs in these workers.
+    #[serde(default = "d::app")]
+    pub app: String,
+    /// `listen(2)` backlog of each slot's socket.
+    #[serde(default = "d::backlog")]
+    pub backlog: u32,
+    /// Open connections per worker; at the cap the worker stops accepting until one leaves.
+    #[serde(default = "d::max_connections")]
+    pub max_connections: usize,
+    /// Largest message (all fragments together) a client may send; larger closes with 1009.
+    #[serde(default = "d::max_message_size", deserialize_with = "bytes")]
+    pub max_message_size: usize,
+    /// Largest single frame payload a client may send; larger closes with 1009.
+    #[serde(default = "d::max_frame_size", deserialize_with = "bytes")]
+    pub max_frame_size: usize,
+    /// Bytes queued for one slow reader before further sends to it fail (counted as send_fail).
+    #[serde(default = "d::max_send_buffer", deserialize_with = "bytes")]
+    pub max_send_buffer: usize,
+    /// Read buffer per connection. Small saves memory with many idle clients.
+    #[serde(default = "d::read_buffer_size", deserialize_with = "bytes")]
+    pub read_buffer_size: usize,
+    /// Outgoing bytes gathered before a write is forced; replies are flushed once per event anyway.
+    #[serde(default = "d::write_buffer_size", deserialize_with = "bytes")]
+    pub write_buffer_size: usize,
+    /// A connection that has not completed the upgrade in this time is dropped.
+    #[serde(default = "d::handshake_timeout", deserialize_with = "seconds")]
+    pub handshake_timeout: Duration,
+    /// After the server sends Close, how long it waits for the client's Close before dropping.
+    #[serde(default = "d::close_timeout", deserialize_with = "seconds")]
+    pub close_timeout: Duration,
+}
+
+/// The defaults, one function per key (serde wants functions).
+mod d {
+    use std::time::Duration;
+    pub fn count() -> usize {
+        4
+    }
+    pub fn app() -> String {
+        "echo".into()
+    }
+    pub fn backlog() -> u32 {
+        1024
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn max_message_size() -> usize {
+        1 << 20
+    }
+    pub fn max_frame_size() -> usize {
+        1 << 20
+    }
+    pub fn max_send_buffer() -> usize {
+        1 << 20
+    }
+    pub fn read_buffer_size() -> usize {
+        4096
+    }
+    pub fn write_buffer_size() -> usize {
+        64 << 10
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn close_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl GroupConfig {
+    /// A group on `listen` with every other key at its default.
+    pub fn new(listen: Listen) -> GroupConfig {
+        GroupConfig {
+            name: String::new(),
+            listen,
+            count: d::count(),
+            app: d::app(),
+            backlog: d::backlog(),
+            max_connections: d::max_connections(),
+            max_message_size: d::max_message_size(),
+            max_frame_size: d::max_frame_size(),
+            max_send_buffer: d::max_send_buffer(),
+            read_buffer_size: d::read_buffer_size(),
+            write_buffer_size: d::write_buffer_size(),
+            handshake_timeout: d::handshake_timeout(),
+            close_timeout: d::close_timeout(),
+        }
+    }
+
+    /// The name shown to operators: `name`, or the app's name when unset.
+    pub fn name(&self) -> &str {
+        if self.name.is_empty() { &self.app } else { &self.name }
+    }
+
+    /// Cross-key checks that a single value's parser cannot make.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=1024).contains(&self.count) {
+            return Err(format!("count must be between 1 and 1024, got {}", self.count));
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if self.read_buffer_size < 256 {
+            return Err("read_buffer_size must be at least 256 bytes".into());
+        }
+        if self.max_send_buffer <= self.write_buffer_size {
+            return Err("max_send_buffer must be larger than write_buffer_size".into());
+        }
+        Ok(())
+    }
+}
+
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=1024).contains(&n) {
+        return Err(de::Error::custom(format!("count must be between 1 and 1024, got {n}")));
+    }
+    Ok(n as usize)
+}
+
+fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    Bytes::deserialize(d).map(|b| b.0)
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Seconds::deserialize(d).map(|s| s.0)
+}
+
+/// A byte size: an integer, or a string such as `"64KiB"`, `"16MiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub usize);
+
+impl Bytes {
+    pub fn parse(s: &str) -> Result<Bytes, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: usize = num.parse().map_err(|_| format!("bad size {s:?}: expected e.g. 65536, \"64KiB\", \"16MiB\""))?;
+        let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            other => return Err(format!("bad size unit {other:?} in {s:?}: use B, KiB, MiB or GiB")),
+        };
+        num.checked_mul(mult).map(Bytes).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match IntOrStr::deserialize(d)? {
+            IntOrStr::Int(n) if n >= 0 => Ok(Bytes(n as usize)),
+            IntOrStr::Int(n) => Err(de::Error::custom(format!("size must not be negative, got {n}"))),
+            IntOrStr::Float(f) => Err(de::Error::custom(format!("size must be a whole number of bytes, got {f}"))),
+            IntOrStr::Str(s) => Bytes::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration: a number of seconds (`10`, `0.5`) or a string such as `"500ms"`, `"10s"`, `"2m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    pub fn parse(s: &str) -> Result<Seconds, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 10, \"500ms\", \"10s\", \"2m\""))?;
+        let secs = match unit.trim() {
+            "ms" => num / 1000.0,
+            "" | "s" => num,
+            "m" | "min" => num * 60.0,
+            "h" => num * 3600.0,
+            other => return Err(format!("bad duration unit {other:?} in {s:?}: use ms, s, m or h")),
+        };
+        Self::from_secs(secs)
+    }
+
+    fn from_secs(secs: f64) -> Result<Seconds, String> {
+        if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
+            return Err(format!("duration {secs}s is out of range"));
+        }
+        Ok(Seconds(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match IntOrStr::deserialize(d)? {
+            IntOrStr::Int(n) => Seconds::from_secs(n as f64),
+            IntOrStr::Float(f) => Seconds::from_secs(f),
+            IntOrStr::Str(s) => Seconds::parse(&s),
+        }
+        .map_err(de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrStr {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// A listen address as written (`websocket://0.0.0.0:2346`) and as resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+}
+
+impl Listen {
+    pub fn parse(s: &str) -> Result<Listen, String> {
+        let rest = ["websocket://", "ws://"]
+            .iter()
+            .find_map(|scheme| s.strip_prefix(scheme))
+            .unwrap_or(s);
+        if rest.contains("://") {
+            return Err(format!("unsupported scheme in {s:?}: use websocket://HOST:PORT"));
+        }
+        let rest = rest.trim_end_matches('/');
+        let addr = rest
+            .to_socket_addrs()
+            .map_err(|e| format!("bad listen address {s:?}: {e} (expected websocket://HOST:PORT)"))?
+            .next()
+            .ok_or_else(|| format!("listen address {s:?} resolves to nothing"))?;
+        Ok(Listen { addr })
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "websocket://{}", self.addr)
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Listen::parse(&String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSchema {
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default, rename = "worker")]
+    workers: Vec<toml::Spanned<GroupConfig>>,
+}
+
+impl Config {
+    /// Defaults, for a library program started without a config file.
+    pub fn empty() -> Config {
+        Config { file: None, server: ServerConfig::default(), groups: Vec::new() }
+    }
+
+    /// Reads and validates `path`. `apps` are the app names this program knows.
+    pub fn load(path: &Path, apps: &[&str]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text, apps)
+    }
+
+    pub fn parse(path: &Path, text: &str, apps: &[&str]) -> Result<Config, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            position: span.map(|s| line_col(text, s.start)),
+            reason,
+        };
+        let schema: FileSchema =
+            toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut server = schema.server;
+        for p in [&mut server.pid_file, &mut server.control_socket, &mut server.log_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let mut groups: Vec<GroupConfig> = Vec::new();
+        for spanned in schema.workers {
+            let span = spanned.span();
+            let mut g = spanned.into_inner();
+            if !apps.contains(&g.app.as_str()) {
+                return Err(at(Some(span), format!("unknown app {:?}: known apps are {}", g.app, apps.join(", "))));
+            }
+            g.check().map_err(|r| at(Some(span.clone()), r))?;
+            if g.name.is_empty() {
+                g.name = g.app.clone();
+            }
+            let name = g.name.clone();
+            if let Some(other) = groups.iter().find(|o| o.listen == g.listen) {
+                return Err(at(Some(span), format!("listen {} is already used by group {:?}", g.listen, other.name())));
+            }
+            if groups.iter().any(|o| o.name() == name) {
+                return Err(at(Some(span), format!("group name {name:?} is used twice; set a distinct name")));
+            }
+            groups.push(g);
+        }
+        Ok(Config { file: Some(path.to_path_buf()), server, groups })
+    }
+
+    /// Only the paths needed to reach a running master; tolerant of a config that no longer
+    /// validates, so `wsd stop` works even after someone broke the file.
+    pub fn locate(path: &Path) -> ServerConfig {
+        let mut server = ServerConfig::default();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let table: Option<toml::Table> = std::fs::read_to_string(path).ok().and_then(|t| t.parse().ok());
+        let section = table.as_ref().and_then(|t| t.get("server")).and_then(|s| s.as_table());
+        let get = |key: &str| section.and_then(|s| s.get(key)).and_then(|v| v.as_str()).map(PathBuf::from);
+        if let Some(p) = get("pid_file") {
+            server.pid_file = p;
+        }
+        if let Some(p) = get("control_socket") {
+            server.control_socket = p;
+        }
+        for p in [&mut server.pid_file, &mut server.control_socket, &mut server.log_file] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        server
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APPS: &[&str] = &["echo", "hello", "clock"];
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/wsd/workers.toml"), text, APPS)
+    }
+
+    #[test]
+    fn seed_config_parses_with_defaults() {
+        let c = parse("[[worker]]\nlisten = \"websocket://0.0.0.0:2346\"\napp = \"hello\"\n").unwrap();
+        assert_eq!(c.groups.len(), 1);
+        let g = &c.groups[0];
+        assert_eq!(g.count, 4);
+        assert_eq!(g.name(), "hello");
+        assert_eq!(g.listen.addr, "0.0.0.0:2346".parse().unwrap());
+        assert_eq!(c.server.pid_file, PathBuf::from("/etc/wsd/wsd.pid"));
+        assert_eq!(g.read_buffer_size, 4096);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let e = parse("[server]\nstop_timeout = 3\n\n[[worker]]\nlisten = \"ws://127.0.0.1:1\"\ncount = 0\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(6), "{e}");
+        assert!(e.to_string().starts_with("/etc/wsd/workers.toml:6:"), "{e}");
+        assert!(e.reason.contains("count must be between 1 and 1024"), "{e}");
+
+        let e = parse("[[worker]]\nlisten = \"ws://127.0.0.1:1\"\nmax_conections = 5\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+        assert!(e.reason.contains("max_conections"), "{e}");
+
+        let e = parse("[[worker]]\nlisten = \"ws://127.0.0.1:1\"\napp = \"nope\"\n").unwrap_err();
+        assert!(e.reason.contains("unknown app \"nope\""), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(Bytes::parse("64KiB").unwrap(), Bytes(65536));
+        assert_eq!(Bytes::parse("16 MiB").unwrap(), Bytes(16 << 20));
+        assert!(Bytes::parse("12 parsecs").is_err());
+        assert_eq!(Seconds::parse("500ms").unwrap(), Seconds(Duration::from_millis(500)));
+        assert_eq!(Seconds::parse("2m").unwrap(), Seconds(Duration::from_secs(120)));
+        let c = parse("[[worker]]\nlisten = \"127.0.0.1:0\"\nmax_message_size = \"16MiB\"\nhandshake_timeout = 2.5\n").unwrap();
+        assert_eq!(c.groups[0].max_message_size, 16 << 20);
+        assert_eq!(c.groups[0].handshake_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn duplicate_listen_is_rejected() {
+        let e = parse("[[worker]]\nlisten = \"127.0.0.1:9\"\n[[worker]]\nname = \"b\"\nlisten = \"ws://127.0.0.1:9\"\n").unwrap_err();
+        assert!(e.reason.contains("already used"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+    }
+}

@@ -1,0 +1,168 @@
+//! The messages of the control path, all JSON lines:
+//!
+//! * CLI → master over the control socket: a [`Request`]; the master answers one [`Reply`].
+//! * worker → master over the worker's channel: [`FromWorker`] (ready, counters each second).
+//! * master → worker over the same channel: [`ToWorker`] (stop).
+//!
+//! JSON lines keep the protocol debuggable with `socat` and make `status --json` free: it is
+//! the master's [`Status`] printed as is.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+
+/// What the CLI asks the master.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Stop every worker; the reply comes when the master is about to exit.
+    Stop {
+        /// Wait for clients to leave instead of closing them (no time limit).
+        graceful: bool,
+    },
+}
+
+/// The master's answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply { ok: true, error: None, status: None }
+    }
+    pub fn error(e: impl Into<String>) -> Reply {
+        Reply { ok: false, error: Some(e.into()), status: None }
+    }
+}
+
+/// Worker → master.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// `on_worker_start` has returned and the worker is accepting.
+    Ready,
+    Report(Counters),
+}
+
+/// Master → worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ToWorker {
+    Stop { graceful: bool },
+}
+
+/// What a worker counts, pushed to the master about once a second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub connections: u64,
+    /// Messages received from clients (Workerman's `total_request`).
+    pub total_request: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Sends that could not be queued (peer gone or its send buffer full).
+    pub send_fail: u64,
+    pub timers: u64,
+    pub accepted: u64,
+    /// Resident memory of the worker process in bytes.
+    pub memory: u64,
+}
+
+/// The master's view of everything, as `status --json` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub master: MasterStatus,
+    pub groups: Vec<GroupStatus>,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MasterStatus {
+    pub pid: i32,
+    pub version: String,
+    pub config: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    pub uptime_secs: u64,
+    pub load_average: [f64; 3],
+    pub memory: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub listen: String,
+    pub count: usize,
+    /// How workers of this group have exited, e.g. `{"killed by SIGKILL": 1}`.
+    pub exits: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub name: String,
+    pub slot: usize,
+    pub listen: String,
+    /// `idle` when its last report is fresh, `busy` when it has not reported for a while
+    /// (stuck in a hook), `starting` before its first report.
+    pub status: String,
+    pub uptime_secs: u64,
+    pub qps: f64,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// Accumulates bytes from a non-blocking stream and hands out complete lines.
+#[derive(Default)]
+pub struct LineReader {
+    buf: Vec<u8>,
+}
+
+/// A line longer than this is a broken peer, not a message.
+const MAX_LINE: usize = 1 << 20;
+
+impl LineReader {
+    /// Reads until the stream would block. Returns the complete lines and whether the peer
+    /// has closed its end (EOF) or misbehaved.
+    pub fn read_from(&mut self, stream: &mut impl Read) -> (Vec<String>, bool) {
+        let mut chunk = [0u8; 4096];
+        let mut closed = false;
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            lines.push(String::from_utf8_lossy(&line[..nl]).into_owned());
+        }
+        if self.buf.len() > MAX_LINE {
+            closed = true;
+        }
+        (lines, closed)
+    }
+}
+
+/// Encodes a message as one JSON line.
+pub fn line<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(msg).expect("control messages always serialize");
+    out.push(b'\n');
+    out
+}

@@ -1,0 +1,139 @@
+//! The one home of `unsafe` and of raw process plumbing: fork, file-descriptor hygiene after
+//! fork, flock, stdio redirection, signal masks and `/proc` readings.
+//!
+//! Everything that can go wrong in a forking server without threads goes wrong here, so it is
+//! kept small and each `unsafe` block says why it holds.
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::Pid;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Which side of a `fork` this process is on.
+pub enum Fork {
+    Parent(Pid),
+    Child,
+}
+
+/// Forks the calling process.
+///
+/// Only ever called from single-threaded code (the master, or the CLI before it becomes the
+/// master): a fork taken while another thread holds a lock would deadlock the child.
+pub fn fork() -> io::Result<Fork> {
+    // SAFETY: the caller is single-threaded (the master never starts threads; see DESIGN §1), so
+    // no lock can be held by a thread that does not exist in the child.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Fork::Child),
+    }
+}
+
+/// In a freshly forked child: closes every inherited descriptor above stderr except `keep`.
+///
+/// Sweeping `/proc/self/fd` rather than listing what the master owns means nothing can leak
+/// into a worker by accident: not the other slots' listeners, not the control socket, not the
+/// pid-file lock (a worker holding it would block the next `wsd start`).
+pub fn close_fds_except(keep: &[RawFd]) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => (3..1024).collect(),
+    };
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: in the child right after fork nothing else uses these descriptors; the
+            // objects that wrap them in the parent's copy of memory are never touched again.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Asks the kernel to SIGKILL this process when its parent (the master) dies.
+pub fn die_with_parent(master: Pid) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+    // The master may have died between fork and prctl; then the signal never comes.
+    if nix::unistd::getppid() != master {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Takes an exclusive, non-blocking `flock` on `file`. `Ok(false)` means another process holds it.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(err) }
+}
+
+/// Points stdin at /dev/null and stdout/stderr at `log` (daemon mode).
+pub fn redirect_stdio(log: &File) -> io::Result<()> {
+    let null = File::open("/dev/null")?;
+    for (from, to) in [(null.as_raw_fd(), 0), (log.as_raw_fd(), 1), (log.as_raw_fd(), 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns; both are valid.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The signals wsd handles itself, read from a signalfd in the event loops.
+pub fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the handled signals and returns a non-blocking signalfd that receives them.
+///
+/// A signalfd instead of handler-and-self-pipe because the master forks: a child inherits
+/// signal handlers that write into the parent's pipe, while a signalfd is simply closed in the
+/// child and recreated.
+pub fn signal_fd() -> io::Result<SignalFd> {
+    let set = handled_signals();
+    set.thread_block().map_err(io::Error::from)?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Resident memory of this process in bytes, from `/proc/self/statm`.
+pub fn rss_bytes() -> u64 {
+    rss_of("self")
+}
+
+/// Resident memory of `pid` in bytes (0 if unreadable).
+pub fn rss_of(pid: &str) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(4096) as u64
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0));
+    [it.next().unwrap_or(0.0), it.next().unwrap_or(0.0), it.next().unwrap_or(0.0)]
+}
+
+/// Name of a signal number, for exit logs ("killed by SIGKILL").
+pub fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
+}

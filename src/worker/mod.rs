@@ -1,0 +1,125 @@
+//! The data path: a worker process and the application hooks it calls.
+//!
+//! [`Worker`] is a group definition — settings plus hooks — built by a library program or by a
+//! built-in app from `workers.toml`. The master forks one process per slot; the child's copy of
+//! the definition becomes that process's hooks (closures need not be `Send` or `Clone`: fork
+//! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
+
+mod conn;
+mod context;
+mod event_loop;
+mod message;
+mod timers;
+
+pub use context::Context;
+pub use message::{Bytes, ConnError, ConnId, Message, SendError, Utf8Bytes};
+pub use timers::TimerId;
+
+pub(crate) use event_loop::run;
+
+use crate::config::{GroupConfig, Listen};
+use std::ops::{Deref, DerefMut};
+
+type WorkerHook = Box<dyn FnMut(&mut Context)>;
+type ConnHook = Box<dyn FnMut(&mut Context, ConnId)>;
+type MessageHook = Box<dyn FnMut(&mut Context, ConnId, Message)>;
+type ErrorHook = Box<dyn FnMut(&mut Context, ConnId, &ConnError)>;
+
+#[derive(Default)]
+pub(crate) struct Hooks {
+    pub on_worker_start: Option<WorkerHook>,
+    pub on_connect: Option<ConnHook>,
+    pub on_message: Option<MessageHook>,
+    pub on_close: Option<ConnHook>,
+    pub on_error: Option<ErrorHook>,
+    pub on_worker_stop: Option<WorkerHook>,
+}
+
+/// A group of worker processes: where they listen, how many, their limits, and the hooks
+/// they run. Settings are the [`GroupConfig`] fields, reachable directly:
+///
+/// ```no_run
+/// let mut worker = wsd::Worker::new("websocket://0.0.0.0:2346");
+/// worker.count = 4;
+/// worker.on_message(|ctx, conn, msg| {
+///     let _ = ctx.send(conn, format!("hello {msg}"));
+/// });
+/// wsd::run_all(vec![worker]);
+/// ```
+pub struct Worker {
+    config: GroupConfig,
+    pub(crate) hooks: Hooks,
+}
+
+impl Worker {
+    /// A group listening on `listen` (`websocket://HOST:PORT`), with default settings.
+    ///
+    /// Panics with the reason if the address does not parse; see [`Worker::try_new`].
+    pub fn new(listen: &str) -> Worker {
+        Worker::try_new(listen).unwrap_or_else(|e| panic!("wsd::Worker::new: {e}"))
+    }
+
+    pub fn try_new(listen: &str) -> Result<Worker, String> {
+        Ok(Worker::from_config(GroupConfig::new(Listen::parse(listen)?)))
+    }
+
+    /// A group from a `[[worker]]` table, with no hooks yet.
+    pub fn from_config(config: GroupConfig) -> Worker {
+        Worker { config, hooks: Hooks::default() }
+    }
+
+    /// Runs in each worker process before it accepts (Workerman's `onWorkerStart`).
+    pub fn on_worker_start(&mut self, f: impl FnMut(&mut Context) + 'static) -> &mut Self {
+        self.hooks.on_worker_start = Some(Box::new(f));
+        self
+    }
+
+    /// A client completed the WebSocket upgrade.
+    pub fn on_connect(&mut self, f: impl FnMut(&mut Context, ConnId) + 'static) -> &mut Self {
+        self.hooks.on_connect = Some(Box::new(f));
+        self
+    }
+
+    /// A client sent a complete text or binary message.
+    pub fn on_message(&mut self, f: impl FnMut(&mut Context, ConnId, Message) + 'static) -> &mut Self {
+        self.hooks.on_message = Some(Box::new(f));
+        self
+    }
+
+    /// A connection that had been opened is gone (closed by either side, or failed).
+    pub fn on_close(&mut self, f: impl FnMut(&mut Context, ConnId) + 'static) -> &mut Self {
+        self.hooks.on_close = Some(Box::new(f));
+        self
+    }
+
+    /// A connection failed: protocol violation, bad UTF-8, oversize, socket error or a hook
+    /// panic. `on_close` follows.
+    pub fn on_error(&mut self, f: impl FnMut(&mut Context, ConnId, &ConnError) + 'static) -> &mut Self {
+        self.hooks.on_error = Some(Box::new(f));
+        self
+    }
+
+    /// Runs when the worker is told to stop, before clients are closed.
+    pub fn on_worker_stop(&mut self, f: impl FnMut(&mut Context) + 'static) -> &mut Self {
+        self.hooks.on_worker_stop = Some(Box::new(f));
+        self
+    }
+
+    pub fn config(&self) -> &GroupConfig {
+        &self.config
+    }
+}
+
+/// `worker.count = 4`, `worker.name = ...`: the settings read like Workerman's properties.
+impl Deref for Worker {
+    type Target = GroupConfig;
+    fn deref(&self) -> &GroupConfig {
+        &self.config
+    }
+}
+
+impl DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut GroupConfig {
+        &mut self.config
+    }
+}
