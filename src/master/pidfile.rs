@@ -64,15 +64,11 @@ fn read_pid(file: &mut File) -> Option<i32> {
     s.trim().parse().ok()
 }
 
-/// The pid recorded in `path`, if a master holds its lock (used by the CLI).
+/// The pid recorded in `path`, if that process is alive (used by the CLI for messages).
+///
+/// Never takes the lock: a probe that locked, even briefly, could make a master that is
+/// starting at the same moment fail with "already running".
 pub fn running_pid(path: &Path) -> Option<i32> {
-    match PidFile::lock(path) {
-        Err(LockError::AlreadyRunning(pid)) => pid,
-        Ok(_) => {
-            // We just created or locked a file nobody holds: leave no trace.
-            let _ = std::fs::remove_file(path);
-            None
-        }
-        Err(_) => None,
-    }
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok().map(|_| pid)
 }

@@ -1,0 +1,310 @@
+//! Test helpers: a real `wsd` master on an OS-chosen port in its own temp dir, real WebSocket
+//! clients, and cleanup that kills every process a test started, even when it fails.
+#![allow(dead_code)]
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tungstenite::{Message, WebSocket};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn wsd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wsd"))
+}
+
+/// Polls `f` until it returns Some, or panics after `deadline` with `what`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// A master started by a test, killed with all its workers when dropped.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub bin: PathBuf,
+    child: Option<Child>,
+    /// Every pid seen (master and workers), killed on drop.
+    seen: Vec<i32>,
+    pub port: u16,
+}
+
+impl Server {
+    /// Writes a config with one group of `app` × `count` on a free port, plus `extra` lines.
+    pub fn config(app: &str, count: usize, extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("workers.toml");
+        std::fs::write(
+            &config,
+            format!("[server]\nstop_timeout = \"5s\"\n\n[[worker]]\nlisten = \"websocket://127.0.0.1:0\"\ncount = {count}\napp = \"{app}\"\n{extra}\n"),
+        )
+        .unwrap();
+        (dir, config)
+    }
+
+    pub fn start(app: &str, count: usize) -> Server {
+        let (dir, config) = Self::config(app, count, "");
+        Self::start_with(wsd_bin(), dir, config)
+    }
+
+    /// Starts `bin -c config start` in the foreground, in its own process group.
+    pub fn start_with(bin: PathBuf, dir: tempfile::TempDir, config: PathBuf) -> Server {
+        let out = std::fs::File::create(dir.path().join("master.out")).unwrap();
+        let child = Command::new(&bin)
+            .args(["-c", config.to_str().unwrap(), "start"])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .expect("spawn wsd");
+        let mut s = Server { dir, config, bin, seen: vec![child.id() as i32], child: Some(child), port: 0 };
+        let st = s.wait_ready();
+        let listen = st["groups"][0]["listen"].as_str().unwrap().to_string();
+        s.port = listen.rsplit(':').next().unwrap().parse().unwrap();
+        s
+    }
+
+    /// Waits until every worker has reported, and returns that status.
+    pub fn wait_ready(&mut self) -> Value {
+        let st = wait_for("all workers idle", DEADLINE, || {
+            let st = self.try_status()?;
+            let ws = st["workers"].as_array()?;
+            ws.iter().all(|w| w["status"] == "idle" && w["pid"].as_i64() > Some(0)).then_some(st)
+        });
+        self.remember(&st);
+        st
+    }
+
+    fn remember(&mut self, st: &Value) {
+        for w in st["workers"].as_array().into_iter().flatten() {
+            if let Some(pid) = w["pid"].as_i64() {
+                if pid > 0 && !self.seen.contains(&(pid as i32)) {
+                    self.seen.push(pid as i32);
+                }
+            }
+        }
+    }
+
+    pub fn master_pid(&self) -> i32 {
+        self.seen[0]
+    }
+
+    pub fn wsd(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin).arg("-c").arg(&self.config).args(args).stdin(Stdio::null()).output().expect("run wsd")
+    }
+
+    pub fn try_status(&mut self) -> Option<Value> {
+        let out = self.wsd(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        self.remember(&v);
+        Some(v)
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.try_status().expect("status --json")
+    }
+
+    pub fn worker_pids(&mut self) -> Vec<i32> {
+        let st = self.status();
+        st["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// Waits for the foreground master to exit; returns its exit code.
+    pub fn wait_exit(&mut self, deadline: Duration) -> i32 {
+        let child = self.child.as_mut().expect("foreground master");
+        let code = wait_for("master to exit", deadline, || child.try_wait().ok().flatten());
+        code.code().unwrap_or(-1)
+    }
+
+    pub fn master_output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("master.out")).unwrap_or_default()
+    }
+
+    pub fn seen_pids(&self) -> Vec<i32> {
+        self.seen.clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        }
+        for &pid in &self.seen {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- master output ---\n{}", self.master_output());
+        }
+    }
+}
+
+/// A blocking WebSocket client with generous timeouts.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        Self::try_connect(port).expect("websocket connect")
+    }
+
+    pub fn try_connect(port: u16) -> Result<Client, String> {
+        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        stream.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let (ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream).map_err(|e| e.to_string())?;
+        Ok(Client { ws })
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    /// The next data message (pings are answered by tungstenite and skipped).
+    pub fn recv(&mut self) -> Message {
+        loop {
+            match self.ws.read().expect("read") {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                m => return m,
+            }
+        }
+    }
+
+    pub fn recv_text(&mut self) -> String {
+        match self.recv() {
+            Message::Text(t) => t.to_string(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server's Close frame; returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => return u16::from(f.code),
+                Ok(Message::Close(None)) => return 1005,
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+}
+
+/// A raw TCP client that speaks frames by hand, for what tungstenite's client will not send.
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    pub fn upgrade(port: u16) -> RawClient {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        stream
+            .write_all(
+                b"GET /raw?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut b).expect("read upgrade response");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        RawClient { stream }
+    }
+
+    /// Sends one masked frame.
+    pub fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&f).unwrap();
+    }
+
+    /// Reads one unmasked server frame: (fin, opcode, payload).
+    pub fn read_frame(&mut self) -> (bool, u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h).expect("frame header");
+        assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.stream.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.stream.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).unwrap();
+        (h[0] & 0x80 != 0, h[0] & 0x0f, payload)
+    }
+
+    /// True once the server has closed the TCP connection.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+pub fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
