@@ -175,13 +175,20 @@ impl GroupConfig {
 
     /// The name shown to operators: `name`, or the app's name when unset.
     pub fn name(&self) -> &str {
-        if self.name.is_empty() { &self.app } else { &self.name }
+        if self.name.is_empty() {
+            &self.app
+        } else {
+            &self.name
+        }
     }
 
     /// Cross-key checks that a single value's parser cannot make.
     pub fn check(&self) -> Result<(), String> {
         if !(1..=1024).contains(&self.count) {
-            return Err(format!("count must be between 1 and 1024, got {}", self.count));
+            return Err(format!(
+                "count must be between 1 and 1024, got {}",
+                self.count
+            ));
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
@@ -199,7 +206,9 @@ impl GroupConfig {
 fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let n = i64::deserialize(d)?;
     if !(1..=1024).contains(&n) {
-        return Err(de::Error::custom(format!("count must be between 1 and 1024, got {n}")));
+        return Err(de::Error::custom(format!(
+            "count must be between 1 and 1024, got {n}"
+        )));
     }
     Ok(n as usize)
 }
@@ -221,15 +230,23 @@ impl Bytes {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let num: usize = num.parse().map_err(|_| format!("bad size {s:?}: expected e.g. 65536, \"64KiB\", \"16MiB\""))?;
+        let num: usize = num
+            .parse()
+            .map_err(|_| format!("bad size {s:?}: expected e.g. 65536, \"64KiB\", \"16MiB\""))?;
         let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
-            other => return Err(format!("bad size unit {other:?} in {s:?}: use B, KiB, MiB or GiB")),
+            other => {
+                return Err(format!(
+                    "bad size unit {other:?} in {s:?}: use B, KiB, MiB or GiB"
+                ));
+            }
         };
-        num.checked_mul(mult).map(Bytes).ok_or_else(|| format!("size {s:?} is too large"))
+        num.checked_mul(mult)
+            .map(Bytes)
+            .ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 
@@ -237,8 +254,12 @@ impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match IntOrStr::deserialize(d)? {
             IntOrStr::Int(n) if n >= 0 => Ok(Bytes(n as usize)),
-            IntOrStr::Int(n) => Err(de::Error::custom(format!("size must not be negative, got {n}"))),
-            IntOrStr::Float(f) => Err(de::Error::custom(format!("size must be a whole number of bytes, got {f}"))),
+            IntOrStr::Int(n) => Err(de::Error::custom(format!(
+                "size must not be negative, got {n}"
+            ))),
+            IntOrStr::Float(f) => Err(de::Error::custom(format!(
+                "size must be a whole number of bytes, got {f}"
+            ))),
             IntOrStr::Str(s) => Bytes::parse(&s).map_err(de::Error::custom),
         }
     }
@@ -251,15 +272,23 @@ pub struct Seconds(pub Duration);
 impl Seconds {
     pub fn parse(s: &str) -> Result<Seconds, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let num: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 10, \"500ms\", \"10s\", \"2m\""))?;
+        let num: f64 = num.parse().map_err(|_| {
+            format!("bad duration {s:?}: expected e.g. 10, \"500ms\", \"10s\", \"2m\"")
+        })?;
         let secs = match unit.trim() {
             "ms" => num / 1000.0,
             "" | "s" => num,
             "m" | "min" => num * 60.0,
             "h" => num * 3600.0,
-            other => return Err(format!("bad duration unit {other:?} in {s:?}: use ms, s, m or h")),
+            other => {
+                return Err(format!(
+                    "bad duration unit {other:?} in {s:?}: use ms, s, m or h"
+                ));
+            }
         };
         Self::from_secs(secs)
     }
@@ -304,7 +333,9 @@ impl Listen {
             .find_map(|scheme| s.strip_prefix(scheme))
             .unwrap_or(s);
         if rest.contains("://") {
-            return Err(format!("unsupported scheme in {s:?}: use websocket://HOST:PORT"));
+            return Err(format!(
+                "unsupported scheme in {s:?}: use websocket://HOST:PORT"
+            ));
         }
         let rest = rest.trim_end_matches('/');
         let addr = rest
@@ -340,7 +371,11 @@ struct FileSchema {
 impl Config {
     /// Defaults, for a library program started without a config file.
     pub fn empty() -> Config {
-        Config { file: None, server: ServerConfig::default(), groups: Vec::new() }
+        Config {
+            file: None,
+            server: ServerConfig::default(),
+            groups: Vec::new(),
+        }
     }
 
     /// Reads and validates `path`. `apps` are the app names this program knows.
@@ -363,7 +398,11 @@ impl Config {
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut server = schema.server;
-        for p in [&mut server.pid_file, &mut server.control_socket, &mut server.log_file] {
+        for p in [
+            &mut server.pid_file,
+            &mut server.control_socket,
+            &mut server.log_file,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -373,7 +412,14 @@ impl Config {
             let span = spanned.span();
             let mut g = spanned.into_inner();
             if !apps.contains(&g.app.as_str()) {
-                return Err(at(Some(span), format!("unknown app {:?}: known apps are {}", g.app, apps.join(", "))));
+                return Err(at(
+                    Some(span),
+                    format!(
+                        "unknown app {:?}: known apps are {}",
+                        g.app,
+                        apps.join(", ")
+                    ),
+                ));
             }
             g.check().map_err(|r| at(Some(span.clone()), r))?;
             if g.name.is_empty() {
@@ -381,14 +427,28 @@ impl Config {
             }
             let name = g.name.clone();
             if let Some(other) = groups.iter().find(|o| o.listen == g.listen) {
-                return Err(at(Some(span), format!("listen {} is already used by group {:?}", g.listen, other.name())));
+                return Err(at(
+                    Some(span),
+                    format!(
+                        "listen {} is already used by group {:?}",
+                        g.listen,
+                        other.name()
+                    ),
+                ));
             }
             if groups.iter().any(|o| o.name() == name) {
-                return Err(at(Some(span), format!("group name {name:?} is used twice; set a distinct name")));
+                return Err(at(
+                    Some(span),
+                    format!("group name {name:?} is used twice; set a distinct name"),
+                ));
             }
             groups.push(g);
         }
-        Ok(Config { file: Some(path.to_path_buf()), server, groups })
+        Ok(Config {
+            file: Some(path.to_path_buf()),
+            server,
+            groups,
+        })
     }
 
     /// Only the paths needed to reach a running master; tolerant of a config that no longer
@@ -396,16 +456,30 @@ impl Config {
     pub fn locate(path: &Path) -> ServerConfig {
         let mut server = ServerConfig::default();
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let table: Option<toml::Table> = std::fs::read_to_string(path).ok().and_then(|t| t.parse().ok());
-        let section = table.as_ref().and_then(|t| t.get("server")).and_then(|s| s.as_table());
-        let get = |key: &str| section.and_then(|s| s.get(key)).and_then(|v| v.as_str()).map(PathBuf::from);
+        let table: Option<toml::Table> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.parse().ok());
+        let section = table
+            .as_ref()
+            .and_then(|t| t.get("server"))
+            .and_then(|s| s.as_table());
+        let get = |key: &str| {
+            section
+                .and_then(|s| s.get(key))
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+        };
         if let Some(p) = get("pid_file") {
             server.pid_file = p;
         }
         if let Some(p) = get("control_socket") {
             server.control_socket = p;
         }
-        for p in [&mut server.pid_file, &mut server.control_socket, &mut server.log_file] {
+        for p in [
+            &mut server.pid_file,
+            &mut server.control_socket,
+            &mut server.log_file,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -417,7 +491,10 @@ impl Config {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, col)
 }
 
@@ -433,7 +510,8 @@ mod tests {
 
     #[test]
     fn seed_config_parses_with_defaults() {
-        let c = parse("[[worker]]\nlisten = \"websocket://0.0.0.0:2346\"\napp = \"hello\"\n").unwrap();
+        let c =
+            parse("[[worker]]\nlisten = \"websocket://0.0.0.0:2346\"\napp = \"hello\"\n").unwrap();
         assert_eq!(c.groups.len(), 1);
         let g = &c.groups[0];
         assert_eq!(g.count, 4);
@@ -445,12 +523,16 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_reason() {
-        let e = parse("[server]\nstop_timeout = 3\n\n[[worker]]\nlisten = \"ws://127.0.0.1:1\"\ncount = 0\n").unwrap_err();
+        let e = parse(
+            "[server]\nstop_timeout = 3\n\n[[worker]]\nlisten = \"ws://127.0.0.1:1\"\ncount = 0\n",
+        )
+        .unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(6), "{e}");
         assert!(e.to_string().starts_with("/etc/wsd/workers.toml:6:"), "{e}");
         assert!(e.reason.contains("count must be between 1 and 1024"), "{e}");
 
-        let e = parse("[[worker]]\nlisten = \"ws://127.0.0.1:1\"\nmax_conections = 5\n").unwrap_err();
+        let e =
+            parse("[[worker]]\nlisten = \"ws://127.0.0.1:1\"\nmax_conections = 5\n").unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
         assert!(e.reason.contains("max_conections"), "{e}");
 
@@ -464,8 +546,14 @@ mod tests {
         assert_eq!(Bytes::parse("64KiB").unwrap(), Bytes(65536));
         assert_eq!(Bytes::parse("16 MiB").unwrap(), Bytes(16 << 20));
         assert!(Bytes::parse("12 parsecs").is_err());
-        assert_eq!(Seconds::parse("500ms").unwrap(), Seconds(Duration::from_millis(500)));
-        assert_eq!(Seconds::parse("2m").unwrap(), Seconds(Duration::from_secs(120)));
+        assert_eq!(
+            Seconds::parse("500ms").unwrap(),
+            Seconds(Duration::from_millis(500))
+        );
+        assert_eq!(
+            Seconds::parse("2m").unwrap(),
+            Seconds(Duration::from_secs(120))
+        );
         let c = parse("[[worker]]\nlisten = \"127.0.0.1:0\"\nmax_message_size = \"16MiB\"\nhandshake_timeout = 2.5\n").unwrap();
         assert_eq!(c.groups[0].max_message_size, 16 << 20);
         assert_eq!(c.groups[0].handshake_timeout, Duration::from_millis(2500));

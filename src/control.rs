@@ -34,10 +34,18 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok() -> Reply {
-        Reply { ok: true, error: None, status: None }
+        Reply {
+            ok: true,
+            error: None,
+            status: None,
+        }
     }
     pub fn error(e: impl Into<String>) -> Reply {
-        Reply { ok: false, error: Some(e.into()), status: None }
+        Reply {
+            ok: false,
+            error: Some(e.into()),
+            status: None,
+        }
     }
 }
 

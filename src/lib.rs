@@ -34,7 +34,9 @@ mod master;
 mod sys;
 mod worker;
 
-pub use worker::{Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker};
+pub use worker::{
+    Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker,
+};
 
 use std::collections::BTreeMap;
 
@@ -58,7 +60,10 @@ impl Default for Runner {
 impl Runner {
     /// A runner that knows the built-in apps (`echo`, `hello`, `clock`).
     pub fn new() -> Runner {
-        let mut r = Runner { apps: BTreeMap::new(), workers: Vec::new() };
+        let mut r = Runner {
+            apps: BTreeMap::new(),
+            workers: Vec::new(),
+        };
         for (name, install) in apps::builtin() {
             r = r.app(name, install);
         }
@@ -90,5 +95,8 @@ impl Runner {
 
 /// Runs `workers` under wsd's command line (Workerman's `Worker::runAll()`). Never returns.
 pub fn run_all(workers: Vec<Worker>) -> ! {
-    workers.into_iter().fold(Runner::new(), Runner::worker).run()
+    workers
+        .into_iter()
+        .fold(Runner::new(), Runner::worker)
+        .run()
 }

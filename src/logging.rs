@@ -17,7 +17,11 @@ pub fn init(level: &str) {
         .parse_filters(&filter)
         .format(|buf, rec| {
             let role = ROLE.lock().map(|r| r.clone()).unwrap_or_default();
-            let role = if role.is_empty() { "wsd" } else { role.as_str() };
+            let role = if role.is_empty() {
+                "wsd"
+            } else {
+                role.as_str()
+            };
             writeln!(
                 buf,
                 "{} {:<5} {role}[{}] {}",

@@ -23,30 +23,62 @@ fn fifty_clients_echo_and_spread_over_four_workers() {
     }
     let st = wait_for("status to count 50 connections", DEADLINE, || {
         let st = server.status();
-        let total: i64 = st["workers"].as_array()?.iter().map(|w| w["connections"].as_i64().unwrap()).sum();
+        let total: i64 = st["workers"]
+            .as_array()?
+            .iter()
+            .map(|w| w["connections"].as_i64().unwrap())
+            .sum();
         (total == 50).then_some(st)
     });
     let workers = st["workers"].as_array().unwrap();
     let pids: HashSet<i64> = workers.iter().map(|w| w["pid"].as_i64().unwrap()).collect();
     assert_eq!(pids.len(), 4, "4 distinct worker pids: {pids:?}");
     assert!(!pids.contains(&(server.master_pid() as i64)));
-    let busy = workers.iter().filter(|w| w["connections"].as_i64() > Some(0)).count();
-    assert!(busy >= 2, "connections spread over at least 2 workers: {st}");
+    let busy = workers
+        .iter()
+        .filter(|w| w["connections"].as_i64() > Some(0))
+        .count();
+    assert!(
+        busy >= 2,
+        "connections spread over at least 2 workers: {st}"
+    );
     for w in workers {
         assert_eq!(w["name"], "echo");
-        assert!(w["listen"].as_str().unwrap().ends_with(&format!(":{}", server.port)));
+        assert!(
+            w["listen"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!(":{}", server.port))
+        );
         assert!(w["slot"].as_u64().unwrap() < 4);
     }
     let total_request: i64 = wait_for("total_request to reach 100", DEADLINE, || {
         let st = server.status();
-        let n: i64 = st["workers"].as_array()?.iter().map(|w| w["total_request"].as_i64().unwrap()).sum();
+        let n: i64 = st["workers"]
+            .as_array()?
+            .iter()
+            .map(|w| w["total_request"].as_i64().unwrap())
+            .sum();
         (n == 100).then_some(n)
     });
     assert_eq!(total_request, 100);
     assert!(st["master"]["pid"].as_i64() == Some(server.master_pid() as i64));
 
     let table = String::from_utf8(server.wsd(&["status"]).stdout).unwrap();
-    for col in ["pid", "memory", "listening", "name", "connections", "send_fail", "timers", "total_request", "qps", "status", "Summary", "load average"] {
+    for col in [
+        "pid",
+        "memory",
+        "listening",
+        "name",
+        "connections",
+        "send_fail",
+        "timers",
+        "total_request",
+        "qps",
+        "status",
+        "Summary",
+        "load average",
+    ] {
         assert!(table.contains(col), "status table has {col}:\n{table}");
     }
 }
@@ -86,7 +118,11 @@ fn killed_worker_is_respawned_on_its_slot_and_clients_are_served_throughout() {
     assert_eq!(st["groups"][0]["exits"]["killed by SIGKILL"], 1, "{st}");
     for (i, pid) in before.iter().enumerate() {
         if i != 1 {
-            assert_eq!(st["workers"][i]["pid"].as_i64(), Some(*pid as i64), "other workers untouched");
+            assert_eq!(
+                st["workers"][i]["pid"].as_i64(),
+                Some(*pid as i64),
+                "other workers untouched"
+            );
         }
     }
     // Keep serving for a moment with the new worker in place, then check nobody was refused.
@@ -95,9 +131,17 @@ fn killed_worker_is_respawned_on_its_slot_and_clients_are_served_throughout() {
         (st["workers"][1]["accepted"].as_u64()? > 0).then_some(())
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let served = load.join().expect("every client during the kill was served");
+    let served = load
+        .join()
+        .expect("every client during the kill was served");
     assert!(served > 0);
-    assert!(server.master_output().contains(&format!("pid {victim} killed by SIGKILL")), "{}", server.master_output());
+    assert!(
+        server
+            .master_output()
+            .contains(&format!("pid {victim} killed by SIGKILL")),
+        "{}",
+        server.master_output()
+    );
 }
 
 #[test]
@@ -106,7 +150,10 @@ fn second_start_on_the_same_config_is_refused() {
     let out = server.wsd(&["start"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("already running (pid {})", server.master_pid())), "{err}");
+    assert!(
+        err.contains(&format!("already running (pid {})", server.master_pid())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -118,14 +165,26 @@ fn stop_closes_clients_with_1001_and_leaves_nothing_behind() {
     assert_eq!(client.recv_text(), "hello tom");
 
     let out = server.wsd(&["stop"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(client.expect_close(), 1001);
     assert_eq!(server.wait_exit(DEADLINE), 0);
     for pid in pids {
-        wait_for("worker to be gone", DEADLINE, || (!alive(pid)).then_some(()));
+        wait_for("worker to be gone", DEADLINE, || {
+            (!alive(pid)).then_some(())
+        });
     }
-    assert!(!server.dir.path().join("wsd.pid").exists(), "pid file removed");
-    assert!(!server.dir.path().join("wsd.sock").exists(), "control socket removed");
+    assert!(
+        !server.dir.path().join("wsd.pid").exists(),
+        "pid file removed"
+    );
+    assert!(
+        !server.dir.path().join("wsd.sock").exists(),
+        "control socket removed"
+    );
     assert!(port_is_free(server.port), "port released");
 
     let out = server.wsd(&["status"]);
@@ -145,12 +204,20 @@ fn graceful_stop_waits_for_clients_to_leave() {
         .spawn()
         .unwrap();
     // The workers stop accepting but our client keeps being served.
-    wait_for("master to log the graceful stop", DEADLINE, || server.master_output().contains("waiting for clients to leave").then_some(()));
+    wait_for("master to log the graceful stop", DEADLINE, || {
+        server
+            .master_output()
+            .contains("waiting for clients to leave")
+            .then_some(())
+    });
     for i in 0..3 {
         client.send_text(&format!("ping {i}"));
         assert_eq!(client.recv_text(), format!("ping {i}"));
     }
-    assert!(stop.try_wait().unwrap().is_none(), "stop -g waits while a client is connected");
+    assert!(
+        stop.try_wait().unwrap().is_none(),
+        "stop -g waits while a client is connected"
+    );
     client.ws.close(None).unwrap();
     let _ = client.ws.flush();
     let status = wait_for("stop -g to finish", DEADLINE, || stop.try_wait().unwrap());
@@ -172,13 +239,24 @@ fn a_port_taken_by_another_program_is_an_error_before_any_fork() {
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = squatter.local_addr().unwrap().port();
     let (dir, config) = Server::config("echo", 4, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&config, text).unwrap();
-    let out = std::process::Command::new(wsd_bin()).args(["-c", config.to_str().unwrap(), "start"]).output().unwrap();
+    let out = std::process::Command::new(wsd_bin())
+        .args(["-c", config.to_str().unwrap(), "start"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("already in use"), "{err}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("started"), "no worker was forked");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("already in use"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("started"),
+        "no worker was forked"
+    );
     assert!(!dir.path().join("wsd.pid").exists());
 }
 
@@ -186,31 +264,59 @@ fn a_port_taken_by_another_program_is_an_error_before_any_fork() {
 fn bad_config_is_rejected_with_file_line_and_reason() {
     let (dir, config) = Server::config("echo", 4, "max_conections = 10");
     for cmd in ["check", "start"] {
-        let out = std::process::Command::new(wsd_bin()).args(["-c", config.to_str().unwrap(), cmd]).output().unwrap();
+        let out = std::process::Command::new(wsd_bin())
+            .args(["-c", config.to_str().unwrap(), cmd])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(1), "{cmd}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&format!("{}:8:", config.display())) && err.contains("max_conections"), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!("{}:8:", config.display())) && err.contains("max_conections"),
+            "{cmd}: {err}"
+        );
     }
     assert!(!dir.path().join("wsd.pid").exists());
     let (_dir, good) = Server::config("hello", 2, "");
-    let out = std::process::Command::new(wsd_bin()).args(["-c", good.to_str().unwrap(), "check"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(wsd_bin())
+        .args(["-c", good.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn config_comes_from_wsd_config_env() {
     let (dir, config) = Server::config("echo", 1, "");
-    let out = std::process::Command::new(wsd_bin()).arg("check").env("WSD_CONFIG", &config).current_dir(dir.path().parent().unwrap()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(wsd_bin())
+        .arg("check")
+        .env("WSD_CONFIG", &config)
+        .current_dir(dir.path().parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(config.to_str().unwrap()));
 }
 
 #[test]
 fn daemon_mode_detaches_with_pid_file_and_log() {
     let (dir, config) = Server::config("hello", 2, "");
-    let out = std::process::Command::new(wsd_bin()).args(["-c", config.to_str().unwrap(), "start", "-d"]).output().unwrap();
+    let out = std::process::Command::new(wsd_bin())
+        .args(["-c", config.to_str().unwrap(), "start", "-d"])
+        .output()
+        .unwrap();
     let pid_file = dir.path().join("wsd.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     // Make sure the daemon dies even if an assertion below fails.
     struct Reap(i32);
     impl Drop for Reap {
@@ -221,22 +327,43 @@ fn daemon_mode_detaches_with_pid_file_and_log() {
         }
     }
     let _reap = Reap(pid);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let banner = String::from_utf8_lossy(&out.stdout);
-    assert!(banner.contains("[OK]") && banner.contains("Start success"), "{banner}");
+    assert!(
+        banner.contains("[OK]") && banner.contains("Start success"),
+        "{banner}"
+    );
     assert!(pid > 0 && alive(pid));
-    let st = std::process::Command::new(wsd_bin()).args(["-c", config.to_str().unwrap(), "status", "--json"]).output().unwrap();
+    let st = std::process::Command::new(wsd_bin())
+        .args(["-c", config.to_str().unwrap(), "status", "--json"])
+        .output()
+        .unwrap();
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["master"]["pid"].as_i64(), Some(pid as i64));
-    let worker_pids: Vec<i32> = st["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
-    let out = std::process::Command::new(wsd_bin()).args(["-c", config.to_str().unwrap(), "stop"]).output().unwrap();
+    let worker_pids: Vec<i32> = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    let out = std::process::Command::new(wsd_bin())
+        .args(["-c", config.to_str().unwrap(), "stop"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     wait_for("daemon to exit", DEADLINE, || (!alive(pid)).then_some(()));
     for w in worker_pids {
         wait_for("worker to exit", DEADLINE, || (!alive(w)).then_some(()));
     }
     let log = std::fs::read_to_string(dir.path().join("wsd.log")).unwrap();
-    assert!(log.contains("master") && log.contains("all workers stopped"), "{log}");
+    assert!(
+        log.contains("master") && log.contains("all workers stopped"),
+        "{log}"
+    );
     assert!(!pid_file.exists());
 }
 
@@ -249,7 +376,11 @@ fn protocol_basics_fragments_ping_and_close_handshake() {
     raw.frame(false, 0x0, b"men");
     raw.frame(true, 0x9, b"are you there");
     raw.frame(true, 0x0, b"ted");
-    assert_eq!(raw.read_frame(), (true, 0xA, b"are you there".to_vec()), "pong first");
+    assert_eq!(
+        raw.read_frame(),
+        (true, 0xA, b"are you there".to_vec()),
+        "pong first"
+    );
     assert_eq!(raw.read_frame(), (true, 0x1, b"fragmented".to_vec()));
     // Binary stays binary, with a 16-bit length.
     let big = vec![7u8; 70_000];
@@ -271,17 +402,26 @@ fn protocol_errors_close_only_that_connection_with_the_right_code() {
     let mut raw = RawClient::upgrade(server.port);
     raw.frame(true, 0x1, &[0xff, 0xfe]);
     let (_, op, payload) = raw.read_frame();
-    assert_eq!((op, u16::from_be_bytes([payload[0], payload[1]])), (0x8, 1007));
+    assert_eq!(
+        (op, u16::from_be_bytes([payload[0], payload[1]])),
+        (0x8, 1007)
+    );
     // A reserved opcode → 1002.
     let mut raw = RawClient::upgrade(server.port);
     raw.frame(true, 0x3, b"x");
     let (_, op, payload) = raw.read_frame();
-    assert_eq!((op, u16::from_be_bytes([payload[0], payload[1]])), (0x8, 1002));
+    assert_eq!(
+        (op, u16::from_be_bytes([payload[0], payload[1]])),
+        (0x8, 1002)
+    );
     // Over max_message_size (1 MiB default) → 1009.
     let mut raw = RawClient::upgrade(server.port);
     raw.frame(true, 0x2, &vec![1u8; (1 << 20) + 1]);
     let (_, op, payload) = raw.read_frame();
-    assert_eq!((op, u16::from_be_bytes([payload[0], payload[1]])), (0x8, 1009));
+    assert_eq!(
+        (op, u16::from_be_bytes([payload[0], payload[1]])),
+        (0x8, 1009)
+    );
     // The well-behaved client never noticed.
     good.send_text("fine");
     assert_eq!(good.recv_text(), "fine");
@@ -299,18 +439,42 @@ fn hello_and_clock_apps_follow_the_seed() {
     let mut c = clock.connect();
     c.send_text("Hello Server!");
     let pushed = c.recv_text();
-    let time = pushed.strip_prefix("Hello Client! Now is ").unwrap_or_else(|| panic!("{pushed}"));
-    assert!(time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':', "{pushed}");
+    let time = pushed
+        .strip_prefix("Hello Client! Now is ")
+        .unwrap_or_else(|| panic!("{pushed}"));
+    assert!(
+        time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':',
+        "{pushed}"
+    );
     let st = clock.status();
-    assert!(st["workers"].as_array().unwrap().iter().all(|w| w["timers"] == 1), "one timer per worker: {st}");
-    wait_for("the clock app to log the client's message", DEADLINE, || {
-        clock.master_output().contains("Message From client: Hello Server!").then_some(())
-    });
+    assert!(
+        st["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["timers"] == 1),
+        "one timer per worker: {st}"
+    );
+    wait_for(
+        "the clock app to log the client's message",
+        DEADLINE,
+        || {
+            clock
+                .master_output()
+                .contains("Message From client: Hello Server!")
+                .then_some(())
+        },
+    );
 }
 
 #[test]
 fn master_is_single_threaded_so_forking_is_safe() {
     let server = Server::start("echo", 2);
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.master_pid())).unwrap().count();
-    assert_eq!(tasks, 1, "the master forks workers and must never start a thread");
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.master_pid()))
+        .unwrap()
+        .count();
+    assert_eq!(
+        tasks, 1,
+        "the master forks workers and must never start a thread"
+    );
 }

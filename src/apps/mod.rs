@@ -12,7 +12,10 @@ pub use clock::clock;
 pub use echo::echo;
 pub use hello::hello;
 
+/// Installs an app's hooks on a group.
+pub type Install = fn(&mut Worker);
+
 /// Name and installer of every built-in app.
-pub fn builtin() -> Vec<(&'static str, fn(&mut Worker))> {
+pub fn builtin() -> Vec<(&'static str, Install)> {
     vec![("echo", echo), ("hello", hello), ("clock", clock)]
 }

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(version, about = "A multi-process WebSocket server in the mould of Workerman")]
+#[command(
+    version,
+    about = "A multi-process WebSocket server in the mould of Workerman"
+)]
 struct Cli {
     /// Config file [default: ./workers.toml]
     #[arg(short, long, env = "WSD_CONFIG", global = true, value_name = "FILE")]
@@ -68,8 +71,17 @@ impl From<ConfigError> for Failed {
 }
 
 pub(crate) fn main(runner: Runner, args: Vec<String>) -> i32 {
-    let prog = args.first().and_then(|a| Path::new(a).file_name()).and_then(|n| n.to_str()).unwrap_or("wsd").to_string();
-    let matches = match Cli::command().name(prog.clone()).bin_name(prog).try_get_matches_from(args) {
+    let prog = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("wsd")
+        .to_string();
+    let matches = match Cli::command()
+        .name(prog.clone())
+        .bin_name(prog)
+        .try_get_matches_from(args)
+    {
         Ok(m) => m,
         Err(e) => {
             let _ = e.print();
@@ -90,15 +102,24 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
     let explicit = cli.config.is_some();
     let config_path = cli.config.unwrap_or_else(|| PathBuf::from("workers.toml"));
     let config_path = std::path::absolute(&config_path).unwrap_or(config_path);
-    let have_file = explicit || config_path.exists();
+    // A program that defines its groups in code reads a config file only when told to, so an
+    // unrelated ./workers.toml in the working directory cannot add groups to it.
+    let have_file = explicit || (runner.workers.is_empty() && config_path.exists());
     match cli.command {
         Command::Check => {
             if !have_file {
-                return Err(Failed(format!("no config file: {} not found (use -c FILE)", config_path.display())));
+                return Err(Failed(format!(
+                    "no config file: {} not found (use -c FILE)",
+                    config_path.display()
+                )));
             }
             let config = Config::load(&config_path, &runner.app_names())?;
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
-            println!("{}: ok ({} group(s), {workers} worker(s))", config_path.display(), config.groups.len());
+            println!(
+                "{}: ok ({} group(s), {workers} worker(s))",
+                config_path.display(),
+                config.groups.len()
+            );
             Ok(0)
         }
         Command::Start { daemon } => start(runner, have_file.then_some(&config_path), daemon),
@@ -124,8 +145,14 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             let server = locate(have_file.then_some(&config_path));
             loop {
                 let reply = request(&server, &Request::Status, Some(Duration::from_secs(5)))?;
-                let st = reply.status.ok_or_else(|| Failed("master sent no status".into()))?;
-                let text = if json { serde_json::to_string_pretty(&st).unwrap_or_default() } else { status::render(&st) };
+                let st = reply
+                    .status
+                    .ok_or_else(|| Failed("master sent no status".into()))?;
+                let text = if json {
+                    serde_json::to_string_pretty(&st).unwrap_or_default()
+                } else {
+                    status::render(&st)
+                };
                 if watch {
                     // Clear the screen and redraw from the top, like top(1).
                     print!("\x1b[H\x1b[2J{text}\n(refreshing every second; Ctrl+C to quit)\n");
@@ -144,13 +171,18 @@ fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<
     let config = match config_path {
         Some(p) => Config::load(p, &runner.app_names())?,
         None if !runner.workers.is_empty() => Config::empty(),
-        None => return Err(Failed("no config file: ./workers.toml not found (use -c FILE)".into())),
+        None => {
+            return Err(Failed(
+                "no config file: ./workers.toml not found (use -c FILE)".into(),
+            ));
+        }
     };
     crate::logging::init(&config.server.log_level);
     let mut groups: Vec<Worker> = Vec::new();
     let Runner { apps, workers } = runner;
     for w in workers {
-        w.check().map_err(|e| Failed(format!("worker {:?}: {e}", w.name())))?;
+        w.check()
+            .map_err(|e| Failed(format!("worker {:?}: {e}", w.name())))?;
         groups.push(w);
     }
     for g in &config.groups {
@@ -159,7 +191,11 @@ fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<
         install(&mut w);
         groups.push(w);
     }
-    Ok(master::start(master::Plan { config, groups, daemon }))
+    Ok(master::start(master::Plan {
+        config,
+        groups,
+        daemon,
+    }))
 }
 
 fn locate(config_path: Option<&PathBuf>) -> ServerConfig {
@@ -170,38 +206,71 @@ fn locate(config_path: Option<&PathBuf>) -> ServerConfig {
 }
 
 /// Sends one request to the master and waits for its reply (`timeout` None: no limit).
-fn request(server: &ServerConfig, req: &Request, timeout: Option<Duration>) -> Result<Reply, Failed> {
+fn request(
+    server: &ServerConfig,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Reply, Failed> {
     let sock = &server.control_socket;
     let mut stream = UnixStream::connect(sock).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => not_running(server),
-        io::ErrorKind::PermissionDenied => Failed(format!("permission denied on {}", sock.display())),
-        _ => Failed(format!("cannot reach the master at {}: {e}", sock.display())),
+        io::ErrorKind::PermissionDenied => {
+            Failed(format!("permission denied on {}", sock.display()))
+        }
+        _ => Failed(format!(
+            "cannot reach the master at {}: {e}",
+            sock.display()
+        )),
     })?;
     stream.set_read_timeout(timeout).ok();
-    stream.write_all(&control::line(req)).map_err(|e| Failed(format!("cannot talk to the master: {e}")))?;
+    stream
+        .write_all(&control::line(req))
+        .map_err(|e| Failed(format!("cannot talk to the master: {e}")))?;
     let mut line = String::new();
     match BufReader::new(&stream).read_line(&mut line) {
         Ok(0) if matches!(req, Request::Stop { .. }) => {
             // The master went away without a word (killed?): stopped all the same.
             return Ok(Reply::ok());
         }
-        Ok(0) => return Err(Failed("the master closed the connection without answering".into())),
+        Ok(0) => {
+            return Err(Failed(
+                "the master closed the connection without answering".into(),
+            ));
+        }
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            return Err(Failed(format!("the master did not answer within {}s", timeout.unwrap_or_default().as_secs())));
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(Failed(format!(
+                "the master did not answer within {}s",
+                timeout.unwrap_or_default().as_secs()
+            )));
         }
         Err(e) => return Err(Failed(format!("cannot read the master's answer: {e}"))),
     }
-    let reply: Reply = serde_json::from_str(&line).map_err(|e| Failed(format!("bad answer from the master: {e}")))?;
+    let reply: Reply = serde_json::from_str(&line)
+        .map_err(|e| Failed(format!("bad answer from the master: {e}")))?;
     if !reply.ok {
-        return Err(Failed(reply.error.unwrap_or_else(|| "the master refused".into())));
+        return Err(Failed(
+            reply.error.unwrap_or_else(|| "the master refused".into()),
+        ));
     }
     Ok(reply)
 }
 
 fn not_running(server: &ServerConfig) -> Failed {
     match pidfile::running_pid(&server.pid_file) {
-        Some(pid) => Failed(format!("master pid {pid} holds {} but its control socket {} does not answer", server.pid_file.display(), server.control_socket.display())),
-        None => Failed(format!("not running (no master for {})", server.pid_file.display())),
+        Some(pid) => Failed(format!(
+            "master pid {pid} holds {} but its control socket {} does not answer",
+            server.pid_file.display(),
+            server.control_socket.display()
+        )),
+        None => Failed(format!(
+            "not running (no master for {})",
+            server.pid_file.display()
+        )),
     }
 }

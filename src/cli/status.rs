@@ -7,12 +7,20 @@ pub fn render(st: &Status) -> String {
     let mut out = String::new();
     let m = &st.master;
     let started = chrono::DateTime::from_timestamp(m.started_at, 0)
-        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_default();
     let up = m.uptime_secs;
     let processes: usize = st.groups.iter().map(|g| g.count).sum();
     let _ = writeln!(out, "{:-^110}", " GLOBAL STATUS ");
-    let _ = writeln!(out, "wsd version: {:<20} master pid: {:<10} config: {}", m.version, m.pid, m.config);
+    let _ = writeln!(
+        out,
+        "wsd version: {:<20} master pid: {:<10} config: {}",
+        m.version, m.pid, m.config
+    );
     let _ = writeln!(
         out,
         "start time: {started}   run {} days {} hours {} minutes   master memory: {}",
@@ -23,8 +31,12 @@ pub fn render(st: &Status) -> String {
     );
     let [l1, l5, l15] = m.load_average;
     let _ = writeln!(out, "load average: {l1:.2}, {l5:.2}, {l15:.2}");
-    let _ = writeln!(out, "{} group(s)   {processes} process(es)", st.groups.len());
-    let _ = writeln!(out, "{:<20} {:<30} {}", "group", "exit_status", "exit_count");
+    let _ = writeln!(
+        out,
+        "{} group(s)   {processes} process(es)",
+        st.groups.len()
+    );
+    let _ = writeln!(out, "{:<20} {:<30} exit_count", "group", "exit_status");
     for g in &st.groups {
         if g.exits.is_empty() {
             let _ = writeln!(out, "{:<20} {:<30} {}", g.name, "-", 0);
@@ -34,7 +46,18 @@ pub fn render(st: &Status) -> String {
         }
     }
     let _ = writeln!(out, "{:-^110}", " PROCESS STATUS ");
-    let header = ["pid", "memory", "listening", "name", "connections", "send_fail", "timers", "total_request", "qps", "status"];
+    let header = [
+        "pid",
+        "memory",
+        "listening",
+        "name",
+        "connections",
+        "send_fail",
+        "timers",
+        "total_request",
+        "qps",
+        "status",
+    ];
     let _ = writeln!(out, "{}", row(&header.map(String::from)));
     let (mut mem, mut conns, mut fails, mut timers, mut total, mut qps) = (0, 0, 0, 0, 0, 0.0);
     for w in &st.workers {

@@ -42,7 +42,10 @@ impl Announce {
 
 /// Detaches. Returns in the daemon only; the original process exits with the start's outcome.
 pub fn detach(log_file: &Path) -> io::Result<Announce> {
-    let log = OpenOptions::new().create(true).append(true).open(log_file)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)?;
     let (reader, writer) = nix::unistd::pipe().map_err(io::Error::from)?;
     match sys::fork()? {
         Fork::Parent(_) => {
@@ -59,7 +62,10 @@ pub fn detach(log_file: &Path) -> io::Result<Announce> {
                     1
                 }
                 None => {
-                    eprintln!("wsd: the master exited during start; see {}", log_file.display());
+                    eprintln!(
+                        "wsd: the master exited during start; see {}",
+                        log_file.display()
+                    );
                     1
                 }
             };

@@ -49,7 +49,13 @@ pub struct Master {
 }
 
 impl Master {
-    pub fn new(server: ServerConfig, config_label: String, groups: Vec<Group>, control: std::os::unix::net::UnixListener, announce: Announce) -> Master {
+    pub fn new(
+        server: ServerConfig,
+        config_label: String,
+        groups: Vec<Group>,
+        control: std::os::unix::net::UnixListener,
+        announce: Announce,
+    ) -> Master {
         let _ = control.set_nonblocking(true);
         let daemon = matches!(announce, Announce::Pipe(_));
         Master {
@@ -75,7 +81,12 @@ pub fn run(mut m: Master) -> i32 {
         Err(e) => {
             log::error!("master failed: {e}");
             m.announce.failed(&format!("master failed: {e}"));
-            for pid in m.groups.iter().flat_map(|g| g.live_pids()).collect::<Vec<_>>() {
+            for pid in m
+                .groups
+                .iter()
+                .flat_map(|g| g.live_pids())
+                .collect::<Vec<_>>()
+            {
                 let _ = kill(pid, Signal::SIGKILL);
             }
             1
@@ -87,21 +98,33 @@ impl Master {
     fn serve(&mut self) -> io::Result<()> {
         let signals = sys::signal_fd()?;
         let mut poll = Poll::new()?;
-        poll.registry().register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)?;
-        poll.registry().register(&mut self.control, CONTROL, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+        poll.registry()
+            .register(&mut self.control, CONTROL, Interest::READABLE)?;
         for g in 0..self.groups.len() {
             for slot in 0..self.groups[g].slots.len() {
                 self.groups[g].spawn(g, slot, poll.registry())?;
             }
         }
-        log::info!("master pid {} started {} worker(s)", std::process::id(), self.groups.iter().map(|g| g.slots.len()).sum::<usize>());
+        log::info!(
+            "master pid {} started {} worker(s)",
+            std::process::id(),
+            self.groups.iter().map(|g| g.slots.len()).sum::<usize>()
+        );
         let mut events = Events::with_capacity(256);
         loop {
-            if self.stopping.is_some() && self.groups.iter().all(|g| g.live_pids().next().is_none()) {
+            if self.stopping.is_some() && self.groups.iter().all(|g| g.live_pids().next().is_none())
+            {
                 self.finish();
                 return Ok(());
             }
-            let timeout = self.next_deadline().map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -113,11 +136,12 @@ impl Master {
                     SIGNALS => self.read_signals(&signals, &poll),
                     CONTROL => self.accept_clients(&poll),
                     t if t.0 >= supervisor::CHANNEL_BASE => {
-                        if let Some((g, slot)) = supervisor::token_slot(t) {
-                            if g < self.groups.len() && slot < self.groups[g].slots.len() {
-                                // EOF just means the worker is exiting; SIGCHLD does the rest.
-                                let _ = self.groups[g].read_channel(slot);
-                            }
+                        if let Some((g, slot)) = supervisor::token_slot(t)
+                            && g < self.groups.len()
+                            && slot < self.groups[g].slots.len()
+                        {
+                            // EOF just means the worker is exiting; SIGCHLD does the rest.
+                            let _ = self.groups[g].read_channel(slot);
                         }
                     }
                     Token(t) => self.serve_client(t - CLIENT_BASE),
@@ -129,7 +153,10 @@ impl Master {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let respawns = self.groups.iter().flat_map(|g| g.slots.iter().filter_map(|s| s.respawn_at));
+        let respawns = self
+            .groups
+            .iter()
+            .flat_map(|g| g.slots.iter().filter_map(|s| s.respawn_at));
         let kill_at = self.stopping.as_ref().and_then(|s| s.kill_at);
         respawns.chain(kill_at).min()
     }
@@ -141,7 +168,10 @@ impl Master {
                 st.kill_at = None;
                 for g in &self.groups {
                     for pid in g.live_pids() {
-                        log::warn!("worker {} pid {pid} still running after stop_timeout; killing it", g.name());
+                        log::warn!(
+                            "worker {} pid {pid} still running after stop_timeout; killing it",
+                            g.name()
+                        );
                         let _ = kill(pid, Signal::SIGKILL);
                     }
                 }
@@ -180,7 +210,9 @@ impl Master {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap(poll),
                 Ok(Signal::SIGTERM) => self.begin_stop(false, "SIGTERM"),
-                Ok(sig @ (Signal::SIGINT | Signal::SIGQUIT)) => self.begin_stop(false, sig.as_str()),
+                Ok(sig @ (Signal::SIGINT | Signal::SIGQUIT)) => {
+                    self.begin_stop(false, sig.as_str())
+                }
                 Ok(sig) => log::info!("ignoring {sig} (not supported yet)"),
                 Err(_) => {}
             }
@@ -194,7 +226,9 @@ impl Master {
                 Ok(s) => s,
             };
             let Some(pid) = status.pid() else { continue };
-            let Some((g, slot)) = self.find(pid) else { continue };
+            let Some((g, slot)) = self.find(pid) else {
+                continue;
+            };
             self.groups[g].reaped(slot, status, poll.registry());
             if self.stopping.is_some() {
                 continue;
@@ -216,10 +250,12 @@ impl Master {
     }
 
     fn find(&self, pid: nix::unistd::Pid) -> Option<(usize, usize)> {
-        self.groups
-            .iter()
-            .enumerate()
-            .find_map(|(g, grp)| grp.slots.iter().position(|s| s.pid == Some(pid)).map(|slot| (g, slot)))
+        self.groups.iter().enumerate().find_map(|(g, grp)| {
+            grp.slots
+                .iter()
+                .position(|s| s.pid == Some(pid))
+                .map(|slot| (g, slot))
+        })
     }
 
     fn begin_stop(&mut self, graceful: bool, why: &str) {
@@ -236,9 +272,20 @@ impl Master {
             }
             return;
         }
-        log::info!("stopping ({why}{})", if graceful { ", waiting for clients to leave" } else { "" });
+        log::info!(
+            "stopping ({why}{})",
+            if graceful {
+                ", waiting for clients to leave"
+            } else {
+                ""
+            }
+        );
         let kill_at = (!graceful).then(|| Instant::now() + self.server.stop_timeout);
-        self.stopping = Some(Stopping { graceful, kill_at, waiters: Vec::new() });
+        self.stopping = Some(Stopping {
+            graceful,
+            kill_at,
+            waiters: Vec::new(),
+        });
         for g in &mut self.groups {
             for slot in 0..g.slots.len() {
                 g.slots[slot].respawn_at = None;
@@ -249,8 +296,13 @@ impl Master {
 
     fn finish(&mut self) {
         log::info!("all workers stopped; master exits");
-        self.announce.failed("stopped before every worker was ready");
-        let waiters = self.stopping.as_mut().map(|s| std::mem::take(&mut s.waiters)).unwrap_or_default();
+        self.announce
+            .failed("stopped before every worker was ready");
+        let waiters = self
+            .stopping
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.waiters))
+            .unwrap_or_default();
         for mut w in waiters {
             send_reply(&mut w.stream, &Reply::ok());
         }
@@ -264,8 +316,15 @@ impl Master {
                 Ok((mut stream, _)) => {
                     let entry = self.clients.vacant_entry();
                     let token = Token(CLIENT_BASE + entry.key());
-                    if poll.registry().register(&mut stream, token, Interest::READABLE).is_ok() {
-                        entry.insert(Client { stream, input: LineReader::default() });
+                    if poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        entry.insert(Client {
+                            stream,
+                            input: LineReader::default(),
+                        });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -279,7 +338,9 @@ impl Master {
     }
 
     fn serve_client(&mut self, key: usize) {
-        let Some(client) = self.clients.get_mut(key) else { return };
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
         let (lines, closed) = client.input.read_from(&mut client.stream);
         let Some(line) = lines.into_iter().next() else {
             if closed {
@@ -290,7 +351,10 @@ impl Master {
         let mut client = self.clients.remove(key);
         match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => {
-                let reply = Reply { status: Some(self.status()), ..Reply::ok() };
+                let reply = Reply {
+                    status: Some(self.status()),
+                    ..Reply::ok()
+                };
                 send_reply(&mut client.stream, &reply);
             }
             Ok(Request::Stop { graceful }) => {
@@ -299,13 +363,19 @@ impl Master {
                     st.waiters.push(client);
                 }
             }
-            Err(e) => send_reply(&mut client.stream, &Reply::error(format!("bad request: {e}"))),
+            Err(e) => send_reply(
+                &mut client.stream,
+                &Reply::error(format!("bad request: {e}")),
+            ),
         }
     }
 
     fn status(&self) -> Status {
         let now = Instant::now();
-        let started_at = self.started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let started_at = self
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         Status {
             master: MasterStatus {
                 pid: std::process::id() as i32,
@@ -319,9 +389,18 @@ impl Master {
             groups: self
                 .groups
                 .iter()
-                .map(|g| GroupStatus { name: g.name().into(), listen: g.listen.clone(), count: g.slots.len(), exits: g.exits.clone() })
+                .map(|g| GroupStatus {
+                    name: g.name().into(),
+                    listen: g.listen.clone(),
+                    count: g.slots.len(),
+                    exits: g.exits.clone(),
+                })
                 .collect(),
-            workers: self.groups.iter().flat_map(|g| (0..g.slots.len()).map(move |s| g.worker_status(s, now))).collect(),
+            workers: self
+                .groups
+                .iter()
+                .flat_map(|g| (0..g.slots.len()).map(move |s| g.worker_status(s, now)))
+                .collect(),
         }
     }
 }
@@ -334,7 +413,12 @@ fn send_reply(stream: &mut UnixStream, reply: &Reply) {
     while written < bytes.len() && Instant::now() < deadline {
         match stream.write(&bytes[written..]) {
             Ok(n) => written += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 std::thread::sleep(Duration::from_millis(1))
             }
             Err(_) => return,

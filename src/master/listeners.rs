@@ -17,15 +17,27 @@ pub struct BindError {
 impl std::fmt::Display for BindError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.error.kind() {
-            io::ErrorKind::AddrInUse => write!(f, "cannot listen on {}: address already in use by another program", self.addr),
-            io::ErrorKind::PermissionDenied => write!(f, "cannot listen on {}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)", self.addr),
+            io::ErrorKind::AddrInUse => write!(
+                f,
+                "cannot listen on {}: address already in use by another program",
+                self.addr
+            ),
+            io::ErrorKind::PermissionDenied => write!(
+                f,
+                "cannot listen on {}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+                self.addr
+            ),
             _ => write!(f, "cannot listen on {}: {}", self.addr, self.error),
         }
     }
 }
 
 /// Binds `count` sockets to `addr`. Port 0 takes a free port for the first and reuses it.
-pub fn bind_slots(addr: SocketAddr, count: usize, backlog: u32) -> Result<Vec<TcpListener>, BindError> {
+pub fn bind_slots(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> Result<Vec<TcpListener>, BindError> {
     let mut addr = addr;
     let err = |addr, error| BindError { addr, error };
     if addr.port() != 0 {
@@ -45,7 +57,11 @@ pub fn bind_slots(addr: SocketAddr, count: usize, backlog: u32) -> Result<Vec<Tc
 }
 
 fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;

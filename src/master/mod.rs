@@ -52,9 +52,20 @@ pub fn start(plan: Plan) -> i32 {
     let _ = std::fs::remove_file(&server.control_socket);
     let control = match UnixListener::bind(&server.control_socket) {
         Ok(l) => l,
-        Err(e) => return fail(pidfile, format!("cannot create control socket {}: {e}", server.control_socket.display())),
+        Err(e) => {
+            return fail(
+                pidfile,
+                format!(
+                    "cannot create control socket {}: {e}",
+                    server.control_socket.display()
+                ),
+            );
+        }
     };
-    let _ = std::fs::set_permissions(&server.control_socket, std::fs::Permissions::from_mode(0o600));
+    let _ = std::fs::set_permissions(
+        &server.control_socket,
+        std::fs::Permissions::from_mode(0o600),
+    );
     let announce = if plan.daemon {
         match daemon::detach(&server.log_file) {
             Ok(a) => a,
@@ -66,8 +77,18 @@ pub fn start(plan: Plan) -> i32 {
     if let Err(e) = pidfile.write_pid(std::process::id()) {
         log::warn!("cannot write pid file: {e}");
     }
-    let config_label = plan.config.file.as_ref().map_or("(none)".to_string(), |p| p.display().to_string());
-    let code = event_loop::run(event_loop::Master::new(server.clone(), config_label, groups, control, announce));
+    let config_label = plan
+        .config
+        .file
+        .as_ref()
+        .map_or("(none)".to_string(), |p| p.display().to_string());
+    let code = event_loop::run(event_loop::Master::new(
+        server.clone(),
+        config_label,
+        groups,
+        control,
+        announce,
+    ));
     let _ = std::fs::remove_file(&server.control_socket);
     pidfile.remove();
     code
@@ -88,9 +109,18 @@ fn banner(groups: &[supervisor::Group], daemon: bool) -> String {
         "status"
     );
     for g in groups {
-        out += &format!("{:<16} {:<36} {:<10} [OK]\n", g.name(), g.listen, g.slots.len());
+        out += &format!(
+            "{:<16} {:<36} {:<10} [OK]\n",
+            g.name(),
+            g.listen,
+            g.slots.len()
+        );
     }
     out += &line;
-    out += if daemon { "\nInput \"wsd stop\" to stop. Start success.\n" } else { "\nPress Ctrl+C to stop. Start success.\n" };
+    out += if daemon {
+        "\nInput \"wsd stop\" to stop. Start success.\n"
+    } else {
+        "\nPress Ctrl+C to stop. Start success.\n"
+    };
     out
 }

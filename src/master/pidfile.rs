@@ -37,11 +37,20 @@ impl PidFile {
     /// Opens and locks `path`, refusing if another master holds it.
     pub fn lock(path: &Path) -> Result<PidFile, LockError> {
         let io_err = |e| LockError::Io(path.to_path_buf(), e);
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
         if !sys::try_lock_exclusive(&file).map_err(io_err)? {
             return Err(LockError::AlreadyRunning(read_pid(&mut file)));
         }
-        Ok(PidFile { path: path.to_path_buf(), file })
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// Records `pid` (the master's, after any daemonizing).
@@ -70,5 +79,7 @@ fn read_pid(file: &mut File) -> Option<i32> {
 /// starting at the same moment fail with "already running".
 pub fn running_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok().map(|_| pid)
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .ok()
+        .map(|_| pid)
 }

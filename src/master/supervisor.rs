@@ -70,7 +70,13 @@ impl Group {
             .map(|a| format!("websocket://{a}"))
             .unwrap_or_else(|| def.listen.to_string());
         let slots = (0..listeners.len()).map(|_| Slot::default()).collect();
-        Group { def, listen, listeners, slots, exits: BTreeMap::new() }
+        Group {
+            def,
+            listen,
+            listeners,
+            slots,
+            exits: BTreeMap::new(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -102,7 +108,11 @@ impl Group {
                 let mut channel = UnixStream::from_std(master_end);
                 registry.register(&mut channel, channel_token(g, slot), Interest::READABLE)?;
                 let s = &mut self.slots[slot];
-                *s = Slot { backoff: s.backoff, boot_failures: s.boot_failures, ..Slot::default() };
+                *s = Slot {
+                    backoff: s.backoff,
+                    boot_failures: s.boot_failures,
+                    ..Slot::default()
+                };
                 s.pid = Some(pid);
                 s.channel = Some(channel);
                 s.started_at = Some(Instant::now());
@@ -140,7 +150,11 @@ impl Group {
     /// Schedules the respawn of `slot` after its backoff.
     pub fn schedule_respawn(&mut self, slot: usize) -> Instant {
         let s = &mut self.slots[slot];
-        s.backoff = if s.backoff.is_zero() { MIN_BACKOFF } else { (s.backoff * 2).min(MAX_BACKOFF) };
+        s.backoff = if s.backoff.is_zero() {
+            MIN_BACKOFF
+        } else {
+            (s.backoff * 2).min(MAX_BACKOFF)
+        };
         let at = Instant::now() + s.backoff;
         s.respawn_at = Some(at);
         at
@@ -154,7 +168,9 @@ impl Group {
     /// Reads a worker's lines (ready, reports). False if its channel closed.
     pub fn read_channel(&mut self, slot: usize) -> bool {
         let s = &mut self.slots[slot];
-        let Some(ch) = s.channel.as_mut() else { return true };
+        let Some(ch) = s.channel.as_mut() else {
+            return true;
+        };
         let (lines, closed) = s.channel_in.read_from(ch);
         for line in lines {
             match serde_json::from_str::<control::FromWorker>(&line) {
@@ -177,7 +193,10 @@ impl Group {
         let s = &mut self.slots[slot];
         let Some(pid) = s.pid else { return };
         let line = control::line(&ToWorker::Stop { graceful });
-        let sent = s.channel.as_mut().is_some_and(|ch| ch.write(&line).is_ok_and(|n| n == line.len()));
+        let sent = s
+            .channel
+            .as_mut()
+            .is_some_and(|ch| ch.write(&line).is_ok_and(|n| n == line.len()));
         if !sent {
             let _ = kill(pid, Signal::SIGTERM);
         }
@@ -209,7 +228,11 @@ impl Group {
             status: status.into(),
             uptime_secs: s.started_at.map_or(0, |t| t.elapsed().as_secs()),
             qps: (qps * 10.0).round() / 10.0,
-            counters: s.report.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
+            counters: s
+                .report
+                .as_ref()
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -219,7 +242,11 @@ pub fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),
         WaitStatus::Signaled(_, sig, core) => {
-            format!("killed by {}{}", sys::signal_name(sig as i32), if core { " (core dumped)" } else { "" })
+            format!(
+                "killed by {}{}",
+                sys::signal_name(sig as i32),
+                if core { " (core dumped)" } else { "" }
+            )
         }
         other => format!("{other:?}"),
     }

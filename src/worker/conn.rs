@@ -52,7 +52,13 @@ pub(crate) enum HandshakeStep {
 }
 
 impl Conn {
-    pub fn new(serial: u32, stream: TcpStream, remote: SocketAddr, config: WebSocketConfig, seen: &Rc<RefCell<String>>) -> Conn {
+    pub fn new(
+        serial: u32,
+        stream: TcpStream,
+        remote: SocketAddr,
+        config: WebSocketConfig,
+        seen: &Rc<RefCell<String>>,
+    ) -> Conn {
         let upgrade = Upgrade { seen: seen.clone() };
         Conn {
             serial,
@@ -79,8 +85,12 @@ impl Conn {
 
     /// Drives the upgrade; on success the connection is open.
     pub fn drive_handshake(&mut self, seen: &Rc<RefCell<String>>) -> HandshakeStep {
-        let Phase::Handshaking(slot) = &mut self.phase else { return HandshakeStep::Done };
-        let Some(mid) = slot.take() else { return HandshakeStep::Failed("handshake lost".into()) };
+        let Phase::Handshaking(slot) = &mut self.phase else {
+            return HandshakeStep::Done;
+        };
+        let Some(mid) = slot.take() else {
+            return HandshakeStep::Failed("handshake lost".into());
+        };
         match mid.handshake() {
             Ok(ws) => {
                 self.path = std::mem::take(&mut *seen.borrow_mut());
@@ -101,7 +111,10 @@ impl Conn {
             self.closing_since = Some(Instant::now());
         }
         let Some(ws) = self.ws() else { return false };
-        let frame = CloseFrame { code, reason: reason.into() };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
         match ws.close(Some(frame)) {
             Ok(()) => true,
             Err(tungstenite::Error::Io(e)) => e.kind() == io::ErrorKind::WouldBlock,

@@ -60,7 +60,9 @@ impl Context {
     pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
         let frame = msg.into().into_frame();
         let ids = self.connections();
-        ids.into_iter().filter(|&id| self.write(id, frame.clone()).is_ok()).count()
+        ids.into_iter()
+            .filter(|&id| self.write(id, frame.clone()).is_ok())
+            .count()
     }
 
     /// Ids of this worker's open connections (Workerman's `$worker->connections`).
@@ -68,7 +70,10 @@ impl Context {
         self.conns
             .iter()
             .filter(|(_, c)| c.is_open() && c.closing_since.is_none())
-            .map(|(idx, c)| ConnId { serial: c.serial, idx: idx as u32 })
+            .map(|(idx, c)| ConnId {
+                serial: c.serial,
+                idx: idx as u32,
+            })
             .collect()
     }
 
@@ -89,7 +94,11 @@ impl Context {
             return;
         }
         let ok = c.start_close(CloseCode::from(code), reason);
-        if ok { self.mark_dirty(conn.idx as usize) } else { self.mark_gone(conn.idx as usize) }
+        if ok {
+            self.mark_dirty(conn.idx as usize)
+        } else {
+            self.mark_gone(conn.idx as usize)
+        }
     }
 
     /// The client's address.
@@ -108,7 +117,11 @@ impl Context {
     }
 
     /// Calls `f` once after `after` (Workerman's `Timer::add(..., false)`).
-    pub fn add_timer_once(&mut self, after: Duration, f: impl FnMut(&mut Context) + 'static) -> TimerId {
+    pub fn add_timer_once(
+        &mut self,
+        after: Duration,
+        f: impl FnMut(&mut Context) + 'static,
+    ) -> TimerId {
         self.timers.add(after, None, Box::new(f))
     }
 
@@ -123,11 +136,15 @@ impl Context {
     }
 
     fn conn(&self, id: ConnId) -> Option<&Conn> {
-        self.conns.get(id.idx as usize).filter(|c| c.serial == id.serial)
+        self.conns
+            .get(id.idx as usize)
+            .filter(|c| c.serial == id.serial)
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(id.idx as usize).filter(|c| c.serial == id.serial)
+        self.conns
+            .get_mut(id.idx as usize)
+            .filter(|c| c.serial == id.serial)
     }
 
     fn write(&mut self, id: ConnId, frame: tungstenite::Message) -> Result<(), SendError> {
@@ -140,7 +157,11 @@ impl Context {
                 Phase::Open(ws) => match ws.write(frame) {
                     Ok(()) => Ok(()),
                     // The frame is buffered; the socket is merely full for now.
-                    Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock =>
+                    {
+                        Ok(())
+                    }
                     Err(tungstenite::Error::WriteBufferFull(_)) => Err(SendError::BufferFull),
                     Err(_) => {
                         self.mark_gone(id.idx as usize);
@@ -162,11 +183,11 @@ impl Context {
     }
 
     pub(crate) fn mark_dirty(&mut self, idx: usize) {
-        if let Some(c) = self.conns.get_mut(idx) {
-            if !c.dirty {
-                c.dirty = true;
-                self.dirty.push(idx);
-            }
+        if let Some(c) = self.conns.get_mut(idx)
+            && !c.dirty
+        {
+            c.dirty = true;
+            self.dirty.push(idx);
         }
     }
 

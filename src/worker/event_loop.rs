@@ -67,7 +67,12 @@ enum Stop {
 }
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
-pub(crate) fn run(worker: Worker, slot: usize, listener: std::net::TcpListener, channel: std::os::unix::net::UnixStream) -> i32 {
+pub(crate) fn run(
+    worker: Worker,
+    slot: usize,
+    listener: std::net::TcpListener,
+    channel: std::os::unix::net::UnixStream,
+) -> i32 {
     match Loop::new(worker, slot, listener, channel) {
         Ok(mut l) => l.run(),
         Err(e) => {
@@ -78,17 +83,34 @@ pub(crate) fn run(worker: Worker, slot: usize, listener: std::net::TcpListener, 
 }
 
 impl Loop {
-    fn new(worker: Worker, slot: usize, listener: std::net::TcpListener, channel: std::os::unix::net::UnixStream) -> io::Result<Loop> {
-        let Worker { config: settings, hooks } = worker;
+    fn new(
+        worker: Worker,
+        slot: usize,
+        listener: std::net::TcpListener,
+        channel: std::os::unix::net::UnixStream,
+    ) -> io::Result<Loop> {
+        let Worker {
+            config: settings,
+            hooks,
+        } = worker;
         listener.set_nonblocking(true)?;
         channel.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
         let mut channel = UnixStream::from_std(channel);
         let signals = sys::signal_fd()?;
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        poll.registry().register(&mut channel, CHANNEL, Interest::READABLE | Interest::WRITABLE)?;
-        poll.registry().register(&mut SourceFd(&signals.as_raw_fd()), SIGNALS, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(
+            &mut channel,
+            CHANNEL,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&signals.as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(settings.read_buffer_size)
             .write_buffer_size(settings.write_buffer_size)
@@ -122,19 +144,17 @@ impl Loop {
         self.report();
         let mut events = Events::with_capacity(1024);
         loop {
-            if let Some(Stop::Closing | Stop::Draining) = self.stopping {
-                if self.ctx.conns.is_empty() {
-                    self.report();
-                    self.flush_channel();
-                    return 0;
-                }
+            if self.stopping.is_some() && self.ctx.conns.is_empty() {
+                self.report();
+                self.flush_channel();
+                return 0;
             }
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("poll failed: {e}");
-                    return 1;
-                }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("poll failed: {e}");
+                return 1;
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -149,7 +169,11 @@ impl Loop {
                         }
                     }
                     SIGNALS => self.read_signals(),
-                    Token(t) => self.conn_ready(t - CONN_BASE, ev.is_readable() || ev.is_read_closed() || ev.is_error(), ev.is_writable()),
+                    Token(t) => self.conn_ready(
+                        t - CONN_BASE,
+                        ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                        ev.is_writable(),
+                    ),
                 }
             }
             for idx in std::mem::take(&mut self.again) {
@@ -189,7 +213,9 @@ impl Loop {
     // ---- accept -------------------------------------------------------------------------
 
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else { return };
+        let Some(listener) = &self.listener else {
+            return;
+        };
         loop {
             if self.ctx.conns.len() >= self.settings.max_connections {
                 self.accept_paused = true;
@@ -202,18 +228,33 @@ impl Loop {
                     let entry = self.ctx.conns.vacant_entry();
                     let mut stream = stream;
                     let token = Token(CONN_BASE + entry.key());
-                    if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         log::warn!("cannot register connection from {remote}: {e}");
                         continue;
                     }
-                    entry.insert(Conn::new(self.next_serial, stream, remote, self.ws_config, &self.seen_path));
+                    entry.insert(Conn::new(
+                        self.next_serial,
+                        stream,
+                        remote,
+                        self.ws_config,
+                        &self.seen_path,
+                    ));
                     self.ctx.counters.accepted += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_paused = false;
                     return;
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
                     // Out of descriptors: the pending client stays queued; retry shortly
                     // instead of spinning on a listener that stays readable.
                     log::warn!("accept: {e}; pausing accepts for 100 ms");
@@ -221,7 +262,14 @@ impl Loop {
                     self.accept_retry_at = Some(Instant::now() + Duration::from_millis(100));
                     return;
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("accept: {e}");
                     return;
@@ -233,7 +281,9 @@ impl Loop {
     // ---- connections --------------------------------------------------------------------
 
     fn conn_ready(&mut self, idx: usize, readable: bool, writable: bool) {
-        let Some(conn) = self.ctx.conns.get_mut(idx) else { return };
+        let Some(conn) = self.ctx.conns.get_mut(idx) else {
+            return;
+        };
         if !conn.is_open() {
             match conn.drive_handshake(&self.seen_path) {
                 HandshakeStep::Pending => return,
@@ -243,7 +293,10 @@ impl Loop {
                     return;
                 }
                 HandshakeStep::Done => {
-                    let id = ConnId { serial: conn.serial, idx: idx as u32 };
+                    let id = ConnId {
+                        serial: conn.serial,
+                        idx: idx as u32,
+                    };
                     self.ctx.counters.connections += 1;
                     if self.stopping == Some(Stop::Closing) {
                         self.ctx.close_with(id, 1001, "server shutting down");
@@ -271,7 +324,9 @@ impl Loop {
     /// Reads every frame available (up to the budget) and hands messages to `on_message`.
     fn read_conn(&mut self, idx: usize) {
         for _ in 0..READ_BUDGET {
-            let Some(conn) = self.ctx.conns.get_mut(idx) else { return };
+            let Some(conn) = self.ctx.conns.get_mut(idx) else {
+                return;
+            };
             let serial = conn.serial;
             if conn.failed {
                 if conn.drain() {
@@ -290,7 +345,10 @@ impl Loop {
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    let id = ConnId { serial, idx: idx as u32 };
+                    let id = ConnId {
+                        serial,
+                        idx: idx as u32,
+                    };
                     match ConnError::from_read(e) {
                         None => self.ctx.mark_gone(idx),
                         Some(err) => self.fail(id, err),
@@ -303,7 +361,10 @@ impl Loop {
             }
             self.ctx.counters.total_request += 1;
             self.ctx.counters.bytes_in += msg.len() as u64;
-            let id = ConnId { serial, idx: idx as u32 };
+            let id = ConnId {
+                serial,
+                idx: idx as u32,
+            };
             self.call_conn_hook(id, "on_message", |h, ctx| {
                 if let Some(f) = h.on_message.as_mut() {
                     f(ctx, id, msg)
@@ -316,10 +377,21 @@ impl Loop {
     /// Fails a connection: `on_error`, our close code out, then wait for the client to go.
     fn fail(&mut self, id: ConnId, err: ConnError) {
         let idx = id.idx as usize;
-        let Some(conn) = self.ctx.conns.get_mut(idx).filter(|c| c.serial == id.serial) else { return };
+        let Some(conn) = self
+            .ctx
+            .conns
+            .get_mut(idx)
+            .filter(|c| c.serial == id.serial)
+        else {
+            return;
+        };
         log::debug!("connection {id} from {}: {err}", conn.remote);
         let alive = conn.fail(&err);
-        if alive { self.ctx.mark_dirty(idx) } else { self.ctx.mark_gone(idx) }
+        if alive {
+            self.ctx.mark_dirty(idx)
+        } else {
+            self.ctx.mark_gone(idx)
+        }
         self.call_conn_hook(id, "on_error", |h, ctx| {
             if let Some(f) = h.on_error.as_mut() {
                 f(ctx, id, &err)
@@ -328,7 +400,9 @@ impl Loop {
     }
 
     fn flush_conn(&mut self, idx: usize) {
-        let Some(conn) = self.ctx.conns.get_mut(idx) else { return };
+        let Some(conn) = self.ctx.conns.get_mut(idx) else {
+            return;
+        };
         if conn.flush().is_err() {
             self.ctx.mark_gone(idx);
         }
@@ -353,7 +427,10 @@ impl Loop {
                 let conn = self.ctx.conns.remove(idx);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
-                    let id = ConnId { serial, idx: idx as u32 };
+                    let id = ConnId {
+                        serial,
+                        idx: idx as u32,
+                    };
                     drop(conn); // Close the socket before the app hears of it.
                     self.call_conn_hook(id, "on_close", |h, ctx| {
                         if let Some(f) = h.on_close.as_mut() {
@@ -401,8 +478,14 @@ impl Loop {
         }
     }
 
-    fn call_worker_hook(&mut self, name: &str, pick: impl FnOnce(&mut Hooks) -> Option<&mut super::WorkerHook>) {
-        let Some(f) = pick(&mut self.hooks) else { return };
+    fn call_worker_hook(
+        &mut self,
+        name: &str,
+        pick: impl FnOnce(&mut Hooks) -> Option<&mut super::WorkerHook>,
+    ) {
+        let Some(f) = pick(&mut self.hooks) else {
+            return;
+        };
         let ctx = &mut self.ctx;
         if catch_unwind(AssertUnwindSafe(|| f(ctx))).is_err() {
             log::error!("{name} hook panicked; the worker carries on");
@@ -425,9 +508,20 @@ impl Loop {
     /// Stops accepting and calls `on_worker_stop`; then either closes every client with 1001
     /// or (graceful) waits for them to leave.
     fn stop(&mut self, graceful: bool) {
-        let mode = if graceful { Stop::Draining } else { Stop::Closing };
+        let mode = if graceful {
+            Stop::Draining
+        } else {
+            Stop::Closing
+        };
         if self.stopping.is_none() {
-            log::info!("stopping ({})", if graceful { "waiting for clients to leave" } else { "closing clients" });
+            log::info!(
+                "stopping ({})",
+                if graceful {
+                    "waiting for clients to leave"
+                } else {
+                    "closing clients"
+                }
+            );
             if let Some(mut l) = self.listener.take() {
                 let _ = self.poll.registry().deregister(&mut l);
             }

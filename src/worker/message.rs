@@ -184,7 +184,10 @@ impl ConnError {
 
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind as K;
-    matches!(e.kind(), K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof | K::ConnectionAborted)
+    matches!(
+        e.kind(),
+        K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof | K::ConnectionAborted
+    )
 }
 
 impl fmt::Display for ConnError {

@@ -60,12 +60,17 @@ impl Worker {
     }
 
     pub fn try_new(listen: &str) -> Result<Worker, String> {
-        Ok(Worker::from_config(GroupConfig::new(Listen::parse(listen)?)))
+        Ok(Worker::from_config(GroupConfig::new(Listen::parse(
+            listen,
+        )?)))
     }
 
     /// A group from a `[[worker]]` table, with no hooks yet.
     pub fn from_config(config: GroupConfig) -> Worker {
-        Worker { config, hooks: Hooks::default() }
+        Worker {
+            config,
+            hooks: Hooks::default(),
+        }
     }
 
     /// Runs in each worker process before it accepts (Workerman's `onWorkerStart`).
@@ -81,7 +86,10 @@ impl Worker {
     }
 
     /// A client sent a complete text or binary message.
-    pub fn on_message(&mut self, f: impl FnMut(&mut Context, ConnId, Message) + 'static) -> &mut Self {
+    pub fn on_message(
+        &mut self,
+        f: impl FnMut(&mut Context, ConnId, Message) + 'static,
+    ) -> &mut Self {
         self.hooks.on_message = Some(Box::new(f));
         self
     }
@@ -94,7 +102,10 @@ impl Worker {
 
     /// A connection failed: protocol violation, bad UTF-8, oversize, socket error or a hook
     /// panic. `on_close` follows.
-    pub fn on_error(&mut self, f: impl FnMut(&mut Context, ConnId, &ConnError) + 'static) -> &mut Self {
+    pub fn on_error(
+        &mut self,
+        f: impl FnMut(&mut Context, ConnId, &ConnError) + 'static,
+    ) -> &mut Self {
         self.hooks.on_error = Some(Box::new(f));
         self
     }

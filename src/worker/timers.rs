@@ -36,7 +36,13 @@ impl Timers {
         self.next_id += 1;
         let id = self.next_id;
         let every = every.map(|e| e.max(MIN_INTERVAL));
-        self.entries.insert(id, Entry { every, callback: Some(callback) });
+        self.entries.insert(
+            id,
+            Entry {
+                every,
+                callback: Some(callback),
+            },
+        );
         self.queue.push(Reverse((Instant::now() + after, id)));
         TimerId(id)
     }
@@ -71,13 +77,19 @@ impl Timers {
     /// Puts a callback back after it ran: re-arms a repeating timer unless it was deleted
     /// meanwhile; forgets a one-shot.
     pub fn finish(&mut self, id: TimerId, due: Instant, callback: TimerFn, now: Instant) {
-        let Some(entry) = self.entries.get_mut(&id.0) else { return };
+        let Some(entry) = self.entries.get_mut(&id.0) else {
+            return;
+        };
         match entry.every {
             Some(every) => {
                 entry.callback = Some(callback);
                 // Keep the cadence, but do not try to catch up after a long stall.
                 let next = (due + every).max(now + MIN_INTERVAL.min(every));
-                let next = if next + every < now { now + every } else { next };
+                let next = if next + every < now {
+                    now + every
+                } else {
+                    next
+                };
                 self.queue.push(Reverse((next, id.0)));
             }
             None => {
@@ -128,7 +140,11 @@ mod tests {
         let (id2, due2, cb2) = t.pop_due(now).unwrap();
         assert!(t.del(id2));
         t.finish(id2, due2, cb2, now);
-        assert_eq!(t.len(), 0, "{a:?} one-shot gone, {b:?} deleted while running");
+        assert_eq!(
+            t.len(),
+            0,
+            "{a:?} one-shot gone, {b:?} deleted while running"
+        );
         assert!(t.pop_due(now + Duration::from_secs(1)).is_none());
     }
 }

@@ -13,6 +13,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
+/// Tells tests/library.rs's binary to act as the wsd program, not as the test driver
+/// (ignored by the wsd binary).
+pub const LIBRARY_SERVER_ENV: &str = "WSD_LIBRARY_SERVER";
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub fn wsd_bin() -> PathBuf {
@@ -74,9 +78,17 @@ impl Server {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .process_group(0)
+            .env(LIBRARY_SERVER_ENV, "1")
             .spawn()
             .expect("spawn wsd");
-        let mut s = Server { dir, config, bin, seen: vec![child.id() as i32], child: Some(child), port: 0 };
+        let mut s = Server {
+            dir,
+            config,
+            bin,
+            seen: vec![child.id() as i32],
+            child: Some(child),
+            port: 0,
+        };
         let st = s.wait_ready();
         let listen = st["groups"][0]["listen"].as_str().unwrap().to_string();
         s.port = listen.rsplit(':').next().unwrap().parse().unwrap();
@@ -88,7 +100,9 @@ impl Server {
         let st = wait_for("all workers idle", DEADLINE, || {
             let st = self.try_status()?;
             let ws = st["workers"].as_array()?;
-            ws.iter().all(|w| w["status"] == "idle" && w["pid"].as_i64() > Some(0)).then_some(st)
+            ws.iter()
+                .all(|w| w["status"] == "idle" && w["pid"].as_i64() > Some(0))
+                .then_some(st)
         });
         self.remember(&st);
         st
@@ -109,7 +123,14 @@ impl Server {
     }
 
     pub fn wsd(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin).arg("-c").arg(&self.config).args(args).stdin(Stdio::null()).output().expect("run wsd")
+        Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env(LIBRARY_SERVER_ENV, "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run wsd")
     }
 
     pub fn try_status(&mut self) -> Option<Value> {
@@ -128,7 +149,12 @@ impl Server {
 
     pub fn worker_pids(&mut self) -> Vec<i32> {
         let st = self.status();
-        st["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect()
+        st["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_i64().unwrap() as i32)
+            .collect()
     }
 
     pub fn url(&self) -> String {
@@ -142,7 +168,9 @@ impl Server {
     /// Waits for the foreground master to exit; returns its exit code.
     pub fn wait_exit(&mut self, deadline: Duration) -> i32 {
         let child = self.child.as_mut().expect("foreground master");
-        let code = wait_for("master to exit", deadline, || child.try_wait().ok().flatten());
+        let code = wait_for("master to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        });
         code.code().unwrap_or(-1)
     }
 
@@ -184,9 +212,14 @@ impl Client {
 
     pub fn try_connect(port: u16) -> Result<Client, String> {
         let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        stream.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
-        let (ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let (ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream)
+            .map_err(|e| e.to_string())?;
         Ok(Client { ws })
     }
 
@@ -232,7 +265,9 @@ pub struct RawClient {
 impl RawClient {
     pub fn upgrade(port: u16) -> RawClient {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
         stream
             .write_all(
                 b"GET /raw?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

@@ -1,0 +1,218 @@
+//! The library API, used the way a Rust programmer would: this test binary is itself a wsd
+//! program (hooks in code, `wsd::run_all`). Run with `WSD_LIBRARY_SERVER=1` it is the server;
+//! otherwise it is the test driver that starts itself as a server and checks the hooks.
+//!
+//! `harness = false` because a forking master must be the main thread of its process, not a
+//! libtest worker thread.
+
+mod common;
+
+use common::*;
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+fn server_program() -> ! {
+    let mut worker = wsd::Worker::new("websocket://127.0.0.1:0");
+    worker.name = "hooks".into();
+    worker.count = 2;
+    worker.on_worker_start(|ctx| {
+        // One long-lived timer, and one deleted before it could fire.
+        ctx.add_timer(Duration::from_secs(3600), |_| {});
+        let doomed = ctx.add_timer_once(Duration::from_millis(1), |ctx| {
+            ctx.broadcast("must never be seen");
+        });
+        assert!(ctx.del_timer(doomed));
+    });
+    worker.on_connect(|ctx, conn| {
+        let path = ctx.path(conn).unwrap_or("?").to_string();
+        let text = format!(
+            "welcome {conn} on worker {} path {path} from {}",
+            ctx.worker_id(),
+            ctx.remote_addr(conn).unwrap().ip()
+        );
+        let _ = ctx.send(conn, text);
+        ctx.add_timer_once(Duration::ZERO, move |ctx| {
+            let _ = ctx.send(conn, "once");
+        });
+    });
+    worker.on_message(|ctx, conn, msg| match msg.as_text() {
+        Some("panic") => panic!("the app has a bug"),
+        Some("close me") => ctx.close_with(conn, 4000, "as you wish"),
+        Some("count") => {
+            let n = ctx.connection_count();
+            let ids = ctx.connections();
+            assert!(ids.contains(&conn));
+            let _ = ctx.send(
+                conn,
+                format!("{n} {} timers {}", ids.len(), ctx.timer_count()),
+            );
+        }
+        Some("tick3") => {
+            // A repeating timer that deletes itself on its third run.
+            let me: Rc<Cell<Option<wsd::TimerId>>> = Rc::default();
+            let (mine, mut n) = (me.clone(), 0);
+            let id = ctx.add_timer(Duration::from_millis(10), move |ctx| {
+                n += 1;
+                let _ = ctx.send(conn, format!("tick {n}"));
+                if n == 3 {
+                    assert!(ctx.del_timer(mine.get().unwrap()));
+                }
+            });
+            me.set(Some(id));
+        }
+        Some("later") => {
+            ctx.add_timer_once(Duration::from_millis(20), move |ctx| {
+                let _ = ctx.send(conn, "later");
+            });
+        }
+        _ => {
+            let _ = ctx.send(conn, msg);
+        }
+    });
+    worker.on_close(|ctx, conn| {
+        assert!(
+            ctx.send(conn, "gone").is_err(),
+            "a closed connection's id reaches nobody"
+        );
+        log::info!("hook saw close of {conn}");
+    });
+    worker.on_error(|_ctx, conn, err| {
+        log::info!("hook saw error on {conn}: {err} ({})", err.close_code())
+    });
+    wsd::run_all(vec![worker]);
+}
+
+fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    // No [[worker]] groups: the program defines its own in code.
+    let config = dir.path().join("workers.toml");
+    std::fs::write(
+        &config,
+        "[server]\nstop_timeout = \"5s\"\nlog_level = \"info\"\n",
+    )
+    .unwrap();
+    let bin = std::env::current_exe().unwrap();
+    Server::start_with(bin, dir, config)
+}
+
+fn hooks_see_ids_paths_and_timers() {
+    let server = start();
+    let mut c = server.connect();
+    let welcome = c.recv_text();
+    assert!(
+        welcome.starts_with("welcome ") && welcome.contains(" path / from 127.0.0.1"),
+        "{welcome}"
+    );
+    let worker_id: usize = welcome
+        .split(" on worker ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(worker_id < 2);
+    assert_eq!(
+        c.recv_text(),
+        "once",
+        "a one-shot timer added by a hook fires"
+    );
+    c.send_text("tick3");
+    for n in 1..=3 {
+        assert_eq!(c.recv_text(), format!("tick {n}"));
+    }
+    c.send_text("count");
+    assert_eq!(c.recv_text(), "1 1 timers 1");
+    c.send_text("later");
+    assert_eq!(c.recv_text(), "later");
+    c.ws.send(tungstenite::Message::binary(vec![1, 2, 3]))
+        .unwrap();
+    assert_eq!(c.recv(), tungstenite::Message::binary(vec![1, 2, 3]));
+}
+
+fn a_panicking_hook_closes_only_its_connection() {
+    let mut server = start();
+    let pids = server.worker_pids();
+    let mut clients: Vec<Client> = (0..8).map(|_| server.connect()).collect();
+    for c in &mut clients {
+        c.recv_text(); // welcome
+        c.recv_text(); // once
+    }
+    clients[0].send_text("panic");
+    assert_eq!(clients[0].expect_close(), 1011);
+    for (i, c) in clients.iter_mut().enumerate().skip(1) {
+        c.send_text(&format!("still alive {i}"));
+        assert_eq!(c.recv_text(), format!("still alive {i}"));
+    }
+    assert_eq!(server.worker_pids(), pids, "no worker died");
+    let mut fresh = server.connect();
+    assert!(fresh.recv_text().starts_with("welcome"));
+    wait_for("the panic to be logged", DEADLINE, || {
+        server
+            .master_output()
+            .contains("on_message hook panicked")
+            .then_some(())
+    });
+    assert!(server.master_output().contains("the app has a bug"));
+    wait_for("on_close after the panic", DEADLINE, || {
+        server
+            .master_output()
+            .contains("hook saw close")
+            .then_some(())
+    });
+}
+
+fn hooks_close_with_a_code_and_hear_about_errors() {
+    let server = start();
+    let mut c = server.connect();
+    c.recv_text();
+    c.send_text("close me");
+    let code = loop {
+        match c.ws.read().unwrap() {
+            tungstenite::Message::Close(Some(f)) => break u16::from(f.code),
+            _ => continue,
+        }
+    };
+    assert_eq!(code, 4000);
+    let mut raw = RawClient::upgrade(server.port);
+    raw.frame(true, 0x1, &[0xc3, 0x28]);
+    wait_for("on_error with 1007", DEADLINE, || {
+        server
+            .master_output()
+            .contains("invalid UTF-8 in a text message (1007)")
+            .then_some(())
+    });
+}
+
+fn main() {
+    if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
+        server_program();
+    }
+    let tests: [(&str, fn()); 3] = [
+        (
+            "hooks_see_ids_paths_and_timers",
+            hooks_see_ids_paths_and_timers,
+        ),
+        (
+            "a_panicking_hook_closes_only_its_connection",
+            a_panicking_hook_closes_only_its_connection,
+        ),
+        (
+            "hooks_close_with_a_code_and_hear_about_errors",
+            hooks_close_with_a_code_and_hear_about_errors,
+        ),
+    ];
+    let mut failed = 0;
+    for (name, test) in tests {
+        let ok = std::panic::catch_unwind(test).is_ok();
+        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        failed += usize::from(!ok);
+    }
+    println!(
+        "\nlibrary: {} passed, {failed} failed",
+        tests.len() - failed
+    );
+    std::process::exit(i32::from(failed > 0));
+}
