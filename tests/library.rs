@@ -61,6 +61,7 @@ fn server_program() -> ! {
             });
             me.set(Some(id));
         }
+        Some("block") => std::thread::sleep(Duration::from_secs(8)),
         Some("later") => {
             ctx.add_timer_once(Duration::from_millis(20), move |ctx| {
                 let _ = ctx.send(conn, "later");
@@ -186,11 +187,47 @@ fn hooks_close_with_a_code_and_hear_about_errors() {
     });
 }
 
+fn a_stuck_worker_shows_busy_and_status_does_not_hang() {
+    let mut server = start();
+    let mut c = server.connect();
+    let welcome = c.recv_text();
+    let slot: usize = welcome
+        .split(" on worker ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    c.send_text("block");
+    let st = wait_for("the blocked worker to show busy", DEADLINE, || {
+        let st = server.try_status()?;
+        (st["workers"][slot]["status"] == "busy").then_some(st)
+    });
+    assert_eq!(
+        st["workers"][1 - slot]["status"],
+        "idle",
+        "the other worker is fine: {st}"
+    );
+    let table = String::from_utf8(server.wsd(&["status"]).stdout).unwrap();
+    assert!(table.contains("[busy]"), "{table}");
+    // Once the hook returns, the worker answers again.
+    c.send_text("after");
+    assert_eq!(c.recv_text(), "once");
+    assert_eq!(c.recv_text(), "after");
+    server.wait_ready();
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "a_stuck_worker_shows_busy_and_status_does_not_hang",
+            a_stuck_worker_shows_busy_and_status_does_not_hang,
+        ),
         (
             "hooks_see_ids_paths_and_timers",
             hooks_see_ids_paths_and_timers,

@@ -478,3 +478,71 @@ fn master_is_single_threaded_so_forking_is_safe() {
         "the master forks workers and must never start a thread"
     );
 }
+
+#[test]
+fn status_watch_refreshes_in_place() {
+    let server = Server::start("echo", 1);
+    let out_path = server.dir.path().join("watch.out");
+    let mut watch = std::process::Command::new(wsd_bin())
+        .args(["-c", server.config.to_str().unwrap(), "status", "-w"])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .spawn()
+        .unwrap();
+    let seen = std::panic::catch_unwind(|| {
+        wait_for("two refreshes", DEADLINE, || {
+            let text = std::fs::read_to_string(&out_path).ok()?;
+            (text.matches("GLOBAL STATUS").count() >= 2).then_some(text)
+        })
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let text = seen.expect("status -w refreshed");
+    assert!(
+        text.contains("\x1b[H\x1b[2J"),
+        "clears the screen between refreshes"
+    );
+}
+
+#[test]
+fn restart_replaces_the_master_and_keeps_serving() {
+    let mut server = Server::start("hello", 2);
+    let old_master = server.master_pid();
+    let out = server.wsd(&["restart", "-d"]);
+    let new_master: i32 = std::fs::read_to_string(server.dir.path().join("wsd.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    struct Reap(i32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if self.0 > 0 {
+                let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+            }
+        }
+    }
+    let _reap = Reap(new_master);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.wait_exit(DEADLINE), 0, "the old master exited");
+    assert!(new_master > 0 && new_master != old_master && alive(new_master));
+    let st = server.status();
+    assert_eq!(st["master"]["pid"].as_i64(), Some(new_master as i64));
+    let port: u16 = st["groups"][0]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = Client::connect(port);
+    c.send_text("again");
+    assert_eq!(c.recv_text(), "hello again");
+    assert!(server.wsd(&["stop"]).status.success());
+    wait_for("new master to exit", DEADLINE, || {
+        (!alive(new_master)).then_some(())
+    });
+}

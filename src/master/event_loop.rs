@@ -74,9 +74,12 @@ impl Master {
     }
 }
 
-pub fn run(mut m: Master) -> i32 {
+/// Runs the master to the end. Returns the exit code and the CLI clients waiting for the stop
+/// to finish: the caller answers them once the pid file and socket are gone, so a `restart`
+/// that starts right after cannot find the old master's lock still held.
+pub fn run(mut m: Master) -> (i32, Vec<UnixStream>) {
     crate::logging::set_role("master");
-    match m.serve() {
+    let code = match m.serve() {
         Ok(()) => m.exit_code,
         Err(e) => {
             log::error!("master failed: {e}");
@@ -91,7 +94,13 @@ pub fn run(mut m: Master) -> i32 {
             }
             1
         }
-    }
+    };
+    let waiters = m
+        .stopping
+        .take()
+        .map(|s| s.waiters.into_iter().map(|c| c.stream).collect())
+        .unwrap_or_default();
+    (code, waiters)
 }
 
 impl Master {
@@ -298,14 +307,6 @@ impl Master {
         log::info!("all workers stopped; master exits");
         self.announce
             .failed("stopped before every worker was ready");
-        let waiters = self
-            .stopping
-            .as_mut()
-            .map(|s| std::mem::take(&mut s.waiters))
-            .unwrap_or_default();
-        for mut w in waiters {
-            send_reply(&mut w.stream, &Reply::ok());
-        }
     }
 
     // ---- control socket -----------------------------------------------------------------
@@ -406,7 +407,7 @@ impl Master {
 }
 
 /// Writes one reply line. The CLI reads promptly; a client that does not gets at most a second.
-fn send_reply(stream: &mut UnixStream, reply: &Reply) {
+pub(super) fn send_reply(stream: &mut UnixStream, reply: &Reply) {
     let bytes = control::line(reply);
     let deadline = Instant::now() + Duration::from_secs(1);
     let mut written = 0;

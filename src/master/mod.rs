@@ -82,15 +82,13 @@ pub fn start(plan: Plan) -> i32 {
         .file
         .as_ref()
         .map_or("(none)".to_string(), |p| p.display().to_string());
-    let code = event_loop::run(event_loop::Master::new(
-        server.clone(),
-        config_label,
-        groups,
-        control,
-        announce,
-    ));
+    let master = event_loop::Master::new(server.clone(), config_label, groups, control, announce);
+    let (code, mut stop_waiters) = event_loop::run(master);
     let _ = std::fs::remove_file(&server.control_socket);
     pidfile.remove();
+    for w in &mut stop_waiters {
+        event_loop::send_reply(w, &crate::control::Reply::ok());
+    }
     code
 }
 

@@ -110,10 +110,11 @@ impl Server {
 
     fn remember(&mut self, st: &Value) {
         for w in st["workers"].as_array().into_iter().flatten() {
-            if let Some(pid) = w["pid"].as_i64() {
-                if pid > 0 && !self.seen.contains(&(pid as i32)) {
-                    self.seen.push(pid as i32);
-                }
+            if let Some(pid) = w["pid"].as_i64()
+                && pid > 0
+                && !self.seen.contains(&(pid as i32))
+            {
+                self.seen.push(pid as i32);
             }
         }
     }
