@@ -84,6 +84,15 @@ fn server_program() -> ! {
     wsd::run_all(vec![worker]);
 }
 
+/// The worker slot named in the `on_connect` welcome line.
+fn slot_of(welcome: &str) -> usize {
+    let after = welcome
+        .split(" on worker ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{welcome}"));
+    after.split(' ').next().unwrap().parse().unwrap()
+}
+
 fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
     // No [[worker]] groups: the program defines its own in code.
@@ -105,15 +114,7 @@ fn hooks_see_ids_paths_and_timers() {
         welcome.starts_with("welcome ") && welcome.contains(" path / from 127.0.0.1"),
         "{welcome}"
     );
-    let worker_id: usize = welcome
-        .split(" on worker ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let worker_id: usize = slot_of(&welcome);
     assert!(worker_id < 2);
     assert_eq!(
         c.recv_text(),
@@ -191,15 +192,7 @@ fn a_stuck_worker_shows_busy_and_status_does_not_hang() {
     let mut server = start();
     let mut c = server.connect();
     let welcome = c.recv_text();
-    let slot: usize = welcome
-        .split(" on worker ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let slot: usize = slot_of(&welcome);
     c.send_text("block");
     let st = wait_for("the blocked worker to show busy", DEADLINE, || {
         let st = server.try_status()?;

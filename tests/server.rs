@@ -318,15 +318,7 @@ fn daemon_mode_detaches_with_pid_file_and_log() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     // Make sure the daemon dies even if an assertion below fails.
-    struct Reap(i32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if self.0 > 0 && alive(self.0) {
-                let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-            }
-        }
-    }
-    let _reap = Reap(pid);
+    let _reap = KillOnDrop(pid);
     assert!(
         out.status.success(),
         "{}",
@@ -512,15 +504,7 @@ fn restart_replaces_the_master_and_keeps_serving() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    struct Reap(i32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if self.0 > 0 {
-                let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-            }
-        }
-    }
-    let _reap = Reap(new_master);
+    let _reap = KillOnDrop(new_master);
     assert!(
         out.status.success(),
         "{}",
