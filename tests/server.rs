@@ -530,3 +530,30 @@ fn restart_replaces_the_master_and_keeps_serving() {
         (!alive(new_master)).then_some(())
     });
 }
+
+#[test]
+fn one_worker_holds_thousands_of_connections() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const N: usize = 2000;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(16_384), hard).unwrap();
+    if hard < (N as u64) * 2 + 200 {
+        panic!(
+            "need {} file descriptors, the hard limit is {hard}",
+            N * 2 + 200
+        );
+    }
+    // The worker inherits the raised limit from the master this test starts.
+    let mut server = Server::start("echo", 1);
+    let mut clients: Vec<Client> = (0..N).map(|_| server.connect()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text(&i.to_string());
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.recv_text(), i.to_string());
+    }
+    wait_for("status to count every connection", DEADLINE, || {
+        let st = server.try_status()?;
+        (st["workers"][0]["connections"].as_u64()? == N as u64).then_some(())
+    });
+}
