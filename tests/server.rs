@@ -313,10 +313,7 @@ fn daemon_mode_detaches_with_pid_file_and_log() {
         .output()
         .unwrap();
     let pid_file = dir.path().join("wsd.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let pid = pid_in(&pid_file);
     // Make sure the daemon dies even if an assertion below fails.
     let _reap = KillOnDrop(pid);
     assert!(
@@ -500,10 +497,7 @@ fn restart_replaces_the_master_and_keeps_serving() {
     let mut server = Server::start("hello", 2);
     let old_master = server.master_pid();
     let out = server.wsd(&["restart", "-d"]);
-    let new_master: i32 = std::fs::read_to_string(server.dir.path().join("wsd.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let new_master = pid_in(&server.dir.path().join("wsd.pid"));
     let _reap = KillOnDrop(new_master);
     assert!(
         out.status.success(),

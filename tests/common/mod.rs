@@ -348,6 +348,14 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The pid a pid file records, or 0 if it is missing or unreadable.
+pub fn pid_in(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn port_is_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
