@@ -5,6 +5,7 @@
 //! need checking (listen addresses, sizes, durations, counts) are parsed by their own
 //! `Deserialize` impls, so the TOML parser attaches the line of the offending value for us.
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -98,18 +99,43 @@ pub struct GroupConfig {
     /// Largest single frame payload a client may send; larger closes with 1009.
     #[serde(default = "d::max_frame_size", deserialize_with = "bytes")]
     pub max_frame_size: usize,
-    /// Bytes queued for one slow reader before further sends to it fail (counted as send_fail).
+    /// Bytes queued for one slow reader. A send that would go past it is refused
+    /// (`send_buffer_policy`); `on_buffer_full` fires at half of it, `on_buffer_drain` when
+    /// the queue empties. One message larger than the limit is taken only when nothing is queued.
     #[serde(default = "d::max_send_buffer", deserialize_with = "bytes")]
     pub max_send_buffer: usize,
-    /// Read buffer per connection. Small saves memory with many idle clients.
+    /// What a refused send does: `"drop"` the message (counted as send_fail) or `"close"` the
+    /// connection with 1008.
+    #[serde(default)]
+    pub send_buffer_policy: SendBufferPolicy,
+    /// The worker's read buffer, shared by all of its connections (a connection holds no
+    /// buffer of its own while idle). Larger means fewer read calls for big messages.
     #[serde(default = "d::read_buffer_size", deserialize_with = "bytes")]
     pub read_buffer_size: usize,
-    /// Outgoing bytes gathered before a write is forced; replies are flushed once per event anyway.
-    #[serde(default = "d::write_buffer_size", deserialize_with = "bytes")]
-    pub write_buffer_size: usize,
+    /// Largest upgrade request (request line and headers); larger gets 431.
+    #[serde(default = "d::max_header_bytes", deserialize_with = "bytes")]
+    pub max_header_bytes: usize,
     /// A connection that has not completed the upgrade in this time is dropped.
     #[serde(default = "d::handshake_timeout", deserialize_with = "seconds")]
     pub handshake_timeout: Duration,
+    /// A client silent for this long is sent a Ping. 0 turns pings off.
+    #[serde(default = "d::ping_interval", deserialize_with = "seconds")]
+    pub ping_interval: Duration,
+    /// A client silent for this long (no frame, no Pong) is closed with 1001. 0 turns it off.
+    #[serde(default = "d::idle_timeout", deserialize_with = "seconds")]
+    pub idle_timeout: Duration,
+    /// Browser origins allowed to connect (`https://app.example.com`, `https://*.example.com`);
+    /// others get 403. Empty allows any. Requests without `Origin` (not browsers) are allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Connections one client address may hold in one worker (0 = no limit). Over it, a
+    /// direct client is dropped at accept and a proxied one gets 429.
+    #[serde(default = "d::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` / `X-Real-IP` name the client.
+    /// From anyone else those headers are ignored.
+    #[serde(default, deserialize_with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
     /// After the server sends Close, how long it waits for the client's Close before dropping.
     #[serde(default = "d::close_timeout", deserialize_with = "seconds")]
     pub close_timeout: Duration,
@@ -140,13 +166,22 @@ mod d {
         1 << 20
     }
     pub fn read_buffer_size() -> usize {
-        4096
-    }
-    pub fn write_buffer_size() -> usize {
         64 << 10
+    }
+    pub fn max_header_bytes() -> usize {
+        8 << 10
+    }
+    pub fn max_connections_per_ip() -> usize {
+        1024
     }
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn ping_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(75)
     }
     pub fn close_timeout() -> Duration {
         Duration::from_secs(5)
@@ -166,9 +201,15 @@ impl GroupConfig {
             max_message_size: d::max_message_size(),
             max_frame_size: d::max_frame_size(),
             max_send_buffer: d::max_send_buffer(),
+            send_buffer_policy: SendBufferPolicy::default(),
             read_buffer_size: d::read_buffer_size(),
-            write_buffer_size: d::write_buffer_size(),
+            max_header_bytes: d::max_header_bytes(),
             handshake_timeout: d::handshake_timeout(),
+            ping_interval: d::ping_interval(),
+            idle_timeout: d::idle_timeout(),
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: d::max_connections_per_ip(),
+            trusted_proxies: Vec::new(),
             close_timeout: d::close_timeout(),
         }
     }
@@ -196,8 +237,18 @@ impl GroupConfig {
         if self.read_buffer_size < 256 {
             return Err("read_buffer_size must be at least 256 bytes".into());
         }
-        if self.max_send_buffer <= self.write_buffer_size {
-            return Err("max_send_buffer must be larger than write_buffer_size".into());
+        if self.max_header_bytes < 256 {
+            return Err("max_header_bytes must be at least 256 bytes".into());
+        }
+        if self.max_frame_size > self.max_message_size {
+            return Err("max_frame_size must not be larger than max_message_size".into());
+        }
+        let (ping, idle) = (self.ping_interval, self.idle_timeout);
+        if !ping.is_zero() && !idle.is_zero() && idle <= ping {
+            return Err(format!(
+                "idle_timeout ({idle:?}) must be longer than ping_interval ({ping:?}), \
+                 or the Pong cannot arrive in time"
+            ));
         }
         Ok(())
     }
@@ -211,6 +262,29 @@ fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         )));
     }
     Ok(n as usize)
+}
+
+/// What happens to a send that does not fit in a connection's `max_send_buffer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendBufferPolicy {
+    /// The message is dropped and counted as a send failure; the connection stays.
+    #[default]
+    Drop,
+    /// The connection is closed with 1008 (policy violation).
+    Close,
+}
+
+/// `"10.0.0.0/8"` or a plain address (`"127.0.0.1"`, a /32 or /128).
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| de::Error::custom(format!("not a CIDR or IP address: {s:?}")))
+        })
+        .collect()
 }
 
 fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -518,7 +592,34 @@ mod tests {
         assert_eq!(g.name(), "hello");
         assert_eq!(g.listen.addr, "0.0.0.0:2346".parse().unwrap());
         assert_eq!(c.server.pid_file, PathBuf::from("/etc/wsd/wsd.pid"));
-        assert_eq!(g.read_buffer_size, 4096);
+        assert_eq!(g.read_buffer_size, 64 << 10);
+        assert_eq!(g.send_buffer_policy, SendBufferPolicy::Drop);
+        assert!(g.trusted_proxies.is_empty() && g.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn limits_parse_and_cross_check() {
+        let c = parse(
+            "[[worker]]\nlisten = \"127.0.0.1:1\"\nsend_buffer_policy = \"close\"\n\
+             trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\nallowed_origins = [\"https://a.com\"]\n\
+             ping_interval = 0\nidle_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let g = &c.groups[0];
+        assert_eq!(g.send_buffer_policy, SendBufferPolicy::Close);
+        assert_eq!(g.trusted_proxies.len(), 2);
+        assert!(g.ping_interval.is_zero());
+        let e = parse("[[worker]]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0/8\"]\n")
+            .unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+        assert!(e.reason.contains("not a CIDR"), "{e}");
+        let e =
+            parse("[[worker]]\nlisten = \"127.0.0.1:1\"\nping_interval = 30\nidle_timeout = 10\n")
+                .unwrap_err();
+        assert!(e.reason.contains("idle_timeout"), "{e}");
+        let e = parse("[[worker]]\nlisten = \"127.0.0.1:1\"\nsend_buffer_policy = \"block\"\n")
+            .unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
     }
 
     #[test]

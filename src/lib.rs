@@ -29,8 +29,11 @@ pub mod apps;
 mod cli;
 pub mod config;
 mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 mod logging;
 mod master;
+mod proto;
 mod sys;
 mod worker;
 

@@ -1,191 +1,118 @@
-//! One client connection's state machine: handshaking → open → closing → gone.
+//! One client connection as the worker holds it: the socket, the protocol [`Session`], and
+//! the bookkeeping the loop needs (deadlines, addresses, flags).
 //!
-//! Handshaking drives tungstenite's non-blocking server handshake. Open reads frames until the
-//! socket would block. Closing covers both ways out: a clean close handshake (we or the client
-//! sent Close, tungstenite finishes it) and a failed connection (we sent our close code, flush
-//! it, shut down our side and discard input until the client goes, so the close frame is not
-//! lost to a TCP reset).
+//! The protocol itself lives in `proto::Session`; this file only moves bytes between it and
+//! the socket. A connection that failed (or was refused) is ended politely: its close frame or
+//! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
+//! goes, so the answer is not lost to a TCP reset.
 
-use super::message::ConnError;
+use crate::proto::{Limits, Session};
 use mio::net::TcpStream;
-use std::cell::RefCell;
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr};
-use std::rc::Rc;
+use std::io;
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::Instant;
-use tungstenite::handshake::server::{Callback, ErrorResponse, Request, Response, ServerHandshake};
-use tungstenite::handshake::{HandshakeError, MidHandshake};
-use tungstenite::protocol::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{WebSocket, protocol::WebSocketConfig};
-
-pub(crate) type Ws = WebSocket<TcpStream>;
-type Handshake = MidHandshake<ServerHandshake<TcpStream, Upgrade>>;
-
-pub(crate) enum Phase {
-    /// `None` only for the instant the handshake is being driven.
-    Handshaking(Option<Handshake>),
-    Open(Ws),
-}
 
 pub(crate) struct Conn {
     pub serial: u32,
-    pub phase: Phase,
+    pub socket: TcpStream,
+    pub session: Session,
+    /// The client's address as hooks see it: the peer, or the address a trusted proxy
+    /// forwarded (with port 0, as the proxy does not tell it).
     pub remote: SocketAddr,
-    /// Request path of the upgrade (`/` until the handshake completes).
+    /// Request path and query of the upgrade (`/` until it completes).
     pub path: String,
+    /// Accepted at.
     pub since: Instant,
-    /// When we sent Close (app close, shutdown, or failure); the connection is dropped if the
-    /// client has not finished the close by `close_timeout` after it.
+    /// Last time the client sent anything.
+    pub last_input: Instant,
+    /// Last keepalive Ping we sent.
+    pub pinged_at: Option<Instant>,
+    /// First seen closing (Close or HTTP error sent) by the sweep; dropped `close_timeout`
+    /// after it.
     pub closing_since: Option<Instant>,
-    /// We failed this connection: after our close frame is flushed, input is discarded.
-    pub failed: bool,
     /// Listed in the context's dirty list (has output to flush).
     pub dirty: bool,
+    /// Our side is shut down (failed connection, output all written).
+    pub write_shut: bool,
+    /// `on_buffer_full` fired and `on_buffer_drain` has not yet.
+    pub buffer_full: bool,
+    /// The address this connection counts against in `max_connections_per_ip`.
+    pub counted_ip: Option<IpAddr>,
 }
 
-/// Result of driving a handshake one step.
-pub(crate) enum HandshakeStep {
-    Pending,
+/// What became of a flush.
+pub(crate) enum Flushed {
+    /// Everything is written.
+    All,
+    /// The socket is full; wait for it to become writable.
+    Partly,
+    /// The connection is over (both closes done, or the socket failed).
     Done,
-    Failed(String),
 }
 
 impl Conn {
-    pub fn new(
+    pub(crate) fn new(
         serial: u32,
-        stream: TcpStream,
-        remote: SocketAddr,
-        config: WebSocketConfig,
-        seen: &Rc<RefCell<String>>,
+        socket: TcpStream,
+        peer: SocketAddr,
+        limits: Limits,
+        max_header_bytes: usize,
     ) -> Conn {
-        let upgrade = Upgrade { seen: seen.clone() };
+        let now = Instant::now();
         Conn {
             serial,
-            phase: Phase::Handshaking(Some(ServerHandshake::start(stream, upgrade, Some(config)))),
-            remote,
+            socket,
+            session: Session::new(limits, max_header_bytes),
+            remote: peer,
             path: String::from("/"),
-            since: Instant::now(),
+            since: now,
+            last_input: now,
+            pinged_at: None,
             closing_since: None,
-            failed: false,
             dirty: false,
+            write_shut: false,
+            buffer_full: false,
+            counted_ip: None,
         }
     }
 
-    pub fn ws(&mut self) -> Option<&mut Ws> {
-        match &mut self.phase {
-            Phase::Open(ws) => Some(ws),
-            Phase::Handshaking(_) => None,
-        }
+    pub(crate) fn is_open(&self) -> bool {
+        self.session.is_open()
     }
 
-    pub fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open(_))
-    }
-
-    /// Drives the upgrade; on success the connection is open.
-    pub fn drive_handshake(&mut self, seen: &Rc<RefCell<String>>) -> HandshakeStep {
-        let Phase::Handshaking(slot) = &mut self.phase else {
-            return HandshakeStep::Done;
-        };
-        let Some(mid) = slot.take() else {
-            return HandshakeStep::Failed("handshake lost".into());
-        };
-        match mid.handshake() {
-            Ok(ws) => {
-                self.path = std::mem::take(&mut *seen.borrow_mut());
-                self.phase = Phase::Open(ws);
-                HandshakeStep::Done
-            }
-            Err(HandshakeError::Interrupted(mid)) => {
-                *slot = Some(mid);
-                HandshakeStep::Pending
-            }
-            Err(HandshakeError::Failure(e)) => HandshakeStep::Failed(e.to_string()),
-        }
-    }
-
-    /// Starts a close handshake with `code`. Returns false if the socket is already unusable.
-    pub fn start_close(&mut self, code: CloseCode, reason: &str) -> bool {
-        if self.closing_since.is_none() {
-            self.closing_since = Some(Instant::now());
-        }
-        let Some(ws) = self.ws() else { return false };
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        match ws.close(Some(frame)) {
-            Ok(()) => true,
-            Err(tungstenite::Error::Io(e)) => e.kind() == io::ErrorKind::WouldBlock,
-            Err(_) => false,
-        }
-    }
-
-    /// Fails the connection: our close code goes out, then we stop listening to the client.
-    pub fn fail(&mut self, err: &ConnError) -> bool {
-        self.failed = true;
-        if matches!(err, ConnError::Io(_)) {
-            return false;
-        }
-        let reason = match err {
-            ConnError::HookPanicked => "internal error".to_string(),
-            other => truncate(&other.to_string(), 120),
-        };
-        self.start_close(err.code(), &reason)
-    }
-
-    /// Writes what is queued. `Ok(true)`: all out; `Ok(false)`: the socket is full, wait for
-    /// writable; `Err`: the connection is over (cleanly or not).
-    pub fn flush(&mut self) -> Result<bool, ()> {
-        let failed = self.failed;
-        let Some(ws) = self.ws() else { return Ok(true) };
-        match ws.flush() {
-            Ok(()) => {
-                if failed {
-                    // Our close frame is out: send FIN, keep reading until the client goes.
-                    let _ = ws.get_mut().shutdown(Shutdown::Write);
+    /// Writes queued output; half-closes a failed connection once its answer is out.
+    pub(crate) fn flush(&mut self) -> Flushed {
+        match self.session.out.write_to(&mut self.socket) {
+            Ok(false) => Flushed::Partly,
+            Err(_) => Flushed::Done,
+            Ok(true) if self.session.finished() => Flushed::Done,
+            Ok(true) => {
+                if self.session.failed && !self.write_shut {
+                    self.write_shut = true;
+                    if self.socket.shutdown(Shutdown::Write).is_err() {
+                        return Flushed::Done;
+                    }
                 }
-                Ok(true)
+                Flushed::All
             }
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(_) => Err(()),
         }
     }
 
-    /// For a failed connection: reads and discards input. `true` once the client has gone.
-    pub fn drain(&mut self) -> bool {
-        let Some(ws) = self.ws() else { return true };
-        let mut sink = [0u8; 4096];
+    /// Writes now if a lot is queued, so a hook sending much to a fast reader is not held to
+    /// `max_send_buffer` by the end-of-turn flush. Errors surface at that flush.
+    pub(crate) fn write_early(&mut self, threshold: usize) {
+        if self.session.out.len() >= threshold {
+            let _ = self.session.out.write_to(&mut self.socket);
+        }
+    }
+
+    /// Reads into `buf`: `Ok(0)` means the client has gone.
+    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match ws.get_mut().read(&mut sink) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            match io::Read::read(&mut self.socket, buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return true,
+                other => return other,
             }
         }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
-}
-
-/// The handshake callback: records the request path for the connection.
-pub(crate) struct Upgrade {
-    seen: Rc<RefCell<String>>,
-}
-
-impl Callback for Upgrade {
-    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        let uri = request.uri();
-        *self.seen.borrow_mut() = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-        Ok(response)
     }
 }

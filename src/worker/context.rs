@@ -6,14 +6,25 @@
 //! during a hook are only marked; the loop removes them and calls `on_close` after the hook, so
 //! hooks never re-enter each other.
 
-use super::conn::{Conn, Phase};
+use super::conn::Conn;
 use super::message::{ConnId, Message, SendError};
 use super::timers::{TimerId, Timers};
+use crate::config::SendBufferPolicy;
 use crate::control::Counters;
+use crate::proto::{SendQueue, frame};
+use bytes::Bytes;
 use slab::Slab;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tungstenite::protocol::frame::coding::CloseCode;
+
+/// Queued bytes past which a send writes to the socket at once instead of at the end of turn.
+const WRITE_EARLY: usize = 64 << 10;
+
+/// A connection's send queue crossed a mark; the loop tells the app after the current hook.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BufferNotice {
+    Full(ConnId),
+}
 
 /// The worker as hooks see it. Passed as `&mut Context` to every hook and timer.
 pub struct Context {
@@ -26,18 +37,25 @@ pub struct Context {
     pub(crate) dirty: Vec<usize>,
     /// Connections that ended and await removal (slab index, serial).
     pub(crate) gone: Vec<(usize, u32)>,
+    /// `on_buffer_full` calls owed to the app.
+    pub(crate) notices: Vec<BufferNotice>,
+    pub(crate) max_send_buffer: usize,
+    pub(crate) send_buffer_policy: SendBufferPolicy,
 }
 
 impl Context {
-    pub(crate) fn new(worker_id: usize, worker_name: String) -> Context {
+    pub(crate) fn new(worker_id: usize, settings: &crate::config::GroupConfig) -> Context {
         Context {
             worker_id,
-            worker_name,
+            worker_name: settings.name().to_string(),
             conns: Slab::new(),
             timers: Timers::default(),
             counters: Counters::default(),
             dirty: Vec::new(),
             gone: Vec::new(),
+            notices: Vec::new(),
+            max_send_buffer: settings.max_send_buffer,
+            send_buffer_policy: settings.send_buffer_policy,
         }
     }
 
@@ -52,24 +70,44 @@ impl Context {
     }
 
     /// Queues `msg` for `conn`. It is written at the end of this event-loop turn.
+    ///
+    /// Fails if the connection is gone or closing, or if the message does not fit in its
+    /// `max_send_buffer` (then `send_buffer_policy` applies: the message is dropped, or the
+    /// connection is closed with 1008).
     pub fn send(&mut self, conn: ConnId, msg: impl Into<Message>) -> Result<(), SendError> {
-        self.write(conn, msg.into().into_frame())
+        let (opcode, payload) = msg.into().into_parts();
+        let wire = frame::frame_len(payload.len());
+        self.enqueue(conn, wire, payload.len(), |q| {
+            q.push_frame(opcode, &payload)
+        })
     }
 
     /// Sends `msg` to every open connection of this worker; returns how many got it queued.
+    /// The frame is encoded once and shared by every connection's queue.
     pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
-        let frame = msg.into().into_frame();
+        let (opcode, payload) = msg.into().into_parts();
+        let encoded: Bytes = frame::encode(opcode, &payload);
         let ids = self.connections();
         ids.into_iter()
-            .filter(|&id| self.write(id, frame.clone()).is_ok())
+            .filter(|&id| {
+                self.enqueue(id, encoded.len(), payload.len(), |q| {
+                    q.push_encoded(&encoded)
+                })
+                .is_ok()
+            })
             .count()
+    }
+
+    /// Bytes queued for `conn` and not yet taken by its socket.
+    pub fn buffered_amount(&self, conn: ConnId) -> Option<usize> {
+        self.conn(conn).map(|c| c.session.out.len())
     }
 
     /// Ids of this worker's open connections (Workerman's `$worker->connections`).
     pub fn connections(&self) -> Vec<ConnId> {
         self.conns
             .iter()
-            .filter(|(_, c)| c.is_open() && c.closing_since.is_none())
+            .filter(|(_, c)| c.session.can_send())
             .map(|(idx, c)| ConnId {
                 serial: c.serial,
                 idx: idx as u32,
@@ -90,11 +128,10 @@ impl Context {
     /// Closes `conn` with the given close code and reason. `on_close` follows once it is gone.
     pub fn close_with(&mut self, conn: ConnId, code: u16, reason: &str) {
         let Some(c) = self.conn_mut(conn) else { return };
-        if c.closing_since.is_some() {
+        if c.session.close_sent {
             return;
         }
-        let ok = c.start_close(CloseCode::from(code), reason);
-        if ok {
+        if c.session.close(code, reason) {
             self.mark_dirty(conn.idx as usize)
         } else {
             self.mark_gone(conn.idx as usize)
@@ -147,39 +184,45 @@ impl Context {
             .filter(|c| c.serial == id.serial)
     }
 
-    fn write(&mut self, id: ConnId, frame: tungstenite::Message) -> Result<(), SendError> {
-        let len = frame.len() as u64;
-        let result = match self.conn_mut(id) {
-            None => Err(SendError::NoConnection),
-            Some(c) if c.closing_since.is_some() => Err(SendError::Closing),
-            Some(c) => match &mut c.phase {
-                Phase::Handshaking(_) => Err(SendError::NoConnection),
-                Phase::Open(ws) => match ws.write(frame) {
-                    Ok(()) => Ok(()),
-                    // The frame is buffered; the socket is merely full for now.
-                    Err(tungstenite::Error::Io(e))
-                        if e.kind() == std::io::ErrorKind::WouldBlock =>
-                    {
-                        Ok(())
-                    }
-                    Err(tungstenite::Error::WriteBufferFull(_)) => Err(SendError::BufferFull),
-                    Err(_) => {
-                        self.mark_gone(id.idx as usize);
-                        Err(SendError::Closing)
-                    }
-                },
-            },
-        };
-        match result {
-            Ok(()) => {
-                self.counters.messages_out += 1;
-                self.counters.bytes_out += len;
-                self.mark_dirty(id.idx as usize);
-            }
-            Err(SendError::NoConnection) => {}
-            Err(_) => self.counters.send_fail += 1,
+    /// Admits `wire` bytes into `id`'s queue (or applies the send-buffer policy) and counts.
+    fn enqueue(
+        &mut self,
+        id: ConnId,
+        wire: usize,
+        payload: usize,
+        push: impl FnOnce(&mut SendQueue),
+    ) -> Result<(), SendError> {
+        let (limit, policy) = (self.max_send_buffer, self.send_buffer_policy);
+        let c = self.conn_mut(id).ok_or(SendError::NoConnection)?;
+        if !c.session.is_open() {
+            return Err(SendError::NoConnection);
         }
-        result
+        if c.session.close_sent {
+            return Err(SendError::Closing);
+        }
+        let queued = c.session.out.len();
+        if queued > 0 && queued + wire > limit {
+            let newly_full = !std::mem::replace(&mut c.buffer_full, true);
+            self.counters.send_fail += 1;
+            if newly_full {
+                self.notices.push(BufferNotice::Full(id));
+            }
+            if policy == SendBufferPolicy::Close {
+                self.close_with(id, 1008, "send buffer full");
+            }
+            return Err(SendError::BufferFull);
+        }
+        push(&mut c.session.out);
+        c.write_early(WRITE_EARLY);
+        let newly_full = !c.buffer_full && c.session.out.len() >= limit / 2;
+        if newly_full {
+            c.buffer_full = true;
+            self.notices.push(BufferNotice::Full(id));
+        }
+        self.counters.messages_out += 1;
+        self.counters.bytes_out += payload as u64;
+        self.mark_dirty(id.idx as usize);
+        Ok(())
     }
 
     pub(crate) fn mark_dirty(&mut self, idx: usize) {

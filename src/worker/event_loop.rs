@@ -6,32 +6,33 @@
 //! flush every connection that has output, once. Batching the flush is what lets pipelined
 //! clients get many replies per write syscall.
 
-use super::conn::{Conn, HandshakeStep};
-use super::message::{ConnError, ConnId, Message};
+use super::conn::{Conn, Flushed};
+use super::context::BufferNotice;
+use super::message::{ConnError, ConnId};
 use super::{Context, Hooks, Worker};
 use crate::control::{self, FromWorker, LineReader, ToWorker};
+use crate::proto::handshake::{self, Reject, Request};
+use crate::proto::{Limits, Step};
 use crate::sys;
 use mio::net::{TcpListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
-use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tungstenite::protocol::WebSocketConfig;
-use tungstenite::protocol::frame::coding::CloseCode;
 
 const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const CONN_BASE: usize = 16;
 
-/// Frames read from one connection before others get a turn.
-const READ_BUDGET: usize = 256;
+/// Reads from one connection before others get a turn.
+const READ_BUDGET: usize = 16;
 /// How often the worker reports its counters and sweeps deadlines.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -45,9 +46,14 @@ struct Loop {
     hooks: Hooks,
     ctx: Context,
     settings: crate::config::GroupConfig,
-    ws_config: WebSocketConfig,
-    /// Upgrade request path, handed from the handshake callback to the connection.
-    seen_path: Rc<RefCell<String>>,
+    limits: Limits,
+    /// The read buffer every connection shares: bytes go from here into the protocol state
+    /// at once, so no connection keeps a buffer of its own.
+    scratch: Vec<u8>,
+    /// What the protocol asked of the loop for the connection being read.
+    steps: VecDeque<Step>,
+    /// Connections per client address (only when `max_connections_per_ip` is set).
+    per_ip: HashMap<IpAddr, usize>,
     next_serial: u32,
     /// Connections whose read budget ran out with data still buffered.
     again: Vec<usize>,
@@ -111,12 +117,10 @@ impl Loop {
             SIGNALS,
             Interest::READABLE,
         )?;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(settings.read_buffer_size)
-            .write_buffer_size(settings.write_buffer_size)
-            .max_write_buffer_size(settings.max_send_buffer)
-            .max_message_size(Some(settings.max_message_size))
-            .max_frame_size(Some(settings.max_frame_size));
+        let limits = Limits {
+            max_frame: settings.max_frame_size,
+            max_message: settings.max_message_size,
+        };
         Ok(Loop {
             poll,
             listener: Some(listener),
@@ -125,10 +129,12 @@ impl Loop {
             channel_out: Vec::new(),
             signals,
             hooks,
-            ctx: Context::new(slot, settings.name().to_string()),
+            ctx: Context::new(slot, &settings),
+            scratch: vec![0; settings.read_buffer_size],
             settings,
-            ws_config,
-            seen_path: Rc::default(),
+            limits,
+            steps: VecDeque::new(),
+            per_ip: HashMap::new(),
             next_serial: 0,
             again: Vec::new(),
             accept_paused: false,
@@ -180,6 +186,7 @@ impl Loop {
                 self.read_conn(idx);
             }
             self.run_timers();
+            self.deliver_notices();
             self.reap();
             self.flush_dirty();
             self.reap();
@@ -197,7 +204,11 @@ impl Loop {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.again.is_empty() || !self.ctx.dirty.is_empty() || !self.ctx.gone.is_empty() {
+        if !self.again.is_empty()
+            || !self.ctx.dirty.is_empty()
+            || !self.ctx.gone.is_empty()
+            || !self.ctx.notices.is_empty()
+        {
             return Duration::ZERO;
         }
         let mut until = self.next_tick;
@@ -213,36 +224,45 @@ impl Loop {
     // ---- accept -------------------------------------------------------------------------
 
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         loop {
             if self.ctx.conns.len() >= self.settings.max_connections {
                 self.accept_paused = true;
                 return;
             }
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
-                Ok((stream, remote)) => {
+                Ok((mut stream, peer)) => {
+                    let counted_ip = match self.admit_peer(peer) {
+                        Ok(counted) => counted,
+                        Err(()) => {
+                            log::debug!("{peer}: over max_connections_per_ip; dropped");
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
                     self.next_serial = self.next_serial.wrapping_add(1).max(1);
                     let entry = self.ctx.conns.vacant_entry();
-                    let mut stream = stream;
                     let token = Token(CONN_BASE + entry.key());
                     if let Err(e) = self.poll.registry().register(
                         &mut stream,
                         token,
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        log::warn!("cannot register connection from {remote}: {e}");
+                        log::warn!("cannot register connection from {peer}: {e}");
+                        release_ip(&mut self.per_ip, counted_ip);
                         continue;
                     }
-                    entry.insert(Conn::new(
+                    let mut conn = Conn::new(
                         self.next_serial,
                         stream,
-                        remote,
-                        self.ws_config,
-                        &self.seen_path,
-                    ));
+                        peer,
+                        self.limits,
+                        self.settings.max_header_bytes,
+                    );
+                    conn.counted_ip = counted_ip;
+                    entry.insert(conn);
                     self.ctx.counters.accepted += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -280,39 +300,36 @@ impl Loop {
 
     // ---- connections --------------------------------------------------------------------
 
-    fn conn_ready(&mut self, idx: usize, readable: bool, writable: bool) {
-        let Some(conn) = self.ctx.conns.get_mut(idx) else {
-            return;
-        };
-        if !conn.is_open() {
-            match conn.drive_handshake(&self.seen_path) {
-                HandshakeStep::Pending => return,
-                HandshakeStep::Failed(why) => {
-                    log::debug!("handshake from {} failed: {why}", conn.remote);
-                    self.ctx.mark_gone(idx);
-                    return;
-                }
-                HandshakeStep::Done => {
-                    let id = ConnId {
-                        serial: conn.serial,
-                        idx: idx as u32,
-                    };
-                    self.ctx.counters.connections += 1;
-                    if self.stopping == Some(Stop::Closing) {
-                        self.ctx.close_with(id, 1001, "server shutting down");
-                        return;
-                    }
-                    self.call_conn_hook(id, "on_connect", |h, ctx| {
-                        if let Some(f) = h.on_connect.as_mut() {
-                            f(ctx, id)
-                        }
-                    });
-                    // Frames may have arrived with the upgrade request.
-                    self.read_conn(idx);
-                    return;
-                }
-            }
+    /// Counts a new peer against `max_connections_per_ip`. `Ok(Some(ip))`: counted;
+    /// `Ok(None)`: not counted (no limit, or a trusted proxy whose clients are counted once
+    /// their forwarded address is known); `Err`: over the limit.
+    fn admit_peer(&mut self, peer: SocketAddr) -> Result<Option<IpAddr>, ()> {
+        let ip = peer.ip();
+        if self
+            .settings
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip))
+        {
+            return Ok(None);
         }
+        self.admit_ip(ip)
+    }
+
+    fn admit_ip(&mut self, ip: IpAddr) -> Result<Option<IpAddr>, ()> {
+        let limit = self.settings.max_connections_per_ip;
+        if limit == 0 {
+            return Ok(None);
+        }
+        let n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= limit {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(ip))
+    }
+
+    fn conn_ready(&mut self, idx: usize, readable: bool, writable: bool) {
         if writable {
             self.flush_conn(idx);
         }
@@ -321,60 +338,139 @@ impl Loop {
         }
     }
 
-    /// Reads every frame available (up to the budget) and hands messages to `on_message`.
+    /// Reads what the client sent (up to the budget) and acts on each step it yields.
     fn read_conn(&mut self, idx: usize) {
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.ctx.conns.get_mut(idx) else {
                 return;
             };
             let serial = conn.serial;
-            if conn.failed {
-                if conn.drain() {
+            match conn.read(&mut self.scratch) {
+                Ok(0) => {
                     self.ctx.mark_gone(idx);
-                }
-                return;
-            }
-            let Some(ws) = conn.ws() else { return };
-            let msg = match ws.read() {
-                Ok(tungstenite::Message::Text(t)) => Message::Text(t),
-                Ok(tungstenite::Message::Binary(b)) => Message::Binary(b),
-                Ok(_) => {
-                    // Ping, pong or close: tungstenite queued any reply; flush it this turn.
-                    self.ctx.mark_dirty(idx);
-                    continue;
-                }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    let id = ConnId {
-                        serial,
-                        idx: idx as u32,
-                    };
-                    match ConnError::from_read(e) {
-                        None => self.ctx.mark_gone(idx),
-                        Some(err) => self.fail(id, err),
-                    }
                     return;
                 }
-            };
-            if conn.closing_since.is_some() {
-                continue; // We are closing: late messages are dropped.
-            }
-            self.ctx.counters.total_request += 1;
-            self.ctx.counters.bytes_in += msg.len() as u64;
-            let id = ConnId {
-                serial,
-                idx: idx as u32,
-            };
-            self.call_conn_hook(id, "on_message", |h, ctx| {
-                if let Some(f) = h.on_message.as_mut() {
-                    f(ctx, id, msg)
+                Ok(n) => {
+                    conn.last_input = Instant::now();
+                    // A failed connection's input is read only to be discarded.
+                    conn.session.read(&self.scratch[..n], &mut self.steps);
                 }
-            });
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.ctx.mark_gone(idx);
+                    return;
+                }
+            }
+            self.dispatch(idx, serial);
+            if let Some(c) = self.ctx.conns.get(idx)
+                && c.serial == serial
+                && (!c.session.out.is_empty() || c.session.close_received || c.session.failed)
+            {
+                self.ctx.mark_dirty(idx);
+            }
         }
         self.again.push(idx);
     }
 
-    /// Fails a connection: `on_error`, our close code out, then wait for the client to go.
+    /// Acts on the protocol's steps for one connection, in order.
+    fn dispatch(&mut self, idx: usize, serial: u32) {
+        let id = ConnId {
+            serial,
+            idx: idx as u32,
+        };
+        while let Some(step) = self.steps.pop_front() {
+            let Some(conn) = self.ctx.conns.get(idx).filter(|c| c.serial == serial) else {
+                self.steps.clear();
+                return;
+            };
+            match step {
+                Step::Request(request) => self.upgrade(id, request),
+                // The app may have closed the connection while handling an earlier message.
+                Step::Message(_) if !conn.session.can_send() => {}
+                Step::Message(msg) => {
+                    self.ctx.counters.total_request += 1;
+                    self.ctx.counters.bytes_in += msg.len() as u64;
+                    self.call_conn_hook(id, "on_message", |h, ctx| {
+                        if let Some(f) = h.on_message.as_mut() {
+                            f(ctx, id, msg)
+                        }
+                    });
+                }
+                Step::Closed(frame) => {
+                    log::debug!("connection {id} closed by the client: {frame:?}")
+                }
+                Step::Failed(e) => {
+                    let err = ConnError::from(e);
+                    log::debug!("connection {id} from {}: {err}", conn.remote);
+                    self.call_error_hook(id, &err);
+                }
+                Step::Rejected(r) => {
+                    log::debug!(
+                        "refused upgrade from {}: {} {}",
+                        conn.remote,
+                        r.status,
+                        r.why
+                    )
+                }
+            }
+        }
+    }
+
+    /// Decides on a valid upgrade request: origin, per-address limit, then `101` and
+    /// `on_connect`.
+    fn upgrade(&mut self, id: ConnId, request: Request) {
+        let idx = id.idx as usize;
+        let peer = self.ctx.conns[idx].remote.ip();
+        let ip = handshake::client_ip(peer, &request, &self.settings.trusted_proxies);
+        let mut refusal = None;
+        if !handshake::origin_allowed(request.origin.as_deref(), &self.settings.allowed_origins) {
+            refusal = Some(Reject {
+                status: 403,
+                why: "origin not allowed",
+            });
+        } else if self.ctx.conns[idx].counted_ip.is_none() && ip != peer {
+            // Through a trusted proxy: count the forwarded client now.
+            match self.admit_ip(ip) {
+                Ok(counted) => self.ctx.conns[idx].counted_ip = counted,
+                Err(()) => {
+                    refusal = Some(Reject {
+                        status: 429,
+                        why: "too many connections from this address",
+                    })
+                }
+            }
+        }
+        let conn = &mut self.ctx.conns[idx];
+        if ip != peer {
+            conn.remote = SocketAddr::new(ip, 0);
+        }
+        if let Some(r) = refusal {
+            log::debug!(
+                "refused upgrade from {}: {} {}",
+                conn.remote,
+                r.status,
+                r.why
+            );
+            conn.session.reject(r);
+            self.ctx.mark_dirty(idx);
+            return;
+        }
+        conn.path = request.path.clone();
+        conn.session.accept(&request, &mut self.steps);
+        self.ctx.counters.connections += 1;
+        self.ctx.mark_dirty(idx);
+        if self.stopping == Some(Stop::Closing) {
+            self.ctx.close_with(id, 1001, "server shutting down");
+            return;
+        }
+        self.call_conn_hook(id, "on_connect", |h, ctx| {
+            if let Some(f) = h.on_connect.as_mut() {
+                f(ctx, id)
+            }
+        });
+    }
+
+    /// A hook panicked on `id`: close it with 1011 and tell `on_error`.
     fn fail(&mut self, id: ConnId, err: ConnError) {
         let idx = id.idx as usize;
         let Some(conn) = self
@@ -386,15 +482,15 @@ impl Loop {
             return;
         };
         log::debug!("connection {id} from {}: {err}", conn.remote);
-        let alive = conn.fail(&err);
-        if alive {
-            self.ctx.mark_dirty(idx)
-        } else {
-            self.ctx.mark_gone(idx)
-        }
+        conn.session.fail(err.close_code(), "internal error");
+        self.ctx.mark_dirty(idx);
+        self.call_error_hook(id, &err);
+    }
+
+    fn call_error_hook(&mut self, id: ConnId, err: &ConnError) {
         self.call_conn_hook(id, "on_error", |h, ctx| {
             if let Some(f) = h.on_error.as_mut() {
-                f(ctx, id, &err)
+                f(ctx, id, err)
             }
         });
     }
@@ -403,8 +499,38 @@ impl Loop {
         let Some(conn) = self.ctx.conns.get_mut(idx) else {
             return;
         };
-        if conn.flush().is_err() {
-            self.ctx.mark_gone(idx);
+        match conn.flush() {
+            Flushed::Done => self.ctx.mark_gone(idx),
+            Flushed::Partly => {}
+            Flushed::All if conn.buffer_full => {
+                conn.buffer_full = false;
+                let id = ConnId {
+                    serial: conn.serial,
+                    idx: idx as u32,
+                };
+                self.call_conn_hook(id, "on_buffer_drain", |h, ctx| {
+                    if let Some(f) = h.on_buffer_drain.as_mut() {
+                        f(ctx, id)
+                    }
+                });
+            }
+            Flushed::All => {}
+        }
+    }
+
+    /// Tells the app about send queues that filled up during the hooks that just ran.
+    fn deliver_notices(&mut self) {
+        while !self.ctx.notices.is_empty() {
+            for notice in std::mem::take(&mut self.ctx.notices) {
+                let BufferNotice::Full(id) = notice;
+                if self.ctx.buffered_amount(id).is_some() {
+                    self.call_conn_hook(id, "on_buffer_full", |h, ctx| {
+                        if let Some(f) = h.on_buffer_full.as_mut() {
+                            f(ctx, id)
+                        }
+                    });
+                }
+            }
         }
     }
 
@@ -425,6 +551,7 @@ impl Loop {
                     continue; // Already removed (listed twice).
                 }
                 let conn = self.ctx.conns.remove(idx);
+                release_ip(&mut self.per_ip, conn.counted_ip);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
                     let id = ConnId {
@@ -445,22 +572,45 @@ impl Loop {
         }
     }
 
-    /// Once a second: drop handshakes and closes that overran their deadlines.
+    /// Once a second: drop handshakes and closes that overran their deadlines, ping quiet
+    /// clients, and close the ones that stayed silent past `idle_timeout`.
     fn sweep(&mut self, now: Instant) {
-        let handshake = self.settings.handshake_timeout;
-        let close = self.settings.close_timeout;
-        let late: Vec<usize> = self
-            .ctx
-            .conns
-            .iter()
-            .filter(|(_, c)| match c.closing_since {
+        let s = &self.settings;
+        let (handshake, close) = (s.handshake_timeout, s.close_timeout);
+        let (ping, idle) = (s.ping_interval, s.idle_timeout);
+        for (idx, c) in self.ctx.conns.iter_mut() {
+            if c.session.close_sent && c.closing_since.is_none() {
+                c.closing_since = Some(now);
+            }
+            let late = match c.closing_since {
                 Some(t) => now.duration_since(t) >= close,
                 None => !c.is_open() && now.duration_since(c.since) >= handshake,
-            })
-            .map(|(idx, _)| idx)
-            .collect();
-        for idx in late {
-            self.ctx.mark_gone(idx);
+            };
+            if late {
+                self.ctx.gone.push((idx, c.serial));
+                continue;
+            }
+            if !c.session.can_send() {
+                continue;
+            }
+            let quiet = now.duration_since(c.last_input);
+            if !idle.is_zero() && quiet >= idle {
+                log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
+                c.session.close(1001, "idle timeout");
+            } else if !ping.is_zero()
+                && quiet >= ping
+                && c.pinged_at
+                    .is_none_or(|t| t < c.last_input || now.duration_since(t) >= ping)
+            {
+                c.session.ping();
+                c.pinged_at = Some(now);
+            } else {
+                continue;
+            }
+            if !c.dirty {
+                c.dirty = true;
+                self.ctx.dirty.push(idx);
+            }
         }
         self.reap();
     }
@@ -537,12 +687,9 @@ impl Loop {
                 let conn = &mut self.ctx.conns[idx];
                 if !conn.is_open() {
                     self.ctx.mark_gone(idx);
-                } else if conn.closing_since.is_none() {
-                    if conn.start_close(CloseCode::Away, "server shutting down") {
-                        self.ctx.mark_dirty(idx);
-                    } else {
-                        self.ctx.mark_gone(idx);
-                    }
+                } else if !conn.session.close_sent {
+                    conn.session.close(1001, "server shutting down");
+                    self.ctx.mark_dirty(idx);
                 }
             }
         }
@@ -595,6 +742,18 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             }
+        }
+    }
+}
+
+/// Gives back a connection's place in `max_connections_per_ip`.
+fn release_ip(per_ip: &mut HashMap<IpAddr, usize>, ip: Option<IpAddr>) {
+    if let Some(ip) = ip
+        && let Some(n) = per_ip.get_mut(&ip)
+    {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
         }
     }
 }

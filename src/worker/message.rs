@@ -1,7 +1,7 @@
 //! The values hooks see: [`Message`], [`ConnId`], and the errors of a connection or a send.
 
+use crate::proto::{ProtoError, frame};
 use std::fmt;
-use tungstenite::protocol::frame::coding::CloseCode;
 pub use tungstenite::{Bytes, Utf8Bytes};
 
 /// A complete WebSocket data message. Control frames (ping, pong, close) never reach hooks.
@@ -41,10 +41,11 @@ impl Message {
         matches!(self, Message::Text(_))
     }
 
-    pub(crate) fn into_frame(self) -> tungstenite::Message {
+    /// The frame opcode and the payload.
+    pub(crate) fn into_parts(self) -> (u8, Bytes) {
         match self {
-            Message::Text(t) => tungstenite::Message::Text(t),
-            Message::Binary(b) => tungstenite::Message::Binary(b),
+            Message::Text(t) => (frame::TEXT, t.into()),
+            Message::Binary(b) => (frame::BINARY, b),
         }
     }
 }
@@ -152,42 +153,25 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// The close code the client was sent.
     pub fn close_code(&self) -> u16 {
-        u16::from(self.code())
-    }
-
-    pub(crate) fn code(&self) -> CloseCode {
         match self {
-            ConnError::Protocol(_) => CloseCode::Protocol,
-            ConnError::InvalidUtf8 => CloseCode::Invalid,
-            ConnError::TooBig(_) => CloseCode::Size,
-            ConnError::HookPanicked | ConnError::Io(_) => CloseCode::Error,
-        }
-    }
-
-    /// Sorts a tungstenite read error; `None` for an ordinary end of the connection.
-    pub(crate) fn from_read(e: tungstenite::Error) -> Option<ConnError> {
-        use tungstenite::Error as E;
-        use tungstenite::error::ProtocolError as P;
-        match e {
-            E::ConnectionClosed | E::AlreadyClosed => None,
-            E::Protocol(P::ResetWithoutClosingHandshake) => None,
-            E::Io(e) if is_disconnect(&e) => None,
-            E::Io(e) => Some(ConnError::Io(e)),
-            E::Utf8(_) => Some(ConnError::InvalidUtf8),
-            E::Capacity(c) => Some(ConnError::TooBig(c.to_string())),
-            E::Protocol(p) => Some(ConnError::Protocol(p.to_string())),
-            other => Some(ConnError::Protocol(other.to_string())),
+            ConnError::Protocol(_) => 1002,
+            ConnError::InvalidUtf8 => 1007,
+            ConnError::TooBig(_) => 1009,
+            ConnError::HookPanicked | ConnError::Io(_) => 1011,
         }
     }
 }
 
-fn is_disconnect(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind as K;
-    matches!(
-        e.kind(),
-        K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof | K::ConnectionAborted
-    )
+impl From<ProtoError> for ConnError {
+    fn from(e: ProtoError) -> ConnError {
+        match e {
+            ProtoError::Protocol(why) => ConnError::Protocol(why.to_string()),
+            ProtoError::InvalidUtf8 => ConnError::InvalidUtf8,
+            e @ ProtoError::TooBig { .. } => ConnError::TooBig(e.to_string()),
+        }
+    }
 }
 
 impl fmt::Display for ConnError {

@@ -32,6 +32,8 @@ pub(crate) struct Hooks {
     pub on_message: Option<MessageHook>,
     pub on_close: Option<ConnHook>,
     pub on_error: Option<ErrorHook>,
+    pub on_buffer_full: Option<ConnHook>,
+    pub on_buffer_drain: Option<ConnHook>,
     pub on_worker_stop: Option<WorkerHook>,
 }
 
@@ -107,6 +109,20 @@ impl Worker {
         f: impl FnMut(&mut Context, ConnId, &ConnError) + 'static,
     ) -> &mut Self {
         self.hooks.on_error = Some(Box::new(f));
+        self
+    }
+
+    /// A connection's send queue reached half of `max_send_buffer`: the client reads slower
+    /// than the app writes. Pause producing for it until `on_buffer_drain`, and nothing is
+    /// lost (Workerman's `onBufferFull`).
+    pub fn on_buffer_full(&mut self, f: impl FnMut(&mut Context, ConnId) + 'static) -> &mut Self {
+        self.hooks.on_buffer_full = Some(Box::new(f));
+        self
+    }
+
+    /// The send queue of a connection that was full is empty again (`onBufferDrain`).
+    pub fn on_buffer_drain(&mut self, f: impl FnMut(&mut Context, ConnId) + 'static) -> &mut Self {
+        self.hooks.on_buffer_drain = Some(Box::new(f));
         self
     }
 

@@ -66,7 +66,12 @@ impl Server {
     }
 
     pub fn start(app: &str, count: usize) -> Server {
-        let (dir, config) = Self::config(app, count, "");
+        Self::start_extra(app, count, "")
+    }
+
+    /// Starts `app` × `count` with `extra` lines added to its `[[worker]]` table.
+    pub fn start_extra(app: &str, count: usize, extra: &str) -> Server {
+        let (dir, config) = Self::config(app, count, extra);
         Self::start_with(wsd_bin(), dir, config)
     }
 

@@ -1,0 +1,561 @@
+//! Incremental decoder of client frames: bytes in, whole messages and control frames out.
+//!
+//! It keeps no read buffer of its own. The worker reads into one buffer shared by every
+//! connection and feeds what arrived; the decoder copies payload bytes straight into the
+//! message being assembled (unmasking in place) and stashes at most a partial 14-byte header.
+//! An idle connection therefore holds no buffer at all, whatever its history.
+//!
+//! Limits are checked on the header, before any payload is stored, and text is validated as
+//! it arrives, so a bad message fails at the first byte that proves it bad.
+
+use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
+use crate::Message;
+use bytes::Bytes;
+use std::fmt;
+
+/// The largest client frame header: 2 bytes, a 64-bit length and the mask.
+const MAX_HEADER: usize = 14;
+/// Payload capacity reserved up front; beyond it a message grows as its bytes arrive, so a
+/// header that merely claims a big frame costs nothing.
+const RESERVE_MAX: usize = 64 << 10;
+
+/// Sizes the decoder enforces (from the group's config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_frame: usize,
+    pub max_message: usize,
+}
+
+/// What a client sent, one complete unit at a time.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Event {
+    Message(Message),
+    Ping(Bytes),
+    Pong(Bytes),
+    /// A Close frame: its code and reason, if it had any.
+    Close(Option<(u16, String)>),
+}
+
+/// Why the client's bytes cannot be a WebSocket stream. Each maps to a close code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ProtoError {
+    /// RFC 6455 broken (1002).
+    Protocol(&'static str),
+    /// A text message or close reason that is not UTF-8 (1007).
+    InvalidUtf8,
+    /// A frame or message over the configured limit (1009).
+    TooBig { what: &'static str, limit: usize },
+}
+
+impl ProtoError {
+    pub(crate) fn close_code(&self) -> u16 {
+        match self {
+            ProtoError::Protocol(_) => 1002,
+            ProtoError::InvalidUtf8 => 1007,
+            ProtoError::TooBig { .. } => 1009,
+        }
+    }
+}
+
+impl fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtoError::Protocol(why) => f.write_str(why),
+            ProtoError::InvalidUtf8 => f.write_str("invalid UTF-8"),
+            ProtoError::TooBig { what, limit } => write!(f, "{what} over the {limit}-byte limit"),
+        }
+    }
+}
+
+struct Header {
+    fin: bool,
+    opcode: u8,
+    len: u64,
+    mask: [u8; 4],
+}
+
+/// The frame whose payload is arriving.
+struct InFrame {
+    opcode: u8,
+    fin: bool,
+    mask: [u8; 4],
+    left: u64,
+    /// Payload bytes already taken (the mask offset).
+    done: usize,
+}
+
+/// A data message being assembled across frames.
+struct Partial {
+    text: bool,
+    data: Vec<u8>,
+    /// Bytes of `data` known to be whole UTF-8 characters.
+    checked: usize,
+}
+
+pub(crate) struct Decoder {
+    limits: Limits,
+    head: [u8; MAX_HEADER],
+    head_len: u8,
+    frame: Option<InFrame>,
+    message: Option<Partial>,
+    control: Vec<u8>,
+    /// A Close arrived: nothing after it is read.
+    closed: bool,
+}
+
+impl Decoder {
+    pub(crate) fn new(limits: Limits) -> Decoder {
+        Decoder {
+            limits,
+            head: [0; MAX_HEADER],
+            head_len: 0,
+            frame: None,
+            message: None,
+            control: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Bytes held for an unfinished message or frame (0 when idle).
+    pub(crate) fn buffered(&self) -> usize {
+        self.message.as_ref().map_or(0, |m| m.data.capacity()) + self.control.capacity()
+    }
+
+    /// Decodes `input`, handing each complete event to `sink`. On error the events before it
+    /// stand and the stream is dead: call no more.
+    pub(crate) fn feed(
+        &mut self,
+        mut input: &[u8],
+        sink: &mut impl FnMut(Event),
+    ) -> Result<(), ProtoError> {
+        while !input.is_empty() && !self.closed {
+            let Some(f) = &mut self.frame else {
+                input = self.read_header(input)?;
+                if self.frame.as_ref().is_some_and(|f| f.left == 0) {
+                    self.finish_frame(sink)?;
+                }
+                continue;
+            };
+            let n = usize::try_from(f.left)
+                .unwrap_or(usize::MAX)
+                .min(input.len());
+            self.take_payload(&input[..n])?;
+            input = &input[n..];
+            if self.frame.as_ref().is_some_and(|f| f.left == 0) {
+                self.finish_frame(sink)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes header bytes; sets `self.frame` once a whole header has arrived.
+    fn read_header<'a>(&mut self, input: &'a [u8]) -> Result<&'a [u8], ProtoError> {
+        let stashed = self.head_len as usize;
+        if stashed == 0 {
+            if let Some((h, used)) = parse_header(input)? {
+                self.start_frame(h)?;
+                return Ok(&input[used..]);
+            }
+            // parse_header wants more than `input` holds, and never more than MAX_HEADER.
+            self.head[..input.len()].copy_from_slice(input);
+            self.head_len = input.len() as u8;
+            return Ok(&[]);
+        }
+        let take = (MAX_HEADER - stashed).min(input.len());
+        self.head[stashed..stashed + take].copy_from_slice(&input[..take]);
+        match parse_header(&self.head[..stashed + take])? {
+            Some((h, used)) => {
+                self.head_len = 0;
+                self.start_frame(h)?;
+                Ok(&input[used - stashed..])
+            }
+            None => {
+                self.head_len = (stashed + take) as u8;
+                Ok(&[])
+            }
+        }
+    }
+
+    fn start_frame(&mut self, h: Header) -> Result<(), ProtoError> {
+        match (h.opcode, &self.message) {
+            (CONTINUATION, None) => {
+                return Err(ProtoError::Protocol(
+                    "continuation frame with no message to continue",
+                ));
+            }
+            (TEXT | BINARY, Some(_)) => {
+                return Err(ProtoError::Protocol(
+                    "new message before the last one finished",
+                ));
+            }
+            _ => {}
+        }
+        let limit = self.limits.max_frame;
+        if h.len > limit as u64 {
+            return Err(ProtoError::TooBig {
+                what: "frame",
+                limit,
+            });
+        }
+        let len = h.len as usize;
+        let reserve = len.min(RESERVE_MAX);
+        match h.opcode {
+            TEXT | BINARY => {
+                self.message = Some(Partial {
+                    text: h.opcode == TEXT,
+                    data: Vec::with_capacity(reserve),
+                    checked: 0,
+                });
+            }
+            CONTINUATION => {}
+            _ => self.control.reserve_exact(reserve),
+        }
+        if let Some(m) = &mut self.message
+            && h.opcode < CLOSE
+        {
+            let limit = self.limits.max_message;
+            if m.data.len() + len > limit {
+                return Err(ProtoError::TooBig {
+                    what: "message",
+                    limit,
+                });
+            }
+            m.data.reserve(reserve);
+        }
+        self.frame = Some(InFrame {
+            opcode: h.opcode,
+            fin: h.fin,
+            mask: h.mask,
+            left: h.len,
+            done: 0,
+        });
+        Ok(())
+    }
+
+    fn take_payload(&mut self, chunk: &[u8]) -> Result<(), ProtoError> {
+        let f = self.frame.as_mut().expect("a frame is open");
+        let dest = match (&mut self.message, f.opcode < CLOSE) {
+            (Some(m), true) => &mut m.data,
+            _ => &mut self.control,
+        };
+        let start = dest.len();
+        dest.extend_from_slice(chunk);
+        frame::unmask(&mut dest[start..], f.mask, f.done);
+        f.done += chunk.len();
+        f.left -= chunk.len() as u64;
+        if f.opcode < CLOSE
+            && let Some(m) = &mut self.message
+            && m.text
+        {
+            check_utf8(m)?;
+        }
+        Ok(())
+    }
+
+    fn finish_frame(&mut self, sink: &mut impl FnMut(Event)) -> Result<(), ProtoError> {
+        let f = self.frame.take().expect("a frame is open");
+        match f.opcode {
+            CLOSE => {
+                self.closed = true;
+                sink(Event::Close(parse_close(&std::mem::take(
+                    &mut self.control,
+                ))?));
+            }
+            PING => sink(Event::Ping(std::mem::take(&mut self.control).into())),
+            PONG => sink(Event::Pong(std::mem::take(&mut self.control).into())),
+            _ if f.fin => {
+                let m = self.message.take().expect("a message is open");
+                let data = Bytes::from(m.data);
+                sink(Event::Message(if m.text {
+                    if m.checked != data.len() {
+                        return Err(ProtoError::InvalidUtf8); // ends inside a character
+                    }
+                    let text = data.try_into().map_err(|_| ProtoError::InvalidUtf8)?;
+                    Message::Text(text)
+                } else {
+                    Message::Binary(data)
+                }));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Parses a client frame header from the front of `buf`: `None` if more bytes are needed.
+/// Rules that the first two bytes already break fail at once.
+fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
+    let [b0, b1, ..] = *buf else { return Ok(None) };
+    if b0 & 0x70 != 0 {
+        return Err(ProtoError::Protocol(
+            "reserved bits set with no extension negotiated",
+        ));
+    }
+    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
+    if !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
+        return Err(ProtoError::Protocol("reserved opcode"));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(ProtoError::Protocol("client frame not masked"));
+    }
+    let len7 = b1 & 0x7F;
+    if opcode >= CLOSE {
+        if !fin {
+            return Err(ProtoError::Protocol("fragmented control frame"));
+        }
+        if len7 as usize > MAX_CONTROL_PAYLOAD {
+            return Err(ProtoError::Protocol("control frame over 125 bytes"));
+        }
+    }
+    let ext = match len7 {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let total = 2 + ext + 4;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let len = match ext {
+        0 => u64::from(len7),
+        2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+        _ => u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
+    };
+    if len >> 63 != 0 {
+        return Err(ProtoError::Protocol("frame length with the top bit set"));
+    }
+    let mask = buf[2 + ext..total].try_into().expect("4 bytes");
+    Ok(Some((
+        Header {
+            fin,
+            opcode,
+            len,
+            mask,
+        },
+        total,
+    )))
+}
+
+/// Checks the text that arrived since the last check; an incomplete character at the end
+/// waits for its next bytes.
+fn check_utf8(m: &mut Partial) -> Result<(), ProtoError> {
+    match std::str::from_utf8(&m.data[m.checked..]) {
+        Ok(_) => m.checked = m.data.len(),
+        Err(e) if e.error_len().is_some() => return Err(ProtoError::InvalidUtf8),
+        Err(e) => m.checked += e.valid_up_to(),
+    }
+    Ok(())
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, ProtoError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtoError::Protocol("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !frame::close_code_allowed(code) {
+                return Err(ProtoError::Protocol("invalid close code"));
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtoError::InvalidUtf8)?;
+            Ok(Some((code, reason.to_string())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![b0];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&MASK);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+        out
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(Limits {
+            max_frame: 1 << 20,
+            max_message: 1 << 20,
+        })
+    }
+
+    /// Feeds `bytes` in pieces of `step` and collects events.
+    fn run(bytes: &[u8], step: usize) -> (Vec<Event>, Result<(), ProtoError>) {
+        let mut d = decoder();
+        let mut events = Vec::new();
+        for chunk in bytes.chunks(step) {
+            if let Err(e) = d.feed(chunk, &mut |e| events.push(e)) {
+                return (events, Err(e));
+            }
+        }
+        (events, Ok(()))
+    }
+
+    #[test]
+    fn whole_and_split_frames_decode_the_same() {
+        let mut wire = client_frame(0x81, b"hello");
+        wire.extend(client_frame(0x82, &[7u8; 300]));
+        wire.extend(client_frame(0x89, b"p"));
+        wire.extend(client_frame(0x02, b"ab"));
+        wire.extend(client_frame(0x80, b"cd"));
+        wire.extend(client_frame(0x88, &[0x03, 0xe8, b'o', b'k']));
+        let want = vec![
+            Event::Message(Message::from("hello")),
+            Event::Message(Message::from(vec![7u8; 300])),
+            Event::Ping(Bytes::from_static(b"p")),
+            Event::Message(Message::from(b"abcd".to_vec())),
+            Event::Close(Some((1000, "ok".into()))),
+        ];
+        for step in [1, 2, 3, 7, 64, wire.len()] {
+            let (events, result) = run(&wire, step);
+            assert_eq!(result, Ok(()), "step {step}");
+            assert_eq!(events, want, "step {step}");
+        }
+    }
+
+    #[test]
+    fn protocol_violations() {
+        let cases: Vec<(Vec<u8>, ProtoError)> = vec![
+            (
+                client_frame(0xC1, b"x"),
+                ProtoError::Protocol("reserved bits set with no extension negotiated"),
+            ),
+            (
+                client_frame(0x83, b""),
+                ProtoError::Protocol("reserved opcode"),
+            ),
+            (
+                vec![0x81, 0x01, b'x'],
+                ProtoError::Protocol("client frame not masked"),
+            ),
+            (
+                client_frame(0x09, b""),
+                ProtoError::Protocol("fragmented control frame"),
+            ),
+            (
+                client_frame(0x89, &[0; 126]),
+                ProtoError::Protocol("control frame over 125 bytes"),
+            ),
+            (
+                client_frame(0x80, b"x"),
+                ProtoError::Protocol("continuation frame with no message to continue"),
+            ),
+            (
+                [client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(),
+                ProtoError::Protocol("new message before the last one finished"),
+            ),
+            (
+                client_frame(0x88, &[3]),
+                ProtoError::Protocol("close frame with a 1-byte payload"),
+            ),
+            (
+                client_frame(0x88, &[0x03, 0xed]),
+                ProtoError::Protocol("invalid close code"),
+            ),
+            (
+                client_frame(0x88, &[0x03, 0xe8, 0xff]),
+                ProtoError::InvalidUtf8,
+            ),
+        ];
+        for (wire, want) in cases {
+            assert_eq!(run(&wire, wire.len()).1, Err(want.clone()), "{want:?}");
+            assert_eq!(run(&wire, 1).1, Err(want.clone()), "{want:?} bytewise");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_the_first_bad_byte() {
+        // Valid start, then a byte that can never appear in UTF-8, then more.
+        let mut payload = "héllo".as_bytes().to_vec();
+        payload.push(0xff);
+        payload.extend_from_slice(&[b'z'; 1000]);
+        let wire = client_frame(0x81, &payload);
+        let mut d = decoder();
+        let mut events = Vec::new();
+        let bad_at = 2 + 2 + 4 + 6; // header (126-form) + mask + valid text
+        assert_eq!(d.feed(&wire[..bad_at], &mut |e| events.push(e)), Ok(()));
+        assert_eq!(
+            d.feed(&wire[bad_at..bad_at + 1], &mut |e| events.push(e)),
+            Err(ProtoError::InvalidUtf8)
+        );
+        // A character split across fragments is fine.
+        let euro = "€".as_bytes();
+        let wire = [
+            client_frame(0x01, &euro[..1]),
+            client_frame(0x80, &euro[1..]),
+        ]
+        .concat();
+        assert_eq!(run(&wire, 1).0, vec![Event::Message(Message::from("€"))]);
+        // ...but not one cut off by the end of the message.
+        assert_eq!(
+            run(&client_frame(0x81, &euro[..2]), 99).1,
+            Err(ProtoError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn limits_are_checked_on_the_header() {
+        let mut d = Decoder::new(Limits {
+            max_frame: 100,
+            max_message: 150,
+        });
+        let mut events = Vec::new();
+        let head = &client_frame(0x82, &[0; 101])[..8];
+        assert_eq!(
+            d.feed(head, &mut |e| events.push(e)),
+            Err(ProtoError::TooBig {
+                what: "frame",
+                limit: 100
+            })
+        );
+        let mut d = Decoder::new(Limits {
+            max_frame: 100,
+            max_message: 150,
+        });
+        let wire = [client_frame(0x02, &[0; 100]), client_frame(0x80, &[0; 51])].concat();
+        assert_eq!(
+            d.feed(&wire, &mut |e| events.push(e)),
+            Err(ProtoError::TooBig {
+                what: "message",
+                limit: 150
+            })
+        );
+    }
+
+    #[test]
+    fn idle_decoder_holds_nothing() {
+        let mut d = decoder();
+        let mut events = Vec::new();
+        d.feed(&client_frame(0x82, &[1; 5000]), &mut |e| events.push(e))
+            .unwrap();
+        d.feed(&client_frame(0x89, b"ping"), &mut |e| events.push(e))
+            .unwrap();
+        assert_eq!(d.buffered(), 0);
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn nothing_is_read_after_close() {
+        let wire = [
+            client_frame(0x88, b""),
+            client_frame(0x81, b"late"),
+            vec![0xff; 4],
+        ]
+        .concat();
+        assert_eq!(run(&wire, wire.len()), (vec![Event::Close(None)], Ok(())));
+    }
+}

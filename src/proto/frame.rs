@@ -1,0 +1,132 @@
+//! RFC 6455 frame vocabulary: opcodes, close codes, the server's frame header and masking.
+//!
+//! Servers never mask, so encoding is just a header in front of the payload; that is what
+//! lets a broadcast encode a frame once and hand the same bytes to every connection.
+
+use bytes::Bytes;
+
+pub(crate) const CONTINUATION: u8 = 0x0;
+pub(crate) const TEXT: u8 = 0x1;
+pub(crate) const BINARY: u8 = 0x2;
+pub(crate) const CLOSE: u8 = 0x8;
+pub(crate) const PING: u8 = 0x9;
+pub(crate) const PONG: u8 = 0xA;
+
+/// Control frames carry at most this much payload (RFC 6455 §5.5).
+pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// The longest header a server writes: 2 bytes + a 64-bit length.
+pub(crate) const MAX_SERVER_HEADER: usize = 10;
+
+/// Close codes a peer may put on the wire (RFC 6455 §7.4, plus the IANA-registered
+/// 1012–1014 and the 3000–4999 ranges for libraries and applications).
+pub(crate) fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Bytes on the wire for a server frame with a payload of `len` bytes.
+pub(crate) fn frame_len(len: usize) -> usize {
+    header_len(len) + len
+}
+
+fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+/// Appends an unmasked, final frame header for `opcode` and a payload of `len` bytes.
+pub(crate) fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    match len {
+        0..=125 => out.push(len as u8),
+        126..=0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+/// A whole frame, header and payload, in one buffer (for broadcasts and control frames).
+pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(frame_len(payload.len()));
+    put_header(&mut out, opcode, payload.len());
+    out.extend_from_slice(payload);
+    out.into()
+}
+
+/// A Close frame's payload: the code, then a UTF-8 reason cut to fit a control frame.
+pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = Vec::with_capacity(2 + end);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+    out
+}
+
+/// XORs `data` with `mask`, where `data` starts `offset` bytes into the masked payload.
+pub(crate) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let mut key = mask;
+    key.rotate_left(offset % 4);
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i % 4];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_use_the_shortest_length() {
+        for (len, head) in [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+            let mut out = Vec::new();
+            put_header(&mut out, TEXT, len);
+            assert_eq!(out.len(), head, "len {len}");
+            assert_eq!(frame_len(len), head + len);
+        }
+    }
+
+    #[test]
+    fn unmask_at_any_offset_matches_bytewise_xor() {
+        let mask = [1, 2, 3, 4];
+        let plain: Vec<u8> = (0..=40).collect();
+        let masked: Vec<u8> = plain
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        for split in 0..masked.len() {
+            let mut data = masked.clone();
+            let (a, b) = data.split_at_mut(split);
+            unmask(a, mask, 0);
+            unmask(b, mask, split);
+            assert_eq!(data, plain, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(100);
+        let p = close_payload(1000, &long);
+        assert!(p.len() <= MAX_CONTROL_PAYLOAD);
+        assert!(std::str::from_utf8(&p[2..]).is_ok());
+    }
+}

@@ -1,0 +1,298 @@
+//! The opening handshake (RFC 6455 §4.2): parse a client's HTTP/1.1 upgrade request and answer
+//! `101 Switching Protocols` or a short, honest HTTP error.
+//!
+//! Written on `httparse` rather than a full HTTP stack because a WebSocket server needs one
+//! request per connection and must bound it: `max_header_bytes` caps what a client may send
+//! before the upgrade, and every wrong request gets a status line a human can read (`426` for
+//! a browser that typed the URL, `426` + `Sec-WebSocket-Version: 13` for an old client, `403`
+//! for a foreign origin) instead of a dropped connection.
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+
+/// Headers read from one request at most (more is a 431).
+const MAX_HEADERS: usize = 64;
+
+/// What a client asked for in a valid upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Request {
+    /// Path and query, as sent.
+    pub path: String,
+    pub origin: Option<String>,
+    pub key: String,
+    pub forwarded_for: Option<String>,
+    pub real_ip: Option<String>,
+}
+
+/// A request wsd will not upgrade, and the HTTP answer it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reject {
+    pub status: u16,
+    /// One line for the body and the log.
+    pub why: &'static str,
+}
+
+pub(crate) enum Parsed {
+    /// The request's headers have not all arrived.
+    Partial,
+    /// A valid upgrade request of `usize` bytes; anything after it is WebSocket frames.
+    Upgrade(Request, usize),
+    Reject(Reject),
+}
+
+const fn reject(status: u16, why: &'static str) -> Parsed {
+    Parsed::Reject(Reject { status, why })
+}
+
+/// Parses the request at the front of `buf`.
+pub(crate) fn parse(buf: &[u8], max_header_bytes: usize) -> Parsed {
+    let too_big = reject(431, "request headers too large");
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() > max_header_bytes => return too_big,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Ok(httparse::Status::Complete(n)) if n > max_header_bytes => return too_big,
+        Ok(httparse::Status::Complete(n)) => n,
+        Err(httparse::Error::TooManyHeaders) => return too_big,
+        Err(_) => return reject(400, "malformed HTTP request"),
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if req.method != Some("GET") {
+        return reject(405, "only GET can be upgraded to a WebSocket");
+    }
+    if !has_token("Upgrade", "websocket") {
+        return reject(426, "this is a WebSocket endpoint; upgrade the request");
+    }
+    if req.version != Some(1) {
+        return reject(400, "WebSocket needs HTTP/1.1");
+    }
+    if !has_token("Connection", "upgrade") {
+        return reject(400, "Connection header must contain Upgrade");
+    }
+    if header("Sec-WebSocket-Version") != Some("13") {
+        return reject(426, "unsupported WebSocket version; this server speaks 13");
+    }
+    let key = match header("Sec-WebSocket-Key") {
+        Some(k) if valid_key(k) => k.to_string(),
+        _ => return reject(400, "missing or malformed Sec-WebSocket-Key"),
+    };
+    if header("Host").is_none() {
+        return reject(400, "missing Host header");
+    }
+    let request = Request {
+        path: req.path.unwrap_or("/").to_string(),
+        origin: header("Origin").map(str::to_string),
+        key,
+        forwarded_for: header("X-Forwarded-For").map(str::to_string),
+        real_ip: header("X-Real-IP").map(str::to_string),
+    };
+    Parsed::Upgrade(request, used)
+}
+
+/// A key is 16 bytes in base64: 24 characters ending in `==`.
+fn valid_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// The `101 Switching Protocols` answer.
+pub(crate) fn accept(req: &Request) -> Bytes {
+    let accept = tungstenite::handshake::derive_accept_key(req.key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into()
+}
+
+impl Reject {
+    /// The full HTTP response; the connection closes after it.
+    pub(crate) fn response(&self) -> Bytes {
+        let (reason, extra) = match self.status {
+            400 => ("Bad Request", ""),
+            403 => ("Forbidden", ""),
+            405 => ("Method Not Allowed", "Allow: GET\r\n"),
+            426 => (
+                "Upgrade Required",
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            ),
+            429 => ("Too Many Requests", ""),
+            431 => ("Request Header Fields Too Large", ""),
+            _ => ("Error", ""),
+        };
+        let connection = if self.status == 426 {
+            "Upgrade, close"
+        } else {
+            "close"
+        };
+        let body = format!("{} {reason}: {}\n", self.status, self.why);
+        format!(
+            "HTTP/1.1 {} {reason}\r\n{extra}Connection: {connection}\r\n\
+             Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+            self.status,
+            body.len()
+        )
+        .into()
+    }
+}
+
+/// Whether a browser page from `origin` may connect. No list allows all; a request without
+/// `Origin` (not from a browser) is allowed, as a browser always sends one. Entries match
+/// exactly (ignoring case), and `https://*.example.com` matches any subdomain.
+pub(crate) fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else { return true };
+    allowed.is_empty()
+        || allowed.iter().any(|a| match a.split_once("*.") {
+            Some((scheme, domain)) => {
+                let o = origin.to_ascii_lowercase();
+                o.strip_prefix(&scheme.to_ascii_lowercase())
+                    .and_then(|host| host.strip_suffix(&domain.to_ascii_lowercase()))
+                    .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1)
+            }
+            None => a.eq_ignore_ascii_case(origin),
+        })
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
+/// nearest untrusted hop of `X-Forwarded-For` (or `X-Real-IP`).
+pub(crate) fn client_ip(peer: IpAddr, req: &Request, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    if let Some(list) = &req.forwarded_for {
+        let mut nearest = peer;
+        for hop in list.rsplit(',') {
+            let Some(ip) = parse_ip(hop) else { break };
+            nearest = ip;
+            if !is_trusted(&ip) {
+                break;
+            }
+        }
+        return nearest;
+    }
+    req.real_ip.as_deref().and_then(parse_ip).unwrap_or(peer)
+}
+
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /chat?room=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\nOrigin: https://app.example.com\r\n\r\n";
+
+    fn status(req: &str) -> u16 {
+        match parse(req.as_bytes(), 8192) {
+            Parsed::Reject(r) => r.status,
+            Parsed::Upgrade(..) => 101,
+            Parsed::Partial => 0,
+        }
+    }
+
+    #[test]
+    fn a_valid_request_upgrades_with_the_rfc_accept_key() {
+        let with_frames = format!("{GOOD}\u{81}");
+        let Parsed::Upgrade(req, used) = parse(with_frames.as_bytes(), 8192) else {
+            panic!("not an upgrade")
+        };
+        assert_eq!(used, GOOD.len());
+        assert_eq!(req.path, "/chat?room=1");
+        assert_eq!(req.origin.as_deref(), Some("https://app.example.com"));
+        let resp = String::from_utf8(accept(&req).to_vec()).unwrap();
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn wrong_requests_get_the_right_status() {
+        assert_eq!(status(&GOOD[..40]), 0);
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 426);
+        assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(status(&GOOD.replace("GET", "POST")), 405);
+        assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
+        assert_eq!(
+            status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")),
+            400
+        );
+        assert_eq!(
+            status(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")),
+            400
+        );
+        assert_eq!(status(&GOOD.replace("Host: x\r\n", "")), 400);
+        assert_eq!(status("\x16\x03\x01garbage\r\n\r\n"), 400);
+        let huge = GOOD.replace("Host: x", &format!("Host: {}", "x".repeat(9000)));
+        assert_eq!(status(&huge), 431);
+        assert_eq!(status(&huge[..8500]), 431, "too big even before it ends");
+        let resp = Reject {
+            status: 426,
+            why: "w",
+        }
+        .response();
+        let resp = String::from_utf8(resp.to_vec()).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+        assert!(resp.ends_with("\r\n\r\n426 Upgrade Required: w\n"));
+    }
+
+    #[test]
+    fn origins() {
+        let list = vec!["https://a.com".to_string(), "https://*.b.org".to_string()];
+        assert!(origin_allowed(Some("https://A.com"), &list));
+        assert!(origin_allowed(Some("https://x.b.org"), &list));
+        assert!(origin_allowed(Some("https://x.y.b.org"), &list));
+        assert!(!origin_allowed(Some("https://b.org"), &list));
+        assert!(!origin_allowed(Some("https://evilb.org"), &list));
+        assert!(!origin_allowed(Some("http://x.b.org"), &list));
+        assert!(!origin_allowed(Some("https://a.com.evil"), &list));
+        assert!(origin_allowed(None, &list));
+        assert!(origin_allowed(Some("https://any"), &[]));
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut req = Request {
+            path: "/".into(),
+            origin: None,
+            key: String::new(),
+            forwarded_for: Some("1.1.1.1, 2.2.2.2, 10.0.0.7".into()),
+            real_ip: Some("3.3.3.3".into()),
+        };
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let stranger: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(
+            client_ip(proxy, &req, &trusted),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(stranger, &req, &trusted), stranger);
+        req.forwarded_for = None;
+        assert_eq!(
+            client_ip(proxy, &req, &trusted),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
+        req.real_ip = Some("nonsense".into());
+        assert_eq!(client_ip(proxy, &req, &trusted), proxy);
+    }
+}

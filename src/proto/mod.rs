@@ -1,0 +1,15 @@
+//! RFC 6455, server side, as pure state machines: bytes in, events and bytes out, no sockets.
+//!
+//! The worker's event loop owns the sockets and feeds these; the fuzz target feeds them
+//! straight from its input. Keeping the protocol free of I/O is what makes it testable byte
+//! by byte and lets the worker share one read buffer across all of its connections.
+
+pub(crate) mod decoder;
+pub(crate) mod frame;
+pub(crate) mod handshake;
+pub(crate) mod send_queue;
+pub(crate) mod session;
+
+pub(crate) use decoder::{Limits, ProtoError};
+pub(crate) use send_queue::SendQueue;
+pub(crate) use session::{Session, Step};

@@ -1,0 +1,199 @@
+//! A connection's outgoing bytes: encoded frames waiting for the socket.
+//!
+//! Small frames are copied into a segment the queue owns, so a burst of replies becomes one
+//! `writev`; large payloads and broadcast frames are queued by reference (`Bytes`), so
+//! echoing or broadcasting them never copies the payload. Written segments are freed at once:
+//! one big message does not leave a connection holding its capacity forever, and an idle
+//! connection's queue owns no memory.
+
+use super::frame;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+
+/// Payloads at least this long are queued by reference instead of copied.
+const SHARE_MIN: usize = 1024;
+/// A copied segment grows to at most this before a new one is started.
+const SEGMENT_MAX: usize = 64 << 10;
+/// Segments handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
+enum Segment {
+    Own(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Segment::Own(v) => v,
+            Segment::Shared(b) => b,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    segments: VecDeque<Segment>,
+    /// Bytes of the first segment already written.
+    head: usize,
+    /// Bytes queued and not yet written.
+    len: usize,
+}
+
+impl SendQueue {
+    /// Bytes waiting for the socket.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues a frame built from `opcode` and `payload`.
+    pub(crate) fn push_frame(&mut self, opcode: u8, payload: &Bytes) {
+        if payload.len() < SHARE_MIN {
+            let tail = self.tail(frame::frame_len(payload.len()));
+            frame::put_header(tail, opcode, payload.len());
+            tail.extend_from_slice(payload);
+        } else {
+            frame::put_header(self.tail(frame::MAX_SERVER_HEADER), opcode, payload.len());
+            self.segments.push_back(Segment::Shared(payload.clone()));
+        }
+        self.len += frame::frame_len(payload.len());
+    }
+
+    /// Queues bytes that are already a whole frame (or a handshake response).
+    pub(crate) fn push_encoded(&mut self, bytes: &Bytes) {
+        if bytes.len() < SHARE_MIN {
+            self.tail(bytes.len()).extend_from_slice(bytes);
+        } else {
+            self.segments.push_back(Segment::Shared(bytes.clone()));
+        }
+        self.len += bytes.len();
+    }
+
+    /// The owned segment at the back, with room for `need` more bytes.
+    fn tail(&mut self, need: usize) -> &mut Vec<u8> {
+        let fits = matches!(self.segments.back(),
+            Some(Segment::Own(v)) if v.len() + need <= SEGMENT_MAX);
+        if !fits {
+            self.segments
+                .push_back(Segment::Own(Vec::with_capacity(need.max(256))));
+        }
+        match self.segments.back_mut() {
+            Some(Segment::Own(v)) => v,
+            _ => unreachable!("an owned segment was just ensured"),
+        }
+    }
+
+    /// Writes as much as the socket takes. `Ok(true)`: all written; `Ok(false)`: the socket is
+    /// full, wait until it is writable.
+    pub(crate) fn write_to(&mut self, out: &mut impl Write) -> io::Result<bool> {
+        while !self.segments.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, seg) in self.segments.iter().take(MAX_IOVECS).enumerate() {
+                let skip = if i == 0 { self.head } else { 0 };
+                slices[n] = IoSlice::new(&seg.bytes()[skip..]);
+                n += 1;
+            }
+            match out.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        if self.segments.capacity() > 16 {
+            self.segments = VecDeque::new();
+        }
+        Ok(true)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.len -= written;
+        while let Some(first) = self.segments.front() {
+            let left = first.bytes().len() - self.head;
+            if written < left {
+                self.head += written;
+                return;
+            }
+            written -= left;
+            self.head = 0;
+            self.segments.pop_front();
+        }
+    }
+
+    /// Memory the queue holds (capacity, not just queued bytes).
+    pub(crate) fn footprint(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Own(v) => v.capacity(),
+                Segment::Shared(b) => b.len(),
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most `room` bytes per call, then blocks when `budget` runs out.
+    struct Trickle {
+        got: Vec<u8>,
+        room: usize,
+        budget: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room).min(self.budget);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.budget -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn frames_come_out_in_order_through_partial_writes() {
+        let mut q = SendQueue::default();
+        let big = Bytes::from(vec![9u8; 5000]);
+        q.push_frame(frame::TEXT, &Bytes::from_static(b"hi"));
+        q.push_frame(frame::BINARY, &big);
+        q.push_encoded(&frame::encode(frame::PING, b""));
+        let mut want = frame::encode(frame::TEXT, b"hi").to_vec();
+        want.extend_from_slice(&frame::encode(frame::BINARY, &big));
+        want.extend_from_slice(&frame::encode(frame::PING, b""));
+        assert_eq!(q.len(), want.len());
+
+        let mut sock = Trickle {
+            got: Vec::new(),
+            room: 7,
+            budget: 100,
+        };
+        assert!(
+            !q.write_to(&mut sock).unwrap(),
+            "blocks when the socket is full"
+        );
+        assert_eq!(q.len(), want.len() - 100);
+        sock.budget = usize::MAX;
+        assert!(q.write_to(&mut sock).unwrap());
+        assert_eq!(sock.got, want);
+        assert_eq!(
+            (q.len(), q.footprint()),
+            (0, 0),
+            "nothing held once written"
+        );
+    }
+}

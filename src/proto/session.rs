@@ -1,0 +1,309 @@
+//! One connection's protocol state, without its socket: the upgrade, then frames, then the
+//! closing handshake.
+//!
+//! The owner reads bytes from wherever it likes, passes them to [`Session::read`], acts on the
+//! [`Step`]s that come out (a request to admit, messages for the app, the end), and writes
+//! [`Session::out`] to the socket. Replies the protocol itself owes the client — Pong for Ping,
+//! the echo of a Close, our close code when the client breaks the rules — are queued here, so
+//! every owner (the worker, the fuzz target) gets them right the same way.
+
+use super::decoder::{Decoder, Event, Limits, ProtoError};
+use super::frame::{self, CLOSE, PONG};
+use super::handshake::{self, Parsed, Reject, Request};
+use super::send_queue::SendQueue;
+use crate::Message;
+use std::collections::VecDeque;
+
+enum Phase {
+    /// Request bytes so far.
+    Handshake(Vec<u8>),
+    /// A valid request is with the owner; bytes that followed it wait here.
+    Deciding(Vec<u8>),
+    Open,
+    /// The upgrade was refused; the HTTP answer is queued.
+    Refused,
+}
+
+/// What the owner must act on, in order.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// A valid upgrade request: answer with [`Session::accept`] or [`Session::reject`].
+    Request(handshake::Request),
+    Message(Message),
+    /// The client sent Close (code and reason, if any); our reply is queued.
+    Closed(Option<(u16, String)>),
+    /// The client broke the protocol; our close frame is queued.
+    Failed(ProtoError),
+    /// The request was not an acceptable upgrade; the HTTP error is queued.
+    Rejected(Reject),
+}
+
+pub(crate) struct Session {
+    phase: Phase,
+    decoder: Decoder,
+    max_header_bytes: usize,
+    /// Bytes for the client, in order.
+    pub out: SendQueue,
+    /// We sent Close (or an HTTP error): nothing more goes out.
+    pub close_sent: bool,
+    /// The client sent Close: nothing more comes in.
+    pub close_received: bool,
+    /// The client's input is no longer read: once `out` is written, half-close and discard.
+    pub failed: bool,
+}
+
+impl Session {
+    pub(crate) fn new(limits: Limits, max_header_bytes: usize) -> Session {
+        Session {
+            phase: Phase::Handshake(Vec::new()),
+            decoder: Decoder::new(limits),
+            max_header_bytes,
+            out: SendQueue::default(),
+            close_sent: false,
+            close_received: false,
+            failed: false,
+        }
+    }
+
+    /// The upgrade is done (the connection may be closing).
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open)
+    }
+
+    /// Data messages may still be sent.
+    pub(crate) fn can_send(&self) -> bool {
+        self.is_open() && !self.close_sent
+    }
+
+    /// Both sides have closed and everything is written: the socket can go.
+    pub(crate) fn finished(&self) -> bool {
+        self.close_sent && self.close_received && self.out.is_empty()
+    }
+
+    /// Memory this connection holds for protocol state beyond its fixed size.
+    pub(crate) fn footprint(&self) -> usize {
+        let pending = match &self.phase {
+            Phase::Handshake(b) | Phase::Deciding(b) => b.capacity(),
+            Phase::Open | Phase::Refused => 0,
+        };
+        pending + self.decoder.buffered() + self.out.footprint()
+    }
+
+    /// Takes bytes from the client.
+    pub(crate) fn read(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
+        if self.failed || self.close_received {
+            return;
+        }
+        match &mut self.phase {
+            Phase::Handshake(buf) => {
+                let parsed = if buf.is_empty() {
+                    parse_or_keep(input, buf, self.max_header_bytes)
+                } else {
+                    buf.extend_from_slice(input);
+                    handshake::parse(buf, self.max_header_bytes)
+                };
+                let whole = if buf.is_empty() { input } else { &buf[..] };
+                match parsed {
+                    Parsed::Partial => {}
+                    Parsed::Upgrade(request, used) => {
+                        let rest = whole[used..].to_vec();
+                        self.phase = Phase::Deciding(rest);
+                        steps.push_back(Step::Request(request));
+                    }
+                    Parsed::Reject(r) => {
+                        self.reject(r);
+                        steps.push_back(Step::Rejected(r));
+                    }
+                }
+            }
+            Phase::Deciding(rest) => rest.extend_from_slice(input),
+            Phase::Open => self.read_frames(input, steps),
+            Phase::Refused => {}
+        }
+    }
+
+    /// Upgrades: queues the `101` and reads any frames that came with the request.
+    pub(crate) fn accept(&mut self, request: &Request, steps: &mut VecDeque<Step>) {
+        let Phase::Deciding(rest) = std::mem::replace(&mut self.phase, Phase::Open) else {
+            return;
+        };
+        self.out.push_encoded(&handshake::accept(request));
+        if !rest.is_empty() {
+            self.read_frames(&rest, steps);
+        }
+    }
+
+    /// Refuses the upgrade with an HTTP error; the connection ends once it is written.
+    pub(crate) fn reject(&mut self, reject: Reject) {
+        self.phase = Phase::Refused;
+        self.out.push_encoded(&reject.response());
+        self.close_sent = true;
+        self.failed = true;
+    }
+
+    /// Starts the closing handshake. False if there is nothing to close politely (still
+    /// handshaking) or Close was already sent.
+    pub(crate) fn close(&mut self, code: u16, reason: &str) -> bool {
+        if !self.is_open() || self.close_sent {
+            return false;
+        }
+        let payload = frame::close_payload(code, reason);
+        self.out.push_encoded(&frame::encode(CLOSE, &payload));
+        self.close_sent = true;
+        true
+    }
+
+    /// Closes with `code` and stops reading the client.
+    pub(crate) fn fail(&mut self, code: u16, reason: &str) {
+        self.close(code, reason);
+        self.failed = true;
+    }
+
+    /// Queues a Ping (keepalive).
+    pub(crate) fn ping(&mut self) {
+        if self.can_send() {
+            self.out.push_encoded(&frame::encode(frame::PING, b""));
+        }
+    }
+
+    fn read_frames(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
+        let Session {
+            decoder,
+            out,
+            close_sent,
+            close_received,
+            ..
+        } = self;
+        let result = decoder.feed(input, &mut |event| match event {
+            Event::Message(m) if !*close_sent => steps.push_back(Step::Message(m)),
+            Event::Message(_) | Event::Pong(_) => {}
+            Event::Ping(payload) if !*close_sent => out.push_frame(PONG, &payload),
+            Event::Ping(_) => {}
+            Event::Close(frame) => {
+                *close_received = true;
+                if !*close_sent {
+                    // Echo the client's code (RFC 6455 §5.5.1); no code gets none back.
+                    let payload = frame
+                        .as_ref()
+                        .map_or(Vec::new(), |(code, _)| frame::close_payload(*code, ""));
+                    out.push_encoded(&frame::encode(CLOSE, &payload));
+                    *close_sent = true;
+                }
+                steps.push_back(Step::Closed(frame));
+            }
+        });
+        if let Err(e) = result {
+            self.fail(e.close_code(), &e.to_string());
+            steps.push_back(Step::Failed(e));
+        }
+    }
+}
+
+/// Parses `input` in place when it holds the whole request; otherwise keeps a copy in `buf`.
+fn parse_or_keep(input: &[u8], buf: &mut Vec<u8>, max: usize) -> Parsed {
+    let parsed = handshake::parse(input, max);
+    if matches!(parsed, Parsed::Partial) {
+        buf.extend_from_slice(input);
+    }
+    parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const REQUEST: &[u8] = b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![b0, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn session() -> Session {
+        Session::new(
+            Limits {
+                max_frame: 1000,
+                max_message: 1000,
+            },
+            4096,
+        )
+    }
+
+    fn drain(s: &mut Session) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert!(s.out.write_to(&mut out).unwrap());
+        out
+    }
+
+    #[test]
+    fn upgrade_then_frames_in_the_same_read() {
+        let mut s = session();
+        let mut steps = VecDeque::new();
+        let mut wire = REQUEST.to_vec();
+        wire.extend(masked(0x81, b"hi"));
+        wire.extend(masked(0x89, b"p"));
+        // Arrives split inside the request line, then all at once.
+        s.read(&wire[..10], &mut steps);
+        assert!(steps.is_empty());
+        s.read(&wire[10..], &mut steps);
+        let Some(Step::Request(req)) = steps.pop_front() else {
+            panic!("no request")
+        };
+        assert_eq!(req.path, "/x");
+        s.accept(&req, &mut steps);
+        assert!(matches!(steps.pop_front(), Some(Step::Message(m)) if m.as_text() == Some("hi")));
+        let out = drain(&mut s);
+        assert!(out.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(out.ends_with(&[0x8A, 0x01, b'p']), "pong echoes the ping");
+    }
+
+    #[test]
+    fn close_is_echoed_and_protocol_errors_fail_with_their_code() {
+        let mut s = session();
+        let mut steps = VecDeque::new();
+        s.read(REQUEST, &mut steps);
+        let Some(Step::Request(req)) = steps.pop_front() else {
+            panic!()
+        };
+        s.accept(&req, &mut steps);
+        drain(&mut s);
+        s.read(&masked(0x88, &[0x0f, 0xa0]), &mut steps); // 4000
+        assert!(matches!(
+            steps.pop_front(),
+            Some(Step::Closed(Some((4000, _))))
+        ));
+        assert_eq!(drain(&mut s), vec![0x88, 0x02, 0x0f, 0xa0]);
+        assert!(s.finished());
+
+        let mut s = session();
+        s.read(REQUEST, &mut steps);
+        let Some(Step::Request(req)) = steps.pop_front() else {
+            panic!()
+        };
+        s.accept(&req, &mut steps);
+        drain(&mut s);
+        s.read(&masked(0x83, b""), &mut steps);
+        assert!(matches!(steps.pop_front(), Some(Step::Failed(_))));
+        let out = drain(&mut s);
+        assert_eq!(&out[..4], &[0x88, out[1], 0x03, 0xea], "1002");
+        assert!(s.failed);
+        s.read(&masked(0x81, b"ignored"), &mut steps);
+        assert!(steps.is_empty());
+    }
+
+    #[test]
+    fn a_refused_request_gets_its_status_and_nothing_else() {
+        let mut s = session();
+        let mut steps = VecDeque::new();
+        s.read(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", &mut steps);
+        assert!(matches!(steps.pop_front(), Some(Step::Rejected(r)) if r.status == 426));
+        assert!(drain(&mut s).starts_with(b"HTTP/1.1 426 "));
+        assert!(!s.close(1000, ""));
+        s.out.push_frame(frame::TEXT, &Bytes::from_static(b"x"));
+        assert!(s.failed && !s.can_send());
+    }
+}
