@@ -57,8 +57,11 @@ pub fn feed(data: &[u8]) {
                         session.out.push_frame(opcode, &payload);
                     }
                 }
-                Step::Closed(_) => assert!(session.close_sent && session.close_received),
-                Step::Failed(_) | Step::Rejected(_) => assert!(session.failed),
+                Step::Closed(_) | Step::Failed(_) => {
+                    session.answer(&step);
+                    assert!(session.close_sent || !session.is_open());
+                }
+                Step::Rejected(_) => assert!(session.failed && session.close_sent),
             }
         }
         // Write what is queued through a socket that takes little at a time.

@@ -30,9 +30,9 @@ pub(crate) enum Step {
     /// A valid upgrade request: answer with [`Session::accept`] or [`Session::reject`].
     Request(handshake::Request),
     Message(Message),
-    /// The client sent Close (code and reason, if any); our reply is queued.
+    /// The client sent Close (code and reason, if any). Reply with [`Session::answer`].
     Closed(Option<(u16, String)>),
-    /// The client broke the protocol; our close frame is queued.
+    /// The client broke the protocol. Send our close code with [`Session::answer`].
     Failed(ProtoError),
     /// The request was not an acceptable upgrade; the HTTP error is queued.
     Rejected(Reject),
@@ -141,6 +141,25 @@ impl Session {
         self.failed = true;
     }
 
+    /// Queues the protocol's answer to a `Closed` or `Failed` step. The owner calls it when it
+    /// reaches that step, after the messages before it, so replies to those messages (an echo
+    /// of the message just before a bad frame, say) go out ahead of the close.
+    pub(crate) fn answer(&mut self, step: &Step) {
+        match step {
+            // Echo the client's code (RFC 6455 §5.5.1); no code gets none back.
+            Step::Closed(frame) => {
+                let code = frame.as_ref().map(|(code, _)| *code);
+                if self.is_open() && !self.close_sent {
+                    let payload = code.map_or(Vec::new(), |c| frame::close_payload(c, ""));
+                    self.out.push_encoded(&frame::encode(CLOSE, &payload));
+                    self.close_sent = true;
+                }
+            }
+            Step::Failed(e) => self.fail(e.close_code(), &e.to_string()),
+            _ => {}
+        }
+    }
+
     /// Starts the closing handshake. False if there is nothing to close politely (still
     /// handshaking) or Close was already sent.
     pub(crate) fn close(&mut self, code: u16, reason: &str) -> bool {
@@ -174,6 +193,7 @@ impl Session {
             close_received,
             ..
         } = self;
+        let close_sent = &*close_sent;
         let result = decoder.feed(input, &mut |event| match event {
             Event::Message(m) if !*close_sent => steps.push_back(Step::Message(m)),
             Event::Message(_) | Event::Pong(_) => {}
@@ -181,19 +201,11 @@ impl Session {
             Event::Ping(_) => {}
             Event::Close(frame) => {
                 *close_received = true;
-                if !*close_sent {
-                    // Echo the client's code (RFC 6455 §5.5.1); no code gets none back.
-                    let payload = frame
-                        .as_ref()
-                        .map_or(Vec::new(), |(code, _)| frame::close_payload(*code, ""));
-                    out.push_encoded(&frame::encode(CLOSE, &payload));
-                    *close_sent = true;
-                }
                 steps.push_back(Step::Closed(frame));
             }
         });
         if let Err(e) = result {
-            self.fail(e.close_code(), &e.to_string());
+            self.failed = true;
             steps.push_back(Step::Failed(e));
         }
     }
@@ -261,35 +273,43 @@ mod tests {
         assert!(out.ends_with(&[0x8A, 0x01, b'p']), "pong echoes the ping");
     }
 
+    fn open_session(steps: &mut VecDeque<Step>) -> Session {
+        let mut s = session();
+        s.read(REQUEST, steps);
+        let Some(Step::Request(req)) = steps.pop_front() else {
+            panic!("no request")
+        };
+        s.accept(&req, steps);
+        drain(&mut s);
+        s
+    }
+
     #[test]
     fn close_is_echoed_and_protocol_errors_fail_with_their_code() {
-        let mut s = session();
         let mut steps = VecDeque::new();
-        s.read(REQUEST, &mut steps);
-        let Some(Step::Request(req)) = steps.pop_front() else {
-            panic!()
-        };
-        s.accept(&req, &mut steps);
-        drain(&mut s);
+        let mut s = open_session(&mut steps);
         s.read(&masked(0x88, &[0x0f, 0xa0]), &mut steps); // 4000
-        assert!(matches!(
-            steps.pop_front(),
-            Some(Step::Closed(Some((4000, _))))
-        ));
+        let step = steps.pop_front().unwrap();
+        assert!(matches!(step, Step::Closed(Some((4000, _)))));
+        s.answer(&step);
         assert_eq!(drain(&mut s), vec![0x88, 0x02, 0x0f, 0xa0]);
         assert!(s.finished());
 
-        let mut s = session();
-        s.read(REQUEST, &mut steps);
-        let Some(Step::Request(req)) = steps.pop_front() else {
-            panic!()
-        };
-        s.accept(&req, &mut steps);
-        drain(&mut s);
-        s.read(&masked(0x83, b""), &mut steps);
-        assert!(matches!(steps.pop_front(), Some(Step::Failed(_))));
+        // A good message, then a bad frame, in one read: the app's reply to the message goes
+        // out before the close code.
+        let mut s = open_session(&mut steps);
+        s.read(
+            &[masked(0x81, b"ok"), masked(0x83, b"")].concat(),
+            &mut steps,
+        );
+        assert!(matches!(steps.pop_front(), Some(Step::Message(_))));
+        s.out.push_frame(frame::TEXT, &Bytes::from_static(b"ok"));
+        let step = steps.pop_front().unwrap();
+        assert!(matches!(step, Step::Failed(_)));
+        s.answer(&step);
         let out = drain(&mut s);
-        assert_eq!(&out[..4], &[0x88, out[1], 0x03, 0xea], "1002");
+        assert_eq!(&out[..4], &[0x81, 0x02, b'o', b'k']);
+        assert_eq!(&out[4..8], &[0x88, out[5], 0x03, 0xea], "then 1002");
         assert!(s.failed);
         s.read(&masked(0x81, b"ignored"), &mut steps);
         assert!(steps.is_empty());

@@ -379,10 +379,14 @@ impl Loop {
             idx: idx as u32,
         };
         while let Some(step) = self.steps.pop_front() {
-            let Some(conn) = self.ctx.conns.get(idx).filter(|c| c.serial == serial) else {
+            if self.ctx.conns.get(idx).is_none_or(|c| c.serial != serial) {
                 self.steps.clear();
                 return;
-            };
+            }
+            if matches!(step, Step::Closed(_) | Step::Failed(_)) {
+                self.ctx.conns[idx].session.answer(&step);
+            }
+            let conn = &self.ctx.conns[idx];
             match step {
                 Step::Request(request) => self.upgrade(id, request),
                 // The app may have closed the connection while handling an earlier message.
