@@ -552,3 +552,56 @@ fn one_worker_holds_thousands_of_connections() {
         (st["workers"][0]["connections"].as_u64()? == N as u64).then_some(())
     });
 }
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_descriptors_pauses_accepting_without_spinning() {
+    let mut server = Server::start_extra("echo", 1, "max_connections_per_ip = 0");
+    let worker = server.worker_pids()[0];
+    // Leave the worker a handful of descriptors beyond those it already holds.
+    let limit = std::fs::read_dir(format!("/proc/{worker}/fd"))
+        .unwrap()
+        .count()
+        + 6;
+    let ok = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &worker.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(ok.success());
+    // Many more clients than it can take: the rest wait in the listen backlog.
+    let pending: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap())
+        .collect();
+    wait_for("the worker to run out of descriptors", DEADLINE, || {
+        server
+            .master_output()
+            .contains("pausing accepts")
+            .then_some(())
+    });
+    // A loop spinning on a readable listener would burn a whole core; a paused one sleeps.
+    let before = cpu_ticks(worker);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(worker) - before;
+    assert!(
+        used < 60,
+        "worker used {used} ticks in 2 s while out of descriptors"
+    );
+    // Descriptors come back when clients leave, and service resumes.
+    drop(pending);
+    let mut c = server.connect();
+    c.send_text("still here");
+    assert_eq!(c.recv_text(), "still here");
+    assert_eq!(server.worker_pids(), vec![worker], "the same worker serves");
+}

@@ -277,7 +277,10 @@ impl Loop {
                 {
                     // Out of descriptors: the pending client stays queued; retry shortly
                     // instead of spinning on a listener that stays readable.
-                    log::warn!("accept: {e}; pausing accepts for 100 ms");
+                    // Logged once per episode, not on every retry.
+                    if self.accept_retry_at.is_none() && !self.accept_paused {
+                        log::warn!("accept: {e}; pausing accepts, retrying every 100 ms");
+                    }
                     self.accept_paused = true;
                     self.accept_retry_at = Some(Instant::now() + Duration::from_millis(100));
                     return;
