@@ -36,6 +36,9 @@ pub(crate) struct Conn {
     pub write_shut: bool,
     /// `on_buffer_full` fired and `on_buffer_drain` has not yet.
     pub buffer_full: bool,
+    /// Not read while its send queue is over the high-water mark: a client that does not
+    /// read gets no more replies (or Pongs) made for it until it does.
+    pub reads_paused: bool,
     /// The address this connection counts against in `max_connections_per_ip`.
     pub counted_ip: Option<IpAddr>,
 }
@@ -72,6 +75,7 @@ impl Conn {
             dirty: false,
             write_shut: false,
             buffer_full: false,
+            reads_paused: false,
             counted_ip: None,
         }
     }

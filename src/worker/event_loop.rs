@@ -342,11 +342,21 @@ impl Loop {
     }
 
     /// Reads what the client sent (up to the budget) and acts on each step it yields.
+    ///
+    /// Back-pressure: while the connection's send queue is at or over half of
+    /// `max_send_buffer`, it is not read; the flush that empties the queue resumes reading.
+    /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
+    /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
+        let high_water = self.settings.max_send_buffer / 2;
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.ctx.conns.get_mut(idx) else {
                 return;
             };
+            if conn.session.out.len() >= high_water {
+                conn.reads_paused = true;
+                return;
+            }
             let serial = conn.serial;
             match conn.read(&mut self.scratch) {
                 Ok(0) => {
@@ -506,7 +516,11 @@ impl Loop {
         let Some(conn) = self.ctx.conns.get_mut(idx) else {
             return;
         };
-        match conn.flush() {
+        let flushed = conn.flush();
+        if matches!(flushed, Flushed::All) && std::mem::take(&mut conn.reads_paused) {
+            self.again.push(idx);
+        }
+        match flushed {
             Flushed::Done => self.ctx.mark_gone(idx),
             Flushed::Partly => {}
             Flushed::All if conn.buffer_full => {

@@ -368,3 +368,283 @@ pub fn port_is_free(port: u16) -> bool {
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
+
+// ---- Helpers added for tests/abuse.rs and tests/abuse_hooks.rs ----------------------------
+
+/// A tiny deterministic pseudo-random generator (xorshift64), so "random" input is the same on
+/// every run and a failing seed can be replayed.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        // Spread small seeds over the state; the state must never be zero.
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            out.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE (inherited by servers started afterwards) so that
+/// `need` descriptors fit; panics if the hard limit is too low.
+pub fn raise_fd_limit(need: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < need {
+        panic!("need {need} file descriptors, the hard limit is {hard}");
+    }
+    if soft < need {
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(16_384).max(need), hard).unwrap();
+    }
+}
+
+/// Open file descriptors of process `pid` (0 if it cannot be read).
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes; 0 if unreadable.
+pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Sum of a numeric field over every worker of a status.
+pub fn workers_sum(st: &Value, field: &str) -> u64 {
+    st["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A valid upgrade request for `/`, with `extra` header lines (each ending in `\r\n`).
+pub fn upgrade_request(extra: &str) -> String {
+    format!(
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// One masked client frame, as bytes (for writing from another thread or in bulk).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = masked_header(fin, opcode, payload.len() as u64);
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The header (with mask key 12 34 56 78) of a masked client frame claiming `len` bytes.
+pub fn masked_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match len {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    f
+}
+
+/// The code of a close frame's payload (1005 when it has none).
+pub fn close_code(payload: &[u8]) -> u16 {
+    if payload.len() >= 2 {
+        u16::from_be_bytes([payload[0], payload[1]])
+    } else {
+        1005
+    }
+}
+
+/// An HTTP answer the server gave instead of (or before) upgrading.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Status line and headers, without the blank line.
+    pub head: String,
+    pub body: String,
+    /// The server closed the connection after the answer (EOF or reset).
+    pub closed: bool,
+}
+
+impl HttpAnswer {
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+
+    pub fn parse(raw: &[u8], closed: bool) -> HttpAnswer {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .map_or((text.clone(), String::new()), |(h, b)| {
+                (h.to_string(), b.to_string())
+            });
+        let status = head
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        HttpAnswer {
+            status,
+            head,
+            body,
+            closed,
+        }
+    }
+}
+
+/// Sends `request` on a new connection and reads until the server ends it (or `deadline`
+/// passes, then `closed` is false). Write errors are ignored: the server may answer and
+/// close before it has read everything.
+pub fn http_exchange(port: u16, request: &[u8], deadline: Duration) -> HttpAnswer {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _ = stream.write_all(request);
+    let (raw, closed) = read_to_end_within(&mut stream, deadline);
+    HttpAnswer::parse(&raw, closed)
+}
+
+/// Reads until EOF or reset; false in the second place if `deadline` passed first.
+pub fn read_to_end_within(stream: &mut TcpStream, deadline: Duration) -> (Vec<u8>, bool) {
+    let end = Instant::now() + deadline;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (raw, false);
+        }
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return (raw, true),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (raw, true),
+        }
+    }
+}
+
+impl RawClient {
+    /// Upgrades with `extra` header lines; on refusal, the server's HTTP answer.
+    pub fn try_upgrade(port: u16, extra: &str) -> Result<RawClient, HttpAnswer> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        if stream.write_all(upgrade_request(extra).as_bytes()).is_err() {
+            // Dropped before the request was even sent.
+            return Err(HttpAnswer::parse(b"", true));
+        }
+        RawClient::finish_upgrade(stream)
+    }
+
+    /// Reads the answer to an upgrade request already written on `stream`.
+    pub fn finish_upgrade(mut stream: TcpStream) -> Result<RawClient, HttpAnswer> {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => return Err(HttpAnswer::parse(&head, true)),
+            }
+        }
+        if head.starts_with(b"HTTP/1.1 101 ") {
+            return Ok(RawClient { stream });
+        }
+        // Refused: the body follows, then the server closes.
+        let (body, closed) = read_to_end_within(&mut stream, Duration::from_secs(15));
+        head.extend_from_slice(&body);
+        Err(HttpAnswer::parse(&head, closed))
+    }
+
+    /// Like [`RawClient::read_frame`], but an error instead of a panic when the connection
+    /// ends or the read times out.
+    pub fn try_read_frame(&mut self) -> std::io::Result<(bool, u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        self.stream.read_exact(&mut h)?;
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                self.stream.read_exact(&mut l)?;
+                u16::from_be_bytes(l) as u64
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                self.stream.read_exact(&mut l)?;
+                u64::from_be_bytes(l)
+            }
+            n => n as u64,
+        };
+        if h[1] & 0x80 != 0 || len > 64 << 20 {
+            return Err(std::io::Error::other(format!(
+                "not a server frame: header {h:02x?}, length {len}"
+            )));
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.stream.read_exact(&mut payload)?;
+        Ok((h[0] & 0x80 != 0, h[0] & 0x0f, payload))
+    }
+
+    /// Reads frames until a Close: its code, and how many frames came before it. `None` if
+    /// the connection ended (or a read timed out) without one.
+    pub fn read_until_close(&mut self) -> (Option<u16>, usize) {
+        let mut before = 0;
+        loop {
+            match self.try_read_frame() {
+                Ok((_, 0x8, payload)) => return (Some(close_code(&payload)), before),
+                Ok(_) => before += 1,
+                Err(_) => return (None, before),
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Starts `bin` (a wsd program, e.g. a test binary that re-executes itself as the server)
+    /// with one group of `app` × `count` plus `extra` lines.
+    pub fn start_program(bin: PathBuf, app: &str, count: usize, extra: &str) -> Server {
+        let (dir, config) = Self::config(app, count, extra);
+        Self::start_with(bin, dir, config)
+    }
+
+    /// The worker pid of slot `slot`.
+    pub fn worker_pid(&mut self, slot: usize) -> i32 {
+        self.worker_pids()[slot]
+    }
+}
