@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the `read_path` fuzz target into fuzz/corpus/read_path/.
+
+Each file is the raw byte stream one client sends to the server: an HTTP/1.1 upgrade request,
+then WebSocket frames (masked, as RFC 6455 requires of clients, unless the seed is about an
+unmasked one). The seeds reach each branch of the read path once, so the fuzzer starts from
+there instead of having to discover the handshake by itself. Deterministic (fixed masking keys),
+stdlib only, and every file stays under 4 KiB so the committed corpus remains small.
+
+    python3 fuzz/make_corpus.py        # rewrites the corpus; `git diff` shows any change
+
+`tests/fuzz_corpus.rs` replays these files (and fuzz/regressions/) on every `cargo test`, and
+checks that at least as many seeds exist as this script writes (update it if you add seeds).
+"""
+
+import itertools
+import os
+import struct
+import sys
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "read_path")
+MAX_SIZE = 4096
+
+CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+_keys = itertools.count(1)
+
+
+def next_key():
+    """A different, reproducible 4-byte masking key for each frame."""
+    n = next(_keys)
+    return bytes((n * 37 + i * 101 + 0x5A) & 0xFF for i in range(4))
+
+
+def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length_form=None, claimed_len=None):
+    """One client frame. `length_form` forces the 7/16/64-bit length encoding (7, 16 or 64);
+    `claimed_len` writes a length other than the payload's real one (a lying header)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    n = len(payload) if claimed_len is None else claimed_len
+    if length_form is None:
+        length_form = 7 if n < 126 else 16 if n < 65536 else 64
+    b0 = (0x80 if fin else 0) | ((rsv & 0x7) << 4) | (opcode & 0xF)
+    m = 0x80 if mask else 0
+    if length_form == 7:
+        head = bytes([b0, m | n])
+    elif length_form == 16:
+        head = bytes([b0, m | 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([b0, m | 127]) + struct.pack(">Q", n)
+    if not mask:
+        return head + payload
+    key = next_key()
+    return head + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+
+
+def close_payload(code, reason=b""):
+    return struct.pack(">H", code) + reason
+
+
+def request_headers():
+    """The RFC 6455 example upgrade request's headers."""
+    return [
+        ("Host", "server.example.com"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+
+
+def request(method="GET", path="/chat", version="HTTP/1.1", headers=None, extra=()):
+    if headers is None:
+        headers = request_headers()
+    lines = [f"{method} {path} {version}"]
+    lines += [f"{k}: {v}" for k, v in list(headers) + list(extra)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+HS = request()
+BYE = frame(CLOSE, close_payload(1000))
+
+
+def without(name):
+    return [(k, v) for k, v in request_headers() if k != name]
+
+
+def with_value(name, value):
+    return [(k, value if k == name else v) for k, v in request_headers()]
+
+
+SEEDS = {
+    # --- handshakes that succeed ---------------------------------------------------------
+    "hs_only": HS,
+    "hs_query_path_extra_headers": request(
+        path="/chat?room=1&user=%C3%A9",
+        headers=with_value("Connection", "keep-alive, Upgrade"),
+        extra=[("Origin", "http://example.com"), ("Sec-WebSocket-Protocol", "chat, superchat"),
+               ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")],
+    ) + frame(TEXT, "hi") + BYE,
+    # --- data frames --------------------------------------------------------------------------
+    "text_hello": HS + frame(TEXT, "Hello") + BYE,
+    "binary_bytes": HS + frame(BINARY, bytes(range(256))[:64]) + BYE,
+    "text_empty": HS + frame(TEXT, b"") + frame(BINARY, b"") + BYE,
+    "len126_text": HS + frame(TEXT, "x" * 300) + BYE,
+    "len127_binary_nonminimal": HS + frame(BINARY, b"\xab" * 200, length_form=64) + BYE,
+    "len126_header_truncated_payload": HS + frame(TEXT, "y" * 40, claimed_len=1000),
+    "len127_huge_claim": HS + frame(BINARY, b"zz", claimed_len=1 << 40),
+    "len127_top_bit_set": HS + frame(BINARY, b"zz", claimed_len=(1 << 63) + 5),
+    "pipelined_messages": HS + b"".join(frame(TEXT, f"msg {i}") for i in range(20)) + BYE,
+    "fragmented_text_ping_between": HS
+    + frame(TEXT, "Hel", fin=False)
+    + frame(PING, "are you there")
+    + frame(CONT, "lo, ", fin=False)
+    + frame(CONT, "world")
+    + BYE,
+    "fragmented_binary_three_parts": HS
+    + frame(BINARY, b"\x00\x01", fin=False)
+    + frame(CONT, b"\x02\x03", fin=False)
+    + frame(CONT, b"\x04")
+    + BYE,
+    "utf8_split_across_fragments": HS
+    # "é€😀" with each character cut between two frames
+    + frame(TEXT, b"\xc3", fin=False)
+    + frame(CONT, b"\xa9\xe2\x82", fin=False)
+    + frame(CONT, b"\xac\xf0\x9f\x98", fin=False)
+    + frame(CONT, b"\x80")
+    + BYE,
+    "utf8_truncated_at_final_fragment": HS + frame(TEXT, b"ok\xe2", fin=False) + frame(CONT, b"\x82") + BYE,
+    "text_invalid_utf8": HS + frame(TEXT, b"bad \xff\xfe \xc0\xaf") + BYE,
+    "continuation_without_start": HS + frame(CONT, "orphan") + BYE,
+    "text_while_fragmented": HS + frame(TEXT, "first", fin=False) + frame(TEXT, "second") + BYE,
+    # --- control frames -----------------------------------------------------------------------
+    "ping": HS + frame(PING, "ping payload") + BYE,
+    "pong_unsolicited": HS + frame(PONG, "pong payload") + BYE,
+    "close_code_reason": HS + frame(CLOSE, close_payload(1001, "going away".encode())),
+    "close_empty_then_data": HS + frame(CLOSE) + frame(TEXT, "after close"),
+    "close_bad_code": HS + frame(CLOSE, close_payload(999)) + frame(CLOSE, close_payload(1005)),
+    "close_one_byte_payload": HS + frame(CLOSE, b"\x03"),
+    "close_invalid_utf8_reason": HS + frame(CLOSE, close_payload(1000, b"\xff\xfe")),
+    "control_oversize": HS + frame(PING, b"p" * 126) + BYE,
+    "control_fragmented": HS + frame(PING, "half", fin=False) + BYE,
+    # --- protocol violations ------------------------------------------------------------------
+    "reserved_opcode_data": HS + frame(0x3, "reserved") + BYE,
+    "reserved_opcode_control": HS + frame(0xB, "reserved") + BYE,
+    "rsv_bits_set": HS + frame(TEXT, "rsv1", rsv=0b100) + frame(TEXT, "rsv3", rsv=0b001) + BYE,
+    "unmasked_frame": HS + frame(TEXT, "not masked", mask=False) + BYE,
+    # --- handshakes that fail -----------------------------------------------------------------
+    "bad_hs_plain_get": b"GET / HTTP/1.1\r\nHost: server.example.com\r\nAccept: */*\r\n\r\n",
+    "bad_hs_version_8": request(headers=with_value("Sec-WebSocket-Version", "8")) + frame(TEXT, "x"),
+    "bad_hs_missing_key": request(headers=without("Sec-WebSocket-Key")) + frame(TEXT, "x"),
+    "bad_hs_post": request(method="POST", extra=[("Content-Length", "5")]) + b"hello",
+    "bad_hs_http10": request(version="HTTP/1.0"),
+    "bad_hs_many_headers": request(extra=[(f"X-H{i}", "v") for i in range(130)]),
+    "bad_hs_huge_header": request(extra=[("X-Big", "b" * 3000)]),
+    "bad_hs_garbage": bytes((i * 131 + 7) & 0xFF for i in range(200)),
+    "bad_hs_bare_lf": HS.replace(b"\r\n", b"\n") + frame(TEXT, "lf"),
+    "bad_hs_no_end": HS[:-2],
+}
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for name in os.listdir(OUT):
+        os.remove(os.path.join(OUT, name))
+    for name, data in SEEDS.items():
+        if len(data) >= MAX_SIZE:
+            sys.exit(f"seed {name} is {len(data)} bytes; keep seeds under {MAX_SIZE}")
+        with open(os.path.join(OUT, name), "wb") as f:
+            f.write(data)
+    total = sum(len(d) for d in SEEDS.values())
+    print(f"wrote {len(SEEDS)} seeds ({total} bytes) to {os.path.relpath(OUT)}")
+
+
+if __name__ == "__main__":
+    main()
