@@ -98,6 +98,8 @@ SEEDS = {
         extra=[("Origin", "http://example.com"), ("Sec-WebSocket-Protocol", "chat, superchat"),
                ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")],
     ) + frame(TEXT, "hi") + BYE,
+    "hs_3k_header_value": request(extra=[("X-Big", "b" * 3000)]) + frame(TEXT, "big") + BYE,
+    "hs_bare_lf_line_endings": HS.replace(b"\r\n", b"\n"),
     # --- data frames --------------------------------------------------------------------------
     "text_hello": HS + frame(TEXT, "Hello") + BYE,
     "binary_bytes": HS + frame(BINARY, bytes(range(256))[:64]) + BYE,
@@ -152,9 +154,7 @@ SEEDS = {
     "bad_hs_post": request(method="POST", extra=[("Content-Length", "5")]) + b"hello",
     "bad_hs_http10": request(version="HTTP/1.0"),
     "bad_hs_many_headers": request(extra=[(f"X-H{i}", "v") for i in range(130)]),
-    "bad_hs_huge_header": request(extra=[("X-Big", "b" * 3000)]),
     "bad_hs_garbage": bytes((i * 131 + 7) & 0xFF for i in range(200)),
-    "bad_hs_bare_lf": HS.replace(b"\r\n", b"\n") + frame(TEXT, "lf"),
     "bad_hs_no_end": HS[:-2],
 }
 
