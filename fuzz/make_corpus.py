@@ -4,7 +4,7 @@
 Each file is the raw byte stream one client sends to the server: an HTTP/1.1 upgrade request,
 then WebSocket frames (masked, as RFC 6455 requires of clients, unless the seed is about an
 unmasked one). The seeds reach each branch of the read path once, so the fuzzer starts from
-there instead of having to discover the handshake by itself. Deterministic (fixed masking keys),
+there instead of having to discover the handshake by itself. Deterministic (masking keys hashed from each frame),
 stdlib only, and every file stays under 4 KiB so the committed corpus remains small.
 
     python3 fuzz/make_corpus.py        # rewrites the corpus; `git diff` shows any change
@@ -13,7 +13,7 @@ stdlib only, and every file stays under 4 KiB so the committed corpus remains sm
 checks that at least as many seeds exist as this script writes (update it if you add seeds).
 """
 
-import itertools
+import hashlib
 import os
 import struct
 import sys
@@ -23,13 +23,10 @@ MAX_SIZE = 4096
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
-_keys = itertools.count(1)
-
-
-def next_key():
-    """A different, reproducible 4-byte masking key for each frame."""
-    n = next(_keys)
-    return bytes((n * 37 + i * 101 + 0x5A) & 0xFF for i in range(4))
+def mask_key(head, payload):
+    """A reproducible 4-byte masking key that depends only on the frame itself, so adding a seed
+    never changes the bytes of the others."""
+    return hashlib.sha256(head + payload).digest()[:4]
 
 
 def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length_form=None, claimed_len=None):
@@ -50,7 +47,7 @@ def frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length_form=None, cla
         head = bytes([b0, m | 127]) + struct.pack(">Q", n)
     if not mask:
         return head + payload
-    key = next_key()
+    key = mask_key(head, payload)
     return head + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
 
 
@@ -100,6 +97,15 @@ SEEDS = {
     ) + frame(TEXT, "hi") + BYE,
     "hs_3k_header_value": request(extra=[("X-Big", "b" * 3000)]) + frame(TEXT, "big") + BYE,
     "hs_bare_lf_line_endings": HS.replace(b"\r\n", b"\n"),
+    "hs_mixed_case_tokens": request(
+        headers=[
+            ("host", "h"), ("UPGRADE", "WebSocket"), ("connection", "keep-alive,upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), ("SEC-WEBSOCKET-VERSION", " 13 "),
+        ],
+        extra=[("X-Forwarded-For", "203.0.113.7, 10.0.0.1"), ("X-Real-IP", "198.51.100.2")],
+    ) + frame(TEXT, "case") + BYE,
+    # feed()'s app refuses a path containing "refuse" (as the worker refuses a foreign origin)
+    "hs_refused_by_app": request(path="/refuse") + frame(TEXT, "never read"),
     # --- data frames --------------------------------------------------------------------------
     "text_hello": HS + frame(TEXT, "Hello") + BYE,
     "binary_bytes": HS + frame(BINARY, bytes(range(256))[:64]) + BYE,
@@ -109,6 +115,8 @@ SEEDS = {
     "len126_header_truncated_payload": HS + frame(TEXT, "y" * 40, claimed_len=1000),
     "len127_huge_claim": HS + frame(BINARY, b"zz", claimed_len=1 << 40),
     "len127_top_bit_set": HS + frame(BINARY, b"zz", claimed_len=(1 << 63) + 5),
+    # feed()'s echo app closes with 4000 when asked by the message "close"
+    "text_close_command": HS + frame(TEXT, "before") + frame(TEXT, "close") + frame(TEXT, "after") + BYE,
     "pipelined_messages": HS + b"".join(frame(TEXT, f"msg {i}") for i in range(20)) + BYE,
     "fragmented_text_ping_between": HS
     + frame(TEXT, "Hel", fin=False)
@@ -151,6 +159,8 @@ SEEDS = {
     "bad_hs_plain_get": b"GET / HTTP/1.1\r\nHost: server.example.com\r\nAccept: */*\r\n\r\n",
     "bad_hs_version_8": request(headers=with_value("Sec-WebSocket-Version", "8")) + frame(TEXT, "x"),
     "bad_hs_missing_key": request(headers=without("Sec-WebSocket-Key")) + frame(TEXT, "x"),
+    "bad_hs_malformed_key": request(headers=with_value("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=")),
+    "bad_hs_missing_host": request(headers=without("Host")),
     "bad_hs_post": request(method="POST", extra=[("Content-Length", "5")]) + b"hello",
     "bad_hs_http10": request(version="HTTP/1.0"),
     "bad_hs_many_headers": request(extra=[(f"X-H{i}", "v") for i in range(130)]),
