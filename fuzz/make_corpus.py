@@ -4,13 +4,14 @@
 Each file is the raw byte stream one client sends to the server: an HTTP/1.1 upgrade request,
 then WebSocket frames (masked, as RFC 6455 requires of clients, unless the seed is about an
 unmasked one). The seeds reach each branch of the read path once, so the fuzzer starts from
-there instead of having to discover the handshake by itself. Deterministic (masking keys hashed from each frame),
-stdlib only, and every file stays under 4 KiB so the committed corpus remains small.
+there instead of having to discover the handshake by itself. Deterministic (masking keys are
+hashed from each frame), stdlib only, and every file stays under 4 KiB so the committed corpus
+remains small.
 
     python3 fuzz/make_corpus.py        # rewrites the corpus; `git diff` shows any change
 
 `tests/fuzz_corpus.rs` replays these files (and fuzz/regressions/) on every `cargo test`, and
-checks that at least as many seeds exist as this script writes (update it if you add seeds).
+checks that at least as many seeds exist as this script writes (raise its SEEDS when adding).
 """
 
 import hashlib
