@@ -93,7 +93,7 @@ SEEDS = {
     "hs_query_path_extra_headers": request(
         path="/chat?room=1&user=%C3%A9",
         headers=with_value("Connection", "keep-alive, Upgrade"),
-        extra=[("Origin", "http://example.com"), ("Sec-WebSocket-Protocol", "chat, superchat"),
+        extra=[("Origin", "https://app.ok.example"), ("Sec-WebSocket-Protocol", "chat, superchat"),
                ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")],
     ) + frame(TEXT, "hi") + BYE,
     "hs_3k_header_value": request(extra=[("X-Big", "b" * 3000)]) + frame(TEXT, "big") + BYE,
@@ -105,8 +105,12 @@ SEEDS = {
         ],
         extra=[("X-Forwarded-For", "203.0.113.7, 10.0.0.1"), ("X-Real-IP", "198.51.100.2")],
     ) + frame(TEXT, "case") + BYE,
-    # feed()'s app refuses a path containing "refuse" (as the worker refuses a foreign origin)
+    # feed()'s app refuses a path containing "refuse", and origins other than *.ok.example
     "hs_refused_by_app": request(path="/refuse") + frame(TEXT, "never read"),
+    "hs_foreign_origin": request(extra=[("Origin", "https://evil.example")]) + frame(TEXT, "no"),
+    "hs_forwarded_ipv6_port": request(
+        extra=[("X-Forwarded-For", "[2001:db8::1]:443, 127.0.0.2"), ("Origin", "https://ok.example")],
+    ) + frame(TEXT, "v6") + BYE,
     # --- data frames --------------------------------------------------------------------------
     "text_hello": HS + frame(TEXT, "Hello") + BYE,
     "binary_bytes": HS + frame(BINARY, bytes(range(256))[:64]) + BYE,

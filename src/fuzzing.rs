@@ -37,8 +37,23 @@ pub fn feed(data: &[u8]) {
         while let Some(step) = steps.pop_front() {
             match step {
                 Step::Request(req) => {
-                    // The worker refuses some requests (origin, per-address limit).
-                    if req.path.contains("refuse") {
+                    // The worker's admission checks: origin, then the forwarded address.
+                    let allowed = [
+                        "https://ok.example".to_string(),
+                        "https://*.ok.example".to_string(),
+                    ];
+                    let trusted = ["127.0.0.0/8".parse().expect("a CIDR")];
+                    let peer = std::net::IpAddr::from([127, 0, 0, 1]);
+                    let client = handshake::client_ip(peer, &req, &trusted);
+                    if req.forwarded_for.is_none() && req.real_ip.is_none() {
+                        assert_eq!(client, peer, "no header, no other address");
+                    }
+                    if !handshake::origin_allowed(req.origin.as_deref(), &allowed) {
+                        session.reject(Reject {
+                            status: 403,
+                            why: "origin not allowed",
+                        });
+                    } else if req.path.contains("refuse") {
                         session.reject(Reject {
                             status: 403,
                             why: "origin not allowed",
