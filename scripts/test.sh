@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, integration tests with real processes and sockets, and a
-# build of the examples. Installs nothing beyond the Rust toolchain (later suites add their
-# own installs here, so that a bare machine and CI run exactly this).
+# The whole test suite: unit tests, integration tests with real processes and sockets (chaos
+# and abuse tests included), the fuzz corpus replay, a build of the examples, and the Autobahn
+# TestSuite against the release binary. Installs what it needs (kosoku, the Autobahn runner,
+# into a venv under target/), so a bare machine and CI run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The chaos tests open many sockets.
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
+WSD_BIN=target/release/wsd scripts/autobahn.sh
