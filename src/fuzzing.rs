@@ -48,15 +48,11 @@ pub fn feed(data: &[u8]) {
                     if req.forwarded_for.is_none() && req.real_ip.is_none() {
                         assert_eq!(client, peer, "no header, no other address");
                     }
-                    if !handshake::origin_allowed(req.origin.as_deref(), &allowed) {
+                    let origin_ok = handshake::origin_allowed(req.origin.as_deref(), &allowed);
+                    if !origin_ok || req.path.contains("refuse") {
                         session.reject(Reject {
                             status: 403,
-                            why: "origin not allowed",
-                        });
-                    } else if req.path.contains("refuse") {
-                        session.reject(Reject {
-                            status: 403,
-                            why: "origin not allowed",
+                            why: "refused",
                         });
                     } else {
                         assert!(handshake::accept(&req).starts_with(b"HTTP/1.1 101 "));

@@ -177,6 +177,15 @@ fn write_in_background(
     })
 }
 
+/// The worker's peak RSS stayed within `margin` of `before`, and the same worker still serves.
+fn assert_unharmed(server: &mut Server, pid: i32, before: u64, margin: u64, what: &str) {
+    let peak = proc_status_bytes(pid, "VmHWM");
+    eprintln!("{what}: RSS before {before}, peak {peak}");
+    assert!(peak < before + margin, "{what}: RSS {before} -> {peak}");
+    assert_eq!(server.worker_pid(0), pid, "{what}: the same worker");
+    echoes(server, "still fine");
+}
+
 /// The worker's RSS as the master last heard it, from a report made after now: a fresh
 /// client is accepted, and status must count it.
 fn fresh_reported_memory(server: &mut Server) -> u64 {
@@ -274,13 +283,13 @@ fn fragments_adding_up_past_max_message_size_close_1009() {
     assert!(closed && rest.is_empty(), "then EOF: {rest:?}");
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    let peak = proc_status_bytes(pid, "VmHWM");
-    assert!(
-        peak < rss_before + (16 << 20),
-        "peak RSS {peak} (was {rss_before})"
+    assert_unharmed(
+        &mut server,
+        pid,
+        rss_before,
+        16 << 20,
+        "fragments past the limit",
     );
-    assert_eq!(server.worker_pid(0), pid);
-    echoes(&server, "still fine");
 }
 
 #[test]
@@ -686,8 +695,7 @@ fn an_echo_flood_from_a_client_that_never_reads_is_held_to_max_send_buffer() {
         Arc::new(AtomicBool::new(false)),
     );
     let (sent, err) = writer.join().unwrap();
-    let peak = proc_status_bytes(pid, "VmHWM");
-    eprintln!("sent {sent} bytes ({err:?}); RSS before {rss_before}, peak {peak}");
+    eprintln!("sent {sent} bytes ({err:?})");
     // The worker stops reading a client whose replies pile up, so TCP flow control stops
     // the flood long before 64 MiB: the writer's send times out.
     assert!(sent > 0 && sent < FLOOD as u64, "{sent} {err:?}");
@@ -698,12 +706,13 @@ fn an_echo_flood_from_a_client_that_never_reads_is_held_to_max_send_buffer() {
         ),
         "{err:?}"
     );
-    assert!(
-        peak < rss_before + (16 << 20),
-        "RSS {rss_before} -> {peak} for 1 MiB of send buffer"
+    assert_unharmed(
+        &mut server,
+        pid,
+        rss_before,
+        16 << 20,
+        "an echo flood, never read",
     );
-    assert_eq!(server.worker_pid(0), pid);
-    echoes(&server, "still fine");
 }
 
 /// Pongs for a client that never reads pile up like any reply: the worker stops reading it
@@ -728,12 +737,12 @@ fn a_ping_flood_from_a_client_that_never_reads_keeps_memory_bounded() {
         Arc::new(AtomicBool::new(false)),
     );
     let (sent, err) = writer.join().unwrap();
-    let peak = proc_status_bytes(pid, "VmHWM");
-    eprintln!("sent {sent} bytes of pings ({err:?}); RSS before {rss_before}, peak {peak}");
-    assert!(
-        peak < rss_before + (32 << 20),
-        "the worker queued Pongs for a client that reads none: RSS {rss_before} -> {peak}"
+    eprintln!("sent {sent} bytes of pings ({err:?})");
+    assert_unharmed(
+        &mut server,
+        pid,
+        rss_before,
+        32 << 20,
+        "Pongs for a client that reads none",
     );
-    assert_eq!(server.worker_pid(0), pid);
-    echoes(&server, "still fine");
 }

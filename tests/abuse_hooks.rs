@@ -142,23 +142,38 @@ fn slowest_echo(b: &mut Client, n: usize) -> Duration {
         .unwrap_or_default()
 }
 
-fn a_client_that_never_reads_is_held_to_max_send_buffer() {
-    let mut server = start("max_send_buffer = \"1MiB\"");
+/// Starts the app with `extra`; client A asks for the flood and never reads, while client B
+/// polls the stats until `done` holds. Returns both clients, the stats, and B's slowest round
+/// trip over the polling and 20 more echoes.
+fn flood_until(
+    extra: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> (Server, RawClient, Client, Value) {
+    let server = start(extra);
     let mut a = RawClient::upgrade(server.port);
     a.frame(true, 0x1, b"flood");
     let mut b = server.connect();
-
-    // A's queue fills to half the limit (on_buffer_full) and then refuses sends; meanwhile B
-    // is answered promptly.
     let mut slowest = Duration::ZERO;
-    let st = wait_for("A's send buffer to overflow", DEADLINE, || {
+    let st = wait_for(what, DEADLINE, || {
         let (st, took) = stats(&mut b);
         slowest = slowest.max(took);
-        (num(&st, "refused") > 0).then_some(st)
+        done(&st).then_some(st)
     });
     slowest = slowest.max(slowest_echo(&mut b, 20));
-    eprintln!("overflowing: {st}; B's slowest round trip {slowest:?}");
+    eprintln!("{what}: {st}; B's slowest round trip {slowest:?}");
     assert!(slowest < PROMPT, "B waited {slowest:?} while A was flooded");
+    (server, a, b, st)
+}
+
+fn a_client_that_never_reads_is_held_to_max_send_buffer() {
+    // A's queue fills to half the limit (on_buffer_full) and then refuses sends; meanwhile B
+    // is answered promptly.
+    let (mut server, mut a, mut b, st) = flood_until(
+        "max_send_buffer = \"1MiB\"",
+        "A's send buffer to overflow",
+        |st| num(st, "refused") > 0,
+    );
     assert!(num(&st, "full") >= 1, "on_buffer_full fired: {st}");
     assert_eq!(num(&st, "drain"), 0, "A has not read yet: {st}");
     let max = num(&st, "max_buffered") as usize;
@@ -202,20 +217,11 @@ fn a_client_that_never_reads_is_held_to_max_send_buffer() {
 }
 
 fn with_the_close_policy_a_client_that_never_reads_is_closed_1008() {
-    let mut server =
-        start("max_send_buffer = \"1MiB\"\nsend_buffer_policy = \"close\"\nclose_timeout = 60");
-    let mut a = RawClient::upgrade(server.port);
-    a.frame(true, 0x1, b"flood");
-    let mut b = server.connect();
-    let mut slowest = Duration::ZERO;
-    let st = wait_for("A's send buffer to overflow", DEADLINE, || {
-        let (st, took) = stats(&mut b);
-        slowest = slowest.max(took);
-        st["ended"].is_string().then_some(st)
-    });
-    slowest = slowest.max(slowest_echo(&mut b, 20));
-    eprintln!("closing: {st}; B's slowest round trip {slowest:?}");
-    assert!(slowest < PROMPT, "B waited {slowest:?} while A was flooded");
+    let (mut server, mut a, mut b, st) = flood_until(
+        "max_send_buffer = \"1MiB\"\nsend_buffer_policy = \"close\"\nclose_timeout = 60",
+        "A's connection to be closed for overflowing",
+        |st| st["ended"].is_string(),
+    );
     assert_eq!(
         num(&st, "refused"),
         1,

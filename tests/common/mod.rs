@@ -294,21 +294,7 @@ impl RawClient {
 
     /// Sends one masked frame.
     pub fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let f = masked_frame(fin, opcode, payload);
         self.stream.write_all(&f).unwrap();
     }
 
