@@ -35,6 +35,14 @@ pub fn fork() -> io::Result<Fork> {
 /// Sweeping `/proc/self/fd` rather than listing what the master owns means nothing can leak
 /// into a worker by accident: not the other slots' listeners, not the control socket, not the
 /// pid-file lock (a worker holding it would block the next `wsd start`).
+/// Drops `NOTIFY_SOCKET` from this process's environment: a worker must not speak for the
+/// service (only the master does, `NotifyAccess=main`).
+pub fn forget_notify_socket() {
+    // SAFETY: called in a freshly forked worker, which runs only the thread that forked, so no
+    // other thread can be reading the environment.
+    unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+}
+
 pub fn close_fds_except(keep: &[RawFd]) {
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir

@@ -62,6 +62,10 @@ fn server_program() -> ! {
             me.set(Some(id));
         }
         Some("block") => std::thread::sleep(Duration::from_secs(8)),
+        Some("NOTIFY_SOCKET?") => {
+            let seen = std::env::var("NOTIFY_SOCKET").unwrap_or_else(|_| "unset".into());
+            let _ = ctx.send(conn, seen);
+        }
         Some("later") => {
             ctx.add_timer_once(Duration::from_millis(20), move |ctx| {
                 let _ = ctx.send(conn, "later");
@@ -94,6 +98,10 @@ fn slot_of(welcome: &str) -> usize {
 }
 
 fn start() -> Server {
+    start_env(&[])
+}
+
+fn start_env(env: &[(&str, &std::path::Path)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     // No [[worker]] groups: the program defines its own in code.
     let config = dir.path().join("workers.toml");
@@ -103,7 +111,29 @@ fn start() -> Server {
     )
     .unwrap();
     let bin = std::env::current_exe().unwrap();
-    Server::start_with(bin, dir, config)
+    Server::start_with_env(bin, dir, config, env)
+}
+
+fn workers_do_not_inherit_notify_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(DEADLINE)).unwrap();
+    let server = start_env(&[("NOTIFY_SOCKET", &path)]);
+    let mut buf = [0u8; 512];
+    let n = systemd.recv(&mut buf).expect("READY from the master");
+    assert!(buf[..n].starts_with(b"READY=1\n"));
+    for _ in 0..4 {
+        let mut c = server.connect();
+        let _welcome = c.recv_text();
+        assert_eq!(c.recv_text(), "once");
+        c.send_text("NOTIFY_SOCKET?");
+        assert_eq!(
+            c.recv_text(),
+            "unset",
+            "a worker must not speak for the service"
+        );
+    }
 }
 
 fn hooks_see_ids_paths_and_timers() {
@@ -216,7 +246,7 @@ fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "a_stuck_worker_shows_busy_and_status_does_not_hang",
             a_stuck_worker_shows_busy_and_status_does_not_hang,
@@ -232,6 +262,10 @@ fn main() {
         (
             "hooks_close_with_a_code_and_hear_about_errors",
             hooks_close_with_a_code_and_hear_about_errors,
+        ),
+        (
+            "workers_do_not_inherit_notify_socket",
+            workers_do_not_inherit_notify_socket,
         ),
     ];
     let mut failed = 0;

@@ -605,3 +605,45 @@ fn out_of_descriptors_pauses_accepting_without_spinning() {
     assert_eq!(c.recv_text(), "still here");
     assert_eq!(server.worker_pids(), vec![worker], "the same worker serves");
 }
+
+#[test]
+fn systemd_hears_ready_after_every_worker_then_status_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let (dir, config) = Server::config("echo", 2, "");
+    // A real datagram socket stands in for systemd's NOTIFY_SOCKET.
+    let path = dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(DEADLINE)).unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let mut server =
+        Server::start_with_env(wsd_bin(), dir, config, &[("NOTIFY_SOCKET", path.as_path())]);
+    let ready = next();
+    assert!(ready.contains("READY=1\n"), "{ready:?}");
+    let serving = format!(
+        "STATUS=serving: echo x2 on websocket://127.0.0.1:{}",
+        server.port
+    );
+    assert!(ready.contains(&serving), "{ready:?}");
+    // Both workers were up when READY came: a client is served at once by either.
+    assert_eq!(server.status()["workers"].as_array().unwrap().len(), 2);
+    let mut c = server.connect();
+    c.send_text("up");
+    assert_eq!(c.recv_text(), "up");
+    // (That workers do not inherit NOTIFY_SOCKET is checked from inside one, in
+    // tests/library.rs: /proc/PID/environ of a forked child shows its parent's initial block.)
+    let workers = server.worker_pids();
+    kill(Pid::from_raw(workers[0]), Signal::SIGKILL).unwrap();
+    let status = next();
+    assert!(
+        status.starts_with("STATUS=worker echo#") && status.contains("killed by SIGKILL"),
+        "{status:?}"
+    );
+    assert!(server.wsd(&["stop"]).status.success());
+    let stopping = next();
+    assert!(stopping.contains("STOPPING=1\n"), "{stopping:?}");
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+}

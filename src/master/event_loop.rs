@@ -209,9 +209,20 @@ impl Master {
         }
         if self.groups.iter().all(|g| g.slots.iter().all(|s| s.ready)) {
             log::info!("all workers ready");
+            super::notify::ready(&self.serving_line());
             let banner = super::banner(&self.groups, self.daemon);
             self.announce.ready(&banner);
         }
+    }
+
+    /// "serving: echo ×4 on 127.0.0.1:2346, …" for systemd's status line.
+    fn serving_line(&self) -> String {
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .map(|g| format!("{} x{} on {}", g.name(), g.slots.len(), g.listen))
+            .collect();
+        format!("serving: {}", groups.join(", "))
     }
 
     fn read_signals(&mut self, signals: &SignalFd, poll: &Poll) {
@@ -238,10 +249,12 @@ impl Master {
             let Some((g, slot)) = self.find(pid) else {
                 continue;
             };
-            self.groups[g].reaped(slot, status, poll.registry());
+            let how = self.groups[g].reaped(slot, status, poll.registry());
             if self.stopping.is_some() {
                 continue;
             }
+            let name = self.groups[g].name().to_string();
+            super::notify::status(&format!("worker {name}#{slot} {how}; respawning"));
             if self.groups[g].crash_looping() {
                 let reason = format!(
                     "every worker of group {:?} failed at start {} times in a row; giving up",
@@ -289,6 +302,7 @@ impl Master {
                 ""
             }
         );
+        super::notify::stopping(&format!("stopping ({why})"));
         let kill_at = (!graceful).then(|| Instant::now() + self.server.stop_timeout);
         self.stopping = Some(Stopping {
             graceful,

@@ -8,6 +8,7 @@
 mod daemon;
 mod event_loop;
 mod listeners;
+mod notify;
 pub(crate) mod pidfile;
 mod supervisor;
 

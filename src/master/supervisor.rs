@@ -92,6 +92,7 @@ impl Group {
             Fork::Child => {
                 let listener = self.listeners.swap_remove(slot);
                 sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
+                sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", self.name()));
                 if let Err(e) = sys::die_with_parent(master_pid) {
                     log::error!("cannot tie worker to master: {e}");

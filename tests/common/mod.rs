@@ -77,8 +77,19 @@ impl Server {
 
     /// Starts `bin -c config start` in the foreground, in its own process group.
     pub fn start_with(bin: PathBuf, dir: tempfile::TempDir, config: PathBuf) -> Server {
+        Self::start_with_env(bin, dir, config, &[])
+    }
+
+    /// As [`Server::start_with`], with extra environment variables for the master.
+    pub fn start_with_env(
+        bin: PathBuf,
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        env: &[(&str, &Path)],
+    ) -> Server {
         let out = std::fs::File::create(dir.path().join("master.out")).unwrap();
         let child = Command::new(&bin)
+            .envs(env.iter().copied())
             .args(["-c", config.to_str().unwrap(), "start"])
             .stdout(out.try_clone().unwrap())
             .stderr(out)

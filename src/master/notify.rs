@@ -1,0 +1,34 @@
+//! systemd's readiness protocol (`sd_notify(3)`, `Type=notify`): the master tells the service
+//! manager when it is really serving, when it reloads and when it stops.
+//!
+//! Only the master speaks it (`NotifyAccess=main`); each worker drops `NOTIFY_SOCKET` from its
+//! environment right after the fork (`sys::forget_notify_socket`), so neither a worker nor
+//! anything it might run can confuse the manager. Without `NOTIFY_SOCKET` (not under systemd)
+//! every call is a no-op. Failures are logged, never fatal: a lost notification must not take
+//! the server down.
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Every worker is up: `READY=1`, with a status line.
+pub(crate) fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// The master has begun stopping.
+pub(crate) fn stopping(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// A one-line status for `systemctl status`.
+pub(crate) fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
