@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The chaos tests open many sockets.
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+# The systemd unit is checked with systemd-analyze.
+command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd >/dev/null; }
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh

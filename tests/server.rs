@@ -6,6 +6,7 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
 
@@ -646,4 +647,54 @@ fn systemd_hears_ready_after_every_worker_then_status_and_stopping() {
     let stopping = next();
     assert!(stopping.contains("STOPPING=1\n"), "{stopping:?}");
     assert_eq!(server.wait_exit(DEADLINE), 0);
+}
+
+#[test]
+fn the_systemd_unit_installs_and_passes_systemd_analyze_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stage = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(root.join("scripts/install-systemd.sh"))
+        .env("DESTDIR", stage.path())
+        .env("WSD_BIN", wsd_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let unit_path = stage.path().join("etc/systemd/system/wsd.service");
+    let config = stage.path().join("etc/wsd/workers.toml");
+    let bin = stage.path().join("usr/local/bin/wsd");
+    assert!(bin.exists() && config.exists());
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    for line in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "KillMode=mixed",
+        "Restart=on-failure",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    assert!(unit.contains("ExecStartPre=/usr/local/bin/wsd -c /etc/wsd/workers.toml check"));
+    // systemd-analyze checks the commands exist: point them at the staged files.
+    let staged = unit
+        .replace("/usr/local/bin/wsd", bin.to_str().unwrap())
+        .replace("/etc/wsd/workers.toml", config.to_str().unwrap())
+        .replace(
+            "file:///usr/local/",
+            &format!("file://{}/usr/local/", stage.path().display()),
+        );
+    let check = stage.path().join("wsd.service");
+    std::fs::write(&check, staged).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&check)
+        .output()
+        .expect("systemd-analyze");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !said.contains("wsd.service"),
+        "{said}"
+    );
+    // The installed config keeps its runtime files out of /etc.
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("pid_file = \"/run/wsd/wsd.pid\""), "{text}");
 }
