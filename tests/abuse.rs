@@ -197,14 +197,14 @@ fn fresh_reported_memory(server: &mut Server) -> u64 {
     })
 }
 
+/// 1 MiB messages and frames, and time for the client to hear the 1009.
+const ONE_MIB_LIMITS: &str =
+    "max_message_size = \"1MiB\"\nmax_frame_size = \"1MiB\"\nclose_timeout = 30";
+
 #[test]
 fn a_64_mib_frame_into_a_1_mib_limit_closes_1009_without_buffering_it() {
     const CLAIMED: u64 = 64 << 20;
-    let mut server = Server::start_extra(
-        "echo",
-        1,
-        "max_message_size = \"1MiB\"\nmax_frame_size = \"1MiB\"\nclose_timeout = 30",
-    );
+    let mut server = Server::start_extra("echo", 1, ONE_MIB_LIMITS);
     let pid = server.worker_pid(0);
     let reported_before = fresh_reported_memory(&mut server);
     let rss_before = proc_status_bytes(pid, "VmRSS");
@@ -262,11 +262,7 @@ fn a_64_mib_frame_into_a_1_mib_limit_closes_1009_without_buffering_it() {
 #[test]
 fn fragments_adding_up_past_max_message_size_close_1009() {
     const FRAGMENT: usize = 900 << 10;
-    let mut server = Server::start_extra(
-        "echo",
-        1,
-        "max_message_size = \"1MiB\"\nmax_frame_size = \"1MiB\"\nclose_timeout = 30",
-    );
+    let mut server = Server::start_extra("echo", 1, ONE_MIB_LIMITS);
     let pid = server.worker_pid(0);
     let rss_before = proc_status_bytes(pid, "VmRSS");
     let mut raw = RawClient::upgrade(server.port);
