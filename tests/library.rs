@@ -181,19 +181,9 @@ fn a_panicking_hook_closes_only_its_connection() {
     assert_eq!(server.worker_pids(), pids, "no worker died");
     let mut fresh = server.connect();
     assert!(fresh.recv_text().starts_with("welcome"));
-    wait_for("the panic to be logged", DEADLINE, || {
-        server
-            .master_output()
-            .contains("on_message hook panicked")
-            .then_some(())
-    });
+    server.wait_for_log("on_message hook panicked");
     assert!(server.master_output().contains("the app has a bug"));
-    wait_for("on_close after the panic", DEADLINE, || {
-        server
-            .master_output()
-            .contains("hook saw close")
-            .then_some(())
-    });
+    server.wait_for_log("hook saw close");
 }
 
 fn hooks_close_with_a_code_and_hear_about_errors() {
@@ -210,12 +200,7 @@ fn hooks_close_with_a_code_and_hear_about_errors() {
     assert_eq!(code, 4000);
     let mut raw = RawClient::upgrade(server.port);
     raw.frame(true, 0x1, &[0xc3, 0x28]);
-    wait_for("on_error with 1007", DEADLINE, || {
-        server
-            .master_output()
-            .contains("invalid UTF-8 in a text message (1007)")
-            .then_some(())
-    });
+    server.wait_for_log("invalid UTF-8 in a text message (1007)");
 }
 
 fn a_stuck_worker_shows_busy_and_status_does_not_hang() {

@@ -195,6 +195,13 @@ impl Server {
         std::fs::read_to_string(self.dir.path().join("master.out")).unwrap_or_default()
     }
 
+    /// Waits until the master's output (its log and its workers') contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        wait_for(&format!("the log to say {text:?}"), DEADLINE, || {
+            self.master_output().contains(text).then_some(())
+        });
+    }
+
     pub fn seen_pids(&self) -> Vec<i32> {
         self.seen.clone()
     }
