@@ -96,15 +96,16 @@ impl Session {
         }
         match &mut self.phase {
             Phase::Handshake(buf) => {
-                let parsed = if buf.is_empty() {
-                    parse_or_keep(input, buf, self.max_header_bytes)
-                } else {
+                // Parsed in place when the whole request came in one read (the usual case);
+                // only a request split across reads is copied.
+                let stashed = !buf.is_empty();
+                if stashed {
                     buf.extend_from_slice(input);
-                    handshake::parse(buf, self.max_header_bytes)
-                };
-                let whole = if buf.is_empty() { input } else { &buf[..] };
-                match parsed {
-                    Parsed::Partial => {}
+                }
+                let whole: &[u8] = if stashed { buf } else { input };
+                match handshake::parse(whole, self.max_header_bytes) {
+                    Parsed::Partial if stashed => {}
+                    Parsed::Partial => buf.extend_from_slice(input),
                     Parsed::Upgrade(request, used) => {
                         let rest = whole[used..].to_vec();
                         self.phase = Phase::Deciding(rest);
@@ -209,15 +210,6 @@ impl Session {
             steps.push_back(Step::Failed(e));
         }
     }
-}
-
-/// Parses `input` in place when it holds the whole request; otherwise keeps a copy in `buf`.
-fn parse_or_keep(input: &[u8], buf: &mut Vec<u8>, max: usize) -> Parsed {
-    let parsed = handshake::parse(input, max);
-    if matches!(parsed, Parsed::Partial) {
-        buf.extend_from_slice(input);
-    }
-    parsed
 }
 
 #[cfg(test)]

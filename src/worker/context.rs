@@ -20,6 +20,12 @@ use std::time::Duration;
 /// Queued bytes past which a send writes to the socket at once instead of at the end of turn.
 const WRITE_EARLY: usize = 64 << 10;
 
+/// The send-queue mark where `on_buffer_full` fires and the worker stops reading the client
+/// until the queue drains: half of `max_send_buffer`, so an app that pauses there loses nothing.
+pub(crate) fn high_water(max_send_buffer: usize) -> usize {
+    max_send_buffer / 2
+}
+
 /// A connection's send queue crossed a mark; the loop tells the app after the current hook.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum BufferNotice {
@@ -214,7 +220,7 @@ impl Context {
         }
         push(&mut c.session.out);
         c.write_early(WRITE_EARLY);
-        let newly_full = !c.buffer_full && c.session.out.len() >= limit / 2;
+        let newly_full = !c.buffer_full && c.session.out.len() >= high_water(limit);
         if newly_full {
             c.buffer_full = true;
             self.notices.push(BufferNotice::Full(id));

@@ -278,7 +278,7 @@ impl Loop {
                     // Out of descriptors: the pending client stays queued; retry shortly
                     // instead of spinning on a listener that stays readable.
                     // Logged once per episode, not on every retry.
-                    if self.accept_retry_at.is_none() && !self.accept_paused {
+                    if !self.accept_paused {
                         log::warn!("accept: {e}; pausing accepts, retrying every 100 ms");
                     }
                     self.accept_paused = true;
@@ -348,7 +348,7 @@ impl Loop {
     /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
     /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
-        let high_water = self.settings.max_send_buffer / 2;
+        let high_water = super::context::high_water(self.settings.max_send_buffer);
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.ctx.conns.get_mut(idx) else {
                 return;
@@ -472,8 +472,8 @@ impl Loop {
             self.ctx.mark_dirty(idx);
             return;
         }
-        conn.path = request.path.clone();
         conn.session.accept(&request, &mut self.steps);
+        conn.path = request.path;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);
         if self.stopping == Some(Stop::Closing) {
