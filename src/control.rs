@@ -2,7 +2,8 @@
 //!
 //! * CLI → master over the control socket: a [`Request`]; the master answers one [`Reply`].
 //! * worker → master over the worker's channel: [`FromWorker`] (ready, counters each second).
-//! * master → worker over the same channel: [`ToWorker`] (stop).
+//! * master → worker over the same channel: [`ToWorker`] (stop, list connections, reopen logs;
+//!   the new log file's descriptor rides along with `reopen_logs` as `SCM_RIGHTS`).
 //!
 //! JSON lines keep the protocol debuggable with `socat` and make `status --json` free: it is
 //! the master's [`Status`] printed as is.
@@ -17,9 +18,27 @@ pub enum Request {
     Status,
     /// Stop every worker; the reply comes when the master is about to exit.
     Stop {
-        /// Wait for clients to leave instead of closing them (no time limit).
-        graceful: bool,
+        mode: StopMode,
     },
+    /// Re-read the config and replace the workers slot by slot; the reply comes when done.
+    Reload,
+    /// Reopen the log file (after logrotate moved it).
+    ReopenLogs,
+    /// Every live connection of every worker.
+    Connections,
+}
+
+/// How a worker stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// `stop -g`: stop accepting, wait for clients to leave, with no time limit.
+    Drain,
+    /// `stop`, SIGTERM, reload: Close 1001 to every client, spread over `close_spread`, then
+    /// exit; the master SIGKILLs what is left at `stop_timeout`.
+    Close,
+    /// `stop --fast`, SIGINT, SIGQUIT: Close 1001 written once, no waiting for the answers.
+    Fast,
 }
 
 /// The master's answer to a [`Request`].
@@ -30,6 +49,11 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// What a reload did, for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Connections>,
 }
 
 impl Reply {
@@ -38,13 +62,15 @@ impl Reply {
             ok: true,
             error: None,
             status: None,
+            message: None,
+            connections: None,
         }
     }
     pub fn error(e: impl Into<String>) -> Reply {
         Reply {
             ok: false,
             error: Some(e.into()),
-            status: None,
+            ..Reply::ok()
         }
     }
 }
@@ -56,13 +82,59 @@ pub enum FromWorker {
     /// `on_worker_start` has returned and the worker is accepting.
     Ready,
     Report(Counters),
+    /// A part of the answer to [`ToWorker::ListConnections`]; `last` ends it.
+    Connections {
+        query: u64,
+        conns: Vec<ConnInfo>,
+        last: bool,
+    },
 }
 
 /// Master → worker.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ToWorker {
-    Stop { graceful: bool },
+    Stop {
+        mode: StopMode,
+        /// The window over which Close 1001 goes out (`StopMode::Close`).
+        spread_ms: u64,
+    },
+    /// Answer with [`FromWorker::Connections`] for this query.
+    ListConnections { query: u64 },
+    /// Point stdout and stderr at the descriptor sent with this line.
+    ReopenLogs,
+}
+
+/// One live connection, as `wsd connections` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnInfo {
+    /// Filled in by the master.
+    #[serde(default)]
+    pub pid: i32,
+    #[serde(default)]
+    pub worker: String,
+    /// The worker-local id hooks see (`ConnId`).
+    pub id: String,
+    pub remote: String,
+    pub path: String,
+    pub age_secs: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Bytes queued for the client and not yet taken by its socket.
+    pub send_queue: u64,
+    /// `handshake`, `open` or `closing`.
+    pub state: String,
+}
+
+/// The answer to [`Request::Connections`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Connections {
+    pub conns: Vec<ConnInfo>,
+    /// Workers that did not answer in time (busy in a hook); their connections are missing.
+    #[serde(default)]
+    pub missing: Vec<i32>,
 }
 
 /// What a worker counts, pushed to the master about once a second.
@@ -78,6 +150,9 @@ pub struct Counters {
     pub send_fail: u64,
     pub timers: u64,
     pub accepted: u64,
+    /// Bytes queued for slow clients, over all connections.
+    #[serde(default)]
+    pub send_queue: u64,
     /// Resident memory of the worker process in bytes.
     pub memory: u64,
 }
@@ -118,10 +193,16 @@ pub struct WorkerStatus {
     pub slot: usize,
     pub listen: String,
     /// `idle` when its last report is fresh, `busy` when it has not reported for a while
-    /// (stuck in a hook), `starting` before its first report.
+    /// (stuck in a hook), `starting` before its first report, `stopping` when it is being
+    /// replaced (reload) or removed.
     pub status: String,
     pub uptime_secs: u64,
     pub qps: f64,
+    /// Connections waiting in this slot's listen queue, and the queue's limit (backlog).
+    #[serde(default)]
+    pub accept_queue: u32,
+    #[serde(default)]
+    pub backlog: u32,
     #[serde(flatten)]
     pub counters: Counters,
 }

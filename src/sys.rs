@@ -9,7 +9,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Which side of a `fork` this process is on.
 pub enum Fork {
@@ -163,4 +163,52 @@ pub fn signal_name(sig: i32) -> String {
     Signal::try_from(sig)
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Sends `data` on a Unix stream socket with `fd` attached (`SCM_RIGHTS`): how the master
+/// hands a reopened log file to workers that may no longer have the right to open it.
+pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let iov = [io::IoSlice::new(data)];
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_DONTWAIT, None).map_err(io::Error::from)
+}
+
+/// Reads from a Unix stream socket like `read`, keeping any descriptors that arrive with the
+/// bytes (`SCM_RIGHTS`) in `fds`.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(
+        sock,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            // SAFETY: the kernel just installed these descriptors in this process for us;
+            // nothing else owns them.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(msg.bytes)
+}
+
+/// Points stdout and stderr at `fd` (a reopened log file).
+pub fn redirect_output(fd: RawFd) -> io::Result<()> {
+    for to in [1, 2] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns; `fd` is valid.
+        if unsafe { libc::dup2(fd, to) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

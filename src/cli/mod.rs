@@ -7,7 +7,7 @@
 mod status;
 
 use crate::config::{Config, ConfigError, ServerConfig};
-use crate::control::{self, Reply, Request};
+use crate::control::{self, Reply, Request, StopMode};
 use crate::master::{self, pidfile};
 use crate::{Runner, Worker};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -125,7 +125,13 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
         Command::Start { daemon } => start(runner, have_file.then_some(&config_path), daemon),
         Command::Restart { daemon } => {
             let server = locate(have_file.then_some(&config_path));
-            match request(&server, &Request::Stop { graceful: false }, None) {
+            match request(
+                &server,
+                &Request::Stop {
+                    mode: StopMode::Close,
+                },
+                None,
+            ) {
                 Ok(_) => println!("wsd stopped"),
                 Err(Failed(e)) if e.contains("not running") => {}
                 Err(e) => return Err(e),
@@ -137,7 +143,12 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             if graceful {
                 println!("wsd is stopping gracefully: waiting for clients to leave");
             }
-            request(&server, &Request::Stop { graceful }, None)?;
+            let mode = if graceful {
+                StopMode::Drain
+            } else {
+                StopMode::Close
+            };
+            request(&server, &Request::Stop { mode }, None)?;
             println!("wsd stopped");
             Ok(0)
         }

@@ -372,12 +372,16 @@ impl Master {
                 };
                 send_reply(&mut client.stream, &reply);
             }
-            Ok(Request::Stop { graceful }) => {
-                self.begin_stop(graceful, "wsd stop");
+            Ok(Request::Stop { mode }) => {
+                self.begin_stop(mode == control::StopMode::Drain, "wsd stop");
                 if let Some(st) = &mut self.stopping {
                     st.waiters.push(client);
                 }
             }
+            Ok(other) => send_reply(
+                &mut client.stream,
+                &Reply::error(format!("not supported yet: {other:?}")),
+            ),
             Err(e) => send_reply(
                 &mut client.stream,
                 &Reply::error(format!("bad request: {e}")),

@@ -183,6 +183,7 @@ impl Group {
                     }
                     s.report = Some((now, c));
                 }
+                Ok(other) => log::debug!("not yet: {other:?}"),
                 Err(e) => log::warn!("bad line from worker {}#{slot}: {e}", self.def.name()),
             }
         }
@@ -193,7 +194,12 @@ impl Group {
     pub fn tell_stop(&mut self, slot: usize, graceful: bool) {
         let s = &mut self.slots[slot];
         let Some(pid) = s.pid else { return };
-        let line = control::line(&ToWorker::Stop { graceful });
+        let mode = if graceful {
+            control::StopMode::Drain
+        } else {
+            control::StopMode::Close
+        };
+        let line = control::line(&ToWorker::Stop { mode, spread_ms: 0 });
         let sent = s
             .channel
             .as_mut()
@@ -229,6 +235,8 @@ impl Group {
             status: status.into(),
             uptime_secs: s.started_at.map_or(0, |t| t.elapsed().as_secs()),
             qps: (qps * 10.0).round() / 10.0,
+            accept_queue: 0,
+            backlog: 0,
             counters: s
                 .report
                 .as_ref()

@@ -732,7 +732,8 @@ impl Loop {
         let (lines, closed) = self.channel_in.read_from(&mut self.channel);
         for line in lines {
             match serde_json::from_str::<ToWorker>(&line) {
-                Ok(ToWorker::Stop { graceful }) => self.stop(graceful),
+                Ok(ToWorker::Stop { mode, .. }) => self.stop(mode == control::StopMode::Drain),
+                Ok(other) => log::debug!("not yet: {other:?}"),
                 Err(e) => log::warn!("bad command from master: {e}"),
             }
         }
