@@ -54,8 +54,33 @@ pub struct ServerConfig {
     /// How long a stop waits for workers before the master SIGKILLs them.
     #[serde(deserialize_with = "seconds")]
     pub stop_timeout: Duration,
+    /// A stopping worker sends Close 1001 to its clients over this window rather than all at
+    /// once, so they do not all reconnect in the same instant. Shorter than `stop_timeout`.
+    #[serde(deserialize_with = "seconds")]
+    pub close_spread: Duration,
+    /// How long a reload waits for a new worker to become ready, and for a replaced one to
+    /// finish its clients before it is SIGKILLed.
+    #[serde(deserialize_with = "seconds")]
+    pub reload_timeout: Duration,
     /// Log filter in `RUST_LOG` syntax (`info`, `wsd=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
+}
+
+impl ServerConfig {
+    fn check(&self) -> Result<(), String> {
+        let spread = self.close_spread;
+        for (name, limit) in [
+            ("stop_timeout", self.stop_timeout),
+            ("reload_timeout", self.reload_timeout),
+        ] {
+            if spread >= limit {
+                return Err(format!(
+                    "close_spread ({spread:?}) must be shorter than {name} ({limit:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -65,6 +90,8 @@ impl Default for ServerConfig {
             control_socket: PathBuf::from("wsd.sock"),
             log_file: PathBuf::from("wsd.log"),
             stop_timeout: Duration::from_secs(10),
+            close_spread: Duration::from_secs(1),
+            reload_timeout: Duration::from_secs(30),
             log_level: "info".into(),
         }
     }
@@ -73,7 +100,7 @@ impl Default for ServerConfig {
 /// `[[worker]]`: one group of identical worker processes behind one listen address, and the
 /// knobs of their event loops. A library program builds the same struct with
 /// [`GroupConfig::new`]; every key but `listen` has a safe default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Shown in the banner, `status` and logs. Empty means the app's name.
@@ -139,6 +166,10 @@ pub struct GroupConfig {
     /// After the server sends Close, how long it waits for the client's Close before dropping.
     #[serde(default = "d::close_timeout", deserialize_with = "seconds")]
     pub close_timeout: Duration,
+    /// `false` keeps this group's workers through `wsd reload` (Workerman's `reloadable`):
+    /// for workers holding state that a restart would lose. `restart` still replaces them.
+    #[serde(default = "d::reloadable")]
+    pub reloadable: bool,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -183,6 +214,9 @@ mod d {
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(75)
     }
+    pub fn reloadable() -> bool {
+        true
+    }
     pub fn close_timeout() -> Duration {
         Duration::from_secs(5)
     }
@@ -211,6 +245,7 @@ impl GroupConfig {
             max_connections_per_ip: d::max_connections_per_ip(),
             trusted_proxies: Vec::new(),
             close_timeout: d::close_timeout(),
+            reloadable: d::reloadable(),
         }
     }
 
@@ -436,8 +471,7 @@ impl<'de> Deserialize<'de> for Listen {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSchema {
-    #[serde(default)]
-    server: ServerConfig,
+    server: Option<toml::Spanned<ServerConfig>>,
     #[serde(default, rename = "worker")]
     workers: Vec<toml::Spanned<GroupConfig>>,
 }
@@ -471,7 +505,11 @@ impl Config {
         let schema: FileSchema =
             toml::from_str(text).map_err(|e| at(e.span(), e.message().trim().to_string()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut server = schema.server;
+        let (mut server, server_span) = match schema.server {
+            Some(s) => (s.get_ref().clone(), Some(s.span())),
+            None => (ServerConfig::default(), None),
+        };
+        server.check().map_err(|r| at(server_span, r))?;
         for p in [
             &mut server.pid_file,
             &mut server.control_socket,
@@ -658,6 +696,16 @@ mod tests {
         let c = parse("[[worker]]\nlisten = \"127.0.0.1:0\"\nmax_message_size = \"16MiB\"\nhandshake_timeout = 2.5\n").unwrap();
         assert_eq!(c.groups[0].max_message_size, 16 << 20);
         assert_eq!(c.groups[0].handshake_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn server_timeouts_cross_check() {
+        let c = parse("[server]\nclose_spread = \"2s\"\nreload_timeout = 60\n").unwrap();
+        assert_eq!(c.server.close_spread, Duration::from_secs(2));
+        assert_eq!(c.server.reload_timeout, Duration::from_secs(60));
+        let e = parse("# top\n[server]\nstop_timeout = 1\n").unwrap_err();
+        assert!(e.reason.contains("close_spread"), "{e}");
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     }
 
     #[test]

@@ -41,16 +41,13 @@ pub use worker::{
     Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker,
 };
 
-use std::collections::BTreeMap;
 
 /// This build's version, shown in the banner and `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-type AppInstaller = Box<dyn Fn(&mut Worker)>;
-
 /// A program built on wsd: the apps `workers.toml` may name, and groups defined in code.
 pub struct Runner {
-    apps: BTreeMap<String, AppInstaller>,
+    apps: master::Apps,
     workers: Vec<Worker>,
 }
 
@@ -64,7 +61,7 @@ impl Runner {
     /// A runner that knows the built-in apps (`echo`, `hello`, `clock`).
     pub fn new() -> Runner {
         let mut r = Runner {
-            apps: BTreeMap::new(),
+            apps: master::Apps::new(),
             workers: Vec::new(),
         };
         for (name, install) in apps::builtin() {

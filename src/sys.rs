@@ -212,3 +212,25 @@ pub fn redirect_output(fd: RawFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A listening TCP socket's accept queue: (connections waiting, limit), from `TCP_INFO`
+/// (for a listener the kernel reports them in `tcpi_unacked` and `tcpi_sacked`).
+pub fn listen_queue(listener: &impl AsRawFd) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}

@@ -1,4 +1,4 @@
-//! The control path's client side: `wsd start|stop|restart|status|check`.
+//! The control path's client side: `wsd start|stop|restart|reload|status|connections|check`.
 //!
 //! Every command but `start` and `check` talks to the running master over its control socket
 //! (JSON lines) and turns the answer into output and an exit code: 0 on success, 1 with a
@@ -9,7 +9,7 @@ mod status;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::control::{self, Reply, Request, StopMode};
 use crate::master::{self, pidfile};
-use crate::{Runner, Worker};
+use crate::Runner;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -40,13 +40,29 @@ enum Command {
     /// Stop the running master: clients get Close 1001, workers exit
     Stop {
         /// Graceful: stop accepting and wait, without a time limit, for clients to leave
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "fast")]
         graceful: bool,
+        /// Fast: send Close 1001 once and exit without waiting for clients to answer
+        #[arg(long)]
+        fast: bool,
     },
     /// Stop, then start again
     Restart {
         #[arg(short, long)]
         daemon: bool,
+        /// Stop fast (see `stop --fast`)
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Re-read the config and replace the workers one slot at a time, refusing no client
+    Reload,
+    /// Reopen the log file (for logrotate; a daemon's output goes there)
+    ReopenLogs,
+    /// List every live connection of every worker
+    Connections {
+        /// Print one JSON object instead of the table
+        #[arg(long)]
+        json: bool,
     },
     /// Show the master and every worker process
     Status {
@@ -123,33 +139,55 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             Ok(0)
         }
         Command::Start { daemon } => start(runner, have_file.then_some(&config_path), daemon),
-        Command::Restart { daemon } => {
+        Command::Restart { daemon, fast } => {
             let server = locate(have_file.then_some(&config_path));
-            match request(
-                &server,
-                &Request::Stop {
-                    mode: StopMode::Close,
-                },
-                None,
-            ) {
+            let mode = if fast {
+                StopMode::Fast
+            } else {
+                StopMode::Close
+            };
+            match request(&server, &Request::Stop { mode }, None) {
                 Ok(_) => println!("wsd stopped"),
                 Err(Failed(e)) if e.contains("not running") => {}
                 Err(e) => return Err(e),
             }
             start(runner, have_file.then_some(&config_path), daemon)
         }
-        Command::Stop { graceful } => {
+        Command::Stop { graceful, fast } => {
             let server = locate(have_file.then_some(&config_path));
             if graceful {
                 println!("wsd is stopping gracefully: waiting for clients to leave");
             }
-            let mode = if graceful {
-                StopMode::Drain
-            } else {
-                StopMode::Close
+            let mode = match (graceful, fast) {
+                (true, _) => StopMode::Drain,
+                (_, true) => StopMode::Fast,
+                _ => StopMode::Close,
             };
             request(&server, &Request::Stop { mode }, None)?;
             println!("wsd stopped");
+            Ok(0)
+        }
+        Command::Reload => {
+            let server = locate(have_file.then_some(&config_path));
+            let reply = request(&server, &Request::Reload, None)?;
+            println!("wsd {}", reply.message.unwrap_or_else(|| "reloaded".into()));
+            Ok(0)
+        }
+        Command::ReopenLogs => {
+            let server = locate(have_file.then_some(&config_path));
+            let reply = request(&server, &Request::ReopenLogs, Some(Duration::from_secs(5)))?;
+            println!("wsd: {}", reply.message.unwrap_or_default());
+            Ok(0)
+        }
+        Command::Connections { json } => {
+            let server = locate(have_file.then_some(&config_path));
+            let reply = request(&server, &Request::Connections, Some(Duration::from_secs(10)))?;
+            let conns = reply.connections.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&conns).unwrap_or_default());
+            } else {
+                print!("{}", status::render_connections(&conns));
+            }
             Ok(0)
         }
         Command::Status { json, watch } => {
@@ -189,22 +227,15 @@ fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<
         }
     };
     crate::logging::init(&config.server.log_level);
-    let mut groups: Vec<Worker> = Vec::new();
     let Runner { apps, workers } = runner;
-    for w in workers {
+    for w in &workers {
         w.check()
             .map_err(|e| Failed(format!("worker {:?}: {e}", w.name())))?;
-        groups.push(w);
-    }
-    for g in &config.groups {
-        let mut w = Worker::from_config(g.clone());
-        let install = apps.get(&g.app).expect("config validated the app name");
-        install(&mut w);
-        groups.push(w);
     }
     Ok(master::start(master::Plan {
         config,
-        groups,
+        code_groups: workers,
+        apps,
         daemon,
     }))
 }

@@ -1,6 +1,6 @@
-//! `wsd status` as a Workerman-style table.
+//! `wsd status` as a Workerman-style table, and `wsd connections` as a table.
 
-use crate::control::Status;
+use crate::control::{Connections, Status};
 use std::fmt::Write;
 
 pub fn render(st: &Status) -> String {
@@ -15,7 +15,7 @@ pub fn render(st: &Status) -> String {
         .unwrap_or_default();
     let up = m.uptime_secs;
     let processes: usize = st.groups.iter().map(|g| g.count).sum();
-    let _ = writeln!(out, "{:-^110}", " GLOBAL STATUS ");
+    let _ = writeln!(out, "{:-^132}", " GLOBAL STATUS ");
     let _ = writeln!(
         out,
         "wsd version: {:<20} master pid: {:<10} config: {}",
@@ -45,13 +45,15 @@ pub fn render(st: &Status) -> String {
             let _ = writeln!(out, "{:<20} {:<30} {n}", g.name, how);
         }
     }
-    let _ = writeln!(out, "{:-^110}", " PROCESS STATUS ");
+    let _ = writeln!(out, "{:-^132}", " PROCESS STATUS ");
     let header = [
         "pid",
         "memory",
         "listening",
         "name",
         "connections",
+        "accept_q",
+        "send_queue",
         "send_fail",
         "timers",
         "total_request",
@@ -60,10 +62,13 @@ pub fn render(st: &Status) -> String {
     ];
     let _ = writeln!(out, "{}", row(&header.map(String::from)));
     let (mut mem, mut conns, mut fails, mut timers, mut total, mut qps) = (0, 0, 0, 0, 0, 0.0);
+    let (mut queued, mut accepted) = (0, 0);
     for w in &st.workers {
         let c = &w.counters;
         mem += c.memory;
         conns += c.connections;
+        queued += c.send_queue;
+        accepted += c.accepted;
         fails += c.send_fail;
         timers += c.timers;
         total += c.total_request;
@@ -77,6 +82,8 @@ pub fn render(st: &Status) -> String {
                 w.listen.clone(),
                 format!("{}#{}", w.name, w.slot),
                 c.connections.to_string(),
+                format!("{}/{}", w.accept_queue, w.backlog),
+                human(c.send_queue),
                 c.send_fail.to_string(),
                 c.timers.to_string(),
                 c.total_request.to_string(),
@@ -85,7 +92,7 @@ pub fn render(st: &Status) -> String {
             ])
         );
     }
-    let _ = writeln!(out, "{:-^110}", " Summary ");
+    let _ = writeln!(out, "{:-^132}", " Summary ");
     let _ = write!(
         out,
         "{}",
@@ -95,6 +102,8 @@ pub fn render(st: &Status) -> String {
             "-".into(),
             "-".into(),
             conns.to_string(),
+            format!("{accepted} acc"),
+            human(queued),
             fails.to_string(),
             timers.to_string(),
             total.to_string(),
@@ -105,13 +114,42 @@ pub fn render(st: &Status) -> String {
     out
 }
 
-fn row(cells: &[String; 10]) -> String {
-    let widths = [8, 8, 30, 14, 12, 10, 7, 14, 9, 10];
+fn row(cells: &[String; 12]) -> String {
+    let widths = [8, 8, 30, 14, 12, 10, 10, 10, 7, 14, 9, 10];
     let mut s = String::new();
     for (cell, w) in cells.iter().zip(widths) {
         let _ = write!(s, "{cell:<w$} ");
     }
     s.trim_end().to_string()
+}
+
+/// One row per connection, sorted by worker and age.
+pub fn render_connections(c: &Connections) -> String {
+    let mut rows: Vec<_> = c.conns.iter().collect();
+    rows.sort_by(|a, b| (a.pid, a.age_secs).partial_cmp(&(b.pid, b.age_secs)).unwrap_or(std::cmp::Ordering::Equal));
+    let mut out = format!(
+        "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {}\n",
+        "pid", "worker", "id", "remote", "path", "age", "bytes_in", "bytes_out", "msgs_in",
+        "msgs_out", "send_queue", "state"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {}",
+            r.pid, r.worker, r.id, r.remote, r.path, r.age_secs, r.bytes_in, r.bytes_out,
+            r.messages_in, r.messages_out, r.send_queue, r.state
+        );
+    }
+    let _ = writeln!(out, "{} connection(s)", c.conns.len());
+    if !c.missing.is_empty() {
+        let pids: Vec<String> = c.missing.iter().map(i32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "not answering (busy; their connections are missing above): pid {}",
+            pids.join(", ")
+        );
+    }
+    out
 }
 
 /// `2.1M`, `512K`.

@@ -1,74 +1,97 @@
 //! The master loop: one thread, one `mio::Poll` over the signalfd, the control socket and
 //! every worker's channel. No threads ever (workers are forked from here), no blocking waits.
+//!
+//! Signals: SIGTERM stops gracefully, SIGINT/SIGQUIT stop fast, SIGUSR1/SIGHUP reload,
+//! SIGUSR2 reopens the log file, SIGCHLD reaps. The CLI asks the same things over the control
+//! socket and gets an answer.
 
+use super::clients::{self, Clients};
 use super::daemon::Announce;
-use super::supervisor::{self, Group};
+use super::reload::{self, Reload};
+use super::supervisor::{self, Supervisor};
+use super::{Source, notify};
 use crate::config::ServerConfig;
-use crate::control::{self, GroupStatus, LineReader, MasterStatus, Reply, Request, Status};
+use crate::control::{
+    ConnInfo, Connections, GroupStatus, MasterStatus, Reply, Request, Status, StopMode, ToWorker,
+};
 use crate::sys;
-use mio::net::{UnixListener, UnixStream};
+use mio::net::UnixStream;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use slab::Slab;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
-const CLIENT_BASE: usize = 16;
-
-struct Client {
-    stream: UnixStream,
-    input: LineReader,
-}
+/// How long `wsd connections` waits for a busy worker's rows.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 struct Stopping {
-    graceful: bool,
+    mode: StopMode,
     /// When the master SIGKILLs what is left (none for `stop -g`).
     kill_at: Option<Instant>,
     /// CLI clients waiting for the stop to finish.
-    waiters: Vec<Client>,
+    waiters: Vec<UnixStream>,
+}
+
+/// A `wsd connections` request collecting rows from the workers.
+struct Query {
+    id: u64,
+    client: usize,
+    /// Workers that have not sent their last rows yet.
+    waiting: Vec<usize>,
+    result: Connections,
+    deadline: Instant,
 }
 
 pub struct Master {
     server: ServerConfig,
+    source: Source,
     config_label: String,
-    groups: Vec<Group>,
-    control: UnixListener,
-    clients: Slab<Client>,
+    sup: Supervisor,
+    clients: Clients,
     announce: Announce,
     daemon: bool,
     started: SystemTime,
     started_at: Instant,
     stopping: Option<Stopping>,
+    reload: Option<Reload>,
+    queries: Vec<Query>,
+    next_query: u64,
     exit_code: i32,
 }
 
 impl Master {
     pub fn new(
         server: ServerConfig,
-        config_label: String,
-        groups: Vec<Group>,
+        source: Source,
+        sup: Supervisor,
         control: std::os::unix::net::UnixListener,
         announce: Announce,
     ) -> Master {
-        let _ = control.set_nonblocking(true);
         let daemon = matches!(announce, Announce::Pipe(_));
+        let config_label = source
+            .file
+            .as_ref()
+            .map_or("(none)".to_string(), |p| p.display().to_string());
         Master {
             server,
+            source,
             config_label,
-            groups,
-            control: UnixListener::from_std(control),
-            clients: Slab::new(),
+            sup,
+            clients: Clients::new(control),
             announce,
             daemon,
             started: SystemTime::now(),
             started_at: Instant::now(),
             stopping: None,
+            reload: None,
+            queries: Vec::new(),
+            next_query: 0,
             exit_code: 0,
         }
     }
@@ -84,22 +107,13 @@ pub fn run(mut m: Master) -> (i32, Vec<UnixStream>) {
         Err(e) => {
             log::error!("master failed: {e}");
             m.announce.failed(&format!("master failed: {e}"));
-            for pid in m
-                .groups
-                .iter()
-                .flat_map(|g| g.live_pids())
-                .collect::<Vec<_>>()
-            {
+            for pid in m.sup.live_pids().collect::<Vec<_>>() {
                 let _ = kill(pid, Signal::SIGKILL);
             }
             1
         }
     };
-    let waiters = m
-        .stopping
-        .take()
-        .map(|s| s.waiters.into_iter().map(|c| c.stream).collect())
-        .unwrap_or_default();
+    let waiters = m.stopping.take().map(|s| s.waiters).unwrap_or_default();
     (code, waiters)
 }
 
@@ -107,28 +121,29 @@ impl Master {
     fn serve(&mut self) -> io::Result<()> {
         let signals = sys::signal_fd()?;
         let mut poll = Poll::new()?;
-        poll.registry().register(
+        let registry = poll.registry().try_clone()?;
+        registry.register(
             &mut SourceFd(&signals.as_raw_fd()),
             SIGNALS,
             Interest::READABLE,
         )?;
-        poll.registry()
-            .register(&mut self.control, CONTROL, Interest::READABLE)?;
-        for g in 0..self.groups.len() {
-            for slot in 0..self.groups[g].slots.len() {
-                self.groups[g].spawn(g, slot, poll.registry())?;
+        registry.register(self.clients.listener(), CONTROL, Interest::READABLE)?;
+        for g in 0..self.sup.groups.len() {
+            for slot in 0..self.sup.groups[g].slots.len() {
+                self.sup.spawn(g, slot, &registry)?;
             }
         }
         log::info!(
             "master pid {} started {} worker(s)",
             std::process::id(),
-            self.groups.iter().map(|g| g.slots.len()).sum::<usize>()
+            self.sup.procs.len()
         );
         let mut events = Events::with_capacity(256);
         loop {
-            if self.stopping.is_some() && self.groups.iter().all(|g| g.live_pids().next().is_none())
-            {
-                self.finish();
+            if self.stopping.is_some() && self.sup.procs.is_empty() {
+                log::info!("all workers stopped; master exits");
+                self.announce
+                    .failed("stopped before every worker was ready");
                 return Ok(());
             }
             let timeout = self
@@ -142,82 +157,120 @@ impl Master {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    SIGNALS => self.read_signals(&signals, &poll),
-                    CONTROL => self.accept_clients(&poll),
+                    SIGNALS => self.read_signals(&signals, &registry),
+                    CONTROL => self.clients.accept(&registry),
                     t if t.0 >= supervisor::CHANNEL_BASE => {
-                        if let Some((g, slot)) = supervisor::token_slot(t)
-                            && g < self.groups.len()
-                            && slot < self.groups[g].slots.len()
-                        {
-                            // EOF just means the worker is exiting; SIGCHLD does the rest.
-                            let _ = self.groups[g].read_channel(slot);
+                        if let Some(key) = supervisor::token_proc(t) {
+                            for rows in self.sup.read_channel(key) {
+                                self.add_rows(key, rows, &registry);
+                            }
                         }
                     }
-                    Token(t) => self.serve_client(t - CLIENT_BASE),
+                    t => {
+                        if let Some(key) = clients::token_client(t)
+                            && let Some(req) = self.clients.ready(key, &registry)
+                        {
+                            self.request(key, req, &registry);
+                        }
+                    }
                 }
             }
             self.check_ready();
-            self.run_deadlines(&poll)?;
+            self.run_deadlines(&registry);
+            self.advance_reload(&registry);
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let respawns = self
+            .sup
             .groups
             .iter()
-            .flat_map(|g| g.slots.iter().filter_map(|s| s.respawn_at));
+            .flat_map(|g| g.slots.iter().filter_map(|s| s.respawn_at))
+            .filter(|_| self.stopping.is_none());
+        let retiring = self.sup.procs.iter().filter_map(|(_, p)| p.retiring);
         let kill_at = self.stopping.as_ref().and_then(|s| s.kill_at);
-        respawns.chain(kill_at).min()
+        let reload = self.reload.as_ref().and_then(|r| r.deadline());
+        let queries = self.queries.iter().map(|q| q.deadline);
+        respawns
+            .chain(retiring)
+            .chain(kill_at)
+            .chain(reload)
+            .chain(queries)
+            .min()
     }
 
-    fn run_deadlines(&mut self, poll: &Poll) -> io::Result<()> {
+    fn run_deadlines(&mut self, registry: &Registry) {
         let now = Instant::now();
+        for (_, p) in self.sup.procs.iter_mut() {
+            if p.retiring.is_some_and(|t| now >= t) {
+                log::warn!(
+                    "worker {}#{} pid {} still running after its deadline; killing it",
+                    p.group,
+                    p.slot,
+                    p.pid
+                );
+                let _ = kill(p.pid, Signal::SIGKILL);
+                p.retiring = Some(now + Duration::from_secs(1));
+            }
+        }
+        while let Some(i) = self.queries.iter().position(|q| now >= q.deadline) {
+            let q = self.queries.swap_remove(i);
+            self.answer_query(q, registry);
+        }
         if let Some(st) = &mut self.stopping {
             if st.kill_at.is_some_and(|t| now >= t) {
                 st.kill_at = None;
-                for g in &self.groups {
-                    for pid in g.live_pids() {
-                        log::warn!(
-                            "worker {} pid {pid} still running after stop_timeout; killing it",
-                            g.name()
-                        );
-                        let _ = kill(pid, Signal::SIGKILL);
-                    }
+                for (_, p) in self.sup.procs.iter() {
+                    log::warn!(
+                        "worker {}#{} pid {} still running after stop_timeout; killing it",
+                        p.group,
+                        p.slot,
+                        p.pid
+                    );
+                    let _ = kill(p.pid, Signal::SIGKILL);
                 }
             }
-            return Ok(());
+            return;
         }
-        for g in 0..self.groups.len() {
-            for slot in 0..self.groups[g].slots.len() {
-                let s = &mut self.groups[g].slots[slot];
+        for g in 0..self.sup.groups.len() {
+            for slot in 0..self.sup.groups[g].slots.len() {
+                let s = &mut self.sup.groups[g].slots[slot];
                 if s.respawn_at.is_some_and(|t| now >= t) {
                     s.respawn_at = None;
-                    if let Err(e) = self.groups[g].spawn(g, slot, poll.registry()) {
-                        log::error!("cannot fork worker {}#{slot}: {e}", self.groups[g].name());
-                        self.groups[g].schedule_respawn(slot);
+                    if let Err(e) = self.sup.spawn(g, slot, registry) {
+                        let name = self.sup.groups[g].name().to_string();
+                        log::error!("cannot fork worker {name}#{slot}: {e}");
+                        self.sup.groups[g].schedule_respawn(slot);
                     }
                 }
             }
         }
-        Ok(())
     }
 
-    /// Announces the start once every worker has said it is ready.
+    /// Announces the start once every slot's worker has said it is ready.
     fn check_ready(&mut self) {
         if matches!(self.announce, Announce::Done) || self.stopping.is_some() {
             return;
         }
-        if self.groups.iter().all(|g| g.slots.iter().all(|s| s.ready)) {
+        let procs = &self.sup.procs;
+        let all_ready = self.sup.groups.iter().all(|g| {
+            g.slots
+                .iter()
+                .all(|s| s.proc.is_some_and(|k| procs.get(k).is_some_and(|p| p.ready)))
+        });
+        if all_ready {
             log::info!("all workers ready");
-            super::notify::ready(&self.serving_line());
-            let banner = super::banner(&self.groups, self.daemon);
+            notify::ready(&self.serving_line());
+            let banner = super::banner(&self.sup.groups, self.daemon);
             self.announce.ready(&banner);
         }
     }
 
-    /// "serving: echo ×4 on 127.0.0.1:2346, …" for systemd's status line.
+    /// "serving: echo x4 on websocket://127.0.0.1:2346, …" for systemd's status line.
     fn serving_line(&self) -> String {
         let groups: Vec<String> = self
+            .sup
             .groups
             .iter()
             .map(|g| format!("{} x{} on {}", g.name(), g.slots.len(), g.listen))
@@ -225,172 +278,310 @@ impl Master {
         format!("serving: {}", groups.join(", "))
     }
 
-    fn read_signals(&mut self, signals: &SignalFd, poll: &Poll) {
+    fn read_signals(&mut self, signals: &SignalFd, registry: &Registry) {
         while let Ok(Some(info)) = signals.read_signal() {
-            match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => self.reap(poll),
-                Ok(Signal::SIGTERM) => self.begin_stop(false, "SIGTERM"),
-                Ok(sig @ (Signal::SIGINT | Signal::SIGQUIT)) => {
-                    self.begin_stop(false, sig.as_str())
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
+            match sig {
+                Signal::SIGCHLD => self.reap(registry),
+                Signal::SIGTERM => self.begin_stop(StopMode::Close, "SIGTERM", registry),
+                Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(StopMode::Fast, sig.as_str(), registry),
+                Signal::SIGUSR1 | Signal::SIGHUP => {
+                    if let Err(e) = self.begin_reload(sig.as_str(), None, registry) {
+                        log::error!("reload refused: {e}");
+                    }
                 }
-                Ok(sig) => log::info!("ignoring {sig} (not supported yet)"),
-                Err(_) => {}
+                Signal::SIGUSR2 => {
+                    if let Err(e) = self.reopen_logs() {
+                        log::error!("cannot reopen logs: {e}");
+                    }
+                }
+                _ => {}
             }
         }
     }
 
-    fn reap(&mut self, poll: &Poll) {
+    fn reap(&mut self, registry: &Registry) {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(s) => s,
             };
-            let Some(pid) = status.pid() else { continue };
-            let Some((g, slot)) = self.find(pid) else {
+            let Some(exit) = self.sup.reaped(status, self.stopping.is_some(), registry) else {
                 continue;
             };
-            let how = self.groups[g].reaped(slot, status, poll.registry());
-            if self.stopping.is_some() {
+            self.forget_in_queries(exit.proc, registry);
+            if let Some(r) = &mut self.reload
+                && r.worker_exited(&mut self.sup, &exit)
+            {
                 continue;
             }
-            let name = self.groups[g].name().to_string();
-            super::notify::status(&format!("worker {name}#{slot} {how}; respawning"));
-            if self.groups[g].crash_looping() {
+            if self.stopping.is_some() || !exit.current {
+                continue;
+            }
+            let Some(g) = self.sup.group_index(&exit.group) else {
+                continue;
+            };
+            let group = &mut self.sup.groups[g];
+            if group.crash_looping() {
                 let reason = format!(
                     "every worker of group {:?} failed at start {} times in a row; giving up",
-                    self.groups[g].name(),
+                    exit.group,
                     supervisor::BOOT_FAILURES
                 );
                 log::error!("{reason}");
                 self.announce.failed(&reason);
                 self.exit_code = 1;
-                self.begin_stop(false, "crash loop");
+                self.begin_stop(StopMode::Close, "crash loop", registry);
                 continue;
             }
-            self.groups[g].schedule_respawn(slot);
+            let delay = group.schedule_respawn(exit.slot);
+            let line = format!(
+                "worker {}#{} {}; respawning in {delay:?}",
+                exit.group, exit.slot, exit.how
+            );
+            log::info!("{line}");
+            notify::status(&line);
         }
     }
 
-    fn find(&self, pid: nix::unistd::Pid) -> Option<(usize, usize)> {
-        self.groups.iter().enumerate().find_map(|(g, grp)| {
-            grp.slots
-                .iter()
-                .position(|s| s.pid == Some(pid))
-                .map(|slot| (g, slot))
-        })
-    }
-
-    fn begin_stop(&mut self, graceful: bool, why: &str) {
+    fn begin_stop(&mut self, mode: StopMode, why: &str, registry: &Registry) {
+        let spread = self.server.close_spread;
         if let Some(st) = &mut self.stopping {
-            if st.graceful && !graceful {
-                // A plain stop after `stop -g`: escalate to closing clients.
-                st.graceful = false;
-                st.kill_at = Some(Instant::now() + self.server.stop_timeout);
-                for g in &mut self.groups {
-                    for slot in 0..g.slots.len() {
-                        g.tell_stop(slot, false);
-                    }
+            if mode > st.mode {
+                log::info!("stopping harder ({why}): {mode:?}");
+                st.mode = mode;
+                st.kill_at
+                    .get_or_insert(Instant::now() + self.server.stop_timeout);
+                let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
+                for key in keys {
+                    self.sup.stop(key, mode, spread);
                 }
             }
             return;
         }
-        log::info!(
-            "stopping ({why}{})",
-            if graceful {
-                ", waiting for clients to leave"
-            } else {
-                ""
+        let how = match mode {
+            StopMode::Drain => ", waiting for clients to leave",
+            StopMode::Close => "",
+            StopMode::Fast => ", fast",
+        };
+        log::info!("stopping ({why}{how})");
+        notify::stopping(&format!("stopping ({why})"));
+        if let Some(r) = self.reload.take() {
+            for key in r.waiters {
+                let reply = Reply::error("the reload was interrupted: the server is stopping");
+                self.clients.reply(key, &reply, registry);
             }
-        );
-        super::notify::stopping(&format!("stopping ({why})"));
-        let kill_at = (!graceful).then(|| Instant::now() + self.server.stop_timeout);
+        }
+        let kill_at = (mode != StopMode::Drain).then(|| Instant::now() + self.server.stop_timeout);
         self.stopping = Some(Stopping {
-            graceful,
+            mode,
             kill_at,
             waiters: Vec::new(),
         });
-        for g in &mut self.groups {
-            for slot in 0..g.slots.len() {
-                g.slots[slot].respawn_at = None;
-                g.tell_stop(slot, graceful);
+        for g in &mut self.sup.groups {
+            for s in &mut g.slots {
+                s.respawn_at = None;
             }
+        }
+        let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.sup.stop(key, mode, spread);
         }
     }
 
-    fn finish(&mut self) {
-        log::info!("all workers stopped; master exits");
-        self.announce
-            .failed("stopped before every worker was ready");
-    }
+    // ---- reload -------------------------------------------------------------------------
 
-    // ---- control socket -----------------------------------------------------------------
-
-    fn accept_clients(&mut self, poll: &Poll) {
-        loop {
-            match self.control.accept() {
-                Ok((mut stream, _)) => {
-                    let entry = self.clients.vacant_entry();
-                    let token = Token(CLIENT_BASE + entry.key());
-                    if poll
-                        .registry()
-                        .register(&mut stream, token, Interest::READABLE)
-                        .is_ok()
-                    {
-                        entry.insert(Client {
-                            stream,
-                            input: LineReader::default(),
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("control socket accept: {e}");
-                    return;
-                }
-            }
+    /// Re-reads the config and starts replacing workers. `Err` (nothing touched) if the
+    /// config is bad or a reload cannot happen now.
+    fn begin_reload(
+        &mut self,
+        why: &str,
+        waiter: Option<usize>,
+        registry: &Registry,
+    ) -> Result<(), String> {
+        if self.stopping.is_some() {
+            return Err("the server is stopping".into());
         }
+        if let Some(r) = &self.reload {
+            return Err(format!(
+                "a reload is already under way (started {:.1}s ago)",
+                r.started.elapsed().as_secs_f64()
+            ));
+        }
+        let (server, file_groups) = self.source.reread(&self.server)?;
+        let prepared = reload::prepare(&self.sup, file_groups)?;
+        log::info!("reloading ({why}): {}", prepared.summary.join("; "));
+        notify::reloading();
+        self.server = server;
+        let mut r = reload::apply(&mut self.sup, prepared);
+        r.waiters.extend(waiter);
+        self.reload = Some(r);
+        self.advance_reload(registry);
+        Ok(())
     }
 
-    fn serve_client(&mut self, key: usize) {
-        let Some(client) = self.clients.get_mut(key) else {
+    fn advance_reload(&mut self, registry: &Registry) {
+        let Some(r) = &mut self.reload else { return };
+        let (spread, timeout) = (self.server.close_spread, self.server.reload_timeout);
+        r.advance(&mut self.sup, registry, spread, timeout);
+        if !r.is_done(&self.sup) {
             return;
-        };
-        let (lines, closed) = client.input.read_from(&mut client.stream);
-        let Some(line) = lines.into_iter().next() else {
-            if closed {
-                self.clients.remove(key);
-            }
-            return;
-        };
-        let mut client = self.clients.remove(key);
-        match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => {
-                let reply = Reply {
-                    status: Some(self.status()),
+        }
+        let r = self.reload.take().expect("checked above");
+        let took = r.started.elapsed().as_secs_f64();
+        let summary = r.summary.join("; ");
+        let reply = match &r.failure {
+            None => {
+                log::info!("reload done in {took:.1}s");
+                Reply {
+                    message: Some(format!("reloaded in {took:.1}s: {summary}")),
                     ..Reply::ok()
-                };
-                send_reply(&mut client.stream, &reply);
-            }
-            Ok(Request::Stop { mode }) => {
-                self.begin_stop(mode == control::StopMode::Drain, "wsd stop");
-                if let Some(st) = &mut self.stopping {
-                    st.waiters.push(client);
                 }
             }
-            Ok(other) => send_reply(
-                &mut client.stream,
-                &Reply::error(format!("not supported yet: {other:?}")),
-            ),
-            Err(e) => send_reply(
-                &mut client.stream,
-                &Reply::error(format!("bad request: {e}")),
-            ),
+            Some(f) => Reply::error(format!("reload failed: {f} (planned: {summary})")),
+        };
+        notify::ready(&self.serving_line());
+        for key in r.waiters {
+            self.clients.reply(key, &reply, registry);
         }
+    }
+
+    // ---- logs ---------------------------------------------------------------------------
+
+    /// Reopens `log_file` (a daemon's output) and hands it to every worker.
+    fn reopen_logs(&mut self) -> Result<String, String> {
+        if !self.daemon {
+            return Err("not started with -d: output goes to the terminal or journal, \
+                        there is no log file to reopen"
+                .into());
+        }
+        let path = &self.server.log_file;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        sys::redirect_output(file.as_raw_fd()).map_err(|e| e.to_string())?;
+        let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
+        let told = keys
+            .iter()
+            .filter(|&&k| {
+                self.sup
+                    .tell_with_fd(k, &ToWorker::ReopenLogs, file.as_raw_fd())
+            })
+            .count();
+        log::info!("reopened {} (master and {told} worker(s))", path.display());
+        Ok(format!(
+            "reopened {} (master and {told} worker(s))",
+            path.display()
+        ))
+    }
+
+    // ---- control requests ---------------------------------------------------------------
+
+    fn request(&mut self, key: usize, req: Request, registry: &Registry) {
+        let reply = match req {
+            Request::Status => Reply {
+                status: Some(self.status()),
+                ..Reply::ok()
+            },
+            Request::Stop { mode } => {
+                self.begin_stop(mode, "wsd stop", registry);
+                if let (Some(st), Some(stream)) =
+                    (&mut self.stopping, self.clients.detach(key, registry))
+                {
+                    st.waiters.push(stream);
+                }
+                return;
+            }
+            Request::Reload => match self.begin_reload("wsd reload", Some(key), registry) {
+                Ok(()) => return,
+                Err(e) => Reply::error(format!("reload refused: {e}")),
+            },
+            Request::ReopenLogs => match self.reopen_logs() {
+                Ok(m) => Reply {
+                    message: Some(m),
+                    ..Reply::ok()
+                },
+                Err(e) => Reply::error(e),
+            },
+            Request::Connections => return self.ask_connections(key, registry),
+        };
+        self.clients.reply(key, &reply, registry);
+    }
+
+    fn ask_connections(&mut self, client: usize, registry: &Registry) {
+        self.next_query += 1;
+        let id = self.next_query;
+        let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
+        let waiting = keys
+            .into_iter()
+            .filter(|&k| self.sup.tell(k, &ToWorker::ListConnections { query: id }))
+            .collect();
+        let q = Query {
+            id,
+            client,
+            waiting,
+            result: Connections::default(),
+            deadline: Instant::now() + QUERY_TIMEOUT,
+        };
+        if q.waiting.is_empty() {
+            self.answer_query(q, registry);
+        } else {
+            self.queries.push(q);
+        }
+    }
+
+    fn add_rows(&mut self, key: usize, rows: supervisor::ConnRows, registry: &Registry) {
+        let Some(i) = self.queries.iter().position(|q| q.id == rows.query) else {
+            return;
+        };
+        let Some(p) = self.sup.procs.get(key) else {
+            return;
+        };
+        let worker = format!("{}#{}", p.group, p.slot);
+        let q = &mut self.queries[i];
+        q.result.conns.extend(rows.conns.into_iter().map(|c| ConnInfo {
+            pid: p.pid.as_raw(),
+            worker: worker.clone(),
+            ..c
+        }));
+        if rows.last {
+            q.waiting.retain(|&k| k != key);
+            if q.waiting.is_empty() {
+                let q = self.queries.swap_remove(i);
+                self.answer_query(q, registry);
+            }
+        }
+    }
+
+    /// A worker that exited will not answer: stop waiting for it.
+    fn forget_in_queries(&mut self, key: usize, registry: &Registry) {
+        for q in &mut self.queries {
+            q.waiting.retain(|&k| k != key);
+        }
+        while let Some(i) = self.queries.iter().position(|q| q.waiting.is_empty()) {
+            let q = self.queries.swap_remove(i);
+            self.answer_query(q, registry);
+        }
+    }
+
+    fn answer_query(&mut self, mut q: Query, registry: &Registry) {
+        q.result.missing = q
+            .waiting
+            .iter()
+            .filter_map(|&k| self.sup.procs.get(k).map(|p| p.pid.as_raw()))
+            .collect();
+        let reply = Reply {
+            connections: Some(q.result),
+            ..Reply::ok()
+        };
+        self.clients.reply(q.client, &reply, registry);
     }
 
     fn status(&self) -> Status {
-        let now = Instant::now();
         let started_at = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -406,6 +597,7 @@ impl Master {
                 memory: sys::rss_bytes(),
             },
             groups: self
+                .sup
                 .groups
                 .iter()
                 .map(|g| GroupStatus {
@@ -415,32 +607,9 @@ impl Master {
                     exits: g.exits.clone(),
                 })
                 .collect(),
-            workers: self
-                .groups
-                .iter()
-                .flat_map(|g| (0..g.slots.len()).map(move |s| g.worker_status(s, now)))
-                .collect(),
+            workers: self.sup.worker_rows(),
         }
     }
 }
 
-/// Writes one reply line. The CLI reads promptly; a client that does not gets at most a second.
-pub(super) fn send_reply(stream: &mut UnixStream, reply: &Reply) {
-    let bytes = control::line(reply);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut written = 0;
-    while written < bytes.len() && Instant::now() < deadline {
-        match stream.write(&bytes[written..]) {
-            Ok(n) => written += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(_) => return,
-        }
-    }
-}
+

@@ -56,6 +56,32 @@ pub fn bind_slots(
     Ok(out)
 }
 
+/// Binds `count` more sockets to a port this master already listens on (a reload that raises
+/// `count`): no probe, the port is ours.
+pub fn bind_more(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+) -> Result<Vec<TcpListener>, BindError> {
+    (0..count)
+        .map(|_| bind_one(addr, backlog).map_err(|error| BindError { addr, error }))
+        .collect()
+}
+
+/// Applies a new backlog to a listening socket (Linux takes a second `listen`).
+pub fn set_backlog(listener: &TcpListener, backlog: u32) -> io::Result<()> {
+    socket2::SockRef::from(listener).listen(clamp(backlog))
+}
+
+/// Connections waiting in a listening socket's accept queue, and the queue's limit.
+pub fn accept_queue(listener: &TcpListener) -> (u32, u32) {
+    crate::sys::listen_queue(listener).unwrap_or((0, 0))
+}
+
+fn clamp(backlog: u32) -> i32 {
+    backlog.min(i32::MAX as u32) as i32
+}
+
 fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     let s = Socket::new(
         Domain::for_address(addr),
@@ -77,7 +103,7 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let s = socket_for(addr)?;
     s.set_reuse_port(true)?;
     s.bind(&addr.into())?;
-    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    s.listen(clamp(backlog))?;
     Ok(s.into())
 }
 
@@ -95,5 +121,14 @@ mod tests {
         let taken = other.local_addr().unwrap();
         let e = bind_slots(taken, 2, 16).unwrap_err();
         assert!(e.to_string().contains("already in use"), "{e}");
+
+        let more = bind_more(slots[0].local_addr().unwrap(), 2, 8).unwrap();
+        assert_eq!(more[1].local_addr().unwrap().port(), port);
+        assert_eq!(accept_queue(&more[0]), (0, 8));
+        set_backlog(&more[0], 32).unwrap();
+        let _waiting = std::net::TcpStream::connect(more[0].local_addr().unwrap());
+        let (queued, limit) = accept_queue(&more[0]);
+        assert_eq!(limit, 32);
+        assert!(queued <= 1);
     }
 }

@@ -5,23 +5,88 @@
 //! behind. Then it (optionally) detaches, forks the workers and runs the master loop
 //! (`event_loop.rs`), which supervises them and answers the CLI.
 
+mod clients;
 mod daemon;
 mod event_loop;
 mod listeners;
 mod notify;
 pub(crate) mod pidfile;
+mod reload;
 mod supervisor;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+/// Installs a named app's hooks on a group (`app = "echo"`).
+pub(crate) type AppInstaller = Box<dyn Fn(&mut Worker)>;
+pub(crate) type Apps = BTreeMap<String, AppInstaller>;
 
 /// What `wsd start` was asked to run.
 pub struct Plan {
     pub config: Config,
-    pub groups: Vec<Worker>,
+    /// Groups defined in the program's code (a library user's `run_all`).
+    pub code_groups: Vec<Worker>,
+    /// The apps `workers.toml` may name; kept for reloads.
+    pub apps: Apps,
     pub daemon: bool,
+}
+
+/// Where the groups come from, so a reload can read them again.
+pub struct Source {
+    pub file: Option<PathBuf>,
+    apps: Apps,
+}
+
+impl Source {
+    /// The groups of `config`, each with its app's hooks installed.
+    fn groups(&self, config: &Config) -> Vec<Worker> {
+        config
+            .groups
+            .iter()
+            .map(|g| {
+                let mut w = Worker::from_config(g.clone());
+                let install = self.apps.get(&g.app).expect("config validated the app name");
+                install(&mut w);
+                w
+            })
+            .collect()
+    }
+
+    /// Reads the config file again for a reload: the new `[server]` settings and the file's
+    /// groups. Settings that only a restart can change are refused with the reason.
+    fn reread(&self, running: &ServerConfig) -> Result<(ServerConfig, Vec<Worker>), String> {
+        let Some(file) = &self.file else {
+            return Ok((running.clone(), Vec::new()));
+        };
+        let names: Vec<&str> = self.apps.keys().map(String::as_str).collect();
+        let config = Config::load(file, &names).map_err(|e| e.to_string())?;
+        let new = &config.server;
+        let fixed = [
+            ("pid_file", &running.pid_file, &new.pid_file),
+            ("control_socket", &running.control_socket, &new.control_socket),
+            ("log_file", &running.log_file, &new.log_file),
+        ];
+        for (key, old, new) in fixed {
+            if old != new {
+                return Err(format!(
+                    "[server] {key} changed from {} to {}: that needs `wsd restart`",
+                    old.display(),
+                    new.display()
+                ));
+            }
+        }
+        if running.log_level != new.log_level {
+            return Err(format!(
+                "[server] log_level changed from {:?} to {:?}: that needs `wsd restart`",
+                running.log_level, new.log_level
+            ));
+        }
+        Ok((config.server.clone(), self.groups(&config)))
+    }
 }
 
 /// Runs a master to the end. Returns the process exit code.
@@ -39,15 +104,24 @@ pub fn start(plan: Plan) -> i32 {
         pidfile.remove();
         1
     };
-    if plan.groups.is_empty() {
-        return fail(pidfile, "nothing to run: no [[worker]] groups".into());
-    }
-    let mut groups = Vec::with_capacity(plan.groups.len());
-    for def in plan.groups {
+    let source = Source {
+        file: plan.config.file.clone(),
+        apps: plan.apps,
+    };
+    let defs = plan
+        .code_groups
+        .into_iter()
+        .map(|w| (w, false))
+        .chain(source.groups(&plan.config).into_iter().map(|w| (w, true)));
+    let mut sup = supervisor::Supervisor::default();
+    for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
-            Ok(ls) => groups.push(supervisor::Group::new(def, ls)),
+            Ok(ls) => sup.groups.push(supervisor::Group::new(def, ls, from_file)),
             Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
         }
+    }
+    if sup.groups.is_empty() {
+        return fail(pidfile, "nothing to run: no [[worker]] groups".into());
     }
     // We hold the lock, so a socket file left here is stale.
     let _ = std::fs::remove_file(&server.control_socket);
@@ -78,17 +152,12 @@ pub fn start(plan: Plan) -> i32 {
     if let Err(e) = pidfile.write_pid(std::process::id()) {
         log::warn!("cannot write pid file: {e}");
     }
-    let config_label = plan
-        .config
-        .file
-        .as_ref()
-        .map_or("(none)".to_string(), |p| p.display().to_string());
-    let master = event_loop::Master::new(server.clone(), config_label, groups, control, announce);
+    let master = event_loop::Master::new(server.clone(), source, sup, control, announce);
     let (code, mut stop_waiters) = event_loop::run(master);
     let _ = std::fs::remove_file(&server.control_socket);
     pidfile.remove();
     for w in &mut stop_waiters {
-        event_loop::send_reply(w, &crate::control::Reply::ok());
+        clients::send_reply(w, &crate::control::Reply::ok());
     }
     code
 }

@@ -23,6 +23,17 @@ pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// A reload has begun; `READY=1` follows when it is over. systemd wants the monotonic time
+/// with `RELOADING=1` to match it with the `ExecReload=` it started.
+pub(crate) fn reloading() {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status("reloading")];
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => states.push(now),
+        Err(e) => log::warn!("cannot read the monotonic clock: {e}"),
+    }
+    send(&states);
+}
+
 /// The master has begun stopping.
 pub(crate) fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);

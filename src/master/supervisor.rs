@@ -1,15 +1,22 @@
-//! Worker slots: forking a worker onto its slot's listener, reaping it, and respawning it with
-//! per-slot exponential backoff. Also the master's view of each worker for `status`.
+//! Worker processes and the slots they fill.
+//!
+//! A group has `count` slots, each with its own listening socket held by the master. A slot is
+//! served by one worker process at a time — except during a reload, when its new worker starts
+//! on the same socket before the old one lets go. So processes live in their own table
+//! (`procs`, keyed by the token of their channel), and a slot only names the one that is its
+//! current worker. Crash handling is per slot: exponential backoff, and a count of deaths
+//! before ready that lets the master give up on a group that cannot start.
 
-use crate::control::{Counters, LineReader, ToWorker, WorkerStatus};
+use super::listeners;
+use crate::control::{self, Counters, FromWorker, LineReader, ToWorker, WorkerStatus};
 use crate::sys::{self, Fork};
 use crate::worker::Worker;
-use crate::{control, logging};
+use crate::{control::ConnInfo, logging};
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
-use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+use slab::Slab;
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::TcpListener;
@@ -26,44 +33,79 @@ const STALE_REPORT: Duration = Duration::from_secs(3);
 /// Every slot of a group dying this many times before becoming ready stops the master.
 pub const BOOT_FAILURES: u32 = 5;
 
+/// Channel tokens start here; below are the master's own sources.
 pub const CHANNEL_BASE: usize = 1 << 20;
 
+/// One group of identical workers behind one listen address.
 pub struct Group {
     pub def: Worker,
     /// Actual listen address (port 0 resolved).
     pub listen: String,
     pub listeners: Vec<TcpListener>,
     pub slots: Vec<Slot>,
+    /// How its workers have ended, for `status`.
     pub exits: BTreeMap<String, u64>,
+    /// Defined in `workers.toml` (a reload re-reads it), not in the program's code.
+    pub from_file: bool,
 }
 
 #[derive(Default)]
 pub struct Slot {
-    pub pid: Option<Pid>,
-    pub channel: Option<UnixStream>,
-    pub channel_in: LineReader,
-    pub started_at: Option<Instant>,
-    /// This process has sent `Ready`.
-    pub ready: bool,
-    pub report: Option<(Instant, Counters)>,
-    prev_report: Option<(Instant, u64)>,
+    /// The process serving this slot: a key of [`Supervisor::procs`].
+    pub proc: Option<usize>,
     pub respawn_at: Option<Instant>,
     backoff: Duration,
     /// Consecutive deaths before `Ready`.
     pub boot_failures: u32,
 }
 
-pub fn channel_token(group: usize, slot: usize) -> Token {
-    Token(CHANNEL_BASE + (group << 12) + slot)
+/// A live worker process.
+pub struct Proc {
+    pub pid: Pid,
+    pub group: String,
+    pub slot: usize,
+    channel: UnixStream,
+    channel_in: LineReader,
+    pub started_at: Instant,
+    /// This process has sent `Ready`.
+    pub ready: bool,
+    report: Option<(Instant, Counters)>,
+    prev_report: Option<(Instant, u64)>,
+    /// Told to stop while the master carries on (replaced by a reload, or its slot removed);
+    /// SIGKILLed if still alive at this instant.
+    pub retiring: Option<Instant>,
 }
 
-pub fn token_slot(token: Token) -> Option<(usize, usize)> {
-    let t = token.0.checked_sub(CHANNEL_BASE)?;
-    Some((t >> 12, t & 0xfff))
+/// How a worker ended, as [`Supervisor::reaped`] found it.
+pub struct Exit {
+    /// Its key in [`Supervisor::procs`] (now free).
+    pub proc: usize,
+    pub group: String,
+    pub slot: usize,
+    pub pid: Pid,
+    /// "exited with status 3", "killed by SIGKILL".
+    pub how: String,
+    /// It was its slot's current worker (not one being retired).
+    pub current: bool,
+}
+
+/// Connection rows a worker sent for a `connections` query.
+pub struct ConnRows {
+    pub query: u64,
+    pub conns: Vec<ConnInfo>,
+    pub last: bool,
+}
+
+pub fn channel_token(key: usize) -> Token {
+    Token(CHANNEL_BASE + key)
+}
+
+pub fn token_proc(token: Token) -> Option<usize> {
+    token.0.checked_sub(CHANNEL_BASE)
 }
 
 impl Group {
-    pub fn new(def: Worker, listeners: Vec<TcpListener>) -> Group {
+    pub fn new(def: Worker, listeners: Vec<TcpListener>, from_file: bool) -> Group {
         let listen = listeners
             .first()
             .and_then(|l| l.local_addr().ok())
@@ -76,6 +118,7 @@ impl Group {
             listeners,
             slots,
             exits: BTreeMap::new(),
+            from_file,
         }
     }
 
@@ -83,82 +126,16 @@ impl Group {
         self.def.name()
     }
 
-    /// Forks the worker for `slot`. In the child this never returns.
-    pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<Pid> {
-        let (master_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
-        let master_pid = nix::unistd::getpid();
-        let _ = io::stdout().flush();
-        match sys::fork()? {
-            Fork::Child => {
-                let listener = self.listeners.swap_remove(slot);
-                sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
-                sys::forget_notify_socket();
-                logging::set_role(&format!("{}#{slot}", self.name()));
-                if let Err(e) = sys::die_with_parent(master_pid) {
-                    log::error!("cannot tie worker to master: {e}");
-                    std::process::exit(2);
-                }
-                let placeholder = Worker::from_config(self.def.config().clone());
-                let def = std::mem::replace(&mut self.def, placeholder);
-                let code = crate::worker::run(def, slot, listener, worker_end);
-                std::process::exit(code);
-            }
-            Fork::Parent(pid) => {
-                drop(worker_end);
-                master_end.set_nonblocking(true)?;
-                let mut channel = UnixStream::from_std(master_end);
-                registry.register(&mut channel, channel_token(g, slot), Interest::READABLE)?;
-                let s = &mut self.slots[slot];
-                *s = Slot {
-                    backoff: s.backoff,
-                    boot_failures: s.boot_failures,
-                    ..Slot::default()
-                };
-                s.pid = Some(pid);
-                s.channel = Some(channel);
-                s.started_at = Some(Instant::now());
-                log::info!("worker {}#{slot} started, pid {pid}", self.name());
-                Ok(pid)
-            }
-        }
-    }
-
-    /// Records a worker's exit; returns how it ended ("killed by SIGKILL").
-    pub fn reaped(&mut self, slot: usize, status: WaitStatus, registry: &Registry) -> String {
-        let how = describe(status);
-        let name = self.name().to_string();
-        let s = &mut self.slots[slot];
-        let pid = s.pid.take().map_or(0, |p| p.as_raw());
-        if let Some(mut ch) = s.channel.take() {
-            let _ = registry.deregister(&mut ch);
-        }
-        let lived = s.started_at.map_or(Duration::ZERO, |t| t.elapsed());
-        if s.ready {
-            s.boot_failures = 0;
-        } else {
-            s.boot_failures += 1;
-        }
-        s.ready = false;
-        s.report = None;
-        if lived >= HEALTHY_UPTIME {
-            s.backoff = Duration::ZERO;
-        }
-        *self.exits.entry(how.clone()).or_default() += 1;
-        log::warn!("worker {name}#{slot} pid {pid} {how}");
-        how
-    }
-
-    /// Schedules the respawn of `slot` after its backoff.
-    pub fn schedule_respawn(&mut self, slot: usize) -> Instant {
+    /// Schedules the respawn of `slot` after its backoff; returns the delay.
+    pub fn schedule_respawn(&mut self, slot: usize) -> Duration {
         let s = &mut self.slots[slot];
         s.backoff = if s.backoff.is_zero() {
             MIN_BACKOFF
         } else {
             (s.backoff * 2).min(MAX_BACKOFF)
         };
-        let at = Instant::now() + s.backoff;
-        s.respawn_at = Some(at);
-        at
+        s.respawn_at = Some(Instant::now() + s.backoff);
+        s.backoff
     }
 
     /// True when every slot has died at boot [`BOOT_FAILURES`] times in a row.
@@ -166,82 +143,252 @@ impl Group {
         self.slots.iter().all(|s| s.boot_failures >= BOOT_FAILURES)
     }
 
-    /// Reads a worker's lines (ready, reports). False if its channel closed.
-    pub fn read_channel(&mut self, slot: usize) -> bool {
-        let s = &mut self.slots[slot];
-        let Some(ch) = s.channel.as_mut() else {
-            return true;
-        };
-        let (lines, closed) = s.channel_in.read_from(ch);
-        for line in lines {
-            match serde_json::from_str::<control::FromWorker>(&line) {
-                Ok(control::FromWorker::Ready) => s.ready = true,
-                Ok(control::FromWorker::Report(c)) => {
-                    let now = Instant::now();
-                    if let Some((at, prev)) = &s.report {
-                        s.prev_report = Some((*at, prev.total_request));
-                    }
-                    s.report = Some((now, c));
-                }
-                Ok(other) => log::debug!("not yet: {other:?}"),
-                Err(e) => log::warn!("bad line from worker {}#{slot}: {e}", self.def.name()),
-            }
-        }
-        !closed
+    /// This slot's accept queue (waiting, limit), read from the master's copy of its socket.
+    fn accept_queue(&self, slot: usize) -> (u32, u32) {
+        self.listeners
+            .get(slot)
+            .map_or((0, 0), |l| listeners::accept_queue(l))
+    }
+}
+
+/// Every group, and every worker process alive.
+#[derive(Default)]
+pub struct Supervisor {
+    pub groups: Vec<Group>,
+    pub procs: Slab<Proc>,
+}
+
+impl Supervisor {
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.name() == name)
     }
 
-    /// Tells a worker to stop; falls back to SIGTERM if its channel is unusable.
-    pub fn tell_stop(&mut self, slot: usize, graceful: bool) {
-        let s = &mut self.slots[slot];
-        let Some(pid) = s.pid else { return };
-        let mode = if graceful {
-            control::StopMode::Drain
-        } else {
-            control::StopMode::Close
+    /// Forks a worker for slot `slot` of group `g` and makes it the slot's current worker
+    /// (whatever process the slot had is left running: the caller decides its fate).
+    /// In the child this never returns.
+    pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<usize> {
+        let (master_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
+        let master_pid = nix::unistd::getpid();
+        let _ = io::stdout().flush();
+        let group = &mut self.groups[g];
+        match sys::fork()? {
+            Fork::Child => {
+                let listener = group.listeners.swap_remove(slot);
+                sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
+                sys::forget_notify_socket();
+                logging::set_role(&format!("{}#{slot}", group.name()));
+                if let Err(e) = sys::die_with_parent(master_pid) {
+                    log::error!("cannot tie worker to master: {e}");
+                    std::process::exit(2);
+                }
+                let placeholder = Worker::from_config(group.def.config().clone());
+                let def = std::mem::replace(&mut group.def, placeholder);
+                let code = crate::worker::run(def, slot, listener, worker_end);
+                std::process::exit(code);
+            }
+            Fork::Parent(pid) => {
+                drop(worker_end);
+                master_end.set_nonblocking(true)?;
+                let mut channel = UnixStream::from_std(master_end);
+                let entry = self.procs.vacant_entry();
+                let key = entry.key();
+                registry.register(&mut channel, channel_token(key), Interest::READABLE)?;
+                entry.insert(Proc {
+                    pid,
+                    group: group.name().to_string(),
+                    slot,
+                    channel,
+                    channel_in: LineReader::default(),
+                    started_at: Instant::now(),
+                    ready: false,
+                    report: None,
+                    prev_report: None,
+                    retiring: None,
+                });
+                let s = &mut group.slots[slot];
+                s.proc = Some(key);
+                s.respawn_at = None;
+                log::info!("worker {}#{slot} started, pid {pid}", group.name());
+                Ok(key)
+            }
+        }
+    }
+
+    /// Forgets a worker that has exited and records how. `None` if `pid` is not a worker.
+    /// `stopping`: the master asked every worker to exit, so an exit is news, not a warning.
+    pub fn reaped(
+        &mut self,
+        status: WaitStatus,
+        stopping: bool,
+        registry: &Registry,
+    ) -> Option<Exit> {
+        let pid = status.pid()?;
+        let key = self.procs.iter().find(|(_, p)| p.pid == pid)?.0;
+        let mut p = self.procs.remove(key);
+        let _ = registry.deregister(&mut p.channel);
+        let how = describe(status);
+        let g = self.group_index(&p.group);
+        let slot = g.and_then(|g| self.groups[g].slots.get_mut(p.slot));
+        let current = slot.as_ref().is_some_and(|s| s.proc == Some(key));
+        if let Some(s) = slot.filter(|_| current) {
+            s.proc = None;
+            s.boot_failures = if p.ready { 0 } else { s.boot_failures + 1 };
+            if p.started_at.elapsed() >= HEALTHY_UPTIME {
+                s.backoff = Duration::ZERO;
+            }
+        }
+        if let Some(g) = g {
+            *self.groups[g].exits.entry(how.clone()).or_default() += 1;
+        }
+        let label = format!("worker {}#{} pid {pid} {how}", p.group, p.slot);
+        match (current, stopping) {
+            (true, false) => log::warn!("{label}"),
+            (true, true) => log::info!("{label}"),
+            (false, _) => log::info!("{label} (retired)"),
+        }
+        Some(Exit {
+            proc: key,
+            group: p.group,
+            slot: p.slot,
+            pid,
+            how,
+            current,
+        })
+    }
+
+    /// Reads a worker's lines: readiness and reports are recorded here, connection rows are
+    /// handed back. EOF just means the worker is exiting; SIGCHLD does the rest.
+    pub fn read_channel(&mut self, key: usize) -> Vec<ConnRows> {
+        let Some(p) = self.procs.get_mut(key) else {
+            return Vec::new();
         };
-        let line = control::line(&ToWorker::Stop { mode, spread_ms: 0 });
-        let sent = s
-            .channel
-            .as_mut()
-            .is_some_and(|ch| ch.write(&line).is_ok_and(|n| n == line.len()));
-        if !sent {
-            let _ = kill(pid, Signal::SIGTERM);
+        let (lines, _closed) = p.channel_in.read_from(&mut p.channel);
+        let mut rows = Vec::new();
+        for line in lines {
+            match serde_json::from_str::<FromWorker>(&line) {
+                Ok(FromWorker::Ready) => p.ready = true,
+                Ok(FromWorker::Report(c)) => {
+                    if let Some((at, prev)) = &p.report {
+                        p.prev_report = Some((*at, prev.total_request));
+                    }
+                    p.report = Some((Instant::now(), c));
+                }
+                Ok(FromWorker::Connections { query, conns, last }) => {
+                    rows.push(ConnRows { query, conns, last })
+                }
+                Err(e) => log::warn!("bad line from worker {}#{}: {e}", p.group, p.slot),
+            }
+        }
+        rows
+    }
+
+    /// Sends a command to a worker. False if its channel cannot take it.
+    pub fn tell(&mut self, key: usize, msg: &ToWorker) -> bool {
+        let line = control::line(msg);
+        self.procs
+            .get_mut(key)
+            .is_some_and(|p| p.channel.write(&line).is_ok_and(|n| n == line.len()))
+    }
+
+    /// Sends a command with a descriptor attached (`SCM_RIGHTS`).
+    pub fn tell_with_fd(&mut self, key: usize, msg: &ToWorker, fd: i32) -> bool {
+        let line = control::line(msg);
+        self.procs.get(key).is_some_and(|p| {
+            sys::send_with_fd(p.channel.as_raw_fd(), &line, fd).is_ok_and(|n| n == line.len())
+        })
+    }
+
+    /// Tells a worker to stop; SIGTERM if its channel is unusable.
+    pub fn stop(&mut self, key: usize, mode: control::StopMode, spread: Duration) {
+        let msg = ToWorker::Stop {
+            mode,
+            spread_ms: spread.as_millis() as u64,
+        };
+        if !self.tell(key, &msg)
+            && let Some(p) = self.procs.get(key)
+        {
+            let _ = nix::sys::signal::kill(p.pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    /// Stops a worker while the master carries on; it is SIGKILLed if alive at `deadline`.
+    pub fn retire(&mut self, key: usize, spread: Duration, deadline: Instant) {
+        if let Some(p) = self.procs.get_mut(key) {
+            log::info!("retiring worker {}#{} pid {}", p.group, p.slot, p.pid);
+            p.retiring = Some(deadline);
+            self.stop(key, control::StopMode::Close, spread);
         }
     }
 
     pub fn live_pids(&self) -> impl Iterator<Item = Pid> + '_ {
-        self.slots.iter().filter_map(|s| s.pid)
+        self.procs.iter().map(|(_, p)| p.pid)
     }
 
-    pub fn worker_status(&self, slot: usize, now: Instant) -> WorkerStatus {
-        let s = &self.slots[slot];
-        let status = match (s.pid, &s.report) {
-            (None, _) => "restarting",
-            (Some(_), None) => "starting",
-            (Some(_), Some((at, _))) if now.duration_since(*at) > STALE_REPORT => "busy",
+    /// One row per worker process, plus one per slot that has none (restarting), in group
+    /// and slot order; a slot's retiring process comes before its new one.
+    pub fn worker_rows(&self) -> Vec<WorkerStatus> {
+        let now = Instant::now();
+        let order = |p: &Proc| (self.group_index(&p.group).unwrap_or(usize::MAX), p.slot);
+        let mut procs: Vec<(usize, &Proc)> = self.procs.iter().collect();
+        procs.sort_by_key(|(_, p)| (order(p), p.started_at));
+        let mut rows: Vec<((usize, usize), WorkerStatus)> = procs
+            .into_iter()
+            .map(|(_, p)| (order(p), self.proc_status(p, now)))
+            .collect();
+        for (g, group) in self.groups.iter().enumerate() {
+            for (slot, s) in group.slots.iter().enumerate() {
+                if s.proc.is_none() {
+                    rows.push(((g, slot), self.empty_slot_status(g, slot)));
+                }
+            }
+        }
+        rows.sort_by_key(|(order, _)| *order);
+        rows.into_iter().map(|(_, w)| w).collect()
+    }
+
+    fn proc_status(&self, p: &Proc, now: Instant) -> WorkerStatus {
+        let status = match &p.report {
+            _ if p.retiring.is_some() => "stopping",
+            None => "starting",
+            Some((at, _)) if now.duration_since(*at) > STALE_REPORT => "busy",
             _ => "idle",
         };
-        let qps = match (&s.report, s.prev_report) {
+        let qps = match (&p.report, p.prev_report) {
             (Some((at, c)), Some((pat, prev))) if *at > pat => {
                 c.total_request.saturating_sub(prev) as f64 / at.duration_since(pat).as_secs_f64()
             }
             _ => 0.0,
         };
+        let group = self.group_index(&p.group).map(|g| &self.groups[g]);
+        let (accept_queue, backlog) = group.map_or((0, 0), |g| g.accept_queue(p.slot));
         WorkerStatus {
-            pid: s.pid.map_or(0, |p| p.as_raw()),
-            name: self.name().to_string(),
-            slot,
-            listen: self.listen.clone(),
+            pid: p.pid.as_raw(),
+            name: p.group.clone(),
+            slot: p.slot,
+            listen: group.map_or_else(String::new, |g| g.listen.clone()),
             status: status.into(),
-            uptime_secs: s.started_at.map_or(0, |t| t.elapsed().as_secs()),
+            uptime_secs: p.started_at.elapsed().as_secs(),
             qps: (qps * 10.0).round() / 10.0,
-            accept_queue: 0,
-            backlog: 0,
-            counters: s
-                .report
-                .as_ref()
-                .map(|(_, c)| c.clone())
-                .unwrap_or_default(),
+            accept_queue,
+            backlog,
+            counters: p.report.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn empty_slot_status(&self, g: usize, slot: usize) -> WorkerStatus {
+        let group = &self.groups[g];
+        let (accept_queue, backlog) = group.accept_queue(slot);
+        WorkerStatus {
+            pid: 0,
+            name: group.name().to_string(),
+            slot,
+            listen: group.listen.clone(),
+            status: "restarting".into(),
+            uptime_secs: 0,
+            qps: 0.0,
+            accept_queue,
+            backlog,
+            counters: Counters::default(),
         }
     }
 }

@@ -1,0 +1,165 @@
+//! The CLI's connections to the master's control socket: one request, one reply each.
+//!
+//! Replies can be large (`wsd connections` on a busy server is megabytes), so they are written
+//! as the socket takes them, never with the master loop waiting on a slow reader.
+
+use crate::control::{self, LineReader, Reply, Request};
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+/// Client tokens start here (below the workers' channel tokens).
+pub const CLIENT_BASE: usize = 16;
+
+struct Client {
+    stream: UnixStream,
+    input: LineReader,
+    output: Vec<u8>,
+    written: usize,
+    /// Asked and not yet answered.
+    asked: bool,
+}
+
+pub struct Clients {
+    listener: UnixListener,
+    slab: Slab<Client>,
+}
+
+pub fn token_client(token: Token) -> Option<usize> {
+    token.0.checked_sub(CLIENT_BASE)
+}
+
+impl Clients {
+    pub fn new(listener: std::os::unix::net::UnixListener) -> Clients {
+        let _ = listener.set_nonblocking(true);
+        Clients {
+            listener: UnixListener::from_std(listener),
+            slab: Slab::new(),
+        }
+    }
+
+    pub fn listener(&mut self) -> &mut UnixListener {
+        &mut self.listener
+    }
+
+    pub fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.slab.vacant_entry();
+                    let token = Token(CLIENT_BASE + entry.key());
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        entry.insert(Client {
+                            stream,
+                            input: LineReader::default(),
+                            output: Vec::new(),
+                            written: 0,
+                            asked: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("control socket accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles readiness of client `key`: writes pending output, reads a request. Returns the
+    /// request once it has arrived (a bad one is answered here).
+    pub fn ready(&mut self, key: usize, registry: &Registry) -> Option<Request> {
+        let client = self.slab.get_mut(key)?;
+        if !client.output.is_empty() {
+            self.write(key, registry);
+            return None;
+        }
+        if client.asked {
+            return None;
+        }
+        let (lines, closed) = client.input.read_from(&mut client.stream);
+        let Some(line) = lines.into_iter().next() else {
+            if closed {
+                self.drop_client(key, registry);
+            }
+            return None;
+        };
+        client.asked = true;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => Some(req),
+            Err(e) => {
+                self.reply(key, &Reply::error(format!("bad request: {e}")), registry);
+                None
+            }
+        }
+    }
+
+    /// Sends `reply` to client `key` and closes it once written.
+    pub fn reply(&mut self, key: usize, reply: &Reply, registry: &Registry) {
+        if let Some(c) = self.slab.get_mut(key) {
+            c.output = control::line(reply);
+            c.written = 0;
+            self.write(key, registry);
+        }
+    }
+
+    fn write(&mut self, key: usize, registry: &Registry) {
+        let Some(c) = self.slab.get_mut(key) else {
+            return;
+        };
+        while c.written < c.output.len() {
+            match c.stream.write(&c.output[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let token = Token(CLIENT_BASE + key);
+                    let _ = registry.reregister(&mut c.stream, token, Interest::WRITABLE);
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        self.drop_client(key, registry);
+    }
+
+    fn drop_client(&mut self, key: usize, registry: &Registry) {
+        if let Some(mut c) = self.slab.try_remove(key) {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+
+    /// Takes a client out of the loop, for an answer given after the loop ends (`stop`).
+    pub fn detach(&mut self, key: usize, registry: &Registry) -> Option<UnixStream> {
+        let mut c = self.slab.try_remove(key)?;
+        let _ = registry.deregister(&mut c.stream);
+        Some(c.stream)
+    }
+}
+
+/// Writes one reply line to a detached client, giving it at most a second.
+pub fn send_reply(stream: &mut UnixStream, reply: &Reply) {
+    let bytes = control::line(reply);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut written = 0;
+    while written < bytes.len() && Instant::now() < deadline {
+        match stream.write(&bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(_) => return,
+        }
+    }
+}
