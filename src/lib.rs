@@ -41,7 +41,6 @@ pub use worker::{
     Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker,
 };
 
-
 /// This build's version, shown in the banner and `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -6,10 +6,10 @@
 
 mod status;
 
+use crate::Runner;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::control::{self, Reply, Request, StopMode};
 use crate::master::{self, pidfile};
-use crate::Runner;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -181,10 +181,17 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
         }
         Command::Connections { json } => {
             let server = locate(have_file.then_some(&config_path));
-            let reply = request(&server, &Request::Connections, Some(Duration::from_secs(10)))?;
+            let reply = request(
+                &server,
+                &Request::Connections,
+                Some(Duration::from_secs(10)),
+            )?;
             let conns = reply.connections.unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&conns).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&conns).unwrap_or_default()
+                );
             } else {
                 print!("{}", status::render_connections(&conns));
             }

@@ -126,18 +126,42 @@ fn row(cells: &[String; 12]) -> String {
 /// One row per connection, sorted by worker and age.
 pub fn render_connections(c: &Connections) -> String {
     let mut rows: Vec<_> = c.conns.iter().collect();
-    rows.sort_by(|a, b| (a.pid, a.age_secs).partial_cmp(&(b.pid, b.age_secs)).unwrap_or(std::cmp::Ordering::Equal));
+    rows.sort_by(|a, b| {
+        (a.pid, a.age_secs)
+            .partial_cmp(&(b.pid, b.age_secs))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     let mut out = format!(
         "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {}\n",
-        "pid", "worker", "id", "remote", "path", "age", "bytes_in", "bytes_out", "msgs_in",
-        "msgs_out", "send_queue", "state"
+        "pid",
+        "worker",
+        "id",
+        "remote",
+        "path",
+        "age",
+        "bytes_in",
+        "bytes_out",
+        "msgs_in",
+        "msgs_out",
+        "send_queue",
+        "state"
     );
     for r in rows {
         let _ = writeln!(
             out,
             "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {}",
-            r.pid, r.worker, r.id, r.remote, r.path, r.age_secs, r.bytes_in, r.bytes_out,
-            r.messages_in, r.messages_out, r.send_queue, r.state
+            r.pid,
+            r.worker,
+            r.id,
+            r.remote,
+            r.path,
+            r.age_secs,
+            r.bytes_in,
+            r.bytes_out,
+            r.messages_in,
+            r.messages_out,
+            r.send_queue,
+            r.state
         );
     }
     let _ = writeln!(out, "{} connection(s)", c.conns.len());

@@ -255,9 +255,10 @@ impl Master {
         }
         let procs = &self.sup.procs;
         let all_ready = self.sup.groups.iter().all(|g| {
-            g.slots
-                .iter()
-                .all(|s| s.proc.is_some_and(|k| procs.get(k).is_some_and(|p| p.ready)))
+            g.slots.iter().all(|s| {
+                s.proc
+                    .is_some_and(|k| procs.get(k).is_some_and(|p| p.ready))
+            })
         });
         if all_ready {
             log::info!("all workers ready");
@@ -286,7 +287,9 @@ impl Master {
             match sig {
                 Signal::SIGCHLD => self.reap(registry),
                 Signal::SIGTERM => self.begin_stop(StopMode::Close, "SIGTERM", registry),
-                Signal::SIGINT | Signal::SIGQUIT => self.begin_stop(StopMode::Fast, sig.as_str(), registry),
+                Signal::SIGINT | Signal::SIGQUIT => {
+                    self.begin_stop(StopMode::Fast, sig.as_str(), registry)
+                }
                 Signal::SIGUSR1 | Signal::SIGHUP => {
                     if let Err(e) = self.begin_reload(sig.as_str(), None, registry) {
                         log::error!("reload refused: {e}");
@@ -453,9 +456,11 @@ impl Master {
     /// Reopens `log_file` (a daemon's output) and hands it to every worker.
     fn reopen_logs(&mut self) -> Result<String, String> {
         if !self.daemon {
-            return Err("not started with -d: output goes to the terminal or journal, \
+            return Err(
+                "not started with -d: output goes to the terminal or journal, \
                         there is no log file to reopen"
-                .into());
+                    .into(),
+            );
         }
         let path = &self.server.log_file;
         let file = std::fs::OpenOptions::new()
@@ -543,11 +548,13 @@ impl Master {
         };
         let worker = format!("{}#{}", p.group, p.slot);
         let q = &mut self.queries[i];
-        q.result.conns.extend(rows.conns.into_iter().map(|c| ConnInfo {
-            pid: p.pid.as_raw(),
-            worker: worker.clone(),
-            ..c
-        }));
+        q.result
+            .conns
+            .extend(rows.conns.into_iter().map(|c| ConnInfo {
+                pid: p.pid.as_raw(),
+                worker: worker.clone(),
+                ..c
+            }));
         if rows.last {
             q.waiting.retain(|&k| k != key);
             if q.waiting.is_empty() {
@@ -611,5 +618,3 @@ impl Master {
         }
     }
 }
-
-

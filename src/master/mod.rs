@@ -49,7 +49,10 @@ impl Source {
             .iter()
             .map(|g| {
                 let mut w = Worker::from_config(g.clone());
-                let install = self.apps.get(&g.app).expect("config validated the app name");
+                let install = self
+                    .apps
+                    .get(&g.app)
+                    .expect("config validated the app name");
                 install(&mut w);
                 w
             })
@@ -67,7 +70,11 @@ impl Source {
         let new = &config.server;
         let fixed = [
             ("pid_file", &running.pid_file, &new.pid_file),
-            ("control_socket", &running.control_socket, &new.control_socket),
+            (
+                "control_socket",
+                &running.control_socket,
+                &new.control_socket,
+            ),
             ("log_file", &running.log_file, &new.log_file),
         ];
         for (key, old, new) in fixed {

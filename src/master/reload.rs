@@ -54,9 +54,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
     }
     for def in file_groups {
         let name = def.name().to_string();
-        let old = sup
-            .group_index(&name)
-            .filter(|&i| sup.groups[i].from_file);
+        let old = sup.group_index(&name).filter(|&i| sup.groups[i].from_file);
         let change = match old.map(|i| (i, &sup.groups[i])) {
             Some((old, g)) if !g.def.reloadable => {
                 let mut line = kept(g, false);
@@ -205,7 +203,13 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
 
 impl Reload {
     /// Carries the reload forward as far as it can go now.
-    pub fn advance(&mut self, sup: &mut Supervisor, registry: &Registry, spread: Duration, timeout: Duration) {
+    pub fn advance(
+        &mut self,
+        sup: &mut Supervisor,
+        registry: &Registry,
+        spread: Duration,
+        timeout: Duration,
+    ) {
         let now = Instant::now();
         loop {
             if let Some(w) = &self.waiting {

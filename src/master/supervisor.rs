@@ -371,7 +371,11 @@ impl Supervisor {
             qps: (qps * 10.0).round() / 10.0,
             accept_queue,
             backlog,
-            counters: p.report.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
+            counters: p
+                .report
+                .as_ref()
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default(),
         }
     }
 
