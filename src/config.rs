@@ -538,7 +538,10 @@ impl Config {
                 g.name = g.app.clone();
             }
             let name = g.name.clone();
-            if let Some(other) = groups.iter().find(|o| o.listen == g.listen) {
+            if let Some(other) = groups
+                .iter()
+                .find(|o| o.listen == g.listen && g.listen.addr.port() != 0)
+            {
                 return Err(at(
                     Some(span),
                     format!(

@@ -577,7 +577,7 @@ fn out_of_descriptors_pauses_accepting_without_spinning() {
 }
 
 #[test]
-fn systemd_hears_ready_after_every_worker_then_status_and_stopping() {
+fn systemd_hears_ready_status_reloading_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     let (dir, config) = Server::config("echo", 2, "");
     // A real datagram socket stands in for systemd's NOTIFY_SOCKET.
@@ -612,6 +612,23 @@ fn systemd_hears_ready_after_every_worker_then_status_and_stopping() {
         status.starts_with("STATUS=worker echo#") && status.contains("killed by SIGKILL"),
         "{status:?}"
     );
+    server.wait_ready();
+    // A reload is bracketed by RELOADING=1 (with the monotonic time systemd matches it by)
+    // and READY=1.
+    assert!(server.wsd(&["reload"]).status.success());
+    let reloading = next();
+    assert!(reloading.contains("RELOADING=1\n"), "{reloading:?}");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
+    let ready = next();
+    assert!(
+        ready.contains("READY=1\n") && ready.contains(&serving),
+        "{ready:?}"
+    );
     assert!(server.wsd(&["stop"]).status.success());
     let stopping = next();
     assert!(stopping.contains("STOPPING=1\n"), "{stopping:?}");
@@ -636,6 +653,7 @@ fn the_systemd_unit_installs_and_passes_systemd_analyze_verify() {
     for line in [
         "Type=notify",
         "NotifyAccess=main",
+        "ExecReload=/usr/local/bin/wsd -c /etc/wsd/workers.toml reload",
         "KillMode=mixed",
         "Restart=on-failure",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
