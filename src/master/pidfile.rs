@@ -1,7 +1,8 @@
 //! The pid file, held under an exclusive `flock` for the master's whole life.
 //!
 //! The lock, not the file's existence or the pid in it, says whether a master runs: a pid file
-//! left behind by a `kill -9` is simply locked again by the next `wsd start`.
+//! left behind by a `kill -9` is simply locked again by the next `wsd start`, and one that names
+//! some unrelated live process (the pid was reused) is just as stale.
 //!
 //! **Atomic write.** The pid goes into a temporary file next to the pid file, which is then
 //! renamed over it, so a reader sees either the old content or `PID\n`, never an empty or
@@ -16,6 +17,9 @@
 //! unlinked it at exit (or renamed a new inode over it) could lock an inode no longer reachable
 //! by the path and believe itself alone. So [`PidFile::lock`] checks, after locking, that the
 //! path still names the inode it locked, and starts over if not.
+//!
+//! **Probing.** The CLI never takes the lock to find out whether a master runs (see [`probe`]);
+//! it looks the inode up in the kernel's lock table instead.
 
 use crate::sys;
 use std::fs::{File, Metadata, OpenOptions};
@@ -150,15 +154,40 @@ fn read_pid(file: &mut File) -> Option<i32> {
     s.trim().parse().ok()
 }
 
-/// The pid recorded in `path`, if that process is alive (used by the CLI for messages).
+/// What a pid file says about its master, as far as can be told without locking it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// No pid file.
+    Absent,
+    /// Nobody holds the lock: no master runs, whatever process the recorded pid (if the file
+    /// holds one) may name today.
+    Stale(Option<i32>),
+    /// A master holds the lock. Its pid when the file records the process that took the lock
+    /// on this inode; `None` while a starting master has not written its pid yet.
+    Running(Option<i32>),
+}
+
+/// Looks at the pid file at `path` (used by the CLI for messages).
 ///
 /// Never takes the lock: a probe that locked, even briefly, could make a master that is
-/// starting at the same moment fail with "already running".
-pub fn running_pid(path: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-        .ok()
-        .map(|_| pid)
+/// starting at the same moment fail with "already running". Instead the file's inode is looked
+/// up in the kernel's table of held locks (`/proc/locks`).
+pub fn probe(path: &Path) -> io::Result<Probe> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Probe::Absent),
+        Err(e) => return Err(e),
+    };
+    // Metadata and content from the same descriptor: the same inode even if a rename lands
+    // in between.
+    let meta = file.metadata()?;
+    let pid = read_pid(&mut file);
+    Ok(match sys::flock_holder(&meta)? {
+        None => Probe::Stale(pid),
+        // The kernel names the process that took the lock; a pid that differs is not the
+        // master's (the master has not replaced an older file's content yet).
+        Some(holder) => Probe::Running(pid.filter(|&p| p == holder)),
+    })
 }
 
 #[cfg(test)]
@@ -222,5 +251,28 @@ mod tests {
         std::fs::write(&path, "77\n").unwrap();
         pf.remove();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "77\n");
+    }
+
+    #[test]
+    fn probe_tells_stale_from_locked() {
+        let (_dir, path) = temp();
+        assert_eq!(probe(&path).unwrap(), Probe::Absent);
+
+        // Our own pid, alive, but nobody holds the lock: stale.
+        let me = std::process::id() as i32;
+        std::fs::write(&path, format!("{me}\n")).unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Stale(Some(me)));
+
+        // Locked, with an old pid still in it: running, pid not yet known.
+        let mut pf = PidFile::lock(&path).unwrap();
+        std::fs::write(&path, "1\n").unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Running(None));
+
+        // Written by the lock holder (this process): running with that pid.
+        pf.write_pid(me as u32).unwrap();
+        assert_eq!(probe(&path).unwrap(), Probe::Running(Some(me)));
+
+        drop(pf);
+        assert_eq!(probe(&path).unwrap(), Probe::Stale(Some(me)));
     }
 }
