@@ -234,3 +234,78 @@ pub fn listen_queue(listener: &impl AsRawFd) -> io::Result<(u32, u32)> {
     }
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
+
+/// The pid that `/proc/locks` names as holding a `flock` on the file `meta` describes, if any
+/// process holds one.
+///
+/// Reads the kernel's lock table and touches no lock. The pid is that of the process that
+/// took the lock (it may have forked and exited since, as `start -d` does), 0 if that process
+/// is outside our pid namespace.
+pub fn flock_holder(meta: &std::fs::Metadata) -> io::Result<Option<i32>> {
+    use std::os::unix::fs::MetadataExt;
+    let table = std::fs::read_to_string("/proc/locks")?;
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    Ok(flock_holder_in(&table, (major, minor, meta.ino())))
+}
+
+/// Finds a held FLOCK on `(major, minor, inode)` in `/proc/locks` text, whose lines read
+/// `1: FLOCK  ADVISORY  WRITE 4310 fe:00:10010628 0 EOF` (device numbers in hex, the inode in
+/// decimal). A waiter's line has `->` after the id and holds nothing; POSIX and OFD locks are
+/// other kinds of lock.
+fn flock_holder_in(table: &str, file: (u64, u64, u64)) -> Option<i32> {
+    table.lines().find_map(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        if fields.next()? != "FLOCK" {
+            return None;
+        }
+        let pid = fields.nth(2)?.parse().ok()?;
+        let mut id = fields.next()?.split(':');
+        let major = u64::from_str_radix(id.next()?, 16).ok()?;
+        let minor = u64::from_str_radix(id.next()?, 16).ok()?;
+        let inode = id.next()?.parse().ok()?;
+        ((major, minor, inode) == file).then_some(pid)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_lines_are_read_by_kind_device_and_inode() {
+        let table = "\
+1: POSIX  ADVISORY  WRITE 700 fe:00:42 0 EOF
+2: FLOCK  ADVISORY  WRITE 4310 fe:00:10010628 0 EOF
+2: -> FLOCK  ADVISORY  WRITE 4399 fe:00:77 0 EOF
+3: FLOCK  ADVISORY  WRITE 4311 103:02:77 0 EOF
+4: OFDLCK ADVISORY  READ  -1 fe:00:55 0 EOF
+";
+        assert_eq!(flock_holder_in(table, (0xfe, 0, 10010628)), Some(4310));
+        assert_eq!(flock_holder_in(table, (0x103, 2, 77)), Some(4311));
+        assert_eq!(flock_holder_in(table, (0xfe, 0, 77)), None, "only a waiter");
+        assert_eq!(flock_holder_in(table, (0xfe, 0, 42)), None, "a POSIX lock");
+        assert_eq!(
+            flock_holder_in(table, (0xfe, 1, 10010628)),
+            None,
+            "other device"
+        );
+        assert_eq!(flock_holder_in("", (0xfe, 0, 10010628)), None);
+    }
+
+    #[test]
+    fn a_flock_taken_here_shows_in_proc_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let held = File::create(&path).unwrap();
+        let meta = held.metadata().unwrap();
+        assert_eq!(flock_holder(&meta).unwrap(), None);
+        assert!(try_lock_exclusive(&held).unwrap());
+        assert_eq!(
+            flock_holder(&meta).unwrap(),
+            Some(std::process::id() as i32)
+        );
+        drop(held);
+        assert_eq!(flock_holder(&meta).unwrap(), None);
+    }
+}

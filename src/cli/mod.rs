@@ -311,15 +311,18 @@ fn request(
 }
 
 fn not_running(server: &ServerConfig) -> Failed {
-    match pidfile::running_pid(&server.pid_file) {
-        Some(pid) => Failed(format!(
-            "master pid {pid} holds {} but its control socket {} does not answer",
-            server.pid_file.display(),
-            server.control_socket.display()
+    let pid_file = server.pid_file.display();
+    let socket = server.control_socket.display();
+    match pidfile::probe(&server.pid_file) {
+        Ok(pidfile::Probe::Running(Some(pid))) => Failed(format!(
+            "master pid {pid} holds {pid_file} but its control socket {socket} does not answer"
         )),
-        None => Failed(format!(
-            "not running (no master for {})",
-            server.pid_file.display()
+        Ok(pidfile::Probe::Running(None)) => Failed(format!(
+            "a master holds {pid_file} but its control socket {socket} does not answer"
         )),
+        Ok(pidfile::Probe::Stale(Some(pid))) => Failed(format!(
+            "not running (stale pid file {pid_file} names pid {pid}, which is not a running wsd master)"
+        )),
+        _ => Failed(format!("not running (no master for {pid_file})")),
     }
 }

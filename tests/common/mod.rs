@@ -652,3 +652,19 @@ impl Server {
         self.worker_pids()[slot]
     }
 }
+
+// ---- Helpers added for tests/supervision.rs ---------------------------------------------------
+
+/// True once process `pid` has exited, counting a zombie as exited: an orphaned worker is
+/// reparented to a pid 1 that may take seconds to reap it, and `kill(pid, 0)` (what [`alive`]
+/// asks) still succeeds on a zombie.
+pub fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}

@@ -1,0 +1,236 @@
+//! Supervision from the outside: a master killed with `kill -9`, a stale pid file that names an
+//! unrelated live process, and a group whose workers die at start.
+//!
+//! Like `tests/library.rs`, this test binary is itself a wsd program: run with
+//! `WSD_LIBRARY_SERVER=1` it is the server (the built-in apps plus `crash_at_start`, whose
+//! workers exit with status 3 in `on_worker_start`); otherwise it is the test driver.
+//! `harness = false` because a forking master must be the main thread of its process.
+
+mod common;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The respawn delays of one slot before the master gives up: 100 ms doubling
+/// (`supervisor::MIN_BACKOFF`), one per death until the fifth (`BOOT_FAILURES`).
+const BACKOFF_MS: [u64; 4] = [100, 200, 400, 800];
+
+fn server_program() -> ! {
+    wsd::Runner::new()
+        .app("crash_at_start", |w| {
+            w.on_worker_start(|_| std::process::exit(3));
+        })
+        .run()
+}
+
+fn this_program() -> PathBuf {
+    std::env::current_exe().expect("the test binary's path")
+}
+
+/// Runs `this_program -c config args` as the CLI.
+fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(this_program())
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .env(LIBRARY_SERVER_ENV, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the CLI")
+}
+
+fn echo_round_trip(server: &Server) {
+    let mut client = server.connect();
+    client.send_text("still here");
+    assert_eq!(client.recv_text(), "still here");
+}
+
+fn kill_9_of_the_master_takes_every_worker_and_start_works_again() {
+    let mut first = Server::start_program(this_program(), "echo", 4, "");
+    let workers = first.worker_pids();
+    assert_eq!(workers.len(), 4);
+    let pid_file = first.dir.path().join("wsd.pid");
+    let socket = first.dir.path().join("wsd.sock");
+
+    kill(Pid::from_raw(first.master_pid()), Signal::SIGKILL).unwrap();
+    // waitpid: the master is dead from here on.
+    assert_eq!(first.wait_exit(DEADLINE), -1, "killed by a signal");
+    let dead_at = Instant::now();
+    wait_for(
+        "every worker to die within 1 s of its master",
+        Duration::from_secs(1),
+        || workers.iter().all(|&w| exited(w)).then_some(()),
+    );
+    println!("  workers gone {:?} after the master", dead_at.elapsed());
+    assert!(
+        pid_file.exists() && socket.exists(),
+        "kill -9 leaves the pid file and the control socket behind"
+    );
+
+    // Start again on the same config, in the same directory.
+    let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().unwrap());
+    let mut second = Server::start_with(this_program(), dir, first.config.clone());
+    assert_eq!(pid_in(&pid_file), second.master_pid());
+    echo_round_trip(&second);
+    let out = second.wsd(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(second.wait_exit(DEADLINE), 0);
+}
+
+fn a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled() {
+    let (dir, config) = Server::config("echo", 1, "");
+    let pid_file = dir.path().join("wsd.pid");
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    let sleep_pid = sleeper.id() as i32;
+    let _kill = KillOnDrop(sleep_pid);
+    std::fs::write(&pid_file, format!("{sleep_pid}\n")).unwrap();
+    let mut sleeping = || sleeper.try_wait().unwrap().is_none();
+
+    for command in ["stop", "status"] {
+        let out = cli(&config, &[command]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "wsd {command}: {err}");
+        let expected = format!(
+            "not running (stale pid file {} names pid {sleep_pid}, which is not a running wsd master)",
+            pid_file.display()
+        );
+        assert!(err.contains(&expected), "wsd {command}: {err}");
+        assert!(sleeping(), "wsd {command} left the sleep process alone");
+    }
+
+    let mut server = Server::start_with(this_program(), dir, config);
+    assert_eq!(pid_in(&pid_file), server.master_pid());
+    echo_round_trip(&server);
+    let out = server.wsd(&["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+    assert!(!pid_file.exists(), "pid file removed at stop");
+    assert!(sleeping(), "the unrelated process outlived start and stop");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// The local time at the start of a log line (`2026-11-24 10:00:00.123 INFO  master[..] ..`).
+fn logged_at(line: &str) -> chrono::NaiveDateTime {
+    let stamp = line
+        .get(..23)
+        .unwrap_or_else(|| panic!("short line: {line}"));
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S%.3f")
+        .unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn a_group_that_dies_at_start_stops_the_master_after_backing_off() {
+    let (dir, config) = Server::config("crash_at_start", 2, "");
+    let output = dir.path().join("master.out");
+    let out = std::fs::File::create(&output).unwrap();
+    let mut master = Command::new(this_program())
+        .arg("-c")
+        .arg(&config)
+        .arg("start")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0)
+        .env(LIBRARY_SERVER_ENV, "1")
+        .env_remove("RUST_LOG")
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(master.id() as i32);
+
+    let status = wait_for("the crash-looping master to give up", DEADLINE, || {
+        master.try_wait().unwrap()
+    });
+    let log = std::fs::read_to_string(&output).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "every worker of group \"crash_at_start\" failed at start 5 times in a row; giving up"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("exited with status 3"), "{log}");
+
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" worker crash_at_start#") && l.contains(" started, pid "))
+        .collect();
+    let slot0: Vec<chrono::NaiveDateTime> = started
+        .iter()
+        .filter(|l| l.contains(" worker crash_at_start#0 started"))
+        .map(|l| logged_at(l))
+        .collect();
+    assert!(
+        slot0.len() >= 5,
+        "slot 0 started {} times: {log}",
+        slot0.len()
+    );
+    for (i, (pair, backoff)) in slot0.windows(2).zip(BACKOFF_MS).enumerate() {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        assert!(
+            gap * 10 >= backoff as i64 * 9,
+            "start {} of slot 0 came {gap} ms after the previous one, backoff is {backoff} ms: {log}",
+            i + 2
+        );
+    }
+
+    let pids: Vec<i32> = started
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    for pid in pids {
+        assert!(exited(pid), "worker pid {pid} outlived its master");
+    }
+    assert!(!dir.path().join("wsd.pid").exists(), "pid file removed");
+    assert!(
+        !dir.path().join("wsd.sock").exists(),
+        "control socket removed"
+    );
+}
+
+fn main() {
+    if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
+        server_program();
+    }
+    let tests: [(&str, fn()); 3] = [
+        (
+            "kill_9_of_the_master_takes_every_worker_and_start_works_again",
+            kill_9_of_the_master_takes_every_worker_and_start_works_again,
+        ),
+        (
+            "a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled",
+            a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled,
+        ),
+        (
+            "a_group_that_dies_at_start_stops_the_master_after_backing_off",
+            a_group_that_dies_at_start_stops_the_master_after_backing_off,
+        ),
+    ];
+    let mut failed = 0;
+    for (name, test) in tests {
+        let began = Instant::now();
+        let ok = std::panic::catch_unwind(test).is_ok();
+        println!(
+            "test {name} ... {} ({:.1}s)",
+            if ok { "ok" } else { "FAILED" },
+            began.elapsed().as_secs_f64()
+        );
+        failed += usize::from(!ok);
+    }
+    println!(
+        "\nsupervision: {} passed, {failed} failed",
+        tests.len() - failed
+    );
+    std::process::exit(i32::from(failed > 0));
+}
