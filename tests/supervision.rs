@@ -25,8 +25,23 @@ fn server_program() -> ! {
         .app("crash_at_start", |w| {
             w.on_worker_start(|_| std::process::exit(3));
         })
+        .app("crash_when_marked", |w| {
+            // Echo, but a worker started while the marker file exists dies at start: a new
+            // build that cannot come up, as a reload meets it.
+            w.on_worker_start(|_| {
+                let marker = std::env::var_os(MARKER_ENV).expect("marker path");
+                if Path::new(&marker).exists() {
+                    std::process::exit(3);
+                }
+            });
+            w.on_message(|ctx, conn, msg| {
+                let _ = ctx.send(conn, msg);
+            });
+        })
         .run()
 }
+
+const MARKER_ENV: &str = "WSD_TEST_CRASH_MARKER";
 
 fn this_program() -> PathBuf {
     std::env::current_exe().expect("the test binary's path")
@@ -199,11 +214,56 @@ fn a_group_that_dies_at_start_stops_the_master_after_backing_off() {
     );
 }
 
+fn a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers() {
+    let (dir, config) = Server::config("crash_when_marked", 2, "");
+    let marker = dir.path().join("crash-now");
+    let mut server = Server::start_with_env(
+        this_program(),
+        dir,
+        config.clone(),
+        &[(MARKER_ENV, marker.as_path())],
+    );
+    let before = server.worker_pids();
+    std::fs::write(&marker, "").unwrap();
+    let out = cli(&config, &["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("reload failed") && said.contains("exited with status 3 before it was ready"),
+        "{said}"
+    );
+    // The old workers still serve every slot.
+    let st = server.wait_ready();
+    let now: Vec<i32> = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(now, before);
+    echo_round_trip(&server);
+    // Fixed: the next reload goes through.
+    std::fs::remove_file(&marker).unwrap();
+    let out = cli(&config, &["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let st = server.wait_ready();
+    let ws = st["workers"].as_array().unwrap();
+    assert!(
+        ws.iter()
+            .all(|w| !before.contains(&(w["pid"].as_i64().unwrap() as i32)))
+    );
+    echo_round_trip(&server);
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
+        (
+            "a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers",
+            a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers,
+        ),
         (
             "kill_9_of_the_master_takes_every_worker_and_start_works_again",
             kill_9_of_the_master_takes_every_worker_and_start_works_again,

@@ -34,8 +34,12 @@ impl Announce {
     }
 
     pub fn failed(&mut self, reason: &str) {
-        if let Announce::Pipe(mut f) = std::mem::replace(self, Announce::Done) {
-            let _ = write!(f, "error\n{reason}");
+        match std::mem::replace(self, Announce::Done) {
+            Announce::Stdout => eprintln!("wsd: {reason}"),
+            Announce::Pipe(mut f) => {
+                let _ = write!(f, "error\n{reason}");
+            }
+            Announce::Done => {}
         }
     }
 }
