@@ -10,6 +10,7 @@ mod event_loop;
 mod listeners;
 mod notify;
 pub(crate) mod pidfile;
+mod privileges;
 mod supervisor;
 
 use crate::config::Config;
@@ -42,10 +43,14 @@ pub fn start(plan: Plan) -> i32 {
     if plan.groups.is_empty() {
         return fail(pidfile, "nothing to run: no [[worker]] groups".into());
     }
+    let creds = privileges::for_workers(&server);
     let mut groups = Vec::with_capacity(plan.groups.len());
     for def in plan.groups {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
-            Ok(ls) => groups.push(supervisor::Group::new(def, ls)),
+            Ok(ls) => groups.push(supervisor::Group {
+                creds: creds.clone(),
+                ..supervisor::Group::new(def, ls)
+            }),
             Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
         }
     }

@@ -35,6 +35,8 @@ pub struct Group {
     pub listeners: Vec<TcpListener>,
     pub slots: Vec<Slot>,
     pub exits: BTreeMap<String, u64>,
+    /// Whom this group's workers become after fork (`[server] user`/`group`).
+    pub creds: Option<super::privileges::Credentials>,
 }
 
 #[derive(Default)]
@@ -76,6 +78,7 @@ impl Group {
             listeners,
             slots,
             exits: BTreeMap::new(),
+            creds: None,
         }
     }
 
@@ -94,6 +97,13 @@ impl Group {
                 sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
                 sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", self.name()));
+                // Before die_with_parent: changing credentials clears PR_SET_PDEATHSIG.
+                if let Some(creds) = &self.creds
+                    && let Err(e) = super::privileges::drop_privileges(creds)
+                {
+                    log::error!("{e}");
+                    std::process::exit(2);
+                }
                 if let Err(e) = sys::die_with_parent(master_pid) {
                     log::error!("cannot tie worker to master: {e}");
                     std::process::exit(2);
