@@ -6,6 +6,7 @@
 //! `Deserialize` impls, so the TOML parser attaches the line of the offending value for us.
 
 use ipnet::IpNet;
+use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Deserializer, de};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -41,7 +42,7 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
 }
 
-/// `[server]`: where the master keeps its files and how it stops.
+/// `[server]`: where the master keeps its files, how it stops, and whom the workers run as.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -64,6 +65,14 @@ pub struct ServerConfig {
     pub reload_timeout: Duration,
     /// Log filter in `RUST_LOG` syntax (`info`, `wsd=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// User the workers switch to when the master runs as root: a name (`"nobody"`) or a uid.
+    /// The master keeps root and binds every listener before forking, so ports below 1024
+    /// work. Unset: workers run as the master's user. When the master is not root, it is
+    /// ignored with a warning at start. An unknown user is a config error.
+    pub user: Option<SystemUser>,
+    /// Group the workers switch to (a name or a gid). Default: the user's primary group. Set
+    /// without `user`, the workers keep the master's uid and only change group.
+    pub group: Option<SystemGroup>,
 }
 
 impl ServerConfig {
@@ -93,6 +102,8 @@ impl Default for ServerConfig {
             close_spread: Duration::from_secs(1),
             reload_timeout: Duration::from_secs(30),
             log_level: "info".into(),
+            user: None,
+            group: None,
         }
     }
 }
@@ -429,6 +440,77 @@ enum IntOrStr {
     Str(String),
 }
 
+/// A user from the passwd database, looked up by name or uid when the config is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemUser {
+    pub name: String,
+    pub uid: Uid,
+    /// The primary group, used when `[server] group` is unset.
+    pub gid: Gid,
+}
+
+/// A group from the group database, looked up by name or gid when the config is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemGroup {
+    pub name: String,
+    pub gid: Gid,
+}
+
+impl<'de> Deserialize<'de> for SystemUser {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let lookup = |id: NameOrId| match id {
+            NameOrId::Id(uid) => nix::unistd::User::from_uid(Uid::from_raw(uid))
+                .map_err(|e| format!("cannot look up user {uid}: {e}"))?
+                .ok_or_else(|| format!("unknown user {uid}")),
+            NameOrId::Name(name) => nix::unistd::User::from_name(&name)
+                .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
+                .ok_or_else(|| format!("unknown user {name:?}")),
+        };
+        let u = lookup(NameOrId::deserialize(d)?).map_err(de::Error::custom)?;
+        Ok(SystemUser {
+            name: u.name,
+            uid: u.uid,
+            gid: u.gid,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for SystemGroup {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let lookup = |id: NameOrId| match id {
+            NameOrId::Id(gid) => nix::unistd::Group::from_gid(Gid::from_raw(gid))
+                .map_err(|e| format!("cannot look up group {gid}: {e}"))?
+                .ok_or_else(|| format!("unknown group {gid}")),
+            NameOrId::Name(name) => nix::unistd::Group::from_name(&name)
+                .map_err(|e| format!("cannot look up group {name:?}: {e}"))?
+                .ok_or_else(|| format!("unknown group {name:?}")),
+        };
+        let g = lookup(NameOrId::deserialize(d)?).map_err(de::Error::custom)?;
+        Ok(SystemGroup {
+            name: g.name,
+            gid: g.gid,
+        })
+    }
+}
+
+/// A user or group as written: a name, or an id (`65534` or `"65534"`).
+enum NameOrId {
+    Name(String),
+    Id(u32),
+}
+
+impl<'de> Deserialize<'de> for NameOrId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match IntOrStr::deserialize(d)? {
+            IntOrStr::Int(n) => u32::try_from(n)
+                .map(NameOrId::Id)
+                .map_err(|_| de::Error::custom(format!("id out of range: {n}"))),
+            IntOrStr::Float(f) => Err(de::Error::custom(format!("not a name or an id: {f}"))),
+            IntOrStr::Str(s) => Ok(s.parse().map_or(NameOrId::Name(s), NameOrId::Id)),
+        }
+    }
+}
+
 /// A listen address as written (`websocket://0.0.0.0:2346`) and as resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
@@ -709,6 +791,27 @@ mod tests {
         let e = parse("# top\n[server]\nstop_timeout = 1\n").unwrap_err();
         assert!(e.reason.contains("close_spread"), "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+    }
+
+    #[test]
+    fn user_and_group_are_resolved_when_read() {
+        // root (uid and gid 0) exists on every system this runs on.
+        let c = parse("[server]\nuser = \"root\"\ngroup = 0\n").unwrap();
+        let user = c.server.user.unwrap();
+        assert_eq!((user.uid.as_raw(), user.gid.as_raw()), (0, 0));
+        assert_eq!(c.server.group.unwrap().name, "root");
+        let c = parse("[server]\nuser = \"0\"\n").unwrap();
+        assert_eq!(c.server.user.unwrap().name, "root");
+        assert!(
+            c.server.group.is_none(),
+            "the primary group is applied at start"
+        );
+        let e = parse("[server]\nstop_timeout = 1\nuser = \"no-such-user-xyz\"\n").unwrap_err();
+        assert_eq!(e.position, Some((3, 8)), "{e}");
+        assert_eq!(e.reason, "unknown user \"no-such-user-xyz\"");
+        let e = parse("[server]\ngroup = \"no-such-group-xyz\"\n").unwrap_err();
+        assert_eq!(e.position, Some((2, 9)), "{e}");
+        assert_eq!(e.reason, "unknown group \"no-such-group-xyz\"");
     }
 
     #[test]

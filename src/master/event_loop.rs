@@ -417,6 +417,7 @@ impl Master {
         let prepared = reload::prepare(&self.sup, file_groups)?;
         log::info!("reloading ({why}): {}", prepared.summary.join("; "));
         notify::reloading();
+        self.sup.creds = super::privileges::for_workers(&server);
         self.server = server;
         let mut r = reload::apply(&mut self.sup, prepared);
         r.waiters.extend(waiter);

@@ -12,6 +12,7 @@ mod listeners;
 mod notify;
 pub(crate) mod pidfile;
 mod reload;
+mod privileges;
 mod supervisor;
 
 use crate::config::{Config, ServerConfig};
@@ -120,7 +121,10 @@ pub fn start(plan: Plan) -> i32 {
         .into_iter()
         .map(|w| (w, false))
         .chain(source.groups(&plan.config).into_iter().map(|w| (w, true)));
-    let mut sup = supervisor::Supervisor::default();
+    let mut sup = supervisor::Supervisor {
+        creds: privileges::for_workers(&server),
+        ..Default::default()
+    };
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => sup.groups.push(supervisor::Group::new(def, ls, from_file)),

@@ -156,6 +156,8 @@ impl Group {
 pub struct Supervisor {
     pub groups: Vec<Group>,
     pub procs: Slab<Proc>,
+    /// Whom workers become after fork (`[server] user`/`group`).
+    pub creds: Option<super::privileges::Credentials>,
 }
 
 impl Supervisor {
@@ -177,6 +179,13 @@ impl Supervisor {
                 sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
                 sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", group.name()));
+                // Before die_with_parent: changing credentials clears PR_SET_PDEATHSIG.
+                if let Some(creds) = &self.creds
+                    && let Err(e) = super::privileges::drop_privileges(creds)
+                {
+                    log::error!("{e}");
+                    std::process::exit(2);
+                }
                 if let Err(e) = sys::die_with_parent(master_pid) {
                     log::error!("cannot tie worker to master: {e}");
                     std::process::exit(2);
