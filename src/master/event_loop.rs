@@ -108,7 +108,7 @@ pub fn run(mut m: Master) -> (i32, Vec<UnixStream>) {
             log::error!("master failed: {e}");
             m.announce.failed(&format!("master failed: {e}"));
             for pid in m.sup.live_pids().collect::<Vec<_>>() {
-                let _ = kill(pid, Signal::SIGKILL);
+                sigkill(pid);
             }
             1
         }
@@ -210,7 +210,7 @@ impl Master {
                     p.slot,
                     p.pid
                 );
-                let _ = kill(p.pid, Signal::SIGKILL);
+                sigkill(p.pid);
                 p.retiring = Some(now + Duration::from_secs(1));
             }
         }
@@ -228,7 +228,7 @@ impl Master {
                         p.slot,
                         p.pid
                     );
-                    let _ = kill(p.pid, Signal::SIGKILL);
+                    sigkill(p.pid);
                 }
             }
             return;
@@ -617,5 +617,13 @@ impl Master {
                 .collect(),
             workers: self.sup.worker_rows(),
         }
+    }
+}
+
+/// SIGKILLs a worker; a failure (EPERM: the master lacks CAP_KILL over a worker that switched
+/// users) is logged, since the master would otherwise wait for it forever in silence.
+pub(super) fn sigkill(pid: nix::unistd::Pid) {
+    if let Err(e) = kill(pid, Signal::SIGKILL) {
+        log::error!("cannot SIGKILL worker pid {pid}: {e}");
     }
 }

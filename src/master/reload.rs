@@ -226,7 +226,7 @@ impl Reload {
                         "the new worker {}#{} (pid {}) was not ready within reload_timeout",
                         w.group, w.slot, p.pid
                     );
-                    let _ = nix::sys::signal::kill(p.pid, nix::sys::signal::Signal::SIGKILL);
+                    super::event_loop::sigkill(p.pid);
                     self.abandon(sup, why);
                 } else {
                     return;
