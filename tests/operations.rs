@@ -354,3 +354,209 @@ fn a_worker_killed_under_traffic_is_back_within_a_second_and_others_lose_nothing
         "{st}"
     );
 }
+
+/// A config with `server` lines added to its `[server]` table.
+fn config_with_server(
+    app: &str,
+    count: usize,
+    server: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, config) = Server::config(app, count, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[server]\n", &format!("[server]\n{server}\n"), 1),
+    )
+    .unwrap();
+    (dir, config)
+}
+
+#[test]
+fn stop_spreads_its_close_frames_over_close_spread() {
+    let (dir, config) = config_with_server("echo", 1, "close_spread = \"2s\"");
+    let mut server = Server::start_with(wsd_bin(), dir, config);
+    let clients: Vec<Client> = (0..20).map(|_| server.connect()).collect();
+    wait_for("20 connections", DEADLINE, || {
+        (workers_sum(&server.status(), "connections") == 20).then_some(())
+    });
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| std::thread::spawn(move || (c.expect_close(), Instant::now())))
+        .collect();
+    assert!(server.wsd(&["stop"]).status.success());
+    let mut closes: Vec<(u16, Instant)> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert!(closes.iter().all(|(code, _)| *code == 1001));
+    closes.sort_by_key(|(_, at)| *at);
+    // Twenty closes due evenly over 2 s: the first and the last are at least ~1.5 s apart
+    // (a lower bound the server's own schedule sets, whatever the machine's load).
+    let spread = closes[19].1 - closes[0].1;
+    assert!(
+        spread >= Duration::from_millis(1400),
+        "closes came within {spread:?}"
+    );
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+}
+
+/// Clients that never answer a Close: a draining stop would wait `close_timeout` (here far
+/// beyond the test's deadline) for them; a fast stop does not wait.
+fn silent_clients(port: u16, n: usize) -> Vec<RawClient> {
+    (0..n).map(|_| RawClient::upgrade(port)).collect()
+}
+
+fn fast_stop_setup() -> Server {
+    let (dir, config) = config_with_server("echo", 2, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("stop_timeout = \"5s\"", "stop_timeout = \"300s\"");
+    std::fs::write(&config, format!("{text}close_timeout = \"300s\"\n")).unwrap();
+    Server::start_with(wsd_bin(), dir, config)
+}
+
+#[test]
+fn stop_fast_and_sigint_skip_the_drain() {
+    for how in ["stop --fast", "SIGINT"] {
+        let mut server = fast_stop_setup();
+        let mut silent = silent_clients(server.port, 6);
+        wait_for("6 connections", DEADLINE, || {
+            (workers_sum(&server.status(), "connections") == 6).then_some(())
+        });
+        if how == "SIGINT" {
+            kill(Pid::from_raw(server.master_pid()), Signal::SIGINT).unwrap();
+        } else {
+            let out = server.wsd(&["stop", "--fast"]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        assert_eq!(server.wait_exit(DEADLINE), 0, "{how}");
+        for c in &mut silent {
+            // The Close was written once on the way out.
+            let (code, _) = c.read_until_close();
+            assert_eq!(code, Some(1001), "{how}");
+        }
+        assert!(server.master_output().contains("fast"), "{how}");
+    }
+}
+
+#[test]
+fn a_plain_stop_after_stop_g_closes_the_clients() {
+    let mut server = Server::start("echo", 1);
+    let mut c = server.connect();
+    c.send_text("x");
+    assert_eq!(c.recv_text(), "x");
+    let drain = std::process::Command::new(wsd_bin())
+        .args(["-c", server.config.to_str().unwrap(), "stop", "-g"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _drain_reap = KillOnDrop(drain.id() as i32);
+    server.wait_for_log("waiting for clients to leave");
+    // The client is not closed by a draining stop...
+    c.send_text("still");
+    assert_eq!(c.recv_text(), "still");
+    // ...but a plain stop issued meanwhile closes it.
+    assert!(server.wsd(&["stop"]).status.success());
+    assert_eq!(c.expect_close(), 1001);
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+}
+
+#[test]
+fn connections_lists_every_client_with_its_counters() {
+    let mut server = Server::start("echo", 2);
+    let mut chatty = server.connect();
+    for m in ["hello", "world"] {
+        chatty.send_text(m);
+        assert_eq!(chatty.recv_text(), m);
+    }
+    let quiet: Vec<Client> = (0..2).map(|_| server.connect()).collect();
+    let workers = server.worker_pids();
+    let out = server.wsd(&["connections", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = view["conns"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{view}");
+    assert_eq!(view["missing"].as_array().map(Vec::len), Some(0));
+    let me = chatty.ws.get_ref().local_addr().unwrap().to_string();
+    let row = rows
+        .iter()
+        .find(|r| r["remote"] == me.as_str())
+        .expect("the chatty client");
+    assert_eq!(row["messages_in"], 2);
+    assert_eq!(row["messages_out"], 2);
+    // Two masked 5-byte text frames in (11 bytes each), two 7-byte frames out.
+    assert_eq!(row["bytes_in"], 22, "{row}");
+    assert_eq!(row["bytes_out"], 14, "{row}");
+    assert_eq!(row["state"], "open");
+    assert_eq!(row["path"], "/");
+    assert_eq!(row["send_queue"], 0);
+    assert!(row["age_secs"].as_f64().unwrap() >= 0.0);
+    assert!(
+        rows.iter()
+            .all(|r| workers.contains(&(r["pid"].as_i64().unwrap() as i32)))
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["worker"].as_str().unwrap().starts_with("echo#"))
+    );
+    for q in &quiet {
+        let addr = q.ws.get_ref().local_addr().unwrap().to_string();
+        let r = rows.iter().find(|r| r["remote"] == addr.as_str()).unwrap();
+        assert_eq!(r["messages_in"], 0);
+    }
+    let table = server.wsd(&["connections"]);
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(
+        table.contains("3 connection(s)") && table.contains(&me),
+        "{table}"
+    );
+}
+
+#[test]
+fn reopen_logs_moves_master_and_workers_to_a_new_file() {
+    let (dir, config) = Server::config("echo", 2, "");
+    let wsd = |args: &[&str]| {
+        std::process::Command::new(wsd_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = wsd(&["start", "-d"]);
+    let master = pid_in(&dir.path().join("wsd.pid"));
+    let _reap = KillOnDrop(master);
+    assert!(out.status.success(), "{}", text(&out));
+    let st: Value = serde_json::from_slice(&wsd(&["status", "--json"]).stdout).unwrap();
+    let workers: Vec<i32> = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    let _reap_workers: Vec<KillOnDrop> = workers.iter().map(|&p| KillOnDrop(p)).collect();
+    let log = dir.path().join("wsd.log");
+    let rotated = dir.path().join("wsd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let out = wsd(&["reopen-logs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 worker(s)"), "{}", text(&out));
+    let new_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Each worker writes to the new file from now on.
+    for pid in &workers {
+        wait_for("a worker line in the new log", DEADLINE, || {
+            new_log()
+                .lines()
+                .any(|l| l.contains(&format!("[{pid}] reopened log file")))
+                .then_some(())
+        });
+    }
+    let old_size = std::fs::metadata(&rotated).unwrap().len();
+    kill(Pid::from_raw(workers[0]), Signal::SIGKILL).unwrap();
+    wait_for("the master's line in the new log", DEADLINE, || {
+        new_log().contains("killed by SIGKILL").then_some(())
+    });
+    assert_eq!(std::fs::metadata(&rotated).unwrap().len(), old_size);
+    assert!(wsd(&["stop"]).status.success());
+    // A foreground master has no log file to reopen, and says so.
+    let server = Server::start("echo", 1);
+    let out = server.wsd(&["reopen-logs"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("not started with -d"), "{}", text(&out));
+}

@@ -11,8 +11,8 @@ mod event_loop;
 mod listeners;
 mod notify;
 pub(crate) mod pidfile;
-mod reload;
 mod privileges;
+mod reload;
 mod supervisor;
 
 use crate::config::{Config, ServerConfig};
