@@ -41,6 +41,18 @@ pub(crate) struct Conn {
     pub reads_paused: bool,
     /// The address this connection counts against in `max_connections_per_ip`.
     pub counted_ip: Option<IpAddr>,
+    /// What it carried, for `wsd connections`.
+    pub traffic: Traffic,
+}
+
+/// Messages and their payload bytes one connection carried, counted where the worker counts
+/// its totals (so the rows of `wsd connections` add up to `status`).
+#[derive(Default)]
+pub(crate) struct Traffic {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
 }
 
 /// What became of a flush.
@@ -77,6 +89,7 @@ impl Conn {
             buffer_full: false,
             reads_paused: false,
             counted_ip: None,
+            traffic: Traffic::default(),
         }
     }
 

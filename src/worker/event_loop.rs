@@ -405,6 +405,9 @@ impl Loop {
                 // The app may have closed the connection while handling an earlier message.
                 Step::Message(_) if !conn.session.can_send() => {}
                 Step::Message(msg) => {
+                    let traffic = &mut self.ctx.conns[idx].traffic;
+                    traffic.messages_in += 1;
+                    traffic.bytes_in += msg.len() as u64;
                     self.ctx.counters.total_request += 1;
                     self.ctx.counters.bytes_in += msg.len() as u64;
                     self.call_conn_hook(id, "on_message", |h, ctx| {
@@ -743,6 +746,12 @@ impl Loop {
     fn report(&mut self) {
         self.ctx.counters.timers = self.ctx.timers.len() as u64;
         self.ctx.counters.memory = sys::rss_bytes();
+        self.ctx.counters.send_queue = self
+            .ctx
+            .conns
+            .iter()
+            .map(|(_, c)| c.session.out.len() as u64)
+            .sum();
         let report = FromWorker::Report(self.ctx.counters.clone());
         self.tell_master(&report);
     }
