@@ -6,6 +6,8 @@
 //! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
 //! goes, so the answer is not lost to a TCP reset.
 
+use super::message::ConnId;
+use crate::control::ConnInfo;
 use crate::proto::{Limits, Session};
 use mio::net::TcpStream;
 use std::io;
@@ -95,6 +97,36 @@ impl Conn {
 
     pub(crate) fn is_open(&self) -> bool {
         self.session.is_open()
+    }
+
+    /// `handshake` until the upgrade, `open`, then `closing` from the moment either side sent
+    /// Close (or the connection failed, or its upgrade was refused).
+    pub(crate) fn state(&self) -> &'static str {
+        let s = &self.session;
+        if s.close_sent || s.close_received || s.failed {
+            "closing"
+        } else if s.is_open() {
+            "open"
+        } else {
+            "handshake"
+        }
+    }
+
+    /// This connection as a row of `wsd connections`; the master fills in `pid` and `worker`.
+    pub(crate) fn info(&self, id: ConnId, now: Instant) -> ConnInfo {
+        ConnInfo {
+            id: id.to_string(),
+            remote: self.remote.to_string(),
+            path: self.path.clone(),
+            age_secs: now.duration_since(self.since).as_millis() as f64 / 1000.0,
+            bytes_in: self.traffic.bytes_in,
+            bytes_out: self.traffic.bytes_out,
+            messages_in: self.traffic.messages_in,
+            messages_out: self.traffic.messages_out,
+            send_queue: self.session.out.len() as u64,
+            state: self.state().to_string(),
+            ..ConnInfo::default()
+        }
     }
 
     /// Writes queued output; half-closes a failed connection once its answer is out.

@@ -6,11 +6,12 @@
 //! flush every connection that has output, once. Batching the flush is what lets pipelined
 //! clients get many replies per write syscall.
 
+use super::channel::Channel;
 use super::conn::{Conn, Flushed};
 use super::context::BufferNotice;
 use super::message::{ConnError, ConnId};
 use super::{Context, Hooks, Worker};
-use crate::control::{self, FromWorker, LineReader, ToWorker};
+use crate::control::{self, FromWorker, ToWorker};
 use crate::proto::handshake::{self, Reject, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
@@ -20,9 +21,9 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,7 @@ const TICK: Duration = Duration::from_secs(1);
 struct Loop {
     poll: Poll,
     listener: Option<TcpListener>,
-    channel: UnixStream,
-    channel_in: LineReader,
-    channel_out: Vec<u8>,
+    channel: Channel,
     signals: SignalFd,
     hooks: Hooks,
     ctx: Context,
@@ -124,9 +123,7 @@ impl Loop {
         Ok(Loop {
             poll,
             listener: Some(listener),
-            channel,
-            channel_in: LineReader::default(),
-            channel_out: Vec::new(),
+            channel: Channel::new(channel),
             signals,
             hooks,
             ctx: Context::new(slot, &settings),
@@ -146,13 +143,13 @@ impl Loop {
 
     fn run(&mut self) -> i32 {
         self.call_worker_hook("on_worker_start", |h| h.on_worker_start.as_mut());
-        self.tell_master(&FromWorker::Ready);
+        self.channel.answer(&FromWorker::Ready);
         self.report();
         let mut events = Events::with_capacity(1024);
         loop {
             if self.stopping.is_some() && self.ctx.conns.is_empty() {
                 self.report();
-                self.flush_channel();
+                self.channel.flush();
                 return 0;
             }
             let timeout = self.poll_timeout();
@@ -167,7 +164,7 @@ impl Loop {
                     LISTENER => self.accept(),
                     CHANNEL => {
                         if ev.is_writable() {
-                            self.flush_channel();
+                            self.channel.flush();
                         }
                         if ev.is_readable() && !self.read_channel() {
                             log::warn!("master channel closed; stopping");
@@ -732,15 +729,28 @@ impl Loop {
 
     /// Reads commands from the master. False when the master has gone.
     fn read_channel(&mut self) -> bool {
-        let (lines, closed) = self.channel_in.read_from(&mut self.channel);
-        for line in lines {
-            match serde_json::from_str::<ToWorker>(&line) {
-                Ok(ToWorker::Stop { mode, .. }) => self.stop(mode == control::StopMode::Drain),
-                Ok(other) => log::debug!("not yet: {other:?}"),
-                Err(e) => log::warn!("bad command from master: {e}"),
+        let (commands, open) = self.channel.read();
+        for (command, fd) in commands {
+            match command {
+                ToWorker::Stop { mode, .. } => self.stop(mode == control::StopMode::Drain),
+                ToWorker::ListConnections { query } => self.list_connections(query),
+                ToWorker::ReopenLogs => reopen_logs(fd),
             }
         }
-        !closed
+        open
+    }
+
+    /// Every connection in the slab, handshaking and closing ones included.
+    fn list_connections(&mut self, query: u64) {
+        let now = Instant::now();
+        let rows = self.ctx.conns.iter().map(|(idx, c)| {
+            let id = ConnId {
+                serial: c.serial,
+                idx: idx as u32,
+            };
+            c.info(id, now)
+        });
+        self.channel.answer_connections(query, rows);
     }
 
     fn report(&mut self) {
@@ -752,28 +762,22 @@ impl Loop {
             .iter()
             .map(|(_, c)| c.session.out.len() as u64)
             .sum();
-        let report = FromWorker::Report(self.ctx.counters.clone());
-        self.tell_master(&report);
+        self.channel
+            .report(&FromWorker::Report(self.ctx.counters.clone()));
     }
+}
 
-    fn tell_master(&mut self, msg: &FromWorker) {
-        // A stuck master must not stall the data path: past 64 KiB of backlog, reports drop.
-        if self.channel_out.len() < 64 << 10 {
-            self.channel_out.extend_from_slice(&control::line(msg));
-        }
-        self.flush_channel();
-    }
-
-    fn flush_channel(&mut self) {
-        while !self.channel_out.is_empty() {
-            match self.channel.write(&self.channel_out) {
-                Ok(n) => {
-                    self.channel_out.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            }
-        }
+/// Points stdout and stderr (where the log goes) at the log file the master reopened; the
+/// worker may no longer have the right to open it itself. Our copy of the descriptor is
+/// closed once duplicated.
+fn reopen_logs(fd: Option<OwnedFd>) {
+    let Some(fd) = fd else {
+        log::warn!("reopen_logs came without a descriptor; logging on to the old file");
+        return;
+    };
+    match sys::redirect_output(fd.as_raw_fd()) {
+        Ok(()) => log::info!("reopened log file"),
+        Err(e) => log::warn!("cannot reopen log file: {e}"),
     }
 }
 

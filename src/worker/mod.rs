@@ -5,6 +5,7 @@
 //! the definition becomes that process's hooks (closures need not be `Send` or `Clone`: fork
 //! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
 
+mod channel;
 mod conn;
 mod context;
 mod event_loop;
