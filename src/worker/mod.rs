@@ -10,6 +10,7 @@ mod conn;
 mod context;
 mod event_loop;
 mod message;
+mod stop;
 mod timers;
 
 pub use context::Context;
