@@ -9,6 +9,8 @@ mod channel;
 mod conn;
 mod context;
 mod event_loop;
+#[cfg(test)]
+mod loop_tests;
 mod message;
 mod stop;
 mod timers;
