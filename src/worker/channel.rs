@@ -18,8 +18,14 @@ const REPORT_BACKLOG: usize = 64 << 10;
 /// Backlog past which even answers are dropped: only a master that stopped reading for good
 /// gets there (100,000 connection rows are about 25 MiB).
 const ANSWER_BACKLOG: usize = 256 << 20;
-/// Connection rows per `connections` line, so no line nears the master's line limit.
-pub(crate) const CONNS_PER_LINE: usize = 500;
+/// Connection rows per `connections` line at most.
+const CONNS_PER_LINE: usize = 500;
+/// Bytes per `connections` line at most: half of the 1 MiB past which the master's
+/// `LineReader` gives up on the channel. Rows carry client-chosen paths (up to
+/// `max_header_bytes`), so 500 of them alone would not keep a line under it.
+const CONNS_LINE_BYTES: usize = 512 << 10;
+/// A row's JSON without its strings: field names, five u64, an i32, an f64.
+const ROW_FIXED_BYTES: usize = 512;
 
 pub(crate) struct Channel {
     stream: UnixStream,
@@ -116,9 +122,14 @@ impl Channel {
         self.flush();
     }
 
-    /// Answers a `list_connections` query: the rows in lines of at most [`CONNS_PER_LINE`].
+    /// Answers a `list_connections` query: the rows in lines of at most [`CONNS_PER_LINE`]
+    /// rows and [`CONNS_LINE_BYTES`] bytes.
     pub(crate) fn answer_connections(&mut self, query: u64, rows: impl Iterator<Item = ConnInfo>) {
-        for_each_chunk(rows, CONNS_PER_LINE, |conns, last| {
+        let limit = Limit {
+            items: CONNS_PER_LINE,
+            weight: CONNS_LINE_BYTES,
+        };
+        for_each_chunk(rows, limit, row_bytes_bound, |conns, last| {
             self.answer(&FromWorker::Connections { query, conns, last })
         });
     }
@@ -137,12 +148,40 @@ impl Channel {
     }
 }
 
-/// Calls `f` with successive chunks of at most `size` items and whether the chunk is the last.
-/// There is always a last chunk, empty when there are no items, so the master hears the end.
-fn for_each_chunk<T>(items: impl Iterator<Item = T>, size: usize, mut f: impl FnMut(Vec<T>, bool)) {
+/// The most a row's JSON can take: a JSON string escapes a byte to 6 at most (`\u00XX`).
+fn row_bytes_bound(row: &ConnInfo) -> usize {
+    let strings = [&row.worker, &row.id, &row.remote, &row.path, &row.state];
+    ROW_FIXED_BYTES + 6 * strings.iter().map(|s| s.len()).sum::<usize>()
+}
+
+/// How much one chunk may hold.
+#[derive(Clone, Copy)]
+struct Limit {
+    items: usize,
+    /// Summed `weight` of the items; a single heavier item still gets a chunk of its own.
+    weight: usize,
+}
+
+/// Calls `f` with successive chunks of `items` within `limit`, and whether the chunk is the
+/// last. There is always a last chunk, empty when there are no items, so the master hears
+/// the end.
+fn for_each_chunk<T>(
+    items: impl Iterator<Item = T>,
+    limit: Limit,
+    weight: impl Fn(&T) -> usize,
+    mut f: impl FnMut(Vec<T>, bool),
+) {
     let mut items = items.peekable();
     loop {
-        let chunk: Vec<T> = items.by_ref().take(size).collect();
+        let mut chunk = Vec::new();
+        let mut load = 0;
+        while chunk.len() < limit.items
+            && let Some(item) =
+                items.next_if(|item| chunk.is_empty() || load + weight(item) <= limit.weight)
+        {
+            load += weight(&item);
+            chunk.push(item);
+        }
         let last = items.peek().is_none();
         f(chunk, last);
         if last {
@@ -155,25 +194,70 @@ fn for_each_chunk<T>(items: impl Iterator<Item = T>, size: usize, mut f: impl Fn
 mod tests {
     use super::*;
 
-    fn chunk_sizes(n: usize, size: usize) -> Vec<(usize, bool)> {
+    /// The sizes of the chunks `n` items of weight 1 to `n` come in, and their last flags.
+    fn chunk_sizes(n: usize, items: usize, weight: usize) -> Vec<(usize, bool)> {
         let mut out = Vec::new();
-        for_each_chunk(0..n, size, |c, last| out.push((c.len(), last)));
+        let limit = Limit { items, weight };
+        for_each_chunk(1..=n, limit, |&w| w, |c, last| out.push((c.len(), last)));
         out
     }
 
     #[test]
     fn rows_go_in_chunks_and_the_last_is_marked_even_when_empty() {
-        assert_eq!(chunk_sizes(0, 500), [(0, true)]);
-        assert_eq!(chunk_sizes(1, 500), [(1, true)]);
-        assert_eq!(chunk_sizes(500, 500), [(500, true)]);
-        assert_eq!(chunk_sizes(501, 500), [(500, false), (1, true)]);
+        let any = usize::MAX;
+        assert_eq!(chunk_sizes(0, 500, any), [(0, true)]);
+        assert_eq!(chunk_sizes(1, 500, any), [(1, true)]);
+        assert_eq!(chunk_sizes(500, 500, any), [(500, true)]);
+        assert_eq!(chunk_sizes(501, 500, any), [(500, false), (1, true)]);
         assert_eq!(
-            chunk_sizes(1200, 500),
+            chunk_sizes(1200, 500, any),
             [(500, false), (500, false), (200, true)]
         );
+        // Weights 1 to 6 within 10: 1+2+3+4, then 5 (5+6 > 10), then 6; below, a 20 gets a
+        // chunk of its own though heavier than the limit.
+        assert_eq!(chunk_sizes(6, 500, 10), [(4, false), (1, false), (1, true)]);
         let mut seen = Vec::new();
-        for_each_chunk(0..7, 3, |c, _| seen.extend(c));
-        assert_eq!(seen, (0..7).collect::<Vec<_>>(), "every row once, in order");
+        let limit = Limit {
+            items: 3,
+            weight: 5,
+        };
+        for_each_chunk(
+            [1, 20, 1, 1, 1, 1, 1].into_iter(),
+            limit,
+            |&w| w,
+            |c, _| seen.push(c),
+        );
+        assert_eq!(seen, [vec![1], vec![20], vec![1, 1, 1], vec![1, 1]]);
+    }
+
+    #[test]
+    fn a_row_never_takes_more_json_than_its_bound() {
+        let row = ConnInfo {
+            pid: i32::MIN,
+            worker: "w\u{1}\"".repeat(100),
+            id: u32::MAX.to_string(),
+            remote: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+            path: "/\\\"\u{7f}é".repeat(1000),
+            age_secs: f64::MAX,
+            bytes_in: u64::MAX,
+            bytes_out: u64::MAX,
+            messages_in: u64::MAX,
+            messages_out: u64::MAX,
+            send_queue: u64::MAX,
+            state: "handshake".into(),
+        };
+        let json = serde_json::to_vec(&row).unwrap().len();
+        assert!(
+            json <= row_bytes_bound(&row),
+            "{json} > {}",
+            row_bytes_bound(&row)
+        );
+        let plain = ConnInfo {
+            path: String::new(),
+            ..row
+        };
+        let json = serde_json::to_vec(&plain).unwrap().len();
+        assert!(json <= row_bytes_bound(&plain), "{json}");
     }
 
     /// A master that sends lines, some with a descriptor, over a real socketpair.
@@ -238,40 +322,56 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_list_goes_out_as_json_lines_of_500_rows() {
-        let (master, mut channel) = pair();
-        let row = |i: usize| ConnInfo {
-            id: i.to_string(),
-            state: "open".into(),
-            ..ConnInfo::default()
-        };
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            for line in io::BufRead::lines(io::BufReader::new(master)) {
-                match serde_json::from_str(&line.unwrap()).unwrap() {
-                    FromWorker::Connections { query, conns, last } => {
-                        assert_eq!(query, 9);
-                        got.push((conns.len(), last, conns[0].id.clone()));
+    fn connection_lists_go_out_as_json_lines_of_500_rows_or_512_kib() {
+        // Sends rows given as (id, path length); returns what the master reads, per line:
+        // (rows, last, first id, bytes).
+        let lines = |rows: Vec<(usize, usize)>| {
+            let (master, mut channel) = pair();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for line in io::BufRead::lines(io::BufReader::new(master)) {
+                    let line = line.unwrap();
+                    match serde_json::from_str(&line).unwrap() {
+                        FromWorker::Connections { query, conns, last } => {
+                            assert_eq!(query, 9);
+                            let first = conns.first().map(|c| c.id.clone()).unwrap_or_default();
+                            got.push((conns.len(), last, first, line.len()));
+                        }
+                        other => panic!("unexpected {other:?}"),
                     }
-                    other => panic!("unexpected {other:?}"),
                 }
+                got
+            });
+            let rows = rows.into_iter().map(|(id, path)| ConnInfo {
+                id: id.to_string(),
+                path: "/".repeat(path),
+                state: "open".into(),
+                ..ConnInfo::default()
+            });
+            channel.answer_connections(9, rows);
+            // What the socket did not take at once waits for the loop's next writable event.
+            while !channel.out.is_empty() {
+                channel.flush();
             }
-            got
-        });
-        channel.answer_connections(9, (1..=1200).map(row));
-        // What the socket did not take at once waits for the loop's next writable event.
-        while !channel.out.is_empty() {
-            channel.flush();
-        }
-        drop(channel);
-        let got = reader.join().unwrap();
+            drop(channel);
+            reader.join().unwrap()
+        };
+        let got = lines((1..=1200).map(|id| (id, 1)).collect());
+        let shape: Vec<_> = got
+            .iter()
+            .map(|(n, last, id, _)| (*n, *last, id.as_str()))
+            .collect();
         assert_eq!(
-            got,
-            [
-                (500, false, "1".to_string()),
-                (500, false, "501".to_string()),
-                (200, true, "1001".to_string())
-            ]
+            shape,
+            [(500, false, "1"), (500, false, "501"), (200, true, "1001")]
         );
+        assert_eq!(lines(Vec::new()).len(), 1, "one empty last line");
+
+        // Client-chosen 8 KiB paths: fewer rows per line, every line well under 1 MiB.
+        let got = lines((1..=500).map(|id| (id, 8 << 10)).collect());
+        assert!(got.len() > 1);
+        assert_eq!(got.iter().map(|l| l.0).sum::<usize>(), 500);
+        assert!(got.iter().all(|l| l.3 <= CONNS_LINE_BYTES), "{got:?}");
+        assert!(got.last().unwrap().1);
     }
 }
