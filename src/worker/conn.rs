@@ -6,6 +6,8 @@
 //! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
 //! goes, so the answer is not lost to a TCP reset.
 
+use super::message::ConnId;
+use crate::control::ConnInfo;
 use crate::proto::{Limits, Session};
 use mio::net::TcpStream;
 use std::io;
@@ -41,6 +43,18 @@ pub(crate) struct Conn {
     pub reads_paused: bool,
     /// The address this connection counts against in `max_connections_per_ip`.
     pub counted_ip: Option<IpAddr>,
+    /// What it carried, for `wsd connections`.
+    pub traffic: Traffic,
+}
+
+/// Messages and their payload bytes one connection carried, counted where the worker counts
+/// its totals (so the rows of `wsd connections` add up to `status`).
+#[derive(Default)]
+pub(crate) struct Traffic {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
 }
 
 /// What became of a flush.
@@ -77,11 +91,42 @@ impl Conn {
             buffer_full: false,
             reads_paused: false,
             counted_ip: None,
+            traffic: Traffic::default(),
         }
     }
 
     pub(crate) fn is_open(&self) -> bool {
         self.session.is_open()
+    }
+
+    /// `handshake` until the upgrade, `open`, then `closing` from the moment either side sent
+    /// Close (or the connection failed, or its upgrade was refused).
+    pub(crate) fn state(&self) -> &'static str {
+        let s = &self.session;
+        if s.close_sent || s.close_received || s.failed {
+            "closing"
+        } else if s.is_open() {
+            "open"
+        } else {
+            "handshake"
+        }
+    }
+
+    /// This connection as a row of `wsd connections`; the master fills in `pid` and `worker`.
+    pub(crate) fn info(&self, id: ConnId, now: Instant) -> ConnInfo {
+        ConnInfo {
+            id: id.to_string(),
+            remote: self.remote.to_string(),
+            path: self.path.clone(),
+            age_secs: now.duration_since(self.since).as_millis() as f64 / 1000.0,
+            bytes_in: self.traffic.bytes_in,
+            bytes_out: self.traffic.bytes_out,
+            messages_in: self.traffic.messages_in,
+            messages_out: self.traffic.messages_out,
+            send_queue: self.session.out.len() as u64,
+            state: self.state().to_string(),
+            ..ConnInfo::default()
+        }
     }
 
     /// Writes queued output; half-closes a failed connection once its answer is out.

@@ -219,6 +219,8 @@ impl Context {
             return Err(SendError::BufferFull);
         }
         push(&mut c.session.out);
+        c.traffic.messages_out += 1;
+        c.traffic.bytes_out += payload as u64;
         c.write_early(WRITE_EARLY);
         let newly_full = !c.buffer_full && c.session.out.len() >= high_water(limit);
         if newly_full {

@@ -2,15 +2,18 @@
 //!
 //! Each turn: wait for readiness or the next timer → accept until the listener would block →
 //! drive each ready connection (handshake, then read every frame available and call
-//! `on_message` for each) → run due timers → remove connections that ended (`on_close`) →
-//! flush every connection that has output, once. Batching the flush is what lets pipelined
-//! clients get many replies per write syscall.
+//! `on_message` for each) → run due timers → during a stop, send the Closes whose turn has
+//! come → remove connections that ended (`on_close`) → flush every connection that has
+//! output, once. Batching the flush is what lets pipelined clients get many replies per write
+//! syscall.
 
+use super::channel::Channel;
 use super::conn::{Conn, Flushed};
 use super::context::BufferNotice;
 use super::message::{ConnError, ConnId};
+use super::stop::CloseSpread;
 use super::{Context, Hooks, Worker};
-use crate::control::{self, FromWorker, LineReader, ToWorker};
+use crate::control::{FromWorker, StopMode, ToWorker};
 use crate::proto::handshake::{self, Reject, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
@@ -20,9 +23,9 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -39,9 +42,7 @@ const TICK: Duration = Duration::from_secs(1);
 struct Loop {
     poll: Poll,
     listener: Option<TcpListener>,
-    channel: UnixStream,
-    channel_in: LineReader,
-    channel_out: Vec<u8>,
+    channel: Channel,
     signals: SignalFd,
     hooks: Hooks,
     ctx: Context,
@@ -61,16 +62,14 @@ struct Loop {
     accept_paused: bool,
     accept_retry_at: Option<Instant>,
     next_tick: Instant,
-    stopping: Option<Stop>,
+    /// How the worker is stopping, once told to.
+    stopping: Option<StopMode>,
+    /// The connections still to be sent Close 1001 by a `StopMode::Close` stop.
+    spread: Option<CloseSpread>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Stop {
-    /// Clients were sent Close 1001.
-    Closing,
-    /// Waiting for clients to leave by themselves (`stop -g`).
-    Draining,
-}
+/// The close reason of every stop.
+const SHUTTING_DOWN: &str = "server shutting down";
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
 pub(crate) fn run(
@@ -124,9 +123,7 @@ impl Loop {
         Ok(Loop {
             poll,
             listener: Some(listener),
-            channel,
-            channel_in: LineReader::default(),
-            channel_out: Vec::new(),
+            channel: Channel::new(channel),
             signals,
             hooks,
             ctx: Context::new(slot, &settings),
@@ -141,19 +138,18 @@ impl Loop {
             accept_retry_at: None,
             next_tick: Instant::now() + TICK,
             stopping: None,
+            spread: None,
         })
     }
 
     fn run(&mut self) -> i32 {
         self.call_worker_hook("on_worker_start", |h| h.on_worker_start.as_mut());
-        self.tell_master(&FromWorker::Ready);
+        self.channel.answer(&FromWorker::Ready);
         self.report();
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.stopping.is_some() && self.ctx.conns.is_empty() {
-                self.report();
-                self.flush_channel();
-                return 0;
+            if self.finished() {
+                return self.exit();
             }
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
@@ -167,11 +163,11 @@ impl Loop {
                     LISTENER => self.accept(),
                     CHANNEL => {
                         if ev.is_writable() {
-                            self.flush_channel();
+                            self.channel.flush();
                         }
                         if ev.is_readable() && !self.read_channel() {
                             log::warn!("master channel closed; stopping");
-                            self.stop(false);
+                            self.stop(StopMode::Close, Duration::ZERO);
                         }
                     }
                     SIGNALS => self.read_signals(),
@@ -182,11 +178,16 @@ impl Loop {
                     ),
                 }
             }
+            // A fast stop does not run the rest of the turn (timers, hooks).
+            if self.stopping == Some(StopMode::Fast) {
+                return self.exit();
+            }
             for idx in std::mem::take(&mut self.again) {
                 self.read_conn(idx);
             }
             self.run_timers();
             self.deliver_notices();
+            self.close_due();
             self.reap();
             self.flush_dirty();
             self.reap();
@@ -216,6 +217,9 @@ impl Loop {
             until = until.min(t);
         }
         if let Some(t) = self.accept_retry_at {
+            until = until.min(t);
+        }
+        if let Some(t) = self.spread.as_ref().and_then(CloseSpread::next_due) {
             until = until.min(t);
         }
         until.saturating_duration_since(Instant::now())
@@ -405,6 +409,9 @@ impl Loop {
                 // The app may have closed the connection while handling an earlier message.
                 Step::Message(_) if !conn.session.can_send() => {}
                 Step::Message(msg) => {
+                    let traffic = &mut self.ctx.conns[idx].traffic;
+                    traffic.messages_in += 1;
+                    traffic.bytes_in += msg.len() as u64;
                     self.ctx.counters.total_request += 1;
                     self.ctx.counters.bytes_in += msg.len() as u64;
                     self.call_conn_hook(id, "on_message", |h, ctx| {
@@ -476,15 +483,16 @@ impl Loop {
         conn.path = request.path;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);
-        if self.stopping == Some(Stop::Closing) {
-            self.ctx.close_with(id, 1001, "server shutting down");
-            return;
-        }
         self.call_conn_hook(id, "on_connect", |h, ctx| {
             if let Some(f) = h.on_connect.as_mut() {
                 f(ctx, id)
             }
         });
+        // Upgraded during a stop that closes clients: the app met it like any other, and it
+        // is closed like the others.
+        if self.stopping >= Some(StopMode::Close) {
+            self.close_when_due(id);
+        }
     }
 
     /// A hook panicked on `id`: close it with 1011 and tell `on_error`.
@@ -676,50 +684,109 @@ impl Loop {
 
     // ---- stop, signals, master channel --------------------------------------------------
 
-    /// Stops accepting and calls `on_worker_stop`; then either closes every client with 1001
-    /// or (graceful) waits for them to leave.
-    fn stop(&mut self, graceful: bool) {
-        let mode = if graceful {
-            Stop::Draining
-        } else {
-            Stop::Closing
-        };
-        if self.stopping.is_none() {
-            log::info!(
-                "stopping ({})",
-                if graceful {
-                    "waiting for clients to leave"
-                } else {
-                    "closing clients"
-                }
-            );
-            if let Some(mut l) = self.listener.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+    /// Stops the worker, or makes a stop under way stronger (Drain → Close → Fast); a stop no
+    /// stronger than the current one is ignored.
+    ///
+    /// The first stop stops accepting and calls `on_worker_stop`. Then `Drain` waits for the
+    /// clients to leave, `Close` sends them Close 1001 spread over `spread` and waits for the
+    /// closing handshakes (each bounded by `close_timeout`), and `Fast` sends Close 1001, writes
+    /// once what each socket takes, and the loop exits without waiting for answers.
+    fn stop(&mut self, mode: StopMode, spread: Duration) {
+        if let Some(current) = self.stopping
+            && current >= mode
+        {
+            log::debug!("already stopping ({current:?}); {mode:?} ignored");
+            return;
+        }
+        let clients = self.ctx.connections().len();
+        match mode {
+            StopMode::Drain => {
+                log::info!("stopping (waiting for clients to leave; {clients} connected)")
+            }
+            StopMode::Close => log::info!(
+                "stopping (closing {clients} clients over {} ms)",
+                spread.as_millis()
+            ),
+            StopMode::Fast => log::info!("stopping fast (closing {clients} clients, no waiting)"),
+        }
+        let first = self.stopping.is_none();
+        self.stopping = Some(mode);
+        if first {
+            // Only our copy of the listening socket goes, and it is not shut down: the master
+            // keeps the socket, and in a rolling reload the new worker accepts from it.
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
             }
             self.call_worker_hook("on_worker_stop", |h| h.on_worker_stop.as_mut());
         }
-        if self.stopping == Some(Stop::Closing) {
-            return;
-        }
-        self.stopping = Some(mode);
-        if mode == Stop::Closing {
-            let idxs: Vec<usize> = self.ctx.conns.iter().map(|(i, _)| i).collect();
-            for idx in idxs {
-                let conn = &mut self.ctx.conns[idx];
-                if !conn.is_open() {
-                    self.ctx.mark_gone(idx);
-                } else if !conn.session.close_sent {
-                    conn.session.close(1001, "server shutting down");
-                    self.ctx.mark_dirty(idx);
+        // Connections still in their upgrade are left to finish it (see `upgrade`): a client
+        // caught mid-handshake by a reload gets a Close, not a reset.
+        let open = self.ctx.connections();
+        match mode {
+            StopMode::Drain => {}
+            StopMode::Close => {
+                self.spread = Some(CloseSpread::new(Instant::now(), spread, open));
+                self.close_due();
+            }
+            StopMode::Fast => {
+                self.spread = None;
+                for id in open {
+                    self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+                }
+                for (_, conn) in self.ctx.conns.iter_mut() {
+                    let _ = conn.flush();
                 }
             }
         }
     }
 
+    /// Sends Close 1001 to the connections whose turn in the stop's spread has come.
+    fn close_due(&mut self) {
+        let Some(spread) = &mut self.spread else {
+            return;
+        };
+        for id in spread.take_due(Instant::now()) {
+            self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+        }
+    }
+
+    /// Closes a connection that completed its upgrade during a stop that closes clients: in
+    /// its turn of the spread, or at once.
+    fn close_when_due(&mut self, id: ConnId) {
+        match &mut self.spread {
+            Some(spread) => {
+                spread.join(id);
+                self.close_due();
+            }
+            None => self.ctx.close_with(id, 1001, SHUTTING_DOWN),
+        }
+    }
+
+    /// Whether the loop is done: a fast stop at once, the others when no connection is left.
+    fn finished(&self) -> bool {
+        match self.stopping {
+            None => false,
+            Some(StopMode::Fast) => true,
+            Some(StopMode::Drain | StopMode::Close) => self.ctx.conns.is_empty(),
+        }
+    }
+
+    /// Leaves the loop: a last report, written if the channel takes it now.
+    fn exit(&mut self) -> i32 {
+        match self.ctx.conns.len() {
+            0 => log::info!("no connections left; exiting"),
+            n => log::info!("exiting with {n} connections not closed yet (fast stop)"),
+        }
+        self.report();
+        self.channel.flush();
+        0
+    }
+
     fn read_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGTERM) => self.stop(false),
+                // Someone signalled this worker directly (the master tells it over the channel).
+                Ok(Signal::SIGTERM) => self.stop(StopMode::Close, Duration::ZERO),
                 // Ctrl-C reaches the whole process group; the master decides what happens.
                 Ok(sig) => log::debug!("ignoring {sig}"),
                 Err(_) => {}
@@ -729,42 +796,57 @@ impl Loop {
 
     /// Reads commands from the master. False when the master has gone.
     fn read_channel(&mut self) -> bool {
-        let (lines, closed) = self.channel_in.read_from(&mut self.channel);
-        for line in lines {
-            match serde_json::from_str::<ToWorker>(&line) {
-                Ok(ToWorker::Stop { mode, .. }) => self.stop(mode == control::StopMode::Drain),
-                Ok(other) => log::debug!("not yet: {other:?}"),
-                Err(e) => log::warn!("bad command from master: {e}"),
+        let (commands, open) = self.channel.read();
+        for (command, fd) in commands {
+            match command {
+                ToWorker::Stop { mode, spread_ms } => {
+                    self.stop(mode, Duration::from_millis(spread_ms))
+                }
+                ToWorker::ListConnections { query } => self.list_connections(query),
+                ToWorker::ReopenLogs => reopen_logs(fd),
             }
         }
-        !closed
+        open
+    }
+
+    /// Every connection in the slab, handshaking and closing ones included.
+    fn list_connections(&mut self, query: u64) {
+        let now = Instant::now();
+        let rows = self.ctx.conns.iter().map(|(idx, c)| {
+            let id = ConnId {
+                serial: c.serial,
+                idx: idx as u32,
+            };
+            c.info(id, now)
+        });
+        self.channel.answer_connections(query, rows);
     }
 
     fn report(&mut self) {
         self.ctx.counters.timers = self.ctx.timers.len() as u64;
         self.ctx.counters.memory = sys::rss_bytes();
-        let report = FromWorker::Report(self.ctx.counters.clone());
-        self.tell_master(&report);
+        self.ctx.counters.send_queue = self
+            .ctx
+            .conns
+            .iter()
+            .map(|(_, c)| c.session.out.len() as u64)
+            .sum();
+        self.channel
+            .report(&FromWorker::Report(self.ctx.counters.clone()));
     }
+}
 
-    fn tell_master(&mut self, msg: &FromWorker) {
-        // A stuck master must not stall the data path: past 64 KiB of backlog, reports drop.
-        if self.channel_out.len() < 64 << 10 {
-            self.channel_out.extend_from_slice(&control::line(msg));
-        }
-        self.flush_channel();
-    }
-
-    fn flush_channel(&mut self) {
-        while !self.channel_out.is_empty() {
-            match self.channel.write(&self.channel_out) {
-                Ok(n) => {
-                    self.channel_out.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            }
-        }
+/// Points stdout and stderr (where the log goes) at the log file the master reopened; the
+/// worker may no longer have the right to open it itself. Our copy of the descriptor is
+/// closed once duplicated.
+fn reopen_logs(fd: Option<OwnedFd>) {
+    let Some(fd) = fd else {
+        log::warn!("reopen_logs came without a descriptor; logging on to the old file");
+        return;
+    };
+    match sys::redirect_output(fd.as_raw_fd()) {
+        Ok(()) => log::info!("reopened log file"),
+        Err(e) => log::warn!("cannot reopen log file: {e}"),
     }
 }
 

@@ -5,10 +5,14 @@
 //! the definition becomes that process's hooks (closures need not be `Send` or `Clone`: fork
 //! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
 
+mod channel;
 mod conn;
 mod context;
 mod event_loop;
+#[cfg(test)]
+mod loop_tests;
 mod message;
+mod stop;
 mod timers;
 
 pub use context::Context;

@@ -1,0 +1,211 @@
+//! The event loop driven whole, in a thread of the test process: the test plays the master on
+//! the channel (and keeps its own copy of the listening socket, as the master does) and the
+//! clients on the listener. For what only the worker can show: how a stop treats each kind of
+//! connection, and how stronger stops take over from weaker ones.
+
+use super::Worker;
+use crate::control::{ConnInfo, FromWorker};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tungstenite::{Message, WebSocket};
+
+const UPGRADE_HEAD: &[u8] = b"GET /late HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n";
+const UPGRADE_TAIL: &[u8] =
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+struct Master {
+    port: u16,
+    channel: UnixStream,
+    lines: BufReader<UnixStream>,
+    worker: JoinHandle<i32>,
+    /// The master's copy of the listening socket: it outlives the worker's.
+    _listener: TcpListener,
+}
+
+/// Starts an echo worker and waits for its `ready`.
+fn start() -> Master {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let workers_copy = listener.try_clone().unwrap();
+    let (channel, workers_end) = UnixStream::pair().unwrap();
+    let worker = std::thread::spawn(move || {
+        let mut echo = Worker::new("websocket://127.0.0.1:0");
+        echo.on_message(|ctx, conn, msg| {
+            let _ = ctx.send(conn, msg);
+        });
+        super::event_loop::run(echo, 0, workers_copy, workers_end)
+    });
+    let mut master = Master {
+        port,
+        lines: BufReader::new(channel.try_clone().unwrap()),
+        channel,
+        worker,
+        _listener: listener,
+    };
+    assert!(matches!(master.next(), FromWorker::Ready));
+    master
+}
+
+impl Master {
+    fn tell(&mut self, line: &str) {
+        self.channel.write_all(line.as_bytes()).unwrap();
+        self.channel.write_all(b"\n").unwrap();
+    }
+
+    fn next(&mut self) -> FromWorker {
+        let mut line = String::new();
+        self.lines.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn list_connections(&mut self, query: u64) -> Vec<ConnInfo> {
+        self.tell(&format!(r#"{{"cmd":"list_connections","query":{query}}}"#));
+        let mut rows = Vec::new();
+        loop {
+            if let FromWorker::Connections {
+                query: q,
+                conns,
+                last,
+            } = self.next()
+            {
+                assert_eq!(q, query);
+                rows.extend(conns);
+                if last {
+                    return rows;
+                }
+            }
+        }
+    }
+
+    /// Waits for the worker's loop to return its exit code.
+    fn exit_code(self) -> i32 {
+        self.worker.join().unwrap()
+    }
+}
+
+/// A client that has upgraded and had one message echoed.
+fn client(port: u16) -> WebSocket<TcpStream> {
+    let socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/p?x=1");
+    let (mut ws, _) = tungstenite::client(url, socket).unwrap();
+    ws.send(Message::text("hello")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hello"));
+    ws
+}
+
+/// Reads up to the server's Close (answering it) and returns its code and when it came.
+fn close_code(ws: &mut WebSocket<TcpStream>) -> (u16, Instant) {
+    loop {
+        if let Message::Close(frame) = ws.read().unwrap() {
+            let _ = ws.flush();
+            return (frame.map_or(0, |f| f.code.into()), Instant::now());
+        }
+    }
+}
+
+#[test]
+fn a_close_stop_spreads_1001_over_the_window_and_lets_handshakes_finish() {
+    let mut master = start();
+    let mut midway = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
+    midway.write_all(UPGRADE_HEAD).unwrap();
+    let clients: Vec<_> = (0..10).map(|_| client(master.port)).collect();
+
+    let rows = master.list_connections(5);
+    assert_eq!(rows.len(), 11);
+    let handshaking: Vec<_> = rows.iter().filter(|r| r.state == "handshake").collect();
+    assert_eq!(handshaking.len(), 1);
+    assert_eq!(handshaking[0].path, "/");
+    let open = rows.iter().find(|r| r.state == "open").unwrap();
+    assert_eq!(open.path, "/p?x=1");
+    assert_eq!((open.messages_in, open.messages_out), (1, 1));
+    assert_eq!((open.bytes_in, open.bytes_out, open.send_queue), (5, 5, 0));
+    assert!(open.remote.starts_with("127.0.0.1:") && open.id.parse::<u32>().is_ok());
+
+    let stopped_at = Instant::now();
+    master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":1000}"#);
+    let waiting: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| std::thread::spawn(move || close_code(&mut ws)))
+        .collect();
+
+    // The client caught mid-handshake is kept (the answer comes after the stop was handled),
+    // finishes its upgrade and is then closed like the others.
+    let rows = master.list_connections(6);
+    assert_eq!(rows.iter().filter(|r| r.state == "handshake").count(), 1);
+    midway.write_all(UPGRADE_TAIL).unwrap();
+    midway
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let close_1001 = [0x88, 22, 0x03, 0xe9];
+    while !got.windows(4).any(|w| w == close_1001) {
+        let mut buf = [0; 512];
+        let n = midway.read(&mut buf).unwrap();
+        assert!(n > 0, "reset before its Close: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101 "));
+    drop(midway);
+
+    let mut after: Vec<Duration> = waiting
+        .into_iter()
+        .map(|t| {
+            let (code, at) = t.join().unwrap();
+            assert_eq!(code, 1001);
+            at - stopped_at
+        })
+        .collect();
+    after.sort();
+    // Never early: the k-th close is due once k of the 11 (10 + the late one) turns have
+    // passed, so its client sees it no sooner.
+    for (k, at) in after.iter().enumerate() {
+        assert!(*at >= Duration::from_millis(90) * k as u32, "{after:?}");
+    }
+    assert_eq!(master.exit_code(), 0, "exits once every client is gone");
+}
+
+#[test]
+fn stronger_stops_take_over_from_weaker_ones() {
+    let mut master = start();
+    let port = master.port;
+    let mut clients: Vec<_> = (0..3).map(|_| client(port)).collect();
+
+    master.tell(r#"{"cmd":"stop","mode":"drain","spread_ms":0}"#);
+    // Draining: the listener is no longer served, the clients still are.
+    let mut newcomer = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    newcomer.write_all(UPGRADE_HEAD).unwrap();
+    newcomer.write_all(UPGRADE_TAIL).unwrap();
+    newcomer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        newcomer.read(&mut [0; 64]).is_err(),
+        "no answer after the stop"
+    );
+    clients[0].send(Message::text("still")).unwrap();
+    assert_eq!(clients[0].read().unwrap(), Message::text("still"));
+
+    // Close over a minute: the first of three goes at once, the next only after 20 s.
+    master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":60000}"#);
+    assert_eq!(close_code(&mut clients[0]).0, 1001);
+    let open = |rows: Vec<ConnInfo>| rows.iter().filter(|r| r.state == "open").count();
+    assert_eq!(open(master.list_connections(1)), 2);
+
+    // A weaker stop changes nothing; a fast one closes the rest and exits without waiting.
+    master.tell(r#"{"cmd":"stop","mode":"drain","spread_ms":0}"#);
+    assert_eq!(open(master.list_connections(2)), 2);
+    let fast_at = Instant::now();
+    master.tell(r#"{"cmd":"stop","mode":"fast","spread_ms":0}"#);
+    assert_eq!(master.exit_code(), 0);
+    assert!(fast_at.elapsed() < Duration::from_secs(5));
+    for ws in &mut clients[1..] {
+        assert_eq!(close_code(ws).0, 1001);
+    }
+}

@@ -1,0 +1,177 @@
+//! Spreading Close 1001 over a window when the worker stops (`StopMode::Close`).
+//!
+//! Closing every client at the same instant makes them all reconnect at the same instant,
+//! into the workers that are left (or the new ones of a reload). So the closes go out at an
+//! even pace over `spread_ms`: by time `t` into window `w`, `ceil(n * t / w)` of the `n`
+//! connections have been sent Close. The loop asks [`CloseSpread::take_due`] on every turn
+//! and wakes at [`CloseSpread::next_due`] while some are left.
+
+use super::message::ConnId;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+pub(crate) struct CloseSpread {
+    started: Instant,
+    window: Duration,
+    /// Connections still to be sent Close, in turn.
+    waiting: VecDeque<ConnId>,
+    /// Connections the schedule covers: those open at the stop and those that finished
+    /// their upgrade since.
+    total: usize,
+    /// How many have been taken off `waiting`.
+    taken: usize,
+}
+
+impl CloseSpread {
+    pub(crate) fn new(now: Instant, window: Duration, conns: Vec<ConnId>) -> CloseSpread {
+        CloseSpread {
+            started: now,
+            window,
+            total: conns.len(),
+            waiting: conns.into(),
+            taken: 0,
+        }
+    }
+
+    /// Adds a connection that completed its upgrade after the stop: it gets its turn with the
+    /// others, or at once if the window has passed.
+    pub(crate) fn join(&mut self, id: ConnId) {
+        self.waiting.push_back(id);
+        self.total += 1;
+    }
+
+    /// Takes the connections whose turn has come by `now`.
+    pub(crate) fn take_due(&mut self, now: Instant) -> Vec<ConnId> {
+        let elapsed = now.saturating_duration_since(self.started);
+        let due = due_by(self.total, elapsed, self.window).saturating_sub(self.taken);
+        let n = due.min(self.waiting.len());
+        self.taken += n;
+        self.waiting.drain(..n).collect()
+    }
+
+    /// When the next connection's turn comes; `None` when none is waiting.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        if self.waiting.is_empty() {
+            return None;
+        }
+        Some(self.started + due_after(self.taken + 1, self.total, self.window))
+    }
+}
+
+/// How many of `total` connections should have been sent Close `elapsed` into `window`:
+/// `ceil(total * elapsed / window)`, all of them once the window has passed (or is zero).
+fn due_by(total: usize, elapsed: Duration, window: Duration) -> usize {
+    if elapsed >= window {
+        return total;
+    }
+    let share = total as u128 * elapsed.as_nanos();
+    share.div_ceil(window.as_nanos()) as usize
+}
+
+/// How long after the start the `nth` (1-based) of `total` closes falls due: the first
+/// instant at which `due_by` reaches `nth`, just past `(nth - 1) * window / total`.
+fn due_after(nth: usize, total: usize, window: Duration) -> Duration {
+    if nth > total {
+        return window;
+    }
+    let nanos = (nth as u128 - 1) * window.as_nanos() / total as u128 + 1;
+    Duration::from_nanos(nanos.min(u64::MAX as u128) as u64).min(window)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn closes_are_spread_evenly_over_the_window() {
+        assert_eq!(due_by(10, Duration::ZERO, SECOND), 0);
+        assert_eq!(due_by(10, Duration::from_nanos(1), SECOND), 1);
+        assert_eq!(due_by(10, ms(100), SECOND), 1);
+        assert_eq!(due_by(10, ms(100) + Duration::from_nanos(1), SECOND), 2);
+        assert_eq!(due_by(10, ms(550), SECOND), 6);
+        assert_eq!(due_by(10, SECOND, SECOND), 10);
+        assert_eq!(due_by(10, 2 * SECOND, SECOND), 10);
+        assert_eq!(due_by(3, ms(500), SECOND), 2);
+        assert_eq!(due_by(0, ms(500), SECOND), 0);
+        assert_eq!(
+            due_by(
+                100_000,
+                ms(1),
+                Duration::from_secs(u64::MAX / 1_000_000_000)
+            ),
+            1,
+            "no overflow on huge windows"
+        );
+    }
+
+    #[test]
+    fn a_zero_window_closes_everything_at_once() {
+        assert_eq!(due_by(7, Duration::ZERO, Duration::ZERO), 7);
+        let now = Instant::now();
+        let mut spread = CloseSpread::new(now, Duration::ZERO, ids(7));
+        assert_eq!(spread.next_due(), Some(now));
+        assert_eq!(spread.take_due(now).len(), 7);
+        assert_eq!(spread.next_due(), None);
+    }
+
+    #[test]
+    fn each_close_falls_due_exactly_when_announced() {
+        for (total, window) in [(1, SECOND), (3, SECOND), (10, ms(250)), (1000, ms(7))] {
+            for nth in 1..=total {
+                let at = due_after(nth, total, window);
+                assert!(due_by(total, at, window) >= nth, "{nth}/{total} at {at:?}");
+                let before = at - Duration::from_nanos(1);
+                assert!(due_by(total, before, window) < nth, "{nth}/{total} early");
+            }
+        }
+    }
+
+    fn ids(n: u32) -> Vec<ConnId> {
+        (1..=n)
+            .map(|serial| ConnId {
+                serial,
+                idx: serial,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_queue_is_taken_in_order_and_late_joiners_get_a_turn() {
+        let start = Instant::now();
+        let mut spread = CloseSpread::new(start, SECOND, ids(4));
+        assert!(spread.take_due(start).is_empty());
+        assert_eq!(spread.next_due(), Some(start + Duration::from_nanos(1)));
+        let first = spread.take_due(start + ms(10));
+        assert_eq!(first, ids(1));
+        assert_eq!(
+            spread.next_due(),
+            Some(start + ms(250) + Duration::from_nanos(1))
+        );
+        assert_eq!(
+            spread.take_due(start + ms(600)).len(),
+            2,
+            "due by 60%: 3 of 4"
+        );
+
+        // A connection finishing its upgrade now joins the 5 the window covers.
+        spread.join(ConnId { serial: 9, idx: 9 });
+        assert_eq!(spread.take_due(start + ms(700)).len(), 1, "4 of 5 by 70%");
+        let last = spread.take_due(start + 2 * SECOND);
+        assert_eq!(last, [ConnId { serial: 9, idx: 9 }]);
+        assert_eq!(spread.next_due(), None);
+
+        // Joining after the window: due at once.
+        spread.join(ConnId {
+            serial: 10,
+            idx: 10,
+        });
+        assert!(spread.next_due().unwrap() <= start + 2 * SECOND);
+        assert_eq!(spread.take_due(start + 2 * SECOND).len(), 1);
+    }
+}
