@@ -180,7 +180,9 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for more descriptors than the master ever sends with one line (one), so a
+    // truncated control message cannot happen in practice.
+    let mut space = nix::cmsg_space!([RawFd; 16]);
     let msg = recvmsg::<()>(
         sock,
         &mut iov,

@@ -441,7 +441,7 @@ fn a_plain_stop_after_stop_g_closes_the_clients() {
     let mut c = server.connect();
     c.send_text("x");
     assert_eq!(c.recv_text(), "x");
-    let drain = std::process::Command::new(wsd_bin())
+    let mut drain = std::process::Command::new(wsd_bin())
         .args(["-c", server.config.to_str().unwrap(), "stop", "-g"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -455,6 +455,8 @@ fn a_plain_stop_after_stop_g_closes_the_clients() {
     assert!(server.wsd(&["stop"]).status.success());
     assert_eq!(c.expect_close(), 1001);
     assert_eq!(server.wait_exit(DEADLINE), 0);
+    // The `stop -g` command returns too, once the master is gone.
+    assert!(drain.wait().unwrap().success());
 }
 
 #[test]
@@ -480,9 +482,9 @@ fn connections_lists_every_client_with_its_counters() {
         .expect("the chatty client");
     assert_eq!(row["messages_in"], 2);
     assert_eq!(row["messages_out"], 2);
-    // Two masked 5-byte text frames in (11 bytes each), two 7-byte frames out.
-    assert_eq!(row["bytes_in"], 22, "{row}");
-    assert_eq!(row["bytes_out"], 14, "{row}");
+    // Message payload bytes: two 5-byte texts each way.
+    assert_eq!(row["bytes_in"], 10, "{row}");
+    assert_eq!(row["bytes_out"], 10, "{row}");
     assert_eq!(row["state"], "open");
     assert_eq!(row["path"], "/");
     assert_eq!(row["send_queue"], 0);

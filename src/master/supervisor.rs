@@ -147,7 +147,7 @@ impl Group {
     fn accept_queue(&self, slot: usize) -> (u32, u32) {
         self.listeners
             .get(slot)
-            .map_or((0, 0), |l| listeners::accept_queue(l))
+            .map_or((0, 0), listeners::accept_queue)
     }
 }
 
