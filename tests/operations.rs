@@ -502,6 +502,13 @@ fn connections_lists_every_client_with_its_counters() {
         let r = rows.iter().find(|r| r["remote"] == addr.as_str()).unwrap();
         assert_eq!(r["messages_in"], 0);
     }
+    // Status shows each slot's listen queue against its backlog, and queued bytes.
+    let st = server.status();
+    for w in st["workers"].as_array().unwrap() {
+        assert_eq!(w["backlog"], 1024, "{w}");
+        assert!(w["accept_queue"].as_u64().unwrap() <= 1024, "{w}");
+        assert!(w["send_queue"].is_u64(), "{w}");
+    }
     let table = server.wsd(&["connections"]);
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(
@@ -555,6 +562,13 @@ fn reopen_logs_moves_master_and_workers_to_a_new_file() {
         new_log().contains("killed by SIGKILL").then_some(())
     });
     assert_eq!(std::fs::metadata(&rotated).unwrap().len(), old_size);
+    // SIGUSR2 does the same, for logrotate setups that signal.
+    let second = dir.path().join("wsd.log.2");
+    std::fs::rename(&log, &second).unwrap();
+    kill(Pid::from_raw(master), Signal::SIGUSR2).unwrap();
+    wait_for("the master's line after SIGUSR2", DEADLINE, || {
+        new_log().contains("reopened").then_some(())
+    });
     assert!(wsd(&["stop"]).status.success());
     // A foreground master has no log file to reopen, and says so.
     let server = Server::start("echo", 1);

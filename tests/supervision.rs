@@ -25,6 +25,10 @@ fn server_program() -> ! {
         .app("crash_at_start", |w| {
             w.on_worker_start(|_| std::process::exit(3));
         })
+        .app("hang_on_message", |w| {
+            // A worker stuck in a hook for good: only SIGKILL ends it.
+            w.on_message(|_, _, _| std::thread::sleep(Duration::from_secs(3600)));
+        })
         .app("crash_when_marked", |w| {
             // Echo, but a worker started while the marker file exists dies at start: a new
             // build that cannot come up, as a reload meets it.
@@ -255,11 +259,50 @@ fn a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers() {
     echo_round_trip(&server);
 }
 
+fn a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes() {
+    let (dir, config) = Server::config("hang_on_message", 2, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "stop_timeout = \"5s\"",
+        "stop_timeout = \"2s\"\nclose_spread = \"500ms\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut server = Server::start_with(this_program(), dir, config.clone());
+    let workers = server.worker_pids();
+    let mut client = server.connect();
+    client.send_text("hang");
+    // The stuck worker stops reporting; wait until the master sees it.
+    wait_for("a busy worker", DEADLINE, || {
+        let st = server.try_status()?;
+        st["workers"]
+            .as_array()?
+            .iter()
+            .any(|w| w["status"] == "busy")
+            .then_some(())
+    });
+    let out = cli(&config, &["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+    let log = server.master_output();
+    assert!(
+        log.contains("still running after stop_timeout; killing it"),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL"), "{log}");
+    for pid in workers {
+        wait_for("worker gone", DEADLINE, || exited(pid).then_some(()));
+    }
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
+        (
+            "a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes",
+            a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes,
+        ),
         (
             "a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers",
             a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers,
