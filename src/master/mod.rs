@@ -2,8 +2,11 @@
 //!
 //! `start` does everything that can fail before any fork — lock the pid file, bind every slot's
 //! listener, bind the control socket — so a bad start is a clear error with nothing left
-//! behind. Then it (optionally) detaches, forks the workers and runs the master loop
-//! (`event_loop.rs`), which supervises them and answers the CLI.
+//! behind. Then it (optionally) detaches, forks the workers and runs the master loop.
+//!
+//! `wsd reload` reads top to bottom: `cli/` sends the request → `clients.rs` reads it →
+//! `requests.rs` dispatches → `event_loop.rs` begins the reload → `reload.rs` plans it and
+//! replaces workers slot by slot through `supervisor.rs`, which forks (`sys.rs`) and reaps.
 
 mod clients;
 mod daemon;
@@ -13,6 +16,7 @@ mod notify;
 pub(crate) mod pidfile;
 mod privileges;
 mod reload;
+mod requests;
 mod supervisor;
 
 use crate::config::{Config, ServerConfig};
