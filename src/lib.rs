@@ -26,6 +26,7 @@
 //! only `unsafe`.
 
 pub mod apps;
+mod bus;
 mod cli;
 pub mod config;
 mod control;
@@ -37,6 +38,7 @@ mod proto;
 mod sys;
 mod worker;
 
+pub use bus::{BadGlobalId, GlobalId};
 pub use worker::{
     Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker,
 };

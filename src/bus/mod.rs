@@ -1,0 +1,227 @@
+//! The bus: how a hook reaches clients that other workers hold.
+//!
+//! Each group is one bus. Its workers on this host are wired to each other by the master
+//! (`mesh.rs`) and exchange [`wire`] messages directly, never through the master's loop. With
+//! `[server] bus = "redis://..."` the same messages also go through Redis pub/sub
+//! (`cluster.rs`), so groups of the same name on several hosts form one bus. A message names
+//! what the receiving worker should do — send to all its clients, to one, to a topic's
+//! subscribers, or hand it to the app — and each receiving worker encodes the WebSocket frame
+//! once for all of its clients.
+
+pub mod mesh;
+pub mod wire;
+
+use crate::worker::ConnId;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::str::FromStr;
+use wire::{BusMessage, Origin};
+
+/// A connection anywhere on the bus: the host (wsd master) that holds it, the worker slot, and
+/// the worker-local id. Its text form (`Display`/`FromStr`) is what apps hand to clients and
+/// get back: `3f2a9c0d11e87b45-2-17-42`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GlobalId {
+    pub host: u64,
+    pub slot: u16,
+    pub(crate) conn: ConnId,
+}
+
+impl GlobalId {
+    /// The worker-local id, valid in the worker that holds the connection.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+}
+
+impl fmt::Display for GlobalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:016x}-{}-{}-{}",
+            self.host, self.slot, self.conn.idx, self.conn.serial
+        )
+    }
+}
+
+/// Why a string is not a [`GlobalId`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadGlobalId(pub String);
+
+impl fmt::Display for BadGlobalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "not a connection id: {:?} (expected HOST-SLOT-INDEX-SERIAL)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadGlobalId {}
+
+impl FromStr for GlobalId {
+    type Err = BadGlobalId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadGlobalId(s.to_string());
+        let mut parts = s.split('-');
+        let mut next = || parts.next().ok_or_else(bad);
+        let host = u64::from_str_radix(next()?, 16).map_err(|_| bad())?;
+        let slot = next()?.parse().map_err(|_| bad())?;
+        let idx = next()?.parse().map_err(|_| bad())?;
+        let serial = next()?.parse().map_err(|_| bad())?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(GlobalId {
+            host,
+            slot,
+            conn: ConnId { serial, idx },
+        })
+    }
+}
+
+/// What the bus has done, for `status`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BusStats {
+    pub sent: u64,
+    pub received: u64,
+    /// Messages a full or gone peer could not take.
+    pub dropped: u64,
+}
+
+/// A worker's side of its group's bus.
+pub(crate) struct Bus {
+    pub origin: Origin,
+    /// The end to each other worker of the group on this host, by slot.
+    peers: Vec<Option<OwnedFd>>,
+    pub stats: BusStats,
+}
+
+impl Bus {
+    pub fn new(origin: Origin, peers: Vec<Option<OwnedFd>>) -> Bus {
+        Bus {
+            origin,
+            peers,
+            stats: BusStats::default(),
+        }
+    }
+
+    /// The ends to register with the event loop, by peer slot.
+    pub fn ends(&self) -> impl Iterator<Item = (usize, &OwnedFd)> {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, end)| end.as_ref().map(|e| (slot, e)))
+    }
+
+    /// Sends to the worker in `slot` on this host.
+    pub fn to_slot(&mut self, slot: usize, msg: &BusMessage) {
+        let bytes = wire::encode(self.origin, msg);
+        self.send_bytes(slot, &bytes);
+    }
+
+    /// Sends to every other worker of the group on this host.
+    pub fn to_all(&mut self, msg: &BusMessage) {
+        let bytes = wire::encode(self.origin, msg);
+        for slot in 0..self.peers.len() {
+            self.send_bytes(slot, &bytes);
+        }
+    }
+
+    fn send_bytes(&mut self, slot: usize, bytes: &[u8]) {
+        let Some(end) = self.peers.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        match mesh::send_on(end, bytes) {
+            mesh::Sent::Ok => self.stats.sent += 1,
+            mesh::Sent::Full => {
+                self.stats.dropped += 1;
+                log::debug!("bus: worker slot {slot} is not keeping up; a message is dropped");
+            }
+            mesh::Sent::TooBig => {
+                self.stats.dropped += 1;
+                log::warn!(
+                    "bus: a {}-byte message is larger than the bus carries ({} bytes); dropped",
+                    bytes.len(),
+                    mesh::SEND_BUFFER
+                );
+            }
+            mesh::Sent::Broken => self.stats.dropped += 1,
+        }
+    }
+
+    /// Every message waiting from the worker in `slot`. A peer end that is closed for good
+    /// (its pair was dropped by a reload that shrank the group) is forgotten.
+    pub fn receive(&mut self, slot: usize) -> Vec<(Origin, BusMessage)> {
+        let mut out = Vec::new();
+        loop {
+            let Some(end) = self.peers.get(slot).and_then(Option::as_ref) else {
+                return out;
+            };
+            match mesh::recv_on(end) {
+                Ok(Some(bytes)) => match wire::decode(&bytes) {
+                    Ok(m) => {
+                        self.stats.received += 1;
+                        out.push(m);
+                    }
+                    Err(e) => log::warn!("bus: from worker slot {slot}: {e}"),
+                },
+                Ok(None) => return out,
+                Err(_) => {
+                    self.peers[slot] = None;
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_ids_read_back_what_they_print() {
+        let id = GlobalId {
+            host: 0x3f2a_9c0d_11e8_7b45,
+            slot: 2,
+            conn: ConnId {
+                serial: 42,
+                idx: 17,
+            },
+        };
+        assert_eq!(id.to_string(), "3f2a9c0d11e87b45-2-17-42");
+        assert_eq!(id.to_string().parse::<GlobalId>(), Ok(id));
+        for bad in ["", "1-2-3", "zz-1-2-3", "1-2-3-4-5", "1--3-4"] {
+            assert!(bad.parse::<GlobalId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn workers_exchange_messages_over_the_mesh() {
+        use crate::worker::Message;
+        let mut mesh = mesh::Mesh::new(3).unwrap();
+        let mut buses: Vec<Bus> = (0..3)
+            .map(|s| {
+                Bus::new(
+                    Origin {
+                        host: 9,
+                        slot: s as u16,
+                    },
+                    mesh.take_ends(s),
+                )
+            })
+            .collect();
+        let hello = BusMessage::Broadcast(Message::from("hello all"));
+        buses[0].to_all(&hello);
+        buses[2].to_slot(1, &BusMessage::App(bytes::Bytes::from_static(b"psst")));
+        assert_eq!(buses[0].stats.sent, 2);
+        let got: Vec<_> = buses[1].receive(0);
+        assert_eq!(got, vec![(Origin { host: 9, slot: 0 }, hello.clone())]);
+        assert_eq!(buses[2].receive(0).len(), 1);
+        assert_eq!(buses[1].receive(2).len(), 1);
+        assert!(buses[1].receive(2).is_empty());
+        assert_eq!(buses[1].stats.received, 2);
+    }
+}
