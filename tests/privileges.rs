@@ -165,15 +165,6 @@ impl Drop for Wrapped {
     }
 }
 
-fn worker_pids(st: &Value) -> Vec<i32> {
-    st["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_i64().unwrap() as i32)
-        .collect()
-}
-
 #[test]
 fn workers_run_as_the_configured_user_and_the_master_stays_root() {
     let mut server = start_with("user = \"nobody\"", 2);
@@ -314,14 +305,11 @@ fn assert_non_root_master_warns_and_serves() {
     echo_round_trip(server.port);
 }
 
-#[test]
-fn a_worker_that_cannot_switch_user_exits_instead_of_running_as_root() {
-    if !is_root() {
-        return assert_non_root_master_warns_and_serves();
-    }
-    // Root without CAP_SETGID in its bounding set: initgroups fails with EPERM.
+/// Starts a root master under `setpriv` with `args`, asking for workers as nobody: every
+/// worker must fail to switch with `reason` and the master must stop (a crash loop at boot).
+fn assert_switch_fails(args: &[&str], reason: &str) {
     let (dir, config) = config_with("user = \"nobody\"", 2);
-    let mut master = Wrapped::start(&["--bounding-set=-setgid", "--"], dir, config);
+    let mut master = Wrapped::start(args, dir, config);
     assert_eq!(
         master.wait_exit(),
         Some(1),
@@ -329,10 +317,19 @@ fn a_worker_that_cannot_switch_user_exits_instead_of_running_as_root() {
     );
     let out = master.output();
     assert!(
-        out.contains("cannot drop privileges to user nobody: initgroups: EPERM"),
+        out.contains(&format!("cannot drop privileges to user nobody: {reason}")),
         "{out}"
     );
     assert!(!out.contains("Start success"), "{out}");
+}
+
+#[test]
+fn a_worker_that_cannot_switch_user_exits_instead_of_running_as_root() {
+    if !is_root() {
+        return assert_non_root_master_warns_and_serves();
+    }
+    // Root without CAP_SETGID in its bounding set: initgroups fails with EPERM.
+    assert_switch_fails(&["--bounding-set=-setgid", "--"], "initgroups: EPERM");
 }
 
 #[test]
@@ -342,19 +339,10 @@ fn a_worker_that_could_regain_root_exits() {
     }
     // SECBIT_NO_SETUID_FIXUP keeps every capability across setuid, so setuid(0) would still
     // work after the switch: the check after the switch must catch it.
-    let (dir, config) = config_with("user = \"nobody\"", 2);
-    let mut master = Wrapped::start(&["--securebits=+no_setuid_fixup", "--"], dir, config);
-    assert_eq!(
-        master.wait_exit(),
-        Some(1),
-        "a crash loop at boot stops the master"
+    assert_switch_fails(
+        &["--securebits=+no_setuid_fixup", "--"],
+        "setuid(0) still succeeds",
     );
-    let out = master.output();
-    assert!(
-        out.contains("cannot drop privileges to user nobody: setuid(0) still succeeds"),
-        "{out}"
-    );
-    assert!(!out.contains("Start success"), "{out}");
 }
 
 #[test]
@@ -374,20 +362,13 @@ fn a_master_that_is_not_root_warns_once_and_workers_keep_its_uid() {
     );
     let st = master.wait_ready();
     let warning = format!("running as uid {uid}, not root: [server] user ignored");
-    for pid in worker_pids(&st) {
+    for pid in worker_pids_in(&st) {
         assert_eq!(proc_ids(pid, "Uid"), [user.uid.as_raw(); 4], "worker {pid}");
     }
-    let port: u16 = st["groups"][0]["listen"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = listen_port_in(&st);
     echo_round_trip(port);
     // A respawned worker does not warn again: the warning is the master's, at start.
-    let victim = worker_pids(&st)[0];
+    let victim = worker_pids_in(&st)[0];
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
         nix::sys::signal::Signal::SIGKILL,
@@ -395,9 +376,12 @@ fn a_master_that_is_not_root_warns_once_and_workers_keep_its_uid() {
     .unwrap();
     let st = wait_for("slot 0 respawned", DEADLINE, || {
         let st = master.wait_ready();
-        (worker_pids(&st)[0] != victim).then_some(st)
+        (worker_pids_in(&st)[0] != victim).then_some(st)
     });
-    assert_eq!(proc_ids(worker_pids(&st)[0], "Uid"), [user.uid.as_raw(); 4]);
+    assert_eq!(
+        proc_ids(worker_pids_in(&st)[0], "Uid"),
+        [user.uid.as_raw(); 4]
+    );
     let out = master.output();
     assert_eq!(out.matches(&warning).count(), 1, "{out}");
 }

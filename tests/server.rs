@@ -483,14 +483,7 @@ fn restart_replaces_the_master_and_keeps_serving() {
     assert!(new_master > 0 && new_master != old_master && alive(new_master));
     let st = server.status();
     assert_eq!(st["master"]["pid"].as_i64(), Some(new_master as i64));
-    let port: u16 = st["groups"][0]["listen"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let port = listen_port_in(&st);
     let mut c = Client::connect(port);
     c.send_text("again");
     assert_eq!(c.recv_text(), "hello again");

@@ -165,13 +165,7 @@ impl Server {
     }
 
     pub fn worker_pids(&mut self) -> Vec<i32> {
-        let st = self.status();
-        st["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| w["pid"].as_i64().unwrap() as i32)
-            .collect()
+        worker_pids_in(&self.status())
     }
 
     pub fn url(&self) -> String {
@@ -667,4 +661,26 @@ pub fn exited(pid: i32) -> bool {
             .is_some_and(|state| state == "Z" || state == "X"),
         Err(_) => true,
     }
+}
+
+/// The worker pids a `status --json` lists, in slot order.
+pub fn worker_pids_in(st: &Value) -> Vec<i32> {
+    st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect()
+}
+
+/// The port of the first group in a `status --json`.
+pub fn listen_port_in(st: &Value) -> u16 {
+    st["groups"][0]["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
