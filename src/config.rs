@@ -73,6 +73,28 @@ pub struct ServerConfig {
     /// Group the workers switch to (a name or a gid). Default: the user's primary group. Set
     /// without `user`, the workers keep the master's uid and only change group.
     pub group: Option<SystemGroup>,
+    /// `redis://HOST:PORT/DB`: join the groups of every wsd server using this Redis into one
+    /// bus (broadcasts, topics and `send_to` reach clients on any of them). Unset: the bus
+    /// spans this server's workers only.
+    pub bus: Option<RedisUrl>,
+}
+
+/// A Redis address for the cluster bus, checked when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.starts_with("redis://") {
+            return Err(de::Error::custom(format!(
+                "bus must be a redis://HOST:PORT/DB address, got {s:?}"
+            )));
+        }
+        redis::IntoConnectionInfo::into_connection_info(s.as_str())
+            .map_err(|e| de::Error::custom(format!("bad bus address {s:?}: {e}")))?;
+        Ok(RedisUrl(s))
+    }
 }
 
 impl ServerConfig {
@@ -104,6 +126,7 @@ impl Default for ServerConfig {
             log_level: "info".into(),
             user: None,
             group: None,
+            bus: None,
         }
     }
 }
@@ -181,6 +204,10 @@ pub struct GroupConfig {
     /// for workers holding state that a restart would lose. `restart` still replaces them.
     #[serde(default = "d::reloadable")]
     pub reloadable: bool,
+    /// A folder whose files answer plain (non-upgrade) `GET` requests on this group's address,
+    /// `index.html` for `/`. Relative to the config file. Unset: such requests get 426.
+    #[serde(default)]
+    pub static_dir: Option<PathBuf>,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -257,6 +284,7 @@ impl GroupConfig {
             trusted_proxies: Vec::new(),
             close_timeout: d::close_timeout(),
             reloadable: d::reloadable(),
+            static_dir: None,
         }
     }
 
@@ -616,6 +644,17 @@ impl Config {
                 ));
             }
             g.check().map_err(|r| at(Some(span.clone()), r))?;
+            if let Some(dir) = &mut g.static_dir {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
+                }
+                if !dir.is_dir() {
+                    return Err(at(
+                        Some(span),
+                        format!("static_dir {} is not a directory", dir.display()),
+                    ));
+                }
+            }
             if g.name.is_empty() {
                 g.name = g.app.clone();
             }
@@ -812,6 +851,23 @@ mod tests {
         let e = parse("[server]\ngroup = \"no-such-group-xyz\"\n").unwrap_err();
         assert_eq!(e.position, Some((2, 9)), "{e}");
         assert_eq!(e.reason, "unknown group \"no-such-group-xyz\"");
+    }
+
+    #[test]
+    fn bus_address_and_static_dir_are_checked() {
+        let c = parse("[server]\nbus = \"redis://127.0.0.1:6379/2\"\n").unwrap();
+        assert_eq!(c.server.bus.unwrap().0, "redis://127.0.0.1:6379/2");
+        let e = parse("[server]\nbus = \"http://x\"\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+        assert!(e.reason.contains("redis://"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("workers.toml");
+        let text = "[[worker]]\nlisten = \"127.0.0.1:0\"\nstatic_dir = \"public\"\n";
+        let e = Config::parse(&file, text, APPS).unwrap_err();
+        assert!(e.reason.contains("is not a directory"), "{e}");
+        std::fs::create_dir(dir.path().join("public")).unwrap();
+        let c = Config::parse(&file, text, APPS).unwrap();
+        assert_eq!(c.groups[0].static_dir, Some(dir.path().join("public")));
     }
 
     #[test]
