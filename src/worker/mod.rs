@@ -5,14 +5,18 @@
 //! the definition becomes that process's hooks (closures need not be `Send` or `Clone`: fork
 //! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
 
+mod admission;
 mod channel;
+mod commands;
 mod conn;
 mod context;
 mod event_loop;
+mod hooks;
 #[cfg(test)]
 mod loop_tests;
 mod message;
 mod stop;
+mod sweep;
 mod timers;
 
 pub use context::Context;

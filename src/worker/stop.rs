@@ -1,14 +1,139 @@
-//! Spreading Close 1001 over a window when the worker stops (`StopMode::Close`).
+//! Stopping a worker: the three stop modes, what sets them off (a `Stop` from the master, the
+//! master going away, a SIGTERM sent to the worker itself), and the loop's way out.
 //!
-//! Closing every client at the same instant makes them all reconnect at the same instant,
-//! into the workers that are left (or the new ones of a reload). So the closes go out at an
-//! even pace over `spread_ms`: by time `t` into window `w`, `ceil(n * t / w)` of the `n`
-//! connections have been sent Close. The loop asks [`CloseSpread::take_due`] on every turn
-//! and wakes at [`CloseSpread::next_due`] while some are left.
+//! `Drain` only stops accepting and waits; `Close` sends every client Close 1001, spread over
+//! a window; `Fast` sends them all at once and leaves. Why spread: closing every client at the
+//! same instant makes them all reconnect at the same instant, into the workers that are left
+//! (or the new ones of a reload). So the closes go out at an even pace over `spread_ms`: by
+//! time `t` into window `w`, `ceil(n * t / w)` of the `n` connections have been sent Close.
+//! The loop asks [`CloseSpread::take_due`] on every turn and wakes at
+//! [`CloseSpread::next_due`] while some are left.
 
+use super::event_loop::Loop;
 use super::message::ConnId;
+use crate::control::StopMode;
+use nix::sys::signal::Signal;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// The close reason of every stop.
+const SHUTTING_DOWN: &str = "server shutting down";
+
+impl Loop {
+    /// Stops the worker, or makes a stop under way stronger (Drain → Close → Fast); a stop no
+    /// stronger than the current one is ignored.
+    ///
+    /// The first stop stops accepting and calls `on_worker_stop`. Then `Drain` waits for the
+    /// clients to leave, `Close` sends them Close 1001 spread over `spread` and waits for the
+    /// closing handshakes (each bounded by `close_timeout`), and `Fast` sends Close 1001, writes
+    /// once what each socket takes, and the loop exits without waiting for answers.
+    pub(super) fn stop(&mut self, mode: StopMode, spread: Duration) {
+        if let Some(current) = self.stopping
+            && current >= mode
+        {
+            log::debug!("already stopping ({current:?}); {mode:?} ignored");
+            return;
+        }
+        let clients = self.ctx.connections().len();
+        match mode {
+            StopMode::Drain => {
+                log::info!("stopping (waiting for clients to leave; {clients} connected)")
+            }
+            StopMode::Close => log::info!(
+                "stopping (closing {clients} clients over {} ms)",
+                spread.as_millis()
+            ),
+            StopMode::Fast => log::info!("stopping fast (closing {clients} clients, no waiting)"),
+        }
+        let first = self.stopping.is_none();
+        self.stopping = Some(mode);
+        if first {
+            // Only our copy of the listening socket goes, and it is not shut down: the master
+            // keeps the socket, and in a rolling reload the new worker accepts from it.
+            if let Some(mut listener) = self.listener.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            self.call_worker_hook("on_worker_stop", |h| h.on_worker_stop.as_mut());
+        }
+        // Connections still in their upgrade are left to finish it (see `upgrade`): a client
+        // caught mid-handshake by a reload gets a Close, not a reset.
+        let open = self.ctx.connections();
+        match mode {
+            StopMode::Drain => {}
+            StopMode::Close => {
+                self.spread = Some(CloseSpread::new(Instant::now(), spread, open));
+                self.close_due();
+            }
+            StopMode::Fast => {
+                self.spread = None;
+                for id in open {
+                    self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+                }
+                for (_, conn) in self.ctx.conns.iter_mut() {
+                    let _ = conn.flush();
+                }
+            }
+        }
+    }
+
+    /// Sends Close 1001 to the connections whose turn in the stop's spread has come.
+    pub(super) fn close_due(&mut self) {
+        let Some(spread) = &mut self.spread else {
+            return;
+        };
+        for id in spread.take_due(Instant::now()) {
+            self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+        }
+    }
+
+    /// Closes a connection that completed its upgrade during a stop that closes clients: in
+    /// its turn of the spread, or at once.
+    pub(super) fn close_when_due(&mut self, id: ConnId) {
+        match &mut self.spread {
+            Some(spread) => {
+                spread.join(id);
+                self.close_due();
+            }
+            None => self.ctx.close_with(id, 1001, SHUTTING_DOWN),
+        }
+    }
+
+    /// Whether the loop is done: a fast stop at once, the others when no connection is left.
+    pub(super) fn finished(&self) -> bool {
+        match self.stopping {
+            None => false,
+            Some(StopMode::Fast) => true,
+            Some(StopMode::Drain | StopMode::Close) => self.ctx.conns.is_empty(),
+        }
+    }
+
+    /// Leaves the loop: a last report, written if the channel takes it now.
+    pub(super) fn exit(&mut self) -> i32 {
+        match self.ctx.conns.len() {
+            0 => log::info!("no connections left; exiting"),
+            n => log::info!("exiting with {n} connections not closed yet (fast stop)"),
+        }
+        self.report();
+        self.channel.flush();
+        0
+    }
+
+    /// Reads the signals sent to this worker: a SIGTERM stops it, closing its clients at once;
+    /// the others are the master's to act on.
+    pub(super) fn read_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                // Someone signalled this worker directly (the master tells it over the channel).
+                Ok(Signal::SIGTERM) => self.stop(StopMode::Close, Duration::ZERO),
+                // Ctrl-C reaches the whole process group; the master decides what happens.
+                Ok(sig) => log::debug!("ignoring {sig}"),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+// ---- the spread schedule -----------------------------------------------------------------
 
 pub(crate) struct CloseSpread {
     started: Instant,

@@ -1,0 +1,81 @@
+//! What the worker does with the master's commands (stop, list the connections, reopen the
+//! log), and the counters it reports back every tick and on its way out.
+//!
+//! `channel.rs` carries the lines and descriptors; this file gives them their meaning.
+
+use super::event_loop::Loop;
+use super::message::ConnId;
+use crate::control::{FromWorker, StopMode, ToWorker};
+use crate::sys;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+impl Loop {
+    /// The channel became writable (lines waiting go out) or readable (commands came in, or
+    /// the master has gone: then the worker stops, closing its clients at once).
+    pub(super) fn channel_ready(&mut self, readable: bool, writable: bool) {
+        if writable {
+            self.channel.flush();
+        }
+        if readable && !self.read_channel() {
+            log::warn!("master channel closed; stopping");
+            self.stop(StopMode::Close, Duration::ZERO);
+        }
+    }
+
+    /// Reads commands from the master. False when the master has gone.
+    fn read_channel(&mut self) -> bool {
+        let (commands, open) = self.channel.read();
+        for (command, fd) in commands {
+            match command {
+                ToWorker::Stop { mode, spread_ms } => {
+                    self.stop(mode, Duration::from_millis(spread_ms))
+                }
+                ToWorker::ListConnections { query } => self.list_connections(query),
+                ToWorker::ReopenLogs => reopen_logs(fd),
+            }
+        }
+        open
+    }
+
+    /// Every connection in the slab, handshaking and closing ones included.
+    fn list_connections(&mut self, query: u64) {
+        let now = Instant::now();
+        let rows = self.ctx.conns.iter().map(|(idx, c)| {
+            let id = ConnId {
+                serial: c.serial,
+                idx: idx as u32,
+            };
+            c.info(id, now)
+        });
+        self.channel.answer_connections(query, rows);
+    }
+
+    /// Sends the master the worker's counters: at start, every tick, and on the way out.
+    pub(super) fn report(&mut self) {
+        self.ctx.counters.timers = self.ctx.timers.len() as u64;
+        self.ctx.counters.memory = sys::rss_bytes();
+        self.ctx.counters.send_queue = self
+            .ctx
+            .conns
+            .iter()
+            .map(|(_, c)| c.session.out.len() as u64)
+            .sum();
+        self.channel
+            .report(&FromWorker::Report(self.ctx.counters.clone()));
+    }
+}
+
+/// Points stdout and stderr (where the log goes) at the log file the master reopened; the
+/// worker may no longer have the right to open it itself. Our copy of the descriptor is
+/// closed once duplicated.
+fn reopen_logs(fd: Option<OwnedFd>) {
+    let Some(fd) = fd else {
+        log::warn!("reopen_logs came without a descriptor; logging on to the old file");
+        return;
+    };
+    match sys::redirect_output(fd.as_raw_fd()) {
+        Ok(()) => log::info!("reopened log file"),
+        Err(e) => log::warn!("cannot reopen log file: {e}"),
+    }
+}

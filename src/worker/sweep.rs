@@ -1,0 +1,53 @@
+//! The once-a-second sweep over every connection: the deadlines (`handshake_timeout`,
+//! `close_timeout`), the keepalive Pings (`ping_interval`) and `idle_timeout`.
+//!
+//! Nothing here reads or writes a socket: connections past their deadline are reaped at once,
+//! and the Pings and Closes queued here go out with the loop's next flush.
+
+use super::event_loop::Loop;
+use std::time::Instant;
+
+impl Loop {
+    /// Once a second: drop handshakes and closes that overran their deadlines, ping quiet
+    /// clients, and close the ones that stayed silent past `idle_timeout`.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        let s = &self.settings;
+        let (handshake, close) = (s.handshake_timeout, s.close_timeout);
+        let (ping, idle) = (s.ping_interval, s.idle_timeout);
+        for (idx, c) in self.ctx.conns.iter_mut() {
+            if c.session.close_sent && c.closing_since.is_none() {
+                c.closing_since = Some(now);
+            }
+            let late = match c.closing_since {
+                Some(t) => now.duration_since(t) >= close,
+                None => !c.is_open() && now.duration_since(c.since) >= handshake,
+            };
+            if late {
+                self.ctx.gone.push((idx, c.serial));
+                continue;
+            }
+            if !c.session.can_send() {
+                continue;
+            }
+            let quiet = now.duration_since(c.last_input);
+            if !idle.is_zero() && quiet >= idle {
+                log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
+                c.session.close(1001, "idle timeout");
+            } else if !ping.is_zero()
+                && quiet >= ping
+                && c.pinged_at
+                    .is_none_or(|t| t < c.last_input || now.duration_since(t) >= ping)
+            {
+                c.session.ping();
+                c.pinged_at = Some(now);
+            } else {
+                continue;
+            }
+            if !c.dirty {
+                c.dirty = true;
+                self.ctx.dirty.push(idx);
+            }
+        }
+        self.reap();
+    }
+}
