@@ -12,7 +12,7 @@ fn main() {
     worker.on_worker_start(|ctx| {
         ctx.add_timer(Duration::from_secs(5), |ctx| {
             let now = chrono::Local::now().format("%H:%M:%S");
-            ctx.broadcast(format!("Hello Client! Now is {now}"));
+            ctx.broadcast_local(format!("Hello Client! Now is {now}"));
         });
     });
     worker.on_message(|_ctx, conn, msg| {

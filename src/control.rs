@@ -153,6 +153,14 @@ pub struct Counters {
     /// Bytes queued for slow clients, over all connections.
     #[serde(default)]
     pub send_queue: u64,
+    /// Bus messages sent to and received from the group's other workers, and those a full
+    /// or gone peer could not take.
+    #[serde(default)]
+    pub bus_sent: u64,
+    #[serde(default)]
+    pub bus_received: u64,
+    #[serde(default)]
+    pub bus_dropped: u64,
     /// Resident memory of the worker process in bytes.
     pub memory: u64,
 }

@@ -12,7 +12,7 @@
 //! worker.count = 4;
 //! worker.on_worker_start(|ctx| {
 //!     ctx.add_timer(Duration::from_secs(5), |ctx| {
-//!         ctx.broadcast("tick");
+//!         ctx.broadcast_local("tick");
 //!     });
 //! });
 //! worker.on_message(|ctx, conn, msg| {
@@ -40,7 +40,7 @@ mod worker;
 
 pub use bus::{BadGlobalId, GlobalId};
 pub use worker::{
-    Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker,
+    Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker, WorkerAddr,
 };
 
 /// This build's version, shown in the banner and `status`.

@@ -20,7 +20,7 @@ fn server_program() -> ! {
         // One long-lived timer, and one deleted before it could fire.
         ctx.add_timer(Duration::from_secs(3600), |_| {});
         let doomed = ctx.add_timer_once(Duration::from_millis(1), |ctx| {
-            ctx.broadcast("must never be seen");
+            ctx.broadcast_local("must never be seen");
         });
         assert!(ctx.del_timer(doomed));
     });

@@ -11,7 +11,7 @@ pub fn clock(worker: &mut Worker) {
     worker.on_worker_start(|ctx| {
         ctx.add_timer(INTERVAL, |ctx| {
             let now = chrono::Local::now().format("%H:%M:%S");
-            ctx.broadcast(format!("Hello Client! Now is {now}"));
+            ctx.broadcast_local(format!("Hello Client! Now is {now}"));
         });
     });
     worker.on_message(|_ctx, _conn, msg| {

@@ -2,20 +2,30 @@
 //!
 //! Each is written against the public library API only, exactly as a user's program would be.
 
+mod chat;
 mod clock;
 mod echo;
 mod hello;
+mod pubsub;
 
 use crate::Worker;
 
+pub use chat::chat;
 pub use clock::clock;
 pub use echo::echo;
 pub use hello::hello;
+pub use pubsub::pubsub;
 
 /// Installs an app's hooks on a group.
 pub type Install = fn(&mut Worker);
 
 /// Name and installer of every built-in app.
 pub fn builtin() -> Vec<(&'static str, Install)> {
-    vec![("echo", echo), ("hello", hello), ("clock", clock)]
+    vec![
+        ("echo", echo),
+        ("hello", hello),
+        ("clock", clock),
+        ("chat", chat),
+        ("pubsub", pubsub),
+    ]
 }

@@ -28,37 +28,22 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Wires `slots` workers to each other. A reload that replaces a group's workers makes
+    /// a new mesh for them rather than rewiring the one its old workers still use.
+    // Indexes, because each pair fills `ends[i][j]` and its mirror `ends[j][i]`.
+    #[allow(clippy::needless_range_loop)]
     pub fn new(slots: usize) -> io::Result<Mesh> {
-        let mut mesh = Mesh::default();
-        mesh.resize(slots)?;
-        Ok(mesh)
-    }
-
-    pub fn slots(&self) -> usize {
-        self.ends.len()
-    }
-
-    /// Grows or shrinks the mesh to `slots` workers (a reload that changes `count`). Workers
-    /// forked from now on see the new shape; running ones keep the ends they have.
-    pub fn resize(&mut self, slots: usize) -> io::Result<()> {
-        self.ends.truncate(slots);
-        for row in &mut self.ends {
-            row.truncate(slots);
-        }
-        let old = self.ends.len();
-        for row in &mut self.ends {
-            row.resize_with(slots, || None);
-        }
-        self.ends
-            .resize_with(slots, || (0..slots).map(|_| None).collect());
+        let mut ends: Vec<Vec<Option<OwnedFd>>> = (0..slots)
+            .map(|_| (0..slots).map(|_| None).collect())
+            .collect();
         for i in 0..slots {
-            for j in (i + 1).max(old)..slots {
+            for j in i + 1..slots {
                 let (a, b) = pair()?;
-                self.ends[i][j] = Some(a);
-                self.ends[j][i] = Some(b);
+                ends[i][j] = Some(a);
+                ends[j][i] = Some(b);
             }
         }
-        Ok(())
+        Ok(Mesh { ends })
     }
 
     /// The descriptors worker `slot` keeps after the fork.
@@ -147,11 +132,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_pair_of_workers_is_wired_and_grows_on_resize() {
-        let mut mesh = Mesh::new(3).unwrap();
-        assert_eq!(mesh.fds_of(0).len(), 2);
-        mesh.resize(4).unwrap();
-        assert_eq!(mesh.slots(), 4);
+    fn every_pair_of_workers_is_wired() {
+        let mut mesh = Mesh::new(4).unwrap();
+        assert_eq!(mesh.fds_of(0).len(), 3);
         assert_eq!(mesh.fds_of(3).len(), 3);
         let mut w1 = mesh.take_ends(1);
         let mut w3 = mesh.take_ends(3);
@@ -163,8 +146,6 @@ mod tests {
         assert_eq!(recv_on(&end).unwrap().as_deref(), Some(&b"hello 3"[..]));
         assert_eq!(recv_on(&end).unwrap().map(|m| m.len()), Some(big.len()));
         assert_eq!(recv_on(&end).unwrap(), None);
-        mesh.resize(2).unwrap();
-        assert_eq!(mesh.fds_of(0).len(), 1);
         drop(w1.remove(3));
         assert!(recv_on(&end).is_err(), "the peer's end is gone");
     }

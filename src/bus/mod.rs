@@ -116,13 +116,25 @@ impl Bus {
     }
 
     /// Sends to the worker in `slot` on this host.
-    pub fn to_slot(&mut self, slot: usize, msg: &BusMessage) {
+    pub fn send_to_slot(&mut self, slot: usize, msg: &BusMessage) {
         let bytes = wire::encode(self.origin, msg);
         self.send_bytes(slot, &bytes);
     }
 
+    /// A bus that reaches no other worker (a worker run outside a master, in tests).
+    #[cfg(test)]
+    pub fn detached() -> Bus {
+        Bus::new(Origin { host: 0, slot: 0 }, Vec::new())
+    }
+
+    /// Sends to a worker of another host: only a cluster bus can.
+    pub fn send_to_host(&mut self, host: u64, slot: u16, _msg: &BusMessage) {
+        self.stats.dropped += 1;
+        log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
+    }
+
     /// Sends to every other worker of the group on this host.
-    pub fn to_all(&mut self, msg: &BusMessage) {
+    pub fn send_to_peers(&mut self, msg: &BusMessage) {
         let bytes = wire::encode(self.origin, msg);
         for slot in 0..self.peers.len() {
             self.send_bytes(slot, &bytes);
@@ -214,8 +226,8 @@ mod tests {
             })
             .collect();
         let hello = BusMessage::Broadcast(Message::from("hello all"));
-        buses[0].to_all(&hello);
-        buses[2].to_slot(1, &BusMessage::App(bytes::Bytes::from_static(b"psst")));
+        buses[0].send_to_peers(&hello);
+        buses[2].send_to_slot(1, &BusMessage::App(bytes::Bytes::from_static(b"psst")));
         assert_eq!(buses[0].stats.sent, 2);
         let got: Vec<_> = buses[1].receive(0);
         assert_eq!(got, vec![(Origin { host: 9, slot: 0 }, hello.clone())]);

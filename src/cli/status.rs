@@ -15,7 +15,7 @@ pub fn render(st: &Status) -> String {
         .unwrap_or_default();
     let up = m.uptime_secs;
     let processes: usize = st.groups.iter().map(|g| g.count).sum();
-    let _ = writeln!(out, "{:-^132}", " GLOBAL STATUS ");
+    let _ = writeln!(out, "{:-^142}", " GLOBAL STATUS ");
     let _ = writeln!(
         out,
         "wsd version: {:<20} master pid: {:<10} config: {}",
@@ -45,7 +45,7 @@ pub fn render(st: &Status) -> String {
             let _ = writeln!(out, "{:<20} {:<30} {n}", g.name, how);
         }
     }
-    let _ = writeln!(out, "{:-^132}", " PROCESS STATUS ");
+    let _ = writeln!(out, "{:-^142}", " PROCESS STATUS ");
     let header = [
         "pid",
         "memory",
@@ -55,6 +55,7 @@ pub fn render(st: &Status) -> String {
         "accept_q",
         "send_queue",
         "send_fail",
+        "bus_drop",
         "timers",
         "total_request",
         "qps",
@@ -62,12 +63,13 @@ pub fn render(st: &Status) -> String {
     ];
     let _ = writeln!(out, "{}", row(&header.map(String::from)));
     let (mut mem, mut conns, mut fails, mut timers, mut total, mut qps) = (0, 0, 0, 0, 0, 0.0);
-    let (mut queued, mut accepted) = (0, 0);
+    let (mut queued, mut accepted, mut bus_dropped) = (0, 0, 0);
     for w in &st.workers {
         let c = &w.counters;
         mem += c.memory;
         conns += c.connections;
         queued += c.send_queue;
+        bus_dropped += c.bus_dropped;
         accepted += c.accepted;
         fails += c.send_fail;
         timers += c.timers;
@@ -85,6 +87,7 @@ pub fn render(st: &Status) -> String {
                 format!("{}/{}", w.accept_queue, w.backlog),
                 human(c.send_queue),
                 c.send_fail.to_string(),
+                c.bus_dropped.to_string(),
                 c.timers.to_string(),
                 c.total_request.to_string(),
                 format!("{:.1}", w.qps),
@@ -92,7 +95,7 @@ pub fn render(st: &Status) -> String {
             ])
         );
     }
-    let _ = writeln!(out, "{:-^132}", " Summary ");
+    let _ = writeln!(out, "{:-^142}", " Summary ");
     let _ = write!(
         out,
         "{}",
@@ -105,6 +108,7 @@ pub fn render(st: &Status) -> String {
             format!("{accepted} acc"),
             human(queued),
             fails.to_string(),
+            bus_dropped.to_string(),
             timers.to_string(),
             total.to_string(),
             format!("{qps:.1}"),
@@ -114,8 +118,8 @@ pub fn render(st: &Status) -> String {
     out
 }
 
-fn row(cells: &[String; 12]) -> String {
-    let widths = [8, 8, 30, 14, 12, 10, 10, 10, 7, 14, 9, 10];
+fn row(cells: &[String; 13]) -> String {
+    let widths = [8, 8, 30, 14, 12, 10, 10, 10, 9, 7, 14, 9, 10];
     let mut s = String::new();
     for (cell, w) in cells.iter().zip(widths) {
         let _ = write!(s, "{cell:<w$} ");

@@ -127,11 +127,15 @@ pub fn start(plan: Plan) -> i32 {
         .chain(source.groups(&plan.config).into_iter().map(|w| (w, true)));
     let mut sup = supervisor::Supervisor {
         creds: privileges::for_workers(&server),
+        host_id: host_id(),
         ..Default::default()
     };
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
-            Ok(ls) => sup.groups.push(supervisor::Group::new(def, ls, from_file)),
+            Ok(ls) => match supervisor::Group::new(def, ls, from_file) {
+                Ok(g) => sup.groups.push(g),
+                Err(e) => return fail(pidfile, format!("cannot wire the bus: {e}")),
+            },
             Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
         }
     }
@@ -206,4 +210,12 @@ fn banner(groups: &[supervisor::Group], daemon: bool) -> String {
         "\nPress Ctrl+C to stop. Start success.\n"
     };
     out
+}
+
+/// A random name for this server on a cluster bus (std's hasher keys come from the OS).
+fn host_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
 }

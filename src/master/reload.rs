@@ -11,6 +11,7 @@
 
 use super::listeners;
 use super::supervisor::{Exit, Group, Slot, Supervisor};
+use crate::bus::mesh::Mesh;
 use crate::worker::Worker;
 use mio::Registry;
 use std::collections::VecDeque;
@@ -18,21 +19,22 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 /// What becomes of one group of the new configuration.
+///
+/// Every group whose workers are replaced gets a new bus mesh: the new workers talk among
+/// themselves from the start, and no bus end is ever read by an old and a new worker at once.
 pub enum Change {
-    /// A running group kept as it is: a group defined in code (its workers are replaced
-    /// unless it is not reloadable) or a `reloadable = false` one (`replace` false).
-    Keep { old: usize, replace: bool },
+    /// A running group kept as it is: a group defined in code (its workers are replaced, on
+    /// `mesh`, unless it is not reloadable) or a `reloadable = false` one (`mesh` none).
+    Keep { old: usize, mesh: Option<Mesh> },
     /// Same name and address: new settings, maybe a new count (`more` sockets for new slots).
     Update {
         old: usize,
         def: Worker,
         more: Vec<TcpListener>,
+        mesh: Mesh,
     },
     /// A new group, or one whose address changed.
-    Fresh {
-        def: Worker,
-        listeners: Vec<TcpListener>,
-    },
+    Fresh(Group),
 }
 
 /// A reload that can go ahead.
@@ -47,9 +49,15 @@ pub struct Prepared {
 pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, String> {
     let mut changes = Vec::new();
     let mut summary = Vec::new();
+    let wire = |slots: usize| Mesh::new(slots).map_err(|e| format!("cannot wire the bus: {e}"));
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
         let replace = g.def.reloadable;
-        changes.push(Change::Keep { old, replace });
+        let mesh = if replace {
+            Some(wire(g.slots.len())?)
+        } else {
+            None
+        };
+        changes.push(Change::Keep { old, mesh });
         summary.push(kept(g, replace));
     }
     for def in file_groups {
@@ -62,10 +70,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
                     line += "; its new settings apply at the next restart";
                 }
                 summary.push(line);
-                Change::Keep {
-                    old,
-                    replace: false,
-                }
+                Change::Keep { old, mesh: None }
             }
             Some((old, g)) if g.def.listen == def.listen => {
                 let (have, want) = (g.slots.len(), def.count);
@@ -77,7 +82,13 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
                 } else {
                     format!("{name}: {have} -> {want} worker(s)")
                 });
-                Change::Update { old, def, more }
+                let mesh = wire(want)?;
+                Change::Update {
+                    old,
+                    def,
+                    more,
+                    mesh,
+                }
             }
             other => {
                 let listeners = listeners::bind_slots(def.listen.addr, def.count, def.backlog)
@@ -86,7 +97,10 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
                     Some(_) => format!("{name}: moved to {} ({} worker(s))", def.listen, def.count),
                     None => format!("{name}: added ({} worker(s))", def.count),
                 });
-                Change::Fresh { def, listeners }
+                Change::Fresh(
+                    Group::new(def, listeners, true)
+                        .map_err(|e| format!("cannot wire the bus: {e}"))?,
+                )
             }
         };
         changes.push(change);
@@ -94,7 +108,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
     let used = |i: usize| {
         changes.iter().any(|c| match c {
             Change::Keep { old, .. } | Change::Update { old, .. } => *old == i,
-            Change::Fresh { .. } => false,
+            Change::Fresh(_) => false,
         })
     };
     for (i, g) in sup.groups.iter().enumerate() {
@@ -150,14 +164,20 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
     let mut retire = Vec::new();
     for change in prepared.changes {
         let group = match change {
-            Change::Keep { old: i, replace: r } => {
-                let g = old[i].take().expect("each old group is used once");
-                if r {
+            Change::Keep { old: i, mesh } => {
+                let mut g = old[i].take().expect("each old group is used once");
+                if let Some(mesh) = mesh {
+                    g.mesh = mesh;
                     replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
                 }
                 g
             }
-            Change::Update { old: i, def, more } => {
+            Change::Update {
+                old: i,
+                def,
+                more,
+                mesh,
+            } => {
                 let mut g = old[i].take().expect("each old group is used once");
                 if def.backlog != g.def.backlog {
                     for l in &g.listeners {
@@ -167,6 +187,7 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                     }
                 }
                 let want = def.count;
+                g.mesh = mesh;
                 g.def = def;
                 g.listeners.extend(more);
                 g.slots.resize_with(want.max(g.slots.len()), Slot::default);
@@ -175,8 +196,7 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 replace.extend((0..want).map(|s| (g.name().to_string(), s)));
                 g
             }
-            Change::Fresh { def, listeners } => {
-                let g = Group::new(def, listeners, true);
+            Change::Fresh(g) => {
                 replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
                 g
             }

@@ -8,6 +8,9 @@
 //! before ready that lets the master give up on a group that cannot start.
 
 use super::listeners;
+use crate::bus::Bus;
+use crate::bus::mesh::Mesh;
+use crate::bus::wire::Origin;
 use crate::control::{self, Counters, FromWorker, LineReader, ToWorker, WorkerStatus};
 use crate::sys::{self, Fork};
 use crate::worker::Worker;
@@ -47,6 +50,8 @@ pub struct Group {
     pub exits: BTreeMap<String, u64>,
     /// Defined in `workers.toml` (a reload re-reads it), not in the program's code.
     pub from_file: bool,
+    /// The group's bus wiring, one end per pair of slots (`bus::mesh`).
+    pub mesh: Mesh,
 }
 
 #[derive(Default)]
@@ -105,21 +110,22 @@ pub fn token_proc(token: Token) -> Option<usize> {
 }
 
 impl Group {
-    pub fn new(def: Worker, listeners: Vec<TcpListener>, from_file: bool) -> Group {
+    pub fn new(def: Worker, listeners: Vec<TcpListener>, from_file: bool) -> io::Result<Group> {
         let listen = listeners
             .first()
             .and_then(|l| l.local_addr().ok())
             .map(|a| format!("websocket://{a}"))
             .unwrap_or_else(|| def.listen.to_string());
         let slots = (0..listeners.len()).map(|_| Slot::default()).collect();
-        Group {
+        Ok(Group {
+            mesh: Mesh::new(listeners.len())?,
             def,
             listen,
             listeners,
             slots,
             exits: BTreeMap::new(),
             from_file,
-        }
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -158,6 +164,8 @@ pub struct Supervisor {
     pub procs: Slab<Proc>,
     /// Whom workers become after fork (`[server] user`/`group`).
     pub creds: Option<super::privileges::Credentials>,
+    /// This server's name on a cluster bus, random per master start.
+    pub host_id: u64,
 }
 
 impl Supervisor {
@@ -176,7 +184,14 @@ impl Supervisor {
         match sys::fork()? {
             Fork::Child => {
                 let listener = group.listeners.swap_remove(slot);
-                sys::close_fds_except(&[listener.as_raw_fd(), worker_end.as_raw_fd()]);
+                let mut keep = vec![listener.as_raw_fd(), worker_end.as_raw_fd()];
+                keep.extend(group.mesh.fds_of(slot));
+                sys::close_fds_except(&keep);
+                let origin = Origin {
+                    host: self.host_id,
+                    slot: slot as u16,
+                };
+                let bus = Bus::new(origin, group.mesh.take_ends(slot));
                 sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", group.name()));
                 // Before die_with_parent: changing credentials clears PR_SET_PDEATHSIG.
@@ -192,7 +207,7 @@ impl Supervisor {
                 }
                 let placeholder = Worker::from_config(group.def.config().clone());
                 let def = std::mem::replace(&mut group.def, placeholder);
-                let code = crate::worker::run(def, slot, listener, worker_end);
+                let code = crate::worker::run(def, slot, listener, worker_end, bus);
                 std::process::exit(code);
             }
             Fork::Parent(pid) => {

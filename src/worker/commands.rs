@@ -61,6 +61,10 @@ impl Loop {
             .iter()
             .map(|(_, c)| c.session.out.len() as u64)
             .sum();
+        let bus = self.ctx.bus.stats;
+        self.ctx.counters.bus_sent = bus.sent;
+        self.ctx.counters.bus_received = bus.received;
+        self.ctx.counters.bus_dropped = bus.dropped;
         self.channel
             .report(&FromWorker::Report(self.ctx.counters.clone()));
     }

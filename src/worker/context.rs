@@ -9,6 +9,8 @@
 use super::conn::Conn;
 use super::message::{ConnId, Message, SendError};
 use super::timers::{TimerId, Timers};
+use super::topics::Topics;
+use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
 use crate::proto::{SendQueue, frame};
@@ -47,10 +49,17 @@ pub struct Context {
     pub(crate) notices: Vec<BufferNotice>,
     pub(crate) max_send_buffer: usize,
     pub(crate) send_buffer_policy: SendBufferPolicy,
+    /// This worker's side of the group's bus.
+    pub(crate) bus: Bus,
+    pub(crate) topics: Topics,
 }
 
 impl Context {
-    pub(crate) fn new(worker_id: usize, settings: &crate::config::GroupConfig) -> Context {
+    pub(crate) fn new(
+        worker_id: usize,
+        settings: &crate::config::GroupConfig,
+        bus: Bus,
+    ) -> Context {
         Context {
             worker_id,
             worker_name: settings.name().to_string(),
@@ -62,6 +71,8 @@ impl Context {
             notices: Vec::new(),
             max_send_buffer: settings.max_send_buffer,
             send_buffer_policy: settings.send_buffer_policy,
+            bus,
+            topics: Topics::default(),
         }
     }
 
@@ -88,12 +99,19 @@ impl Context {
         })
     }
 
-    /// Sends `msg` to every open connection of this worker; returns how many got it queued.
-    /// The frame is encoded once and shared by every connection's queue.
-    pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
-        let (opcode, payload) = msg.into().into_parts();
-        let encoded: Bytes = frame::encode(opcode, &payload);
+    /// Sends `msg` to every open connection of **this worker** (Workerman's loop over
+    /// `$worker->connections`); returns how many got it queued. See [`Context::broadcast`]
+    /// for every worker.
+    pub fn broadcast_local(&mut self, msg: impl Into<Message>) -> usize {
         let ids = self.connections();
+        self.send_many(ids, msg.into())
+    }
+
+    /// Sends one message to many connections: the frame is encoded once and shared by every
+    /// connection's queue.
+    pub(crate) fn send_many(&mut self, ids: Vec<ConnId>, msg: Message) -> usize {
+        let (opcode, payload) = msg.into_parts();
+        let encoded: Bytes = frame::encode(opcode, &payload);
         ids.into_iter()
             .filter(|&id| {
                 self.enqueue(id, encoded.len(), payload.len(), |q| {

@@ -18,6 +18,7 @@ use super::conn::{Conn, Flushed};
 use super::message::{ConnError, ConnId};
 use super::stop::CloseSpread;
 use super::{Context, Hooks, Worker};
+use crate::bus::Bus;
 use crate::control::{FromWorker, StopMode};
 use crate::proto::handshake::{self, Request};
 use crate::proto::{Limits, Step};
@@ -36,6 +37,8 @@ const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const CONN_BASE: usize = 16;
+/// Tokens of the bus ends to the other workers: `BUS_BASE + peer slot`, above any connection.
+pub(super) const BUS_BASE: usize = 1 << 40;
 
 /// Reads from one connection before others get a turn.
 const READ_BUDGET: usize = 16;
@@ -77,8 +80,9 @@ pub(crate) fn run(
     slot: usize,
     listener: std::net::TcpListener,
     channel: std::os::unix::net::UnixStream,
+    bus: Bus,
 ) -> i32 {
-    match Loop::new(worker, slot, listener, channel) {
+    match Loop::new(worker, slot, listener, channel, bus) {
         Ok(mut l) => l.run(),
         Err(e) => {
             log::error!("worker setup failed: {e}");
@@ -93,6 +97,7 @@ impl Loop {
         slot: usize,
         listener: std::net::TcpListener,
         channel: std::os::unix::net::UnixStream,
+        bus: Bus,
     ) -> io::Result<Loop> {
         let Worker {
             config: settings,
@@ -116,6 +121,13 @@ impl Loop {
             SIGNALS,
             Interest::READABLE,
         )?;
+        for (peer, end) in bus.ends() {
+            poll.registry().register(
+                &mut SourceFd(&end.as_raw_fd()),
+                Token(BUS_BASE + peer),
+                Interest::READABLE,
+            )?;
+        }
         let limits = Limits {
             max_frame: settings.max_frame_size,
             max_message: settings.max_message_size,
@@ -126,7 +138,7 @@ impl Loop {
             channel: Channel::new(channel),
             signals,
             hooks,
-            ctx: Context::new(slot, &settings),
+            ctx: Context::new(slot, &settings, bus),
             scratch: vec![0; settings.read_buffer_size],
             settings,
             limits,
@@ -163,6 +175,7 @@ impl Loop {
                     LISTENER => self.accept(),
                     CHANNEL => self.channel_ready(ev.is_readable(), ev.is_writable()),
                     SIGNALS => self.read_signals(),
+                    Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                     Token(t) => self.conn_ready(
                         t - CONN_BASE,
                         ev.is_readable() || ev.is_read_closed() || ev.is_error(),
@@ -461,6 +474,7 @@ impl Loop {
                     };
                     drop(conn); // Close the socket before the app hears of it.
                     self.call_plain_hook(id, "on_close", |h| h.on_close.as_mut());
+                    self.ctx.topics.forget(id);
                 }
             }
             if self.accept_paused && self.accept_retry_at.is_none() {

@@ -37,7 +37,13 @@ fn start() -> Master {
         echo.on_message(|ctx, conn, msg| {
             let _ = ctx.send(conn, msg);
         });
-        super::event_loop::run(echo, 0, workers_copy, workers_end)
+        super::event_loop::run(
+            echo,
+            0,
+            workers_copy,
+            workers_end,
+            crate::bus::Bus::detached(),
+        )
     });
     let mut master = Master {
         port,

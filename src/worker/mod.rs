@@ -6,6 +6,7 @@
 //! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
 
 mod admission;
+mod bus_events;
 mod channel;
 mod commands;
 mod conn;
@@ -15,12 +16,15 @@ mod hooks;
 #[cfg(test)]
 mod loop_tests;
 mod message;
+mod reach;
 mod stop;
 mod sweep;
 mod timers;
+mod topics;
 
 pub use context::Context;
 pub use message::{Bytes, ConnError, ConnId, Message, SendError, Utf8Bytes};
+pub use reach::WorkerAddr;
 pub use timers::TimerId;
 
 pub(crate) use event_loop::run;
@@ -32,6 +36,7 @@ type WorkerHook = Box<dyn FnMut(&mut Context)>;
 type ConnHook = Box<dyn FnMut(&mut Context, ConnId)>;
 type MessageHook = Box<dyn FnMut(&mut Context, ConnId, Message)>;
 type ErrorHook = Box<dyn FnMut(&mut Context, ConnId, &ConnError)>;
+type BusHook = Box<dyn FnMut(&mut Context, WorkerAddr, Bytes)>;
 
 #[derive(Default)]
 pub(crate) struct Hooks {
@@ -43,6 +48,7 @@ pub(crate) struct Hooks {
     pub on_buffer_full: Option<ConnHook>,
     pub on_buffer_drain: Option<ConnHook>,
     pub on_worker_stop: Option<WorkerHook>,
+    pub on_bus_message: Option<BusHook>,
 }
 
 /// A group of worker processes: where they listen, how many, their limits, and the hooks
@@ -131,6 +137,16 @@ impl Worker {
     /// The send queue of a connection that was full is empty again (`onBufferDrain`).
     pub fn on_buffer_drain(&mut self, f: impl FnMut(&mut Context, ConnId) + 'static) -> &mut Self {
         self.hooks.on_buffer_drain = Some(Box::new(f));
+        self
+    }
+
+    /// Another worker of the group sent this worker `data` with [`Context::bus_send`] or
+    /// [`Context::bus_send_all`]; `from` names it.
+    pub fn on_bus_message(
+        &mut self,
+        f: impl FnMut(&mut Context, WorkerAddr, Bytes) + 'static,
+    ) -> &mut Self {
+        self.hooks.on_bus_message = Some(Box::new(f));
         self
     }
 

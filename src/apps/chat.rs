@@ -1,0 +1,13 @@
+//! `chat`: the seed's chat room. Every text message a client sends is relayed, unchanged, to
+//! every client of the group — on every worker, and on every server of a cluster bus — the
+//! sender included, so A's message reaches B on whatever worker B landed.
+
+use crate::Worker;
+
+pub fn chat(worker: &mut Worker) {
+    worker.on_message(|ctx, _conn, msg| {
+        if msg.is_text() {
+            ctx.broadcast(msg);
+        }
+    });
+}

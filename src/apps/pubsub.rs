@@ -1,0 +1,79 @@
+//! `pubsub`: topics over a small JSON protocol, on the bus's topics.
+//!
+//! | client sends | server answers |
+//! |---|---|
+//! | `{"subscribe":"room"}` | `{"subscribed":"room"}` |
+//! | `{"unsubscribe":"room"}` | `{"unsubscribed":"room"}` |
+//! | `{"publish":"room","data":X}` | every subscriber of `room`, on any worker or server, gets `{"topic":"room","data":X}` |
+//! | anything else | `{"error":"why"}`; the connection stays open |
+
+use crate::{ConnId, Context, Message, Worker};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Command {
+    subscribe: Option<String>,
+    unsubscribe: Option<String>,
+    publish: Option<String>,
+    data: Option<Value>,
+}
+
+pub fn pubsub(worker: &mut Worker) {
+    worker.on_message(|ctx, conn, msg| {
+        if let Err(why) = handle(ctx, conn, &msg) {
+            let _ = ctx.send(conn, json!({ "error": why }).to_string());
+        }
+    });
+}
+
+fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> {
+    let cmd: Command = serde_json::from_slice(msg.as_bytes()).map_err(|e| {
+        format!("expected {{\"subscribe\"|\"unsubscribe\"|\"publish\": TOPIC, \"data\": ...}}: {e}")
+    })?;
+    match cmd {
+        Command {
+            subscribe: Some(topic),
+            unsubscribe: None,
+            publish: None,
+            data: None,
+        } => {
+            ctx.subscribe(conn, &topic);
+            reply(ctx, conn, json!({ "subscribed": topic }));
+        }
+        Command {
+            subscribe: None,
+            unsubscribe: Some(topic),
+            publish: None,
+            data: None,
+        } => {
+            ctx.unsubscribe(conn, &topic);
+            reply(ctx, conn, json!({ "unsubscribed": topic }));
+        }
+        Command {
+            subscribe: None,
+            unsubscribe: None,
+            publish: Some(topic),
+            data: Some(data),
+        } => {
+            // Written by hand so `topic` comes first, as documented (serde_json sorts keys).
+            let delivery = format!(
+                "{{\"topic\":{},\"data\":{data}}}",
+                Value::from(topic.as_str())
+            );
+            ctx.publish(&topic, delivery);
+        }
+        Command {
+            publish: Some(_),
+            data: None,
+            ..
+        } => return Err("publish needs \"data\"".into()),
+        _ => return Err("one of subscribe, unsubscribe or publish, please".into()),
+    }
+    Ok(())
+}
+
+fn reply(ctx: &mut Context, conn: ConnId, v: Value) {
+    let _ = ctx.send(conn, v.to_string());
+}

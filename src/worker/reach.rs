@@ -1,0 +1,93 @@
+//! What a hook can reach beyond its own worker: every client of the group, one client
+//! anywhere by its [`GlobalId`], topic subscribers everywhere, and the other workers
+//! themselves. Everything here goes over the bus (`crate::bus`); the local part of each call
+//! is done at once, the rest by the workers that receive it.
+
+use super::context::Context;
+use super::message::{ConnId, Message, SendError};
+use crate::bus::GlobalId;
+use crate::bus::wire::{BusMessage, Origin};
+use bytes::Bytes;
+
+/// A worker on the bus: the host (wsd master) and the slot in the group.
+pub type WorkerAddr = Origin;
+
+impl Context {
+    /// The id that names `conn` on the whole bus (`send_to` takes it from any worker).
+    pub fn global_id(&self, conn: ConnId) -> Option<GlobalId> {
+        self.connections().contains(&conn).then_some(GlobalId {
+            host: self.bus.origin.host,
+            slot: self.bus.origin.slot,
+            conn,
+        })
+    }
+
+    /// Sends `msg` to a client held by any worker of the group. Here it is a plain `send`;
+    /// elsewhere it goes over the bus, and a client that has gone meanwhile is skipped there.
+    pub fn send_to(&mut self, to: GlobalId, msg: impl Into<Message>) -> Result<(), SendError> {
+        let origin = self.bus.origin;
+        if to.host == origin.host && to.slot == origin.slot {
+            return self.send(to.conn, msg);
+        }
+        let msg = BusMessage::SendTo(to.conn, msg.into());
+        if to.host == origin.host {
+            self.bus.send_to_slot(to.slot as usize, &msg);
+        } else {
+            self.bus.send_to_host(to.host, to.slot, &msg);
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` to every open connection of every worker of the group (and of the same
+    /// group on every server of the cluster). Returns how many of this worker's clients got it.
+    pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
+        let msg = msg.into();
+        self.bus.send_to_peers(&BusMessage::Broadcast(msg.clone()));
+        self.broadcast_local(msg)
+    }
+
+    /// Subscribes `conn` to `topic`; false if it already was (or is not an open connection).
+    pub fn subscribe(&mut self, conn: ConnId, topic: &str) -> bool {
+        self.connections().contains(&conn) && self.topics.subscribe(conn, topic)
+    }
+
+    /// Unsubscribes `conn` from `topic`; false if it was not subscribed.
+    pub fn unsubscribe(&mut self, conn: ConnId, topic: &str) -> bool {
+        self.topics.unsubscribe(conn, topic)
+    }
+
+    /// The topics `conn` is subscribed to.
+    pub fn topics_of(&self, conn: ConnId) -> Vec<String> {
+        self.topics.of(conn).to_vec()
+    }
+
+    /// Sends `msg` to every subscriber of `topic` on every worker (and server). Returns how
+    /// many of this worker's subscribers got it.
+    pub fn publish(&mut self, topic: &str, msg: impl Into<Message>) -> usize {
+        let msg = msg.into();
+        self.bus
+            .send_to_peers(&BusMessage::Publish(topic.to_string(), msg.clone()));
+        self.publish_local(topic, msg)
+    }
+
+    /// Hands `data` to the `on_bus_message` hook of the worker in `slot` on this server.
+    pub fn bus_send(&mut self, slot: usize, data: impl Into<Bytes>) {
+        self.bus.send_to_slot(slot, &BusMessage::App(data.into()));
+    }
+
+    /// Hands `data` to the `on_bus_message` hook of every other worker of the group.
+    pub fn bus_send_all(&mut self, data: impl Into<Bytes>) {
+        self.bus.send_to_peers(&BusMessage::App(data.into()));
+    }
+
+    /// This worker's address on the bus.
+    pub fn bus_addr(&self) -> WorkerAddr {
+        self.bus.origin
+    }
+
+    /// Delivers a published message to this worker's subscribers, encoding the frame once.
+    pub(crate) fn publish_local(&mut self, topic: &str, msg: Message) -> usize {
+        let members = self.topics.members(topic);
+        self.send_many(members, msg)
+    }
+}
