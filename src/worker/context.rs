@@ -196,6 +196,11 @@ impl Context {
         self.timers.len()
     }
 
+    /// `id` names an open connection of this worker (upgraded, not closing).
+    pub(crate) fn is_open(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.session.can_send())
+    }
+
     fn conn(&self, id: ConnId) -> Option<&Conn> {
         self.conns
             .get(id.idx as usize)

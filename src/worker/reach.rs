@@ -15,7 +15,7 @@ pub type WorkerAddr = Origin;
 impl Context {
     /// The id that names `conn` on the whole bus (`send_to` takes it from any worker).
     pub fn global_id(&self, conn: ConnId) -> Option<GlobalId> {
-        self.connections().contains(&conn).then_some(GlobalId {
+        self.is_open(conn).then_some(GlobalId {
             host: self.bus.origin.host,
             slot: self.bus.origin.slot,
             conn,
@@ -48,7 +48,7 @@ impl Context {
 
     /// Subscribes `conn` to `topic`; false if it already was (or is not an open connection).
     pub fn subscribe(&mut self, conn: ConnId, topic: &str) -> bool {
-        self.connections().contains(&conn) && self.topics.subscribe(conn, topic)
+        self.is_open(conn) && self.topics.subscribe(conn, topic)
     }
 
     /// Unsubscribes `conn` from `topic`; false if it was not subscribed.
