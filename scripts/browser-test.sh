@@ -101,12 +101,22 @@ if ! timeout 90 node "$ROOT/tests/browser/chat.mjs" "http://127.0.0.1:$PORT/" "$
 fi
 
 # Informational: which workers took the two messages (two different ones is the better test;
-# SO_REUSEPORT's hash decides, so it is not required).
-"$WSD_BIN" -c "$CONF" status --json | node -e '
+# SO_REUSEPORT's hash decides, so it is not required). Workers report about once a second.
+per_worker() {
+    "$WSD_BIN" -c "$CONF" status --json 2>/dev/null | node -e '
 let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => {
   const n = JSON.parse(s).workers.map((w) => w.total_request);
-  console.log(`browser test: messages received per worker: ${n.join(" ")}`);
-});' || true
+  if (n.reduce((a, b) => a + b, 0) < 2) process.exit(1);
+  console.log(n.join(" "));
+});' 2>/dev/null
+}
+for _ in $(seq 30); do
+    if counts="$(per_worker)"; then
+        echo "browser test: messages received per worker: $counts"
+        break
+    fi
+    sleep 0.1
+done
 
 # 5. Graceful stop; the trap only has to clean up if this fails.
 if "$WSD_BIN" -c "$CONF" stop >/dev/null; then
