@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs wsd as a systemd service: the release binary to /usr/local/bin/wsd, the repo's
 # workers.toml to /etc/wsd/workers.toml (kept if one exists) with its runtime files under
-# /run/wsd and /var/log/wsd, and scripts/wsd.service to /etc/systemd/system. Run as root.
+# /run/wsd and /var/log/wsd and, with a new config, the chat page its static_dir names to
+# /etc/wsd/static; and scripts/wsd.service to /etc/systemd/system. Run as root.
 #   PREFIX=/usr/local  DESTDIR=  (DESTDIR stages the files under another root, for packaging)
 #   WSD_BIN=path       install this binary instead of building one
 set -euo pipefail
@@ -22,6 +23,9 @@ if [[ ! -e "$CONF" ]]; then
         printf 'log_file = "/var/log/wsd/wsd.log"\n\n'
         grep -v '^\[server\]' "$ROOT/workers.toml"
     } >"$CONF"
+    # The page the repo's `static_dir = "static"` serves, resolved next to the config.
+    install -d "$DEST/etc/wsd/static"
+    install -m 0644 "$ROOT"/static/* "$DEST/etc/wsd/static/"
 fi
 "$DEST$PREFIX/bin/wsd" -c "$CONF" check
 sed "s|/usr/local|$PREFIX|g" "$ROOT/scripts/wsd.service" \

@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 # The systemd unit is checked with systemd-analyze.
 command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd >/dev/null; }
+# The chat page is tested in Debian's Chromium (scripts/browser-test.sh; it also installs playwright-core).
+[[ -x /usr/bin/chromium ]] || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh
+WSD_BIN=target/release/wsd scripts/browser-test.sh

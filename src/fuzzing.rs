@@ -73,6 +73,11 @@ pub fn feed(data: &[u8]) {
                     assert!(session.close_sent || !session.is_open());
                 }
                 Step::Rejected(_) => assert!(session.failed && session.close_sent),
+                // As a worker without static_dir: the request's old refusal.
+                Step::Fetch(req) => {
+                    assert!(session.failed && session.close_sent);
+                    session.reject(req.refusal());
+                }
             }
         }
         // Write what is queued through a socket that takes little at a time.

@@ -6,6 +6,10 @@
 //! before the upgrade, and every wrong request gets a status line a human can read (`426` for
 //! a browser that typed the URL, `426` + `Sec-WebSocket-Version: 13` for an old client, `403`
 //! for a foreign origin) instead of a dropped connection.
+//!
+//! A plain `GET` or `HEAD` (no `Upgrade: websocket`) is handed to the owner as a
+//! [`FileRequest`]: a group with `static_dir` answers it with a file, any other refuses it
+//! exactly as before ([`FileRequest::refusal`]).
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -33,11 +37,39 @@ pub(crate) struct Reject {
     pub why: &'static str,
 }
 
+/// A plain HTTP `GET` or `HEAD`: a browser asking for a page, not for a WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileRequest {
+    /// `HEAD`: answer with the headers only.
+    pub head: bool,
+    /// The request target, as sent (percent-escapes and query included).
+    pub path: String,
+}
+
+impl FileRequest {
+    /// The answer where no files are served: what such a request got before files were.
+    pub(crate) fn refusal(&self) -> Reject {
+        if self.head {
+            Reject {
+                status: 405,
+                why: "only GET can be upgraded to a WebSocket",
+            }
+        } else {
+            Reject {
+                status: 426,
+                why: "this is a WebSocket endpoint; upgrade the request",
+            }
+        }
+    }
+}
+
 pub(crate) enum Parsed {
     /// The request's headers have not all arrived.
     Partial,
     /// A valid upgrade request of `usize` bytes; anything after it is WebSocket frames.
     Upgrade(Request, usize),
+    /// A plain `GET`/`HEAD` without `Upgrade: websocket`.
+    Fetch(FileRequest),
     Reject(Reject),
 }
 
@@ -68,11 +100,15 @@ pub(crate) fn parse(buf: &[u8], max_header_bytes: usize) -> Parsed {
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    if req.method != Some("GET") {
-        return reject(405, "only GET can be upgraded to a WebSocket");
+    let method = req.method.unwrap_or("");
+    if matches!(method, "GET" | "HEAD") && !has_token("Upgrade", "websocket") {
+        return Parsed::Fetch(FileRequest {
+            head: method == "HEAD",
+            path: req.path.unwrap_or("/").to_string(),
+        });
     }
-    if !has_token("Upgrade", "websocket") {
-        return reject(426, "this is a WebSocket endpoint; upgrade the request");
+    if method != "GET" {
+        return reject(405, "only GET can be upgraded to a WebSocket");
     }
     if req.version != Some(1) {
         return reject(400, "WebSocket needs HTTP/1.1");
@@ -126,6 +162,7 @@ impl Reject {
         let (reason, extra) = match self.status {
             400 => ("Bad Request", ""),
             403 => ("Forbidden", ""),
+            404 => ("Not Found", ""),
             405 => ("Method Not Allowed", "Allow: GET\r\n"),
             426 => (
                 "Upgrade Required",
@@ -208,6 +245,7 @@ mod tests {
         match parse(req.as_bytes(), 8192) {
             Parsed::Reject(r) => r.status,
             Parsed::Upgrade(..) => 101,
+            Parsed::Fetch(f) => f.refusal().status,
             Parsed::Partial => 0,
         }
     }
@@ -254,6 +292,39 @@ mod tests {
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(resp.ends_with("\r\n\r\n426 Upgrade Required: w\n"));
+    }
+
+    #[test]
+    fn plain_get_and_head_are_file_requests() {
+        let fetch = |req: &str| match parse(req.as_bytes(), 8192) {
+            Parsed::Fetch(f) => Some(f),
+            _ => None,
+        };
+        let f = fetch("GET /a%20b.html?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(f.path, "/a%20b.html?x=1");
+        assert!(!f.head);
+        assert_eq!(
+            f.refusal().status,
+            426,
+            "unchanged where no files are served"
+        );
+        let f = fetch("HEAD / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(f.head);
+        assert_eq!(f.refusal().status, 405);
+        // A raw target is kept as sent, for the file server to judge.
+        assert_eq!(fetch("GET /../x HTTP/1.1\r\n\r\n").unwrap().path, "/../x");
+        assert!(fetch(GOOD).is_none(), "an upgrade stays an upgrade");
+        assert!(fetch("POST / HTTP/1.1\r\nHost: x\r\n\r\n").is_none());
+        assert!(
+            fetch(&GOOD.replace("GET", "HEAD")).is_none(),
+            "HEAD + Upgrade: 405"
+        );
+        let resp = Reject {
+            status: 404,
+            why: "no such file",
+        }
+        .response();
+        assert!(resp.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
     }
 
     #[test]

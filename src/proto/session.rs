@@ -9,7 +9,7 @@
 
 use super::decoder::{Decoder, Event, Limits, ProtoError};
 use super::frame::{self, CLOSE, PONG};
-use super::handshake::{self, Parsed, Reject, Request};
+use super::handshake::{self, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
 use crate::Message;
 use std::collections::VecDeque;
@@ -20,7 +20,8 @@ enum Phase {
     /// A valid request is with the owner; bytes that followed it wait here.
     Deciding(Vec<u8>),
     Open,
-    /// The upgrade was refused; the HTTP answer is queued.
+    /// The upgrade was refused, or the request was a plain HTTP one: the HTTP answer is (or
+    /// is about to be) queued, and the connection ends once it is written.
     Refused,
 }
 
@@ -36,6 +37,9 @@ pub(crate) enum Step {
     Failed(ProtoError),
     /// The request was not an acceptable upgrade; the HTTP error is queued.
     Rejected(Reject),
+    /// A plain `GET`/`HEAD`, not an upgrade. Nothing more is read; answer with
+    /// [`Session::respond`] (a file) or [`Session::reject`] (`FileRequest::refusal`).
+    Fetch(FileRequest),
 }
 
 pub(crate) struct Session {
@@ -111,6 +115,12 @@ impl Session {
                         self.phase = Phase::Deciding(rest);
                         steps.push_back(Step::Request(request));
                     }
+                    Parsed::Fetch(request) => {
+                        self.phase = Phase::Refused;
+                        self.close_sent = true;
+                        self.failed = true;
+                        steps.push_back(Step::Fetch(request));
+                    }
                     Parsed::Reject(r) => {
                         self.reject(r);
                         steps.push_back(Step::Rejected(r));
@@ -136,8 +146,14 @@ impl Session {
 
     /// Refuses the upgrade with an HTTP error; the connection ends once it is written.
     pub(crate) fn reject(&mut self, reject: Reject) {
+        self.respond(&reject.response());
+    }
+
+    /// Answers with a whole HTTP response (a file, say); the connection ends once it is
+    /// written. A large body is queued by reference, not copied.
+    pub(crate) fn respond(&mut self, response: &bytes::Bytes) {
         self.phase = Phase::Refused;
-        self.out.push_encoded(&reject.response());
+        self.out.push_encoded(response);
         self.close_sent = true;
         self.failed = true;
     }
@@ -312,7 +328,13 @@ mod tests {
         let mut s = session();
         let mut steps = VecDeque::new();
         s.read(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", &mut steps);
-        assert!(matches!(steps.pop_front(), Some(Step::Rejected(r)) if r.status == 426));
+        let Some(Step::Fetch(req)) = steps.pop_front() else {
+            panic!("a plain GET is a file request")
+        };
+        assert!(s.failed && s.close_sent, "nothing more is read or sent");
+        s.read(b"GET /more HTTP/1.1\r\n\r\n", &mut steps);
+        assert!(steps.is_empty());
+        s.reject(req.refusal());
         assert!(drain(&mut s).starts_with(b"HTTP/1.1 426 "));
         assert!(!s.close(1000, ""));
         s.out.push_frame(frame::TEXT, &Bytes::from_static(b"x"));

@@ -355,6 +355,8 @@ impl Loop {
             let conn = &self.ctx.conns[idx];
             match step {
                 Step::Request(request) => self.upgrade(id, request),
+                // A plain GET/HEAD: a file from static_dir, or the 426 without one.
+                Step::Fetch(request) => self.serve_file(idx, request),
                 // The app may have closed the connection while handling an earlier message.
                 Step::Message(_) if !conn.session.can_send() => {}
                 Step::Message(msg) => {
