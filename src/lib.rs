@@ -26,6 +26,7 @@
 //! only `unsafe`.
 
 pub mod apps;
+mod bench;
 mod bus;
 mod cli;
 pub mod config;

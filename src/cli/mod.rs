@@ -75,6 +75,8 @@ enum Command {
     },
     /// Validate the config file without starting anything
     Check,
+    /// Load a WebSocket server (this one or any other) and measure it
+    Bench(crate::bench::BenchArgs),
 }
 
 /// A failed command: printed as `wsd: <reason>`, exit code 1.
@@ -122,6 +124,7 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
     // unrelated ./workers.toml in the working directory cannot add groups to it.
     let have_file = explicit || (runner.workers.is_empty() && config_path.exists());
     match cli.command {
+        Command::Bench(args) => Ok(crate::bench::run(args)),
         Command::Check => {
             if !have_file {
                 return Err(Failed(format!(

@@ -1,0 +1,282 @@
+//! `wsd bench broadcast`: N subscribers, one publisher sending R messages a second, and the
+//! delivery latency of every message at every subscriber.
+//!
+//! The publisher is open loop: message i is due at `t0 + i/R` whatever the server does, and it
+//! carries that scheduled time (ns on the run's common clock, see [`super::Clock`]), so a
+//! server that stalls shows as latency instead of quietly slowing the publisher down
+//! (coordinated omission). Subscribers may live in other client processes; they read the
+//! timestamp back out of each delivery:
+//! - `chat` (every text message goes to everyone, the sender too): the payload is
+//!   `"<ts> <seq>"`; the publisher's own copies are read and ignored.
+//! - `pubsub`: subscribers send `{"subscribe":T}` and count as ready at `{"subscribed":T}`;
+//!   the publisher sends `{"publish":T,"data":"<ts> <seq>"}` and subscribers get
+//!   `{"topic":T,"data":"<ts> <seq>"}`.
+
+use super::App;
+use super::client::{Driver, Pool};
+use super::report::{self, Counts};
+use super::shard::Workload;
+use super::wire::{self, Frame};
+use crate::proto::frame::{CONTINUATION, TEXT};
+use hdrhistogram::Histogram;
+
+/// How long subscribers wait for late deliveries once the publisher is done.
+pub const DRAIN_NS: u64 = 5_000_000_000;
+
+/// A timestamp that could not be read from a delivery's first frame.
+const NO_STAMP: u64 = u64::MAX;
+
+pub struct Broadcast {
+    app: App,
+    /// Subscribers of this process are connections `0..subscribers`.
+    subscribers: usize,
+    /// This process's publisher connection, if it has it (the last one).
+    publisher: Option<usize>,
+    subscribe: Vec<u8>,
+    topic_json: String,
+    subscribed: Vec<bool>,
+    ready: usize,
+    /// The timestamp of the delivery each connection is in the middle of (fragmented ones).
+    stamp: Vec<u64>,
+    rate: u64,
+    secs: u64,
+    t0: Option<u64>,
+    seq: u64,
+    /// Messages the publisher sent in all, once the coordinator has said.
+    published: Option<u64>,
+    payload: Vec<u8>,
+    counts: Counts,
+    latency: Histogram<u64>,
+}
+
+impl Broadcast {
+    pub fn new(
+        app: App,
+        topic: &str,
+        subscribers: usize,
+        with_publisher: bool,
+        rate: u64,
+        secs: u64,
+    ) -> Broadcast {
+        let topic_json = serde_json::Value::from(topic).to_string();
+        let conns = subscribers + usize::from(with_publisher);
+        Broadcast {
+            app,
+            subscribers,
+            publisher: with_publisher.then_some(subscribers),
+            subscribe: wire::text_frame(format!("{{\"subscribe\":{topic_json}}}").as_bytes()),
+            topic_json,
+            subscribed: vec![false; conns],
+            ready: 0,
+            stamp: vec![NO_STAMP; conns],
+            rate,
+            secs,
+            t0: None,
+            seq: 0,
+            published: None,
+            payload: Vec::with_capacity(128),
+            counts: Counts::default(),
+            latency: report::histogram(),
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.secs * self.rate
+    }
+
+    fn due(&self, seq: u64) -> u64 {
+        self.t0.unwrap_or(0) + (u128::from(seq) * 1_000_000_000 / u128::from(self.rate)) as u64
+    }
+
+    /// Appends message `seq`, stamped with its scheduled time, as a masked frame; `p` is
+    /// scratch space for the payload.
+    fn put_message(&self, p: &mut Vec<u8>, out: &mut Vec<u8>, seq: u64) {
+        p.clear();
+        if self.app == App::Pubsub {
+            p.extend_from_slice(b"{\"publish\":");
+            p.extend_from_slice(self.topic_json.as_bytes());
+            p.extend_from_slice(b",\"data\":\"");
+        }
+        wire::put_decimal(p, self.due(seq));
+        p.push(b' ');
+        wire::put_decimal(p, seq);
+        if self.app == App::Pubsub {
+            p.extend_from_slice(b"\"}");
+        }
+        wire::put_frame(out, TEXT, p);
+    }
+}
+
+/// The send time carried by a delivery's payload.
+fn stamp_of(app: App, payload: &[u8]) -> Option<u64> {
+    match app {
+        App::Chat => wire::leading_decimal(payload),
+        App::Pubsub => {
+            const KEY: &[u8] = b"\"data\":\"";
+            let at = payload.windows(KEY.len()).position(|w| w == KEY)?;
+            wire::leading_decimal(&payload[at + KEY.len()..])
+        }
+    }
+}
+
+fn preview(payload: &[u8]) -> String {
+    String::from_utf8_lossy(&payload[..payload.len().min(80)]).into_owned()
+}
+
+impl Driver for Broadcast {
+    fn opened(&mut self, id: usize, out: &mut Vec<u8>, _now: u64) {
+        if Some(id) == self.publisher || self.app == App::Chat {
+            self.subscribed[id] = true;
+            self.ready += 1;
+        } else {
+            out.extend_from_slice(&self.subscribe);
+        }
+    }
+
+    fn data(
+        &mut self,
+        id: usize,
+        frame: Frame<'_>,
+        _out: &mut Vec<u8>,
+        now: u64,
+    ) -> Result<(), String> {
+        let payload = frame.payload;
+        if payload.starts_with(b"{\"error\"") {
+            return Err(format!("the server says {}", preview(payload)));
+        }
+        if Some(id) == self.publisher {
+            return Ok(()); // chat sends the publisher its own messages back
+        }
+        if !self.subscribed[id] {
+            let ack = format!("{{\"subscribed\":{}}}", self.topic_json);
+            if payload != ack.as_bytes() {
+                return Err(format!("expected {ack}, got {}", preview(payload)));
+            }
+            self.subscribed[id] = true;
+            self.ready += 1;
+            return Ok(());
+        }
+        if frame.opcode != CONTINUATION {
+            self.stamp[id] = stamp_of(self.app, payload).unwrap_or(NO_STAMP);
+            if self.stamp[id] == NO_STAMP {
+                return Err(format!(
+                    "a delivery without a timestamp: {}",
+                    preview(payload)
+                ));
+            }
+        }
+        // Counted even before this process hears `go`: the publisher, in another process,
+        // may have heard it first, and nothing is published before it.
+        if frame.fin {
+            self.counts.messages += 1;
+            self.counts.bytes += payload.len() as u64;
+            self.latency
+                .saturating_record(now.saturating_sub(self.stamp[id]));
+        }
+        Ok(())
+    }
+}
+
+impl Workload for Broadcast {
+    fn ready(&self, _pool: &Pool) -> usize {
+        self.ready
+    }
+
+    fn go(&mut self, t0: u64, now: u64, pool: &mut Pool) {
+        self.t0 = Some(t0);
+        self.tick(now, pool);
+    }
+
+    /// The publisher sends every message that is due, in one write.
+    fn tick(&mut self, now: u64, pool: &mut Pool) -> Option<u64> {
+        let id = self.publisher?;
+        let total = self.total();
+        if self.seq >= total || !pool.is_open(id) {
+            return None;
+        }
+        let first = self.seq;
+        let mut last = first;
+        while last < total && self.due(last) <= now {
+            last += 1;
+        }
+        if last > first {
+            let mut payload = std::mem::take(&mut self.payload);
+            let this = &*self;
+            pool.send(id, |out| {
+                for seq in first..last {
+                    this.put_message(&mut payload, out, seq);
+                }
+            });
+            self.payload = payload;
+            self.seq = last;
+            self.counts.sent = last;
+        }
+        (last < total).then(|| self.due(last))
+    }
+
+    fn published_here(&self, pool: &Pool) -> Option<u64> {
+        let id = self.publisher?;
+        (self.t0.is_some() && (self.seq >= self.total() || !pool.is_open(id))).then_some(self.seq)
+    }
+
+    fn published(&mut self, total: u64) {
+        self.published = Some(total);
+    }
+
+    fn done(&self, now: u64, pool: &Pool) -> bool {
+        let Some(t0) = self.t0 else { return false };
+        if now >= t0 + self.secs * 1_000_000_000 + DRAIN_NS {
+            return true;
+        }
+        let Some(total) = self.published else {
+            return false;
+        };
+        let live = self.subscribers.saturating_sub(pool.failed()) as u64;
+        self.counts.messages >= total * live
+    }
+
+    fn measured(&self, pool: &Pool) -> (usize, usize) {
+        let publisher = self
+            .publisher
+            .map_or(0, |id| usize::from(self.subscribed[id]));
+        let open = (0..self.subscribers).filter(|&id| pool.is_open(id)).count();
+        (self.ready - publisher, open)
+    }
+
+    fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_read_back_from_both_protocols() {
+        assert_eq!(stamp_of(App::Chat, b"123456789 17"), Some(123_456_789));
+        let pubsub = br#"{"topic":"bench","data":"987654321 3"}"#;
+        assert_eq!(stamp_of(App::Pubsub, pubsub), Some(987_654_321));
+        assert_eq!(stamp_of(App::Pubsub, br#"{"topic":"x"}"#), None);
+        assert_eq!(stamp_of(App::Chat, b"hello"), None);
+    }
+
+    #[test]
+    fn the_publisher_stamps_each_message_with_its_scheduled_time() {
+        let mut b = Broadcast::new(App::Pubsub, "room \"1\"", 0, true, 4, 1);
+        b.t0 = Some(1_000);
+        let (mut out, mut payload) = (Vec::new(), Vec::new());
+        b.put_message(&mut payload, &mut out, 2);
+        let (head, masked) = out.split_at(out.len() - payload.len());
+        let mut body = masked.to_vec();
+        crate::proto::frame::unmask(&mut body, head[head.len() - 4..].try_into().unwrap(), 0);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"publish":"room \"1\"","data":"500001000 2"}"#
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! The client connections of one process: connect → handshake → open, on one mio loop.
+//!
+//! What keeps the client cheaper than the server it measures:
+//! - connections start in waves of at most [`WAVE`] unfinished handshakes, so the server's
+//!   accept queue is not overrun and the run measures messages, not SYN retries;
+//! - every read lands in one scratch buffer shared by all connections; only a frame cut by
+//!   the end of a read is carried in the connection's own buffer (whose capacity is kept);
+//! - everything a readiness event makes a connection send (replies, pongs) is appended to one
+//!   buffer and written with one syscall after all its input is handled (DESIGN §2's batching);
+//! - source addresses are spread over 127.0.0.1–250 when the server is on loopback, so one
+//!   source address does not run out of ephemeral ports.
+//!
+//! What the frames mean is the [`Driver`]'s business; this file only moves bytes.
+
+use super::Clock;
+use super::report::{ErrorKind, Errors};
+use super::wire::{self, Frame};
+use crate::proto::frame::{CLOSE, PING, PONG};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Socket, Type};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// Handshakes in flight at once, at most.
+pub const WAVE: usize = 500;
+
+/// A connection that has not finished its handshake after this long is counted as failed.
+pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
+
+const SCRATCH: usize = 256 << 10;
+
+/// What a workload does with open connections.
+pub trait Driver {
+    /// Connection `id` finished its handshake; anything put in `out` is sent.
+    fn opened(&mut self, id: usize, out: &mut Vec<u8>, now: u64);
+    /// A data frame (text, binary or continuation) arrived on `id`; anything put in `out` is
+    /// sent. An `Err` is a protocol error: counted, and the connection is dropped.
+    fn data(
+        &mut self,
+        id: usize,
+        frame: Frame<'_>,
+        out: &mut Vec<u8>,
+        now: u64,
+    ) -> Result<(), String>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    NotStarted,
+    Connecting,
+    Handshaking,
+    Open,
+    Dead,
+}
+
+struct Conn {
+    sock: Option<TcpStream>,
+    phase: Phase,
+    /// When the current phase began (ns), for the handshake timeout.
+    since: u64,
+    /// Received bytes not yet consumed: an upgrade answer, or a frame cut by a read's end.
+    carry: Vec<u8>,
+    out: Vec<u8>,
+    written: usize,
+}
+
+/// The connections of one process and their event loop.
+pub struct Pool {
+    poll: Poll,
+    events: Events,
+    addr: SocketAddr,
+    request: Vec<u8>,
+    spread_sources: bool,
+    /// Global index of `conns[0]`, so shards spread over different source addresses.
+    first: usize,
+    conns: Vec<Conn>,
+    next: usize,
+    in_flight: usize,
+    open: usize,
+    failed: usize,
+    pub errors: Errors,
+    scratch: Vec<u8>,
+    clock: Clock,
+}
+
+/// The token of a source the caller registers itself (the coordinator's pipe).
+pub const EXTRA: Token = Token(usize::MAX - 1);
+
+impl Pool {
+    pub fn new(
+        target: &super::Target,
+        first: usize,
+        count: usize,
+        clock: Clock,
+    ) -> io::Result<Pool> {
+        let conns = (0..count)
+            .map(|_| Conn {
+                sock: None,
+                phase: Phase::NotStarted,
+                since: 0,
+                carry: Vec::new(),
+                out: Vec::new(),
+                written: 0,
+            })
+            .collect();
+        Ok(Pool {
+            poll: Poll::new()?,
+            events: Events::with_capacity(1024),
+            addr: target.addr,
+            request: wire::upgrade_request(&target.host, target.addr.port(), &target.path),
+            spread_sources: matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()),
+            first,
+            conns,
+            next: 0,
+            in_flight: 0,
+            open: 0,
+            failed: 0,
+            errors: Errors::default(),
+            scratch: vec![0; SCRATCH],
+            clock,
+        })
+    }
+
+    pub fn registry(&self) -> &mio::Registry {
+        self.poll.registry()
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn open(&self) -> usize {
+        self.open
+    }
+
+    /// Connections that failed (to connect, to upgrade, or later).
+    pub fn failed(&self) -> usize {
+        self.failed
+    }
+
+    /// Every connection has been tried and none is still connecting or handshaking.
+    pub fn settled(&self) -> bool {
+        self.next == self.conns.len() && self.in_flight == 0
+    }
+
+    pub fn is_open(&self, id: usize) -> bool {
+        self.conns[id].phase == Phase::Open
+    }
+
+    /// Starts connections until [`WAVE`] handshakes are in flight.
+    pub fn start_wave(&mut self, now: u64) {
+        while self.in_flight < WAVE && self.next < self.conns.len() {
+            let id = self.next;
+            self.next += 1;
+            match self.connect(id) {
+                Ok(sock) => {
+                    let c = &mut self.conns[id];
+                    c.sock = Some(sock);
+                    c.phase = Phase::Connecting;
+                    c.since = now;
+                    self.in_flight += 1;
+                }
+                Err(e) => {
+                    self.conns[id].phase = Phase::Dead;
+                    self.failed += 1;
+                    self.errors.add(ErrorKind::Connect, e);
+                }
+            }
+        }
+    }
+
+    fn connect(&mut self, id: usize) -> io::Result<TcpStream> {
+        let sock = Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?;
+        sock.set_nonblocking(true)?;
+        sock.set_tcp_nodelay(true)?;
+        if self.spread_sources {
+            let last = 1 + ((self.first + id) % 250) as u8;
+            let src = SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0));
+            sock.bind(&src.into())?;
+        }
+        match sock.connect(&self.addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(sock.into());
+        self.poll.registry().register(
+            &mut stream,
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(stream)
+    }
+
+    /// Fails connections whose handshake has taken longer than [`HANDSHAKE_TIMEOUT_NS`].
+    pub fn sweep(&mut self, now: u64) {
+        for id in 0..self.next {
+            let c = &self.conns[id];
+            let pending = matches!(c.phase, Phase::Connecting | Phase::Handshaking);
+            if pending && now.saturating_sub(c.since) > HANDSHAKE_TIMEOUT_NS {
+                let kind = if c.phase == Phase::Connecting {
+                    ErrorKind::Connect
+                } else {
+                    ErrorKind::Handshake
+                };
+                self.fail(id, kind, "timed out");
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for readiness and handles it. True if [`EXTRA`] was ready.
+    pub fn turn(&mut self, driver: &mut impl Driver, timeout: Duration) -> io::Result<bool> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut extra = false;
+        // Taken out for the loop, so handling an event may borrow the pool; put back after.
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for ev in events.iter() {
+            if ev.token() == EXTRA {
+                extra = true;
+                continue;
+            }
+            let readable = ev.is_readable() || ev.is_read_closed();
+            let writable = ev.is_writable() || ev.is_error();
+            self.on_event(ev.token().0, readable, writable, driver);
+        }
+        self.events = events;
+        Ok(extra)
+    }
+
+    fn on_event(&mut self, id: usize, readable: bool, writable: bool, driver: &mut impl Driver) {
+        if id >= self.conns.len() {
+            return;
+        }
+        if self.conns[id].phase == Phase::Connecting && (writable || readable) {
+            self.finish_connect(id);
+        }
+        if readable && matches!(self.conns[id].phase, Phase::Handshaking | Phase::Open) {
+            self.read(id, driver);
+        }
+        if matches!(self.conns[id].phase, Phase::Handshaking | Phase::Open) {
+            self.flush(id);
+        }
+    }
+
+    fn finish_connect(&mut self, id: usize) {
+        let c = &mut self.conns[id];
+        let sock = c.sock.as_ref().expect("a connecting socket");
+        match sock.take_error() {
+            Ok(Some(e)) | Err(e) => return self.fail(id, ErrorKind::Connect, e),
+            Ok(None) => {}
+        }
+        match sock.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            Err(e) => return self.fail(id, ErrorKind::Connect, e),
+        }
+        c.phase = Phase::Handshaking;
+        c.out.extend_from_slice(&self.request);
+    }
+
+    /// Reads until the socket is drained, handing whole frames to `driver`.
+    ///
+    /// A read that does not fill the buffer has drained the socket, and with edge-triggered
+    /// readiness new data (or EOF) brings a new event; so there is no second read just to
+    /// hear `WouldBlock`, which halves the syscalls of a subscriber that gets one message at
+    /// a time.
+    fn read(&mut self, id: usize, driver: &mut impl Driver) {
+        loop {
+            let c = &mut self.conns[id];
+            let sock = c.sock.as_mut().expect("a live socket");
+            let kind = if c.phase == Phase::Open {
+                ErrorKind::Closed
+            } else {
+                ErrorKind::Handshake
+            };
+            let n = match sock.read(&mut self.scratch) {
+                Ok(0) => return self.fail(id, kind, "the server closed the connection"),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.fail(id, kind, e),
+            };
+            if let Err((kind, why)) = self.consume(id, n, driver) {
+                return self.fail(id, kind, why);
+            }
+            if n < self.scratch.len() {
+                return;
+            }
+        }
+    }
+
+    /// Handles `n` fresh bytes in the scratch buffer: the upgrade answer, then frames.
+    fn consume(
+        &mut self,
+        id: usize,
+        n: usize,
+        driver: &mut impl Driver,
+    ) -> Result<(), (ErrorKind, String)> {
+        let now = self.clock.now();
+        let c = &mut self.conns[id];
+        let fresh = &self.scratch[..n];
+        if c.phase == Phase::Handshaking {
+            c.carry.extend_from_slice(fresh);
+            let Some(head) = wire::check_response(&c.carry)
+                .map_err(|e| (ErrorKind::Handshake, e.to_string()))?
+            else {
+                return Ok(());
+            };
+            c.carry.drain(..head);
+            c.phase = Phase::Open;
+            self.in_flight -= 1;
+            self.open += 1;
+            driver.opened(id, &mut c.out, now);
+            if c.carry.is_empty() {
+                return Ok(());
+            }
+            let used = scan(&c.carry, id, &mut c.out, driver, now)?;
+            c.carry.drain(..used);
+        } else if c.carry.is_empty() {
+            let used = scan(fresh, id, &mut c.out, driver, now)?;
+            c.carry.extend_from_slice(&fresh[used..]);
+        } else {
+            c.carry.extend_from_slice(fresh);
+            let used = scan(&c.carry, id, &mut c.out, driver, now)?;
+            c.carry.drain(..used);
+        }
+        Ok(())
+    }
+
+    /// Appends to connection `id`'s send buffer with `fill` and writes it out.
+    pub fn send(&mut self, id: usize, fill: impl FnOnce(&mut Vec<u8>)) {
+        if self.conns[id].phase != Phase::Open {
+            return;
+        }
+        fill(&mut self.conns[id].out);
+        self.flush(id);
+    }
+
+    /// Writes what connection `id` has to send until done or the socket would block.
+    fn flush(&mut self, id: usize) {
+        let c = &mut self.conns[id];
+        let Some(sock) = c.sock.as_mut() else { return };
+        while c.written < c.out.len() {
+            match sock.write(&c.out[c.written..]) {
+                Ok(n) => c.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let kind = if c.phase == Phase::Open {
+                        ErrorKind::Closed
+                    } else {
+                        ErrorKind::Handshake
+                    };
+                    return self.fail(id, kind, e);
+                }
+            }
+        }
+        c.out.clear();
+        c.written = 0;
+    }
+
+    fn fail(&mut self, id: usize, kind: ErrorKind, why: impl std::fmt::Display) {
+        let c = &mut self.conns[id];
+        match c.phase {
+            Phase::Connecting | Phase::Handshaking => self.in_flight -= 1,
+            Phase::Open => self.open -= 1,
+            Phase::NotStarted | Phase::Dead => return,
+        }
+        c.phase = Phase::Dead;
+        c.sock = None;
+        c.carry = Vec::new();
+        c.out = Vec::new();
+        self.failed += 1;
+        self.errors.add(kind, why);
+    }
+}
+
+/// Hands every whole frame at the start of `buf` to `driver`, answering pings; returns the
+/// bytes consumed. A Close from the server, or a frame no server may send, is an error.
+fn scan(
+    buf: &[u8],
+    id: usize,
+    out: &mut Vec<u8>,
+    driver: &mut impl Driver,
+    now: u64,
+) -> Result<usize, (ErrorKind, String)> {
+    let mut used = 0;
+    loop {
+        let (frame, n) = match wire::next_frame(&buf[used..]) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(used),
+            Err(e) => return Err((ErrorKind::Protocol, e.to_string())),
+        };
+        used += n;
+        match frame.opcode {
+            PING => wire::put_frame(out, PONG, frame.payload),
+            PONG => {}
+            CLOSE => {
+                let code = frame
+                    .payload
+                    .get(..2)
+                    .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+                return Err((ErrorKind::Closed, format!("the server sent Close {code}")));
+            }
+            _ => driver
+                .data(id, frame, out, now)
+                .map_err(|why| (ErrorKind::Protocol, why))?,
+        }
+    }
+}

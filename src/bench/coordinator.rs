@@ -1,0 +1,333 @@
+//! The process that runs `wsd bench`: it forks the client processes (shards), starts them
+//! together once every connection is up, prints a progress line each second and adds up
+//! their final reports.
+//!
+//! Why fork, and not threads: the sandbox caps open files per process (20,000), not per
+//! thread, so more connections need more processes; and separate processes keep each shard's
+//! loop as plain as the server's. Forking is safe here because the CLI is single-threaded.
+
+use super::report::{self, Counts, Errors, Summary};
+use super::shard::{self, Lines, Report, Share};
+use super::{BenchError, Clock, Plan, Work};
+use crate::sys::{self, Fork};
+use mio::unix::pipe;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::Write;
+use std::time::Duration;
+
+const SEC: u64 = 1_000_000_000;
+/// Descriptors a shard keeps for itself besides its sockets (poll, pipes, stdio).
+const SPARE_FDS: u64 = 256;
+/// A sandbox process may not hold more files than this, whatever the limits say.
+const SANDBOX_FDS: u64 = 20_000;
+/// Once every connection is settled, how long to wait for the stragglers to become ready
+/// (a pubsub subscriber without its ack) before measuring without them.
+const READY_GRACE_NS: u64 = 10 * SEC;
+
+struct Shard {
+    pid: Pid,
+    up: pipe::Receiver,
+    down: pipe::Sender,
+    lines: Lines,
+    progress: Option<Report>,
+    done: Option<Report>,
+}
+
+/// Runs the whole benchmark and returns its figures.
+pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
+    let per_process = raise_fd_limit()?;
+    let shares = split(plan, per_process);
+    let clock = Clock::new();
+    let me = nix::unistd::getpid();
+    let mut shards: Vec<Shard> = Vec::with_capacity(shares.len());
+    for share in &shares {
+        let setup = |e| BenchError::Setup("create a pipe".into(), e);
+        let (up_tx, up_rx) = pipe::new().map_err(setup)?;
+        let (down_tx, down_rx) = pipe::new().map_err(setup)?;
+        match sys::fork().map_err(|e| BenchError::Setup("fork".into(), e))? {
+            Fork::Child => {
+                // The other shards' pipes are not this one's business.
+                drop(shards);
+                drop((up_rx, down_tx));
+                let _ = sys::die_with_parent(me);
+                std::process::exit(shard::main(plan, share, clock, up_tx, down_rx));
+            }
+            Fork::Parent(pid) => shards.push(Shard {
+                pid,
+                up: up_rx,
+                down: down_tx,
+                lines: Lines::default(),
+                progress: None,
+                done: None,
+            }),
+        }
+    }
+    let result = coordinate(plan, clock, &mut shards);
+    for s in &shards {
+        if result.is_err() {
+            let _ = kill(s.pid, Signal::SIGKILL);
+        }
+        let _ = nix::sys::wait::waitpid(s.pid, None);
+    }
+    result
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one; returns the sockets one process may open.
+fn raise_fd_limit() -> Result<usize, BenchError> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| BenchError::Setup("read RLIMIT_NOFILE".into(), e.into()))?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|e| BenchError::Setup("raise RLIMIT_NOFILE".into(), e.into()))?;
+    }
+    let limit = hard.min(SANDBOX_FDS).saturating_sub(SPARE_FDS).max(16);
+    Ok(limit as usize)
+}
+
+/// Shares of the connections, as even as possible, each within `per_process` sockets; the
+/// first also runs the broadcast publisher.
+fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
+    let publisher = matches!(plan.work, Work::Broadcast { .. });
+    // One socket of room in every share, so the publisher fits in the first.
+    let k = plan.sockets().div_ceil(per_process - 1).max(1);
+    let (base, rem) = (plan.conns / k, plan.conns % k);
+    let mut first = 0;
+    (0..k)
+        .map(|i| {
+            let conns = base + usize::from(i < rem);
+            let share = Share {
+                first,
+                conns,
+                publisher: publisher && i == 0,
+            };
+            first += conns;
+            share
+        })
+        .collect()
+}
+
+/// Sums of the shards' latest progress reports.
+#[derive(Default)]
+struct Totals {
+    prepared: bool,
+    ready: usize,
+    open: usize,
+    failed: usize,
+    errors: u64,
+    counts: Counts,
+}
+
+fn totals(shards: &[Shard]) -> Totals {
+    let mut t = Totals {
+        prepared: true,
+        ..Totals::default()
+    };
+    for s in shards {
+        match &s.progress {
+            Some(Report::Progress {
+                prepared,
+                ready,
+                open,
+                failed,
+                errors,
+                counts,
+            }) => {
+                t.prepared &= prepared;
+                t.ready += ready;
+                t.open += open;
+                t.failed += failed;
+                t.errors += errors;
+                t.counts.add(counts);
+            }
+            _ => t.prepared = false,
+        }
+    }
+    t
+}
+
+fn coordinate(plan: &Plan, clock: Clock, shards: &mut [Shard]) -> Result<Summary, BenchError> {
+    let setup = |e| BenchError::Setup("poll the client processes".into(), e);
+    let mut poll = Poll::new().map_err(setup)?;
+    for (i, s) in shards.iter_mut().enumerate() {
+        poll.registry()
+            .register(&mut s.up, Token(i), Interest::READABLE)
+            .map_err(setup)?;
+        let _ = s.down.set_nonblocking(false);
+    }
+    let mut events = Events::with_capacity(64);
+    let mut t0: Option<u64> = None;
+    let mut settled_at: Option<u64> = None;
+    let mut next_print = clock.now() + SEC;
+    let mut last = Counts::default();
+    let deadline_after_go = (plan.secs + 30) * SEC + super::broadcast::DRAIN_NS;
+    loop {
+        let now = clock.now();
+        let sum = totals(shards);
+        if t0.is_none() {
+            let all_tried = sum.open + sum.failed >= plan.sockets();
+            if sum.prepared || settled_at.is_some_and(|at| now > at + READY_GRACE_NS) {
+                t0 = Some(now);
+                next_print = now + SEC + SEC / 10;
+                order(shards, &format!("go {now}"))?;
+            } else if settled_at.is_none() && all_tried {
+                settled_at = Some(now);
+            }
+        }
+        if now >= next_print {
+            progress_line(plan, t0, now, &sum, &mut last);
+            next_print += SEC;
+        }
+        if shards.iter().all(|s| s.done.is_some()) {
+            return Ok(summary(shards));
+        }
+        if t0.is_some_and(|t0| now > t0 + deadline_after_go) {
+            return Err(BenchError::Shard(
+                0,
+                "the run did not finish in time".into(),
+            ));
+        }
+        let timeout = Duration::from_nanos(next_print.saturating_sub(now).min(SEC / 10));
+        if let Err(e) = poll.poll(&mut events, Some(timeout))
+            && e.kind() != std::io::ErrorKind::Interrupted
+        {
+            return Err(setup(e));
+        }
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let mut reports = Vec::new();
+            let s = &mut shards[i];
+            while let Some(line) = s
+                .lines
+                .next(&mut s.up)
+                .map_err(|e| BenchError::Shard(i, e.to_string()))?
+            {
+                let report: Report = serde_json::from_str(&line)
+                    .map_err(|e| BenchError::Shard(i, format!("bad report {line:?}: {e}")))?;
+                reports.push(report);
+            }
+            let closed = s.lines.closed;
+            for report in reports {
+                match report {
+                    Report::Progress { .. } => shards[i].progress = Some(report),
+                    Report::Published { sent } => order(shards, &format!("sent {sent}"))?,
+                    Report::Done { .. } => shards[i].done = Some(report),
+                    Report::Failed { why } => return Err(BenchError::Shard(i, why)),
+                }
+            }
+            if closed && shards[i].done.is_none() {
+                return Err(BenchError::Shard(i, "ended without its report".into()));
+            }
+        }
+    }
+}
+
+/// Sends one order line to every shard still running.
+fn order(shards: &mut [Shard], line: &str) -> Result<(), BenchError> {
+    for (i, s) in shards.iter_mut().enumerate() {
+        if s.done.is_none() {
+            s.down
+                .write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| BenchError::Shard(i, format!("cannot send orders: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The line printed to stderr each second.
+fn progress_line(plan: &Plan, t0: Option<u64>, now: u64, sum: &Totals, last: &mut Counts) {
+    let Some(t0) = t0 else {
+        eprintln!(
+            "[connecting] {}/{} ready, {} failed",
+            sum.ready,
+            plan.sockets(),
+            sum.failed
+        );
+        return;
+    };
+    let secs = (now - t0) / SEC;
+    let messages = sum.counts.messages - last.messages.min(sum.counts.messages);
+    let bytes = sum.counts.bytes - last.bytes.min(sum.counts.bytes);
+    *last = sum.counts;
+    match plan.work {
+        Work::Echo { .. } => eprintln!(
+            "[{secs}s] {messages} msgs/s {:.2} MB/s, {} open, {} errors",
+            bytes as f64 / 1e6,
+            sum.open,
+            sum.errors
+        ),
+        Work::Broadcast { .. } => eprintln!(
+            "[{secs}s] {messages} deliveries/s, {} sent, {} open, {} errors",
+            sum.counts.sent, sum.open, sum.errors
+        ),
+    }
+}
+
+fn summary(shards: &[Shard]) -> Summary {
+    let mut s = Summary {
+        ready: 0,
+        open: 0,
+        counts: Counts::default(),
+        errors: Errors::default(),
+        latency: report::histogram(),
+    };
+    for shard in shards {
+        if let Some(Report::Done {
+            ready,
+            open,
+            counts,
+            errors,
+            latency,
+        }) = &shard.done
+        {
+            s.ready += ready;
+            s.open += open;
+            s.counts.add(counts);
+            s.errors.merge(errors);
+            report::add_pairs(&mut s.latency, latency);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{App, Target};
+
+    fn plan(conns: usize, broadcast: bool) -> Plan {
+        Plan {
+            target: Target::parse("ws://127.0.0.1:1/").unwrap(),
+            conns,
+            secs: 1,
+            json: false,
+            work: if broadcast {
+                Work::Broadcast {
+                    rate: 1,
+                    app: App::Chat,
+                    topic: "t".into(),
+                }
+            } else {
+                Work::Echo { size: 1, depth: 1 }
+            },
+        }
+    }
+
+    #[test]
+    fn connections_are_split_evenly_within_the_per_process_limit() {
+        let shares = split(&plan(100, false), 19_744);
+        assert_eq!(shares.len(), 1);
+        assert_eq!((shares[0].first, shares[0].conns), (0, 100));
+        let shares = split(&plan(50_000, true), 19_744);
+        assert_eq!(shares.len(), 3);
+        assert_eq!(shares.iter().map(|s| s.conns).sum::<usize>(), 50_000);
+        assert!(shares[0].publisher && !shares[1].publisher);
+        assert!(shares[0].conns < 19_744);
+        assert_eq!(shares[2].first, shares[0].conns + shares[1].conns);
+        // Exactly full: the publisher still fits.
+        let shares = split(&plan(19_743, true), 19_744);
+        assert!(shares[0].conns < 19_744, "{}", shares[0].conns);
+    }
+}

@@ -1,0 +1,117 @@
+//! `wsd bench echo`: every connection keeps `depth` text messages in flight and sends the next
+//! as each reply comes back (closed loop), like uWebSockets' load_test.
+//!
+//! The frame is built and masked once and copied into the send buffer for every message. An
+//! echo server answers in order, so a connection's send times fit a ring of `depth` slots:
+//! the reply pops the oldest, giving its round trip without any per-message allocation.
+
+use super::client::{Driver, Pool};
+use super::report::{self, Counts};
+use super::shard::Workload;
+use super::wire::{self, Frame};
+use crate::proto::frame::{BINARY, TEXT};
+use hdrhistogram::Histogram;
+use std::collections::VecDeque;
+
+pub struct Echo {
+    frame: Vec<u8>,
+    size: usize,
+    depth: usize,
+    /// Send times of the messages in flight, per connection (capacity `depth`, never grown).
+    rings: Vec<VecDeque<u64>>,
+    /// Replies are counted until this time (ns); after it nothing more is sent.
+    end: u64,
+    measuring: bool,
+    counts: Counts,
+    latency: Histogram<u64>,
+}
+
+impl Echo {
+    pub fn new(conns: usize, size: usize, depth: usize, secs: u64) -> Echo {
+        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        Echo {
+            frame: wire::text_frame(&payload),
+            size,
+            depth,
+            rings: (0..conns).map(|_| VecDeque::with_capacity(depth)).collect(),
+            end: secs * 1_000_000_000,
+            measuring: false,
+            counts: Counts::default(),
+            latency: report::histogram(),
+        }
+    }
+}
+
+impl Driver for Echo {
+    /// Nothing is sent before `go`: connecting thousands of clients is not part of the figure.
+    fn opened(&mut self, _id: usize, _out: &mut Vec<u8>, _now: u64) {}
+
+    fn data(
+        &mut self,
+        id: usize,
+        frame: Frame<'_>,
+        out: &mut Vec<u8>,
+        now: u64,
+    ) -> Result<(), String> {
+        if frame.opcode == BINARY {
+            return Err("a binary reply to a text message".into());
+        }
+        if frame.opcode == TEXT && frame.fin && frame.payload.len() != self.size {
+            return Err(format!(
+                "a reply of {} bytes to a message of {}",
+                frame.payload.len(),
+                self.size
+            ));
+        }
+        if !frame.fin {
+            return Ok(());
+        }
+        let sent = self.rings[id].pop_front().ok_or("a reply to no message")?;
+        if !self.measuring || now >= self.end {
+            return Ok(());
+        }
+        self.counts.messages += 1;
+        self.counts.bytes += self.size as u64;
+        self.latency.saturating_record(now.saturating_sub(sent));
+        out.extend_from_slice(&self.frame);
+        self.rings[id].push_back(now);
+        self.counts.sent += 1;
+        Ok(())
+    }
+}
+
+impl Workload for Echo {
+    fn ready(&self, pool: &Pool) -> usize {
+        pool.open()
+    }
+
+    fn go(&mut self, t0: u64, now: u64, pool: &mut Pool) {
+        self.end += t0;
+        self.measuring = true;
+        for id in 0..pool.len() {
+            if !pool.is_open(id) {
+                continue;
+            }
+            let (frame, depth) = (&self.frame, self.depth);
+            pool.send(id, |out| {
+                for _ in 0..depth {
+                    out.extend_from_slice(frame);
+                }
+            });
+            self.rings[id].extend(std::iter::repeat_n(now, depth));
+            self.counts.sent += depth as u64;
+        }
+    }
+
+    fn done(&self, now: u64, _pool: &Pool) -> bool {
+        self.measuring && now >= self.end
+    }
+
+    fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+}

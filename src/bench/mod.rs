@@ -1,0 +1,274 @@
+//! `wsd bench`: a WebSocket load generator in the same binary, modelled on uWebSockets'
+//! `benchmarks/load_test.c`.
+//!
+//! It speaks plain RFC 6455 as a client, so it measures any server, not only wsd. It is built
+//! so that the client is not what limits the figures: one mio loop per process, a constant
+//! upgrade request, frames built and masked once, replies scanned rather than decoded, and no
+//! allocation per message. The sandbox caps a process at 20,000 open files, so the
+//! connections are split over as many client processes ("shards", see [`shard`]) as it takes;
+//! a coordinator (this process) starts them together, prints a progress line each second and
+//! sums their results.
+//!
+//! - `echo`: K messages in flight per connection; msgs/s, MB/s and round-trip latency.
+//! - `broadcast`: N subscribers and one open-loop publisher; deliveries/s, missing deliveries
+//!   and delivery latency.
+
+mod broadcast;
+mod client;
+mod coordinator;
+mod echo;
+mod report;
+mod shard;
+mod wire;
+
+use clap::{Args, Subcommand, ValueEnum};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Instant;
+
+/// `wsd bench ...`
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Mode {
+    /// Echo round trips: K text messages in flight on each connection
+    Echo {
+        #[command(flatten)]
+        common: Common,
+        /// Payload bytes of each message
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Messages in flight per connection
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        depth: u32,
+    },
+    /// Fan-out: N subscribers read what one publisher sends R times a second
+    Broadcast {
+        #[command(flatten)]
+        common: Common,
+        /// Messages the publisher sends per second (open loop, on a fixed schedule)
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        rate: u64,
+        /// The server's protocol: `chat` relays every text message to everyone, `pubsub` takes
+        /// {"subscribe":T} and {"publish":T,"data":X}
+        #[arg(long, value_enum, default_value_t = App::Chat)]
+        app: App,
+        /// The pubsub topic
+        #[arg(long, default_value = "bench")]
+        topic: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// The server to load: ws://HOST:PORT/PATH
+    #[arg(long, default_value = "ws://127.0.0.1:2346/")]
+    url: String,
+    /// Connections (broadcast: subscribers; the publisher is one more)
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    conns: u32,
+    /// Seconds to measure, once every connection is up
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    secs: u64,
+    /// Print one JSON object at the end instead of the table
+    #[arg(long)]
+    json: bool,
+}
+
+/// The server-side protocol a broadcast run speaks.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum App {
+    Chat,
+    Pubsub,
+}
+
+impl fmt::Display for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            App::Chat => "chat",
+            App::Pubsub => "pubsub",
+        })
+    }
+}
+
+/// Where to connect: the address, plus what goes in the upgrade request.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Target {
+    /// Parses `ws://HOST[:PORT][/PATH]` (no TLS: a benchmark of wss would measure TLS).
+    pub fn parse(url: &str) -> Result<Target, BenchError> {
+        let bad = |why: &str| BenchError::Url(format!("{url}: {why}"));
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| bad("only ws:// URLs"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() {
+            return Err(bad("no host"));
+        }
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let with_port = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| bad(&e.to_string()))?
+            .next()
+            .ok_or_else(|| bad("resolves to no address"))?;
+        let host = with_port
+            .rsplit_once(':')
+            .map_or("", |(h, _)| h)
+            .to_string();
+        Ok(Target {
+            addr,
+            host,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Why `wsd bench` could not run at all (as opposed to errors it counted while running).
+#[derive(Debug)]
+pub enum BenchError {
+    Url(String),
+    Setup(String, std::io::Error),
+    /// A client process ended without its final report.
+    Shard(usize, String),
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BenchError::Url(why) => write!(f, "bad --url {why}"),
+            BenchError::Setup(what, e) => write!(f, "cannot {what}: {e}"),
+            BenchError::Shard(i, why) => write!(f, "client process {i}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// Nanoseconds since a common epoch: an `Instant` taken before the client processes fork, so
+/// a timestamp written by the publisher's process means the same in every subscriber's.
+/// (`Instant` is CLOCK_MONOTONIC, one clock for the whole machine.)
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock(Instant::now())
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// What one run is asked to do, after parsing.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: Target,
+    pub conns: usize,
+    pub secs: u64,
+    pub json: bool,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone)]
+pub enum Work {
+    Echo { size: usize, depth: usize },
+    Broadcast { rate: u64, app: App, topic: String },
+}
+
+impl Plan {
+    fn from_args(args: BenchArgs) -> Result<Plan, BenchError> {
+        let (common, work) = match args.mode {
+            Mode::Echo {
+                common,
+                size,
+                depth,
+            } => (
+                common,
+                Work::Echo {
+                    size,
+                    depth: depth as usize,
+                },
+            ),
+            Mode::Broadcast {
+                common,
+                rate,
+                app,
+                topic,
+            } => (common, Work::Broadcast { rate, app, topic }),
+        };
+        Ok(Plan {
+            target: Target::parse(&common.url)?,
+            conns: common.conns as usize,
+            secs: common.secs,
+            json: common.json,
+            work,
+        })
+    }
+
+    /// Sockets the run opens: broadcast adds the publisher.
+    pub fn sockets(&self) -> usize {
+        match self.work {
+            Work::Echo { .. } => self.conns,
+            Work::Broadcast { .. } => self.conns + 1,
+        }
+    }
+}
+
+/// Runs `wsd bench` and returns the exit code: 0, or 1 if any error was counted.
+pub(crate) fn run(args: BenchArgs) -> i32 {
+    let outcome = Plan::from_args(args).and_then(|plan| {
+        let summary = coordinator::run(&plan)?;
+        report::print(&plan, &summary);
+        Ok(summary.errors.total())
+    });
+    match outcome {
+        Ok(0) => 0,
+        Ok(_) => 1,
+        Err(e) => {
+            eprintln!("wsd bench: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_give_address_host_and_path() {
+        let t = Target::parse("ws://127.0.0.1:2346/chat?x=1").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:2346".parse().unwrap());
+        assert_eq!(
+            (t.host.as_str(), t.path.as_str()),
+            ("127.0.0.1", "/chat?x=1")
+        );
+        let t = Target::parse("ws://127.0.0.1").unwrap();
+        assert_eq!((t.addr.port(), t.path.as_str()), (80, "/"));
+        let t = Target::parse("ws://[::1]:9/").unwrap();
+        assert_eq!(t.addr, "[::1]:9".parse().unwrap());
+        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        assert!(Target::parse("ws:///x").is_err());
+    }
+}

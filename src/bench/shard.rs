@@ -1,0 +1,287 @@
+//! One client process ("shard"): its share of the connections on its own mio loop, taking
+//! orders from the coordinator and reporting back, one JSON line each way over a pipe.
+//!
+//! A process may hold at most 20,000 files here, so a run of more connections needs several
+//! processes. They all run this loop, even when one would do, so that the path a 100-connection
+//! smoke test takes is the path a 100,000-connection run takes.
+//!
+//! The conversation: the shard reports progress while it connects; once every shard is ready
+//! the coordinator says `go <t0>`; the shard measures, reports once a second, and ends with
+//! `Done` (its counts, errors and latency histogram). In a broadcast run the shard holding the
+//! publisher reports `Published` when it has sent everything, and the coordinator passes the
+//! total on (`sent <n>`) so subscribers can stop as soon as they have every message.
+
+use super::client::{self, Driver, Pool};
+use super::report::{self, Counts, Errors};
+use super::{Clock, Plan, Work};
+use hdrhistogram::Histogram;
+use mio::Interest;
+use mio::unix::pipe;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+const SEC: u64 = 1_000_000_000;
+/// Progress reports while connecting, so the coordinator can say `go` soon after all are up.
+const CONNECTING_REPORT_NS: u64 = SEC / 4;
+
+/// A workload on top of the connection pool: what `go` does, and when the run is over.
+pub trait Workload: Driver {
+    /// Connections ready to be measured.
+    fn ready(&self, pool: &Pool) -> usize;
+    /// Measuring starts at `t0` (ns on the common clock); `now` is about the same.
+    fn go(&mut self, t0: u64, now: u64, pool: &mut Pool);
+    /// Work due by `now`; returns when it next wants to be called.
+    fn tick(&mut self, _now: u64, _pool: &mut Pool) -> Option<u64> {
+        None
+    }
+    /// Once this process's publisher has sent all it will: how many messages.
+    fn published_here(&self, _pool: &Pool) -> Option<u64> {
+        None
+    }
+    /// The coordinator says how many messages the publisher sent in all.
+    fn published(&mut self, _total: u64) {}
+    fn done(&self, now: u64, pool: &Pool) -> bool;
+    /// For the final report: connections that were measured (broadcast: subscribers that
+    /// were ready), and how many of them are still open.
+    fn measured(&self, pool: &Pool) -> (usize, usize) {
+        (self.ready(pool), pool.open())
+    }
+    fn counts(&self) -> Counts;
+    fn latency(&self) -> &Histogram<u64>;
+}
+
+/// Shard → coordinator.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Report {
+    Progress {
+        /// Every connection has been tried and is ready or failed.
+        prepared: bool,
+        ready: usize,
+        open: usize,
+        failed: usize,
+        errors: u64,
+        counts: Counts,
+    },
+    Published {
+        sent: u64,
+    },
+    Done {
+        ready: usize,
+        open: usize,
+        counts: Counts,
+        errors: Errors,
+        latency: Vec<(u64, u64)>,
+    },
+    /// The shard could not run at all.
+    Failed {
+        why: String,
+    },
+}
+
+/// This shard's part of the run.
+pub struct Share {
+    /// Global index of its first connection (spreads source addresses).
+    pub first: usize,
+    /// Connections it opens (for broadcast, subscribers).
+    pub conns: usize,
+    /// It also runs the broadcast publisher.
+    pub publisher: bool,
+}
+
+/// Runs a shard to the end; the exit code for its process.
+pub fn main(
+    plan: &Plan,
+    share: &Share,
+    clock: Clock,
+    mut up: pipe::Sender,
+    mut down: pipe::Receiver,
+) -> i32 {
+    let _ = up.set_nonblocking(false);
+    let result = match &plan.work {
+        Work::Echo { size, depth } => {
+            let echo = super::echo::Echo::new(share.conns, *size, *depth, plan.secs);
+            run(
+                plan,
+                share.conns,
+                share.first,
+                echo,
+                clock,
+                &mut up,
+                &mut down,
+            )
+        }
+        Work::Broadcast { rate, app, topic } => {
+            let b = super::broadcast::Broadcast::new(
+                *app,
+                topic,
+                share.conns,
+                share.publisher,
+                *rate,
+                plan.secs,
+            );
+            let sockets = share.conns + usize::from(share.publisher);
+            run(plan, sockets, share.first, b, clock, &mut up, &mut down)
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = send(&mut up, &Report::Failed { why: e.to_string() });
+            2
+        }
+    }
+}
+
+fn send(up: &mut pipe::Sender, report: &Report) -> io::Result<()> {
+    let mut line = serde_json::to_vec(report).map_err(io::Error::other)?;
+    line.push(b'\n');
+    up.write_all(&line)
+}
+
+fn run(
+    plan: &Plan,
+    sockets: usize,
+    first: usize,
+    mut work: impl Workload,
+    clock: Clock,
+    up: &mut pipe::Sender,
+    down: &mut pipe::Receiver,
+) -> io::Result<()> {
+    let mut pool = Pool::new(&plan.target, first, sockets, clock)?;
+    pool.registry()
+        .register(down, client::EXTRA, Interest::READABLE)?;
+    let mut orders = Lines::default();
+    let mut t0: Option<u64> = None;
+    let mut next_report = 0;
+    let mut next_sweep = SEC;
+    let mut published_sent = false;
+    loop {
+        let now = clock.now();
+        pool.start_wave(now);
+        if now >= next_sweep {
+            pool.sweep(now);
+            next_sweep = now + SEC;
+        }
+        let mut wake = next_report.min(next_sweep);
+        if t0.is_some() {
+            if let Some(at) = work.tick(now, &mut pool) {
+                wake = wake.min(at);
+            }
+            if !published_sent && let Some(sent) = work.published_here(&pool) {
+                send(up, &Report::Published { sent })?;
+                published_sent = true;
+            }
+            if work.done(now, &pool) {
+                break;
+            }
+        }
+        let prepared = pool.settled() && work.ready(&pool) + pool.failed() >= pool.len();
+        if now >= next_report {
+            send(up, &progress(&work, &pool, prepared))?;
+            next_report = match t0 {
+                // Aligned to whole seconds of the run, so the coordinator's lines add up.
+                Some(t0) => t0 + (now.saturating_sub(t0) / SEC + 1) * SEC,
+                None => now + CONNECTING_REPORT_NS,
+            };
+        }
+        let timeout = Duration::from_nanos(wake.saturating_sub(now).min(SEC / 10));
+        if !pool.turn(&mut work, timeout)? {
+            continue;
+        }
+        while let Some(order) = orders.next(down)? {
+            match order.split_once(' ') {
+                Some(("go", at)) => {
+                    let at = at.parse().map_err(io::Error::other)?;
+                    t0 = Some(at);
+                    work.go(at, clock.now(), &mut pool);
+                    next_report = at + SEC;
+                }
+                Some(("sent", n)) => work.published(n.parse().map_err(io::Error::other)?),
+                _ => return Err(io::Error::other(format!("unknown order {order:?}"))),
+            }
+        }
+        if orders.closed {
+            return Err(io::Error::other("the coordinator went away"));
+        }
+    }
+    let (ready, open) = work.measured(&pool);
+    send(
+        up,
+        &Report::Done {
+            ready,
+            open,
+            counts: work.counts(),
+            errors: pool.errors.clone(),
+            latency: report::to_pairs(work.latency()),
+        },
+    )
+}
+
+fn progress(work: &impl Workload, pool: &Pool, prepared: bool) -> Report {
+    Report::Progress {
+        prepared,
+        ready: work.ready(pool),
+        open: pool.open(),
+        failed: pool.failed(),
+        errors: pool.errors.total(),
+        counts: work.counts(),
+    }
+}
+
+/// Newline-separated messages from a non-blocking pipe.
+#[derive(Default)]
+pub struct Lines {
+    buf: Vec<u8>,
+    pub closed: bool,
+}
+
+impl Lines {
+    /// The next whole line, reading more if needed; `None` when none is complete yet.
+    pub fn next(&mut self, from: &mut impl Read) -> io::Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(Some(String::from_utf8_lossy(&line[..i]).into_owned()));
+            }
+            if self.closed {
+                return Ok(None);
+            }
+            let mut chunk = [0u8; 16 << 10];
+            match from.read(&mut chunk) {
+                Ok(0) => self.closed = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_come_whole_across_reads_and_end_at_eof() {
+        let mut lines = Lines::default();
+        let mut input: &[u8] = b"go 12\nsent 3\npart";
+        assert_eq!(lines.next(&mut input).unwrap().as_deref(), Some("go 12"));
+        assert_eq!(lines.next(&mut input).unwrap().as_deref(), Some("sent 3"));
+        assert_eq!(lines.next(&mut input).unwrap(), None);
+        assert!(lines.closed);
+    }
+
+    #[test]
+    fn reports_are_one_json_line_each() {
+        let r = Report::Published { sent: 7 };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"kind":"published","sent":7}"#);
+        assert!(matches!(
+            serde_json::from_str(&text).unwrap(),
+            Report::Published { sent: 7 }
+        ));
+    }
+}

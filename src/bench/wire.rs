@@ -1,0 +1,258 @@
+//! RFC 6455 from the client's side, reduced to what a load generator needs.
+//!
+//! The upgrade request is the same bytes for every connection (one constant key, so the
+//! expected `Sec-WebSocket-Accept` is a constant too and no SHA-1 runs per handshake). Client
+//! frames must be masked; a frame whose payload never changes is built and masked once and
+//! copied into each send buffer. Server frames are scanned, not decoded: header, length and a
+//! borrowed payload slice, with no unmasking (servers do not mask), no UTF-8 check and no copy.
+
+use crate::proto::frame::{CLOSE, CONTINUATION, PING, PONG, TEXT};
+use std::fmt;
+
+/// The key of RFC 6455 §1.3's example, and the accept value a server must answer with.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// The mask of every client frame. RFC 6455 wants masks that intermediaries cannot predict;
+/// a benchmark on loopback has no intermediaries, and one mask lets frames be masked once.
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// An upgrade answer longer than this is refused (a real one is ~130 bytes).
+pub const MAX_RESPONSE_HEAD: usize = 8 << 10;
+
+/// A server frame longer than this is treated as a protocol error rather than buffered.
+pub const MAX_FRAME: u64 = 64 << 20;
+
+/// The upgrade request for `host:port` and `path`.
+pub fn upgrade_request(host: &str, port: u16, path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// What was wrong with the server's side of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireError {
+    /// The upgrade answer was not `101` with the right accept value (its first line).
+    Refused(String),
+    /// The upgrade answer did not end within [`MAX_RESPONSE_HEAD`] bytes.
+    HeadTooLong,
+    /// A frame no server may send: masked, reserved bits or opcode, a bad control frame.
+    BadFrame(&'static str),
+    /// A frame longer than [`MAX_FRAME`].
+    TooLong(u64),
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Refused(line) => write!(f, "upgrade refused: {line}"),
+            WireError::HeadTooLong => write!(f, "upgrade answer longer than {MAX_RESPONSE_HEAD}"),
+            WireError::BadFrame(why) => write!(f, "bad frame from the server: {why}"),
+            WireError::TooLong(n) => write!(f, "frame of {n} bytes from the server"),
+        }
+    }
+}
+
+/// Checks an upgrade answer in `buf`: `Ok(Some(n))` when its head ends at byte `n` and says
+/// yes, `Ok(None)` when more bytes are needed.
+pub fn check_response(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_RESPONSE_HEAD {
+            Err(WireError::HeadTooLong)
+        } else {
+            Ok(None)
+        };
+    };
+    let head = &buf[..end];
+    let first = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let accepted = head.windows(ACCEPT.len()).any(|w| w == ACCEPT);
+    if !first.starts_with(b"HTTP/1.1 101") || !accepted {
+        return Err(WireError::Refused(
+            String::from_utf8_lossy(first).into_owned(),
+        ));
+    }
+    Ok(Some(end + 4))
+}
+
+/// Appends a masked, final client frame.
+pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&MASK);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    crate::proto::frame::unmask(&mut out[start..], MASK, 0);
+}
+
+/// A whole masked text frame, for payloads that never change (built once, sent many times).
+pub fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    put_frame(&mut out, TEXT, payload);
+    out
+}
+
+/// One server frame, borrowed from the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: &'a [u8],
+}
+
+/// The first whole frame in `buf` and the bytes it takes, or `None` if `buf` ends inside it.
+pub fn next_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(WireError::BadFrame("reserved bits set"));
+    }
+    if b1 & 0x80 != 0 {
+        return Err(WireError::BadFrame("masked"));
+    }
+    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0f);
+    if !matches!(opcode, CONTINUATION..=0x2 | CLOSE | PING | PONG) {
+        return Err(WireError::BadFrame("reserved opcode"));
+    }
+    let (len, head) = match b1 & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
+            10,
+        ),
+        126 | 127 => return Ok(None),
+        n => (n as u64, 2),
+    };
+    if opcode & 0x8 != 0 && (!fin || len > 125) {
+        return Err(WireError::BadFrame("fragmented or long control frame"));
+    }
+    if len > MAX_FRAME {
+        return Err(WireError::TooLong(len));
+    }
+    let end = head + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let frame = Frame {
+        fin,
+        opcode,
+        payload: &buf[head..end],
+    };
+    Ok(Some((frame, end)))
+}
+
+/// Appends `n` in decimal without allocating.
+pub fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// The decimal number at the start of `s` (`None` if `s` does not start with a digit).
+pub fn leading_decimal(s: &[u8]) -> Option<u64> {
+    let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 19 {
+        return None;
+    }
+    Some(
+        s[..digits]
+            .iter()
+            .fold(0, |n, &d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{BINARY, encode};
+
+    #[test]
+    fn the_constant_key_gets_the_rfc_accept_value() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
+        assert_eq!(check_response(ok), Ok(Some(ok.len() - 2)));
+        assert_eq!(check_response(&ok[..20]), Ok(None));
+        let no = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            check_response(no),
+            Err(WireError::Refused("HTTP/1.1 403 Forbidden".into()))
+        );
+        let wrong = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        assert!(check_response(wrong).is_err());
+        assert_eq!(
+            check_response(&[b'a'; MAX_RESPONSE_HEAD + 1]),
+            Err(WireError::HeadTooLong)
+        );
+    }
+
+    #[test]
+    fn client_frames_are_masked_and_unmask_to_the_payload() {
+        for len in [0, 5, 125, 126, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let f = text_frame(&payload);
+            assert_eq!(f[0], 0x81);
+            assert_ne!(f[1] & 0x80, 0, "mask bit");
+            let head = f.len() - len;
+            let mut body = f[head..].to_vec();
+            crate::proto::frame::unmask(&mut body, f[head - 4..head].try_into().unwrap(), 0);
+            assert_eq!(body, payload, "len {len}");
+        }
+    }
+
+    #[test]
+    fn server_frames_are_scanned_whole_or_not_at_all() {
+        let mut buf = encode(TEXT, b"hello").to_vec();
+        buf.extend_from_slice(&encode(BINARY, &[7; 300]));
+        let (f, n) = next_frame(&buf).unwrap().unwrap();
+        assert_eq!((f.fin, f.opcode, f.payload), (true, TEXT, &b"hello"[..]));
+        let (g, m) = next_frame(&buf[n..]).unwrap().unwrap();
+        assert_eq!((g.opcode, g.payload.len(), n + m), (BINARY, 300, buf.len()));
+        for cut in 0..buf.len() - n {
+            assert_eq!(next_frame(&buf[n..n + cut]), Ok(None), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn frames_no_server_sends_are_errors() {
+        assert!(next_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).is_err(), "masked");
+        assert!(next_frame(&[0xc1, 0x00]).is_err(), "rsv1");
+        assert!(next_frame(&[0x83, 0x00]).is_err(), "opcode 3");
+        assert!(next_frame(&[0x09, 0x00]).is_err(), "fragmented ping");
+        assert!(next_frame(&[0x89, 126, 0, 200]).is_err(), "long ping");
+        let huge = [0x82, 127, 0, 0, 0, 1, 0, 0, 0, 0];
+        assert_eq!(next_frame(&huge), Err(WireError::TooLong(1 << 32)));
+    }
+
+    #[test]
+    fn decimals_round_trip() {
+        for n in [0, 7, 10, 1_234_567_890_123, u64::MAX / 10] {
+            let mut out = b"x".to_vec();
+            put_decimal(&mut out, n);
+            assert_eq!(leading_decimal(&out[1..]), Some(n));
+        }
+        assert_eq!(leading_decimal(b"12 34"), Some(12));
+        assert_eq!(leading_decimal(b" 1"), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! `wsd bench` against a real wsd: it must connect, measure, print well-formed figures and
+//! count errors honestly. Behaviour only: no figure here is a speed requirement, since the
+//! machine running the tests may be busy with anything.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+/// Runs `wsd bench <args> --json`; returns the parsed stdout and the whole output.
+fn bench(args: &[&str]) -> (Value, Output) {
+    let out = Command::new(wsd_bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run wsd bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.trim();
+    assert_eq!(
+        line.lines().count(),
+        1,
+        "one JSON line expected, got {out:?}"
+    );
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (v, out)
+}
+
+fn assert_no_errors(v: &Value, out: &Output) {
+    assert_eq!(v["errors"]["total"], 0, "{v}\n{out:?}");
+    assert!(out.status.success(), "exit status with no errors: {out:?}");
+}
+
+fn assert_latency(v: &Value) {
+    let l = &v["latency_us"];
+    assert!(l["samples"].as_u64() > Some(0), "{v}");
+    let (p50, p99, max) = (l["p50"].as_f64(), l["p99"].as_f64(), l["max"].as_f64());
+    assert!(p50 > Some(0.0) && p99 >= p50 && max >= p99, "{v}");
+}
+
+/// False (saying why) if this build has no app called `app`; a test that needs it is skipped.
+fn app_known(app: &str) -> bool {
+    let (_dir, config) = Server::config(app, 1, "");
+    let out = Command::new(wsd_bin())
+        .args(["-c", config.to_str().unwrap(), "check"])
+        .output()
+        .expect("run wsd check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains(&format!("unknown app \"{app}\"")) {
+        eprintln!(
+            "skipped: this wsd has no {app:?} app yet ({})",
+            stderr.trim()
+        );
+        return false;
+    }
+    assert!(out.status.success(), "wsd check of a {app} config: {out:?}");
+    true
+}
+
+#[test]
+fn echo_reports_round_trips_and_no_errors() {
+    let server = Server::start("echo", 2);
+    let url = server.url();
+    let (v, out) = bench(&[
+        "echo", "--url", &url, "--conns", "20", "--size", "32", "--depth", "4", "--secs", "1",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["mode"], "echo");
+    assert_eq!(
+        (v["conns"].as_u64(), v["size"].as_u64()),
+        (Some(20), Some(32))
+    );
+    assert_eq!(
+        (v["ready"].as_u64(), v["open_at_end"].as_u64()),
+        (Some(20), Some(20))
+    );
+    let messages = v["messages"].as_u64().unwrap();
+    assert!(messages > 0, "{v}");
+    assert!(v["msgs_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert!(v["mb_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert_eq!(v["latency_us"]["samples"].as_u64(), Some(messages), "{v}");
+    assert_latency(&v);
+}
+
+#[test]
+fn the_table_is_the_default_output() {
+    let server = Server::start("echo", 1);
+    let out = Command::new(wsd_bin())
+        .args(["bench", "echo", "--url", &server.url(), "--conns", "2"])
+        .args(["--secs", "1"])
+        .output()
+        .expect("run wsd bench");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for row in ["messages", "throughput", "latency", "errors       0"] {
+        assert!(table.contains(row), "no {row:?} row in\n{table}");
+    }
+}
+
+#[test]
+fn errors_are_counted_and_make_the_exit_code_1() {
+    // A port nothing listens on: every connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}/");
+    let (v, out) = bench(&["echo", "--url", &url, "--conns", "5", "--secs", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["errors"]["connect"], 5, "{v}");
+    assert_eq!(v["errors"]["total"], 5, "{v}");
+    assert!(
+        v["errors"]["samples"][0]
+            .as_str()
+            .is_some_and(|s| s.contains("refused")),
+        "{v}"
+    );
+    assert_eq!(v["messages"], 0, "{v}");
+}
+
+#[test]
+fn a_refused_upgrade_is_a_handshake_error() {
+    // A stand-in that refuses every upgrade: the refusal must be counted, not hang the run.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(3) {
+            use std::io::{Read, Write};
+            let mut s = stream.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let url = format!("ws://127.0.0.1:{port}/");
+    let (v, out) = bench(&["echo", "--url", &url, "--conns", "3", "--secs", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["errors"]["handshake"], 3, "{v}");
+    assert!(
+        v["errors"]["samples"][0].as_str().unwrap().contains("403"),
+        "{v}"
+    );
+}
+
+#[test]
+fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
+    if !app_known("chat") {
+        return;
+    }
+    let server = Server::start("chat", 2);
+    let url = server.url();
+    let (v, out) = bench(&[
+        "broadcast",
+        "--url",
+        &url,
+        "--conns",
+        "40",
+        "--secs",
+        "1",
+        "--rate",
+        "20",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(
+        (v["mode"].as_str(), v["app"].as_str()),
+        (Some("broadcast"), Some("chat"))
+    );
+    assert_eq!(v["sent"], 20, "{v}");
+    assert_eq!(v["expected"], 20 * 40, "{v}");
+    assert_eq!(v["delivered"], v["expected"], "{v}");
+    assert_eq!(v["missing"], 0, "{v}");
+    assert_eq!(v["ready"], 40, "the publisher is not a subscriber: {v}");
+    assert!(v["deliveries_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert_latency(&v);
+}
+
+#[test]
+fn broadcast_over_pubsub_subscribes_first() {
+    if !app_known("pubsub") {
+        return;
+    }
+    let server = Server::start("pubsub", 2);
+    let url = server.url();
+    let (v, out) = bench(&[
+        "broadcast",
+        "--app",
+        "pubsub",
+        "--topic",
+        "smoke \"1\"",
+        "--url",
+        &url,
+        "--conns",
+        "30",
+        "--secs",
+        "1",
+        "--rate",
+        "10",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(
+        (v["app"].as_str(), v["topic"].as_str()),
+        (Some("pubsub"), Some("smoke \"1\""))
+    );
+    assert_eq!(
+        (v["sent"].as_u64(), v["delivered"].as_u64()),
+        (Some(10), Some(300)),
+        "{v}"
+    );
+    assert_eq!(v["missing"], 0, "{v}");
+    assert_latency(&v);
+}
