@@ -298,11 +298,34 @@ fn broadcasts_survive_a_worker_killed_mid_stream() {
     assert_eq!(recv_text(&mut newcomer), "after the respawn");
 }
 
+fn a_reloaded_group_is_on_the_bus_again() {
+    let mut server = Server::start_program(this_program(), "chat", 3, "");
+    let before = server.worker_pids();
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let after = worker_pids_in(&server.wait_ready());
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} -> {after:?}"
+    );
+    let mut clients = connect_many(&mut server, 12);
+    let spread: std::collections::HashSet<i32> = owners(&server).values().copied().collect();
+    assert!(spread.len() >= 2, "12 clients on one worker");
+    clients[0].send_text("after reload");
+    for c in clients.iter_mut() {
+        assert_eq!(recv_text(c), "after reload");
+    }
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
+        (
+            "a_reloaded_group_is_on_the_bus_again",
+            a_reloaded_group_is_on_the_bus_again,
+        ),
         (
             "chat_reaches_every_client_once_in_each_senders_order",
             chat_reaches_every_client_once_in_each_senders_order,
