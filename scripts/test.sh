@@ -11,6 +11,8 @@ ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd >/dev/null; }
 # The chat page is tested in Debian's Chromium (scripts/browser-test.sh; it also installs playwright-core).
 [[ -x /usr/bin/chromium ]] || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+# tests/cluster.rs runs a real Redis on loopback for the cluster bus.
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh

@@ -97,6 +97,21 @@ impl<'de> Deserialize<'de> for RedisUrl {
     }
 }
 
+impl RedisUrl {
+    /// The address for logs and `status`: a password in it is shown as `***`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let rest = &s["redis://".len().min(s.len())..];
+        match rest.rsplit_once('@') {
+            Some((user_pass, host)) => {
+                let user = user_pass.split_once(':').map_or("", |(u, _)| u);
+                format!("redis://{user}:***@{host}")
+            }
+            None => s.clone(),
+        }
+    }
+}
+
 impl ServerConfig {
     fn check(&self) -> Result<(), String> {
         let spread = self.close_spread;
@@ -875,5 +890,13 @@ mod tests {
         let e = parse("[[worker]]\nlisten = \"127.0.0.1:9\"\n[[worker]]\nname = \"b\"\nlisten = \"ws://127.0.0.1:9\"\n").unwrap_err();
         assert!(e.reason.contains("already used"), "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+    }
+
+    #[test]
+    fn bus_passwords_stay_out_of_logs() {
+        let url = |s: &str| RedisUrl(s.to_string()).redacted();
+        assert_eq!(url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(url("redis://:s3cret@h:1/2"), "redis://:***@h:1/2");
+        assert_eq!(url("redis://me:s3cret@h:1/2"), "redis://me:***@h:1/2");
     }
 }

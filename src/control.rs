@@ -161,6 +161,10 @@ pub struct Counters {
     pub bus_received: u64,
     #[serde(default)]
     pub bus_dropped: u64,
+    /// `local` (no cluster bus), or the worker's link to Redis: `redis connecting`,
+    /// `redis up`, `redis down`.
+    #[serde(default)]
+    pub bus_state: String,
     /// Resident memory of the worker process in bytes.
     pub memory: u64,
 }
@@ -171,6 +175,23 @@ pub struct Status {
     pub master: MasterStatus,
     pub groups: Vec<GroupStatus>,
     pub workers: Vec<WorkerStatus>,
+    /// The cluster bus, when the server has one (`[server] bus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<BusStatus>,
+}
+
+/// The cluster bus as the workers last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusStatus {
+    /// The Redis address, without a password.
+    pub url: String,
+    /// `up` (every worker reaches Redis), `down` (at least one does not), or `connecting`.
+    pub state: String,
+    pub workers_up: usize,
+    pub workers: usize,
+    /// The workers (`group#slot`) that report Redis down.
+    #[serde(default)]
+    pub down_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,11 +8,14 @@
 //! subscribers, or hand it to the app — and each receiving worker encodes the WebSocket frame
 //! once for all of its clients.
 
+pub mod cluster;
 pub mod mesh;
 pub mod wire;
 
 use crate::worker::ConnId;
+use cluster::{Cluster, ClusterSettings, Target};
 use std::fmt;
+use std::io;
 use std::os::fd::OwnedFd;
 use std::str::FromStr;
 use wire::{BusMessage, Origin};
@@ -86,8 +89,16 @@ impl FromStr for GlobalId {
 pub struct BusStats {
     pub sent: u64,
     pub received: u64,
-    /// Messages a full or gone peer could not take.
+    /// Messages a full or gone peer could not take, or Redis could not (down, or behind).
     pub dropped: u64,
+}
+
+/// A worker's way to the other hosts, if the server has `[server] bus`.
+enum Remote {
+    None,
+    /// Set up in the master; started by the worker's loop ([`Bus::start_cluster`]).
+    Configured(ClusterSettings),
+    Running(Cluster),
 }
 
 /// A worker's side of its group's bus.
@@ -95,6 +106,7 @@ pub(crate) struct Bus {
     pub origin: Origin,
     /// The end to each other worker of the group on this host, by slot.
     peers: Vec<Option<OwnedFd>>,
+    remote: Remote,
     pub stats: BusStats,
 }
 
@@ -103,7 +115,65 @@ impl Bus {
         Bus {
             origin,
             peers,
+            remote: Remote::None,
             stats: BusStats::default(),
+        }
+    }
+
+    /// Joins the cluster bus too, once [`Bus::start_cluster`] runs in the worker.
+    pub fn with_cluster(mut self, settings: Option<ClusterSettings>) -> Bus {
+        self.remote = settings.map_or(Remote::None, Remote::Configured);
+        self
+    }
+
+    /// Starts the cluster bus's helper threads, if the server has one: in the worker process,
+    /// never in the master (it forks). What they receive wakes the loop with `token`.
+    pub fn start_cluster(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        if let Remote::Configured(settings) = &self.remote {
+            let cluster = Cluster::start(settings.clone(), self.origin, registry, token)?;
+            self.remote = Remote::Running(cluster);
+        }
+        Ok(())
+    }
+
+    /// `local`, or the Redis link's state (`redis up`, ...), for the worker's reports.
+    pub fn state(&self) -> &'static str {
+        match &self.remote {
+            Remote::None => cluster::STATE_LOCAL,
+            Remote::Configured(_) => cluster::STATE_CONNECTING,
+            Remote::Running(c) => c.state().as_str(),
+        }
+    }
+
+    /// The counts of both the mesh and Redis.
+    pub fn totals(&self) -> BusStats {
+        let (sent, dropped) = match &self.remote {
+            Remote::Running(c) => c.counts(),
+            _ => (0, 0),
+        };
+        BusStats {
+            sent: self.stats.sent + sent,
+            received: self.stats.received,
+            dropped: self.stats.dropped + dropped,
+        }
+    }
+
+    /// Messages from other hosts, handed over by the cluster bus's subscriber.
+    pub fn receive_cluster(&mut self) -> Vec<(Origin, BusMessage)> {
+        let Remote::Running(c) = &self.remote else {
+            return Vec::new();
+        };
+        let got = c.receive();
+        self.stats.received += got.len() as u64;
+        got
+    }
+
+    fn send_remote(&mut self, to: Target, bytes: Vec<u8>) {
+        let Remote::Running(c) = &self.remote else {
+            return;
+        };
+        if !c.send(to, bytes) {
+            self.stats.dropped += 1;
         }
     }
 
@@ -128,16 +198,33 @@ impl Bus {
     }
 
     /// Sends to a worker of another host: only a cluster bus can.
-    pub fn send_to_host(&mut self, host: u64, slot: u16, _msg: &BusMessage) {
-        self.stats.dropped += 1;
-        log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
+    pub fn send_to_host(&mut self, host: u64, slot: u16, msg: &BusMessage) {
+        if !matches!(self.remote, Remote::Running(_)) {
+            self.stats.dropped += 1;
+            log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
+            return;
+        }
+        let bytes = wire::encode(self.origin, msg);
+        self.send_remote(Target::Worker { host, slot }, bytes);
     }
 
     /// Sends to every other worker of the group on this host.
     pub fn send_to_peers(&mut self, msg: &BusMessage) {
         let bytes = wire::encode(self.origin, msg);
+        self.send_bytes_to_peers(&bytes);
+    }
+
+    /// Sends to every other worker of the group: on this host over the mesh, and on the other
+    /// hosts of a cluster bus through Redis (the same bytes, encoded once).
+    pub fn send_to_group(&mut self, msg: &BusMessage) {
+        let bytes = wire::encode(self.origin, msg);
+        self.send_bytes_to_peers(&bytes);
+        self.send_remote(Target::All, bytes);
+    }
+
+    fn send_bytes_to_peers(&mut self, bytes: &[u8]) {
         for slot in 0..self.peers.len() {
-            self.send_bytes(slot, &bytes);
+            self.send_bytes(slot, bytes);
         }
     }
 

@@ -97,6 +97,15 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
     out
 }
 
+/// Where a message came from, without decoding (or copying) the rest.
+pub fn origin_of(bytes: &[u8]) -> Result<Origin, WireError> {
+    let head = bytes.get(2..12).ok_or(WireError::Truncated)?;
+    Ok(Origin {
+        host: u64::from_le_bytes(head[..8].try_into().expect("8 bytes")),
+        slot: u16::from_le_bytes(head[8..].try_into().expect("2 bytes")),
+    })
+}
+
 pub fn decode(bytes: &[u8]) -> Result<(Origin, BusMessage), WireError> {
     let mut r = Reader(bytes);
     let kind = r.u8()?;
@@ -175,6 +184,7 @@ mod tests {
             BusMessage::App(Bytes::from_static(b"\x00app data")),
         ] {
             let bytes = encode(origin, &msg);
+            assert_eq!(origin_of(&bytes), Ok(origin));
             assert_eq!(decode(&bytes), Ok((origin, msg)));
         }
     }
@@ -182,6 +192,7 @@ mod tests {
     #[test]
     fn bad_bytes_are_errors_not_panics() {
         assert_eq!(decode(&[]), Err(WireError::Truncated));
+        assert_eq!(origin_of(&[BROADCAST, TEXT, 0]), Err(WireError::Truncated));
         assert_eq!(decode(&[BROADCAST, TEXT, 0]), Err(WireError::Truncated));
         let mut bad = encode(
             Origin { host: 1, slot: 0 },

@@ -1,6 +1,6 @@
 //! `wsd status` as a Workerman-style table, and `wsd connections` as a table.
 
-use crate::control::{Connections, Status};
+use crate::control::{BusStatus, Connections, Status};
 use std::fmt::Write;
 
 pub fn render(st: &Status) -> String {
@@ -31,6 +31,9 @@ pub fn render(st: &Status) -> String {
     );
     let [l1, l5, l15] = m.load_average;
     let _ = writeln!(out, "load average: {l1:.2}, {l5:.2}, {l15:.2}");
+    if let Some(bus) = &st.bus {
+        let _ = writeln!(out, "{}", bus_line(bus));
+    }
     let _ = writeln!(
         out,
         "{} group(s)   {processes} process(es)",
@@ -118,6 +121,20 @@ pub fn render(st: &Status) -> String {
     out
 }
 
+/// `bus: redis://127.0.0.1:6379/0 — up on 4/4 workers`, naming the workers that report it down.
+fn bus_line(bus: &BusStatus) -> String {
+    let (url, up, all) = (&bus.url, bus.workers_up, bus.workers);
+    let mut line = if bus.state == "up" {
+        format!("bus: {url} — up on {up}/{all} workers")
+    } else {
+        format!("bus: {url} — {} (up on {up}/{all} workers)", bus.state)
+    };
+    if !bus.down_on.is_empty() {
+        let _ = write!(line, "; redis unreachable from {}", bus.down_on.join(", "));
+    }
+    line
+}
+
 fn row(cells: &[String; 13]) -> String {
     let widths = [8, 8, 30, 14, 12, 10, 10, 10, 9, 7, 14, 9, 10];
     let mut s = String::new();
@@ -186,5 +203,33 @@ fn human(bytes: u64) -> String {
         b if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
         b => format!("{}K", b >> 10),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bus_line_says_where_redis_is_reached() {
+        let mut bus = BusStatus {
+            url: "redis://127.0.0.1:6379/0".into(),
+            state: "up".into(),
+            workers_up: 4,
+            workers: 4,
+            down_on: Vec::new(),
+        };
+        assert_eq!(
+            bus_line(&bus),
+            "bus: redis://127.0.0.1:6379/0 — up on 4/4 workers"
+        );
+        bus.state = "down".into();
+        bus.workers_up = 2;
+        bus.down_on = vec!["chat#0".into(), "chat#3".into()];
+        assert_eq!(
+            bus_line(&bus),
+            "bus: redis://127.0.0.1:6379/0 — down (up on 2/4 workers); \
+             redis unreachable from chat#0, chat#3"
+        );
     }
 }

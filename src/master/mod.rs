@@ -8,6 +8,7 @@
 //! `requests.rs` dispatches → `event_loop.rs` begins the reload → `reload.rs` plans it and
 //! replaces workers slot by slot through `supervisor.rs`, which forks (`sys.rs`) and reaps.
 
+mod bus_watch;
 mod clients;
 mod daemon;
 mod event_loop;
@@ -91,6 +92,16 @@ impl Source {
                 ));
             }
         }
+        if running.bus != new.bus {
+            let shown = |b: &Option<crate::config::RedisUrl>| {
+                b.as_ref().map_or("none".into(), |u| u.redacted())
+            };
+            return Err(format!(
+                "[server] bus changed from {} to {}: that needs `wsd restart`",
+                shown(&running.bus),
+                shown(&new.bus)
+            ));
+        }
         if running.log_level != new.log_level {
             return Err(format!(
                 "[server] log_level changed from {:?} to {:?}: that needs `wsd restart`",
@@ -128,6 +139,7 @@ pub fn start(plan: Plan) -> i32 {
     let mut sup = supervisor::Supervisor {
         creds: privileges::for_workers(&server),
         host_id: host_id(),
+        bus_url: server.bus.clone(),
         ..Default::default()
     };
     for (def, from_file) in defs {

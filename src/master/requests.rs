@@ -168,6 +168,7 @@ impl Master {
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
+        let workers = self.sup.worker_rows();
         Status {
             master: MasterStatus {
                 pid: std::process::id() as i32,
@@ -189,7 +190,12 @@ impl Master {
                     exits: g.exits.clone(),
                 })
                 .collect(),
-            workers: self.sup.worker_rows(),
+            bus: self
+                .server
+                .bus
+                .as_ref()
+                .map(|url| super::bus_watch::summary(url.redacted(), &workers)),
+            workers,
         }
     }
 }

@@ -7,8 +7,10 @@
 //! current worker. Crash handling is per slot: exponential backoff, and a count of deaths
 //! before ready that lets the master give up on a group that cannot start.
 
+use super::bus_watch::BusChange;
 use super::listeners;
 use crate::bus::Bus;
+use crate::bus::cluster::ClusterSettings;
 use crate::bus::mesh::Mesh;
 use crate::bus::wire::Origin;
 use crate::control::{self, Counters, FromWorker, LineReader, ToWorker, WorkerStatus};
@@ -166,6 +168,10 @@ pub struct Supervisor {
     pub creds: Option<super::privileges::Credentials>,
     /// This server's name on a cluster bus, random per master start.
     pub host_id: u64,
+    /// `[server] bus`: the Redis of the cluster bus, handed to every worker.
+    pub bus_url: Option<crate::config::RedisUrl>,
+    /// The cluster bus's state as the workers report it.
+    pub bus_watch: super::bus_watch::BusWatch,
 }
 
 impl Supervisor {
@@ -191,7 +197,12 @@ impl Supervisor {
                     host: self.host_id,
                     slot: slot as u16,
                 };
-                let bus = Bus::new(origin, group.mesh.take_ends(slot));
+                let cluster = self.bus_url.clone().map(|url| ClusterSettings {
+                    url,
+                    group: group.name().to_string(),
+                });
+                // Its helper threads start in the worker's loop, never here in the master.
+                let bus = Bus::new(origin, group.mesh.take_ends(slot)).with_cluster(cluster);
                 sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", group.name()));
                 // Before die_with_parent: changing credentials clears PR_SET_PDEATHSIG.
@@ -288,6 +299,7 @@ impl Supervisor {
         };
         let (lines, _closed) = p.channel_in.read_from(&mut p.channel);
         let mut rows = Vec::new();
+        let mut reported = false;
         for line in lines {
             match serde_json::from_str::<FromWorker>(&line) {
                 Ok(FromWorker::Ready) => p.ready = true,
@@ -296,6 +308,7 @@ impl Supervisor {
                         p.prev_report = Some((*at, prev.total_request));
                     }
                     p.report = Some((Instant::now(), c));
+                    reported = true;
                 }
                 Ok(FromWorker::Connections { query, conns, last }) => {
                     rows.push(ConnRows { query, conns, last })
@@ -303,7 +316,29 @@ impl Supervisor {
                 Err(e) => log::warn!("bad line from worker {}#{}: {e}", p.group, p.slot),
             }
         }
+        if reported && self.bus_url.is_some() {
+            self.watch_bus(key);
+        }
         rows
+    }
+
+    /// Logs a change of the cluster bus as a whole, seen in worker `key`'s new report.
+    fn watch_bus(&mut self, key: usize) {
+        let Some(p) = self.procs.get(key) else { return };
+        fn state(p: &Proc) -> &str {
+            p.report.as_ref().map_or("", |(_, c)| c.bus_state.as_str())
+        }
+        let reporter = format!("{}#{}", p.group, p.slot);
+        let all = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.retiring.is_none() && p.report.is_some())
+            .map(|(_, p)| state(p));
+        match self.bus_watch.observe(&reporter, state(p), all) {
+            Some(change @ BusChange::Down(_)) => log::warn!("{change}"),
+            Some(change @ BusChange::Back) => log::info!("{change}"),
+            None => {}
+        }
     }
 
     /// Sends a command to a worker. False if its channel cannot take it.

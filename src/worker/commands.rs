@@ -61,10 +61,11 @@ impl Loop {
             .iter()
             .map(|(_, c)| c.session.out.len() as u64)
             .sum();
-        let bus = self.ctx.bus.stats;
+        let bus = self.ctx.bus.totals();
         self.ctx.counters.bus_sent = bus.sent;
         self.ctx.counters.bus_received = bus.received;
         self.ctx.counters.bus_dropped = bus.dropped;
+        self.ctx.counters.bus_state = self.ctx.bus.state().to_string();
         self.channel
             .report(&FromWorker::Report(self.ctx.counters.clone()));
     }

@@ -39,6 +39,8 @@ const SIGNALS: Token = Token(2);
 const CONN_BASE: usize = 16;
 /// Tokens of the bus ends to the other workers: `BUS_BASE + peer slot`, above any connection.
 pub(super) const BUS_BASE: usize = 1 << 40;
+/// The cluster bus's waker: messages from other hosts are waiting (`bus_events.rs`).
+const CLUSTER: Token = Token(BUS_BASE - 1);
 
 /// Reads from one connection before others get a turn.
 const READ_BUDGET: usize = 16;
@@ -97,7 +99,7 @@ impl Loop {
         slot: usize,
         listener: std::net::TcpListener,
         channel: std::os::unix::net::UnixStream,
-        bus: Bus,
+        mut bus: Bus,
     ) -> io::Result<Loop> {
         let Worker {
             config: settings,
@@ -128,6 +130,7 @@ impl Loop {
                 Interest::READABLE,
             )?;
         }
+        bus.start_cluster(poll.registry(), CLUSTER)?;
         let limits = Limits {
             max_frame: settings.max_frame_size,
             max_message: settings.max_message_size,
@@ -175,6 +178,7 @@ impl Loop {
                     LISTENER => self.accept(),
                     CHANNEL => self.channel_ready(ev.is_readable(), ev.is_writable()),
                     SIGNALS => self.read_signals(),
+                    CLUSTER => self.cluster_ready(),
                     Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                     Token(t) => self.conn_ready(
                         t - CONN_BASE,

@@ -42,7 +42,7 @@ impl Context {
     /// group on every server of the cluster). Returns how many of this worker's clients got it.
     pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
         let msg = msg.into();
-        self.bus.send_to_peers(&BusMessage::Broadcast(msg.clone()));
+        self.bus.send_to_group(&BusMessage::Broadcast(msg.clone()));
         self.broadcast_local(msg)
     }
 
@@ -66,7 +66,7 @@ impl Context {
     pub fn publish(&mut self, topic: &str, msg: impl Into<Message>) -> usize {
         let msg = msg.into();
         self.bus
-            .send_to_peers(&BusMessage::Publish(topic.to_string(), msg.clone()));
+            .send_to_group(&BusMessage::Publish(topic.to_string(), msg.clone()));
         self.publish_local(topic, msg)
     }
 
@@ -75,7 +75,8 @@ impl Context {
         self.bus.send_to_slot(slot, &BusMessage::App(data.into()));
     }
 
-    /// Hands `data` to the `on_bus_message` hook of every other worker of the group.
+    /// Hands `data` to the `on_bus_message` hook of every other worker of the group on this
+    /// server (a cluster bus does not carry app messages to other servers).
     pub fn bus_send_all(&mut self, data: impl Into<Bytes>) {
         self.bus.send_to_peers(&BusMessage::App(data.into()));
     }

@@ -1,0 +1,720 @@
+//! The cluster bus: the group's bus messages also go through Redis pub/sub, so groups of the
+//! same name on several wsd servers (hosts) form one bus.
+//!
+//! Channels, each message one [`wire::encode`]d payload (Redis payloads are binary-safe):
+//!
+//! ```text
+//! wsd:{group}:all                  broadcasts and topic publishes: every worker of every host
+//! wsd:{group}:{host:016x}:{slot}   `send_to` a connection held by that host's worker `slot`
+//! ```
+//!
+//! Every worker subscribes to both of its channels. A worker skips what comes back from its own
+//! host: the local mesh has already carried it there. App messages (`bus_send`,
+//! `bus_send_all`) stay on the local mesh.
+//!
+//! Threads. The worker's loop never waits on Redis: a worker with a cluster bus runs two helper
+//! threads, each with its own connection and a plain blocking loop — a sync client can wait on
+//! one thing at a time, and one thread serving both would have to poll. The *publisher* takes
+//! encoded messages from a bounded queue (full → the message is dropped and counted; the loop
+//! never blocks) and sends them as pipelined `PUBLISH`es. The *subscriber* reads messages,
+//! decodes them and hands them to the loop over another bounded queue, waking it with a
+//! `mio::Waker`. Only the loop's thread touches connections. The threads are started in the
+//! worker, after fork (workers never fork, the master never has threads), and die with the
+//! worker process.
+//!
+//! Outages. [`Link`] is the state both threads share. A failure on either side marks the whole
+//! link down and makes both sides verify their connection again (reconnect, or `PING`), so
+//! "up" always means both connections were seen working after the last failure. Each thread
+//! retries with backoff (100 ms doubling to 5 s). The outage is logged once, by whichever thread
+//! saw it first, and its end once. While the link is not up, messages for Redis are dropped and
+//! counted; the local mesh carries on as before.
+
+use super::wire::{self, BusMessage, Origin};
+use crate::config::RedisUrl;
+use mio::{Registry, Token, Waker};
+use redis::{Client, Connection, RedisError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+/// Messages that may wait for the publisher, and received ones that may wait for the loop;
+/// and the bytes they may hold, each way (a queue of big messages is bounded by this).
+pub const QUEUE: usize = 4096;
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// How often an idle helper thread looks at the link's state.
+const TICK: Duration = Duration::from_millis(250);
+/// A subscriber that has heard nothing for this long checks its connection with a `PING`.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Connecting, and waiting for an answer, before Redis counts as unavailable.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most `PUBLISH`es in one pipeline.
+const BATCH: usize = 256;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What a worker needs to join the cluster bus.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub url: RedisUrl,
+    /// The group's name: groups of the same name on every host form one bus.
+    pub group: String,
+}
+
+/// The channel every worker of `group` on every host listens to.
+pub fn channel_all(group: &str) -> String {
+    format!("wsd:{group}:all")
+}
+
+/// The channel of one worker: `host`'s worker `slot` of `group`.
+pub fn channel_of(group: &str, host: u64, slot: u16) -> String {
+    format!("wsd:{group}:{host:016x}:{slot}")
+}
+
+/// Where a message for Redis goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every worker of the group, on every host.
+    All,
+    /// One worker of another host.
+    Worker { host: u64, slot: u16 },
+}
+
+impl Target {
+    fn channel(self, group: &str) -> String {
+        match self {
+            Target::All => channel_all(group),
+            Target::Worker { host, slot } => channel_of(group, host, slot),
+        }
+    }
+}
+
+/// The state of a worker's bus, as its reports and `status` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not reached yet since the worker started (no failure seen either).
+    Connecting,
+    Up,
+    Down,
+}
+
+/// `bus_state` of a worker without a cluster bus.
+pub const STATE_LOCAL: &str = "local";
+pub const STATE_CONNECTING: &str = "redis connecting";
+pub const STATE_UP: &str = "redis up";
+pub const STATE_DOWN: &str = "redis down";
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => STATE_CONNECTING,
+            LinkState::Up => STATE_UP,
+            LinkState::Down => STATE_DOWN,
+        }
+    }
+}
+
+/// One side of the link: a helper thread and its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Subscriber = 1,
+    Publisher = 2,
+}
+
+const BOTH: u8 = Side::Subscriber as u8 | Side::Publisher as u8;
+/// An outage is under way (and has been logged).
+const DOWN: u8 = 4;
+/// The link has been up at least once.
+const WAS_UP: u8 = 8;
+
+/// What a side's verification did to the whole link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Became {
+    /// Nothing the operator needs to hear.
+    Same,
+    /// Up for the first time.
+    Connected,
+    /// Up again after an outage.
+    Back,
+}
+
+/// The link's state, shared by the two helper threads and read by the loop without locks.
+/// Each side's bit says its connection was seen working since the last failure of either.
+#[derive(Default)]
+pub struct Link(AtomicU8);
+
+impl Link {
+    pub fn state(&self) -> LinkState {
+        let v = self.0.load(Ordering::Acquire);
+        if v & BOTH == BOTH {
+            LinkState::Up
+        } else if v & DOWN != 0 {
+            LinkState::Down
+        } else {
+            LinkState::Connecting
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state() == LinkState::Up
+    }
+
+    /// `side` must (re)connect or check its connection before the link can be up.
+    pub fn needs(&self, side: Side) -> bool {
+        self.0.load(Ordering::Acquire) & side as u8 == 0
+    }
+
+    /// A side lost Redis or could not reach it: the link is down and both sides must verify
+    /// again. True if this begins an outage (the caller logs it; later failures are quiet).
+    pub fn fail(&self) -> bool {
+        let prev = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some((v & !BOTH) | DOWN)
+            })
+            .expect("the update always applies");
+        prev & DOWN == 0
+    }
+
+    /// `side` has a working connection. Exactly one of two sides completing the link at the
+    /// same time hears that it did.
+    pub fn verified(&self, side: Side) -> Became {
+        let prev = self.0.fetch_or(side as u8, Ordering::AcqRel);
+        if prev & BOTH == BOTH || (prev | side as u8) & BOTH != BOTH {
+            return Became::Same;
+        }
+        // This call completed the link; a failure in between leaves it down (and quiet).
+        match self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & BOTH == BOTH).then_some((v & !DOWN) | WAS_UP)
+            }) {
+            Ok(p) if p & DOWN != 0 => Became::Back,
+            Ok(p) if p & WAS_UP == 0 => Became::Connected,
+            _ => Became::Same,
+        }
+    }
+}
+
+/// Retry delays: 100 ms, doubling to 5 s; back to the start after a success.
+#[derive(Debug, Default)]
+pub struct Backoff(Duration);
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        self.0 = if self.0.is_zero() {
+            MIN_BACKOFF
+        } else {
+            (self.0 * 2).min(MAX_BACKOFF)
+        };
+        self.0
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = Duration::ZERO;
+    }
+}
+
+/// What the helper threads and the loop share.
+struct Shared {
+    link: Link,
+    /// The loop has been woken and not yet taken what is waiting.
+    pending: AtomicBool,
+    /// Payload bytes waiting for the publisher, and for the loop.
+    out_bytes: Budget,
+    in_bytes: Budget,
+    /// Messages published, and those dropped by the helper threads (Redis down, loop's
+    /// queue full, undecodable).
+    sent: AtomicU64,
+    dropped: AtomicU64,
+    /// For logs, without a password.
+    url: String,
+    /// The subscriber's channels, for the log.
+    channels: String,
+}
+
+impl Shared {
+    fn failed(&self, side: Side, e: &RedisError) {
+        if self.link.fail() {
+            log::warn!("bus: redis unavailable at {}: {e}; retrying", self.url);
+        } else {
+            log::debug!("bus: {side:?} to {}: {e}", self.url);
+        }
+    }
+
+    fn verified(&self, side: Side) {
+        match self.link.verified(side) {
+            Became::Same => {}
+            Became::Connected => {
+                log::info!("bus: on redis at {}, channels {}", self.url, self.channels)
+            }
+            Became::Back => log::info!("bus: redis back at {}", self.url),
+        }
+    }
+}
+
+/// Bytes held by one of the queues, kept under [`QUEUE_BYTES`].
+#[derive(Default)]
+struct Budget(AtomicUsize);
+
+impl Budget {
+    /// Takes `n` bytes; false (nothing taken) if that would go over the limit.
+    fn take(&self, n: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + n <= QUEUE_BYTES).then_some(held + n)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// One encoded message on its way to Redis.
+struct Outgoing {
+    to: Target,
+    bytes: Vec<u8>,
+}
+
+/// A message from another host for the loop, and its size on the wire.
+type Received = (Origin, BusMessage, usize);
+
+/// A worker's side of the cluster bus, held by its loop.
+pub(crate) struct Cluster {
+    out: SyncSender<Outgoing>,
+    incoming: Receiver<Received>,
+    shared: Arc<Shared>,
+}
+
+impl Cluster {
+    /// Starts the helper threads of worker `origin`. Call in the worker process: the master
+    /// forks, so it must never have threads. `token` is the loop's token for the waker.
+    pub fn start(
+        settings: ClusterSettings,
+        origin: Origin,
+        registry: &Registry,
+        token: Token,
+    ) -> std::io::Result<Cluster> {
+        let client = Client::open(settings.url.0.as_str())
+            .map_err(|e| std::io::Error::other(format!("bus address: {e}")))?;
+        let waker = Waker::new(registry, token)?;
+        let channels = vec![
+            channel_all(&settings.group),
+            channel_of(&settings.group, origin.host, origin.slot),
+        ];
+        let shared = Arc::new(Shared {
+            link: Link::default(),
+            pending: AtomicBool::new(false),
+            out_bytes: Budget::default(),
+            in_bytes: Budget::default(),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            url: settings.url.redacted(),
+            channels: channels.join(" and "),
+        });
+        let (out, out_rx) = mpsc::sync_channel(QUEUE);
+        let (in_tx, incoming) = mpsc::sync_channel(QUEUE);
+        let subscriber = Subscriber {
+            client: client.clone(),
+            channels,
+            host: origin.host,
+            shared: shared.clone(),
+            to_loop: in_tx,
+            waker,
+        };
+        let publisher = Publisher {
+            client,
+            group: settings.group,
+            shared: shared.clone(),
+            from_loop: out_rx,
+        };
+        std::thread::Builder::new()
+            .name("bus-subscriber".into())
+            .spawn(move || subscriber.run())?;
+        std::thread::Builder::new()
+            .name("bus-publisher".into())
+            .spawn(move || publisher.run())?;
+        Ok(Cluster {
+            out,
+            incoming,
+            shared,
+        })
+    }
+
+    /// Queues an encoded message for Redis. False when it is dropped: the link is not up, or
+    /// the publisher is that far behind. Never blocks.
+    pub fn send(&self, to: Target, bytes: Vec<u8>) -> bool {
+        let n = bytes.len();
+        if !self.shared.link.is_up() || !self.shared.out_bytes.take(n) {
+            return false;
+        }
+        match self.out.try_send(Outgoing { to, bytes }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.shared.out_bytes.give_back(n);
+                false
+            }
+        }
+    }
+
+    /// Every message the subscriber has handed over since the loop was last woken.
+    pub fn receive(&self) -> Vec<(Origin, BusMessage)> {
+        // Cleared before draining: a message queued after the last try_recv wakes us again.
+        self.shared.pending.store(false, Ordering::SeqCst);
+        let mut got = Vec::new();
+        let mut bytes = 0;
+        while let Ok((origin, msg, n)) = self.incoming.try_recv() {
+            got.push((origin, msg));
+            bytes += n;
+        }
+        self.shared.in_bytes.give_back(bytes);
+        got
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.shared.link.state()
+    }
+
+    /// Messages published to Redis, and dropped by the helper threads.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.shared.sent.load(Ordering::Relaxed),
+            self.shared.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The thread that listens to the worker's channels.
+struct Subscriber {
+    client: Client,
+    channels: Vec<String>,
+    host: u64,
+    shared: Arc<Shared>,
+    to_loop: SyncSender<Received>,
+    waker: Waker,
+}
+
+/// Why the subscriber's connection ended.
+enum Ended {
+    Failed(RedisError),
+    /// The worker's loop is gone: the thread ends.
+    LoopGone,
+}
+
+impl Subscriber {
+    fn run(self) {
+        let mut backoff = Backoff::default();
+        loop {
+            let ended = match self.connect() {
+                Ok(mut con) => self.listen(&mut con, &mut backoff),
+                Err(e) => Ended::Failed(e),
+            };
+            match ended {
+                Ended::LoopGone => return,
+                Ended::Failed(e) => self.shared.failed(Side::Subscriber, &e),
+            }
+            std::thread::sleep(backoff.next_delay());
+        }
+    }
+
+    fn connect(&self) -> redis::RedisResult<Connection> {
+        let con = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        con.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(con)
+    }
+
+    /// Subscribes and carries messages to the loop until the connection fails. The backoff
+    /// starts over once subscribed.
+    fn listen(&self, con: &mut Connection, backoff: &mut Backoff) -> Ended {
+        let mut ps = con.as_pubsub();
+        if let Err(e) = ps.subscribe(&self.channels[..]) {
+            return Ended::Failed(e);
+        }
+        // Short reads from here on, so the thread notices a failure seen by the publisher.
+        if let Err(e) = ps.set_read_timeout(Some(TICK)) {
+            return Ended::Failed(e);
+        }
+        backoff.reset();
+        self.shared.verified(Side::Subscriber);
+        let mut heard = Instant::now();
+        loop {
+            match ps.get_message() {
+                Ok(msg) => {
+                    heard = Instant::now();
+                    // A message is proof enough that this side works, after the publisher's
+                    // failure too.
+                    if self.shared.link.needs(Side::Subscriber) {
+                        self.shared.verified(Side::Subscriber);
+                    }
+                    if !self.deliver(msg.get_payload_bytes()) {
+                        return Ended::LoopGone;
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    let suspect = self.shared.link.needs(Side::Subscriber);
+                    if suspect || heard.elapsed() >= KEEPALIVE {
+                        let _ = ps.set_read_timeout(Some(IO_TIMEOUT));
+                        if let Err(e) = ps.ping::<redis::Value>() {
+                            return Ended::Failed(e);
+                        }
+                        let _ = ps.set_read_timeout(Some(TICK));
+                        heard = Instant::now();
+                        if suspect {
+                            self.shared.verified(Side::Subscriber);
+                        }
+                    }
+                }
+                Err(e) => return Ended::Failed(e),
+            }
+        }
+    }
+
+    /// Hands one received payload to the loop. False when the loop is gone.
+    fn deliver(&self, payload: &[u8]) -> bool {
+        // The local mesh has already carried this host's own messages.
+        if wire::origin_of(payload).is_ok_and(|o| o.host == self.host) {
+            return true;
+        }
+        let (origin, msg) = match wire::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                log::warn!("bus: from redis: {e}");
+                return true;
+            }
+        };
+        let n = payload.len();
+        let behind = || {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            log::debug!("bus: the worker is not keeping up with redis; a message is dropped");
+        };
+        if !self.shared.in_bytes.take(n) {
+            behind();
+            return true;
+        }
+        match self.to_loop.try_send((origin, msg, n)) {
+            Ok(()) => {}
+            Err(e) => {
+                self.shared.in_bytes.give_back(n);
+                if matches!(e, TrySendError::Disconnected(_)) {
+                    return false;
+                }
+                behind();
+                return true;
+            }
+        }
+        if !self.shared.pending.swap(true, Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+        true
+    }
+}
+
+/// The thread that publishes what the loop queues.
+struct Publisher {
+    client: Client,
+    group: String,
+    shared: Arc<Shared>,
+    from_loop: Receiver<Outgoing>,
+}
+
+impl Publisher {
+    fn run(self) {
+        let mut con: Option<Connection> = None;
+        let mut backoff = Backoff::default();
+        let mut retry_at = Instant::now();
+        loop {
+            let now = Instant::now();
+            if self.shared.link.needs(Side::Publisher) && now >= retry_at {
+                match self.check(&mut con) {
+                    Ok(()) => {
+                        backoff.reset();
+                        self.shared.verified(Side::Publisher);
+                    }
+                    Err(e) => {
+                        con = None;
+                        self.shared.failed(Side::Publisher, &e);
+                        retry_at = now + backoff.next_delay();
+                    }
+                }
+            }
+            let first = match self.from_loop.recv_timeout(TICK) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match self.from_loop.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            let n = batch.len() as u64;
+            let bytes: usize = batch.iter().map(|m| m.bytes.len()).sum();
+            self.shared.out_bytes.give_back(bytes);
+            let usable = con
+                .as_mut()
+                .filter(|_| !self.shared.link.needs(Side::Publisher));
+            let Some(c) = usable else {
+                self.shared.dropped.fetch_add(n, Ordering::Relaxed);
+                continue;
+            };
+            let result = self.publish(c, &batch).or_else(|e| {
+                // A connection Redis closed while it was idle (`timeout`, `CLIENT KILL`) fails
+                // only when used: a fresh one gets a second try before this is an outage.
+                // (Should Redis drop it in the middle of a batch, the retry may repeat part
+                // of the batch; that takes Redis failing within the batch's round trip.)
+                log::debug!("bus: publishing to {}: {e}; reconnecting", self.shared.url);
+                con = None;
+                self.check(&mut con)?;
+                self.publish(con.as_mut().expect("just connected"), &batch)
+            });
+            match result {
+                Ok(unheard) => {
+                    self.shared.sent.fetch_add(n - unheard, Ordering::Relaxed);
+                    self.shared.dropped.fetch_add(unheard, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.shared.dropped.fetch_add(n, Ordering::Relaxed);
+                    con = None;
+                    self.shared.failed(Side::Publisher, &e);
+                    retry_at = Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+    }
+
+    /// Makes sure there is a working connection: `PING` on the one there is, else a new one.
+    fn check(&self, con: &mut Option<Connection>) -> redis::RedisResult<()> {
+        if let Some(c) = con.as_mut()
+            && redis::cmd("PING").exec(c).is_ok()
+        {
+            return Ok(());
+        }
+        *con = None;
+        let mut c = self.client.get_connection_with_timeout(IO_TIMEOUT)?;
+        c.set_write_timeout(Some(IO_TIMEOUT))?;
+        c.set_read_timeout(Some(IO_TIMEOUT))?;
+        redis::cmd("PING").exec(&mut c)?;
+        *con = Some(c);
+        Ok(())
+    }
+
+    /// Publishes a batch in one round trip. Returns how many messages for one worker found
+    /// nobody listening (its host or worker has gone): those count as dropped.
+    fn publish(&self, con: &mut Connection, batch: &[Outgoing]) -> redis::RedisResult<u64> {
+        let mut pipe = redis::pipe();
+        for m in batch {
+            pipe.cmd("PUBLISH")
+                .arg(m.to.channel(&self.group))
+                .arg(&m.bytes[..]);
+        }
+        let listeners: Vec<i64> = pipe.query(con)?;
+        Ok(batch
+            .iter()
+            .zip(listeners)
+            .filter(|(m, n)| matches!(m.to, Target::Worker { .. }) && *n == 0)
+            .count() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert_eq!(channel_all("chat"), "wsd:chat:all");
+        assert_eq!(
+            channel_of("chat", 0x3f2a_9c0d_11e8_7b45, 2),
+            "wsd:chat:3f2a9c0d11e87b45:2"
+        );
+        assert_eq!(channel_of("g", 1, 0), "wsd:g:0000000000000001:0");
+        assert_eq!(Target::All.channel("g"), "wsd:g:all");
+        assert_eq!(
+            Target::Worker { host: 255, slot: 7 }.channel("g"),
+            "wsd:g:00000000000000ff:7"
+        );
+    }
+
+    #[test]
+    fn the_link_is_up_only_when_both_sides_are_verified() {
+        let link = Link::default();
+        assert_eq!(link.state(), LinkState::Connecting);
+        assert!(link.needs(Side::Subscriber) && link.needs(Side::Publisher));
+        assert_eq!(link.verified(Side::Subscriber), Became::Same);
+        assert_eq!(link.state(), LinkState::Connecting);
+        assert_eq!(link.verified(Side::Publisher), Became::Connected);
+        assert_eq!(link.state(), LinkState::Up);
+        // Verifying again changes nothing.
+        assert_eq!(link.verified(Side::Publisher), Became::Same);
+        assert!(!link.needs(Side::Publisher));
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_and_its_end_once() {
+        let link = Link::default();
+        link.verified(Side::Subscriber);
+        link.verified(Side::Publisher);
+        assert!(link.fail(), "the first failure begins the outage");
+        assert!(!link.fail(), "the other side's failure is the same outage");
+        assert_eq!(link.state(), LinkState::Down);
+        // Both sides must verify again, even the one that did not fail.
+        assert!(link.needs(Side::Subscriber) && link.needs(Side::Publisher));
+        assert_eq!(link.verified(Side::Publisher), Became::Same);
+        assert_eq!(link.state(), LinkState::Down);
+        // A failed retry clears the publisher's fresh check too.
+        assert!(!link.fail());
+        assert!(link.needs(Side::Publisher));
+        assert_eq!(link.verified(Side::Subscriber), Became::Same);
+        assert_eq!(link.verified(Side::Publisher), Became::Back);
+        assert_eq!(link.state(), LinkState::Up);
+        assert!(link.fail(), "a new outage");
+    }
+
+    #[test]
+    fn failing_before_ever_connecting_is_an_outage() {
+        let link = Link::default();
+        assert!(link.fail());
+        assert_eq!(link.state(), LinkState::Down);
+        link.verified(Side::Subscriber);
+        assert_eq!(link.verified(Side::Publisher), Became::Back);
+    }
+
+    #[test]
+    fn two_sides_completing_at_once_report_once() {
+        for _ in 0..200 {
+            let link = Arc::new(Link::default());
+            assert!(link.fail());
+            let l2 = link.clone();
+            let t = std::thread::spawn(move || l2.verified(Side::Publisher));
+            let a = link.verified(Side::Subscriber);
+            let b = t.join().unwrap();
+            let backs = [a, b].iter().filter(|c| **c == Became::Back).count();
+            assert_eq!(backs, 1);
+        }
+    }
+
+    #[test]
+    fn queues_are_bounded_by_bytes_too() {
+        let b = Budget::default();
+        assert!(b.take(QUEUE_BYTES - 10));
+        assert!(!b.take(11), "over the limit: nothing taken");
+        assert!(b.take(10));
+        b.give_back(QUEUE_BYTES);
+        assert!(b.take(QUEUE_BYTES));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling_and_resets() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..9).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next_delay(), MIN_BACKOFF);
+    }
+}

@@ -1,0 +1,539 @@
+//! The cluster bus: two wsd masters (two "hosts") joined by a real `redis-server` on loopback.
+//! A chat message reaches the clients of both, exactly once each; a topic published on one
+//! reaches the subscribers of the other; `send_to` crosses hosts. Then Redis is stopped for
+//! 2 s: local delivery goes on, `status` and the logs tell the outage once, and when Redis is
+//! back the cluster delivers again without restarting wsd.
+//!
+//! Needs `redis-server` on the PATH (`scripts/test.sh` installs it with apt-get).
+//!
+//! Like `tests/bus.rs`, this binary is itself a wsd program: with `WSD_LIBRARY_SERVER=1` it
+//! serves the built-in apps plus `relay` (shows each client its global id and forwards
+//! `to ID TEXT` with `send_to`). `harness = false` because a forking master must be the main
+//! thread of its process.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long Redis stays away in the outage test.
+const OUTAGE: Duration = Duration::from_secs(2);
+/// Workers per group on each master.
+const COUNT: usize = 2;
+/// The groups each master runs (one bus per group name).
+const APPS: [&str; 3] = ["chat", "pubsub", "relay"];
+
+fn server_program() -> ! {
+    wsd::Runner::new()
+        .app("relay", |w| {
+            w.on_connect(|ctx, conn| {
+                let id = ctx.global_id(conn).expect("an open connection");
+                let _ = ctx.send(conn, format!("id {id}"));
+            });
+            w.on_message(|ctx, conn, msg| {
+                let text = msg.as_text().unwrap_or_default().to_string();
+                let Some(rest) = text.strip_prefix("to ") else {
+                    return;
+                };
+                let (to, body) = rest.split_once(' ').unwrap_or((rest, ""));
+                match to.parse::<wsd::GlobalId>() {
+                    Ok(to) => {
+                        let _ = ctx.send_to(to, body.to_string());
+                    }
+                    Err(e) => {
+                        let _ = ctx.send(conn, format!("error {e}"));
+                    }
+                }
+            });
+        })
+        .run()
+}
+
+/// A `redis-server` of the test's own on a free loopback port, killed when dropped.
+struct Redis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut r = Redis {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts the server (again) on the same port, and waits until it answers PING.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis is already running");
+        let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); install it: apt-get install -y redis-server")
+            });
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("redis to answer PING", DEADLINE, || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            s.write_all(b"PING\r\n").ok()?;
+            let mut buf = [0u8; 7];
+            s.read_exact(&mut buf).ok()?;
+            (&buf == b"+PONG\r\n").then_some(())
+        });
+    }
+
+    /// Kills the server (as a crash would) and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends one inline command; returns the first line of the answer.
+    fn command(&self, cmd: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut b).expect("redis answer");
+            line.push(b[0]);
+        }
+        String::from_utf8_lossy(&line).trim_end().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One wsd master running every app of [`APPS`] on the cluster bus, and its groups' ports.
+struct Host {
+    server: Server,
+    ports: Vec<u16>,
+}
+
+impl Host {
+    fn start(redis: &Redis) -> Host {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("workers.toml");
+        let mut text = format!(
+            "[server]\nstop_timeout = \"5s\"\nbus = \"{}\"\n",
+            redis.url()
+        );
+        for app in APPS {
+            text += &format!(
+                "\n[[worker]]\nlisten = \"websocket://127.0.0.1:0\"\ncount = {COUNT}\napp = \"{app}\"\n"
+            );
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut server = Server::start_with(this_program(), dir, config);
+        let st = server.status();
+        let ports = (0..APPS.len())
+            .map(|g| {
+                let listen = st["groups"][g]["listen"].as_str().unwrap();
+                listen.rsplit(':').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        Host { server, ports }
+    }
+
+    fn connect(&self, app: &str) -> Client {
+        let g = APPS.iter().position(|a| *a == app).unwrap();
+        Client::connect(self.ports[g])
+    }
+
+    /// Waits until `status --json` shows the bus in `state` on every worker; returns it.
+    fn wait_bus(&mut self, state: &str) -> Value {
+        let all = APPS.len() * COUNT;
+        wait_for(
+            &format!("the bus {state} on every worker"),
+            DEADLINE,
+            || {
+                let st = self.server.try_status()?;
+                let bus = &st["bus"];
+                let every = st["workers"]
+                    .as_array()?
+                    .iter()
+                    .all(|w| w["bus_state"] == format!("redis {state}"));
+                (bus["state"] == state && bus["workers"] == all && every).then_some(st)
+            },
+        )
+    }
+
+    fn log(&self) -> String {
+        self.server.master_output()
+    }
+}
+
+fn this_program() -> PathBuf {
+    std::env::current_exe().expect("the test binary's path")
+}
+
+/// How long "nothing more arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Nothing is waiting on `c`: call after [`QUIET`] has passed since the last send.
+fn assert_silent(c: &mut Client, who: &str) {
+    c.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_)) => continue,
+            Ok(m) => panic!("{who}: unexpected {m:?}"),
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => panic!("{who}: {e}"),
+        }
+    }
+    c.ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+}
+
+/// Chat clients on both hosts; a message sent on `from` reaches every one of them once.
+fn chat_reaches_both_hosts(hosts: &mut [Host; 2], text: &str, from: usize) {
+    let mut clients: Vec<(String, Client)> = Vec::new();
+    for (h, host) in hosts.iter().enumerate() {
+        // Four each, so both workers of a host most likely have some.
+        for i in 0..4 {
+            clients.push((format!("host {h} chat client {i}"), host.connect("chat")));
+        }
+    }
+    wait_for("every chat client counted", DEADLINE, || {
+        hosts
+            .iter_mut()
+            .all(|h| {
+                h.server
+                    .try_status()
+                    .is_some_and(|st| connections(&st, "chat") == 4)
+            })
+            .then_some(())
+    });
+    let sender = from * 4;
+    clients[sender].1.send_text(text);
+    for (who, c) in clients.iter_mut() {
+        assert_eq!(c.recv_text(), text, "{who}");
+    }
+    std::thread::sleep(QUIET);
+    for (who, c) in clients.iter_mut() {
+        assert_silent(c, who);
+    }
+}
+
+/// Open connections of group `name` in a status.
+fn connections(st: &Value, name: &str) -> u64 {
+    st["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["name"] == name)
+        .map(|w| w["connections"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn subscribe(c: &mut Client, topic: &str) {
+    c.send_text(&format!("{{\"subscribe\":\"{topic}\"}}"));
+    assert_eq!(c.recv_text(), format!("{{\"subscribed\":\"{topic}\"}}"));
+}
+
+/// A topic published on host 1 reaches its subscribers on host 0, and only them.
+fn topics_cross_hosts(hosts: &mut [Host; 2]) {
+    let mut a_news: Vec<Client> = (0..3).map(|_| hosts[0].connect("pubsub")).collect();
+    let mut a_other = hosts[0].connect("pubsub");
+    let mut b_news = hosts[1].connect("pubsub");
+    let mut b_publisher = hosts[1].connect("pubsub");
+    for c in a_news.iter_mut() {
+        subscribe(c, "news");
+    }
+    subscribe(&mut a_other, "other");
+    subscribe(&mut b_news, "news");
+    b_publisher.send_text("{\"publish\":\"news\",\"data\":\"from b\"}");
+    let expect = "{\"topic\":\"news\",\"data\":\"from b\"}";
+    for (i, c) in a_news.iter_mut().enumerate() {
+        assert_eq!(c.recv_text(), expect, "host 0 subscriber {i}");
+    }
+    assert_eq!(b_news.recv_text(), expect, "host 1 subscriber");
+    std::thread::sleep(QUIET);
+    for (i, c) in a_news.iter_mut().enumerate() {
+        assert_silent(c, &format!("host 0 subscriber {i}"));
+    }
+    assert_silent(&mut a_other, "host 0 subscriber of another topic");
+    assert_silent(&mut b_publisher, "host 1 publisher (not subscribed)");
+    assert_silent(&mut b_news, "host 1 subscriber");
+}
+
+/// A relay client: its global id.
+fn relay_client(host: &Host) -> (Client, String) {
+    let mut c = host.connect("relay");
+    let welcome = c.recv_text();
+    let id = welcome
+        .strip_prefix("id ")
+        .expect("the welcome")
+        .to_string();
+    (c, id)
+}
+
+/// `send_to` reaches a client of the other host, both ways.
+fn send_to_crosses_hosts(hosts: &[Host; 2], tag: &str) {
+    let (mut a, a_id) = relay_client(&hosts[0]);
+    let (mut b, b_id) = relay_client(&hosts[1]);
+    assert_ne!(a_id.split('-').next(), b_id.split('-').next(), "two hosts");
+    a.send_text(&format!("to {b_id} {tag} from a"));
+    assert_eq!(b.recv_text(), format!("{tag} from a"));
+    b.send_text(&format!("to {a_id} {tag} from b"));
+    assert_eq!(a.recv_text(), format!("{tag} from b"));
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+fn cluster_delivers_and_survives_a_redis_outage() {
+    let mut redis = Redis::start();
+    let mut hosts = [Host::start(&redis), Host::start(&redis)];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let out = hosts[0].server.wsd(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = format!("bus: {} — up on 6/6 workers", redis.url());
+    assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    // The workers' helper threads are the workers' own: the master, which forks, has none.
+    for h in &hosts {
+        let master = h.server.master_pid();
+        let threads = std::fs::read_dir(format!("/proc/{master}/task"))
+            .unwrap()
+            .count();
+        assert_eq!(threads, 1, "the master runs threads");
+    }
+
+    chat_reaches_both_hosts(&mut hosts, "hello from host 0", 0);
+    chat_reaches_both_hosts(&mut hosts, "hello from host 1", 1);
+    topics_cross_hosts(&mut hosts);
+    send_to_crosses_hosts(&hosts, "before");
+    assert_eq!(workers_sum(&hosts[0].server.status(), "bus_dropped"), 0);
+    // To a host that is not there: nobody listens on its channel, and that is counted.
+    let (mut lost, _) = relay_client(&hosts[0]);
+    lost.send_text("to 00000000000000ff-0-1-1 nobody home");
+    wait_for("the undeliverable send_to counted", DEADLINE, || {
+        let st = hosts[0].server.try_status()?;
+        (workers_sum(&st, "bus_dropped") == 1).then_some(())
+    });
+
+    // Chat clients that stay through the outage, two on each host.
+    let mut a: Vec<Client> = (0..2).map(|_| hosts[0].connect("chat")).collect();
+    let mut b: Vec<Client> = (0..2).map(|_| hosts[1].connect("chat")).collect();
+    wait_for("the chat clients counted", DEADLINE, || {
+        hosts
+            .iter_mut()
+            .all(|h| {
+                h.server
+                    .try_status()
+                    .is_some_and(|st| connections(&st, "chat") == 2)
+            })
+            .then_some(())
+    });
+
+    // Redis closes every publishing connection (as its idle `timeout` would): the next message
+    // still crosses, over a new one, and that is no outage.
+    let killed = redis.command("CLIENT KILL TYPE normal");
+    assert!(
+        killed.starts_with(':') && killed != ":0",
+        "CLIENT KILL: {killed}"
+    );
+    a[0].send_text("after a cut");
+    for c in a.iter_mut().chain(b.iter_mut()) {
+        assert_eq!(c.recv_text(), "after a cut");
+    }
+    for h in &hosts {
+        assert_eq!(count(&h.log(), "bus: redis unavailable"), 0, "{}", h.log());
+    }
+
+    // Redis goes away for OUTAGE.
+    let down_at = Instant::now();
+    redis.stop();
+    for h in hosts.iter_mut() {
+        let st = h.wait_bus("down");
+        assert_eq!(st["bus"]["workers_up"], 0, "{}", st["bus"]);
+    }
+    // Local delivery goes on, on each host; nothing crosses.
+    a[0].send_text("local on host 0");
+    for c in a.iter_mut() {
+        assert_eq!(c.recv_text(), "local on host 0");
+    }
+    b[1].send_text("local on host 1");
+    for c in b.iter_mut() {
+        assert_eq!(c.recv_text(), "local on host 1");
+    }
+    let workers = APPS.len() * COUNT;
+    for (i, h) in hosts.iter().enumerate() {
+        wait_for("every worker to log the outage", DEADLINE, || {
+            (count(&h.log(), "bus: redis unavailable at") >= workers).then_some(())
+        });
+        let out = h.server.wsd(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.contains(&format!("bus: {} — down (up on 0/6 workers)", redis.url())),
+            "host {i}:\n{text}"
+        );
+    }
+    std::thread::sleep(OUTAGE.saturating_sub(down_at.elapsed()));
+    for (i, h) in hosts.iter().enumerate() {
+        let log = h.log();
+        assert_eq!(
+            count(&log, "bus: redis down (reported by worker"),
+            1,
+            "host {i}: the master tells the outage once:\n{log}"
+        );
+        assert_eq!(
+            count(&log, "bus: redis unavailable at"),
+            workers,
+            "host {i}: each worker tells it once, however many retries:\n{log}"
+        );
+    }
+    let dropped = workers_sum(&hosts[0].server.status(), "bus_dropped");
+    assert!(dropped >= 1, "the message for redis is counted as dropped");
+
+    // Redis comes back on the same port; wsd reconnects by itself.
+    redis.restart();
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+        h.server
+            .wait_for_log("bus: redis back (every worker reaches it)");
+    }
+    a[1].send_text("after the outage");
+    for (who, c) in [("host 0", &mut a), ("host 1", &mut b)] {
+        for c in c.iter_mut() {
+            // The first message each gets: what was local during the outage stayed local.
+            assert_eq!(c.recv_text(), "after the outage", "{who}");
+        }
+    }
+    std::thread::sleep(QUIET);
+    for c in a.iter_mut().chain(b.iter_mut()) {
+        assert_silent(c, "after the outage");
+    }
+    topics_cross_hosts(&mut hosts);
+    send_to_crosses_hosts(&hosts, "after");
+    for (i, h) in hosts.iter().enumerate() {
+        let log = h.log();
+        assert_eq!(count(&log, "bus: redis back (every"), 1, "host {i}:\n{log}");
+        assert_eq!(
+            count(&log, "bus: redis back at"),
+            workers,
+            "host {i}:\n{log}"
+        );
+    }
+}
+
+/// With Redis unreachable from the start, the workers serve their own clients, say so once,
+/// and join the cluster when Redis appears.
+fn a_server_starts_without_redis_and_joins_later() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let mut host = Host::start(&redis);
+    host.wait_bus("down");
+    let mut c = [host.connect("chat"), host.connect("chat")];
+    c[0].send_text("alone");
+    for c in c.iter_mut() {
+        assert_eq!(c.recv_text(), "alone");
+    }
+    redis.restart();
+    host.wait_bus("up");
+    let mut other = Host::start(&redis);
+    other.wait_bus("up");
+    let mut far = other.connect("chat");
+    wait_for("the far client counted", DEADLINE, || {
+        let st = other.server.try_status()?;
+        (connections(&st, "chat") == 1).then_some(())
+    });
+    c[1].send_text("together");
+    assert_eq!(far.recv_text(), "together");
+    let log = host.log();
+    assert_eq!(
+        count(&log, "bus: redis down (reported by worker"),
+        1,
+        "{log}"
+    );
+}
+
+fn redis_available() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() {
+    if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
+        server_program();
+    }
+    assert!(
+        redis_available(),
+        "redis-server is not installed: apt-get install -y redis-server (scripts/test.sh does)"
+    );
+    let tests: [(&str, fn()); 2] = [
+        (
+            "cluster_delivers_and_survives_a_redis_outage",
+            cluster_delivers_and_survives_a_redis_outage,
+        ),
+        (
+            "a_server_starts_without_redis_and_joins_later",
+            a_server_starts_without_redis_and_joins_later,
+        ),
+    ];
+    let mut failed = 0;
+    for (name, test) in tests {
+        let began = Instant::now();
+        let ok = std::panic::catch_unwind(test).is_ok();
+        println!(
+            "test {name} ... {} ({:.1}s)",
+            if ok { "ok" } else { "FAILED" },
+            began.elapsed().as_secs_f64()
+        );
+        failed += usize::from(!ok);
+    }
+    println!(
+        "\ncluster: {} passed, {failed} failed",
+        tests.len() - failed
+    );
+    std::process::exit(i32::from(failed > 0));
+}
