@@ -252,11 +252,17 @@ impl Bus {
 
     /// Every message waiting from the worker in `slot`. A peer end that is closed for good
     /// (its pair was dropped by a reload that shrank the group) is forgotten.
-    pub fn receive(&mut self, slot: usize) -> Vec<(Origin, BusMessage)> {
+    ///
+    /// At most `budget` messages at a time, so one busy peer cannot starve the worker's
+    /// clients; the second value says more may be waiting.
+    pub fn receive(&mut self, slot: usize, budget: usize) -> (Vec<(Origin, BusMessage)>, bool) {
         let mut out = Vec::new();
         loop {
+            if out.len() >= budget {
+                return (out, true);
+            }
             let Some(end) = self.peers.get(slot).and_then(Option::as_ref) else {
-                return out;
+                return (out, false);
             };
             match mesh::recv_on(end) {
                 Ok(Some(bytes)) => match wire::decode(&bytes) {
@@ -266,10 +272,10 @@ impl Bus {
                     }
                     Err(e) => log::warn!("bus: from worker slot {slot}: {e}"),
                 },
-                Ok(None) => return out,
+                Ok(None) => return (out, false),
                 Err(_) => {
                     self.peers[slot] = None;
-                    return out;
+                    return (out, false);
                 }
             }
         }
@@ -316,11 +322,30 @@ mod tests {
         buses[0].send_to_peers(&hello);
         buses[2].send_to_slot(1, &BusMessage::App(bytes::Bytes::from_static(b"psst")));
         assert_eq!(buses[0].stats.sent, 2);
-        let got: Vec<_> = buses[1].receive(0);
+        let got: Vec<_> = buses[1].receive(0, 64).0;
         assert_eq!(got, vec![(Origin { host: 9, slot: 0 }, hello.clone())]);
-        assert_eq!(buses[2].receive(0).len(), 1);
-        assert_eq!(buses[1].receive(2).len(), 1);
-        assert!(buses[1].receive(2).is_empty());
+        assert_eq!(buses[2].receive(0, 64).0.len(), 1);
+        assert_eq!(buses[1].receive(2, 64).0.len(), 1);
+        assert!(buses[1].receive(2, 64).0.is_empty());
         assert_eq!(buses[1].stats.received, 2);
+    }
+
+    #[test]
+    fn a_busy_peer_is_read_a_budget_at_a_time() {
+        use crate::worker::Message;
+        let mut mesh = mesh::Mesh::new(2).unwrap();
+        let mut a = Bus::new(Origin { host: 1, slot: 0 }, mesh.take_ends(0));
+        let mut b = Bus::new(Origin { host: 1, slot: 1 }, mesh.take_ends(1));
+        for n in 0..100 {
+            a.send_to_slot(1, &BusMessage::Broadcast(Message::from(format!("{n}"))));
+        }
+        let (first, more) = b.receive(0, 64);
+        assert_eq!((first.len(), more), (64, true));
+        let (rest, more) = b.receive(0, 64);
+        assert_eq!((rest.len(), more), (36, false));
+        assert_eq!(
+            rest.last().map(|(_, m)| m.clone()),
+            Some(BusMessage::Broadcast(Message::from("99")))
+        );
     }
 }

@@ -8,11 +8,19 @@ use super::event_loop::Loop;
 use crate::bus::wire::{BusMessage, Origin};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+/// Bus messages taken from one peer per loop turn.
+const BUS_BUDGET: usize = 64;
+
 impl Loop {
-    /// The bus end to the worker in `peer` is readable.
+    /// The bus end to the worker in `peer` is readable. A peer with more waiting than one
+    /// turn's budget is read again next turn, after the clients have had theirs.
     pub(super) fn bus_ready(&mut self, peer: usize) {
-        for (from, msg) in self.ctx.bus.receive(peer) {
+        let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
+        for (from, msg) in messages {
             self.carry_out(from, msg);
+        }
+        if more && !self.bus_again.contains(&peer) {
+            self.bus_again.push(peer);
         }
     }
 

@@ -66,6 +66,8 @@ pub(super) struct Loop {
     next_serial: u32,
     /// Connections whose read budget ran out with data still buffered.
     again: Vec<usize>,
+    /// Bus peers whose messages did not all fit in one turn's budget.
+    pub(super) bus_again: Vec<usize>,
     /// The listener is not being drained: at `max_connections`, or out of descriptors.
     pub(super) accept_paused: bool,
     pub(super) accept_retry_at: Option<Instant>,
@@ -149,6 +151,7 @@ impl Loop {
             per_ip: HashMap::new(),
             next_serial: 0,
             again: Vec::new(),
+            bus_again: Vec::new(),
             accept_paused: false,
             accept_retry_at: None,
             next_tick: Instant::now() + TICK,
@@ -191,6 +194,9 @@ impl Loop {
             if self.stopping == Some(StopMode::Fast) {
                 return self.exit();
             }
+            for peer in std::mem::take(&mut self.bus_again) {
+                self.bus_ready(peer);
+            }
             for idx in std::mem::take(&mut self.again) {
                 self.read_conn(idx);
             }
@@ -215,6 +221,7 @@ impl Loop {
 
     fn poll_timeout(&self) -> Duration {
         if !self.again.is_empty()
+            || !self.bus_again.is_empty()
             || !self.ctx.dirty.is_empty()
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
