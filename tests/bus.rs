@@ -54,20 +54,8 @@ fn this_program() -> PathBuf {
     std::env::current_exe().expect("the test binary's path")
 }
 
-/// Which worker pid holds each client, by the client's local port (`wsd connections`).
 fn owners(server: &Server) -> HashMap<u16, i32> {
-    let out = server.wsd(&["connections", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
-    view["conns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let port = r["remote"].as_str().unwrap().rsplit(':').next().unwrap();
-            (port.parse().unwrap(), r["pid"].as_i64().unwrap() as i32)
-        })
-        .collect()
+    connection_owners(server)
 }
 
 fn port_of(c: &Client) -> u16 {
@@ -321,43 +309,33 @@ fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 6] = [
-        (
-            "a_reloaded_group_is_on_the_bus_again",
-            a_reloaded_group_is_on_the_bus_again,
-        ),
-        (
-            "chat_reaches_every_client_once_in_each_senders_order",
-            chat_reaches_every_client_once_in_each_senders_order,
-        ),
-        (
-            "pubsub_delivers_only_to_subscribers_and_answers_bad_input",
-            pubsub_delivers_only_to_subscribers_and_answers_bad_input,
-        ),
-        (
-            "send_to_reaches_a_client_of_another_worker",
-            send_to_reaches_a_client_of_another_worker,
-        ),
-        (
-            "workers_exchange_app_messages",
-            workers_exchange_app_messages,
-        ),
-        (
-            "broadcasts_survive_a_worker_killed_mid_stream",
-            broadcasts_survive_a_worker_killed_mid_stream,
-        ),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let began = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            began.elapsed().as_secs_f64()
-        );
-        failed += usize::from(!ok);
-    }
-    println!("\nbus: {} passed, {failed} failed", tests.len() - failed);
-    std::process::exit(i32::from(failed > 0));
+    run_suite(
+        "bus",
+        &[
+            (
+                "a_reloaded_group_is_on_the_bus_again",
+                a_reloaded_group_is_on_the_bus_again,
+            ),
+            (
+                "chat_reaches_every_client_once_in_each_senders_order",
+                chat_reaches_every_client_once_in_each_senders_order,
+            ),
+            (
+                "pubsub_delivers_only_to_subscribers_and_answers_bad_input",
+                pubsub_delivers_only_to_subscribers_and_answers_bad_input,
+            ),
+            (
+                "send_to_reaches_a_client_of_another_worker",
+                send_to_reaches_a_client_of_another_worker,
+            ),
+            (
+                "workers_exchange_app_messages",
+                workers_exchange_app_messages,
+            ),
+            (
+                "broadcasts_survive_a_worker_killed_mid_stream",
+                broadcasts_survive_a_worker_killed_mid_stream,
+            ),
+        ],
+    );
 }

@@ -510,30 +510,17 @@ fn main() {
         redis_available(),
         "redis-server is not installed: apt-get install -y redis-server (scripts/test.sh does)"
     );
-    let tests: [(&str, fn()); 2] = [
-        (
-            "cluster_delivers_and_survives_a_redis_outage",
-            cluster_delivers_and_survives_a_redis_outage,
-        ),
-        (
-            "a_server_starts_without_redis_and_joins_later",
-            a_server_starts_without_redis_and_joins_later,
-        ),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let began = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            began.elapsed().as_secs_f64()
-        );
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\ncluster: {} passed, {failed} failed",
-        tests.len() - failed
+    run_suite(
+        "cluster",
+        &[
+            (
+                "cluster_delivers_and_survives_a_redis_outage",
+                cluster_delivers_and_survives_a_redis_outage,
+            ),
+            (
+                "a_server_starts_without_redis_and_joins_later",
+                a_server_starts_without_redis_and_joins_later,
+            ),
+        ],
     );
-    std::process::exit(i32::from(failed > 0));
 }

@@ -231,37 +231,29 @@ fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 5] = [
-        (
-            "a_stuck_worker_shows_busy_and_status_does_not_hang",
-            a_stuck_worker_shows_busy_and_status_does_not_hang,
-        ),
-        (
-            "hooks_see_ids_paths_and_timers",
-            hooks_see_ids_paths_and_timers,
-        ),
-        (
-            "a_panicking_hook_closes_only_its_connection",
-            a_panicking_hook_closes_only_its_connection,
-        ),
-        (
-            "hooks_close_with_a_code_and_hear_about_errors",
-            hooks_close_with_a_code_and_hear_about_errors,
-        ),
-        (
-            "workers_do_not_inherit_notify_socket",
-            workers_do_not_inherit_notify_socket,
-        ),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\nlibrary: {} passed, {failed} failed",
-        tests.len() - failed
+    run_suite(
+        "library",
+        &[
+            (
+                "a_stuck_worker_shows_busy_and_status_does_not_hang",
+                a_stuck_worker_shows_busy_and_status_does_not_hang,
+            ),
+            (
+                "hooks_see_ids_paths_and_timers",
+                hooks_see_ids_paths_and_timers,
+            ),
+            (
+                "a_panicking_hook_closes_only_its_connection",
+                a_panicking_hook_closes_only_its_connection,
+            ),
+            (
+                "hooks_close_with_a_code_and_hear_about_errors",
+                hooks_close_with_a_code_and_hear_about_errors,
+            ),
+            (
+                "workers_do_not_inherit_notify_socket",
+                workers_do_not_inherit_notify_socket,
+            ),
+        ],
     );
-    std::process::exit(i32::from(failed > 0));
 }

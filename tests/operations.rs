@@ -7,7 +7,6 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -276,18 +275,7 @@ fn a_worker_killed_under_traffic_is_back_within_a_second_and_others_lose_nothing
     let mut server = Server::start("echo", 4);
     let clients: Vec<Client> = (0..200).map(|_| server.connect()).collect();
     // Which worker holds which client, from the server's own connections view.
-    let out = server.wsd(&["connections", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let owner: HashMap<u16, i32> = view["conns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let port = r["remote"].as_str().unwrap().rsplit(':').next().unwrap();
-            (port.parse().unwrap(), r["pid"].as_i64().unwrap() as i32)
-        })
-        .collect();
+    let owner = connection_owners(&server);
     assert_eq!(owner.len(), 200, "every client is listed once");
     let victim = *owner.values().next().unwrap();
     let slot = server.status()["workers"]

@@ -298,42 +298,29 @@ fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let tests: [(&str, fn()); 5] = [
-        (
-            "a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes",
-            a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes,
-        ),
-        (
-            "a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers",
-            a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers,
-        ),
-        (
-            "kill_9_of_the_master_takes_every_worker_and_start_works_again",
-            kill_9_of_the_master_takes_every_worker_and_start_works_again,
-        ),
-        (
-            "a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled",
-            a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled,
-        ),
-        (
-            "a_group_that_dies_at_start_stops_the_master_after_backing_off",
-            a_group_that_dies_at_start_stops_the_master_after_backing_off,
-        ),
-    ];
-    let mut failed = 0;
-    for (name, test) in tests {
-        let began = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            began.elapsed().as_secs_f64()
-        );
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\nsupervision: {} passed, {failed} failed",
-        tests.len() - failed
+    run_suite(
+        "supervision",
+        &[
+            (
+                "a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes",
+                a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes,
+            ),
+            (
+                "a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers",
+                a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers,
+            ),
+            (
+                "kill_9_of_the_master_takes_every_worker_and_start_works_again",
+                kill_9_of_the_master_takes_every_worker_and_start_works_again,
+            ),
+            (
+                "a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled",
+                a_stale_pid_file_naming_a_live_process_blocks_nothing_and_it_is_never_signalled,
+            ),
+            (
+                "a_group_that_dies_at_start_stops_the_master_after_backing_off",
+                a_group_that_dies_at_start_stops_the_master_after_backing_off,
+            ),
+        ],
     );
-    std::process::exit(i32::from(failed > 0));
 }

@@ -684,3 +684,44 @@ pub fn listen_port_in(st: &Value) -> u16 {
         .parse()
         .unwrap()
 }
+
+/// Runs a `harness = false` suite: each test in turn, caught panics reported as failures, a
+/// summary line, and the process's exit status. (Such suites are wsd programs themselves,
+/// and a forking master must be the main thread of its process, not a libtest thread.)
+#[allow(dead_code)]
+pub fn run_suite(suite: &str, tests: &[(&str, fn())]) -> ! {
+    let mut failed = 0;
+    for (name, test) in tests {
+        let began = Instant::now();
+        let ok = std::panic::catch_unwind(test).is_ok();
+        println!(
+            "test {name} ... {} ({:.1}s)",
+            if ok { "ok" } else { "FAILED" },
+            began.elapsed().as_secs_f64()
+        );
+        failed += usize::from(!ok);
+    }
+    println!(
+        "\n{suite}: {} passed, {failed} failed",
+        tests.len() - failed
+    );
+    std::process::exit(i32::from(failed > 0));
+}
+
+/// Which worker pid holds each client, keyed by the client's local port, from the server's
+/// own `wsd connections --json`.
+#[allow(dead_code)]
+pub fn connection_owners(server: &Server) -> std::collections::HashMap<u16, i32> {
+    let out = server.wsd(&["connections", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    view["conns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let port = r["remote"].as_str().unwrap().rsplit(':').next().unwrap();
+            (port.parse().unwrap(), r["pid"].as_i64().unwrap() as i32)
+        })
+        .collect()
+}
