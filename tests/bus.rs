@@ -18,36 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn server_program() -> ! {
-    wsd::Runner::new()
-        .app("relay", |w| {
-            w.on_connect(|ctx, conn| {
-                let id = ctx.global_id(conn).expect("an open connection");
-                let _ = ctx.send(conn, format!("id {id}"));
-            });
-            w.on_message(|ctx, conn, msg| {
-                let text = msg.as_text().unwrap_or_default().to_string();
-                if let Some(rest) = text.strip_prefix("to ") {
-                    let (to, body) = rest.split_once(' ').unwrap_or((rest, ""));
-                    match to.parse::<wsd::GlobalId>() {
-                        Ok(to) => {
-                            let _ = ctx.send_to(to, body.to_string());
-                        }
-                        Err(e) => {
-                            let _ = ctx.send(conn, format!("error {e}"));
-                        }
-                    }
-                } else if let Some(body) = text.strip_prefix("all ") {
-                    let from = ctx.worker_id();
-                    ctx.bus_send_all(format!("{from}:{body}").into_bytes());
-                    let _ = ctx.send(conn, "sent");
-                }
-            });
-            w.on_bus_message(|ctx, from, data| {
-                let text = String::from_utf8_lossy(&data).to_string();
-                ctx.broadcast_local(format!("bus from slot {}: {text}", from.slot));
-            });
-        })
-        .run()
+    wsd::Runner::new().app("relay", relay_app).run()
 }
 
 fn this_program() -> PathBuf {

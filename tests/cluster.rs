@@ -29,29 +29,7 @@ const COUNT: usize = 2;
 const APPS: [&str; 3] = ["chat", "pubsub", "relay"];
 
 fn server_program() -> ! {
-    wsd::Runner::new()
-        .app("relay", |w| {
-            w.on_connect(|ctx, conn| {
-                let id = ctx.global_id(conn).expect("an open connection");
-                let _ = ctx.send(conn, format!("id {id}"));
-            });
-            w.on_message(|ctx, conn, msg| {
-                let text = msg.as_text().unwrap_or_default().to_string();
-                let Some(rest) = text.strip_prefix("to ") else {
-                    return;
-                };
-                let (to, body) = rest.split_once(' ').unwrap_or((rest, ""));
-                match to.parse::<wsd::GlobalId>() {
-                    Ok(to) => {
-                        let _ = ctx.send_to(to, body.to_string());
-                    }
-                    Err(e) => {
-                        let _ = ctx.send(conn, format!("error {e}"));
-                    }
-                }
-            });
-        })
-        .run()
+    wsd::Runner::new().app("relay", relay_app).run()
 }
 
 /// A `redis-server` of the test's own on a free loopback port, killed when dropped.
