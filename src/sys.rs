@@ -270,6 +270,13 @@ fn flock_holder_in(table: &str, file: (u64, u64, u64)) -> Option<i32> {
     })
 }
 
+/// Clock ticks per second, the unit of the CPU times in `/proc/<pid>/stat` (`wsd bench`).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

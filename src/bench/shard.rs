@@ -9,10 +9,12 @@
 //! the coordinator says `go <t0>`; the shard measures, reports once a second, and ends with
 //! `Done` (its counts, errors and latency histogram). In a broadcast run the shard holding the
 //! publisher reports `Published` when it has sent everything, and the coordinator passes the
-//! total on (`sent <n>`) so subscribers can stop as soon as they have every message.
+//! total on (`sent <n>`) so subscribers can stop as soon as they have every message. A run
+//! whose end the coordinator decides (`idle`: after it has read the server's memory) ends
+//! with `stop`.
 
 use super::client::{self, Driver, Pool};
-use super::report::{self, Counts, Errors};
+use super::report::{self, Counts, Errors, Span};
 use super::{Clock, Plan, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
@@ -49,6 +51,14 @@ pub trait Workload: Driver {
     }
     fn counts(&self) -> Counts;
     fn latency(&self) -> &Histogram<u64>;
+    /// A second histogram, for the final report: `connect`'s burst handshakes.
+    fn burst_latency(&self) -> Option<&Histogram<u64>> {
+        None
+    }
+    /// The first and last moments of the workload's own activity (`latency`: its sends).
+    fn span(&self) -> Option<Span> {
+        None
+    }
 }
 
 /// Shard → coordinator.
@@ -73,6 +83,13 @@ pub enum Report {
         counts: Counts,
         errors: Errors,
         latency: Vec<(u64, u64)>,
+        /// From the first connect to the moment every connection was up or had failed.
+        #[serde(default)]
+        connecting: Option<Span>,
+        #[serde(default)]
+        span: Option<Span>,
+        #[serde(default)]
+        burst_latency: Vec<(u64, u64)>,
     },
     /// The shard could not run at all.
     Failed {
@@ -88,6 +105,8 @@ pub struct Share {
     pub conns: usize,
     /// It also runs the broadcast publisher.
     pub publisher: bool,
+    /// `connect`: the connections it cycles in the sustained phase.
+    pub slots: usize,
 }
 
 /// Runs a shard to the end; the exit code for its process.
@@ -99,36 +118,37 @@ pub fn main(
     mut down: pipe::Receiver,
 ) -> i32 {
     let _ = up.set_nonblocking(false);
+    let (up, down) = (&mut up, &mut down);
+    let (n, first) = (share.conns, share.first);
     let result = match &plan.work {
         Work::Echo { size, depth } => {
-            let echo = super::echo::Echo::new(share.conns, *size, *depth, plan.secs);
-            run(
-                plan,
-                share.conns,
-                share.first,
-                echo,
-                clock,
-                &mut up,
-                &mut down,
-            )
+            let echo = super::echo::Echo::new(n, *size, *depth, plan.secs);
+            run(plan, n, first, echo, clock, up, down)
+        }
+        Work::Connect { .. } => {
+            let connect = super::connect::Connect::new(n, share.slots, plan.secs);
+            run(plan, n, first, connect, clock, up, down)
+        }
+        Work::Idle { size } => {
+            let idle = super::idle::Idle::new(n, *size);
+            run(plan, n, first, idle, clock, up, down)
+        }
+        Work::Latency { rate, size } => {
+            let latency =
+                super::latency::Latency::new(first, n, plan.conns, *rate, *size, plan.secs);
+            run(plan, n, first, latency, clock, up, down)
         }
         Work::Broadcast { rate, app, topic } => {
-            let b = super::broadcast::Broadcast::new(
-                *app,
-                topic,
-                share.conns,
-                share.publisher,
-                *rate,
-                plan.secs,
-            );
-            let sockets = share.conns + usize::from(share.publisher);
-            run(plan, sockets, share.first, b, clock, &mut up, &mut down)
+            let b =
+                super::broadcast::Broadcast::new(*app, topic, n, share.publisher, *rate, plan.secs);
+            let sockets = n + usize::from(share.publisher);
+            run(plan, sockets, first, b, clock, up, down)
         }
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let _ = send(&mut up, &Report::Failed { why: e.to_string() });
+            let _ = send(up, &Report::Failed { why: e.to_string() });
             2
         }
     }
@@ -157,9 +177,15 @@ fn run(
     let mut next_report = 0;
     let mut next_sweep = SEC;
     let mut published_sent = false;
+    let mut stopped = false;
+    let began = clock.now();
+    let mut settled_at: Option<u64> = None;
     loop {
         let now = clock.now();
         pool.start_wave(now);
+        if settled_at.is_none() && pool.settled() {
+            settled_at = Some(now);
+        }
         if now >= next_sweep {
             pool.sweep(now);
             next_sweep = now + SEC;
@@ -173,7 +199,7 @@ fn run(
                 send(up, &Report::Published { sent })?;
                 published_sent = true;
             }
-            if work.done(now, &pool) {
+            if stopped || work.done(now, &pool) {
                 break;
             }
         }
@@ -199,6 +225,7 @@ fn run(
                     next_report = at + SEC;
                 }
                 Some(("sent", n)) => work.published(n.parse().map_err(io::Error::other)?),
+                None if order == "stop" => stopped = true,
                 _ => return Err(io::Error::other(format!("unknown order {order:?}"))),
             }
         }
@@ -215,6 +242,9 @@ fn run(
             counts: work.counts(),
             errors: pool.errors.clone(),
             latency: report::to_pairs(work.latency()),
+            connecting: settled_at.map(|to| Span { from: began, to }),
+            span: work.span(),
+            burst_latency: work.burst_latency().map_or_else(Vec::new, report::to_pairs),
         },
     )
 }
