@@ -110,6 +110,9 @@ pub struct Pool {
 /// The token of a source the caller registers itself (the coordinator's pipe).
 pub const EXTRA: Token = Token(usize::MAX - 1);
 
+/// The token of the caller's timer (its readiness only ends the wait; nothing is read).
+pub const TIMER: Token = Token(usize::MAX - 2);
+
 impl Conn {
     fn new() -> Conn {
         Conn {

@@ -24,8 +24,8 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use std::collections::VecDeque;
 
-/// A send this far behind its schedule is counted as late. (The loop sleeps in whole
-/// milliseconds, so on time means within one.)
+/// A send this far behind its schedule is counted as late: the client, not the server, was
+/// behind. (The loop wakes for the schedule on a timerfd, so on time is within tens of µs.)
 pub const LATE_NS: u64 = 1_000_000;
 
 /// How long to wait for the last replies once everything is sent.

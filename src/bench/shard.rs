@@ -18,9 +18,10 @@ use super::report::{self, Counts, Errors, Span};
 use super::{Clock, Plan, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
-use mio::unix::pipe;
+use mio::unix::{SourceFd, pipe};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 const SEC: u64 = 1_000_000_000;
@@ -172,6 +173,14 @@ fn run(
     let mut pool = Pool::new(&plan.target, first, sockets, clock)?;
     pool.registry()
         .register(down, client::EXTRA, Interest::READABLE)?;
+    // Scheduled sends (latency, the broadcast publisher) wake on a timerfd: a poll timeout
+    // is rounded up to whole milliseconds, which would add up to 1 ms of the client's own
+    // lateness to every latency measured from the schedule.
+    let timer = crate::sys::timer_fd()?;
+    let timer_fd = timer.as_raw_fd();
+    pool.registry()
+        .register(&mut SourceFd(&timer_fd), client::TIMER, Interest::READABLE)?;
+    let mut armed: Option<u64> = None;
     let mut orders = Lines::default();
     let mut t0: Option<u64> = None;
     let mut next_report = 0;
@@ -194,6 +203,10 @@ fn run(
         if t0.is_some() {
             if let Some(at) = work.tick(now, &mut pool) {
                 wake = wake.min(at);
+                if armed != Some(at) {
+                    crate::sys::arm_timer(&timer, at.saturating_sub(now))?;
+                    armed = Some(at);
+                }
             }
             if !published_sent && let Some(sent) = work.published_here(&pool) {
                 send(up, &Report::Published { sent })?;
