@@ -28,6 +28,7 @@ pub struct ServerArgs {
     )]
     pub pid: Vec<i32>,
     /// A wsd config file: the pids of its master and workers come from `wsd -c FILE status`
+    /// (`wsd -c FILE bench ...` and WSD_CONFIG set it too: clap hands the global down)
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
