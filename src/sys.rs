@@ -270,6 +270,48 @@ fn flock_holder_in(table: &str, file: (u64, u64, u64)) -> Option<i32> {
     })
 }
 
+/// Clock ticks per second, the unit of the CPU times in `/proc/<pid>/stat` (`wsd bench`).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
+/// A non-blocking CLOCK_MONOTONIC timerfd: a wake-up finer than a poll timeout, which the
+/// kernel takes in whole milliseconds (`wsd bench`'s open-loop schedules).
+pub fn timer_fd() -> io::Result<OwnedFd> {
+    let flags = libc::TFD_NONBLOCK | libc::TFD_CLOEXEC;
+    // SAFETY: timerfd_create takes no pointers.
+    let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created for us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms `timer` (from [`timer_fd`]) to fire once, `ns` nanoseconds from now (at least 1).
+pub fn arm_timer(timer: &OwnedFd, ns: u64) -> io::Result<()> {
+    let ns = ns.max(1);
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let spec = libc::itimerspec {
+        it_interval: zero,
+        it_value: libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        },
+    };
+    // SAFETY: `spec` is a valid itimerspec that outlives the call; a null old value is allowed.
+    let rc = unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,6 +151,7 @@ fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
     }
     let server = Server::start("chat", 2);
     let url = server.url();
+    let config = server.config.to_str().unwrap().to_string();
     let (v, out) = bench(&[
         "broadcast",
         "--url",
@@ -161,6 +162,8 @@ fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
         "1",
         "--rate",
         "20",
+        "--config",
+        &config,
     ]);
     assert_no_errors(&v, &out);
     assert_eq!(
@@ -174,6 +177,11 @@ fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
     assert_eq!(v["ready"], 40, "the publisher is not a subscriber: {v}");
     assert!(v["deliveries_per_sec"].as_f64() > Some(0.0), "{v}");
     assert_latency(&v);
+    assert_server_cpu(&v, 2, true);
+    assert!(
+        v["server"]["cpu_secs_per_million"].as_f64() >= Some(0.0),
+        "{v}"
+    );
 }
 
 #[test]
@@ -210,4 +218,165 @@ fn broadcast_over_pubsub_subscribes_first() {
     );
     assert_eq!(v["missing"], 0, "{v}");
     assert_latency(&v);
+}
+
+/// The server figures every mode reports when given the server's pids: the processes found
+/// and the CPU time they spent (possibly 0.0 in a one-second run; a number either way).
+fn assert_server_cpu(v: &Value, workers: usize, master: bool) {
+    let s = &v["server"];
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(workers), "{v}");
+    assert_eq!(s["master"].is_i64(), master, "{v}");
+    assert!(s["cpu_secs"].as_f64() >= Some(0.0), "{v}");
+    assert!(s["cpu_window_secs"].as_f64() > Some(0.0), "{v}");
+}
+
+#[test]
+fn echo_reads_the_server_cpu_through_its_config() {
+    let server = Server::start("echo", 2);
+    let config = server.config.to_str().unwrap().to_string();
+    let (v, out) = bench(&[
+        "echo",
+        "--url",
+        &server.url(),
+        "--conns",
+        "10",
+        "--secs",
+        "1",
+        "--config",
+        &config,
+    ]);
+    assert_no_errors(&v, &out);
+    assert_server_cpu(&v, 2, true);
+    assert!(
+        v["server"]["cpu_secs_per_million"].as_f64() >= Some(0.0),
+        "{v}"
+    );
+}
+
+#[test]
+fn connect_bursts_then_cycles_with_clean_closes() {
+    let mut server = Server::start("echo", 2);
+    let pids: Vec<String> = server.worker_pids().iter().map(i32::to_string).collect();
+    let (v, out) = bench(&[
+        "connect",
+        "--url",
+        &server.url(),
+        "--conns",
+        "50",
+        "--slots",
+        "10",
+        "--secs",
+        "1",
+        "--pid",
+        &pids.join(","),
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["mode"], "connect");
+    let burst = &v["burst"];
+    assert_eq!(burst["upgrades"], 50, "{v}");
+    assert!(burst["upgrades_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert_eq!(burst["latency_us"]["samples"], 50, "{v}");
+    assert_eq!(v["open_at_end"], 50, "the burst stays open: {v}");
+    let sustained = &v["sustained"];
+    assert!(sustained["handshakes"].as_u64() > Some(0), "{v}");
+    assert!(sustained["handshakes_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert_latency(&v);
+    assert_server_cpu(&v, 2, false);
+    assert!(v["server"]["burst_cpu_secs"].as_f64() >= Some(0.0), "{v}");
+}
+
+#[test]
+fn connect_with_no_secs_is_the_burst_alone() {
+    let server = Server::start("echo", 1);
+    let (v, out) = bench(&[
+        "connect",
+        "--url",
+        &server.url(),
+        "--conns",
+        "20",
+        "--secs",
+        "0",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["burst"]["upgrades"], 20, "{v}");
+    assert!(v["sustained"].is_null(), "{v}");
+    assert!(v.get("server").is_none(), "no pids, no server figures: {v}");
+}
+
+#[test]
+fn idle_reports_the_server_memory_per_connection() {
+    let server = Server::start("echo", 2);
+    let config = server.config.to_str().unwrap().to_string();
+    let (v, out) = bench(&[
+        "idle",
+        "--url",
+        &server.url(),
+        "--conns",
+        "1000",
+        "--hold",
+        "1",
+        "--config",
+        &config,
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["mode"], "idle");
+    assert_eq!(
+        (v["ready"].as_u64(), v["echoed"].as_u64()),
+        (Some(1000), Some(1000)),
+        "{v}"
+    );
+    assert_eq!(v["open_at_end"], 1000, "{v}");
+    assert_server_cpu(&v, 2, true);
+    let m = &v["server"]["memory"];
+    assert!(m["pss_kib_per_conn"].as_f64() > Some(0.0), "{v}");
+    assert!(m["rss_kib_per_conn"].as_f64() > Some(0.0), "{v}");
+    let workers = m["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{v}");
+    let held: u64 = workers
+        .iter()
+        .filter_map(|w| w["connections"].as_u64())
+        .sum();
+    assert_eq!(held, 1000, "the workers' own count of the connections: {v}");
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["pss_kib_after"].as_u64() > Some(0)),
+        "{v}"
+    );
+}
+
+#[test]
+fn latency_sends_on_schedule_and_hears_every_reply() {
+    let mut server = Server::start("echo", 2);
+    let mut pids = vec![server.master_pid()];
+    pids.extend(server.worker_pids());
+    let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
+    let (v, out) = bench(&[
+        "latency",
+        "--url",
+        &server.url(),
+        "--conns",
+        "20",
+        "--rate",
+        "200",
+        "--secs",
+        "1",
+        "--pid",
+        &pids.join(","),
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["mode"], "latency");
+    assert_eq!(
+        (v["sent"].as_u64(), v["replies"].as_u64()),
+        (Some(200), Some(200)),
+        "{v}"
+    );
+    assert_eq!(v["unanswered"], 0, "{v}");
+    assert!(v["achieved_rate"].as_f64() > Some(0.0), "{v}");
+    assert!(v["late"].as_u64().is_some(), "{v}");
+    assert_latency(&v);
+    let l = &v["latency_us"];
+    assert!(l["p90"].as_f64() >= l["p50"].as_f64(), "{v}");
+    assert!(l["p999"].as_f64() >= l["p99"].as_f64(), "{v}");
+    assert_server_cpu(&v, 3, false);
 }

@@ -12,13 +12,14 @@
 //!   the publisher sends `{"publish":T,"data":"<ts> <seq>"}` and subscribers get
 //!   `{"topic":T,"data":"<ts> <seq>"}`.
 
-use super::App;
 use super::client::{Driver, Pool};
-use super::report::{self, Counts};
+use super::report::{self, Counts, Summary};
 use super::shard::Workload;
 use super::wire::{self, Frame};
+use super::{App, Plan, Work};
 use crate::proto::frame::{CONTINUATION, TEXT};
 use hdrhistogram::Histogram;
+use serde_json::json;
 
 /// How long subscribers wait for late deliveries once the publisher is done.
 pub const DRAIN_NS: u64 = 5_000_000_000;
@@ -124,7 +125,7 @@ fn preview(payload: &[u8]) -> String {
 }
 
 impl Driver for Broadcast {
-    fn opened(&mut self, id: usize, out: &mut Vec<u8>, _now: u64) {
+    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Vec<u8>, _now: u64) {
         if Some(id) == self.publisher || self.app == App::Chat {
             self.subscribed[id] = true;
             self.ready += 1;
@@ -250,6 +251,48 @@ impl Workload for Broadcast {
     fn latency(&self) -> &Histogram<u64> {
         &self.latency
     }
+}
+
+/// Broadcast's own figures for `--json`.
+pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
+    let Work::Broadcast { rate, app, topic } = &plan.work else {
+        return json!({});
+    };
+    let expected = s.counts.sent * plan.conns as u64;
+    json!({
+        "app": app,
+        "topic": topic,
+        "rate": rate,
+        "sent": s.counts.sent,
+        "expected": expected,
+        "delivered": s.counts.messages,
+        "missing": expected.saturating_sub(s.counts.messages),
+        "deliveries_per_sec": (s.counts.messages as f64 / plan.secs as f64).round(),
+    })
+}
+
+/// Broadcast's rows of the table.
+pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
+    let Work::Broadcast { rate, app, .. } = &plan.work else {
+        return String::new();
+    };
+    let expected = s.counts.sent * plan.conns as u64;
+    format!(
+        "wsd bench broadcast ({app})  {url}  {} subscribers + 1 publisher, {rate} msgs/s, {} s\n\
+         subscribers  {} ready, {} open at the end\n\
+         published    {}\n\
+         expected     {expected} deliveries\n\
+         delivered    {}, {:.0} deliveries/s\n\
+         missing      {}\n",
+        plan.conns,
+        plan.secs,
+        s.ready,
+        s.open,
+        s.counts.sent,
+        s.counts.messages,
+        s.counts.messages as f64 / plan.secs as f64,
+        expected.saturating_sub(s.counts.messages),
+    ) + &report::latency_row("latency", &s.latency)
 }
 
 #[cfg(test)]

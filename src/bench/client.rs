@@ -8,7 +8,15 @@
 //! - everything a readiness event makes a connection send (replies, pongs) is appended to one
 //!   buffer and written with one syscall after all its input is handled (DESIGN §2's batching);
 //! - source addresses are spread over 127.0.0.1–250 when the server is on loopback, so one
-//!   source address does not run out of ephemeral ports.
+//!   source address does not run out of ephemeral ports (a restarted slot moves on to the
+//!   next address, so `connect` cycles spread too).
+//!
+//! A connection can also be closed politely and started again (`wsd bench connect`): the
+//! client sends Close 1000, skips what comes back (the server's Close) and waits for EOF.
+//! Waiting for the EOF lets the server close the TCP connection first, as RFC 6455 §7.1.1
+//! asks, so the TIME_WAIT state lands on the server's side; and a server that never closes
+//! after the close handshake shows up as a timeout error instead of being hidden by a
+//! client-side reset (no SO_LINGER 0 here for that reason).
 //!
 //! What the frames mean is the [`Driver`]'s business; this file only moves bytes.
 
@@ -19,6 +27,7 @@ use crate::proto::frame::{CLOSE, PING, PONG};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Socket, Type};
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -33,8 +42,9 @@ const SCRATCH: usize = 256 << 10;
 
 /// What a workload does with open connections.
 pub trait Driver {
-    /// Connection `id` finished its handshake; anything put in `out` is sent.
-    fn opened(&mut self, id: usize, out: &mut Vec<u8>, now: u64);
+    /// Connection `id` finished its handshake, `handshake_ns` after its connect began;
+    /// anything put in `out` is sent.
+    fn opened(&mut self, id: usize, handshake_ns: u64, out: &mut Vec<u8>, now: u64);
     /// A data frame (text, binary or continuation) arrived on `id`; anything put in `out` is
     /// sent. An `Err` is a protocol error: counted, and the connection is dropped.
     fn data(
@@ -44,6 +54,9 @@ pub trait Driver {
         out: &mut Vec<u8>,
         now: u64,
     ) -> Result<(), String>;
+    /// Connection `id`, closed with [`Pool::close`], finished its close handshake and may be
+    /// started again with [`Pool::restart`].
+    fn closed(&mut self, _id: usize, _now: u64) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +65,18 @@ enum Phase {
     Connecting,
     Handshaking,
     Open,
+    /// Close sent; waiting for the server's Close and EOF.
+    Closing,
+    /// Closed cleanly; may be restarted.
+    Closed,
     Dead,
 }
 
 struct Conn {
     sock: Option<TcpStream>,
     phase: Phase,
-    /// When the current phase began (ns), for the handshake timeout.
+    /// When the connect began (ns; also through the handshake), or the Close was sent: for
+    /// the timeouts and the handshake's duration.
     since: u64,
     /// Received bytes not yet consumed: an upgrade answer, or a frame cut by a read's end.
     carry: Vec<u8>,
@@ -73,12 +91,16 @@ pub struct Pool {
     addr: SocketAddr,
     request: Vec<u8>,
     spread_sources: bool,
-    /// Global index of `conns[0]`, so shards spread over different source addresses.
-    first: usize,
     conns: Vec<Conn>,
     next: usize,
+    /// Closed connections waiting to be started again (before any new one).
+    again: VecDeque<usize>,
+    /// Connections started so far, for spreading source addresses (from the global index of
+    /// `conns[0]`, so that shards spread over different addresses).
+    connects: usize,
     in_flight: usize,
     open: usize,
+    closing: usize,
     failed: usize,
     pub errors: Errors,
     scratch: Vec<u8>,
@@ -88,6 +110,22 @@ pub struct Pool {
 /// The token of a source the caller registers itself (the coordinator's pipe).
 pub const EXTRA: Token = Token(usize::MAX - 1);
 
+/// The token of the caller's timer (its readiness only ends the wait; nothing is read).
+pub const TIMER: Token = Token(usize::MAX - 2);
+
+impl Conn {
+    fn new() -> Conn {
+        Conn {
+            sock: None,
+            phase: Phase::NotStarted,
+            since: 0,
+            carry: Vec::new(),
+            out: Vec::new(),
+            written: 0,
+        }
+    }
+}
+
 impl Pool {
     pub fn new(
         target: &super::Target,
@@ -95,27 +133,20 @@ impl Pool {
         count: usize,
         clock: Clock,
     ) -> io::Result<Pool> {
-        let conns = (0..count)
-            .map(|_| Conn {
-                sock: None,
-                phase: Phase::NotStarted,
-                since: 0,
-                carry: Vec::new(),
-                out: Vec::new(),
-                written: 0,
-            })
-            .collect();
+        let conns = (0..count).map(|_| Conn::new()).collect();
         Ok(Pool {
             poll: Poll::new()?,
             events: Events::with_capacity(1024),
             addr: target.addr,
             request: wire::upgrade_request(&target.host, target.addr.port(), &target.path),
             spread_sources: matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()),
-            first,
             conns,
             next: 0,
+            again: VecDeque::new(),
+            connects: first,
             in_flight: 0,
             open: 0,
+            closing: 0,
             failed: 0,
             errors: Errors::default(),
             scratch: vec![0; SCRATCH],
@@ -142,18 +173,31 @@ impl Pool {
 
     /// Every connection has been tried and none is still connecting or handshaking.
     pub fn settled(&self) -> bool {
-        self.next == self.conns.len() && self.in_flight == 0
+        self.next == self.conns.len() && self.again.is_empty() && self.in_flight == 0
+    }
+
+    /// Adds `n` connections, started by the next [`Pool::start_wave`]; returns the first id.
+    pub fn grow(&mut self, n: usize) -> usize {
+        let first = self.conns.len();
+        self.conns.extend((0..n).map(|_| Conn::new()));
+        first
     }
 
     pub fn is_open(&self, id: usize) -> bool {
         self.conns[id].phase == Phase::Open
     }
 
-    /// Starts connections until [`WAVE`] handshakes are in flight.
+    /// Starts connections until [`WAVE`] handshakes are in flight: restarted ones first.
     pub fn start_wave(&mut self, now: u64) {
-        while self.in_flight < WAVE && self.next < self.conns.len() {
-            let id = self.next;
-            self.next += 1;
+        while self.in_flight < WAVE {
+            let id = if let Some(id) = self.again.pop_front() {
+                id
+            } else if self.next < self.conns.len() {
+                self.next += 1;
+                self.next - 1
+            } else {
+                return;
+            };
             match self.connect(id) {
                 Ok(sock) => {
                     let c = &mut self.conns[id];
@@ -175,8 +219,10 @@ impl Pool {
         let sock = Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?;
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
+        let nth = self.connects;
+        self.connects += 1;
         if self.spread_sources {
-            let last = 1 + ((self.first + id) % 250) as u8;
+            let last = 1 + (nth % 250) as u8;
             let src = SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0));
             sock.bind(&src.into())?;
         }
@@ -194,20 +240,57 @@ impl Pool {
         Ok(stream)
     }
 
-    /// Fails connections whose handshake has taken longer than [`HANDSHAKE_TIMEOUT_NS`].
+    /// Fails connections whose handshake (or close handshake) has taken longer than
+    /// [`HANDSHAKE_TIMEOUT_NS`].
     pub fn sweep(&mut self, now: u64) {
-        for id in 0..self.next {
+        for id in 0..self.conns.len() {
             let c = &self.conns[id];
-            let pending = matches!(c.phase, Phase::Connecting | Phase::Handshaking);
-            if pending && now.saturating_sub(c.since) > HANDSHAKE_TIMEOUT_NS {
-                let kind = if c.phase == Phase::Connecting {
-                    ErrorKind::Connect
-                } else {
-                    ErrorKind::Handshake
-                };
-                self.fail(id, kind, "timed out");
+            let (kind, why) = match c.phase {
+                Phase::Connecting => (ErrorKind::Connect, "timed out"),
+                Phase::Handshaking => (ErrorKind::Handshake, "timed out"),
+                Phase::Closing => (ErrorKind::Closed, "no Close and EOF after our Close"),
+                _ => continue,
+            };
+            if now.saturating_sub(c.since) > HANDSHAKE_TIMEOUT_NS {
+                self.fail(id, kind, why);
             }
         }
+    }
+
+    /// Starts the close handshake of open connection `id`: Close 1000, then wait for the
+    /// server's Close and EOF ([`Driver::closed`] is told).
+    pub fn close(&mut self, id: usize, now: u64) {
+        let c = &mut self.conns[id];
+        if c.phase != Phase::Open {
+            return;
+        }
+        c.phase = Phase::Closing;
+        c.since = now;
+        c.out.extend_from_slice(&wire::CLOSE_FRAME);
+        self.open -= 1;
+        self.closing += 1;
+        self.flush(id);
+    }
+
+    /// Queues closed connection `id` to be connected again by the next [`Pool::start_wave`].
+    pub fn restart(&mut self, id: usize) {
+        if self.conns[id].phase == Phase::Closed {
+            self.conns[id].phase = Phase::NotStarted;
+            self.again.push_back(id);
+        }
+    }
+
+    /// The close handshake of `id` is over (EOF after our Close): the socket goes, its
+    /// buffers stay for the next connection in this slot.
+    fn closed(&mut self, id: usize, driver: &mut impl Driver) {
+        let c = &mut self.conns[id];
+        c.phase = Phase::Closed;
+        c.sock = None;
+        c.carry.clear();
+        c.out.clear();
+        c.written = 0;
+        self.closing -= 1;
+        driver.closed(id, self.clock.now());
     }
 
     /// Waits up to `timeout` for readiness and handles it. True if [`EXTRA`] was ready.
@@ -227,23 +310,32 @@ impl Pool {
             }
             let readable = ev.is_readable() || ev.is_read_closed();
             let writable = ev.is_writable() || ev.is_error();
-            self.on_event(ev.token().0, readable, writable, driver);
+            let eof = ev.is_read_closed();
+            self.on_event(ev.token().0, readable, writable, eof, driver);
         }
         self.events = events;
         Ok(extra)
     }
 
-    fn on_event(&mut self, id: usize, readable: bool, writable: bool, driver: &mut impl Driver) {
+    fn on_event(
+        &mut self,
+        id: usize,
+        readable: bool,
+        writable: bool,
+        eof: bool,
+        driver: &mut impl Driver,
+    ) {
         if id >= self.conns.len() {
             return;
         }
         if self.conns[id].phase == Phase::Connecting && (writable || readable) {
             self.finish_connect(id);
         }
-        if readable && matches!(self.conns[id].phase, Phase::Handshaking | Phase::Open) {
-            self.read(id, driver);
+        let live = |p| matches!(p, Phase::Handshaking | Phase::Open | Phase::Closing);
+        if readable && live(self.conns[id].phase) {
+            self.read(id, eof, driver);
         }
-        if matches!(self.conns[id].phase, Phase::Handshaking | Phase::Open) {
+        if live(self.conns[id].phase) {
             self.flush(id);
         }
     }
@@ -269,17 +361,19 @@ impl Pool {
     /// A read that does not fill the buffer has drained the socket, and with edge-triggered
     /// readiness new data (or EOF) brings a new event; so there is no second read just to
     /// hear `WouldBlock`, which halves the syscalls of a subscriber that gets one message at
-    /// a time.
-    fn read(&mut self, id: usize, driver: &mut impl Driver) {
+    /// a time. The exception is an event that already says the peer has closed (`eof`):
+    /// no later event will, so reading goes on until the EOF itself.
+    fn read(&mut self, id: usize, eof: bool, driver: &mut impl Driver) {
         loop {
             let c = &mut self.conns[id];
             let sock = c.sock.as_mut().expect("a live socket");
-            let kind = if c.phase == Phase::Open {
-                ErrorKind::Closed
-            } else {
+            let kind = if c.phase == Phase::Handshaking {
                 ErrorKind::Handshake
+            } else {
+                ErrorKind::Closed
             };
             let n = match sock.read(&mut self.scratch) {
+                Ok(0) if c.phase == Phase::Closing => return self.closed(id, driver),
                 Ok(0) => return self.fail(id, kind, "the server closed the connection"),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -289,7 +383,7 @@ impl Pool {
             if let Err((kind, why)) = self.consume(id, n, driver) {
                 return self.fail(id, kind, why);
             }
-            if n < self.scratch.len() {
+            if n < self.scratch.len() && !eof {
                 return;
             }
         }
@@ -316,18 +410,21 @@ impl Pool {
             c.phase = Phase::Open;
             self.in_flight -= 1;
             self.open += 1;
-            driver.opened(id, &mut c.out, now);
+            driver.opened(id, now.saturating_sub(c.since), &mut c.out, now);
             if c.carry.is_empty() {
                 return Ok(());
             }
-            let used = scan(&c.carry, id, &mut c.out, driver, now)?;
+            let used = scan(&c.carry, id, &mut c.out, driver, now, false)?;
             c.carry.drain(..used);
-        } else if c.carry.is_empty() {
-            let used = scan(fresh, id, &mut c.out, driver, now)?;
+            return Ok(());
+        }
+        let closing = c.phase == Phase::Closing;
+        if c.carry.is_empty() {
+            let used = scan(fresh, id, &mut c.out, driver, now, closing)?;
             c.carry.extend_from_slice(&fresh[used..]);
         } else {
             c.carry.extend_from_slice(fresh);
-            let used = scan(&c.carry, id, &mut c.out, driver, now)?;
+            let used = scan(&c.carry, id, &mut c.out, driver, now, closing)?;
             c.carry.drain(..used);
         }
         Ok(())
@@ -352,10 +449,10 @@ impl Pool {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let kind = if c.phase == Phase::Open {
-                        ErrorKind::Closed
-                    } else {
+                    let kind = if c.phase == Phase::Handshaking {
                         ErrorKind::Handshake
+                    } else {
+                        ErrorKind::Closed
                     };
                     return self.fail(id, kind, e);
                 }
@@ -370,7 +467,8 @@ impl Pool {
         match c.phase {
             Phase::Connecting | Phase::Handshaking => self.in_flight -= 1,
             Phase::Open => self.open -= 1,
-            Phase::NotStarted | Phase::Dead => return,
+            Phase::Closing => self.closing -= 1,
+            Phase::NotStarted | Phase::Closed | Phase::Dead => return,
         }
         c.phase = Phase::Dead;
         c.sock = None;
@@ -382,13 +480,15 @@ impl Pool {
 }
 
 /// Hands every whole frame at the start of `buf` to `driver`, answering pings; returns the
-/// bytes consumed. A Close from the server, or a frame no server may send, is an error.
+/// bytes consumed. A Close from the server, or a frame no server may send, is an error,
+/// except that a `closing` connection (we sent Close) expects the Close and skips the rest.
 fn scan(
     buf: &[u8],
     id: usize,
     out: &mut Vec<u8>,
     driver: &mut impl Driver,
     now: u64,
+    closing: bool,
 ) -> Result<usize, (ErrorKind, String)> {
     let mut used = 0;
     loop {
@@ -398,6 +498,9 @@ fn scan(
             Err(e) => return Err((ErrorKind::Protocol, e.to_string())),
         };
         used += n;
+        if closing {
+            continue;
+        }
         match frame.opcode {
             PING => wire::put_frame(out, PONG, frame.payload),
             PONG => {}

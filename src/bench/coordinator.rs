@@ -1,12 +1,15 @@
 //! The process that runs `wsd bench`: it forks the client processes (shards), starts them
 //! together once every connection is up, prints a progress line each second and adds up
-//! their final reports.
+//! their final reports. It also reads the server's CPU time (and, for `idle`, its memory)
+//! before the clients start, at `go` and at the end ([`super::server`]), and decides when an
+//! `idle` run ends: once it has read the server's memory with every connection still open.
 //!
 //! Why fork, and not threads: the sandbox caps open files per process (20,000), not per
 //! thread, so more connections need more processes; and separate processes keep each shard's
 //! loop as plain as the server's. Forking is safe here because the CLI is single-threaded.
 
-use super::report::{self, Counts, Errors, Summary};
+use super::report::{self, Counts, Errors, Span, Summary};
+use super::server::{Procs, ServerRun};
 use super::shard::{self, Lines, Report, Share};
 use super::{BenchError, Clock, Plan, Work};
 use crate::sys::{self, Fork};
@@ -41,6 +44,15 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
     let per_process = raise_fd_limit()?;
     let shares = split(plan, per_process);
     let clock = Clock::new();
+    let memory = matches!(plan.work, Work::Idle { .. });
+    let mut server = Procs::discover(&plan.server)?.map(|procs| ServerRun {
+        start: procs.sample(clock.now(), memory),
+        procs,
+        go: None,
+        held: None,
+        end: None,
+        connections: None,
+    });
     let me = nix::unistd::getpid();
     let mut shards: Vec<Shard> = Vec::with_capacity(shares.len());
     for share in &shares {
@@ -65,14 +77,14 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
             }),
         }
     }
-    let result = coordinate(plan, clock, &mut shards);
+    let result = coordinate(plan, clock, &mut shards, &mut server);
     for s in &shards {
         if result.is_err() {
             let _ = kill(s.pid, Signal::SIGKILL);
         }
         let _ = nix::sys::wait::waitpid(s.pid, None);
     }
-    result
+    result.map(|summary| Summary { server, ..summary })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one; returns the sockets one process may open.
@@ -87,12 +99,17 @@ fn raise_fd_limit() -> Result<usize, BenchError> {
     Ok(limit as usize)
 }
 
-/// Shares of the connections, as even as possible, each within `per_process` sockets; the
-/// first also runs the broadcast publisher.
+/// Shares of the connections (and of `connect`'s slots), as even as possible, each within
+/// `per_process` sockets; the first also runs the broadcast publisher.
 fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
     let publisher = matches!(plan.work, Work::Broadcast { .. });
-    // One socket of room in every share, so the publisher fits in the first.
-    let k = plan.sockets().div_ceil(per_process - 1).max(1);
+    let slots = match plan.work {
+        Work::Connect { .. } => plan.extra_sockets(),
+        _ => 0,
+    };
+    // Two sockets of room in every share: rounding may give one a connection and a slot
+    // more than the average, and the first holds the publisher.
+    let k = plan.sockets().div_ceil(per_process - 2).max(1);
     let (base, rem) = (plan.conns / k, plan.conns % k);
     let mut first = 0;
     (0..k)
@@ -102,6 +119,7 @@ fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
                 first,
                 conns,
                 publisher: publisher && i == 0,
+                slots: slots / k + usize::from(i < slots % k),
             };
             first += conns;
             share
@@ -148,7 +166,12 @@ fn totals(shards: &[Shard]) -> Totals {
     t
 }
 
-fn coordinate(plan: &Plan, clock: Clock, shards: &mut [Shard]) -> Result<Summary, BenchError> {
+fn coordinate(
+    plan: &Plan,
+    clock: Clock,
+    shards: &mut [Shard],
+    server: &mut Option<ServerRun>,
+) -> Result<Summary, BenchError> {
     let setup = |e| BenchError::Setup("poll the client processes".into(), e);
     let mut poll = Poll::new().map_err(setup)?;
     for (i, s) in shards.iter_mut().enumerate() {
@@ -163,25 +186,42 @@ fn coordinate(plan: &Plan, clock: Clock, shards: &mut [Shard]) -> Result<Summary
     let mut next_print = clock.now() + SEC;
     let mut last = Counts::default();
     let deadline_after_go = (plan.secs + 30) * SEC + super::broadcast::DRAIN_NS;
+    let memory = matches!(plan.work, Work::Idle { .. });
+    let mut stopped = false;
     loop {
         let now = clock.now();
         let sum = totals(shards);
         if t0.is_none() {
-            let all_tried = sum.open + sum.failed >= plan.sockets();
+            let all_tried = sum.open + sum.failed >= plan.upfront();
             if sum.prepared || settled_at.is_some_and(|at| now > at + READY_GRACE_NS) {
                 t0 = Some(now);
                 next_print = now + SEC + SEC / 10;
+                if let Some(run) = server {
+                    run.go = Some(run.procs.sample(now, false));
+                }
                 order(shards, &format!("go {now}"))?;
             } else if settled_at.is_none() && all_tried {
                 settled_at = Some(now);
             }
+        }
+        if memory && !stopped && t0.is_some_and(|t0| now >= t0 + plan.secs * SEC) {
+            // The end of an idle run's hold: every connection is still open.
+            if let Some(run) = server {
+                run.held = Some(run.procs.sample(now, true));
+                run.connections = run.procs.connections();
+            }
+            order(shards, "stop")?;
+            stopped = true;
         }
         if now >= next_print {
             progress_line(plan, t0, now, &sum, &mut last);
             next_print += SEC;
         }
         if shards.iter().all(|s| s.done.is_some()) {
-            return Ok(summary(shards));
+            if let Some(run) = server {
+                run.end = Some(run.procs.sample(clock.now(), false));
+            }
+            return Ok(summary(shards, t0.unwrap_or(0)));
         }
         if t0.is_some_and(|t0| now > t0 + deadline_after_go) {
             return Err(BenchError::Shard(
@@ -242,36 +282,49 @@ fn progress_line(plan: &Plan, t0: Option<u64>, now: u64, sum: &Totals, last: &mu
         eprintln!(
             "[connecting] {}/{} ready, {} failed",
             sum.ready,
-            plan.sockets(),
+            plan.upfront(),
             sum.failed
         );
         return;
     };
     let secs = (now - t0) / SEC;
     let messages = sum.counts.messages - last.messages.min(sum.counts.messages);
+    let sent = sum.counts.sent - last.sent.min(sum.counts.sent);
     let bytes = sum.counts.bytes - last.bytes.min(sum.counts.bytes);
     *last = sum.counts;
+    let (open, errors) = (sum.open, sum.errors);
     match plan.work {
         Work::Echo { .. } => eprintln!(
-            "[{secs}s] {messages} msgs/s {:.2} MB/s, {} open, {} errors",
+            "[{secs}s] {messages} msgs/s {:.2} MB/s, {open} open, {errors} errors",
             bytes as f64 / 1e6,
-            sum.open,
-            sum.errors
+        ),
+        Work::Connect { .. } => {
+            eprintln!("[{secs}s] {messages} handshakes/s, {open} open, {errors} errors")
+        }
+        Work::Idle { .. } => eprintln!("[{secs}s] holding {open} open, {errors} errors"),
+        Work::Latency { .. } => eprintln!(
+            "[{secs}s] {sent} sent/s, {messages} replies/s, {} late, {open} open, {errors} errors",
+            sum.counts.late
         ),
         Work::Broadcast { .. } => eprintln!(
-            "[{secs}s] {messages} deliveries/s, {} sent, {} open, {} errors",
-            sum.counts.sent, sum.open, sum.errors
+            "[{secs}s] {messages} deliveries/s, {} sent, {open} open, {errors} errors",
+            sum.counts.sent
         ),
     }
 }
 
-fn summary(shards: &[Shard]) -> Summary {
+fn summary(shards: &[Shard], t0: u64) -> Summary {
     let mut s = Summary {
         ready: 0,
         open: 0,
         counts: Counts::default(),
         errors: Errors::default(),
         latency: report::histogram(),
+        burst_latency: report::histogram(),
+        connecting: None,
+        span: None,
+        t0,
+        server: None,
     };
     for shard in shards {
         if let Some(Report::Done {
@@ -280,6 +333,9 @@ fn summary(shards: &[Shard]) -> Summary {
             counts,
             errors,
             latency,
+            connecting,
+            span,
+            burst_latency,
         }) = &shard.done
         {
             s.ready += ready;
@@ -287,6 +343,9 @@ fn summary(shards: &[Shard]) -> Summary {
             s.counts.add(counts);
             s.errors.merge(errors);
             report::add_pairs(&mut s.latency, latency);
+            report::add_pairs(&mut s.burst_latency, burst_latency);
+            s.connecting = Span::merge(s.connecting, *connecting);
+            s.span = Span::merge(s.span, *span);
         }
     }
     s
@@ -303,6 +362,7 @@ mod tests {
             conns,
             secs: 1,
             json: false,
+            server: Default::default(),
             work: if broadcast {
                 Work::Broadcast {
                     rate: 1,
@@ -329,5 +389,17 @@ mod tests {
         // Exactly full: the publisher still fits.
         let shares = split(&plan(19_743, true), 19_744);
         assert!(shares[0].conns < 19_744, "{}", shares[0].conns);
+    }
+
+    #[test]
+    fn connect_slots_are_split_too_and_fit_with_the_connections() {
+        let mut p = plan(40_000, false);
+        p.work = Work::Connect { slots: 101 };
+        let shares = split(&p, 19_744);
+        assert_eq!(shares.len(), 3);
+        assert_eq!(shares.iter().map(|s| s.slots).sum::<usize>(), 101);
+        assert!(shares.iter().all(|s| s.conns + s.slots <= 19_744));
+        p.secs = 0; // the burst only: no slots
+        assert!(split(&p, 19_744).iter().all(|s| s.slots == 0));
     }
 }

@@ -6,11 +6,13 @@
 //! the reply pops the oldest, giving its round trip without any per-message allocation.
 
 use super::client::{Driver, Pool};
-use super::report::{self, Counts};
+use super::report::{self, Counts, Summary};
 use super::shard::Workload;
 use super::wire::{self, Frame};
+use super::{Plan, Work};
 use crate::proto::frame::{BINARY, TEXT};
 use hdrhistogram::Histogram;
+use serde_json::json;
 use std::collections::VecDeque;
 
 pub struct Echo {
@@ -44,7 +46,7 @@ impl Echo {
 
 impl Driver for Echo {
     /// Nothing is sent before `go`: connecting thousands of clients is not part of the figure.
-    fn opened(&mut self, _id: usize, _out: &mut Vec<u8>, _now: u64) {}
+    fn opened(&mut self, _id: usize, _handshake_ns: u64, _out: &mut Vec<u8>, _now: u64) {}
 
     fn data(
         &mut self,
@@ -114,4 +116,40 @@ impl Workload for Echo {
     fn latency(&self) -> &Histogram<u64> {
         &self.latency
     }
+}
+
+/// Echo's own figures for `--json`.
+pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
+    let Work::Echo { size, depth } = plan.work else {
+        return json!({});
+    };
+    let secs = plan.secs as f64;
+    json!({
+        "size": size,
+        "depth": depth,
+        "messages": s.counts.messages,
+        "msgs_per_sec": (s.counts.messages as f64 / secs).round(),
+        "mb_per_sec": report::round(s.counts.bytes as f64 / secs / 1e6, 2),
+    })
+}
+
+/// Echo's rows of the table.
+pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
+    let Work::Echo { size, depth } = plan.work else {
+        return String::new();
+    };
+    let secs = plan.secs as f64;
+    format!(
+        "wsd bench echo  {url}  {} connections, {size}-byte text, depth {depth}, {} s\n\
+         connections  {} ready, {} open at the end\n\
+         messages     {} echoed, {:.0} msgs/s\n\
+         throughput   {:.2} MB/s of payload each way\n",
+        plan.conns,
+        plan.secs,
+        s.ready,
+        s.open,
+        s.counts.messages,
+        s.counts.messages as f64 / secs,
+        s.counts.bytes as f64 / secs / 1e6,
+    ) + &report::latency_row("latency", &s.latency)
 }

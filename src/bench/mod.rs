@@ -10,18 +10,29 @@
 //! sums their results.
 //!
 //! - `echo`: K messages in flight per connection; msgs/s, MB/s and round-trip latency.
+//! - `connect`: a burst of N upgrades, then connect/upgrade/close cycles; handshakes/s.
+//! - `idle`: N connections that echo once and sit; the server's memory per connection.
+//! - `latency`: open loop at a fixed rate, timed from the schedule; latency percentiles.
 //! - `broadcast`: N subscribers and one open-loop publisher; deliveries/s, missing deliveries
 //!   and delivery latency.
+//!
+//! Given the server's pids (`--pid`, or `--config` to ask a wsd for them), every mode also
+//! reports the CPU time the server spent while it measured ([`server`]).
 
 mod broadcast;
 mod client;
+mod connect;
 mod coordinator;
 mod echo;
+mod idle;
+mod latency;
 mod report;
+mod server;
 mod shard;
 mod wire;
 
 use clap::{Args, Subcommand, ValueEnum};
+use server::ServerArgs;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Instant;
@@ -39,6 +50,8 @@ enum Mode {
     Echo {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        window: Window,
         /// Payload bytes of each message
         #[arg(long, default_value_t = 32)]
         size: usize,
@@ -46,10 +59,47 @@ enum Mode {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
         depth: u32,
     },
+    /// Handshakes: a burst of N upgrades, then connect/upgrade/close cycles for --secs
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds of sustained cycles after the burst (0: the burst only)
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+        secs: u64,
+        /// Connections cycling at once in the sustained phase
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        slots: u32,
+    },
+    /// Memory: N connections echo once each and are held; the server's memory per connection
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds to hold every connection open before the server's memory is read
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        hold: u64,
+        /// Payload bytes of the one echo message
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+    },
+    /// Open-loop latency: R messages a second over N connections, timed from the schedule
+    Latency {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        window: Window,
+        /// Messages per second in all (on a fixed schedule, whatever the server does)
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        rate: u64,
+        /// Payload bytes of each message
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+    },
     /// Fan-out: N subscribers read what one publisher sends R times a second
     Broadcast {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        window: Window,
         /// Messages the publisher sends per second (open loop, on a fixed schedule)
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         rate: u64,
@@ -68,15 +118,21 @@ struct Common {
     /// The server to load: ws://HOST:PORT/PATH
     #[arg(long, default_value = "ws://127.0.0.1:2346/")]
     url: String,
-    /// Connections (broadcast: subscribers; the publisher is one more)
+    /// Connections (broadcast: subscribers, the publisher is one more; connect: the burst)
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     conns: u32,
-    /// Seconds to measure, once every connection is up
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    secs: u64,
     /// Print one JSON object at the end instead of the table
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Window {
+    /// Seconds to measure, once every connection is up
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    secs: u64,
 }
 
 /// The server-side protocol a broadcast run speaks.
@@ -148,6 +204,8 @@ impl Target {
 pub enum BenchError {
     Url(String),
     Setup(String, std::io::Error),
+    /// The server's processes could not be found (`--config`).
+    Server(String),
     /// A client process ended without its final report.
     Shard(usize, String),
 }
@@ -157,6 +215,7 @@ impl fmt::Display for BenchError {
         match self {
             BenchError::Url(why) => write!(f, "bad --url {why}"),
             BenchError::Setup(what, e) => write!(f, "cannot {what}: {e}"),
+            BenchError::Server(why) => write!(f, "the server's processes: {why}"),
             BenchError::Shard(i, why) => write!(f, "client process {i}: {why}"),
         }
     }
@@ -185,52 +244,102 @@ impl Clock {
 pub struct Plan {
     pub target: Target,
     pub conns: usize,
+    /// The measured window: `connect`'s sustained phase (may be 0), `idle`'s hold.
     pub secs: u64,
     pub json: bool,
+    pub server: ServerArgs,
     pub work: Work,
 }
 
 #[derive(Debug, Clone)]
 pub enum Work {
     Echo { size: usize, depth: usize },
+    Connect { slots: usize },
+    Idle { size: usize },
+    Latency { rate: u64, size: usize },
     Broadcast { rate: u64, app: App, topic: String },
 }
 
 impl Plan {
     fn from_args(args: BenchArgs) -> Result<Plan, BenchError> {
-        let (common, work) = match args.mode {
+        let (common, secs, work) = match args.mode {
             Mode::Echo {
                 common,
+                window,
                 size,
                 depth,
             } => (
                 common,
+                window.secs,
                 Work::Echo {
                     size,
                     depth: depth as usize,
                 },
             ),
+            Mode::Connect {
+                common,
+                secs,
+                slots,
+            } => (
+                common,
+                secs,
+                Work::Connect {
+                    slots: slots as usize,
+                },
+            ),
+            Mode::Idle { common, hold, size } => (common, hold, Work::Idle { size }),
+            Mode::Latency {
+                common,
+                window,
+                rate,
+                size,
+            } => (common, window.secs, Work::Latency { rate, size }),
             Mode::Broadcast {
                 common,
+                window,
                 rate,
                 app,
                 topic,
-            } => (common, Work::Broadcast { rate, app, topic }),
+            } => (common, window.secs, Work::Broadcast { rate, app, topic }),
         };
         Ok(Plan {
             target: Target::parse(&common.url)?,
             conns: common.conns as usize,
-            secs: common.secs,
+            secs,
             json: common.json,
+            server: common.server,
             work,
         })
     }
 
-    /// Sockets the run opens: broadcast adds the publisher.
+    /// Sockets the run opens at most at once: broadcast adds the publisher, connect the
+    /// cycling slots.
     pub fn sockets(&self) -> usize {
+        self.conns + self.extra_sockets()
+    }
+
+    /// Sockets opened before measuring begins: broadcast's publisher is one of them,
+    /// connect's slots are not.
+    pub fn upfront(&self) -> usize {
+        self.conns + usize::from(matches!(self.work, Work::Broadcast { .. }))
+    }
+
+    /// Sockets besides the `conns` connections.
+    pub fn extra_sockets(&self) -> usize {
         match self.work {
-            Work::Echo { .. } => self.conns,
-            Work::Broadcast { .. } => self.conns + 1,
+            Work::Broadcast { .. } => 1,
+            Work::Connect { slots } if self.secs > 0 => slots,
+            _ => 0,
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self.work {
+            Work::Echo { .. } => "echo",
+            Work::Connect { .. } => "connect",
+            Work::Idle { .. } => "idle",
+            Work::Latency { .. } => "latency",
+            Work::Broadcast { .. } => "broadcast",
         }
     }
 }

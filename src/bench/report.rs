@@ -1,9 +1,12 @@
 //! What a run counts and how it is shown: error tallies, message counts, the latency
-//! histogram, the progress line and the closing table (or one JSON object with `--json`).
+//! histogram, and the closing table (or one JSON object with `--json`). What is common to
+//! every mode (connections, latency, errors, the server's CPU) is here; each mode's module
+//! adds its own figures (`json`, `rows`).
 //!
 //! Errors are tallied by kind, with the first few distinct reasons kept as samples, because
 //! "312 errors" says nothing and 10,000 copies of the same reason drown the output.
 
+use super::server::{self, ServerRun};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -79,14 +82,18 @@ impl Errors {
     }
 }
 
-/// Messages counted in the measured window. Echo: `messages` are replies, `sent` requests.
-/// Broadcast: `messages` are deliveries to subscribers, `sent` what the publisher sent.
+/// Messages counted in the measured window. Echo and latency: `messages` are replies, `sent`
+/// requests. Broadcast: `messages` are deliveries to subscribers, `sent` what the publisher
+/// sent. Connect: `messages` are handshakes done, `sent` connects begun. Idle: the one echo.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counts {
     pub messages: u64,
     /// Payload bytes of `messages`.
     pub bytes: u64,
     pub sent: u64,
+    /// Latency: sends that left later than scheduled (see `latency::LATE_NS`).
+    #[serde(default)]
+    pub late: u64,
 }
 
 impl Counts {
@@ -94,6 +101,31 @@ impl Counts {
         self.messages += other.messages;
         self.bytes += other.bytes;
         self.sent += other.sent;
+        self.late += other.late;
+    }
+}
+
+/// A stretch of time on the run's common clock (ns); over several client processes, from
+/// the earliest start to the latest end.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Span {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl Span {
+    pub fn merge(a: Option<Span>, b: Option<Span>) -> Option<Span> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Span {
+                from: a.from.min(b.from),
+                to: a.to.max(b.to),
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.to.saturating_sub(self.from) as f64 / 1e9
     }
 }
 
@@ -124,6 +156,15 @@ pub struct Summary {
     pub counts: Counts,
     pub errors: Errors,
     pub latency: Histogram<u64>,
+    /// `connect`: the burst's handshakes (`latency` holds the sustained phase's).
+    pub burst_latency: Histogram<u64>,
+    /// From the first connect to the last connection up (or failed).
+    pub connecting: Option<Span>,
+    /// What the workloads marked (`latency`: first and last send).
+    pub span: Option<Span>,
+    /// When measuring began (ns on the common clock).
+    pub t0: u64,
+    pub server: Option<ServerRun>,
 }
 
 /// A duration in nanoseconds, in the unit that reads best.
@@ -135,10 +176,12 @@ pub fn human_ns(ns: u64) -> String {
     }
 }
 
-fn quantiles_us(h: &Histogram<u64>) -> serde_json::Value {
+/// Latency percentiles in µs, one decimal.
+pub fn quantiles_us(h: &Histogram<u64>) -> serde_json::Value {
     let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
     json!({
         "p50": us(h.value_at_quantile(0.50)),
+        "p90": us(h.value_at_quantile(0.90)),
         "p99": us(h.value_at_quantile(0.99)),
         "p999": us(h.value_at_quantile(0.999)),
         "max": us(h.max()),
@@ -147,15 +190,27 @@ fn quantiles_us(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
+/// `x` rounded to `digits` decimals.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let k = 10f64.powi(digits);
+    (x * k).round() / k
+}
+
+/// `x / n`, or `None` when there is nothing to divide by.
+pub fn per(x: f64, n: u64) -> Option<f64> {
+    (n > 0).then(|| x / n as f64)
+}
+
 /// The figures of a run as one JSON object (what `--json` prints).
 pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
-    let secs = plan.secs as f64;
     let mut v = json!({
+        "mode": plan.mode(),
         "url": format!("ws://{}{}", plan.target.addr, plan.target.path),
         "conns": plan.conns,
         "secs": plan.secs,
         "ready": s.ready,
         "open_at_end": s.open,
+        "connecting_secs": s.connecting.map(|c| round(c.secs(), 3)),
         "latency_us": quantiles_us(&s.latency),
         "errors": {
             "total": s.errors.total(),
@@ -167,33 +222,58 @@ pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
         },
     });
     let extra = match &plan.work {
-        Work::Echo { size, depth } => json!({
-            "mode": "echo",
-            "size": size,
-            "depth": depth,
-            "messages": s.counts.messages,
-            "msgs_per_sec": (s.counts.messages as f64 / secs).round(),
-            "mb_per_sec": (s.counts.bytes as f64 / secs / 1e4).round() / 100.0,
-        }),
-        Work::Broadcast { rate, app, topic } => {
-            let expected = s.counts.sent * plan.conns as u64;
-            json!({
-                "mode": "broadcast",
-                "app": app,
-                "topic": topic,
-                "rate": rate,
-                "sent": s.counts.sent,
-                "expected": expected,
-                "delivered": s.counts.messages,
-                "missing": expected.saturating_sub(s.counts.messages),
-                "deliveries_per_sec": (s.counts.messages as f64 / secs).round(),
-            })
-        }
+        Work::Echo { .. } => super::echo::json(plan, s),
+        Work::Connect { .. } => super::connect::json(plan, s),
+        Work::Idle { .. } => super::idle::json(plan, s),
+        Work::Latency { .. } => super::latency::json(plan, s),
+        Work::Broadcast { .. } => super::broadcast::json(plan, s),
     };
     if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
         v.extend(extra);
     }
+    if let Some(server) = server_json(plan, s) {
+        v["server"] = server;
+    }
     v
+}
+
+/// The server's processes and the CPU time they spent while the run measured. The window
+/// is the measured seconds (from `go` to the last client's report; broadcast and latency
+/// include their drain); `connect` also has its burst (before `go`), and `idle` counts from
+/// before the first connect to the end of the hold.
+pub fn server_json(plan: &Plan, s: &Summary) -> Option<serde_json::Value> {
+    let run = s.server.as_ref()?;
+    let mut v = json!({ "master": run.procs.master, "workers": run.procs.workers });
+    let (from, to) = match plan.work {
+        Work::Idle { .. } => (Some(&run.start), run.held.as_ref()),
+        _ => (run.go.as_ref(), run.end.as_ref()),
+    };
+    if let (Some(from), Some(to)) = (from, to) {
+        let cpu = server::cpu_secs(from, to);
+        v["cpu_secs"] = json!(round(cpu, 3));
+        v["cpu_window_secs"] = json!(round(server::window_secs(from, to), 3));
+        match plan.work {
+            Work::Echo { .. } | Work::Latency { .. } | Work::Broadcast { .. } => {
+                let m = per(cpu, s.counts.messages).map(|x| round(x * 1e6, 3));
+                v["cpu_secs_per_million"] = json!(m);
+            }
+            Work::Connect { .. } => {
+                let us = per(cpu, s.counts.messages).map(|x| round(x * 1e6, 1));
+                v["cpu_us_per_handshake"] = json!(us);
+            }
+            Work::Idle { .. } => {}
+        }
+    }
+    if let (Work::Connect { .. }, Some(go)) = (&plan.work, &run.go) {
+        let cpu = server::cpu_secs(&run.start, go);
+        v["burst_cpu_secs"] = json!(round(cpu, 3));
+        let us = per(cpu, s.ready as u64).map(|x| round(x * 1e6, 1));
+        v["burst_cpu_us_per_upgrade"] = json!(us);
+    }
+    if let Work::Idle { .. } = plan.work {
+        v["memory"] = super::idle::memory_json(run, plan.conns);
+    }
+    Some(v)
 }
 
 /// The closing table, or the JSON object with `--json`, on stdout.
@@ -205,52 +285,31 @@ pub fn print(plan: &Plan, s: &Summary) {
     }
 }
 
-fn table(plan: &Plan, s: &Summary) -> String {
-    let secs = plan.secs as f64;
-    let url = format!("ws://{}{}", plan.target.addr, plan.target.path);
-    let h = &s.latency;
-    let mut t = match &plan.work {
-        Work::Echo { size, depth } => format!(
-            "wsd bench echo  {url}  {} connections, {size}-byte text, depth {depth}, {} s\n\
-             connections  {} ready, {} open at the end\n\
-             messages     {} echoed, {:.0} msgs/s\n\
-             throughput   {:.2} MB/s of payload each way\n",
-            plan.conns,
-            plan.secs,
-            s.ready,
-            s.open,
-            s.counts.messages,
-            s.counts.messages as f64 / secs,
-            s.counts.bytes as f64 / secs / 1e6,
-        ),
-        Work::Broadcast { rate, app, .. } => {
-            let expected = s.counts.sent * plan.conns as u64;
-            format!(
-                "wsd bench broadcast ({app})  {url}  {} subscribers + 1 publisher, {rate} msgs/s, {} s\n\
-                 subscribers  {} ready, {} open at the end\n\
-                 published    {}\n\
-                 expected     {expected} deliveries\n\
-                 delivered    {}, {:.0} deliveries/s\n\
-                 missing      {}\n",
-                plan.conns,
-                plan.secs,
-                s.ready,
-                s.open,
-                s.counts.sent,
-                s.counts.messages,
-                s.counts.messages as f64 / secs,
-                expected.saturating_sub(s.counts.messages),
-            )
-        }
-    };
-    t += &format!(
-        "latency      p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)\n",
+/// A table row of latency percentiles.
+pub fn latency_row(label: &str, h: &Histogram<u64>) -> String {
+    format!(
+        "{label:<12} p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} samples)\n",
         human_ns(h.value_at_quantile(0.50)),
+        human_ns(h.value_at_quantile(0.90)),
         human_ns(h.value_at_quantile(0.99)),
         human_ns(h.value_at_quantile(0.999)),
         human_ns(h.max()),
         h.len(),
-    );
+    )
+}
+
+fn table(plan: &Plan, s: &Summary) -> String {
+    let url = format!("ws://{}{}", plan.target.addr, plan.target.path);
+    let mut t = match &plan.work {
+        Work::Echo { .. } => super::echo::rows(plan, s, &url),
+        Work::Connect { .. } => super::connect::rows(plan, s, &url),
+        Work::Idle { .. } => super::idle::rows(plan, s, &url),
+        Work::Latency { .. } => super::latency::rows(plan, s, &url),
+        Work::Broadcast { .. } => super::broadcast::rows(plan, s, &url),
+    };
+    if let Some(v) = server_json(plan, s) {
+        t += &server_rows(&v);
+    }
     let e = &s.errors;
     t += &format!(
         "errors       {} (connect {}, handshake {}, protocol {}, closed {})\n",
@@ -262,6 +321,39 @@ fn table(plan: &Plan, s: &Summary) -> String {
     );
     for sample in &e.samples {
         t += &format!("  e.g. {sample}\n");
+    }
+    t
+}
+
+/// The server's rows of the table, from its JSON figures.
+fn server_rows(v: &serde_json::Value) -> String {
+    let workers = v["workers"].as_array().map_or(0, Vec::len);
+    let master = if v["master"].is_null() {
+        ""
+    } else {
+        " + master"
+    };
+    let mut t = format!("server       {workers} process(es){master}\n");
+    let f = |key: &str| v[key].as_f64();
+    if let (Some(cpu), Some(window)) = (f("cpu_secs"), f("cpu_window_secs")) {
+        t += &format!("server cpu   {cpu:.2} s in {window:.2} s");
+        if let Some(m) = f("cpu_secs_per_million") {
+            t += &format!(", {m:.2} s per million messages");
+        }
+        if let Some(us) = f("cpu_us_per_handshake") {
+            t += &format!(", {us:.1} µs per handshake");
+        }
+        t += "\n";
+    }
+    if let Some(cpu) = f("burst_cpu_secs") {
+        t += &format!("burst cpu    {cpu:.2} s");
+        if let Some(us) = f("burst_cpu_us_per_upgrade") {
+            t += &format!(", {us:.1} µs per upgrade");
+        }
+        t += "\n";
+    }
+    if v["memory"].is_object() {
+        t += &super::idle::memory_rows(&v["memory"]);
     }
     t
 }
@@ -297,6 +389,23 @@ mod tests {
         assert_eq!(back.len(), h.len());
         assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
         assert_eq!(back.max(), h.max());
+    }
+
+    #[test]
+    fn spans_merge_to_the_earliest_start_and_latest_end() {
+        let a = Some(Span { from: 5, to: 9 });
+        let b = Some(Span { from: 3, to: 7 });
+        assert_eq!(Span::merge(a, b), Some(Span { from: 3, to: 9 }));
+        assert_eq!(Span::merge(None, b), b);
+        assert_eq!(Span::merge(None, None), None);
+        assert_eq!(
+            Span {
+                from: 0,
+                to: 1_500_000_000
+            }
+            .secs(),
+            1.5
+        );
     }
 
     #[test]

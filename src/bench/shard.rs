@@ -9,16 +9,19 @@
 //! the coordinator says `go <t0>`; the shard measures, reports once a second, and ends with
 //! `Done` (its counts, errors and latency histogram). In a broadcast run the shard holding the
 //! publisher reports `Published` when it has sent everything, and the coordinator passes the
-//! total on (`sent <n>`) so subscribers can stop as soon as they have every message.
+//! total on (`sent <n>`) so subscribers can stop as soon as they have every message. A run
+//! whose end the coordinator decides (`idle`: after it has read the server's memory) ends
+//! with `stop`.
 
 use super::client::{self, Driver, Pool};
-use super::report::{self, Counts, Errors};
+use super::report::{self, Counts, Errors, Span};
 use super::{Clock, Plan, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
-use mio::unix::pipe;
+use mio::unix::{SourceFd, pipe};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 const SEC: u64 = 1_000_000_000;
@@ -49,6 +52,14 @@ pub trait Workload: Driver {
     }
     fn counts(&self) -> Counts;
     fn latency(&self) -> &Histogram<u64>;
+    /// A second histogram, for the final report: `connect`'s burst handshakes.
+    fn burst_latency(&self) -> Option<&Histogram<u64>> {
+        None
+    }
+    /// The first and last moments of the workload's own activity (`latency`: its sends).
+    fn span(&self) -> Option<Span> {
+        None
+    }
 }
 
 /// Shard → coordinator.
@@ -73,6 +84,13 @@ pub enum Report {
         counts: Counts,
         errors: Errors,
         latency: Vec<(u64, u64)>,
+        /// From the first connect to the moment every connection was up or had failed.
+        #[serde(default)]
+        connecting: Option<Span>,
+        #[serde(default)]
+        span: Option<Span>,
+        #[serde(default)]
+        burst_latency: Vec<(u64, u64)>,
     },
     /// The shard could not run at all.
     Failed {
@@ -88,6 +106,8 @@ pub struct Share {
     pub conns: usize,
     /// It also runs the broadcast publisher.
     pub publisher: bool,
+    /// `connect`: the connections it cycles in the sustained phase.
+    pub slots: usize,
 }
 
 /// Runs a shard to the end; the exit code for its process.
@@ -99,36 +119,37 @@ pub fn main(
     mut down: pipe::Receiver,
 ) -> i32 {
     let _ = up.set_nonblocking(false);
+    let (up, down) = (&mut up, &mut down);
+    let (n, first) = (share.conns, share.first);
     let result = match &plan.work {
         Work::Echo { size, depth } => {
-            let echo = super::echo::Echo::new(share.conns, *size, *depth, plan.secs);
-            run(
-                plan,
-                share.conns,
-                share.first,
-                echo,
-                clock,
-                &mut up,
-                &mut down,
-            )
+            let echo = super::echo::Echo::new(n, *size, *depth, plan.secs);
+            run(plan, n, first, echo, clock, up, down)
+        }
+        Work::Connect { .. } => {
+            let connect = super::connect::Connect::new(n, share.slots, plan.secs);
+            run(plan, n, first, connect, clock, up, down)
+        }
+        Work::Idle { size } => {
+            let idle = super::idle::Idle::new(n, *size);
+            run(plan, n, first, idle, clock, up, down)
+        }
+        Work::Latency { rate, size } => {
+            let latency =
+                super::latency::Latency::new(first, n, plan.conns, *rate, *size, plan.secs);
+            run(plan, n, first, latency, clock, up, down)
         }
         Work::Broadcast { rate, app, topic } => {
-            let b = super::broadcast::Broadcast::new(
-                *app,
-                topic,
-                share.conns,
-                share.publisher,
-                *rate,
-                plan.secs,
-            );
-            let sockets = share.conns + usize::from(share.publisher);
-            run(plan, sockets, share.first, b, clock, &mut up, &mut down)
+            let b =
+                super::broadcast::Broadcast::new(*app, topic, n, share.publisher, *rate, plan.secs);
+            let sockets = n + usize::from(share.publisher);
+            run(plan, sockets, first, b, clock, up, down)
         }
     };
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let _ = send(&mut up, &Report::Failed { why: e.to_string() });
+            let _ = send(up, &Report::Failed { why: e.to_string() });
             2
         }
     }
@@ -152,14 +173,28 @@ fn run(
     let mut pool = Pool::new(&plan.target, first, sockets, clock)?;
     pool.registry()
         .register(down, client::EXTRA, Interest::READABLE)?;
+    // Scheduled sends (latency, the broadcast publisher) wake on a timerfd: a poll timeout
+    // is rounded up to whole milliseconds, which would add up to 1 ms of the client's own
+    // lateness to every latency measured from the schedule.
+    let timer = crate::sys::timer_fd()?;
+    let timer_fd = timer.as_raw_fd();
+    pool.registry()
+        .register(&mut SourceFd(&timer_fd), client::TIMER, Interest::READABLE)?;
+    let mut armed: Option<u64> = None;
     let mut orders = Lines::default();
     let mut t0: Option<u64> = None;
     let mut next_report = 0;
     let mut next_sweep = SEC;
     let mut published_sent = false;
+    let mut stopped = false;
+    let began = clock.now();
+    let mut settled_at: Option<u64> = None;
     loop {
         let now = clock.now();
         pool.start_wave(now);
+        if settled_at.is_none() && pool.settled() {
+            settled_at = Some(now);
+        }
         if now >= next_sweep {
             pool.sweep(now);
             next_sweep = now + SEC;
@@ -168,12 +203,16 @@ fn run(
         if t0.is_some() {
             if let Some(at) = work.tick(now, &mut pool) {
                 wake = wake.min(at);
+                if armed != Some(at) {
+                    crate::sys::arm_timer(&timer, at.saturating_sub(now))?;
+                    armed = Some(at);
+                }
             }
             if !published_sent && let Some(sent) = work.published_here(&pool) {
                 send(up, &Report::Published { sent })?;
                 published_sent = true;
             }
-            if work.done(now, &pool) {
+            if stopped || work.done(now, &pool) {
                 break;
             }
         }
@@ -199,6 +238,7 @@ fn run(
                     next_report = at + SEC;
                 }
                 Some(("sent", n)) => work.published(n.parse().map_err(io::Error::other)?),
+                None if order == "stop" => stopped = true,
                 _ => return Err(io::Error::other(format!("unknown order {order:?}"))),
             }
         }
@@ -215,6 +255,9 @@ fn run(
             counts: work.counts(),
             errors: pool.errors.clone(),
             latency: report::to_pairs(work.latency()),
+            connecting: settled_at.map(|to| Span { from: began, to }),
+            span: work.span(),
+            burst_latency: work.burst_latency().map_or_else(Vec::new, report::to_pairs),
         },
     )
 }

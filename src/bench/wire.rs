@@ -17,6 +17,21 @@ const ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// a benchmark on loopback has no intermediaries, and one mask lets frames be masked once.
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
+/// Close 1000 (normal closure) with no reason, masked: what `connect` cycles end with.
+pub const CLOSE_FRAME: [u8; 8] = {
+    let code = 1000u16.to_be_bytes();
+    [
+        0x80 | CLOSE,
+        0x80 | 2,
+        MASK[0],
+        MASK[1],
+        MASK[2],
+        MASK[3],
+        code[0] ^ MASK[0],
+        code[1] ^ MASK[1],
+    ]
+};
+
 /// An upgrade answer longer than this is refused (a real one is ~130 bytes).
 pub const MAX_RESPONSE_HEAD: usize = 8 << 10;
 
@@ -219,6 +234,13 @@ mod tests {
             crate::proto::frame::unmask(&mut body, f[head - 4..head].try_into().unwrap(), 0);
             assert_eq!(body, payload, "len {len}");
         }
+    }
+
+    #[test]
+    fn the_constant_close_frame_is_a_masked_close_1000() {
+        let mut built = Vec::new();
+        put_frame(&mut built, CLOSE, &1000u16.to_be_bytes());
+        assert_eq!(built, CLOSE_FRAME);
     }
 
     #[test]

@@ -1,0 +1,231 @@
+//! `wsd bench idle`: what an idle connection costs the server in memory.
+//!
+//! N connections each send one echo message and wait for it (so every connection has been
+//! through the server's read and write paths, and whatever buffers those allocate are
+//! counted), then sit. The coordinator reads the server's workers' `/proc/<pid>/smaps_rollup`
+//! before the first connect and again at the end of `--hold` seconds, with every connection
+//! still open, then tells the client processes to stop; (after − before) / N is the memory
+//! one connection costs. The connections spread over client processes and source addresses
+//! like every mode's (one process may hold at most 20,000 files here).
+//!
+//! Pss is the headline: forked workers share their pages with the master, and the pages a
+//! worker writes become its own; Rss would count a shared page in full in every worker.
+
+use super::client::{Driver, Pool};
+use super::report::{self, Counts, Summary};
+use super::server::{Memory, ServerRun};
+use super::shard::Workload;
+use super::wire::{self, Frame};
+use super::{Plan, Work};
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+pub struct Idle {
+    frame: Vec<u8>,
+    size: usize,
+    /// When each connection sent its message (ns), `u64::MAX` once it is echoed.
+    sent_at: Vec<u64>,
+    echoed: usize,
+    counts: Counts,
+    latency: Histogram<u64>,
+}
+
+const ECHOED: u64 = u64::MAX;
+
+impl Idle {
+    pub fn new(conns: usize, size: usize) -> Idle {
+        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        Idle {
+            frame: wire::text_frame(&payload),
+            size,
+            sent_at: vec![0; conns],
+            echoed: 0,
+            counts: Counts::default(),
+            latency: report::histogram(),
+        }
+    }
+}
+
+impl Driver for Idle {
+    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Vec<u8>, now: u64) {
+        out.extend_from_slice(&self.frame);
+        self.sent_at[id] = now;
+        self.counts.sent += 1;
+    }
+
+    fn data(
+        &mut self,
+        id: usize,
+        frame: Frame<'_>,
+        _out: &mut Vec<u8>,
+        now: u64,
+    ) -> Result<(), String> {
+        if !frame.fin {
+            return Ok(());
+        }
+        if self.sent_at[id] == ECHOED {
+            return Err("a second reply to one message".into());
+        }
+        if frame.payload.len() != self.size {
+            return Err(format!(
+                "a reply of {} bytes to a message of {}",
+                frame.payload.len(),
+                self.size
+            ));
+        }
+        self.latency
+            .saturating_record(now.saturating_sub(self.sent_at[id]));
+        self.sent_at[id] = ECHOED;
+        self.echoed += 1;
+        self.counts.messages += 1;
+        self.counts.bytes += self.size as u64;
+        Ok(())
+    }
+}
+
+impl Workload for Idle {
+    /// A connection is ready once its message came back.
+    fn ready(&self, _pool: &Pool) -> usize {
+        self.echoed
+    }
+
+    fn go(&mut self, _t0: u64, _now: u64, _pool: &mut Pool) {}
+
+    /// Never by itself: the coordinator says `stop` once it has read the server's memory.
+    fn done(&self, _now: u64, _pool: &Pool) -> bool {
+        false
+    }
+
+    fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+}
+
+/// The change in one worker's memory between two samples (KiB; negative if it shrank).
+fn delta(before: Option<Memory>, after: Option<Memory>) -> Option<(i64, i64)> {
+    let (b, a) = (before?, after?);
+    Some((
+        a.rss_kib as i64 - b.rss_kib as i64,
+        a.pss_kib as i64 - b.pss_kib as i64,
+    ))
+}
+
+fn per_conn(kib: i64, conns: u64) -> Option<f64> {
+    report::per(kib as f64, conns).map(|x| report::round(x, 2))
+}
+
+/// The server's memory before and after, per worker and in total, with KiB per connection.
+pub fn memory_json(run: &ServerRun, conns: usize) -> serde_json::Value {
+    let Some(held) = &run.held else {
+        return json!(null);
+    };
+    let mut total = (0i64, 0i64);
+    let mut workers = Vec::new();
+    for (i, &pid) in run.procs.workers.iter().enumerate() {
+        let before = run.start.memory.get(i).copied().flatten();
+        let after = held.memory.get(i).copied().flatten();
+        let d = delta(before, after);
+        if let Some((rss, pss)) = d {
+            total = (total.0 + rss, total.1 + pss);
+        }
+        let held_conns = run.connections.as_ref().and_then(|c| c.get(i).copied());
+        workers.push(json!({
+            "pid": pid,
+            "rss_kib_before": before.map(|m| m.rss_kib),
+            "rss_kib_after": after.map(|m| m.rss_kib),
+            "pss_kib_before": before.map(|m| m.pss_kib),
+            "pss_kib_after": after.map(|m| m.pss_kib),
+            "connections": held_conns,
+            "pss_kib_per_conn": d.zip(held_conns).and_then(|((_, pss), n)| per_conn(pss, n)),
+        }));
+    }
+    json!({
+        "workers": workers,
+        "rss_kib_total": total.0,
+        "pss_kib_total": total.1,
+        "rss_kib_per_conn": per_conn(total.0, conns as u64),
+        "pss_kib_per_conn": per_conn(total.1, conns as u64),
+    })
+}
+
+/// The memory rows of the table, from [`memory_json`]'s figures.
+pub fn memory_rows(m: &serde_json::Value) -> String {
+    let mut t = format!(
+        "memory       +{} KiB Pss (+{} KiB Rss) in all: {} KiB Pss ({} KiB Rss) per connection\n",
+        m["pss_kib_total"], m["rss_kib_total"], m["pss_kib_per_conn"], m["rss_kib_per_conn"]
+    );
+    for w in m["workers"].as_array().into_iter().flatten() {
+        let gain = w["pss_kib_after"]
+            .as_i64()
+            .zip(w["pss_kib_before"].as_i64());
+        t += &format!(
+            "  pid {:<8} Pss {} → {} KiB ({:+}), {} connections, {} KiB per connection\n",
+            w["pid"],
+            w["pss_kib_before"],
+            w["pss_kib_after"],
+            gain.map_or(0, |(a, b)| a - b),
+            w["connections"],
+            w["pss_kib_per_conn"],
+        );
+    }
+    t
+}
+
+/// Idle's own figures for `--json` (the memory is in `server`).
+pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
+    let Work::Idle { size } = plan.work else {
+        return json!({});
+    };
+    json!({ "size": size, "hold": plan.secs, "echoed": s.counts.messages })
+}
+
+/// Idle's rows of the table.
+pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
+    let Work::Idle { size } = plan.work else {
+        return String::new();
+    };
+    let secs = s.connecting.map_or(0.0, |c| c.secs());
+    let mut t = format!(
+        "wsd bench idle  {url}  {} connections, one {size}-byte echo each, held {} s\n\
+         connections  {} echoed and held, up in {secs:.2} s, {} open at the end\n",
+        plan.conns, plan.secs, s.ready, s.open,
+    );
+    t += &report::latency_row("first echo", &s.latency);
+    if s.server.is_none() {
+        t += "memory       (give --config or --pid to read the server's)\n";
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::server::{Procs, Sample};
+
+    #[test]
+    fn memory_per_connection_is_the_growth_over_the_connections() {
+        let mem = |rss_kib, pss_kib| Some(Memory { rss_kib, pss_kib });
+        let run = ServerRun {
+            procs: Procs::for_test(vec![10, 11]),
+            start: Sample::for_test(vec![mem(1000, 600), mem(1000, 600)]),
+            go: None,
+            held: Some(Sample::for_test(vec![mem(3000, 2600), mem(5000, 4600)])),
+            end: None,
+            connections: Some(vec![500, 1000]),
+        };
+        let m = memory_json(&run, 1500);
+        assert_eq!(m["pss_kib_total"], 6000);
+        assert_eq!(m["pss_kib_per_conn"], 4.0);
+        assert_eq!(m["workers"][0]["pss_kib_per_conn"], 4.0);
+        assert_eq!(m["workers"][1]["connections"], 1000);
+        assert!(
+            memory_rows(&m).contains("+6000 KiB Pss"),
+            "{}",
+            memory_rows(&m)
+        );
+    }
+}

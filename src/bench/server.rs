@@ -1,0 +1,278 @@
+//! The server's side of the figures: which processes it runs, the CPU time they spend while
+//! a run measures, and (for `idle`) the memory they hold.
+//!
+//! A client-side figure alone cannot tell a cheap server from one that burns both cores to
+//! keep up, so every mode can read the server's own accounts from `/proc`: utime + stime of
+//! `/proc/<pid>/stat` for CPU, `Rss`/`Pss` of `/proc/<pid>/smaps_rollup` for memory. Pss is the
+//! headline memory figure: forked workers share pages with the master, and a page a worker
+//! makes private by writing to it costs memory that Rss does not show.
+//!
+//! The pids come from `--pid` (any server) or from the wsd control socket, by running this
+//! same program as `-c FILE status --json` (the master's pid and every worker's). Without
+//! either, the server's figures are left out.
+
+use super::BenchError;
+use crate::control::Status;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// How to find the server's processes (`--pid`, `--config`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// The server's pids, to read its CPU time (and memory, for `idle`) from /proc
+    #[arg(
+        long,
+        value_name = "PID[,PID...]",
+        value_delimiter = ',',
+        conflicts_with = "config"
+    )]
+    pub pid: Vec<i32>,
+    /// A wsd config file: the pids of its master and workers come from `wsd -c FILE status`
+    /// (`wsd -c FILE bench ...` and WSD_CONFIG set it too: clap hands the global down)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The server's processes.
+#[derive(Debug, Clone)]
+pub struct Procs {
+    /// wsd's master, when the pids came from its status (it holds no connections).
+    pub master: Option<i32>,
+    /// Processes holding connections: wsd's workers, or every `--pid`.
+    pub workers: Vec<i32>,
+    config: Option<PathBuf>,
+}
+
+/// CPU and memory of the server's processes at one moment.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// ns on the run's common clock.
+    pub at: u64,
+    /// utime + stime in clock ticks, per process of [`Procs::all`] (`None`: unreadable).
+    cpu: Vec<Option<u64>>,
+    /// Per worker, when memory was asked for.
+    pub memory: Vec<Option<Memory>>,
+}
+
+/// A process's resident memory, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+/// The server's samples over one run.
+#[derive(Debug, Clone)]
+pub struct ServerRun {
+    pub procs: Procs,
+    /// Before the client processes start.
+    pub start: Sample,
+    /// When measuring begins.
+    pub go: Option<Sample>,
+    /// `idle`: at the end of the hold, every connection still open.
+    pub held: Option<Sample>,
+    /// When every client process has reported its end.
+    pub end: Option<Sample>,
+    /// `idle`: connections per worker as wsd's status last reported them (with `--config`).
+    pub connections: Option<Vec<u64>>,
+}
+
+impl Procs {
+    /// The server's processes from `--pid` or `--config`; `None` if neither was given.
+    pub fn discover(args: &ServerArgs) -> Result<Option<Procs>, BenchError> {
+        if !args.pid.is_empty() {
+            return Ok(Some(Procs {
+                master: None,
+                workers: args.pid.clone(),
+                config: None,
+            }));
+        }
+        let Some(config) = &args.config else {
+            return Ok(None);
+        };
+        let st = status(config)?;
+        if st.workers.is_empty() {
+            return Err(BenchError::Server(format!(
+                "{} runs no workers",
+                config.display()
+            )));
+        }
+        Ok(Some(Procs {
+            master: Some(st.master.pid),
+            workers: st.workers.iter().map(|w| w.pid).collect(),
+            config: Some(config.clone()),
+        }))
+    }
+
+    /// Every process: the master (if known), then the workers.
+    pub fn all(&self) -> impl Iterator<Item = i32> + '_ {
+        self.master.into_iter().chain(self.workers.iter().copied())
+    }
+
+    pub fn sample(&self, at: u64, with_memory: bool) -> Sample {
+        let memory = if with_memory {
+            self.workers.iter().map(|&pid| memory_of(pid)).collect()
+        } else {
+            Vec::new()
+        };
+        Sample {
+            at,
+            cpu: self.all().map(cpu_ticks_of).collect(),
+            memory,
+        }
+    }
+
+    /// Connections per worker, in [`Procs::workers`] order, from wsd's status; `None`
+    /// without `--config` or if a worker is missing from the answer (it was replaced).
+    pub fn connections(&self) -> Option<Vec<u64>> {
+        let st = status(self.config.as_ref()?).ok()?;
+        self.workers
+            .iter()
+            .map(|&pid| {
+                let w = st.workers.iter().find(|w| w.pid == pid)?;
+                Some(w.counters.connections)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl Procs {
+    pub fn for_test(workers: Vec<i32>) -> Procs {
+        Procs {
+            master: None,
+            workers,
+            config: None,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Sample {
+    pub fn for_test(memory: Vec<Option<Memory>>) -> Sample {
+        Sample {
+            at: 0,
+            cpu: Vec::new(),
+            memory,
+        }
+    }
+}
+
+/// Server CPU seconds between two samples, over the processes readable in both.
+pub fn cpu_secs(from: &Sample, to: &Sample) -> f64 {
+    let ticks: u64 = from
+        .cpu
+        .iter()
+        .zip(&to.cpu)
+        .filter_map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
+        .sum();
+    ticks as f64 / crate::sys::clock_ticks_per_sec() as f64
+}
+
+/// Seconds between two samples.
+pub fn window_secs(from: &Sample, to: &Sample) -> f64 {
+    to.at.saturating_sub(from.at) as f64 / 1e9
+}
+
+/// `wsd -c FILE status --json`, run as this same program.
+fn status(config: &Path) -> Result<Status, BenchError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| BenchError::Setup("find this program to ask for status".into(), e))?;
+    let out = Command::new(exe)
+        .arg("-c")
+        .arg(config)
+        .args(["status", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| BenchError::Setup("run wsd status".into(), e))?;
+    let said = || String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() {
+        return Err(BenchError::Server(format!(
+            "wsd -c {} status: {}",
+            config.display(),
+            said()
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| BenchError::Server(format!("wsd -c {} status --json: {e}", config.display())))
+}
+
+fn cpu_ticks_of(pid: i32) -> Option<u64> {
+    cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn memory_of(pid: i32) -> Option<Memory> {
+    rollup(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
+/// is in parentheses and may hold spaces, so fields are counted after its last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `Rss:` and `Pss:` of a `/proc/<pid>/smaps_rollup`.
+fn rollup(text: &str) -> Option<Memory> {
+    let field = |name: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            let v = l.strip_prefix(name)?.trim().strip_suffix("kB")?;
+            v.trim().parse().ok()
+        })
+    };
+    Some(Memory {
+        rss_kib: field("Rss:")?,
+        pss_kib: field("Pss:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_fields_14_and_15_whatever_the_command_name() {
+        let stat = "4242 (wsd: worker (echo) #1) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
+                    250 75 0 0 20 0 1 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(cpu_ticks(stat), Some(325));
+        assert_eq!(cpu_ticks("4242 (x) S 1"), None);
+        let mine = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(cpu_ticks(&mine).is_some());
+    }
+
+    #[test]
+    fn rollup_gives_rss_and_pss() {
+        let text = "55d0c0000000-7ffd00000000 ---p 00000000 00:00 0    [rollup]\n\
+                    Rss:                4096 kB\nPss:                1536 kB\n\
+                    Pss_Anon:           1024 kB\n";
+        assert_eq!(
+            rollup(text),
+            Some(Memory {
+                rss_kib: 4096,
+                pss_kib: 1536
+            })
+        );
+        assert_eq!(rollup("Rss: 1 kB\n"), None);
+        assert!(memory_of(std::process::id() as i32).is_some_and(|m| m.rss_kib > 0));
+    }
+
+    #[test]
+    fn cpu_seconds_count_only_processes_read_both_times() {
+        let a = Sample {
+            at: 0,
+            cpu: vec![Some(100), Some(50), None],
+            memory: Vec::new(),
+        };
+        let b = Sample {
+            at: 2_000_000_000,
+            cpu: vec![Some(300), None, Some(900)],
+            memory: Vec::new(),
+        };
+        let hz = crate::sys::clock_ticks_per_sec() as f64;
+        assert_eq!(cpu_secs(&a, &b), 200.0 / hz);
+        assert_eq!(window_secs(&a, &b), 2.0);
+    }
+}
