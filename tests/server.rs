@@ -678,3 +678,34 @@ fn the_systemd_unit_installs_and_passes_systemd_analyze_verify() {
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("pid_file = \"/run/wsd/wsd.pid\""), "{text}");
 }
+
+#[test]
+fn a_second_master_cannot_take_over_a_live_control_socket() {
+    // Two configs in one folder with their own pid files but the default control socket.
+    let (dir, first) = Server::config("echo", 1, "");
+    let text = std::fs::read_to_string(&first).unwrap();
+    std::fs::write(
+        &first,
+        text.replacen("[server]\n", "[server]\npid_file = \"a.pid\"\n", 1),
+    )
+    .unwrap();
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        text.replacen("[server]\n", "[server]\npid_file = \"b.pid\"\n", 1),
+    )
+    .unwrap();
+    let mut server = Server::start_with(wsd_bin(), dir, first);
+    let out = std::process::Command::new(wsd_bin())
+        .args(["-c", second.to_str().unwrap(), "start"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("is in use by another running master"),
+        "{said}"
+    );
+    // The first master still answers on its socket.
+    assert_eq!(server.status()["workers"].as_array().unwrap().len(), 1);
+}

@@ -154,7 +154,18 @@ pub fn start(plan: Plan) -> i32 {
     if sup.groups.is_empty() {
         return fail(pidfile, "nothing to run: no [[worker]] groups".into());
     }
-    // We hold the lock, so a socket file left here is stale.
+    // We hold our pid file's lock, so a socket file left here is stale — unless another
+    // master (with another pid file) answers on it: then taking it over would leave that one
+    // unreachable.
+    if std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok() {
+        return fail(
+            pidfile,
+            format!(
+                "control socket {} is in use by another running master",
+                server.control_socket.display()
+            ),
+        );
+    }
     let _ = std::fs::remove_file(&server.control_socket);
     let control = match UnixListener::bind(&server.control_socket) {
         Ok(l) => l,
