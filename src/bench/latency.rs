@@ -19,7 +19,6 @@ use super::report::{self, Counts, Span, Summary};
 use super::shard::Workload;
 use super::wire::{self, Frame};
 use super::{Plan, Work};
-use crate::proto::frame::{BINARY, TEXT};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::collections::VecDeque;
@@ -110,17 +109,7 @@ impl Driver for Latency {
         _out: &mut Vec<u8>,
         now: u64,
     ) -> Result<(), String> {
-        if frame.opcode == BINARY {
-            return Err("a binary reply to a text message".into());
-        }
-        if frame.opcode == TEXT && frame.fin && frame.payload.len() != self.size {
-            return Err(format!(
-                "a reply of {} bytes to a message of {}",
-                frame.payload.len(),
-                self.size
-            ));
-        }
-        if !frame.fin {
+        if !frame.echo_of(self.size)? {
             return Ok(());
         }
         let due = self.rings[id].pop_front().ok_or("a reply to no message")?;

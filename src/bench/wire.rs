@@ -127,6 +127,23 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
+impl Frame<'_> {
+    /// Checks that this frame can be the echo of a `size`-byte text message; `Ok(true)` when it
+    /// completes one (a final frame), `Ok(false)` for a fragment to wait past.
+    pub fn echo_of(&self, size: usize) -> Result<bool, String> {
+        if self.opcode == crate::proto::frame::BINARY {
+            return Err("a binary reply to a text message".into());
+        }
+        if self.opcode == crate::proto::frame::TEXT && self.fin && self.payload.len() != size {
+            return Err(format!(
+                "a reply of {} bytes to a message of {size}",
+                self.payload.len()
+            ));
+        }
+        Ok(self.fin)
+    }
+}
+
 /// The first whole frame in `buf` and the bytes it takes, or `None` if `buf` ends inside it.
 pub fn next_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
     if buf.len() < 2 {
