@@ -295,10 +295,15 @@ def get(d, path):
 # (label, JSON path, higher is better) per mode.
 METRICS = {
     "echo": [("msgs/s", "msgs_per_sec", True)],
-    "latency": [("p50 µs", "latency_us.p50", False), ("p99 µs", "latency_us.p99", False)],
+    # At a fixed rate every server keeps up; what it spends doing so tells them apart.
+    "latency": [("p50 µs", "latency_us.p50", False), ("p99 µs", "latency_us.p99", False),
+                ("server CPU s per million msgs", "server.cpu_secs_per_million", False)],
     "idle": [("KiB Pss per connection", "server.memory.pss_kib_per_conn", False)],
+    # Sustained cycles are bound by the client's core, not the server's: the server's CPU per
+    # handshake is the comparison there.
     "connect": [("burst upgrades/s", "burst.upgrades_per_sec", True),
-                ("sustained handshakes/s", "sustained.handshakes_per_sec", True)],
+                ("sustained handshakes/s", "sustained.handshakes_per_sec", True),
+                ("server CPU µs per handshake", "server.cpu_us_per_handshake", False)],
     "broadcast": [("deliveries/s", "deliveries_per_sec", True)],
 }
 
