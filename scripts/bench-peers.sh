@@ -117,7 +117,7 @@ if wants node-ws || wants bun; then
         for b in "$node_dir"/node_modules/bun/bin/bun.exe "$node_dir"/node_modules/@oven/bun-linux-*/bin/bun; do
             if [[ -x $b ]] && "$b" --version >/dev/null 2>&1; then BUN=$b; break; fi
         done
-        [[ -n $BUN ]] || mark_unavailable bun "the bun npm package installed no runnable binary (see $runs/npm.log)"
+        [[ -n $BUN ]] || mark_unavailable bun "the bun npm package left no runnable binary (its postinstall must run; npm output in $runs/npm.log)"
     fi
 fi
 
@@ -227,7 +227,7 @@ client() {
 scenario_names=()
 for line in "${SCENARIOS[@]}"; do
     IFS='|' read -r name args warm <<<"$line"
-    name=$(echo $name) args=$(echo $args) warm=$(echo $warm) # trim
+    name=$(xargs <<<"$name") args=$(xargs <<<"$args") warm=$(xargs <<<"$warm") # trim
     [[ -z ${ONLY:-} || ",$ONLY," == *",$name,"* ]] || continue
     mode=${args%% *}
     if ! "$WSD_BIN" bench "$mode" --help >/dev/null 2>&1; then
@@ -267,9 +267,13 @@ done
 # --- Table -------------------------------------------------------------------------------
 machine="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores, \
 $(free -g | awk '/^Mem:/ {print $2}') GiB, Linux $(uname -r)"
+crate_version() { awk -v n="$1" '$0 == "name = \"" n "\"" {getline; gsub(/[^0-9.]/, ""); print; exit}' \
+    "$root/benches/peers/Cargo.lock"; }
 versions="wsd $(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo '?'), \
-$(rustc --version 2>/dev/null | cut -d' ' -f1-2), node $(node --version 2>/dev/null || echo '-'), \
-bun $([[ -n $BUN ]] && "$BUN" --version || echo '-')"
+$(rustc --version 2>/dev/null | cut -d' ' -f1-2), tokio-tungstenite $(crate_version tokio-tungstenite), \
+fastwebsockets $(crate_version fastwebsockets) (hyper $(crate_version hyper)), tokio $(crate_version tokio), \
+node $(node --version 2>/dev/null || echo '-') with ws $(node -p 'require(process.argv[1]).version' \
+"$node_dir/node_modules/ws/package.json" 2>/dev/null || echo '-'), bun $([[ -n $BUN ]] && "$BUN" --version || echo '-')"
 python3 - "$runs" "$out/bench-peers.md" "$ROUNDS" "$SECS" "$WARMUP" "$machine" "$versions" \
     "$((${#pin_server[@]} > 0))" "$(IFS=,; echo "${servers[*]}")" "$(IFS=,; echo "${scenario_names[*]}")" <<'EOF'
 import glob, json, os, statistics, sys
@@ -291,10 +295,15 @@ def get(d, path):
 # (label, JSON path, higher is better) per mode.
 METRICS = {
     "echo": [("msgs/s", "msgs_per_sec", True)],
-    "latency": [("p50 µs", "latency_us.p50", False), ("p99 µs", "latency_us.p99", False)],
+    # At a fixed rate every server keeps up; what it spends doing so tells them apart.
+    "latency": [("p50 µs", "latency_us.p50", False), ("p99 µs", "latency_us.p99", False),
+                ("server CPU s per million msgs", "server.cpu_secs_per_million", False)],
     "idle": [("KiB Pss per connection", "server.memory.pss_kib_per_conn", False)],
+    # Sustained cycles are bound by the client's core, not the server's: the server's CPU per
+    # handshake is the comparison there.
     "connect": [("burst upgrades/s", "burst.upgrades_per_sec", True),
-                ("sustained handshakes/s", "sustained.handshakes_per_sec", True)],
+                ("sustained handshakes/s", "sustained.handshakes_per_sec", True),
+                ("server CPU µs per handshake", "server.cpu_us_per_handshake", False)],
     "broadcast": [("deliveries/s", "deliveries_per_sec", True)],
 }
 

@@ -35,10 +35,13 @@ async fn upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, W
 }
 
 fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or_else(|| {
-        eprintln!("usage: peer-fastwebsockets PORT");
-        std::process::exit(2)
-    });
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            eprintln!("usage: peer-fastwebsockets PORT");
+            std::process::exit(2)
+        });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()

@@ -38,26 +38,49 @@ fn check(r: i32, what: &str) -> i32 {
 }
 
 fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or_else(|| {
-        eprintln!("usage: raw-epoll PORT");
-        std::process::exit(2)
-    });
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            eprintln!("usage: raw-epoll PORT");
+            std::process::exit(2)
+        });
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let lfd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) }, "socket");
+    let lfd = check(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) },
+        "socket",
+    );
     let one: libc::c_int = 1;
     let optlen = size_of::<libc::c_int>() as libc::socklen_t;
-    unsafe { libc::setsockopt(lfd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), optlen) };
+    unsafe {
+        libc::setsockopt(
+            lfd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            optlen,
+        )
+    };
     let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     addr.sin_family = libc::AF_INET as libc::sa_family_t;
     addr.sin_port = port.to_be();
     addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
     let alen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    check(unsafe { libc::bind(lfd, (&raw const addr).cast(), alen) }, "bind");
+    check(
+        unsafe { libc::bind(lfd, (&raw const addr).cast(), alen) },
+        "bind",
+    );
     check(unsafe { libc::listen(lfd, 4096) }, "listen");
     let ep = check(unsafe { libc::epoll_create1(0) }, "epoll_create1");
     let add = |fd: i32, flags: u32| {
-        let mut ev = libc::epoll_event { events: flags, u64: fd as u64 };
-        check(unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) }, "epoll_ctl");
+        let mut ev = libc::epoll_event {
+            events: flags,
+            u64: fd as u64,
+        };
+        check(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) },
+            "epoll_ctl",
+        );
     };
     add(lfd, libc::EPOLLIN as u32);
     let mut conns: Vec<Conn> = Vec::new();
@@ -74,15 +97,33 @@ fn main() {
             let fd = ev.u64 as i32;
             if fd == lfd {
                 loop {
-                    let c = unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK) };
+                    let c = unsafe {
+                        libc::accept4(
+                            lfd,
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut(),
+                            libc::SOCK_NONBLOCK,
+                        )
+                    };
                     if c < 0 {
                         break; // EAGAIN (or EMFILE: the backlog waits for the next event)
                     }
-                    unsafe { libc::setsockopt(c, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&raw const one).cast(), optlen) };
+                    unsafe {
+                        libc::setsockopt(
+                            c,
+                            libc::IPPROTO_TCP,
+                            libc::TCP_NODELAY,
+                            (&raw const one).cast(),
+                            optlen,
+                        )
+                    };
                     if conns.len() <= c as usize {
                         conns.resize_with(c as usize + 1, Conn::default);
                     }
-                    conns[c as usize] = Conn { open: true, ..Conn::default() };
+                    conns[c as usize] = Conn {
+                        open: true,
+                        ..Conn::default()
+                    };
                     add(c, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32);
                 }
                 continue;
@@ -171,7 +212,10 @@ fn handle(conn: &mut Conn, mut buf: &[u8], out: &mut Vec<u8>) -> bool {
         let (b0, b1) = (buf[0], buf[1]);
         let (len, mut head) = match b1 & 0x7f {
             126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+            127 if buf.len() >= 10 => (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
             126 | 127 => break,
             n => (n as usize, 2),
         };
@@ -217,7 +261,9 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 fn header<'a>(head: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     head.split(|&b| b == b'\n').find_map(|line| {
         let colon = line.iter().position(|&b| b == b':')?;
-        line[..colon].eq_ignore_ascii_case(name).then(|| line[colon + 1..].trim_ascii())
+        line[..colon]
+            .eq_ignore_ascii_case(name)
+            .then(|| line[colon + 1..].trim_ascii())
     })
 }
 
@@ -229,9 +275,16 @@ fn accept(key: &[u8]) -> Vec<u8> {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(28);
     for chunk in digest.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
         for i in 0..4 {
-            out.push(if i <= chunk.len() { B64[(n >> (18 - 6 * i) & 63) as usize] } else { b'=' });
+            out.push(if i <= chunk.len() {
+                B64[(n >> (18 - 6 * i) & 63) as usize]
+            } else {
+                b'='
+            });
         }
     }
     out
@@ -262,7 +315,12 @@ fn sha1(data: &[u8]) -> [u8; 20] {
                 40..60 => (b & c | b & d | c & d, 0x8F1BBCDC),
                 _ => (b ^ c ^ d, 0xCA62C1D6),
             };
-            let t = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*wi);
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
             (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
         }
         for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
@@ -285,13 +343,20 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let mut fast = data.clone();
             super::unmask(&mut fast, mask);
-            let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]).collect();
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i & 3])
+                .collect();
             assert_eq!(fast, slow, "len {len}");
         }
     }
 
     #[test]
     fn the_rfc_example_key_gets_its_accept_value() {
-        assert_eq!(super::accept(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            super::accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 }

@@ -18,10 +18,13 @@ use tokio_tungstenite::tungstenite::Error;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or_else(|| {
-        eprintln!("usage: peer-tokio-tungstenite PORT");
-        std::process::exit(2)
-    });
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            eprintln!("usage: peer-tokio-tungstenite PORT");
+            std::process::exit(2)
+        });
     let read_buffer = std::env::var("TUNGSTENITE_READ_BUFFER")
         .ok()
         .and_then(|v| v.parse().ok())
