@@ -65,7 +65,7 @@ pub fn feed(data: &[u8]) {
                         session.close(4000, "asked to");
                     } else if session.can_send() {
                         let (opcode, payload) = msg.into_parts();
-                        session.out.push_frame(opcode, &payload);
+                        session.out.push_frame(opcode, payload);
                     }
                 }
                 Step::Closed(_) | Step::Failed(_) => {

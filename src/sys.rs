@@ -1,5 +1,6 @@
 //! The one home of `unsafe` and of raw process plumbing: fork, file-descriptor hygiene after
-//! fork, flock, stdio redirection, signal masks and `/proc` readings.
+//! fork, flock, stdio redirection, signal masks and `/proc` readings — and the one unchecked
+//! conversion of the data path, text that was just validated.
 //!
 //! Everything that can go wrong in a forking server without threads goes wrong here, so it is
 //! kept small and each `unsafe` block says why it holds.
@@ -310,6 +311,16 @@ pub fn arm_timer(timer: &OwnedFd, ns: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `bytes` as text, if it is UTF-8. Validated once, with SIMD (`simdutf8`): going through
+/// `Utf8Bytes::try_from` would validate again with the scalar `std` check, which was 4 % of a
+/// worker's time echoing 4 KiB text messages.
+pub(crate) fn utf8_bytes(bytes: tungstenite::Bytes) -> Option<tungstenite::Utf8Bytes> {
+    simdutf8::basic::from_utf8(&bytes).ok()?;
+    // SAFETY: simdutf8 has just validated exactly these bytes as UTF-8, and `Bytes` is
+    // immutable, so they stay valid.
+    Some(unsafe { tungstenite::Utf8Bytes::from_bytes_unchecked(bytes) })
 }
 
 #[cfg(test)]

@@ -129,6 +129,14 @@ impl Decoder {
         sink: &mut impl FnMut(Event),
     ) -> Result<(), ProtoError> {
         while !input.is_empty() && !self.closed {
+            if self.frame.is_none()
+                && self.head_len == 0
+                && self.message.is_none()
+                && let Some(rest) = self.whole_message(input, sink)?
+            {
+                input = rest;
+                continue;
+            }
             let Some(f) = &mut self.frame else {
                 input = self.read_header(input)?;
                 if self.frame.as_ref().is_some_and(|f| f.left == 0) {
@@ -146,6 +154,43 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    /// The common case in one step: `input` starts with a whole unfragmented data frame.
+    /// Returns what follows it, or `None` (nothing consumed) for the general path. Same
+    /// checks and events as the general path, without its per-frame state or an incremental
+    /// UTF-8 check: the text is all here, so one check finds what the incremental one would.
+    fn whole_message<'a>(
+        &mut self,
+        input: &'a [u8],
+        sink: &mut impl FnMut(Event),
+    ) -> Result<Option<&'a [u8]>, ProtoError> {
+        let Some((h, used)) = parse_header(input)? else {
+            return Ok(None);
+        };
+        let whole = h.len <= (input.len() - used) as u64;
+        if !(whole && h.fin && matches!(h.opcode, TEXT | BINARY)) {
+            return Ok(None);
+        }
+        let len = h.len as usize;
+        for (what, limit) in [
+            ("frame", self.limits.max_frame),
+            ("message", self.limits.max_message),
+        ] {
+            if len > limit {
+                return Err(ProtoError::TooBig { what, limit });
+            }
+        }
+        let mut data = Vec::with_capacity(len);
+        data.extend_from_slice(&input[used..used + len]);
+        frame::unmask(&mut data, h.mask, 0);
+        let data = Bytes::from(data);
+        sink(Event::Message(if h.opcode == TEXT {
+            Message::Text(crate::sys::utf8_bytes(data).ok_or(ProtoError::InvalidUtf8)?)
+        } else {
+            Message::Binary(data)
+        }));
+        Ok(Some(&input[used + len..]))
     }
 
     /// Consumes header bytes; sets `self.frame` once a whole header has arrived.
@@ -270,8 +315,7 @@ impl Decoder {
                     if m.checked != data.len() {
                         return Err(ProtoError::InvalidUtf8); // ends inside a character
                     }
-                    let text = data.try_into().map_err(|_| ProtoError::InvalidUtf8)?;
-                    Message::Text(text)
+                    Message::Text(crate::sys::utf8_bytes(data).ok_or(ProtoError::InvalidUtf8)?)
                 } else {
                     Message::Binary(data)
                 }));
@@ -339,7 +383,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
 /// Checks the text that arrived since the last check; an incomplete character at the end
 /// waits for its next bytes.
 fn check_utf8(m: &mut Partial) -> Result<(), ProtoError> {
-    match std::str::from_utf8(&m.data[m.checked..]) {
+    match simdutf8::compat::from_utf8(&m.data[m.checked..]) {
         Ok(_) => m.checked = m.data.len(),
         Err(e) if e.error_len().is_some() => return Err(ProtoError::InvalidUtf8),
         Err(e) => m.checked += e.valid_up_to(),
@@ -470,6 +514,7 @@ mod tests {
                 client_frame(0x88, &[0x03, 0xe8, 0xff]),
                 ProtoError::InvalidUtf8,
             ),
+            (client_frame(0x81, b"ok\xff"), ProtoError::InvalidUtf8),
         ];
         for (wire, want) in cases {
             assert_eq!(run(&wire, wire.len()).1, Err(want.clone()), "{want:?}");
@@ -514,14 +559,17 @@ mod tests {
             max_message: 150,
         });
         let mut events = Vec::new();
-        let head = &client_frame(0x82, &[0; 101])[..8];
-        assert_eq!(
-            d.feed(head, &mut |e| events.push(e)),
-            Err(ProtoError::TooBig {
-                what: "frame",
-                limit: 100
-            })
-        );
+        let whole = client_frame(0x82, &[0; 101]);
+        let too_big = Err(ProtoError::TooBig {
+            what: "frame",
+            limit: 100,
+        });
+        assert_eq!(d.feed(&whole[..8], &mut |e| events.push(e)), too_big);
+        let mut d = Decoder::new(Limits {
+            max_frame: 100,
+            max_message: 150,
+        });
+        assert_eq!(d.feed(&whole, &mut |e| events.push(e)), too_big, "whole");
         let mut d = Decoder::new(Limits {
             max_frame: 100,
             max_message: 150,

@@ -52,16 +52,19 @@ impl SendQueue {
     }
 
     /// Queues a frame built from `opcode` and `payload`.
-    pub(crate) fn push_frame(&mut self, opcode: u8, payload: &Bytes) {
-        if payload.len() < SHARE_MIN {
-            let tail = self.tail(frame::frame_len(payload.len()));
-            frame::put_header(tail, opcode, payload.len());
-            tail.extend_from_slice(payload);
+    /// Takes `payload` by value: a large one is queued as it is, where queueing a clone would
+    /// turn a uniquely owned `Bytes` into a shared one (an allocation and atomic counts).
+    pub(crate) fn push_frame(&mut self, opcode: u8, payload: Bytes) {
+        let len = payload.len();
+        if len < SHARE_MIN {
+            let tail = self.tail(frame::frame_len(len));
+            frame::put_header(tail, opcode, len);
+            tail.extend_from_slice(&payload);
         } else {
-            frame::put_header(self.tail(frame::MAX_SERVER_HEADER), opcode, payload.len());
-            self.segments.push_back(Segment::Shared(payload.clone()));
+            frame::put_header(self.tail(frame::MAX_SERVER_HEADER), opcode, len);
+            self.segments.push_back(Segment::Shared(payload));
         }
-        self.len += frame::frame_len(payload.len());
+        self.len += frame::frame_len(len);
     }
 
     /// Queues bytes that are already a whole frame (or a handshake response).
@@ -169,8 +172,8 @@ mod tests {
     fn frames_come_out_in_order_through_partial_writes() {
         let mut q = SendQueue::default();
         let big = Bytes::from(vec![9u8; 5000]);
-        q.push_frame(frame::TEXT, &Bytes::from_static(b"hi"));
-        q.push_frame(frame::BINARY, &big);
+        q.push_frame(frame::TEXT, Bytes::from_static(b"hi"));
+        q.push_frame(frame::BINARY, big.clone());
         q.push_encoded(&frame::encode(frame::PING, b""));
         let mut want = frame::encode(frame::TEXT, b"hi").to_vec();
         want.extend_from_slice(&frame::encode(frame::BINARY, &big));

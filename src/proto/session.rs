@@ -29,7 +29,8 @@ enum Phase {
 #[derive(Debug)]
 pub(crate) enum Step {
     /// A valid upgrade request: answer with [`Session::accept`] or [`Session::reject`].
-    Request(handshake::Request),
+    /// (Boxed, as is `Fetch`: a step is moved twice per message, so it is kept small.)
+    Request(Box<handshake::Request>),
     Message(Message),
     /// The client sent Close (code and reason, if any). Reply with [`Session::answer`].
     Closed(Option<(u16, String)>),
@@ -39,7 +40,7 @@ pub(crate) enum Step {
     Rejected(Reject),
     /// A plain `GET`/`HEAD`, not an upgrade. Nothing more is read; answer with
     /// [`Session::respond`] (a file) or [`Session::reject`] (`FileRequest::refusal`).
-    Fetch(FileRequest),
+    Fetch(Box<FileRequest>),
 }
 
 pub(crate) struct Session {
@@ -113,13 +114,13 @@ impl Session {
                     Parsed::Upgrade(request, used) => {
                         let rest = whole[used..].to_vec();
                         self.phase = Phase::Deciding(rest);
-                        steps.push_back(Step::Request(request));
+                        steps.push_back(Step::Request(Box::new(request)));
                     }
                     Parsed::Fetch(request) => {
                         self.phase = Phase::Refused;
                         self.close_sent = true;
                         self.failed = true;
-                        steps.push_back(Step::Fetch(request));
+                        steps.push_back(Step::Fetch(Box::new(request)));
                     }
                     Parsed::Reject(r) => {
                         self.reject(r);
@@ -214,7 +215,7 @@ impl Session {
         let result = decoder.feed(input, &mut |event| match event {
             Event::Message(m) if !*close_sent => steps.push_back(Step::Message(m)),
             Event::Message(_) | Event::Pong(_) => {}
-            Event::Ping(payload) if !*close_sent => out.push_frame(PONG, &payload),
+            Event::Ping(payload) if !*close_sent => out.push_frame(PONG, payload),
             Event::Ping(_) => {}
             Event::Close(frame) => {
                 *close_received = true;
@@ -311,7 +312,7 @@ mod tests {
             &mut steps,
         );
         assert!(matches!(steps.pop_front(), Some(Step::Message(_))));
-        s.out.push_frame(frame::TEXT, &Bytes::from_static(b"ok"));
+        s.out.push_frame(frame::TEXT, Bytes::from_static(b"ok"));
         let step = steps.pop_front().unwrap();
         assert!(matches!(step, Step::Failed(_)));
         s.answer(&step);
@@ -337,7 +338,7 @@ mod tests {
         s.reject(req.refusal());
         assert!(drain(&mut s).starts_with(b"HTTP/1.1 426 "));
         assert!(!s.close(1000, ""));
-        s.out.push_frame(frame::TEXT, &Bytes::from_static(b"x"));
+        s.out.push_frame(frame::TEXT, Bytes::from_static(b"x"));
         assert!(s.failed && !s.can_send());
     }
 }

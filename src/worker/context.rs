@@ -93,10 +93,8 @@ impl Context {
     /// connection is closed with 1008).
     pub fn send(&mut self, conn: ConnId, msg: impl Into<Message>) -> Result<(), SendError> {
         let (opcode, payload) = msg.into().into_parts();
-        let wire = frame::frame_len(payload.len());
-        self.enqueue(conn, wire, payload.len(), |q| {
-            q.push_frame(opcode, &payload)
-        })
+        let (wire, len) = (frame::frame_len(payload.len()), payload.len());
+        self.enqueue(conn, wire, len, |q| q.push_frame(opcode, payload))
     }
 
     /// Sends `msg` to every open connection of **this worker** (Workerman's loop over

@@ -72,6 +72,9 @@ pub(super) struct Loop {
     pub(super) accept_paused: bool,
     pub(super) accept_retry_at: Option<Instant>,
     next_tick: Instant,
+    /// When this turn's poll returned: input is stamped with it, where a clock read per read
+    /// would cost a vDSO call per message.
+    turn_start: Instant,
     /// How the worker is stopping, once told to.
     pub(super) stopping: Option<StopMode>,
     /// The connections still to be sent Close 1001 by a `StopMode::Close` stop.
@@ -155,6 +158,7 @@ impl Loop {
             accept_paused: false,
             accept_retry_at: None,
             next_tick: Instant::now() + TICK,
+            turn_start: Instant::now(),
             stopping: None,
             spread: None,
         })
@@ -176,6 +180,7 @@ impl Loop {
                 log::error!("poll failed: {e}");
                 return 1;
             }
+            self.turn_start = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -328,7 +333,7 @@ impl Loop {
                     return;
                 }
                 Ok(n) => {
-                    conn.last_input = Instant::now();
+                    conn.last_input = self.turn_start;
                     // A failed connection's input is read only to be discarded.
                     conn.session.read(&self.scratch[..n], &mut self.steps);
                     // A short read emptied the socket's queue. With edge-triggered polling,
@@ -373,9 +378,9 @@ impl Loop {
             }
             let conn = &self.ctx.conns[idx];
             match step {
-                Step::Request(request) => self.upgrade(id, request),
+                Step::Request(request) => self.upgrade(id, *request),
                 // A plain GET/HEAD: a file from static_dir, or the 426 without one.
-                Step::Fetch(request) => self.serve_file(idx, request),
+                Step::Fetch(request) => self.serve_file(idx, *request),
                 // The app may have closed the connection while handling an earlier message.
                 Step::Message(_) if !conn.session.can_send() => {}
                 Step::Message(msg) => {
