@@ -66,6 +66,9 @@ pub(super) struct Loop {
     next_serial: u32,
     /// Connections whose read budget ran out with data still buffered.
     again: Vec<usize>,
+    /// An empty list with capacity, swapped with `again` or the dirty list while one is
+    /// worked through: lists grown once are reused, not regrown from nothing every turn.
+    spare: Vec<usize>,
     /// Bus peers whose messages did not all fit in one turn's budget.
     pub(super) bus_again: Vec<usize>,
     /// The listener is not being drained: at `max_connections`, or out of descriptors.
@@ -154,6 +157,7 @@ impl Loop {
             per_ip: HashMap::new(),
             next_serial: 0,
             again: Vec::new(),
+            spare: Vec::new(),
             bus_again: Vec::new(),
             accept_paused: false,
             accept_retry_at: None,
@@ -202,9 +206,11 @@ impl Loop {
             for peer in std::mem::take(&mut self.bus_again) {
                 self.bus_ready(peer);
             }
-            for idx in std::mem::take(&mut self.again) {
+            let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.spare));
+            for &idx in &again {
                 self.read_conn(idx);
             }
+            self.spare = recycle(again);
             self.run_timers();
             self.deliver_notices();
             self.close_due();
@@ -475,12 +481,14 @@ impl Loop {
     }
 
     fn flush_dirty(&mut self) {
-        for idx in std::mem::take(&mut self.ctx.dirty) {
+        let dirty = std::mem::replace(&mut self.ctx.dirty, std::mem::take(&mut self.spare));
+        for &idx in &dirty {
             if let Some(conn) = self.ctx.conns.get_mut(idx) {
                 conn.dirty = false;
                 self.flush_conn(idx);
             }
         }
+        self.spare = recycle(dirty);
     }
 
     /// Removes connections that ended this turn and tells the app.
@@ -508,4 +516,13 @@ impl Loop {
             }
         }
     }
+}
+
+/// `list` emptied for reuse; a list grown by a rare burst (over 64 KiB) is let go.
+fn recycle(mut list: Vec<usize>) -> Vec<usize> {
+    list.clear();
+    if list.capacity() > 8192 {
+        list = Vec::new();
+    }
+    list
 }
