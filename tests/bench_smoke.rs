@@ -380,3 +380,38 @@ fn latency_sends_on_schedule_and_hears_every_reply() {
     assert!(l["p999"].as_f64() >= l["p99"].as_f64(), "{v}");
     assert_server_cpu(&v, 3, false);
 }
+
+/// A server that pushes on its own (clock-echo's 5 s clock) does not confuse the latency
+/// client: pushes are counted apart, every message still has its reply. `--spin` polls
+/// between sends instead of sleeping.
+#[test]
+fn latency_counts_server_pushes_apart_from_replies() {
+    if !app_known("clock-echo") {
+        return;
+    }
+    let server = Server::start("clock-echo", 1);
+    let (v, out) = bench(&[
+        "latency",
+        "--url",
+        &server.url(),
+        "--conns",
+        "10",
+        "--rate",
+        "100",
+        "--secs",
+        "6",
+        "--spin",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["spin"], true, "{v}");
+    assert_eq!(
+        (v["sent"].as_u64(), v["replies"].as_u64()),
+        (Some(600), Some(600)),
+        "{v}"
+    );
+    // The clock fires 5 s after the worker starts, inside the 6 s of sending: one push to
+    // each of the 10 connections (two if the run was slow enough to span 10 s).
+    let pushes = v["pushes"].as_u64().unwrap_or(0);
+    assert!(pushes == 10 || pushes == 20, "{v}");
+    assert_latency(&v);
+}

@@ -11,7 +11,7 @@ mod pubsub;
 use crate::Worker;
 
 pub use chat::chat;
-pub use clock::clock;
+pub use clock::{clock, clock_echo};
 pub use echo::echo;
 pub use hello::hello;
 pub use pubsub::pubsub;
@@ -25,6 +25,7 @@ pub fn builtin() -> Vec<(&'static str, Install)> {
         ("echo", echo),
         ("hello", hello),
         ("clock", clock),
+        ("clock-echo", clock_echo),
         ("chat", chat),
         ("pubsub", pubsub),
     ]

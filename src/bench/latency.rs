@@ -9,6 +9,10 @@
 //! client itself falls behind, it sends late but still measures from the schedule, and
 //! counts the late sends so the figure can be judged.
 //!
+//! A server may also push messages of its own (the `clock-echo` app's 5-second clock): a
+//! whole text message that is not the payload sent is counted as a push and otherwise
+//! ignored, so latency can be measured with a timer firing on the server.
+//!
 //! The schedule is global: with several client processes, each sends the messages whose
 //! connection it holds. An echo server answers a connection's messages in order, so their
 //! scheduled times wait in a per-connection ring, as in `echo`; the frame is built and
@@ -32,6 +36,7 @@ const DRAIN_NS: u64 = super::broadcast::DRAIN_NS;
 
 pub struct Latency {
     frame: Vec<u8>,
+    payload: Vec<u8>,
     size: usize,
     /// This process holds connections `first..first + conns` of `all`.
     first: usize,
@@ -63,6 +68,7 @@ impl Latency {
         let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
         Latency {
             frame: wire::text_frame(&payload),
+            payload,
             size,
             first,
             conns,
@@ -109,6 +115,11 @@ impl Driver for Latency {
         _out: &mut Vec<u8>,
         now: u64,
     ) -> Result<(), String> {
+        let whole_text = frame.opcode == crate::proto::frame::TEXT && frame.fin;
+        if whole_text && frame.payload != self.payload.as_slice() {
+            self.counts.pushes += 1;
+            return Ok(());
+        }
         if !frame.echo_of(self.size)? {
             return Ok(());
         }
@@ -188,30 +199,32 @@ fn achieved(plan: &Plan, s: &Summary) -> f64 {
 
 /// Latency's own figures for `--json`.
 pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
-    let Work::Latency { rate, size } = plan.work else {
+    let Work::Latency { rate, size, .. } = plan.work else {
         return json!({});
     };
     json!({
         "rate": rate,
         "size": size,
+        "spin": matches!(plan.work, Work::Latency { spin: true, .. }),
         "sent": s.counts.sent,
         "achieved_rate": achieved(plan, s).round(),
         "late": s.counts.late,
         "replies": s.counts.messages,
         "unanswered": s.counts.sent.saturating_sub(s.counts.messages),
+        "pushes": s.counts.pushes,
     })
 }
 
 /// Latency's rows of the table.
 pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
-    let Work::Latency { rate, size } = plan.work else {
+    let Work::Latency { rate, size, .. } = plan.work else {
         return String::new();
     };
     format!(
         "wsd bench latency  {url}  {} connections, {rate} msgs/s scheduled, {size}-byte text, {} s\n\
          connections  {} ready, {} open at the end\n\
          sent         {}, {:.0} msgs/s achieved, {} late (over {} ms behind the schedule)\n\
-         replies      {}, {} unanswered\n",
+         replies      {}, {} unanswered; {} pushes from the server\n",
         plan.conns,
         plan.secs,
         s.ready,
@@ -222,6 +235,7 @@ pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
         LATE_NS / 1_000_000,
         s.counts.messages,
         s.counts.sent.saturating_sub(s.counts.messages),
+        s.counts.pushes,
     ) + &report::latency_row("latency", &s.latency)
 }
 

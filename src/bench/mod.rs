@@ -93,6 +93,12 @@ enum Mode {
         /// Payload bytes of each message
         #[arg(long, default_value_t = 32)]
         size: usize,
+        /// Poll without sleeping between scheduled sends, for a client with a core of its own.
+        /// In a VM, arming a timer and being woken by one each cost a trap to the hypervisor
+        /// (10 µs and more here); they make the client late, and its lateness counts as latency
+        /// (see `late`), whatever the server does.
+        #[arg(long)]
+        spin: bool,
     },
     /// Fan-out: N subscribers read what one publisher sends R times a second
     Broadcast {
@@ -256,7 +262,7 @@ pub enum Work {
     Echo { size: usize, depth: usize },
     Connect { slots: usize },
     Idle { size: usize },
-    Latency { rate: u64, size: usize },
+    Latency { rate: u64, size: usize, spin: bool },
     Broadcast { rate: u64, app: App, topic: String },
 }
 
@@ -293,7 +299,8 @@ impl Plan {
                 window,
                 rate,
                 size,
-            } => (common, window.secs, Work::Latency { rate, size }),
+                spin,
+            } => (common, window.secs, Work::Latency { rate, size, spin }),
             Mode::Broadcast {
                 common,
                 window,

@@ -94,6 +94,9 @@ pub struct Counts {
     /// Latency: sends that left later than scheduled (see `latency::LATE_NS`).
     #[serde(default)]
     pub late: u64,
+    /// Latency: text messages the server sent on its own (a timer's push), not echoes.
+    #[serde(default)]
+    pub pushes: u64,
 }
 
 impl Counts {
@@ -102,6 +105,7 @@ impl Counts {
         self.bytes += other.bytes;
         self.sent += other.sent;
         self.late += other.late;
+        self.pushes += other.pushes;
     }
 }
 

@@ -134,7 +134,7 @@ pub fn main(
             let idle = super::idle::Idle::new(n, *size);
             run(plan, n, first, idle, clock, up, down)
         }
-        Work::Latency { rate, size } => {
+        Work::Latency { rate, size, .. } => {
             let latency =
                 super::latency::Latency::new(first, n, plan.conns, *rate, *size, plan.secs);
             run(plan, n, first, latency, clock, up, down)
@@ -181,6 +181,7 @@ fn run(
     pool.registry()
         .register(&mut SourceFd(&timer_fd), client::TIMER, Interest::READABLE)?;
     let mut armed: Option<u64> = None;
+    let spin = matches!(plan.work, Work::Latency { spin: true, .. });
     let mut orders = Lines::default();
     let mut t0: Option<u64> = None;
     let mut next_report = 0;
@@ -203,7 +204,9 @@ fn run(
         if t0.is_some() {
             if let Some(at) = work.tick(now, &mut pool) {
                 wake = wake.min(at);
-                if armed != Some(at) {
+                if spin {
+                    wake = now;
+                } else if armed != Some(at) {
                     crate::sys::arm_timer(&timer, at.saturating_sub(now))?;
                     armed = Some(at);
                 }

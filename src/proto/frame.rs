@@ -76,7 +76,12 @@ pub(crate) fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 /// XORs `data` with `mask`, where `data` starts `offset` bytes into the masked payload.
 pub(crate) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     let k = offset % 4;
-    let key = [mask[k], mask[(k + 1) % 4], mask[(k + 2) % 4], mask[(k + 3) % 4]];
+    let key = [
+        mask[k],
+        mask[(k + 1) % 4],
+        mask[(k + 2) % 4],
+        mask[(k + 3) % 4],
+    ];
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
