@@ -9,14 +9,14 @@
 # a free loopback port in the temp dir and runs the same with `[server] bus = "redis://..."`.
 # Prints a markdown table: deliveries/s, latency p50/p99/p99.9, missing deliveries.
 #
-# Usage: [CONNS=10000] [SECS=10] [RATE=20] [WSD_BIN=path/to/wsd] scripts/bench-broadcast.sh [--no-redis]
+# Usage: [CONNS=10000] [SECS=10] [RATE=20] [WORKERS=4] [WSD_BIN=path/to/wsd] scripts/bench-broadcast.sh [--no-redis]
 # Prints figures only; exits non-zero if a run could not be made at all.
 set -euo pipefail
 
 CONNS=${CONNS:-10000}
 SECS=${SECS:-10}
 RATE=${RATE:-20}
-WORKERS=4
+WORKERS=${WORKERS:-4}
 use_redis=1
 for arg in "$@"; do
     case $arg in
@@ -26,42 +26,12 @@ for arg in "$@"; do
     esac
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-die() { echo "bench-broadcast: $*" >&2; exit 1; }
-say() { echo "bench-broadcast: $*" >&2; }
+NAME=bench-broadcast
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
 for v in CONNS SECS RATE; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
-
-# Every server worker and every client process needs its sockets: soft limit up to the hard one.
-hard=$(ulimit -Hn)
-[[ $hard == unlimited ]] && hard=$(cat /proc/sys/fs/nr_open)
-ulimit -Sn "$hard" || die "cannot raise the fd soft limit to $hard"
-
-if [[ -z ${WSD_BIN:-} ]]; then
-    (cd "$root" && cargo build --release --bin wsd) || die "cargo build failed"
-    WSD_BIN=${CARGO_TARGET_DIR:-$root/target}/release/wsd
-fi
-[[ -x $WSD_BIN ]] || die "no wsd binary at $WSD_BIN"
-
-# Everything started goes in pids; the trap stops each (TERM, then KILL) and removes tmp.
-pids=()
-tmp=$(mktemp -d)
-cleanup() {
-    local p deadline=$((SECONDS + 15))
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        while kill -0 "$p" 2>/dev/null; do
-            ((SECONDS < deadline)) || { kill -KILL "$p" 2>/dev/null || true; break; }
-            sleep 0.1
-        done
-        wait "$p" 2>/dev/null || true
-    done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # Commands the Redis server on $rport has processed so far (INFO stats).
 redis_commands() {
@@ -82,14 +52,9 @@ for line in body.decode().splitlines():
 EOF
 }
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# start_wsd NAME BUS: starts a master with its own config in $tmp/NAME; sets master and port.
-# Returns 1 (after saying why) if it does not come up within 30 s.
-start_wsd() {
-    local name=$1 bus=$2 dir=$tmp/$1 deadline=$((SECONDS + 30)) st
+# start_chat NAME BUS: a chat master with its own config in $tmp/NAME (see start_wsd).
+start_chat() {
+    local name=$1 bus=$2 dir=$tmp/$1
     mkdir -p "$dir"
     {
         echo '[server]'
@@ -105,32 +70,7 @@ start_wsd() {
         echo "max_connections = $((CONNS + 1000))"
         echo 'max_connections_per_ip = 0'
     } >"$dir/workers.toml"
-    "$WSD_BIN" -c "$dir/workers.toml" start >"$dir/wsd.log" 2>&1 &
-    master=$!
-    pids+=("$master")
-    port=
-    while ((SECONDS < deadline)); do
-        if ! kill -0 "$master" 2>/dev/null; then
-            say "wsd ($name) exited at start: $(tail -n 3 "$dir/wsd.log" | tr '\n' ' ')"
-            return 1
-        fi
-        # "PORT" once every worker is up and idle.
-        st=$("$WSD_BIN" -c "$dir/workers.toml" status --json 2>/dev/null | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-ws = s["workers"]
-if ws and all(w["status"] == "idle" and w["pid"] > 0 for w in ws):
-    print(s["groups"][0]["listen"].rsplit(":", 1)[1])' 2>/dev/null) || true
-        [[ -n $st ]] && { port=$st; return 0; }
-        sleep 0.2
-    done
-    say "wsd ($name) did not get all $WORKERS workers ready within 30 s: $(tail -n 3 "$dir/wsd.log" | tr '\n' ' ')"
-    return 1
-}
-
-stop_wsd() {
-    kill -TERM "$master" 2>/dev/null || true
-    wait "$master" 2>/dev/null || true
+    start_wsd "$dir"
 }
 
 # run_bench NAME: the broadcast run against $port; its JSON goes to $tmp/NAME.json.
@@ -144,7 +84,7 @@ run_bench() {
 }
 
 # 1. Local bus.
-start_wsd local "" || die "wsd did not start (chat app, local bus)"
+start_chat local "" || die "wsd did not start (chat app, local bus)"
 run_bench local
 stop_wsd
 
@@ -169,7 +109,7 @@ if ((use_redis)); then
             sleep 0.2
         done
         if [[ -z $redis_note ]]; then
-            if start_wsd redis "redis://127.0.0.1:$rport/0"; then
+            if start_chat redis "redis://127.0.0.1:$rport/0"; then
                 before=$(redis_commands)
                 run_bench redis
                 after=$(redis_commands)
