@@ -26,12 +26,12 @@ for arg in "$@"; do
     esac
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+for v in CONNS SECS RATE WORKERS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "bench-broadcast: $v must be a positive integer, got '${!v}'" >&2; exit 2; }
+done
 NAME=bench-broadcast
 # shellcheck source=scripts/bench-lib.sh
 source "$root/scripts/bench-lib.sh"
-for v in CONNS SECS RATE; do
-    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
-done
 
 # Commands the Redis server on $rport has processed so far (INFO stats).
 redis_commands() {

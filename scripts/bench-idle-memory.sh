@@ -24,48 +24,25 @@ for arg in "$@"; do
     esac
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-die() { echo "bench-idle-memory: $*" >&2; exit 1; }
-[[ $N =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$N'"
+[[ $N =~ ^[1-9][0-9]*$ ]] || { echo "bench-idle-memory: N must be a positive integer, got '$N'" >&2; exit 2; }
 started=$SECONDS
 
-# 1. File descriptors: soft limit up to the hard limit. RLIMIT_NOFILE is per process and the
-# worker and the client are separate processes, so each needs N sockets plus some headroom.
+# File descriptors: RLIMIT_NOFILE is per process and the worker and the client are separate
+# processes, so each needs N sockets plus some headroom: the hard limit first, if it is lower
+# (bench-lib.sh then raises the soft limit to it).
 want=$((N + 1024))
 hard=$(ulimit -Hn)
 [[ $hard == unlimited ]] && hard=$(cat /proc/sys/fs/nr_open)
 if ((hard < want)); then
-    ulimit -Hn "$want" 2>/dev/null ||
-        die "fd hard limit is $hard, need $want for N=$N; raise it (root, or nofile in /etc/security/limits.conf)"
-    hard=$want
+    ulimit -Hn "$want" 2>/dev/null || {
+        echo "bench-idle-memory: fd hard limit is $hard, need $want for N=$N; raise it (root, or nofile in /etc/security/limits.conf)" >&2
+        exit 1
+    }
 fi
-ulimit -Sn "$hard" || die "cannot raise the fd soft limit to $hard"
-
-# 2. The binary.
-if [[ -z ${WSD_BIN:-} ]]; then
-    (cd "$root" && cargo build --release --bin wsd) || die "cargo build failed"
-    WSD_BIN=${CARGO_TARGET_DIR:-$root/target}/release/wsd
-fi
-[[ -x $WSD_BIN ]] || die "no wsd binary at $WSD_BIN"
-
-# Everything we start goes in pids; the trap stops them (TERM, then KILL) and removes tmp.
-pids=()
-tmp=$(mktemp -d)
-cleanup() {
-    local p deadline=$((SECONDS + 15))
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        while kill -0 "$p" 2>/dev/null; do
-            ((SECONDS < deadline)) || { kill -KILL "$p" 2>/dev/null || true; break; }
-            sleep 0.1
-        done
-        wait "$p" 2>/dev/null || true
-    done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# die/say, the soft fd limit, WSD_BIN (built if unset), tmp, pids and the cleanup trap.
+NAME=bench-idle-memory
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
 
 # 3. Config: one worker on a port the OS picks; pid file and control socket land in tmp.
 cfg=$tmp/workers.toml

@@ -1,4 +1,4 @@
-# Shared by scripts/bench-broadcast.sh and scripts/bench-100k.sh (sourced, not run): messages,
+# Shared by the bench scripts (sourced, not run): messages,
 # the descriptor limit, the wsd binary, a temp dir and every started process stopped on exit,
 # and a wsd master started from a config the script writes.
 #

@@ -123,28 +123,10 @@ if wants node-ws || wants bun; then
 fi
 
 # --- Processes ---------------------------------------------------------------------------
-pids=()
-tmp=$(mktemp -d)
-cleanup() {
-    local p deadline=$((SECONDS + 15))
-    trap - EXIT INT TERM
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        while kill -0 "$p" 2>/dev/null; do
-            ((SECONDS < deadline)) || { kill -KILL "$p" 2>/dev/null || true; break; }
-            sleep 0.1
-        done
-        wait "$p" 2>/dev/null || true
-    done
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# pids, tmp, the cleanup trap and free_port (the fd limit and WSD_BIN are already settled).
+NAME=bench-peers
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
 
 # start_server NAME DIR: starts NAME in DIR on a free port; sets server_pid, port and
 # server_args (how the client finds its processes). Returns 1 (after saying why) if it does
