@@ -32,7 +32,7 @@ pub(crate) struct Conn {
     /// First seen closing (Close or HTTP error sent) by the sweep; dropped `close_timeout`
     /// after it.
     pub closing_since: Option<Instant>,
-    /// Listed in the context's dirty list (has output to flush).
+    /// Listed in the context's dirty list this turn (has output to flush; see `flush_dirty`).
     pub dirty: bool,
     /// Our side is shut down (failed connection, output all written).
     pub write_shut: bool,
