@@ -34,21 +34,7 @@ source "$root/scripts/bench-lib.sh"
 # by hash, not evenly); it must stay under the 20,000 files a process may hold here.
 per_worker=$((CONNS / WORKERS * 5 / 4 + 100))
 ((per_worker < hard - 100)) || per_worker=$((hard - 100))
-mkdir -p "$tmp/wsd"
-cat >"$tmp/wsd/workers.toml" <<TOML
-[server]
-stop_timeout = "10s"
-log_level = "warn"
-
-[[worker]]
-name = "echo"
-listen = "websocket://127.0.0.1:0"
-count = $WORKERS
-app = "echo"
-max_connections = $per_worker
-max_connections_per_ip = 0
-backlog = 4096
-TOML
+write_config "$tmp/wsd" echo "$WORKERS" "$per_worker"
 start_wsd "$tmp/wsd" || die "wsd did not start"
 say "$CONNS connections over $WORKERS workers (at most $per_worker each) on port $port"
 status=0

@@ -54,23 +54,10 @@ EOF
 
 # start_chat NAME BUS: a chat master with its own config in $tmp/NAME (see start_wsd).
 start_chat() {
-    local name=$1 bus=$2 dir=$tmp/$1
-    mkdir -p "$dir"
-    {
-        echo '[server]'
-        echo 'stop_timeout = "5s"'
-        echo 'log_level = "warn"'
-        [[ -n $bus ]] && echo "bus = \"$bus\""
-        echo
-        echo '[[worker]]'
-        echo 'name = "chat"'
-        echo 'listen = "websocket://127.0.0.1:0"'
-        echo "count = $WORKERS"
-        echo 'app = "chat"'
-        echo "max_connections = $((CONNS + 1000))"
-        echo 'max_connections_per_ip = 0'
-    } >"$dir/workers.toml"
-    start_wsd "$dir"
+    local server=()
+    [[ -n $2 ]] && server=("bus = \"$2\"")
+    write_config "$tmp/$1" chat "$WORKERS" $((CONNS + 1000)) "${server[@]}"
+    start_wsd "$tmp/$1"
 }
 
 # run_bench NAME: the broadcast run against $port; its JSON goes to $tmp/NAME.json.

@@ -42,6 +42,30 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# write_config DIR APP COUNT MAX_CONNECTIONS [SERVER_LINE...]: DIR/workers.toml with one group
+# of COUNT workers running APP on a port the OS picks; any SERVER_LINEs (bus = "...", say)
+# go in [server].
+write_config() {
+    local dir=$1 app=$2 count=$3 max=$4 line
+    shift 4
+    mkdir -p "$dir"
+    {
+        echo '[server]'
+        echo 'stop_timeout = "10s"'
+        echo 'log_level = "warn"'
+        for line in "$@"; do echo "$line"; done
+        echo
+        echo '[[worker]]'
+        echo "name = \"$app\""
+        echo 'listen = "websocket://127.0.0.1:0"'
+        echo "count = $count"
+        echo "app = \"$app\""
+        echo "max_connections = $max"
+        echo 'max_connections_per_ip = 0'
+        echo 'backlog = 4096'
+    } >"$dir/workers.toml"
+}
+
 # start_wsd DIR: starts a master on DIR/workers.toml (which the caller wrote; its one group
 # listens on port 0); sets master, config and port. Returns 1 (after saying why) if not every
 # worker is up within 60 s.

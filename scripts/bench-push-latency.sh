@@ -34,20 +34,7 @@ pin_server=() pin_client=()
 if (($(nproc) >= 2)) && command -v taskset >/dev/null; then
     pin_server=(taskset -c 0) pin_client=(taskset -c 1)
 fi
-mkdir -p "$tmp/wsd"
-cat >"$tmp/wsd/workers.toml" <<TOML
-[server]
-stop_timeout = "5s"
-log_level = "warn"
-
-[[worker]]
-name = "clock-echo"
-listen = "websocket://127.0.0.1:0"
-count = 1
-app = "clock-echo"
-max_connections = $((IDLE + CONNS + 100))
-max_connections_per_ip = 0
-TOML
+write_config "$tmp/wsd" clock-echo 1 $((IDLE + CONNS + 100))
 start_wsd "$tmp/wsd" || die "wsd did not start"
 if ((${#pin_server[@]})); then
     for p in "$master" $(pgrep -P "$master"); do taskset -a -p -c 0 "$p" >/dev/null; done
