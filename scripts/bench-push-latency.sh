@@ -18,7 +18,7 @@ RATE=${RATE:-20000}
 SECS=${SECS:-11}
 for arg in "$@"; do
     case $arg in
-        -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "bench-push-latency: unknown argument $arg (try --help)" >&2; exit 2 ;;
     esac
 done
