@@ -34,6 +34,8 @@ pub(crate) struct Conn {
     pub closing_since: Option<Instant>,
     /// Listed in the context's dirty list this turn (has output to flush; see `flush_dirty`).
     pub dirty: bool,
+    /// Waiting in the loop's flush backlog (listed once however often it is sent to).
+    pub backlogged: bool,
     /// Our side is shut down (failed connection, output all written).
     pub write_shut: bool,
     /// `on_buffer_full` fired and `on_buffer_drain` has not yet.
@@ -87,6 +89,7 @@ impl Conn {
             pinged_at: None,
             closing_since: None,
             dirty: false,
+            backlogged: false,
             write_shut: false,
             buffer_full: false,
             reads_paused: false,

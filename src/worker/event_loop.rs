@@ -509,15 +509,25 @@ impl Loop {
         for &idx in &fresh[..now] {
             self.flush_conn(idx);
         }
-        self.backlog.extend(&fresh[now..]);
+        for &idx in &fresh[now..] {
+            // Once in the backlog is enough: a fan-out each turn must not list it again.
+            if let Some(conn) = self.ctx.conns.get_mut(idx)
+                && !std::mem::replace(&mut conn.backlogged, true)
+            {
+                self.backlog.push_back(idx);
+            }
+        }
         for _ in now..FLUSH_BUDGET {
             let Some(idx) = self.backlog.pop_front() else {
                 break;
             };
+            if let Some(conn) = self.ctx.conns.get_mut(idx) {
+                conn.backlogged = false;
+            }
             // Already written since it was listed, if it has nothing queued: no syscall.
             self.flush_conn(idx);
         }
-        if self.backlog.is_empty() && self.backlog.capacity() > 8192 {
+        if self.backlog.is_empty() && self.backlog.capacity() > LIST_KEEP {
             self.backlog = VecDeque::new();
         }
         self.spare = recycle(fresh);
@@ -550,10 +560,14 @@ impl Loop {
     }
 }
 
-/// `list` emptied for reuse; a list grown by a rare burst (over 64 KiB) is let go.
+/// Entries a connection list keeps room for once empty; beyond that (64 KiB), a list grown by
+/// a rare burst is let go.
+const LIST_KEEP: usize = 8192;
+
+/// `list` emptied for reuse, unless a burst grew it over `LIST_KEEP`.
 fn recycle(mut list: Vec<usize>) -> Vec<usize> {
     list.clear();
-    if list.capacity() > 8192 {
+    if list.capacity() > LIST_KEEP {
         list = Vec::new();
     }
     list
