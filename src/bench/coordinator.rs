@@ -10,7 +10,7 @@
 
 use super::report::{self, Counts, Errors, Span, Summary};
 use super::server::{Procs, ServerRun};
-use super::shard::{self, Lines, Report, Share};
+use super::shard::{self, Lines, Progress, Report, Share};
 use super::{BenchError, Clock, Plan, Work};
 use crate::sys::{self, Fork};
 use mio::unix::pipe;
@@ -35,7 +35,7 @@ struct Shard {
     up: pipe::Receiver,
     down: pipe::Sender,
     lines: Lines,
-    progress: Option<Report>,
+    progress: Option<Progress>,
     done: Option<Report>,
 }
 
@@ -127,40 +127,16 @@ fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
         .collect()
 }
 
-/// Sums of the shards' latest progress reports.
-#[derive(Default)]
-struct Totals {
-    prepared: bool,
-    ready: usize,
-    open: usize,
-    failed: usize,
-    errors: u64,
-    counts: Counts,
-}
-
-fn totals(shards: &[Shard]) -> Totals {
-    let mut t = Totals {
+/// The sum of the shards' latest progress reports; not prepared until every shard has sent one.
+fn totals(shards: &[Shard]) -> Progress {
+    let mut t = Progress {
         prepared: true,
-        ..Totals::default()
+        ..Progress::default()
     };
     for s in shards {
         match &s.progress {
-            Some(Report::Progress {
-                prepared,
-                ready,
-                open,
-                failed,
-                errors,
-                counts,
-            }) => {
-                t.prepared &= prepared;
-                t.ready += ready;
-                t.open += open;
-                t.failed += failed;
-                t.errors += errors;
-                t.counts.add(counts);
-            }
-            _ => t.prepared = false,
+            Some(p) => t.add(p),
+            None => t.prepared = false,
         }
     }
     t
@@ -251,7 +227,7 @@ fn coordinate(
             let closed = s.lines.closed;
             for report in reports {
                 match report {
-                    Report::Progress { .. } => shards[i].progress = Some(report),
+                    Report::Progress(p) => shards[i].progress = Some(p),
                     Report::Published { sent } => order(shards, &format!("sent {sent}"))?,
                     Report::Done { .. } => shards[i].done = Some(report),
                     Report::Failed { why } => return Err(BenchError::Shard(i, why)),
@@ -277,7 +253,7 @@ fn order(shards: &mut [Shard], line: &str) -> Result<(), BenchError> {
 }
 
 /// The line printed to stderr each second.
-fn progress_line(plan: &Plan, t0: Option<u64>, now: u64, sum: &Totals, last: &mut Counts) {
+fn progress_line(plan: &Plan, t0: Option<u64>, now: u64, sum: &Progress, last: &mut Counts) {
     let Some(t0) = t0 else {
         eprintln!(
             "[connecting] {}/{} ready, {} failed",

@@ -36,8 +36,8 @@ const DRAIN_NS: u64 = super::broadcast::DRAIN_NS;
 
 pub struct Latency {
     frame: Vec<u8>,
+    /// What each message carries; its echo must come back the same.
     payload: Vec<u8>,
-    size: usize,
     /// This process holds connections `first..first + conns` of `all`.
     first: usize,
     conns: usize,
@@ -69,7 +69,6 @@ impl Latency {
         Latency {
             frame: wire::text_frame(&payload),
             payload,
-            size,
             first,
             conns,
             all,
@@ -120,13 +119,13 @@ impl Driver for Latency {
             self.counts.pushes += 1;
             return Ok(());
         }
-        if !frame.echo_of(self.size)? {
+        if !frame.echo_of(self.payload.len())? {
             return Ok(());
         }
         let due = self.rings[id].pop_front().ok_or("a reply to no message")?;
         self.in_flight -= 1;
         self.counts.messages += 1;
-        self.counts.bytes += self.size as u64;
+        self.counts.bytes += self.payload.len() as u64;
         self.latency.saturating_record(now.saturating_sub(due));
         Ok(())
     }

@@ -62,19 +62,35 @@ pub trait Workload: Driver {
     }
 }
 
+/// Where a shard stands (sent each second), or, summed over the shards, where the run does.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct Progress {
+    /// Every connection has been tried and is ready or failed.
+    pub prepared: bool,
+    pub ready: usize,
+    pub open: usize,
+    pub failed: usize,
+    pub errors: u64,
+    pub counts: Counts,
+}
+
+impl Progress {
+    /// Adds `other` in: prepared only if both are.
+    pub fn add(&mut self, other: &Progress) {
+        self.prepared &= other.prepared;
+        self.ready += other.ready;
+        self.open += other.open;
+        self.failed += other.failed;
+        self.errors += other.errors;
+        self.counts.add(&other.counts);
+    }
+}
+
 /// Shard → coordinator.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Report {
-    Progress {
-        /// Every connection has been tried and is ready or failed.
-        prepared: bool,
-        ready: usize,
-        open: usize,
-        failed: usize,
-        errors: u64,
-        counts: Counts,
-    },
+    Progress(Progress),
     Published {
         sent: u64,
     },
@@ -266,14 +282,14 @@ fn run(
 }
 
 fn progress(work: &impl Workload, pool: &Pool, prepared: bool) -> Report {
-    Report::Progress {
+    Report::Progress(Progress {
         prepared,
         ready: work.ready(pool),
         open: pool.open(),
         failed: pool.failed(),
         errors: pool.errors.total(),
         counts: work.counts(),
-    }
+    })
 }
 
 /// Newline-separated messages from a non-blocking pipe.

@@ -94,18 +94,9 @@ pub fn check_response(buf: &[u8]) -> Result<Option<usize>, WireError> {
 
 /// Appends a masked, final client frame.
 pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let at = out.len();
+    crate::proto::frame::put_header(out, opcode, payload.len());
+    out[at + 1] |= 0x80; // the server's header, with the mask bit a client's frame carries
     out.extend_from_slice(&MASK);
     let start = out.len();
     out.extend_from_slice(payload);
