@@ -2,8 +2,10 @@
 # wsd side by side with its peers, on this box, with the same client (`wsd bench`).
 #
 # Servers, each started fresh for every run in its own temp dir on a free loopback port:
-#   raw                a single-threaded epoll byte-echo of frames (benches/peers/raw-epoll): the
-#                      physical ceiling (the kernel's TCP path and nothing else)
+#   raw                a single-threaded epoll byte-echo of frames (benches/peers/raw, raw-epoll):
+#                      the physical ceiling (the kernel's TCP path and nothing else)
+#   raw-uring          the same byte-echo on io_uring (raw-uring: multishot recv, provided
+#                      buffers, one io_uring_enter a turn): what batching system calls adds
 #   wsd-1              wsd, echo app, count = 1 (the latency scenario runs clock-echo: echo with
 #                      the clock's 5 s push to every connection firing, as issue 7 asks)
 #   wsd-2              wsd, the same, count = 2 (not pinned: both cores, shared with the client)
@@ -22,7 +24,7 @@
 #
 # Prints markdown: per scenario each server's figure and its ratio to raw, then wsd's ratio to
 # each peer; writes the same plus every round's figure and the machine to target/bench-peers.md,
-# and each run's JSON to target/bench-peers/. Takes ~15 minutes with the defaults. Not for CI.
+# and each run's JSON to target/bench-peers/. Takes ~25 minutes with the defaults. Not for CI.
 #
 # Usage: [SECS=5] [ROUNDS=3] [WARMUP=1] [SERVERS=raw,wsd-1,...] [ONLY=echo-32B-d1,...]
 #        [WSD_BIN=path/to/wsd] scripts/bench-peers.sh
@@ -39,7 +41,7 @@ SCENARIOS=(
     "connect-10000    | connect --conns 10000 --secs {SECS}                   | connect --conns 1000 --secs 0                           | echo"
     "latency-20k-1000 | latency --conns 1000 --rate 20000 --secs {SECS}       | latency --conns 1000 --rate 20000 --secs {WARMUP}       | clock-echo"
 )
-ALL_SERVERS=(raw wsd-1 wsd-2 tokio-tungstenite fastwebsockets node-ws bun)
+ALL_SERVERS=(raw raw-uring wsd-1 wsd-2 tokio-tungstenite fastwebsockets node-ws bun)
 SERVER_CPU=0 # where pinned servers run
 CLIENT_CPU=1 # where their client runs
 
@@ -92,10 +94,10 @@ if [[ -z ${WSD_BIN:-} ]]; then
 fi
 [[ -x $WSD_BIN ]] || die "no wsd binary at $WSD_BIN"
 peers_target=${CARGO_TARGET_DIR:-$root/benches/peers/target}
-if wants raw || wants tokio-tungstenite || wants fastwebsockets; then
+if wants raw || wants raw-uring || wants tokio-tungstenite || wants fastwebsockets; then
     say "building the Rust peers (release, benches/peers/Cargo.lock)"
     if ! (cd "$root/benches/peers" && cargo build --release --locked); then
-        for s in raw tokio-tungstenite fastwebsockets; do mark_unavailable "$s" "cargo build failed"; done
+        for s in raw raw-uring tokio-tungstenite fastwebsockets; do mark_unavailable "$s" "cargo build failed"; done
     fi
 fi
 node_dir=$root/benches/peers/node
@@ -137,6 +139,7 @@ start_server() {
     server_args=()
     case $name in
         raw) cmd=("$peers_target/release/raw-epoll" "$port") ;;
+        raw-uring) cmd=("$peers_target/release/raw-uring" "$port") ;;
         tokio-tungstenite) cmd=("$peers_target/release/peer-tokio-tungstenite" "$port") ;;
         fastwebsockets) cmd=("$peers_target/release/peer-fastwebsockets" "$port") ;;
         node-ws) cmd=(node "$node_dir/ws-echo.js" "$port") ;;
@@ -267,10 +270,11 @@ import glob, json, os, statistics, sys
 
 runs, md_path, rounds, secs, warmup, machine, versions, pinned = sys.argv[1:9]
 servers, scenarios = sys.argv[9].split(","), sys.argv[10].split(",")
-LABEL = {"raw": "raw epoll", "wsd-1": "wsd ×1", "wsd-2": "wsd ×2", "tokio-tungstenite": "tokio-tungstenite",
+LABEL = {"raw": "raw epoll", "raw-uring": "raw io_uring", "wsd-1": "wsd ×1", "wsd-2": "wsd ×2", "tokio-tungstenite": "tokio-tungstenite",
          "fastwebsockets": "fastwebsockets", "node-ws": "Node ws", "bun": "Bun"}
 WSD = [s for s in ("wsd-1", "wsd-2") if s in servers]
-PEERS = [s for s in servers if s not in ("raw", "wsd-1", "wsd-2")]
+# The raw echoes are ceilings, not choices: wsd is not divided by them.
+PEERS = [s for s in servers if s not in ("raw", "raw-uring", "wsd-1", "wsd-2")]
 
 def get(d, path):
     for k in path.split("."):
