@@ -285,7 +285,9 @@ def get(d, path):
 
 # (label, JSON path, higher is better) per mode.
 METRICS = {
-    "echo": [("msgs/s", "msgs_per_sec", True)],
+    # Each pinned server is CPU-bound on its core: its rate is the inverse of this.
+    "echo": [("msgs/s", "msgs_per_sec", True),
+             ("server CPU µs per message", "server.cpu_secs_per_million", False)],
     # At a fixed rate every server keeps up; what it spends doing so tells them apart.
     "latency": [("p50 µs", "latency_us.p50", False), ("p99 µs", "latency_us.p99", False),
                 ("p99.9 µs", "latency_us.p999", False),
