@@ -172,15 +172,9 @@ impl Decoder {
         if !(whole && h.fin && matches!(h.opcode, TEXT | BINARY)) {
             return Ok(None);
         }
+        at_most(h.len, self.limits.max_frame, "frame")?;
+        at_most(h.len, self.limits.max_message, "message")?;
         let len = h.len as usize;
-        for (what, limit) in [
-            ("frame", self.limits.max_frame),
-            ("message", self.limits.max_message),
-        ] {
-            if len > limit {
-                return Err(ProtoError::TooBig { what, limit });
-            }
-        }
         let mut data = Vec::with_capacity(len);
         data.extend_from_slice(&input[used..used + len]);
         frame::unmask(&mut data, h.mask, 0);
@@ -235,13 +229,7 @@ impl Decoder {
             }
             _ => {}
         }
-        let limit = self.limits.max_frame;
-        if h.len > limit as u64 {
-            return Err(ProtoError::TooBig {
-                what: "frame",
-                limit,
-            });
-        }
+        at_most(h.len, self.limits.max_frame, "frame")?;
         let len = h.len as usize;
         let reserve = len.min(RESERVE_MAX);
         match h.opcode {
@@ -258,13 +246,11 @@ impl Decoder {
         if let Some(m) = &mut self.message
             && h.opcode < CLOSE
         {
-            let limit = self.limits.max_message;
-            if m.data.len() + len > limit {
-                return Err(ProtoError::TooBig {
-                    what: "message",
-                    limit,
-                });
-            }
+            at_most(
+                (m.data.len() + len) as u64,
+                self.limits.max_message,
+                "message",
+            )?;
             m.data.reserve(reserve);
         }
         self.frame = Some(InFrame {
@@ -378,6 +364,14 @@ fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
         },
         total,
     )))
+}
+
+/// `TooBig` if `len` bytes of `what` (a frame, a message) would pass its `limit`.
+fn at_most(len: u64, limit: usize, what: &'static str) -> Result<(), ProtoError> {
+    if len > limit as u64 {
+        return Err(ProtoError::TooBig { what, limit });
+    }
+    Ok(())
 }
 
 /// Checks the text that arrived since the last check; an incomplete character at the end
