@@ -89,21 +89,24 @@ impl Server {
         );
     }
 
+    /// Puts in flight what of `Conn::sending` has not been sent yet.
+    fn send_rest(&mut self, fd: i32) {
+        let conn = &mut self.conns[fd as usize];
+        conn.in_flight = true;
+        let rest = &conn.sending[conn.sent..];
+        let e = opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+            .build()
+            .user_data(user_data(conn.generation, fd, SEND));
+        self.push(e);
+    }
+
     /// Sends what is queued if nothing is in flight; closes the connection once it is done.
     fn settle(&mut self, fd: i32) {
         let conn = &mut self.conns[fd as usize];
         if !conn.in_flight && !conn.dead && !conn.out.is_empty() {
             std::mem::swap(&mut conn.sending, &mut conn.out);
             conn.sent = 0;
-            conn.in_flight = true;
-            let e = opcode::Send::new(
-                types::Fd(fd),
-                conn.sending.as_ptr(),
-                conn.sending.len() as u32,
-            )
-            .build()
-            .user_data(user_data(conn.generation, fd, SEND));
-            self.push(e);
+            self.send_rest(fd);
         } else if !conn.in_flight && (conn.dead || conn.closing && conn.out.is_empty()) {
             self.conns[fd as usize] = Conn::default();
             // SAFETY: `fd` is this connection's socket, closed once. The shutdown ends its
@@ -172,13 +175,7 @@ impl Server {
                 } else {
                     conn.sent += res as usize;
                     if conn.sent < conn.sending.len() {
-                        // The rest of a partial send, from where it stopped.
-                        conn.in_flight = true;
-                        let rest = &conn.sending[conn.sent..];
-                        let e = opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
-                            .build()
-                            .user_data(user_data(generation, fd, SEND));
-                        self.push(e);
+                        self.send_rest(fd); // a partial send goes on from where it stopped
                         return;
                     }
                     conn.sending.clear();
