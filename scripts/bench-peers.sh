@@ -56,7 +56,6 @@ for arg in "$@"; do
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 die() { echo "bench-peers: $*" >&2; exit 1; }
-say() { echo "bench-peers: $*" >&2; }
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || die "SECS must be a positive integer, got '$SECS'"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds, got '$WARMUP'"
@@ -66,10 +65,11 @@ for s in "${servers[@]}"; do
     [[ " ${ALL_SERVERS[*]} " == *" $s "* ]] || die "unknown server '$s' (known: ${ALL_SERVERS[*]})"
 done
 
-# A server holds up to 15,000 sockets: soft fd limit up to the hard one (inherited by all).
-hard=$(ulimit -Hn)
-[[ $hard == unlimited ]] && hard=$(cat /proc/sys/fs/nr_open)
-ulimit -Sn "$hard" || die "cannot raise the fd soft limit to $hard"
+# The fd limit raised (a server holds up to 15,000 sockets), wsd built unless WSD_BIN is
+# given, and pids, tmp, the cleanup trap and free_port: all from bench-lib.sh.
+NAME=bench-peers
+# shellcheck source=scripts/bench-lib.sh
+source "$root/scripts/bench-lib.sh"
 
 pin_server=() pin_client=()
 if (($(nproc) >= 2)) && command -v taskset >/dev/null; then
@@ -87,12 +87,6 @@ mark_unavailable() { unavailable[$1]=$2; say "$1 unavailable: $2"; printf '%s\t%
 wants() { [[ " ${servers[*]} " == *" $1 "* ]]; }
 
 # --- Build and install -------------------------------------------------------------------
-if [[ -z ${WSD_BIN:-} ]]; then
-    say "building wsd (release)"
-    (cd "$root" && cargo build --release --bin wsd) || die "cargo build of wsd failed"
-    WSD_BIN=$out/release/wsd
-fi
-[[ -x $WSD_BIN ]] || die "no wsd binary at $WSD_BIN"
 peers_target=${CARGO_TARGET_DIR:-$root/benches/peers/target}
 if wants raw || wants raw-uring || wants tokio-tungstenite || wants fastwebsockets; then
     say "building the Rust peers (release, benches/peers/Cargo.lock)"
@@ -125,11 +119,6 @@ if wants node-ws || wants bun; then
 fi
 
 # --- Processes ---------------------------------------------------------------------------
-# pids, tmp, the cleanup trap and free_port (the fd limit and WSD_BIN are already settled).
-NAME=bench-peers
-# shellcheck source=scripts/bench-lib.sh
-source "$root/scripts/bench-lib.sh"
-
 # start_server NAME DIR: starts NAME in DIR on a free port; sets server_pid, port and
 # server_args (how the client finds its processes). Returns 1 (after saying why) if it does
 # not accept connections within 30 s.
