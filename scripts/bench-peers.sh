@@ -62,9 +62,9 @@ for arg in "$@"; do
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 die() { echo "bench-peers: $*" >&2; exit 1; }
-[[ $SECS =~ ^[1-9][0-9]*$ ]] || die "SECS must be a positive integer, got '$SECS'"
-[[ $LATENCY_SECS =~ ^[1-9][0-9]*$ ]] || die "LATENCY_SECS must be a positive integer, got '$LATENCY_SECS'"
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+for v in SECS LATENCY_SECS ROUNDS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be a whole number of seconds, got '$WARMUP'"
 command -v python3 >/dev/null || die "needs python3"
 IFS=, read -r -a servers <<<"${SERVERS:-$(IFS=,; echo "${ALL_SERVERS[*]}")}"
