@@ -24,27 +24,31 @@ impl Loop {
         let (hooks, ctx) = (&mut self.hooks, &mut self.ctx);
         if catch_unwind(AssertUnwindSafe(|| f(hooks, ctx))).is_err() {
             log::error!("{name} hook panicked on connection {id}; closing it with 1011");
-            if name != "on_close" {
-                self.fail(id, ConnError::HookPanicked);
+            let err = ConnError::HookPanicked;
+            // After `on_close` the connection is gone. `on_error` is not told of its own
+            // panic: that would call it again, and again.
+            if name != "on_close" && self.fail(id, &err) && name != "on_error" {
+                self.call_error_hook(id, &err);
             }
         }
     }
 
-    /// A hook panicked on `id`: close it with 1011 and tell `on_error`.
-    fn fail(&mut self, id: ConnId, err: ConnError) {
+    /// A hook panicked on `id`: close it with 1011. False if it was gone or had failed
+    /// already (`on_error` has been told).
+    fn fail(&mut self, id: ConnId, err: &ConnError) -> bool {
         let idx = id.idx as usize;
         let Some(conn) = self
             .ctx
             .conns
             .get_mut(idx)
-            .filter(|c| c.serial == id.serial)
+            .filter(|c| c.serial == id.serial && !c.session.failed)
         else {
-            return;
+            return false;
         };
         log::debug!("connection {id} from {}: {err}", conn.remote);
         conn.session.fail(err.close_code(), "internal error");
         self.ctx.mark_dirty(idx);
-        self.call_error_hook(id, &err);
+        true
     }
 
     /// Calls a hook that takes only the connection (`on_connect`, `on_close`,

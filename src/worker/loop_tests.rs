@@ -28,17 +28,24 @@ struct Master {
 
 /// Starts an echo worker and waits for its `ready`.
 fn start() -> Master {
+    start_app(|echo| {
+        echo.on_message(|ctx, conn, msg| {
+            let _ = ctx.send(conn, msg);
+        });
+    })
+}
+
+/// Starts a worker with the hooks `app` sets and waits for its `ready`.
+fn start_app(app: fn(&mut Worker)) -> Master {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let workers_copy = listener.try_clone().unwrap();
     let (channel, workers_end) = UnixStream::pair().unwrap();
     let worker = std::thread::spawn(move || {
-        let mut echo = Worker::new("websocket://127.0.0.1:0");
-        echo.on_message(|ctx, conn, msg| {
-            let _ = ctx.send(conn, msg);
-        });
+        let mut worker = Worker::new("websocket://127.0.0.1:0");
+        app(&mut worker);
         super::event_loop::run(
-            echo,
+            worker,
             0,
             workers_copy,
             workers_end,
@@ -214,4 +221,44 @@ fn stronger_stops_take_over_from_weaker_ones() {
     for ws in &mut clients[1..] {
         assert_eq!(close_code(ws).0, 1001);
     }
+}
+
+#[test]
+fn a_panicking_on_error_closes_only_its_connection() {
+    let mut master = start_app(|w| {
+        w.on_message(|ctx, conn, msg| {
+            assert_ne!(msg.as_text(), Some("boom"), "the app has a bug");
+            let _ = ctx.send(conn, msg);
+        });
+        w.on_error(|_, _, err| panic!("on_error has a bug too: {err}"));
+    });
+    let mut bystander = client(master.port);
+
+    // A hook's panic, then the protocol's own failure: each closes its connection with its
+    // code, and `on_error`'s panic is not reported to `on_error` again.
+    let mut panicker = client(master.port);
+    panicker.send(Message::text("boom")).unwrap();
+    assert_eq!(close_code(&mut panicker).0, 1011);
+    let mut violator = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
+    violator
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    violator.write_all(UPGRADE_HEAD).unwrap();
+    violator.write_all(UPGRADE_TAIL).unwrap();
+    violator.write_all(&[0xc1, 0x80, 0, 0, 0, 0]).unwrap(); // RSV1 set
+    let mut got = Vec::new();
+    while !got
+        .windows(4)
+        .any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xea])
+    {
+        let mut buf = [0; 512];
+        let n = violator.read(&mut buf).unwrap();
+        assert!(n > 0, "no Close 1002 before EOF: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    bystander.send(Message::text("still here")).unwrap();
+    assert_eq!(bystander.read().unwrap(), Message::text("still here"));
+    master.tell(r#"{"cmd":"stop","mode":"fast","spread_ms":0}"#);
+    assert_eq!(master.exit_code(), 0);
 }
