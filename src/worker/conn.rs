@@ -40,6 +40,9 @@ pub(crate) struct Conn {
     pub write_shut: bool,
     /// `on_buffer_full` fired and `on_buffer_drain` has not yet.
     pub buffer_full: bool,
+    /// The client half-closed (or the socket failed): read until the end even after a short
+    /// read, as no further readiness event will come.
+    pub input_ended: bool,
     /// Not read while its send queue is over the high-water mark: a client that does not
     /// read gets no more replies (or Pongs) made for it until it does.
     pub reads_paused: bool,
@@ -92,6 +95,7 @@ impl Conn {
             backlogged: false,
             write_shut: false,
             buffer_full: false,
+            input_ended: false,
             reads_paused: false,
             counted_ip: None,
             traffic: Traffic::default(),

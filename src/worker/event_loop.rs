@@ -204,7 +204,8 @@ impl Loop {
                     Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                     Token(t) => self.conn_ready(
                         t - CONN_BASE,
-                        ev.is_readable() || ev.is_read_closed() || ev.is_error(),
+                        ev.is_readable(),
+                        ev.is_read_closed() || ev.is_error(),
                         ev.is_writable(),
                     ),
                 }
@@ -318,11 +319,16 @@ impl Loop {
 
     // ---- connections --------------------------------------------------------------------
 
-    fn conn_ready(&mut self, idx: usize, readable: bool, writable: bool) {
+    /// `ended`: the client half-closed or the socket failed. That may come in the same event
+    /// as the last data, and no event follows it, so it is remembered until read.
+    fn conn_ready(&mut self, idx: usize, readable: bool, ended: bool, writable: bool) {
         if writable {
             self.flush_conn(idx);
         }
-        if readable {
+        if ended && let Some(conn) = self.ctx.conns.get_mut(idx) {
+            conn.input_ended = true;
+        }
+        if readable || ended {
             self.read_conn(idx);
         }
     }
@@ -356,8 +362,9 @@ impl Loop {
                     // A short read emptied the socket's queue. With edge-triggered polling,
                     // anything that arrives later raises a new event, so the read that would
                     // only say "would block" is skipped: a third of the syscalls of a small
-                    // echo.
-                    n < self.scratch.len()
+                    // echo. Not so once the input has ended: its end (read as 0) raises no
+                    // event of its own.
+                    n < self.scratch.len() && !conn.input_ended
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {

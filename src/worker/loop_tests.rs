@@ -262,3 +262,45 @@ fn a_panicking_on_error_closes_only_its_connection() {
     master.tell(r#"{"cmd":"stop","mode":"fast","spread_ms":0}"#);
     assert_eq!(master.exit_code(), 0);
 }
+
+#[test]
+fn data_and_end_of_input_in_one_event_are_both_read() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static BUSY: AtomicBool = AtomicBool::new(false);
+    let master = start_app(|w| {
+        w.on_message(|ctx, conn, msg| {
+            if msg.as_text() == Some("busy") {
+                BUSY.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            let _ = ctx.send(conn, msg);
+        });
+    });
+    let mut busy = client(master.port);
+    let mut leaver = client(master.port);
+
+    // While the worker is in a hook, the leaver sends a message and its FIN: the worker finds
+    // both in one readiness event, and the short read of the message is not the end of it.
+    busy.send(Message::text("busy")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !BUSY.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the hook never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    leaver.send(Message::text("bye")).unwrap();
+    leaver
+        .get_ref()
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap();
+
+    // The connection ends (its echo may or may not come first: a client gone without a
+    // Close is not owed one), where it used to stay open with nothing left to wake it.
+    loop {
+        match leaver.read() {
+            Ok(m) => assert_eq!(m, Message::text("bye")),
+            Err(tungstenite::Error::Io(e)) => panic!("the worker kept the connection: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(busy.read().unwrap(), Message::text("busy"));
+}
