@@ -329,6 +329,13 @@ impl GroupConfig {
         if self.max_header_bytes < 256 {
             return Err("max_header_bytes must be at least 256 bytes".into());
         }
+        // Reads pause at half of it: below this a queued handshake answer would hold them.
+        if self.max_send_buffer < 256 {
+            return Err("max_send_buffer must be at least 256 bytes".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("handshake_timeout must be longer than 0".into());
+        }
         if self.max_frame_size > self.max_message_size {
             return Err("max_frame_size must not be larger than max_message_size".into());
         }
@@ -797,6 +804,20 @@ mod tests {
         let e = parse("[[worker]]\nlisten = \"127.0.0.1:1\"\nsend_buffer_policy = \"block\"\n")
             .unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+        for (line, why) in [
+            (
+                "max_send_buffer = 1",
+                "max_send_buffer must be at least 256 bytes",
+            ),
+            (
+                "handshake_timeout = 0",
+                "handshake_timeout must be longer than 0",
+            ),
+        ] {
+            let e = parse(&format!("[[worker]]\nlisten = \"127.0.0.1:1\"\n{line}\n")).unwrap_err();
+            assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
+            assert!(e.reason.contains(why), "{e}");
+        }
     }
 
     #[test]
