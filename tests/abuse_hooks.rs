@@ -250,9 +250,10 @@ fn with_the_close_policy_a_client_that_never_reads_is_closed_1008() {
         .unwrap();
     let (rest, closed) = read_to_end_within(&mut a.stream, Duration::from_secs(15));
     assert!(closed && rest.is_empty(), "EOF after the closing handshake");
-    wait_for("status to count the refused send", DEADLINE, || {
+    // send_fail counts the refused send and the one that then found A closing.
+    wait_for("status to count both failed sends", DEADLINE, || {
         let st = server.try_status()?;
-        (workers_sum(&st, "send_fail") >= 1 && workers_sum(&st, "connections") == 1).then_some(())
+        (workers_sum(&st, "send_fail") == 2 && workers_sum(&st, "connections") == 1).then_some(())
     });
     assert!(slowest_echo(&mut b, 5) < PROMPT);
 }

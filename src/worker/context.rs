@@ -225,6 +225,7 @@ impl Context {
             return Err(SendError::NoConnection);
         }
         if c.session.close_sent {
+            self.counters.send_fail += 1;
             return Err(SendError::Closing);
         }
         let queued = c.session.out.len();
