@@ -16,6 +16,7 @@
 use super::admission::release_ip;
 use super::channel::Channel;
 use super::conn::{Conn, Flushed};
+use super::context::BufferNotice;
 use super::message::{ConnError, ConnId};
 use super::stop::CloseSpread;
 use super::{Context, Hooks, Worker};
@@ -492,7 +493,14 @@ impl Loop {
                     serial: conn.serial,
                     idx: idx as u32,
                 };
-                self.call_plain_hook(id, "on_buffer_drain", |h| h.on_buffer_drain.as_mut());
+                // Filled and drained before the app was told it was full: it hears of neither,
+                // rather than of the drain first.
+                let notices = &mut self.ctx.notices;
+                let told = notices.len();
+                notices.retain(|&BufferNotice::Full(n)| n != id);
+                if notices.len() == told {
+                    self.call_plain_hook(id, "on_buffer_drain", |h| h.on_buffer_drain.as_mut());
+                }
             }
             Flushed::All => {}
         }
