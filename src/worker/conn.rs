@@ -68,8 +68,10 @@ pub(crate) enum Flushed {
     All,
     /// The socket is full; wait for it to become writable.
     Partly,
-    /// The connection is over (both closes done, or the socket failed).
+    /// The connection is over: both closes done (or a failed connection's answer is out).
     Done,
+    /// Writing failed (the client reset the connection, say).
+    Failed(io::Error),
 }
 
 impl Conn {
@@ -140,7 +142,7 @@ impl Conn {
     pub(crate) fn flush(&mut self) -> Flushed {
         match self.session.out.write_to(&mut self.socket) {
             Ok(false) => Flushed::Partly,
-            Err(_) => Flushed::Done,
+            Err(e) => Flushed::Failed(e),
             Ok(true) if self.session.finished() => Flushed::Done,
             Ok(true) => {
                 if self.session.failed && !self.write_shut {

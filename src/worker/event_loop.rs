@@ -368,8 +368,8 @@ impl Loop {
                     n < self.scratch.len() && !conn.input_ended
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => {
-                    self.ctx.mark_gone(idx);
+                Err(e) => {
+                    self.socket_failed(idx, e);
                     return;
                 }
             };
@@ -486,6 +486,7 @@ impl Loop {
         }
         match flushed {
             Flushed::Done => self.ctx.mark_gone(idx),
+            Flushed::Failed(e) => self.socket_failed(idx, e),
             Flushed::Partly => {}
             Flushed::All if conn.buffer_full => {
                 conn.buffer_full = false;
@@ -546,6 +547,25 @@ impl Loop {
             self.backlog = VecDeque::new();
         }
         self.spare = recycle(fresh);
+    }
+
+    /// Reading or writing `idx` failed: it goes, and `on_error` hears why if it was an open
+    /// connection that had not failed already (a reset after our Close is no news to the app).
+    fn socket_failed(&mut self, idx: usize, e: io::Error) {
+        let Some(conn) = self.ctx.conns.get_mut(idx) else {
+            return;
+        };
+        let id = ConnId {
+            serial: conn.serial,
+            idx: idx as u32,
+        };
+        let tell = conn.session.can_send() && !conn.session.failed;
+        conn.session.failed = true;
+        log::debug!("connection {id} from {}: socket error: {e}", conn.remote);
+        self.ctx.mark_gone(idx);
+        if tell {
+            self.call_error_hook(id, &ConnError::Io(e));
+        }
     }
 
     /// Removes connections that ended this turn and tells the app.

@@ -304,3 +304,39 @@ fn data_and_end_of_input_in_one_event_are_both_read() {
     }
     assert_eq!(busy.read().unwrap(), Message::text("busy"));
 }
+
+#[test]
+fn a_reset_is_reported_to_on_error_as_a_socket_error() {
+    use std::sync::Mutex;
+    static ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let master = start_app(|w| {
+        w.on_message(|ctx, conn, msg| {
+            let _ = ctx.send(conn, msg);
+        });
+        w.on_error(|_, _, err| {
+            if matches!(err, super::ConnError::Io(_)) {
+                ERRORS.lock().unwrap().push(err.to_string());
+            }
+        });
+    });
+    let mut bystander = client(master.port);
+    let ws = client(master.port);
+    // Linger 0: closing sends a reset instead of a FIN.
+    let socket = socket2::SockRef::from(ws.get_ref());
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(ws);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ERRORS.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "on_error never heard of the reset"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errors = ERRORS.lock().unwrap().clone();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].starts_with("socket error: "), "{errors:?}");
+    bystander.send(Message::text("still here")).unwrap();
+    assert_eq!(bystander.read().unwrap(), Message::text("still here"));
+}
