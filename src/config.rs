@@ -588,6 +588,18 @@ impl Listen {
     }
 }
 
+impl Listen {
+    /// Both would take the same connections: one port, one family (IPv6 listeners are
+    /// v6-only), and one address or a wildcard. SO_REUSEPORT would let the master bind both.
+    pub fn overlaps(&self, other: &Listen) -> bool {
+        let (a, b) = (self.addr, other.addr);
+        a.port() != 0
+            && a.port() == b.port()
+            && a.is_ipv4() == b.is_ipv4()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    }
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "websocket://{}", self.addr)
@@ -681,16 +693,14 @@ impl Config {
                 g.name = g.app.clone();
             }
             let name = g.name.clone();
-            if let Some(other) = groups
-                .iter()
-                .find(|o| o.listen == g.listen && g.listen.addr.port() != 0)
-            {
+            if let Some(other) = groups.iter().find(|o| o.listen.overlaps(&g.listen)) {
                 return Err(at(
                     Some(span),
                     format!(
-                        "listen {} is already used by group {:?}",
+                        "listen {} is already used by group {:?} ({})",
                         g.listen,
-                        other.name()
+                        other.name(),
+                        other.listen
                     ),
                 ));
             }
@@ -911,6 +921,22 @@ mod tests {
         let e = parse("[[worker]]\nlisten = \"127.0.0.1:9\"\n[[worker]]\nname = \"b\"\nlisten = \"ws://127.0.0.1:9\"\n").unwrap_err();
         assert!(e.reason.contains("already used"), "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(3), "{e}");
+        // A wildcard and a specific address on one port overlap; other families do not.
+        let two = |a: &str, b: &str| {
+            parse(&format!(
+                "[[worker]]\nlisten = \"{a}\"\n[[worker]]\nname = \"b\"\nlisten = \"{b}\"\n"
+            ))
+        };
+        let e = two("0.0.0.0:9", "127.0.0.1:9").unwrap_err();
+        assert!(
+            e.reason
+                .contains("already used by group \"echo\" (websocket://0.0.0.0:9)"),
+            "{e}"
+        );
+        assert!(two("[::1]:9", "[::]:9").is_err());
+        assert!(two("0.0.0.0:9", "[::]:9").is_ok());
+        assert!(two("127.0.0.1:9", "127.0.0.2:9").is_ok());
+        assert!(two("127.0.0.1:0", "0.0.0.0:0").is_ok());
     }
 
     #[test]

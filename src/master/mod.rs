@@ -142,6 +142,21 @@ pub fn start(plan: Plan) -> i32 {
         bus_url: server.bus.clone(),
         ..Default::default()
     };
+    let defs: Vec<_> = defs.collect();
+    // The config file's groups were checked against each other; code's are checked here.
+    for (i, (def, _)) in defs.iter().enumerate() {
+        if let Some((other, _)) = defs[..i]
+            .iter()
+            .find(|(o, _)| o.listen.overlaps(&def.listen))
+        {
+            let (name, them) = (def.name(), other.name());
+            let msg = format!(
+                "group {name:?}: listen {} is already used by group {them:?}",
+                def.listen
+            );
+            return fail(pidfile, msg);
+        }
+    }
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => match supervisor::Group::new(def, ls, from_file) {
