@@ -42,6 +42,23 @@ fn server_program() -> ! {
                 let _ = ctx.send(conn, msg);
             });
         })
+        .app("chat_crash_when_marked", |w| {
+            // Chat, and "who" answers the worker's slot; a worker whose slot is written in the
+            // marker file dies at start.
+            w.on_worker_start(|ctx| {
+                let marker = std::env::var_os(MARKER_ENV).expect("marker path");
+                if std::fs::read_to_string(marker).is_ok_and(|s| s == ctx.worker_id().to_string()) {
+                    std::process::exit(3);
+                }
+            });
+            w.on_message(|ctx, conn, msg| {
+                if msg.as_text() == Some("who") {
+                    let _ = ctx.send(conn, ctx.worker_id().to_string());
+                } else {
+                    ctx.broadcast(msg);
+                }
+            });
+        })
         .run()
 }
 
@@ -294,6 +311,99 @@ fn a_worker_stuck_past_stop_timeout_is_killed_and_the_stop_completes() {
     }
 }
 
+/// Starts `chat_crash_when_marked` with `count` workers.
+fn start_marked_chat(count: usize) -> (Server, PathBuf, PathBuf) {
+    let (dir, config) = Server::config("chat_crash_when_marked", count, "");
+    let marker = dir.path().join("crash-slot");
+    let server = Server::start_with_env(
+        this_program(),
+        dir,
+        config.clone(),
+        &[(MARKER_ENV, marker.as_path())],
+    );
+    (server, config, marker)
+}
+
+/// One client on each of the group's `count` slots (the kernel spreads connections over
+/// them; clients landing on a slot already covered are dropped).
+fn one_client_per_slot(server: &Server, count: usize) -> Vec<Client> {
+    let mut on: Vec<Option<Client>> = (0..count).map(|_| None).collect();
+    wait_for("a client on every slot", DEADLINE, || {
+        let mut c = server.connect();
+        c.send_text("who");
+        let slot: usize = c.recv_text().parse().unwrap();
+        on[slot].get_or_insert(c);
+        on.iter().all(Option::is_some).then_some(())
+    });
+    on.into_iter().flatten().collect()
+}
+
+/// A message from any one client reaches every client: the group is on one bus.
+fn every_slot_hears_every_slot(clients: &mut [Client]) {
+    for from in 0..clients.len() {
+        let text = format!("from slot {from}");
+        clients[from].send_text(&text);
+        for (slot, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.recv_text(), text, "slot {slot} on the bus");
+        }
+    }
+}
+
+fn slot_pids(st: &serde_json::Value) -> Vec<(u64, i64)> {
+    let ws = st["workers"].as_array().unwrap();
+    ws.iter()
+        .map(|w| (w["slot"].as_u64().unwrap(), w["pid"].as_i64().unwrap()))
+        .collect()
+}
+
+fn a_reload_failing_after_a_new_worker_still_leaves_the_group_on_one_bus() {
+    let (mut server, config, marker) = start_marked_chat(3);
+    let before = server.worker_pids();
+    // Slot 0's new worker comes up; slot 1's dies at start.
+    std::fs::write(&marker, "1").unwrap();
+    let out = cli(&config, &["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("chat_crash_when_marked#1"), "{said}");
+    // The group is replaced whole: slot 1 restarts like a crashed worker once it can.
+    std::fs::remove_file(&marker).unwrap();
+    let st = server.wait_ready();
+    let now = slot_pids(&st);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(
+        now.iter().all(|(_, pid)| !before.contains(&(*pid as i32))),
+        "{before:?} -> {now:?}"
+    );
+    every_slot_hears_every_slot(&mut one_client_per_slot(&server, 3));
+}
+
+fn a_reload_failing_at_its_first_worker_keeps_the_old_workers_on_their_bus() {
+    let (mut server, config, marker) = start_marked_chat(2);
+    let before = slot_pids(&server.status());
+    std::fs::write(&marker, "0").unwrap();
+    let out = cli(&config, &["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    std::fs::remove_file(&marker).unwrap();
+    assert_eq!(
+        slot_pids(&server.wait_ready()),
+        before,
+        "the old workers stay"
+    );
+    // A worker respawned later joins them on their bus, not the failed reload's.
+    let (_, slot0) = before.iter().find(|(slot, _)| *slot == 0).unwrap();
+    kill(Pid::from_raw(*slot0 as i32), Signal::SIGKILL).unwrap();
+    wait_for("slot 0 respawned", DEADLINE, || {
+        let st = server.try_status()?;
+        let now = slot_pids(&st);
+        let ready = st["workers"]
+            .as_array()?
+            .iter()
+            .all(|w| w["status"] == "idle");
+        (ready && now.len() == 2 && !now.contains(&(0, *slot0))).then_some(())
+    });
+    every_slot_hears_every_slot(&mut one_client_per_slot(&server, 2));
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
@@ -308,6 +418,14 @@ fn main() {
             (
                 "a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers",
                 a_reload_whose_new_worker_dies_at_start_keeps_the_old_workers,
+            ),
+            (
+                "a_reload_failing_after_a_new_worker_still_leaves_the_group_on_one_bus",
+                a_reload_failing_after_a_new_worker_still_leaves_the_group_on_one_bus,
+            ),
+            (
+                "a_reload_failing_at_its_first_worker_keeps_the_old_workers_on_their_bus",
+                a_reload_failing_at_its_first_worker_keeps_the_old_workers_on_their_bus,
             ),
             (
                 "kill_9_of_the_master_takes_every_worker_and_start_works_again",

@@ -225,10 +225,17 @@ impl Master {
                 let s = &mut self.sup.groups[g].slots[slot];
                 if s.respawn_at.is_some_and(|t| now >= t) {
                     s.respawn_at = None;
-                    if let Err(e) = self.sup.spawn(g, slot, registry) {
-                        let name = self.sup.groups[g].name().to_string();
-                        log::error!("cannot fork worker {name}#{slot}: {e}");
-                        self.sup.groups[g].schedule_respawn(slot);
+                    let name = self.sup.groups[g].name().to_string();
+                    match self.sup.spawn(g, slot, registry) {
+                        Ok(_) => {
+                            if let Some(r) = &mut self.reload {
+                                r.respawned(&name);
+                            }
+                        }
+                        Err(e) => {
+                            log::error!("cannot fork worker {name}#{slot}: {e}");
+                            self.sup.groups[g].schedule_respawn(slot);
+                        }
                     }
                 }
             }

@@ -8,9 +8,15 @@
 //! is refused), wait until it is ready, then retire the old worker (Close 1001 to its
 //! clients, spread over `close_spread`, SIGKILL at `reload_timeout`). Slots and groups that
 //! are gone are retired last.
+//!
+//! A group's new workers talk on a new bus mesh, so a group must never be left with workers
+//! on both (they would not hear each other). If a new worker fails to come up, a group that
+//! still runs only old workers goes back to its old mesh and keeps them; a group that
+//! already has a new worker is replaced to the end, the failed slot restarting like a
+//! crashed worker. The reload reports the failure either way.
 
 use super::listeners;
-use super::supervisor::{Exit, Group, Slot, Supervisor};
+use super::supervisor::{Exit, Group, ProcRef, Slot, Supervisor};
 use crate::bus::mesh::Mesh;
 use crate::worker::Worker;
 use mio::Registry;
@@ -130,16 +136,17 @@ fn kept(g: &Group, replace: bool) -> String {
 enum Step {
     /// Start the slot's new worker; once it is ready, retire the one it replaces (if any).
     Replace { group: String, slot: usize },
-    /// Retire a worker whose slot or group is gone.
-    Retire { proc: usize },
+    /// Retire a worker whose slot or group is gone, or an old worker that must not stay on
+    /// its group's old bus mesh.
+    Retire { proc: ProcRef },
 }
 
 /// The new worker a slot is waiting for.
 struct Waiting {
     group: String,
     slot: usize,
-    new: usize,
-    old: Option<usize>,
+    new: ProcRef,
+    old: Option<ProcRef>,
     deadline: Instant,
 }
 
@@ -147,6 +154,11 @@ struct Waiting {
 pub struct Reload {
     steps: VecDeque<Step>,
     waiting: Option<Waiting>,
+    /// The old bus meshes of groups that run only old workers so far (same slots). A failed
+    /// reload puts such a group back on its mesh, whole; a group with a new worker ready is
+    /// replaced whole even if the reload fails. Either way no group is split over two meshes,
+    /// whose workers would not hear each other.
+    restore: Vec<(String, Mesh)>,
     /// Control clients waiting for the outcome.
     pub waiters: Vec<usize>,
     pub summary: Vec<String>,
@@ -162,12 +174,13 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
         .collect();
     let mut replace = Vec::new();
     let mut retire = Vec::new();
+    let mut restore = Vec::new();
     for change in prepared.changes {
         let group = match change {
             Change::Keep { old: i, mesh } => {
                 let mut g = old[i].take().expect("each old group is used once");
                 if let Some(mesh) = mesh {
-                    g.mesh = mesh;
+                    restore.push((g.name().to_string(), std::mem::replace(&mut g.mesh, mesh)));
                     replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
                 }
                 g
@@ -187,11 +200,15 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                     }
                 }
                 let want = def.count;
-                g.mesh = mesh;
+                let old_mesh = std::mem::replace(&mut g.mesh, mesh);
+                if want == g.slots.len() {
+                    restore.push((g.name().to_string(), old_mesh));
+                }
                 g.def = def;
                 g.listeners.extend(more);
                 g.slots.resize_with(want.max(g.slots.len()), Slot::default);
-                retire.extend(g.slots.drain(want..).filter_map(|s| s.proc));
+                let surplus = g.slots.drain(want..).filter_map(|s| s.proc);
+                retire.extend(surplus.filter_map(|k| sup.proc_ref(k)));
                 g.listeners.truncate(want);
                 replace.extend((0..want).map(|s| (g.name().to_string(), s)));
                 g
@@ -204,7 +221,8 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
         sup.groups.push(group);
     }
     for g in old.into_iter().flatten() {
-        retire.extend(g.slots.iter().filter_map(|s| s.proc));
+        let procs = g.slots.iter().filter_map(|s| s.proc);
+        retire.extend(procs.filter_map(|k| sup.proc_ref(k)));
     }
     let steps = replace
         .into_iter()
@@ -214,6 +232,7 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
     Reload {
         steps,
         waiting: None,
+        restore,
         waiters: Vec::new(),
         summary: prepared.summary,
         failure: None,
@@ -233,14 +252,17 @@ impl Reload {
         let now = Instant::now();
         loop {
             if let Some(w) = &self.waiting {
-                let Some(p) = sup.procs.get(w.new) else {
+                let Some(new) = sup.live(w.new) else {
                     return; // Reaped: `worker_exited` has dealt with it.
                 };
+                let p = &sup.procs[new];
                 if p.ready {
-                    if let Some(old) = w.old {
+                    let w = self.waiting.take().expect("checked above");
+                    // A new worker serves on the new mesh: the group cannot go back.
+                    self.restore.retain(|(name, _)| *name != w.group);
+                    if let Some(old) = w.old.and_then(|r| sup.live(r)) {
                         sup.retire(old, spread, now + timeout);
                     }
-                    self.waiting = None;
                 } else if now >= w.deadline {
                     let why = format!(
                         "the new worker {}#{} (pid {}) was not ready within reload_timeout",
@@ -254,24 +276,29 @@ impl Reload {
             }
             match self.steps.pop_front() {
                 None => return,
-                Some(Step::Retire { proc }) => sup.retire(proc, spread, now + timeout),
+                Some(Step::Retire { proc }) => {
+                    if let Some(key) = sup.live(proc) {
+                        sup.retire(key, spread, now + timeout);
+                    }
+                }
                 Some(Step::Replace { group, slot }) => {
                     let Some(g) = sup.group_index(&group) else {
                         continue;
                     };
                     let old = sup.groups[g].slots[slot].proc;
+                    let old = old.and_then(|k| sup.proc_ref(k));
                     match sup.spawn(g, slot, registry) {
                         Ok(new) => {
                             self.waiting = Some(Waiting {
                                 group,
                                 slot,
-                                new,
+                                new: sup.proc_ref(new).expect("just spawned"),
                                 old,
                                 deadline: now + timeout,
                             })
                         }
                         Err(e) => {
-                            sup.groups[g].slots[slot].proc = old;
+                            self.give_up(sup, &group, slot, old);
                             self.fail(sup, format!("cannot fork a worker for {group}#{slot}: {e}"));
                         }
                     }
@@ -280,13 +307,19 @@ impl Reload {
         }
     }
 
+    /// A worker of `group` was respawned during the reload. It runs on the group's new mesh,
+    /// so the group cannot go back to its old one.
+    pub fn respawned(&mut self, group: &str) {
+        self.restore.retain(|(name, _)| name != group);
+    }
+
     /// A worker exited; true if it was the new worker this reload was waiting for (the reload
-    /// has then failed and the slot keeps its old worker).
+    /// has then failed).
     pub fn worker_exited(&mut self, sup: &mut Supervisor, exit: &Exit) -> bool {
         let Some(w) = &self.waiting else {
             return false;
         };
-        if exit.proc != w.new {
+        if exit.proc != w.new.key || exit.pid != w.new.pid {
             return false;
         }
         let why = format!(
@@ -297,33 +330,67 @@ impl Reload {
         true
     }
 
-    /// Gives the waiting slot back to its old worker and fails the reload.
+    /// The waiting slot's new worker will not be: stop it, settle the slot, fail the reload.
     fn abandon(&mut self, sup: &mut Supervisor, why: String) {
-        if let Some(w) = self.waiting.take()
-            && let Some(g) = sup.group_index(&w.group)
-        {
-            let slot = &mut sup.groups[g].slots[w.slot];
-            if slot.proc == Some(w.new) || slot.proc.is_none() {
-                slot.proc = w.old.filter(|k| sup.procs.contains(*k));
+        if let Some(w) = self.waiting.take() {
+            let new = sup.live(w.new);
+            if let Some(key) = new {
+                sup.procs[key].retiring = Some(Instant::now());
             }
-            if let Some(p) = sup.procs.get_mut(w.new) {
-                p.retiring = Some(Instant::now());
+            if let Some(g) = sup.group_index(&w.group) {
+                let current = sup.groups[g].slots[w.slot].proc;
+                if current.is_none() || current == new {
+                    self.give_up(sup, &w.group, w.slot, w.old);
+                }
             }
         }
         self.fail(sup, why);
     }
 
-    /// Stops replacing workers (slots not reached keep theirs; new slots not reached start
-    /// later through the usual respawn); retirements still happen.
+    /// A slot's new worker did not come up. A group of old workers only keeps the slot's old
+    /// one (`fail` puts the group back on its old mesh). A group already partly new must not
+    /// keep a worker on the old mesh: that one is retired and the slot restarts like a
+    /// crashed worker's.
+    fn give_up(&mut self, sup: &mut Supervisor, group: &str, slot: usize, old: Option<ProcRef>) {
+        let Some(g) = sup.group_index(group) else {
+            return;
+        };
+        let old = old.filter(|&r| sup.live(r).is_some());
+        let keep = self.restore.iter().any(|(name, _)| name == group);
+        sup.groups[g].slots[slot].proc = old.filter(|_| keep).map(|r| r.key);
+        if let Some(proc) = old.filter(|_| !keep) {
+            self.steps.push_front(Step::Retire { proc });
+        }
+    }
+
+    /// Stops replacing the workers of groups that still run only old ones (they go back to
+    /// their old mesh, and new slots not reached start later through the usual respawn).
+    /// Groups already partly new are replaced to the end; retirements still happen.
     fn fail(&mut self, sup: &mut Supervisor, why: String) {
         log::error!("reload failed: {why}");
         self.failure.get_or_insert(why);
-        self.steps.retain(|s| matches!(s, Step::Retire { .. }));
+        let restore = std::mem::take(&mut self.restore);
+        let untouched = |group: &str| restore.iter().any(|(name, _)| name == group);
+        self.steps.retain(|s| match s {
+            Step::Retire { .. } => true,
+            Step::Replace { group, .. } => !untouched(group),
+        });
+        let pending = |group: &str, slot: usize| {
+            self.steps.iter().any(
+                |s| matches!(s, Step::Replace { group: g, slot: n } if g == group && *n == slot),
+            )
+        };
         for g in &mut sup.groups {
             for slot in 0..g.slots.len() {
-                if g.slots[slot].proc.is_none() && g.slots[slot].respawn_at.is_none() {
+                let s = &g.slots[slot];
+                if s.proc.is_none() && s.respawn_at.is_none() && !pending(g.name(), slot) {
                     g.schedule_respawn(slot);
                 }
+            }
+        }
+        for (name, mesh) in restore {
+            if let Some(g) = sup.group_index(&name) {
+                sup.groups[g].mesh = mesh;
             }
         }
     }

@@ -174,9 +174,30 @@ pub struct Supervisor {
     pub bus_watch: super::bus_watch::BusWatch,
 }
 
+/// A worker process named across turns: its key in [`Supervisor::procs`] and its pid, since a
+/// key is reused once its process is reaped.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcRef {
+    pub key: usize,
+    pub pid: Pid,
+}
+
 impl Supervisor {
     pub fn group_index(&self, name: &str) -> Option<usize> {
         self.groups.iter().position(|g| g.name() == name)
+    }
+
+    /// The process under `key` now, to be named later with [`Supervisor::live`].
+    pub fn proc_ref(&self, key: usize) -> Option<ProcRef> {
+        self.procs.get(key).map(|p| ProcRef { key, pid: p.pid })
+    }
+
+    /// `r`'s key if that very process is still alive (not reaped, its key not reused).
+    pub fn live(&self, r: ProcRef) -> Option<usize> {
+        self.procs
+            .get(r.key)
+            .filter(|p| p.pid == r.pid)
+            .map(|_| r.key)
     }
 
     /// Forks a worker for slot `slot` of group `g` and makes it the slot's current worker
