@@ -1,7 +1,8 @@
 //! Hook timers: Workerman's `Timer::add` / `Timer::del`, on the worker's own thread.
 //!
 //! A binary heap of deadlines plus a map of live timers. Deleting a timer removes it from the
-//! map only; its heap entry is skipped when it comes up. While a callback runs it is taken out
+//! map only; its heap entry is skipped when it comes up, or dropped once dead entries are
+//! most of the heap. While a callback runs it is taken out
 //! of its entry, so the callback may add or delete timers (itself included) freely.
 
 use super::Context;
@@ -48,7 +49,15 @@ impl Timers {
     }
 
     pub fn del(&mut self, id: TimerId) -> bool {
-        self.entries.remove(&id.0).is_some()
+        let live = self.entries.remove(&id.0).is_some();
+        // An app that re-arms a long timeout on every message deletes far more timers than
+        // come due: once most heap entries are dead, drop them (amortised O(1) a deletion).
+        if self.queue.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.queue
+                .retain(|Reverse((_, id))| entries.contains_key(id));
+        }
+        live
     }
 
     pub fn len(&self) -> usize {
@@ -127,6 +136,21 @@ mod tests {
         assert!(t.pop_due(later).is_none(), "deleted a never fires");
         t.finish(id, due, cb, later);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn deleted_timers_do_not_pile_up_until_their_deadline() {
+        let mut t = Timers::default();
+        let keep = t.add(Duration::from_secs(60), None, noop());
+        for _ in 0..100_000 {
+            let id = t.add(Duration::from_secs(60), None, noop());
+            assert!(t.del(id));
+        }
+        assert_eq!(t.len(), 1);
+        assert!(t.queue.len() <= 2 + 64, "{} heap entries", t.queue.len());
+        let later = Instant::now() + Duration::from_secs(61);
+        let (id, _, _) = t.pop_due(later).expect("the kept timer still fires");
+        assert_eq!(id, keep);
     }
 
     #[test]
