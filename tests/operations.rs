@@ -207,6 +207,18 @@ fn reload_changes_count_and_a_bad_file_changes_nothing() {
     );
     assert_eq!(pids_of(&server.status(), "echo"), running);
 
+    // A file with no group at all (truncated, say) would leave nothing running: refused too,
+    // as `check` refuses it.
+    let no_groups = config.split("[[worker]]").next().unwrap().to_string();
+    std::fs::write(&server.config, &no_groups).unwrap();
+    let out = reload(&server);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no [[worker]] group"), "{}", text(&out));
+    let out = server.wsd(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("nothing would run"), "{}", text(&out));
+    assert_eq!(pids_of(&server.status(), "echo"), running);
+
     // Fewer slots: the extra worker is retired.
     std::fs::write(&server.config, config.replace("count = 2", "count = 1")).unwrap();
     let out = reload(&server);

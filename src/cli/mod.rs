@@ -133,6 +133,12 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
                 )));
             }
             let config = Config::load(&config_path, &runner.app_names())?;
+            if config.groups.is_empty() && runner.workers.is_empty() {
+                return Err(Failed(format!(
+                    "{}: no [[worker]] group: nothing would run",
+                    config_path.display()
+                )));
+            }
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
             println!(
                 "{}: ok ({} group(s), {workers} worker(s))",
