@@ -90,6 +90,8 @@ pub(super) struct Loop {
     turn_start: Instant,
     /// How the worker is stopping, once told to.
     pub(super) stopping: Option<StopMode>,
+    /// When the first stop came.
+    pub(super) stopped_at: Option<Instant>,
     /// The connections still to be sent Close 1001 by a `StopMode::Close` stop.
     pub(super) spread: Option<CloseSpread>,
 }
@@ -175,6 +177,7 @@ impl Loop {
             next_tick: Instant::now() + TICK,
             turn_start: Instant::now(),
             stopping: None,
+            stopped_at: None,
             spread: None,
         })
     }

@@ -340,3 +340,24 @@ fn a_reset_is_reported_to_on_error_as_a_socket_error() {
     bystander.send(Message::text("still here")).unwrap();
     assert_eq!(bystander.read().unwrap(), Message::text("still here"));
 }
+
+#[test]
+fn a_stop_gives_a_silent_connection_close_timeout_not_handshake_timeout() {
+    let mut master = start_app(|w| {
+        w.handshake_timeout = Duration::from_secs(3600);
+        w.close_timeout = Duration::from_secs(1);
+    });
+    let mut silent = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
+    // Accepted before the stop: the worker lists it.
+    assert_eq!(master.list_connections(1).len(), 1);
+    master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":0}"#);
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    match silent.read(&mut [0; 64]) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the silent connection was kept through the stop: {other:?}"),
+    }
+    assert_eq!(master.exit_code(), 0);
+}

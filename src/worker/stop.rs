@@ -48,6 +48,7 @@ impl Loop {
         let first = self.stopping.is_none();
         self.stopping = Some(mode);
         if first {
+            self.stopped_at = Some(Instant::now());
             // Only our copy of the listening socket goes, and it is not shut down: the master
             // keeps the socket, and in a rolling reload the new worker accepts from it.
             if let Some(mut listener) = self.listener.take() {
@@ -56,7 +57,9 @@ impl Loop {
             self.call_worker_hook("on_worker_stop", |h| h.on_worker_stop.as_mut());
         }
         // Connections still in their upgrade are left to finish it (see `upgrade`): a client
-        // caught mid-handshake by a reload gets a Close, not a reset.
+        // caught mid-handshake by a reload gets a Close, not a reset. They have `close_timeout`
+        // from the stop to do so (`sweep`), not all of `handshake_timeout`: a silent connect
+        // (a health check, a port scan) must not hold the stop until it is killed.
         let open = self.ctx.connections();
         match mode {
             StopMode::Drain => {}

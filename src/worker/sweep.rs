@@ -14,13 +14,17 @@ impl Loop {
         let s = &self.settings;
         let (handshake, close) = (s.handshake_timeout, s.close_timeout);
         let (ping, idle) = (s.ping_interval, s.idle_timeout);
+        // During a stop an upgrade gets no longer than a closing handshake does.
+        let stopping_late = self
+            .stopped_at
+            .is_some_and(|t| now.duration_since(t) >= close);
         for (idx, c) in self.ctx.conns.iter_mut() {
             if c.session.close_sent && c.closing_since.is_none() {
                 c.closing_since = Some(now);
             }
             let late = match c.closing_since {
                 Some(t) => now.duration_since(t) >= close,
-                None => !c.is_open() && now.duration_since(c.since) >= handshake,
+                None => !c.is_open() && (stopping_late || now.duration_since(c.since) >= handshake),
             };
             if late {
                 self.ctx.gone.push((idx, c.serial));
