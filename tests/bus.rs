@@ -108,6 +108,27 @@ fn pubsub_delivers_only_to_subscribers_and_answers_bad_input() {
         let answer: Value = serde_json::from_str(&recv_text(&mut clients[0])).unwrap();
         assert!(answer["error"].is_string(), "{bad}: {answer}");
     }
+    // One connection holds at most 100 topics, each named in at most 256 bytes.
+    let long = "t".repeat(257);
+    clients[0].send_text(&format!("{{\"subscribe\":\"{long}\"}}"));
+    let answer: Value = serde_json::from_str(&recv_text(&mut clients[0])).unwrap();
+    assert_eq!(answer["error"], "a topic is at most 256 bytes");
+    for n in 1..100 {
+        clients[2].send_text(&format!("{{\"subscribe\":\"extra{n}\"}}"));
+        assert_eq!(
+            recv_text(&mut clients[2]),
+            format!("{{\"subscribed\":\"extra{n}\"}}")
+        );
+    }
+    clients[2].send_text("{\"subscribe\":\"one too many\"}");
+    let answer: Value = serde_json::from_str(&recv_text(&mut clients[2])).unwrap();
+    assert_eq!(answer["error"], "at most 100 topics per connection");
+    clients[2].send_text("{\"subscribe\":\"even\"}");
+    assert_eq!(
+        recv_text(&mut clients[2]),
+        "{\"subscribed\":\"even\"}",
+        "held already"
+    );
     clients[1].send_text("{\"publish\":\"even\",\"data\":{\"n\":1}}");
     for (i, c) in clients.iter_mut().enumerate() {
         if i % 2 == 0 {

@@ -6,10 +6,18 @@
 //! | `{"unsubscribe":"room"}` | `{"unsubscribed":"room"}` |
 //! | `{"publish":"room","data":X}` | every subscriber of `room`, on any worker or server, gets `{"topic":"room","data":X}` |
 //! | anything else | `{"error":"why"}`; the connection stays open |
+//!
+//! A connection holds at most [`MAX_TOPICS`] topics and a topic name is at most
+//! [`MAX_TOPIC_LEN`] bytes, so one client cannot grow a worker's memory without bound.
 
 use crate::{ConnId, Context, Message, Worker};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+/// Topics one connection may be subscribed to at once.
+pub const MAX_TOPICS: usize = 100;
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +40,13 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> 
     let cmd: Command = serde_json::from_slice(msg.as_bytes()).map_err(|e| {
         format!("expected {{\"subscribe\"|\"unsubscribe\"|\"publish\": TOPIC, \"data\": ...}}: {e}")
     })?;
+    let named = [&cmd.subscribe, &cmd.unsubscribe, &cmd.publish];
+    if named
+        .iter()
+        .any(|t| t.as_ref().is_some_and(|t| t.len() > MAX_TOPIC_LEN))
+    {
+        return Err(format!("a topic is at most {MAX_TOPIC_LEN} bytes"));
+    }
     match cmd {
         Command {
             subscribe: Some(topic),
@@ -39,6 +54,10 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> 
             publish: None,
             data: None,
         } => {
+            let held = ctx.topics_of(conn);
+            if held.len() >= MAX_TOPICS && !held.contains(&topic) {
+                return Err(format!("at most {MAX_TOPICS} topics per connection"));
+            }
             ctx.subscribe(conn, &topic);
             reply(ctx, conn, json!({ "subscribed": topic }));
         }
