@@ -348,8 +348,15 @@ fn a_stop_gives_a_silent_connection_close_timeout_not_handshake_timeout() {
         w.close_timeout = Duration::from_secs(1);
     });
     let mut silent = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
-    // Accepted before the stop: the worker lists it.
-    assert_eq!(master.list_connections(1).len(), 1);
+    // Accepted before the stop: wait until the worker lists it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for query in 1.. {
+        if master.list_connections(query).len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never accepted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":0}"#);
     silent
         .set_read_timeout(Some(Duration::from_secs(30)))
