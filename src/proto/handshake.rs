@@ -116,6 +116,24 @@ pub(crate) fn parse(buf: &[u8], max_header_bytes: usize) -> Parsed {
     if !has_token("Connection", "upgrade") {
         return reject(400, "Connection header must contain Upgrade");
     }
+    // Two keys or two hosts: which one the client meant is anyone's guess (RFC 6455 4.2.1,
+    // RFC 9112 3.2).
+    let repeated = |name: &str| {
+        let named = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name));
+        named.count() > 1
+    };
+    if ["Host", "Sec-WebSocket-Key", "Sec-WebSocket-Version"]
+        .iter()
+        .any(|n| repeated(n))
+    {
+        return reject(
+            400,
+            "Host and Sec-WebSocket-Key/Version must be sent once each",
+        );
+    }
     if header("Sec-WebSocket-Version") != Some("13") {
         return reject(426, "unsupported WebSocket version; this server speaks 13");
     }
@@ -279,6 +297,15 @@ mod tests {
             400
         );
         assert_eq!(status(&GOOD.replace("Host: x\r\n", "")), 400);
+        for twice in [
+            "Host: y\r\n",
+            "sec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        ] {
+            assert_eq!(
+                status(&GOOD.replace("Host: x\r\n", &format!("Host: x\r\n{twice}"))),
+                400
+            );
+        }
         assert_eq!(status("\x16\x03\x01garbage\r\n\r\n"), 400);
         let huge = GOOD.replace("Host: x", &format!("Host: {}", "x".repeat(9000)));
         assert_eq!(status(&huge), 431);
