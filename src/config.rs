@@ -336,6 +336,10 @@ impl GroupConfig {
         if self.handshake_timeout.is_zero() {
             return Err("handshake_timeout must be longer than 0".into());
         }
+        if self.max_frame_size == 0 {
+            // 0 means "off" for some keys; here it would refuse every non-empty message.
+            return Err("max_frame_size must be at least 1 byte (there is no \"no limit\")".into());
+        }
         if self.max_frame_size > self.max_message_size {
             return Err("max_frame_size must not be larger than max_message_size".into());
         }
@@ -822,6 +826,14 @@ mod tests {
             (
                 "handshake_timeout = 0",
                 "handshake_timeout must be longer than 0",
+            ),
+            (
+                "max_frame_size = 0",
+                "max_frame_size must be at least 1 byte",
+            ),
+            (
+                "max_message_size = 0",
+                "max_frame_size must not be larger than max_message_size",
             ),
         ] {
             let e = parse(&format!("[[worker]]\nlisten = \"127.0.0.1:1\"\n{line}\n")).unwrap_err();
