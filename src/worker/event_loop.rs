@@ -90,8 +90,8 @@ pub(super) struct Loop {
     turn_start: Instant,
     /// How the worker is stopping, once told to.
     pub(super) stopping: Option<StopMode>,
-    /// When the first stop came.
-    pub(super) stopped_at: Option<Instant>,
+    /// When a stop that closes clients (`Close` or `Fast`) came.
+    pub(super) closing_stop_at: Option<Instant>,
     /// The connections still to be sent Close 1001 by a `StopMode::Close` stop.
     pub(super) spread: Option<CloseSpread>,
 }
@@ -177,7 +177,7 @@ impl Loop {
             next_tick: Instant::now() + TICK,
             turn_start: Instant::now(),
             stopping: None,
-            stopped_at: None,
+            closing_stop_at: None,
             spread: None,
         })
     }
@@ -356,6 +356,10 @@ impl Loop {
             let serial = conn.serial;
             let drained = match conn.read(&mut self.scratch) {
                 Ok(0) => {
+                    // What this read's data asked for (an echo, the answer to a Close) is
+                    // still queued: the client may only have shut its sending side, so it
+                    // gets what the socket takes now.
+                    let _ = conn.session.out.write_to(&mut conn.socket);
                     self.ctx.mark_gone(idx);
                     return;
                 }

@@ -33,15 +33,14 @@ impl Loop {
         }
     }
 
-    /// A hook panicked on `id`: close it with 1011. False if it was gone or had failed
-    /// already (`on_error` has been told).
+    /// A hook panicked on `id`: close it with 1011. False if it was gone already.
     fn fail(&mut self, id: ConnId, err: &ConnError) -> bool {
         let idx = id.idx as usize;
         let Some(conn) = self
             .ctx
             .conns
             .get_mut(idx)
-            .filter(|c| c.serial == id.serial && !c.session.failed)
+            .filter(|c| c.serial == id.serial)
         else {
             return false;
         };

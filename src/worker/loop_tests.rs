@@ -223,6 +223,42 @@ fn stronger_stops_take_over_from_weaker_ones() {
     }
 }
 
+/// A client frame with a zero mask (so the payload reads as sent).
+fn masked_text(text: &str) -> Vec<u8> {
+    let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(text.as_bytes());
+    f
+}
+
+/// Upgrades and sends `frames` in the same write; returns what came after the `101` up to
+/// and including the server's Close, and the Close's code.
+fn upgrade_and_send(port: u16, frames: &[u8]) -> (Vec<u8>, u16) {
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(&[UPGRADE_HEAD, UPGRADE_TAIL, frames].concat())
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let mut buf = [0; 512];
+        let n = socket.read(&mut buf).unwrap();
+        assert!(n > 0, "no Close before EOF: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let frames = &got[head + 4..];
+        if let Some(at) = frames.iter().position(|&b| b == 0x88)
+            && frames.len() >= at + 4
+        {
+            let code = u16::from_be_bytes([frames[at + 2], frames[at + 3]]);
+            return (frames[..at + 4].to_vec(), code);
+        }
+    }
+}
+
 #[test]
 fn a_panicking_on_error_closes_only_its_connection() {
     let mut master = start_app(|w| {
@@ -239,23 +275,16 @@ fn a_panicking_on_error_closes_only_its_connection() {
     let mut panicker = client(master.port);
     panicker.send(Message::text("boom")).unwrap();
     assert_eq!(close_code(&mut panicker).0, 1011);
-    let mut violator = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
-    violator
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    violator.write_all(UPGRADE_HEAD).unwrap();
-    violator.write_all(UPGRADE_TAIL).unwrap();
-    violator.write_all(&[0xc1, 0x80, 0, 0, 0, 0]).unwrap(); // RSV1 set
-    let mut got = Vec::new();
-    while !got
-        .windows(4)
-        .any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xea])
-    {
-        let mut buf = [0; 512];
-        let n = violator.read(&mut buf).unwrap();
-        assert!(n > 0, "no Close 1002 before EOF: {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
+    const RSV1: [u8; 6] = [0xc1, 0x80, 0, 0, 0, 0];
+    let (_, code) = upgrade_and_send(master.port, &RSV1);
+    assert_eq!(code, 1002);
+    // Both in one read: the panic closes with 1011, and nothing more reaches the app.
+    let mut frames = masked_text("boom");
+    frames.extend(masked_text("after"));
+    frames.extend(RSV1);
+    let (frames, code) = upgrade_and_send(master.port, &frames);
+    assert_eq!(code, 1011);
+    assert!(!frames.windows(5).any(|w| w == b"after"), "{frames:?}");
 
     bystander.send(Message::text("still here")).unwrap();
     assert_eq!(bystander.read().unwrap(), Message::text("still here"));
@@ -263,46 +292,74 @@ fn a_panicking_on_error_closes_only_its_connection() {
     assert_eq!(master.exit_code(), 0);
 }
 
-#[test]
-fn data_and_end_of_input_in_one_event_are_both_read() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static BUSY: AtomicBool = AtomicBool::new(false);
-    let master = start_app(|w| {
-        w.on_message(|ctx, conn, msg| {
-            if msg.as_text() == Some("busy") {
-                BUSY.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            let _ = ctx.send(conn, msg);
-        });
-    });
-    let mut busy = client(master.port);
-    let mut leaver = client(master.port);
-
-    // While the worker is in a hook, the leaver sends a message and its FIN: the worker finds
-    // both in one readiness event, and the short read of the message is not the end of it.
-    busy.send(Message::text("busy")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !BUSY.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the hook never ran");
+/// Waits (bounded) until `flag` is set: a test holds a worker in a hook with it.
+fn wait_until(flag: &std::sync::atomic::AtomicBool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(1));
     }
-    leaver.send(Message::text("bye")).unwrap();
-    leaver
-        .get_ref()
-        .shutdown(std::net::Shutdown::Write)
-        .unwrap();
+}
 
-    // The connection ends (its echo may or may not come first: a client gone without a
-    // Close is not owed one), where it used to stay open with nothing left to wake it.
+/// Holds the worker in a hook (on "busy") while `act` has a second client send its last
+/// bytes, so the worker finds them and the end of input in one readiness event.
+macro_rules! while_the_worker_is_busy {
+    ($act:expr) => {{
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static BUSY: AtomicBool = AtomicBool::new(false);
+        static RELEASE: AtomicBool = AtomicBool::new(false);
+        let master = start_app(|w| {
+            w.on_message(|ctx, conn, msg| {
+                if msg.as_text() == Some("busy") {
+                    BUSY.store(true, Ordering::SeqCst);
+                    wait_until(&RELEASE, "the test never released the hook");
+                }
+                let _ = ctx.send(conn, msg);
+            });
+        });
+        let mut busy = client(master.port);
+        let mut leaver = client(master.port);
+        busy.send(Message::text("busy")).unwrap();
+        wait_until(&BUSY, "the hook never ran");
+        $act(&mut leaver);
+        RELEASE.store(true, Ordering::SeqCst);
+        assert_eq!(busy.read().unwrap(), Message::text("busy"));
+        leaver
+    }};
+}
+
+#[test]
+fn data_and_end_of_input_in_one_event_are_both_read() {
+    let mut leaver = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
+        ws.send(Message::text("bye")).unwrap();
+        ws.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // The connection ends, where it used to stay open with nothing left to wake it. The echo
+    // comes first: the client only shut its sending side.
+    assert_eq!(leaver.read().unwrap(), Message::text("bye"));
+    match leaver.read() {
+        Err(tungstenite::Error::Io(e)) => panic!("the worker kept the connection: {e}"),
+        other => assert!(other.is_err(), "{other:?}"),
+    }
+}
+
+#[test]
+fn a_close_and_end_of_input_in_one_event_are_answered() {
+    let mut leaver = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
+        ws.send(Message::text("bye")).unwrap();
+        ws.close(None).unwrap();
+        ws.flush().unwrap();
+        ws.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // The echo and the answer to the Close still go out: a clean closing handshake.
+    assert_eq!(leaver.read().unwrap(), Message::text("bye"));
     loop {
         match leaver.read() {
-            Ok(m) => assert_eq!(m, Message::text("bye")),
-            Err(tungstenite::Error::Io(e)) => panic!("the worker kept the connection: {e}"),
-            Err(_) => break,
+            Ok(Message::Close(_)) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            other => panic!("no clean close: {other:?}"),
         }
     }
-    assert_eq!(busy.read().unwrap(), Message::text("busy"));
 }
 
 #[test]
@@ -334,11 +391,12 @@ fn a_reset_is_reported_to_on_error_as_a_socket_error() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A round trip of another client ends the turn: a second report would be in by then.
+    bystander.send(Message::text("still here")).unwrap();
+    assert_eq!(bystander.read().unwrap(), Message::text("still here"));
     let errors = ERRORS.lock().unwrap().clone();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].starts_with("socket error: "), "{errors:?}");
-    bystander.send(Message::text("still here")).unwrap();
-    assert_eq!(bystander.read().unwrap(), Message::text("still here"));
 }
 
 #[test]

@@ -47,8 +47,10 @@ impl Loop {
         }
         let first = self.stopping.is_none();
         self.stopping = Some(mode);
+        if mode >= StopMode::Close && self.closing_stop_at.is_none() {
+            self.closing_stop_at = Some(Instant::now());
+        }
         if first {
-            self.stopped_at = Some(Instant::now());
             // Only our copy of the listening socket goes, and it is not shut down: the master
             // keeps the socket, and in a rolling reload the new worker accepts from it.
             if let Some(mut listener) = self.listener.take() {

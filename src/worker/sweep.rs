@@ -14,9 +14,10 @@ impl Loop {
         let s = &self.settings;
         let (handshake, close) = (s.handshake_timeout, s.close_timeout);
         let (ping, idle) = (s.ping_interval, s.idle_timeout);
-        // During a stop an upgrade gets no longer than a closing handshake does.
+        // During a stop that closes clients, an upgrade gets no longer than a closing
+        // handshake does (`wsd stop -g` waits for clients however long they take).
         let stopping_late = self
-            .stopped_at
+            .closing_stop_at
             .is_some_and(|t| now.duration_since(t) >= close);
         for (idx, c) in self.ctx.conns.iter_mut() {
             if c.session.close_sent && c.closing_since.is_none() {
