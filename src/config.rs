@@ -604,6 +604,17 @@ impl Listen {
     }
 }
 
+/// The first group (by name) whose listen address overlaps an earlier one's, as an error.
+/// For groups from code and file together; the file's own are checked with their lines.
+pub fn first_overlap<'a>(groups: &[(&'a str, &'a Listen)]) -> Option<String> {
+    groups.iter().enumerate().find_map(|(i, (name, listen))| {
+        let (them, _) = groups[..i].iter().find(|(_, l)| l.overlaps(listen))?;
+        Some(format!(
+            "group {name:?}: listen {listen} is already used by group {them:?}"
+        ))
+    })
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "websocket://{}", self.addr)
@@ -949,6 +960,17 @@ mod tests {
         assert!(two("0.0.0.0:9", "[::]:9").is_ok());
         assert!(two("127.0.0.1:9", "127.0.0.2:9").is_ok());
         assert!(two("127.0.0.1:0", "0.0.0.0:0").is_ok());
+    }
+
+    #[test]
+    fn code_and_file_groups_are_checked_together() {
+        let l = |s: &str| Listen::parse(s).unwrap();
+        let (a, b, c) = (l("0.0.0.0:9"), l("127.0.0.1:8"), l("127.0.0.1:9"));
+        assert_eq!(first_overlap(&[("a", &a), ("b", &b)]), None);
+        assert_eq!(
+            first_overlap(&[("a", &a), ("b", &b), ("c", &c)]).as_deref(),
+            Some("group \"c\": listen websocket://127.0.0.1:9 is already used by group \"a\"")
+        );
     }
 
     #[test]

@@ -139,6 +139,11 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
                     config_path.display()
                 )));
             }
+            let code = runner.workers.iter().map(|w| (w.name(), &w.listen));
+            let file = config.groups.iter().map(|g| (g.name(), &g.listen));
+            if let Some(msg) = crate::config::first_overlap(&code.chain(file).collect::<Vec<_>>()) {
+                return Err(Failed(format!("{}: {msg}", config_path.display())));
+            }
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
             println!(
                 "{}: ok ({} group(s), {workers} worker(s))",

@@ -144,18 +144,9 @@ pub fn start(plan: Plan) -> i32 {
     };
     let defs: Vec<_> = defs.collect();
     // The config file's groups were checked against each other; code's are checked here.
-    for (i, (def, _)) in defs.iter().enumerate() {
-        if let Some((other, _)) = defs[..i]
-            .iter()
-            .find(|(o, _)| o.listen.overlaps(&def.listen))
-        {
-            let (name, them) = (def.name(), other.name());
-            let msg = format!(
-                "group {name:?}: listen {} is already used by group {them:?}",
-                def.listen
-            );
-            return fail(pidfile, msg);
-        }
+    let listens: Vec<_> = defs.iter().map(|(d, _)| (d.name(), &d.listen)).collect();
+    if let Some(msg) = crate::config::first_overlap(&listens) {
+        return fail(pidfile, msg);
     }
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
