@@ -436,6 +436,28 @@ fn stop_fast_and_sigint_skip_the_drain() {
 }
 
 #[test]
+fn stops_racing_each_other_all_succeed_or_say_not_running() {
+    // A stop that meets the master as it exits (its connection reset in the backlog) counts as
+    // stopped; one that comes after says "not running". Never an I/O error.
+    for _ in 0..3 {
+        let mut server = Server::start("echo", 1);
+        let outs: Vec<_> = std::thread::scope(|s| {
+            let stops: Vec<_> = (0..10).map(|_| s.spawn(|| server.wsd(&["stop"]))).collect();
+            stops.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for out in &outs {
+            assert!(
+                out.status.success() || text(out).contains("not running"),
+                "{}",
+                text(out)
+            );
+        }
+        assert!(outs.iter().any(|o| o.status.success()));
+        assert_eq!(server.wait_exit(DEADLINE), 0);
+    }
+}
+
+#[test]
 fn a_plain_stop_after_stop_g_closes_the_clients() {
     let mut server = Server::start("echo", 1);
     let mut c = server.connect();

@@ -286,15 +286,25 @@ fn request(
         )),
     })?;
     stream.set_read_timeout(timeout).ok();
-    stream
-        .write_all(&control::line(req))
-        .map_err(|e| Failed(format!("cannot talk to the master: {e}")))?;
+    // A master that exits (another stop got there first, or it was killed) closes or resets
+    // the connections still waiting for it: for a stop, that is the answer.
+    let stopping = matches!(req, Request::Stop { .. });
+    let went_away = |e: &io::Error| {
+        stopping
+            && matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+    };
+    match stream.write_all(&control::line(req)) {
+        Err(e) if went_away(&e) => return Ok(Reply::ok()),
+        Err(e) => return Err(Failed(format!("cannot talk to the master: {e}"))),
+        Ok(()) => {}
+    }
     let mut line = String::new();
     match BufReader::new(&stream).read_line(&mut line) {
-        Ok(0) if matches!(req, Request::Stop { .. }) => {
-            // The master went away without a word (killed?): stopped all the same.
-            return Ok(Reply::ok());
-        }
+        Ok(0) if stopping => return Ok(Reply::ok()),
+        Err(e) if went_away(&e) => return Ok(Reply::ok()),
         Ok(0) => {
             return Err(Failed(
                 "the master closed the connection without answering".into(),
