@@ -681,9 +681,17 @@ fn the_systemd_unit_installs_and_passes_systemd_analyze_verify() {
 
 #[test]
 fn a_second_master_cannot_take_over_a_live_control_socket() {
-    // Two configs in one folder with their own pid files but the default control socket.
+    // Two configs in one folder with their own pid files but the default control socket, on
+    // one fixed port (from the OS).
     let (dir, first) = Server::config("echo", 1, "");
-    let text = std::fs::read_to_string(&first).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&first)
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(
         &first,
         text.replacen("[server]\n", "[server]\npid_file = \"a.pid\"\n", 1),
@@ -695,17 +703,21 @@ fn a_second_master_cannot_take_over_a_live_control_socket() {
         text.replacen("[server]\n", "[server]\npid_file = \"b.pid\"\n", 1),
     )
     .unwrap();
-    let mut server = Server::start_with(wsd_bin(), dir, first);
-    let out = std::process::Command::new(wsd_bin())
-        .args(["-c", second.to_str().unwrap(), "start"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("is in use by another running master"),
-        "{said}"
-    );
+    let a_pid = dir.path().join("a.pid");
+    let mut server = Server::start_with(wsd_bin(), dir, first.clone());
+    // The same answer (not "address in use") for the first config once its pid file is gone.
+    for config in [&second, &first] {
+        if config == &first {
+            std::fs::remove_file(&a_pid).unwrap();
+        }
+        let out = std::process::Command::new(wsd_bin())
+            .args(["-c", config.to_str().unwrap(), "start"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("a master is already running"), "{said}");
+    }
     // The first master still answers on its socket.
     assert_eq!(server.status()["workers"].as_array().unwrap().len(), 1);
 }

@@ -127,6 +127,20 @@ pub fn start(plan: Plan) -> i32 {
         pidfile.remove();
         1
     };
+    // We hold our pid file's lock, so a socket file left here is stale — unless another
+    // master answers on it (one with another pid file, or whose pid file was removed): then
+    // taking it over would leave that one unreachable. Asked before binding, so the answer
+    // is this, not "address in use" from that master's own ports.
+    if std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok() {
+        return fail(
+            pidfile,
+            format!(
+                "a master is already running: it answers on control socket {} (its pid file \
+                 is another, or was removed)",
+                server.control_socket.display()
+            ),
+        );
+    }
     let source = Source {
         file: plan.config.file.clone(),
         apps: plan.apps,
@@ -159,18 +173,6 @@ pub fn start(plan: Plan) -> i32 {
     }
     if sup.groups.is_empty() {
         return fail(pidfile, "nothing to run: no [[worker]] groups".into());
-    }
-    // We hold our pid file's lock, so a socket file left here is stale — unless another
-    // master (with another pid file) answers on it: then taking it over would leave that one
-    // unreachable.
-    if std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok() {
-        return fail(
-            pidfile,
-            format!(
-                "control socket {} is in use by another running master",
-                server.control_socket.display()
-            ),
-        );
     }
     let _ = std::fs::remove_file(&server.control_socket);
     let control = match UnixListener::bind(&server.control_socket) {
