@@ -470,7 +470,17 @@ fn a_plain_stop_after_stop_g_closes_the_clients() {
         .unwrap();
     let _drain_reap = KillOnDrop(drain.id() as i32);
     server.wait_for_log("waiting for clients to leave");
-    // The client is not closed by a draining stop...
+    // New clients are refused at once, not left in an accept queue nobody serves...
+    let port = server.port;
+    wait_for(
+        "the port to refuse new clients",
+        DEADLINE,
+        || match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        },
+    );
+    // ...and the client is not closed by a draining stop...
     c.send_text("still");
     assert_eq!(c.recv_text(), "still");
     // ...but a plain stop issued meanwhile closes it.

@@ -381,6 +381,10 @@ impl Master {
             for s in &mut g.slots {
                 s.respawn_at = None;
             }
+            // No worker will accept again. Once the workers drop their copies too, the port
+            // closes: a new client is refused at once (and a load balancer fails over)
+            // instead of waiting in an accept queue until the master exits and resets it.
+            g.listeners.clear();
         }
         let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
         for key in keys {
