@@ -680,6 +680,21 @@ fn the_systemd_unit_installs_and_passes_systemd_analyze_verify() {
 }
 
 #[test]
+fn an_exiting_master_leaves_a_control_socket_that_is_not_its_own() {
+    let mut server = Server::start("echo", 1);
+    let path = server.dir.path().join("wsd.sock");
+    // Someone else now owns the path.
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    kill(Pid::from_raw(server.master_pid()), Signal::SIGTERM).unwrap();
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+    assert!(
+        path.exists(),
+        "the master removed a socket it did not create"
+    );
+}
+
+#[test]
 fn a_second_master_cannot_take_over_a_live_control_socket() {
     // Two configs in one folder with their own pid files but the default control socket, on
     // one fixed port (from the OS).

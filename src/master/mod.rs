@@ -23,7 +23,7 @@ mod supervisor;
 use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
@@ -191,6 +191,9 @@ pub fn start(plan: Plan) -> i32 {
         &server.control_socket,
         std::fs::Permissions::from_mode(0o600),
     );
+    // Removed at exit only if the path still names our socket: another master may have
+    // taken the path over meanwhile (its own start removes what it finds there).
+    let ours = std::fs::metadata(&server.control_socket).map(|m| (m.dev(), m.ino()));
     let announce = if plan.daemon {
         match daemon::detach(&server.log_file) {
             Ok(a) => a,
@@ -204,7 +207,10 @@ pub fn start(plan: Plan) -> i32 {
     }
     let master = event_loop::Master::new(server.clone(), source, sup, control, announce);
     let (code, mut stop_waiters) = event_loop::run(master);
-    let _ = std::fs::remove_file(&server.control_socket);
+    let now = std::fs::metadata(&server.control_socket).map(|m| (m.dev(), m.ino()));
+    if matches!((&ours, &now), (Ok(a), Ok(b)) if a == b) {
+        let _ = std::fs::remove_file(&server.control_socket);
+    }
     pidfile.remove();
     for w in &mut stop_waiters {
         clients::send_reply(w, &crate::control::Reply::ok());
