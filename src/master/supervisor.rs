@@ -204,6 +204,10 @@ impl Supervisor {
     /// (whatever process the slot had is left running: the caller decides its fate).
     /// In the child this never returns.
     pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<usize> {
+        if slot >= self.groups[g].listeners.len() {
+            // A stop has closed the group's sockets: nothing to serve on.
+            return Err(io::Error::other("the group's listening sockets are closed"));
+        }
         let (master_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
         let master_pid = nix::unistd::getpid();
         let _ = io::stdout().flush();
