@@ -101,11 +101,7 @@ fn the_table_is_the_default_output() {
 #[test]
 fn errors_are_counted_and_make_the_exit_code_1() {
     // A port nothing listens on: every connection is refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/");
     let (v, out) = bench(&["echo", "--url", &url, "--conns", "5", "--secs", "1"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -227,20 +227,12 @@ fn a_port_taken_by_another_program_is_an_error_before_any_fork() {
         .unwrap()
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&config, text).unwrap();
-    let out = std::process::Command::new(wsd_bin())
-        .args(["-c", config.to_str().unwrap(), "start"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (out, err) = refused_start(&config);
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("already in use"),
         "{err}"
     );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("started"),
-        "no worker was forked"
-    );
+    assert!(!out.contains("started"), "no worker was forked");
     assert!(!dir.path().join("wsd.pid").exists());
 }
 
@@ -699,11 +691,7 @@ fn a_second_master_cannot_take_over_a_live_control_socket() {
     // Two configs in one folder with their own pid files but the default control socket, on
     // one fixed port (from the OS).
     let (dir, first) = Server::config("echo", 1, "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let text = std::fs::read_to_string(&first)
         .unwrap()
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
@@ -725,12 +713,7 @@ fn a_second_master_cannot_take_over_a_live_control_socket() {
         if config == &first {
             std::fs::remove_file(&a_pid).unwrap();
         }
-        let out = std::process::Command::new(wsd_bin())
-            .args(["-c", config.to_str().unwrap(), "start"])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        let said = String::from_utf8_lossy(&out.stderr);
+        let (_, said) = refused_start(config);
         assert!(said.contains("a master is already running"), "{said}");
     }
     // The first master still answers on its socket.

@@ -363,6 +363,28 @@ pub fn port_is_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// A port the OS just handed out on 127.0.0.1, with nothing listening on it now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Runs `wsd -c config start`, which must be refused (exit 1); returns its stdout and stderr.
+pub fn refused_start(config: &Path) -> (String, String) {
+    let out = Command::new(wsd_bin())
+        .arg("-c")
+        .arg(config)
+        .arg("start")
+        .output()
+        .expect("run wsd start");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    (stdout, stderr)
+}
+
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
