@@ -29,7 +29,7 @@ mod latency;
 mod report;
 mod server;
 mod shard;
-mod wire;
+pub(crate) mod wire;
 
 use clap::{Args, Subcommand, ValueEnum};
 use server::ServerArgs;

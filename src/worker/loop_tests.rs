@@ -4,6 +4,7 @@
 //! connection, and how stronger stops take over from weaker ones.
 
 use super::Worker;
+use crate::bench::wire;
 use crate::control::{ConnInfo, FromWorker};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -223,13 +224,6 @@ fn stronger_stops_take_over_from_weaker_ones() {
     }
 }
 
-/// A client frame with a zero mask (so the payload reads as sent).
-fn masked_text(text: &str) -> Vec<u8> {
-    let mut f = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
-    f.extend_from_slice(text.as_bytes());
-    f
-}
-
 /// Upgrades and sends `frames` in the same write; returns what came after the `101` up to
 /// and including the server's Close, and the Close's code.
 fn upgrade_and_send(port: u16, frames: &[u8]) -> (Vec<u8>, u16) {
@@ -246,15 +240,16 @@ fn upgrade_and_send(port: u16, frames: &[u8]) -> (Vec<u8>, u16) {
         let n = socket.read(&mut buf).unwrap();
         assert!(n > 0, "no Close before EOF: {got:?}");
         got.extend_from_slice(&buf[..n]);
-        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let Some(head) = wire::check_response(&got).unwrap() else {
             continue;
         };
-        let frames = &got[head + 4..];
-        if let Some(at) = frames.iter().position(|&b| b == 0x88)
-            && frames.len() >= at + 4
-        {
-            let code = u16::from_be_bytes([frames[at + 2], frames[at + 3]]);
-            return (frames[..at + 4].to_vec(), code);
+        let mut at = head;
+        while let Some((frame, used)) = wire::next_frame(&got[at..]).unwrap() {
+            at += used;
+            if frame.opcode == crate::proto::frame::CLOSE {
+                let code = u16::from_be_bytes([frame.payload[0], frame.payload[1]]);
+                return (got[head..at].to_vec(), code);
+            }
         }
     }
 }
@@ -279,8 +274,8 @@ fn a_panicking_on_error_closes_only_its_connection() {
     let (_, code) = upgrade_and_send(master.port, &RSV1);
     assert_eq!(code, 1002);
     // Both in one read: the panic closes with 1011, and nothing more reaches the app.
-    let mut frames = masked_text("boom");
-    frames.extend(masked_text("after"));
+    let mut frames = wire::text_frame(b"boom");
+    frames.extend(wire::text_frame(b"after"));
     frames.extend(RSV1);
     let (frames, code) = upgrade_and_send(master.port, &frames);
     assert_eq!(code, 1011);
@@ -292,10 +287,14 @@ fn a_panicking_on_error_closes_only_its_connection() {
     assert_eq!(master.exit_code(), 0);
 }
 
-/// Waits (bounded) until `flag` is set: a test holds a worker in a hook with it.
-fn wait_until(flag: &std::sync::atomic::AtomicBool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+/// How long a test waits for what a busy machine may delay, and for what it may delay longer.
+const SHORT: Duration = Duration::from_secs(10);
+const LONG: Duration = Duration::from_secs(30);
+
+/// Polls `done` until it holds; panics with `what` once `within` has passed.
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
         assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -312,7 +311,9 @@ macro_rules! while_the_worker_is_busy {
             w.on_message(|ctx, conn, msg| {
                 if msg.as_text() == Some("busy") {
                     BUSY.store(true, Ordering::SeqCst);
-                    wait_until(&RELEASE, "the test never released the hook");
+                    wait_until("the test never released the hook", LONG, || {
+                        RELEASE.load(Ordering::SeqCst)
+                    });
                 }
                 let _ = ctx.send(conn, msg);
             });
@@ -320,7 +321,7 @@ macro_rules! while_the_worker_is_busy {
         let mut busy = client(master.port);
         let mut leaver = client(master.port);
         busy.send(Message::text("busy")).unwrap();
-        wait_until(&BUSY, "the hook never ran");
+        wait_until("the hook never ran", LONG, || BUSY.load(Ordering::SeqCst));
         $act(&mut leaver);
         RELEASE.store(true, Ordering::SeqCst);
         assert_eq!(busy.read().unwrap(), Message::text("busy"));
@@ -383,14 +384,9 @@ fn a_reset_is_reported_to_on_error_as_a_socket_error() {
     socket.set_linger(Some(Duration::ZERO)).unwrap();
     drop(ws);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ERRORS.lock().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "on_error never heard of the reset"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("on_error never heard of the reset", SHORT, || {
+        !ERRORS.lock().unwrap().is_empty()
+    });
     // A round trip of another client ends the turn: a second report would be in by then.
     bystander.send(Message::text("still here")).unwrap();
     assert_eq!(bystander.read().unwrap(), Message::text("still here"));
@@ -407,14 +403,11 @@ fn a_stop_gives_a_silent_connection_close_timeout_not_handshake_timeout() {
     });
     let mut silent = TcpStream::connect(("127.0.0.1", master.port)).unwrap();
     // Accepted before the stop: wait until the worker lists it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for query in 1.. {
-        if master.list_connections(query).len() == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never accepted");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut query = 0;
+    wait_until("never accepted", SHORT, || {
+        query += 1;
+        master.list_connections(query).len() == 1
+    });
     master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":0}"#);
     silent
         .set_read_timeout(Some(Duration::from_secs(30)))
