@@ -604,9 +604,18 @@ impl Listen {
     }
 }
 
+/// What `start`, `check` and `reload` all ask of the groups they would run, code's and the
+/// file's together (the file's own were checked against each other with their lines): that
+/// there is one, and that no two take the same connections.
+pub fn check_runnable(groups: &[(&str, &Listen)]) -> Result<(), String> {
+    if groups.is_empty() {
+        return Err("no [[worker]] group: nothing would run".into());
+    }
+    first_overlap(groups).map_or(Ok(()), Err)
+}
+
 /// The first group (by name) whose listen address overlaps an earlier one's, as an error.
-/// For groups from code and file together; the file's own are checked with their lines.
-pub fn first_overlap<'a>(groups: &[(&'a str, &'a Listen)]) -> Option<String> {
+fn first_overlap<'a>(groups: &[(&'a str, &'a Listen)]) -> Option<String> {
     groups.iter().enumerate().find_map(|(i, (name, listen))| {
         let (them, _) = groups[..i].iter().find(|(_, l)| l.overlaps(listen))?;
         Some(format!(
@@ -966,7 +975,11 @@ mod tests {
     fn code_and_file_groups_are_checked_together() {
         let l = |s: &str| Listen::parse(s).unwrap();
         let (a, b, c) = (l("0.0.0.0:9"), l("127.0.0.1:8"), l("127.0.0.1:9"));
-        assert_eq!(first_overlap(&[("a", &a), ("b", &b)]), None);
+        assert_eq!(check_runnable(&[("a", &a), ("b", &b)]), Ok(()));
+        assert_eq!(
+            check_runnable(&[]),
+            Err("no [[worker]] group: nothing would run".into())
+        );
         assert_eq!(
             first_overlap(&[("a", &a), ("b", &b), ("c", &c)]).as_deref(),
             Some("group \"c\": listen websocket://127.0.0.1:9 is already used by group \"a\"")

@@ -133,17 +133,10 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
                 )));
             }
             let config = Config::load(&config_path, &runner.app_names())?;
-            if config.groups.is_empty() && runner.workers.is_empty() {
-                return Err(Failed(format!(
-                    "{}: no [[worker]] group: nothing would run",
-                    config_path.display()
-                )));
-            }
             let code = runner.workers.iter().map(|w| (w.name(), &w.listen));
             let file = config.groups.iter().map(|g| (g.name(), &g.listen));
-            if let Some(msg) = crate::config::first_overlap(&code.chain(file).collect::<Vec<_>>()) {
-                return Err(Failed(format!("{}: {msg}", config_path.display())));
-            }
+            crate::config::check_runnable(&code.chain(file).collect::<Vec<_>>())
+                .map_err(|e| Failed(format!("{}: {e}", config_path.display())))?;
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
             println!(
                 "{}: ok ({} group(s), {workers} worker(s))",

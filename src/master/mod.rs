@@ -157,10 +157,9 @@ pub fn start(plan: Plan) -> i32 {
         ..Default::default()
     };
     let defs: Vec<_> = defs.collect();
-    // The config file's groups were checked against each other; code's are checked here.
     let listens: Vec<_> = defs.iter().map(|(d, _)| (d.name(), &d.listen)).collect();
-    if let Some(msg) = crate::config::first_overlap(&listens) {
-        return fail(pidfile, msg);
+    if let Err(e) = crate::config::check_runnable(&listens) {
+        return fail(pidfile, e);
     }
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
@@ -170,9 +169,6 @@ pub fn start(plan: Plan) -> i32 {
             },
             Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
         }
-    }
-    if sup.groups.is_empty() {
-        return fail(pidfile, "nothing to run: no [[worker]] groups".into());
     }
     let _ = std::fs::remove_file(&server.control_socket);
     let control = match UnixListener::bind(&server.control_socket) {

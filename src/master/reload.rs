@@ -53,17 +53,12 @@ pub struct Prepared {
 /// Checks the new file groups against the running ones and binds every new socket.
 /// Groups defined in code are carried over. Nothing running is touched.
 pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, String> {
-    if file_groups.is_empty() && sup.groups.iter().all(|g| g.from_file) {
-        return Err("the file has no [[worker]] group: nothing would be left running".into());
-    }
     let code = sup.groups.iter().filter(|g| !g.from_file);
     let listens: Vec<_> = code
         .map(|g| (g.name(), &g.def.listen))
         .chain(file_groups.iter().map(|d| (d.name(), &d.listen)))
         .collect();
-    if let Some(msg) = crate::config::first_overlap(&listens) {
-        return Err(msg);
-    }
+    crate::config::check_runnable(&listens)?;
     let mut changes = Vec::new();
     let mut summary = Vec::new();
     let wire = |slots: usize| Mesh::new(slots).map_err(|e| format!("cannot wire the bus: {e}"));
