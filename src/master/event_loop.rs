@@ -229,7 +229,7 @@ impl Master {
                     match self.sup.spawn(g, slot, registry) {
                         Ok(_) => {
                             if let Some(r) = &mut self.reload {
-                                r.respawned(&name);
+                                r.on_new_mesh(&name);
                             }
                         }
                         Err(e) => {

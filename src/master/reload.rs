@@ -264,8 +264,7 @@ impl Reload {
                 let p = &sup.procs[new];
                 if p.ready {
                     let w = self.waiting.take().expect("checked above");
-                    // A new worker serves on the new mesh: the group cannot go back.
-                    self.restore.retain(|(name, _)| *name != w.group);
+                    self.on_new_mesh(&w.group);
                     if let Some(old) = w.old.and_then(|r| sup.live(r)) {
                         sup.retire(old, spread, now + timeout);
                     }
@@ -313,9 +312,9 @@ impl Reload {
         }
     }
 
-    /// A worker of `group` was respawned during the reload. It runs on the group's new mesh,
-    /// so the group cannot go back to its old one.
-    pub fn respawned(&mut self, group: &str) {
+    /// A worker of `group` now serves on the group's new mesh (its new worker is ready, or a
+    /// slot was respawned during the reload): the group cannot go back to its old one.
+    pub fn on_new_mesh(&mut self, group: &str) {
         self.restore.retain(|(name, _)| name != group);
     }
 
