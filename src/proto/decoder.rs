@@ -10,7 +10,7 @@
 
 use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
 use crate::Message;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::fmt;
 
 /// The largest client frame header: 2 bytes, a 64-bit length and the mask.
@@ -63,6 +63,68 @@ impl fmt::Display for ProtoError {
             ProtoError::Protocol(why) => f.write_str(why),
             ProtoError::InvalidUtf8 => f.write_str("invalid UTF-8"),
             ProtoError::TooBig { what, limit } => write!(f, "{what} over the {limit}-byte limit"),
+        }
+    }
+}
+
+/// Payloads at least this long are lent from a [`Lent`] input rather than copied: below it,
+/// a copy is cheap and small allocations are fast, and a small message should not hold a
+/// whole read buffer.
+pub(crate) const LEND_MIN: usize = 1024;
+
+/// Bytes for the decoder. Whatever it does not keep is consumed and may be overwritten.
+pub(crate) trait Input {
+    /// A payload taken from the input, to unmask in place and hand over as `Bytes`.
+    type Payload: AsMut<[u8]> + Into<Bytes>;
+    /// The bytes not yet consumed.
+    fn bytes(&self) -> &[u8];
+    fn advance(&mut self, n: usize);
+    /// Takes the next `len` bytes (at most `bytes().len()`) as a payload of its own.
+    fn take(&mut self, len: usize) -> Self::Payload;
+}
+
+/// A borrowed slice: payloads are copied out.
+impl Input for &[u8] {
+    type Payload = Vec<u8>;
+
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    fn advance(&mut self, n: usize) {
+        *self = &self[n..];
+    }
+
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let payload = self[..len].to_vec();
+        *self = &self[len..];
+        payload
+    }
+}
+
+/// A read buffer whose bytes may be lent: a payload of [`LEND_MIN`] or more is split off it,
+/// so the message is a view into the buffer, with no copy and no allocation. The buffer's
+/// owner must bound how much memory such views can keep alive (`worker::read_buffers`).
+pub(crate) struct Lent<'a>(pub &'a mut BytesMut);
+
+impl Input for Lent<'_> {
+    type Payload = BytesMut;
+
+    fn bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn advance(&mut self, n: usize) {
+        bytes::Buf::advance(self.0, n);
+    }
+
+    fn take(&mut self, len: usize) -> BytesMut {
+        if len >= LEND_MIN {
+            self.0.split_to(len)
+        } else {
+            let payload = BytesMut::from(&self.0[..len]);
+            self.advance(len);
+            payload
         }
     }
 }
@@ -122,23 +184,24 @@ impl Decoder {
     }
 
     /// Decodes `input`, handing each complete event to `sink`. On error the events before it
-    /// stand and the stream is dead: call no more.
+    /// stand and the stream is dead: call no more. Bytes it leaves
+    /// (after a Close, or an error) are the caller's to drop.
     pub(crate) fn feed(
         &mut self,
-        mut input: &[u8],
+        mut input: impl Input,
         sink: &mut impl FnMut(Event),
     ) -> Result<(), ProtoError> {
-        while !input.is_empty() && !self.closed {
+        while !input.bytes().is_empty() && !self.closed {
             if self.frame.is_none()
                 && self.head_len == 0
                 && self.message.is_none()
-                && let Some(rest) = self.whole_message(input, sink)?
+                && self.whole_message(&mut input, sink)?
             {
-                input = rest;
                 continue;
             }
             let Some(f) = &mut self.frame else {
-                input = self.read_header(input)?;
+                let used = self.read_header(input.bytes())?;
+                input.advance(used);
                 if self.frame.as_ref().is_some_and(|f| f.left == 0) {
                     self.finish_frame(sink)?;
                 }
@@ -146,9 +209,9 @@ impl Decoder {
             };
             let n = usize::try_from(f.left)
                 .unwrap_or(usize::MAX)
-                .min(input.len());
-            self.take_payload(&input[..n])?;
-            input = &input[n..];
+                .min(input.bytes().len());
+            self.take_payload(&input.bytes()[..n])?;
+            input.advance(n);
             if self.frame.as_ref().is_some_and(|f| f.left == 0) {
                 self.finish_frame(sink)?;
             }
@@ -157,48 +220,50 @@ impl Decoder {
     }
 
     /// The common case in one step: `input` starts with a whole unfragmented data frame.
-    /// Returns what follows it, or `None` (nothing consumed) for the general path. Same
-    /// checks and events as the general path, without its per-frame state or an incremental
-    /// UTF-8 check: the text is all here, so one check finds what the incremental one would.
-    fn whole_message<'a>(
+    /// Returns whether it did (consuming the frame), or `false` (nothing consumed) for the
+    /// general path. Same checks and events as the general path, without its per-frame state
+    /// or an incremental UTF-8 check: the text is all here, so one check finds what the
+    /// incremental one would.
+    fn whole_message(
         &mut self,
-        input: &'a [u8],
+        input: &mut impl Input,
         sink: &mut impl FnMut(Event),
-    ) -> Result<Option<&'a [u8]>, ProtoError> {
-        let Some((h, used)) = parse_header(input)? else {
-            return Ok(None);
+    ) -> Result<bool, ProtoError> {
+        let bytes = input.bytes();
+        let Some((h, used)) = parse_header(bytes)? else {
+            return Ok(false);
         };
-        let whole = h.len <= (input.len() - used) as u64;
+        let whole = h.len <= (bytes.len() - used) as u64;
         if !(whole && h.fin && matches!(h.opcode, TEXT | BINARY)) {
-            return Ok(None);
+            return Ok(false);
         }
         at_most(h.len, self.limits.max_frame, "frame")?;
         at_most(h.len, self.limits.max_message, "message")?;
-        let len = h.len as usize;
-        let mut data = Vec::with_capacity(len);
-        data.extend_from_slice(&input[used..used + len]);
-        frame::unmask(&mut data, h.mask, 0);
-        let data = Bytes::from(data);
+        input.advance(used);
+        let mut payload = input.take(h.len as usize);
+        frame::unmask(payload.as_mut(), h.mask, 0);
+        let data: Bytes = payload.into();
         sink(Event::Message(if h.opcode == TEXT {
             Message::Text(crate::sys::utf8_bytes(data).ok_or(ProtoError::InvalidUtf8)?)
         } else {
             Message::Binary(data)
         }));
-        Ok(Some(&input[used + len..]))
+        Ok(true)
     }
 
-    /// Consumes header bytes; sets `self.frame` once a whole header has arrived.
-    fn read_header<'a>(&mut self, input: &'a [u8]) -> Result<&'a [u8], ProtoError> {
+    /// Consumes header bytes, returning how many; sets `self.frame` once a whole header has
+    /// arrived.
+    fn read_header(&mut self, input: &[u8]) -> Result<usize, ProtoError> {
         let stashed = self.head_len as usize;
         if stashed == 0 {
             if let Some((h, used)) = parse_header(input)? {
                 self.start_frame(h)?;
-                return Ok(&input[used..]);
+                return Ok(used);
             }
             // parse_header wants more than `input` holds, and never more than MAX_HEADER.
             self.head[..input.len()].copy_from_slice(input);
             self.head_len = input.len() as u8;
-            return Ok(&[]);
+            return Ok(input.len());
         }
         let take = (MAX_HEADER - stashed).min(input.len());
         self.head[stashed..stashed + take].copy_from_slice(&input[..take]);
@@ -206,11 +271,11 @@ impl Decoder {
             Some((h, used)) => {
                 self.head_len = 0;
                 self.start_frame(h)?;
-                Ok(&input[used - stashed..])
+                Ok(used - stashed)
             }
             None => {
                 self.head_len = (stashed + take) as u8;
-                Ok(&[])
+                Ok(take)
             }
         }
     }
@@ -466,6 +531,44 @@ mod tests {
     }
 
     #[test]
+    fn a_lent_buffer_decodes_as_a_slice_does_and_lends_only_large_whole_payloads() {
+        let big: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut wire = client_frame(0x81, &big);
+        wire.extend(client_frame(0x81, b"small"));
+        wire.extend(client_frame(0x82, &big[..LEND_MIN]));
+        wire.extend(client_frame(0x02, &big[..2000])); // fragmented: assembled, so copied
+        wire.extend(client_frame(0x80, b"!"));
+        wire.extend(client_frame(0x81, &[0xff; 2000])); // not UTF-8
+        for step in [1, 7, 1000, 4096, wire.len()] {
+            let (want, want_result) = run(&wire, step);
+            let mut d = decoder();
+            let (mut events, mut result) = (Vec::new(), Ok(()));
+            let mut lent = Vec::new();
+            for piece in wire.chunks(step) {
+                let mut buf = BytesMut::from(piece);
+                let range = buf.as_ptr_range();
+                result = d.feed(Lent(&mut buf), &mut |e| {
+                    if let Event::Message(m) = &e {
+                        lent.push(range.contains(&m.as_bytes().as_ptr()));
+                    }
+                    events.push(e);
+                });
+                if result.is_err() {
+                    break;
+                }
+            }
+            assert_eq!((&events, &result), (&want, &want_result), "step {step}");
+            assert_eq!(result, Err(ProtoError::InvalidUtf8));
+            // Lent: the 5000 and 1024-byte payloads when their frame came in one piece; never
+            // the small or the fragmented message.
+            let one_piece = |start: usize, len: usize| start / step == (start + len - 1) / step;
+            let third = 5008 + 11;
+            let want_lent = [one_piece(0, 5008), false, one_piece(third, 1032), false];
+            assert_eq!(lent, want_lent, "step {step}");
+        }
+    }
+
+    #[test]
     fn protocol_violations() {
         let cases: Vec<(Vec<u8>, ProtoError)> = vec![
             (
@@ -563,14 +666,18 @@ mod tests {
             max_frame: 100,
             max_message: 150,
         });
-        assert_eq!(d.feed(&whole, &mut |e| events.push(e)), too_big, "whole");
+        assert_eq!(
+            d.feed(&whole[..], &mut |e| events.push(e)),
+            too_big,
+            "whole"
+        );
         let mut d = Decoder::new(Limits {
             max_frame: 100,
             max_message: 150,
         });
         let wire = [client_frame(0x02, &[0; 100]), client_frame(0x80, &[0; 51])].concat();
         assert_eq!(
-            d.feed(&wire, &mut |e| events.push(e)),
+            d.feed(&wire[..], &mut |e| events.push(e)),
             Err(ProtoError::TooBig {
                 what: "message",
                 limit: 150
@@ -582,9 +689,9 @@ mod tests {
     fn idle_decoder_holds_nothing() {
         let mut d = decoder();
         let mut events = Vec::new();
-        d.feed(&client_frame(0x82, &[1; 5000]), &mut |e| events.push(e))
+        d.feed(&client_frame(0x82, &[1; 5000])[..], &mut |e| events.push(e))
             .unwrap();
-        d.feed(&client_frame(0x89, b"ping"), &mut |e| events.push(e))
+        d.feed(&client_frame(0x89, b"ping")[..], &mut |e| events.push(e))
             .unwrap();
         assert_eq!(d.buffered(), 0);
         assert_eq!(events.len(), 2);

@@ -7,11 +7,12 @@
 //! the echo of a Close, our close code when the client breaks the rules — are queued here, so
 //! every owner (the worker, the fuzz target) gets them right the same way.
 
-use super::decoder::{Decoder, Event, Limits, ProtoError};
+use super::decoder::{Decoder, Event, Input, Lent, Limits, ProtoError};
 use super::frame::{self, CLOSE, PONG};
 use super::handshake::{self, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
 use crate::Message;
+use bytes::BytesMut;
 use std::collections::VecDeque;
 
 enum Phase {
@@ -94,6 +95,22 @@ impl Session {
         pending + self.decoder.buffered() + self.out.footprint()
     }
 
+    /// Takes the bytes in `buf`, a read buffer, and leaves it empty. With `lend`, large
+    /// payloads become views into it (see [`Lent`]); otherwise they are copied.
+    pub(crate) fn read_buffer(
+        &mut self,
+        buf: &mut BytesMut,
+        lend: bool,
+        steps: &mut VecDeque<Step>,
+    ) {
+        if lend && matches!(self.phase, Phase::Open) && !self.failed && !self.close_received {
+            self.read_frames(Lent(buf), steps);
+        } else {
+            self.read(buf, steps);
+        }
+        buf.clear();
+    }
+
     /// Takes bytes from the client.
     pub(crate) fn read(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
         if self.failed || self.close_received {
@@ -141,7 +158,7 @@ impl Session {
         };
         self.out.push_encoded(&handshake::accept(request));
         if !rest.is_empty() {
-            self.read_frames(&rest, steps);
+            self.read_frames(&rest[..], steps);
         }
     }
 
@@ -203,7 +220,7 @@ impl Session {
         }
     }
 
-    fn read_frames(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
+    fn read_frames(&mut self, input: impl Input, steps: &mut VecDeque<Step>) {
         let Session {
             decoder,
             out,

@@ -12,6 +12,7 @@ use crate::proto::{Limits, Session};
 use mio::net::TcpStream;
 use std::io;
 use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 pub(crate) struct Conn {
@@ -164,10 +165,10 @@ impl Conn {
         }
     }
 
-    /// Reads into `buf`: `Ok(0)` means the client has gone.
-    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads into the free room of `buf`: `Ok(0)` means the client has gone.
+    pub(crate) fn read(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
         loop {
-            match io::Read::read(&mut self.socket, buf) {
+            match crate::sys::recv_into(self.socket.as_raw_fd(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,
             }

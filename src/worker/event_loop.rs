@@ -18,6 +18,7 @@ use super::channel::Channel;
 use super::conn::{Conn, Flushed};
 use super::context::BufferNotice;
 use super::message::{ConnError, ConnId};
+use super::read_buffers::ReadBuffers;
 use super::stop::CloseSpread;
 use super::{Context, Hooks, Worker};
 use crate::bus::Bus;
@@ -63,9 +64,9 @@ pub(super) struct Loop {
     pub(super) ctx: Context,
     pub(super) settings: crate::config::GroupConfig,
     limits: Limits,
-    /// The read buffer every connection shares: bytes go from here into the protocol state
+    /// The read buffers every connection shares: bytes go from here into the protocol state
     /// at once, so no connection keeps a buffer of its own.
-    scratch: Vec<u8>,
+    pub(super) inbox: ReadBuffers,
     /// What the protocol asked of the loop for the connection being read.
     steps: VecDeque<Step>,
     /// Connections per client address (only when `max_connections_per_ip` is set).
@@ -162,7 +163,7 @@ impl Loop {
             signals,
             hooks,
             ctx: Context::new(slot, &settings, bus),
-            scratch: vec![0; settings.read_buffer_size],
+            inbox: ReadBuffers::new(settings.read_buffer_size),
             settings,
             limits,
             steps: VecDeque::new(),
@@ -354,7 +355,9 @@ impl Loop {
                 return;
             }
             let serial = conn.serial;
-            let drained = match conn.read(&mut self.scratch) {
+            let (buf, lend) = self.inbox.next();
+            let room = buf.capacity();
+            let drained = match conn.read(buf) {
                 Ok(0) => {
                     // What this read's data asked for (an echo, the answer to a Close) is
                     // still queued: the client may only have shut its sending side, so it
@@ -366,13 +369,13 @@ impl Loop {
                 Ok(n) => {
                     conn.last_input = self.turn_start;
                     // A failed connection's input is read only to be discarded.
-                    conn.session.read(&self.scratch[..n], &mut self.steps);
+                    conn.session.read_buffer(buf, lend, &mut self.steps);
                     // A short read emptied the socket's queue. With edge-triggered polling,
                     // anything that arrives later raises a new event, so the read that would
                     // only say "would block" is skipped: a third of the syscalls of a small
                     // echo. Not so once the input has ended: its end (read as 0) raises no
                     // event of its own.
-                    n < self.scratch.len() && !conn.input_ended
+                    n < room && !conn.input_ended
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {

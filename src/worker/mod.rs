@@ -17,6 +17,7 @@ mod hooks;
 mod loop_tests;
 mod message;
 mod reach;
+mod read_buffers;
 mod static_files;
 mod stop;
 mod sweep;

@@ -54,5 +54,6 @@ impl Loop {
             }
         }
         self.reap();
+        self.inbox.trim();
     }
 }
