@@ -37,20 +37,49 @@ fn header_len(len: usize) -> usize {
     }
 }
 
-/// Appends an unmasked, final frame header for `opcode` and a payload of `len` bytes.
-pub(crate) fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
-    out.push(0x80 | opcode);
-    match len {
-        0..=125 => out.push(len as u8),
-        126..=0xFFFF => {
-            out.push(126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
+/// An unmasked, final frame header for `opcode` and a payload of `len` bytes.
+#[derive(Clone, Copy)]
+pub(crate) struct Header {
+    bytes: [u8; MAX_SERVER_HEADER],
+    len: u8,
+}
+
+impl Header {
+    pub(crate) fn new(opcode: u8, len: usize) -> Header {
+        let mut bytes = [0; MAX_SERVER_HEADER];
+        bytes[0] = 0x80 | opcode;
+        let used = header_len(len);
+        match used {
+            2 => bytes[1] = len as u8,
+            4 => {
+                bytes[1] = 126;
+                bytes[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                bytes[1] = 127;
+                bytes[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            }
         }
-        _ => {
-            out.push(127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
+        Header {
+            bytes,
+            len: used as u8,
         }
     }
+
+    /// No header: for bytes that are whole frames already.
+    pub(crate) const NONE: Header = Header {
+        bytes: [0; MAX_SERVER_HEADER],
+        len: 0,
+    };
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// Appends an unmasked, final frame header for `opcode` and a payload of `len` bytes.
+pub(crate) fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.extend_from_slice(Header::new(opcode, len).as_bytes());
 }
 
 /// A whole frame, header and payload, in one buffer (for broadcasts and control frames).

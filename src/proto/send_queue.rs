@@ -20,14 +20,31 @@ const MAX_IOVECS: usize = 64;
 
 enum Segment {
     Own(Vec<u8>),
-    Shared(Bytes),
+    /// A payload queued by reference, after its frame header (none for bytes that are whole
+    /// frames already). The header is kept here, not in an owned segment, so queueing a
+    /// large frame allocates nothing.
+    Shared(frame::Header, Bytes),
 }
 
 impl Segment {
-    fn bytes(&self) -> &[u8] {
+    fn len(&self) -> usize {
         match self {
-            Segment::Own(v) => v,
-            Segment::Shared(b) => b,
+            Segment::Own(v) => v.len(),
+            Segment::Shared(head, payload) => head.as_bytes().len() + payload.len(),
+        }
+    }
+
+    /// The bytes from `skip` on, in at most two pieces.
+    fn pieces(&self, skip: usize) -> [&[u8]; 2] {
+        match self {
+            Segment::Own(v) => [&v[skip..], &[]],
+            Segment::Shared(head, payload) => {
+                let head = head.as_bytes();
+                match skip.checked_sub(head.len()) {
+                    None => [&head[skip..], payload],
+                    Some(into_payload) => [&payload[into_payload..], &[]],
+                }
+            }
         }
     }
 }
@@ -61,8 +78,8 @@ impl SendQueue {
             frame::put_header(tail, opcode, len);
             tail.extend_from_slice(&payload);
         } else {
-            frame::put_header(self.tail(frame::MAX_SERVER_HEADER), opcode, len);
-            self.segments.push_back(Segment::Shared(payload));
+            let head = frame::Header::new(opcode, len);
+            self.segments.push_back(Segment::Shared(head, payload));
         }
         self.len += frame::frame_len(len);
     }
@@ -72,7 +89,8 @@ impl SendQueue {
         if bytes.len() < SHARE_MIN {
             self.tail(bytes.len()).extend_from_slice(bytes);
         } else {
-            self.segments.push_back(Segment::Shared(bytes.clone()));
+            self.segments
+                .push_back(Segment::Shared(frame::Header::NONE, bytes.clone()));
         }
         self.len += bytes.len();
     }
@@ -97,10 +115,17 @@ impl SendQueue {
         while !self.segments.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (i, seg) in self.segments.iter().take(MAX_IOVECS).enumerate() {
+            'fill: for (i, seg) in self.segments.iter().enumerate() {
                 let skip = if i == 0 { self.head } else { 0 };
-                slices[n] = IoSlice::new(&seg.bytes()[skip..]);
-                n += 1;
+                for piece in seg.pieces(skip) {
+                    if n == MAX_IOVECS {
+                        break 'fill;
+                    }
+                    if !piece.is_empty() {
+                        slices[n] = IoSlice::new(piece);
+                        n += 1;
+                    }
+                }
             }
             match out.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -119,7 +144,7 @@ impl SendQueue {
     fn advance(&mut self, mut written: usize) {
         self.len -= written;
         while let Some(first) = self.segments.front() {
-            let left = first.bytes().len() - self.head;
+            let left = first.len() - self.head;
             if written < left {
                 self.head += written;
                 return;
@@ -136,7 +161,7 @@ impl SendQueue {
             .iter()
             .map(|s| match s {
                 Segment::Own(v) => v.capacity(),
-                Segment::Shared(b) => b.len(),
+                Segment::Shared(_, b) => b.len(),
             })
             .sum()
     }
@@ -198,5 +223,23 @@ mod tests {
             (0, 0),
             "nothing held once written"
         );
+    }
+
+    #[test]
+    fn more_pieces_than_one_writev_takes_go_out_whole_and_in_order() {
+        let mut q = SendQueue::default();
+        let mut want = Vec::new();
+        for i in 0..100u8 {
+            let payload = Bytes::from(vec![i; SHARE_MIN + i as usize]);
+            want.extend_from_slice(&frame::encode(frame::BINARY, &payload));
+            q.push_frame(frame::BINARY, payload);
+        }
+        let mut sock = Trickle {
+            got: Vec::new(),
+            room: usize::MAX,
+            budget: usize::MAX,
+        };
+        assert!(q.write_to(&mut sock).unwrap());
+        assert_eq!(sock.got, want);
     }
 }

@@ -78,7 +78,10 @@ impl ReadBuffers {
     #[cfg(test)]
     fn held(&self) -> (usize, usize) {
         let chunks = 1 + self.parked.len();
-        (self.parked.len(), chunks * self.size + self.spill.capacity())
+        (
+            self.parked.len(),
+            chunks * self.size + self.spill.capacity(),
+        )
     }
 }
 
