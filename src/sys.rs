@@ -1,6 +1,7 @@
 //! The one home of `unsafe` and of raw process plumbing: fork, file-descriptor hygiene after
-//! fork, flock, stdio redirection, signal masks and `/proc` readings — and the one unchecked
-//! conversion of the data path, text that was just validated.
+//! fork, flock, stdio redirection, signal masks and `/proc` readings — and the two unchecked
+//! steps of the data path: reading a socket into memory that was not zero-filled first, and
+//! text that was just validated.
 //!
 //! Everything that can go wrong in a forking server without threads goes wrong here, so it is
 //! kept small and each `unsafe` block says why it holds.

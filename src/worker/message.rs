@@ -7,6 +7,10 @@ pub use tungstenite::{Bytes, Utf8Bytes};
 /// A complete WebSocket data message. Control frames (ping, pong, close) never reach hooks.
 ///
 /// Payloads are reference-counted, so echoing or broadcasting a message does not copy it.
+/// A received payload of 1 KiB or more is a view into the worker's read buffer (64 KiB by
+/// default), which stays allocated while the message lives: to keep such a message for long,
+/// keep a copy (`Bytes::copy_from_slice`). The worker lends at most 1 MiB of buffers this way
+/// and copies payloads beyond that, so kept messages cannot make it grow without bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Text(Utf8Bytes),
