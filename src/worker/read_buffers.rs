@@ -8,14 +8,16 @@
 //!
 //! A view keeps its whole chunk alive, so a 1 KiB message that the app keeps, or that waits
 //! in a slow client's queue, holds 64 KiB. That is bounded here rather than left to the app:
-//! a worker has at most [`LENT_BUDGET`] of chunks (and at least two). While every one of them
-//! is still pointed into, reads go to a spill buffer whose payloads are copied, as every
+//! a worker has at most [`LENT_BUDGET`] of chunks (at least two, at most 64). While every one
+//! of them is still pointed into, reads go to a spill buffer whose payloads are copied, as every
 //! payload was before lending, until a chunk comes free.
 
 use bytes::BytesMut;
 
 /// The most memory a worker's chunks may take (1 MiB: 16 chunks of the default 64 KiB).
 pub(super) const LENT_BUDGET: usize = 1 << 20;
+/// The most chunks, whatever their size: finding a free one looks at each.
+const MAX_CHUNKS: usize = 64;
 
 pub(super) struct ReadBuffers {
     /// Reads land in its free room; it is empty between reads.
@@ -35,7 +37,7 @@ impl ReadBuffers {
             parked: Vec::new(),
             spill: BytesMut::new(),
             size,
-            max_chunks: (LENT_BUDGET / size).max(2),
+            max_chunks: (LENT_BUDGET / size).clamp(2, MAX_CHUNKS),
         }
     }
 
@@ -146,6 +148,14 @@ mod tests {
         let kept: Vec<Bytes> = (0..5000).map(|_| receive(&mut bufs, 100).0).collect();
         assert_eq!(kept.len(), 5000);
         assert_eq!(bufs.held(), (0, 64 << 10));
+    }
+
+    #[test]
+    fn small_read_buffers_are_at_most_64() {
+        let mut bufs = ReadBuffers::new(4096);
+        let kept: Vec<(Bytes, bool)> = (0..1000).map(|_| receive(&mut bufs, 1024)).collect();
+        assert_eq!(kept.iter().filter(|(_, lent)| *lent).count(), 64 * 4);
+        assert_eq!(bufs.held(), (63, 65 * 4096), "64 chunks and the spill");
     }
 
     #[test]
