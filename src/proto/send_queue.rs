@@ -155,6 +155,15 @@ impl SendQueue {
         }
     }
 
+    /// Frees the list of segments if nothing is queued. Between flushes a busy connection
+    /// keeps it (a few segments' room), so an echo does not allocate it each time; the
+    /// once-a-second sweep calls this so that an idle connection holds none.
+    pub(crate) fn release_if_empty(&mut self) {
+        if self.segments.is_empty() && self.segments.capacity() > 0 {
+            self.segments = VecDeque::new();
+        }
+    }
+
     /// Memory the queue holds (capacity, not just queued bytes).
     pub(crate) fn footprint(&self) -> usize {
         self.segments
@@ -223,6 +232,18 @@ mod tests {
             (0, 0),
             "nothing held once written"
         );
+    }
+
+    #[test]
+    fn an_emptied_queue_keeps_its_list_until_released() {
+        let mut q = SendQueue::default();
+        q.push_frame(frame::TEXT, Bytes::from_static(b"hi"));
+        q.release_if_empty();
+        assert!(q.segments.capacity() > 0, "not while something is queued");
+        assert!(q.write_to(&mut Vec::new()).unwrap());
+        assert!(q.segments.capacity() > 0, "kept between flushes");
+        q.release_if_empty();
+        assert_eq!(q.segments.capacity(), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The once-a-second sweep over every connection: the deadlines (`handshake_timeout`,
-//! `close_timeout`), the keepalive Pings (`ping_interval`) and `idle_timeout`.
+//! `close_timeout`), the keepalive Pings (`ping_interval`) and `idle_timeout`; and the memory a
+//! burst left behind (empty send queues' lists, read buffers no message uses).
 //!
 //! Nothing here reads or writes a socket: connections past their deadline are reaped at once,
 //! and the Pings and Closes queued here go out with the loop's next flush.
@@ -20,6 +21,7 @@ impl Loop {
             .closing_stop_at
             .is_some_and(|t| now.duration_since(t) >= close);
         for (idx, c) in self.ctx.conns.iter_mut() {
+            c.session.out.release_if_empty();
             if c.session.close_sent && c.closing_since.is_none() {
                 c.closing_since = Some(now);
             }
