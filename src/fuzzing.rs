@@ -3,10 +3,11 @@
 //!
 //! `feed` plays one connection: the input is everything the client sends (an upgrade request,
 //! then frames), delivered in uneven pieces derived from the input itself so split headers,
-//! split UTF-8 and split requests are all explored. The steps the protocol yields are
-//! dispatched as the worker does — admit or refuse the request, hand messages to an echo app,
-//! honour closes — and the output is written through a socket that takes a few bytes at a
-//! time. Along the way it checks the invariants the worker relies on.
+//! split UTF-8 and split requests are all explored; every fourth piece is a 4 KiB read buffer
+//! that large payloads are lent from. The steps the protocol yields are dispatched as the
+//! worker does — admit or refuse the request, hand messages to an echo app, honour closes —
+//! and the output is written through a socket that takes a few bytes at a time. Along the way
+//! it checks the invariants the worker relies on.
 
 use crate::proto::handshake::{self, Reject};
 use crate::proto::{Limits, Session, Step};
@@ -25,12 +26,25 @@ pub fn feed(data: &[u8]) {
     let mut rest = data;
     let mut turn = 0usize;
     while !rest.is_empty() {
-        let n = (1 + (rest[0] as usize * 31 + turn) % 257).min(rest.len());
-        let (chunk, tail) = rest.split_at(n);
+        // Every fourth piece is large and comes as the worker's read buffer does, whose large
+        // payloads are lent to messages rather than copied.
+        let lend = turn % 4 == 3;
+        let n = if lend {
+            4096
+        } else {
+            1 + (rest[0] as usize * 31 + turn) % 257
+        };
+        let (chunk, tail) = rest.split_at(n.min(rest.len()));
         rest = tail;
         turn += 1;
         let was_failed = session.failed;
-        session.read(chunk, &mut steps);
+        if lend {
+            let mut buf = bytes::BytesMut::from(chunk);
+            session.read_buffer(&mut buf, true, &mut steps);
+            assert!(buf.is_empty(), "the read buffer is left empty");
+        } else {
+            session.read(chunk, &mut steps);
+        }
         if was_failed {
             assert!(steps.is_empty(), "a failed connection yields nothing more");
         }
