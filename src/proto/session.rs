@@ -103,21 +103,28 @@ impl Session {
         lend: bool,
         steps: &mut VecDeque<Step>,
     ) {
-        if lend && matches!(self.phase, Phase::Open) && !self.failed && !self.close_received {
-            self.read_frames(Lent(buf), steps);
+        if lend {
+            self.take(Lent(buf), steps);
         } else {
-            self.read(buf, steps);
+            self.take(&buf[..], steps);
         }
         buf.clear();
     }
 
     /// Takes bytes from the client.
     pub(crate) fn read(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
+        self.take(input, steps);
+    }
+
+    /// Takes bytes from the client: a slice, or a read buffer that frames' large payloads
+    /// may be lent from ([`Lent`]).
+    fn take(&mut self, input: impl Input, steps: &mut VecDeque<Step>) {
         if self.failed || self.close_received {
             return;
         }
         match &mut self.phase {
             Phase::Handshake(buf) => {
+                let input = input.bytes();
                 // Parsed in place when the whole request came in one read (the usual case);
                 // only a request split across reads is copied.
                 let stashed = !buf.is_empty();
@@ -145,7 +152,7 @@ impl Session {
                     }
                 }
             }
-            Phase::Deciding(rest) => rest.extend_from_slice(input),
+            Phase::Deciding(rest) => rest.extend_from_slice(input.bytes()),
             Phase::Open => self.read_frames(input, steps),
             Phase::Refused => {}
         }
