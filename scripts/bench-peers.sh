@@ -9,7 +9,10 @@
 #   wsd-1              wsd, echo app, count = 1 (the latency scenario runs clock-echo: echo with
 #                      the clock's 5 s push to every connection firing, as issue 7 asks)
 #   wsd-2              wsd, the same, count = 2 (not pinned: both cores, shared with the client)
-#   tokio-tungstenite  tokio-tungstenite 0.30 on a current_thread runtime (benches/peers/)
+#   tokio-tungstenite  tokio-tungstenite 0.30 on a current_thread runtime (benches/peers/),
+#                      its read buffer cut from 128 KiB to 4 KiB: tungstenite at its best
+#   tungstenite-defaults  the same binary with every WebSocketConfig default (128 KiB read
+#                      buffer, zero-filled up to that size each read): as a user gets it
 #   fastwebsockets     fastwebsockets 0.10 + hyper upgrade, current_thread (benches/peers/)
 #   node-ws            Node `ws` (benches/peers/node/ws-echo.js)
 #   bun                Bun.serve websocket, uWebSockets inside (the `bun` npm package)
@@ -46,7 +49,7 @@ SCENARIOS=(
     "connect-10000    | connect --conns 10000 --secs {SECS}                   | connect --conns 1000 --secs 0                           | echo"
     "latency-20k-1000 | latency --conns 1000 --rate 20000 --secs {LATENCY_SECS} | latency --conns 1000 --rate 20000 --secs {WARMUP}       | clock-echo"
 )
-ALL_SERVERS=(raw raw-uring wsd-1 wsd-2 tokio-tungstenite fastwebsockets node-ws bun)
+ALL_SERVERS=(raw raw-uring wsd-1 wsd-2 tokio-tungstenite tungstenite-defaults fastwebsockets node-ws bun)
 SERVER_CPU=0 # where pinned servers run
 CLIENT_CPU=1 # where their client runs
 
@@ -56,7 +59,7 @@ ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-1}
 for arg in "$@"; do
     case $arg in
-        -h | --help) sed -n '2,37s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,40s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "bench-peers: unknown argument $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -95,10 +98,10 @@ wants() { [[ " ${servers[*]} " == *" $1 "* ]]; }
 
 # --- Build and install -------------------------------------------------------------------
 peers_target=${CARGO_TARGET_DIR:-$root/benches/peers/target}
-if wants raw || wants raw-uring || wants tokio-tungstenite || wants fastwebsockets; then
+if wants raw || wants raw-uring || wants tokio-tungstenite || wants tungstenite-defaults || wants fastwebsockets; then
     say "building the Rust peers (release, benches/peers/Cargo.lock)"
     if ! (cd "$root/benches/peers" && cargo build --release --locked); then
-        for s in raw raw-uring tokio-tungstenite fastwebsockets; do mark_unavailable "$s" "cargo build failed"; done
+        for s in raw raw-uring tokio-tungstenite tungstenite-defaults fastwebsockets; do mark_unavailable "$s" "cargo build failed"; done
     fi
 fi
 node_dir=$root/benches/peers/node
@@ -137,6 +140,8 @@ start_server() {
         raw) cmd=("$peers_target/release/raw-epoll" "$port") ;;
         raw-uring) cmd=("$peers_target/release/raw-uring" "$port") ;;
         tokio-tungstenite) cmd=("$peers_target/release/peer-tokio-tungstenite" "$port") ;;
+        tungstenite-defaults)
+            cmd=(env TUNGSTENITE_READ_BUFFER=131072 "$peers_target/release/peer-tokio-tungstenite" "$port") ;;
         fastwebsockets) cmd=("$peers_target/release/peer-fastwebsockets" "$port") ;;
         node-ws) cmd=(node "$node_dir/ws-echo.js" "$port") ;;
         bun) cmd=("$BUN" "$node_dir/bun-echo.js" "$port") ;;
@@ -271,6 +276,7 @@ servers, scenarios = sys.argv[9].split(","), sys.argv[10].split(",")
 latency_secs = sys.argv[11]
 timing = f"{secs} s each" + (f", latency {latency_secs} s" if "latency-20k-1000" in scenarios else "")
 LABEL = {"raw": "raw epoll", "raw-uring": "raw io_uring", "wsd-1": "wsd ×1", "wsd-2": "wsd ×2", "tokio-tungstenite": "tokio-tungstenite",
+         "tungstenite-defaults": "tokio-tungstenite, defaults",
          "fastwebsockets": "fastwebsockets", "node-ws": "Node ws", "bun": "Bun"}
 WSD = [s for s in ("wsd-1", "wsd-2") if s in servers]
 # The raw echoes are ceilings, not choices: wsd is not divided by them.
