@@ -32,7 +32,7 @@
 #
 # Prints markdown: per scenario each server's figure and its ratio to raw, then wsd's ratio to
 # each peer; writes the same plus every round's figure and the machine to target/bench-peers.md,
-# and each run's JSON to target/bench-peers/. Takes ~30 minutes with the defaults. Not for CI.
+# and each run's JSON to target/bench-peers/. Takes ~35 minutes with the defaults. Not for CI.
 #
 # Usage: [SECS=5] [LATENCY_SECS=20] [ROUNDS=3] [WARMUP=1] [SERVERS=raw,wsd-1,...]
 #        [ONLY=echo-32B-d1,...] [WSD_BIN=path/to/wsd] scripts/bench-peers.sh
