@@ -608,3 +608,51 @@ fn reopen_logs_moves_master_and_workers_to_a_new_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("not started with -d"), "{}", text(&out));
 }
+
+#[test]
+fn idle_control_clients_cannot_crowd_out_the_cli() {
+    let mut s = Server::start("echo", 1);
+    let master = s.master_pid();
+    let fds_before = fd_count(master);
+    let socket = s.dir.path().join("wsd.sock");
+    // Four times as many silent clients as the master keeps: the newest push out the oldest.
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..256)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    let st = s.status();
+    assert_eq!(st["groups"][0]["count"], 1, "status answered: {st}");
+    let fds = fd_count(master);
+    assert!(
+        fds <= fds_before + 64 + 2,
+        "master holds {fds} fds with {} idle clients (before: {fds_before})",
+        idle.len()
+    );
+    // The evicted ones were closed by the master: reading them gives EOF at once.
+    let mut evicted = 0;
+    for mut c in idle.into_iter().take(64) {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        if std::io::Read::read(&mut c, &mut [0u8; 16]).unwrap_or(1) == 0 {
+            evicted += 1;
+        }
+    }
+    assert_eq!(evicted, 64, "the oldest idle clients are closed");
+}
+
+#[test]
+fn a_control_client_that_sends_nothing_is_dropped() {
+    let s = Server::start("echo", 1);
+    let socket = s.dir.path().join("wsd.sock");
+    let connected = Instant::now();
+    let mut silent = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let n = std::io::Read::read(&mut silent, &mut [0u8; 16]).expect("read until closed");
+    assert_eq!(n, 0, "the master closes the connection without a reply");
+    // Not refused on arrival: it had its 10 s to ask.
+    assert!(
+        connected.elapsed() >= Duration::from_secs(9),
+        "closed after {:?}",
+        connected.elapsed()
+    );
+}

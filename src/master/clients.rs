@@ -2,6 +2,11 @@
 //!
 //! Replies can be large (`wsd connections` on a busy server is megabytes), so they are written
 //! as the socket takes them, never with the master loop waiting on a slow reader.
+//!
+//! The master's file descriptors are also what it forks and respawns workers with, so clients
+//! cannot pile up: one that sends no request, or takes none of its reply, for
+//! [`CLIENT_TIMEOUT`] is dropped, and beyond [`MAX_CLIENTS`] the longest-idle one that has not
+//! asked anything makes room for a newcomer, so `wsd status` still gets through.
 
 use crate::control::{self, LineReader, Reply, Request};
 use mio::net::{UnixListener, UnixStream};
@@ -13,6 +18,12 @@ use std::time::{Duration, Instant};
 /// Client tokens start here (below the workers' channel tokens).
 pub const CLIENT_BASE: usize = 16;
 
+/// How long a client may go without sending its request, or without taking any of its reply.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Clients connected at once. The CLI holds one per command.
+pub const MAX_CLIENTS: usize = 64;
+
 struct Client {
     stream: UnixStream,
     input: LineReader,
@@ -20,6 +31,9 @@ struct Client {
     written: usize,
     /// Asked and not yet answered.
     asked: bool,
+    /// When the client is dropped if it has not made progress (none while the master works
+    /// on its request).
+    deadline: Option<Instant>,
 }
 
 pub struct Clients {
@@ -48,6 +62,10 @@ impl Clients {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
+                    if self.slab.len() >= MAX_CLIENTS && !self.evict_idle(registry) {
+                        log::warn!("control socket: {MAX_CLIENTS} clients busy; one refused");
+                        continue;
+                    }
                     let entry = self.slab.vacant_entry();
                     let token = Token(CLIENT_BASE + entry.key());
                     if registry
@@ -60,6 +78,7 @@ impl Clients {
                             output: Vec::new(),
                             written: 0,
                             asked: false,
+                            deadline: Some(Instant::now() + CLIENT_TIMEOUT),
                         });
                     }
                 }
@@ -92,6 +111,7 @@ impl Clients {
             return None;
         };
         client.asked = true;
+        client.deadline = None;
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => Some(req),
             Err(e) => {
@@ -106,6 +126,7 @@ impl Clients {
         if let Some(c) = self.slab.get_mut(key) {
             c.output = control::line(reply);
             c.written = 0;
+            c.deadline = Some(Instant::now() + CLIENT_TIMEOUT);
             self.write(key, registry);
         }
     }
@@ -116,7 +137,10 @@ impl Clients {
         };
         while c.written < c.output.len() {
             match c.stream.write(&c.output[c.written..]) {
-                Ok(n) => c.written += n,
+                Ok(n) => {
+                    c.written += n;
+                    c.deadline = Some(Instant::now() + CLIENT_TIMEOUT);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let token = Token(CLIENT_BASE + key);
@@ -127,6 +151,39 @@ impl Clients {
             }
         }
         self.drop_client(key, registry);
+    }
+
+    /// When the next client times out, if any may.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.slab.iter().filter_map(|(_, c)| c.deadline).min()
+    }
+
+    /// Drops the clients whose deadline has passed.
+    pub fn expire(&mut self, now: Instant, registry: &Registry) {
+        let due: Vec<usize> = (self.slab.iter())
+            .filter(|(_, c)| c.deadline.is_some_and(|t| now >= t))
+            .map(|(key, _)| key)
+            .collect();
+        for key in due {
+            log::debug!("control client {key} timed out");
+            self.drop_client(key, registry);
+        }
+    }
+
+    /// Drops the client that has waited longest without asking anything; false if every
+    /// client has asked (the master owes each an answer).
+    fn evict_idle(&mut self, registry: &Registry) -> bool {
+        let idle = (self.slab.iter())
+            .filter(|(_, c)| !c.asked)
+            .min_by_key(|(_, c)| c.deadline)
+            .map(|(key, _)| key);
+        match idle {
+            Some(key) => {
+                self.drop_client(key, registry);
+                true
+            }
+            None => false,
+        }
     }
 
     fn drop_client(&mut self, key: usize, registry: &Registry) {

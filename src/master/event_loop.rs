@@ -184,6 +184,7 @@ impl Master {
             .chain(kill_at)
             .chain(reload)
             .chain(queries)
+            .chain(self.clients.next_deadline())
             .min()
     }
 
@@ -201,6 +202,7 @@ impl Master {
                 p.retiring = Some(now + Duration::from_secs(1));
             }
         }
+        self.clients.expire(now, registry);
         while let Some(i) = self.queries.iter().position(|q| now >= q.deadline) {
             let q = self.queries.swap_remove(i);
             self.answer_query(q, registry);
