@@ -14,6 +14,7 @@
 //! (`stop.rs`), and the master's commands and the counters sent back (`commands.rs`).
 
 use super::admission::release_ip;
+use super::alarm::Alarm;
 use super::channel::Channel;
 use super::conn::{Conn, Flushed};
 use super::context::BufferNotice;
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
 const SIGNALS: Token = Token(2);
+const ALARM: Token = Token(3);
 const CONN_BASE: usize = 16;
 /// Tokens of the bus ends to the other workers: `BUS_BASE + peer slot`, above any connection.
 pub(super) const BUS_BASE: usize = 1 << 40;
@@ -60,6 +62,7 @@ pub(super) struct Loop {
     pub(super) listener: Option<TcpListener>,
     pub(super) channel: Channel,
     pub(super) signals: SignalFd,
+    alarm: Alarm,
     pub(super) hooks: Hooks,
     pub(super) ctx: Context,
     pub(super) settings: crate::config::GroupConfig,
@@ -132,6 +135,7 @@ impl Loop {
         let mut listener = TcpListener::from_std(listener);
         let mut channel = UnixStream::from_std(channel);
         let signals = sys::signal_fd()?;
+        let alarm = Alarm::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry().register(
@@ -144,6 +148,8 @@ impl Loop {
             SIGNALS,
             Interest::READABLE,
         )?;
+        poll.registry()
+            .register(&mut SourceFd(&alarm.raw_fd()), ALARM, Interest::READABLE)?;
         for (peer, end) in bus.ends() {
             poll.registry().register(
                 &mut SourceFd(&end.as_raw_fd()),
@@ -161,6 +167,7 @@ impl Loop {
             listener: Some(listener),
             channel: Channel::new(channel),
             signals,
+            alarm,
             hooks,
             ctx: Context::new(slot, &settings, bus),
             inbox: ReadBuffers::new(settings.read_buffer_size),
@@ -193,7 +200,7 @@ impl Loop {
                 return self.exit();
             }
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+            if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 log::error!("poll failed: {e}");
@@ -205,6 +212,7 @@ impl Loop {
                     LISTENER => self.accept(),
                     CHANNEL => self.channel_ready(ev.is_readable(), ev.is_writable()),
                     SIGNALS => self.read_signals(),
+                    ALARM => self.alarm.fired(),
                     CLUSTER => self.cluster_ready(),
                     Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                     Token(t) => self.conn_ready(
@@ -246,7 +254,9 @@ impl Loop {
         }
     }
 
-    fn poll_timeout(&self) -> Duration {
+    /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
+    /// with the alarm set for the next deadline.
+    fn poll_timeout(&mut self) -> Option<Duration> {
         if !self.again.is_empty()
             || !self.bus_again.is_empty()
             || !self.ctx.dirty.is_empty()
@@ -254,7 +264,7 @@ impl Loop {
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
         {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         }
         let mut until = self.next_tick;
         if let Some(t) = self.ctx.timers.next_deadline() {
@@ -266,7 +276,13 @@ impl Loop {
         if let Some(t) = self.spread.as_ref().and_then(CloseSpread::next_due) {
             until = until.min(t);
         }
-        until.saturating_duration_since(Instant::now())
+        match self.alarm.set(until) {
+            Ok(()) => None,
+            Err(e) => {
+                log::warn!("cannot set the worker's timerfd ({e}); polling with a timeout");
+                Some(until.saturating_duration_since(Instant::now()))
+            }
+        }
     }
 
     // ---- accept -------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! copies them). `event_loop.rs` then runs accept → handshake → frames → hook → send.
 
 mod admission;
+mod alarm;
 mod bus_events;
 mod channel;
 mod commands;
