@@ -1,12 +1,12 @@
 //! The worker's single-threaded event loop: one `mio::Poll`, no locks, no task per connection.
 //!
-//! Each turn: wait for readiness or the next timer → accept until the listener would block →
-//! drive each ready connection (handshake, then read every frame available and call
-//! `on_message` for each) → run due timers → during a stop, send the Closes whose turn has
-//! come → remove connections that ended (`on_close`) → flush every connection that has
-//! output, once (up to `FLUSH_BUDGET` a turn, this turn's first; a backlog waits for the next
-//! turns). Batching the flush is what lets pipelined clients get many replies per write
-//! syscall.
+//! Each turn: wait for readiness or the next deadline (a timerfd, `alarm.rs`) → accept until
+//! the listener would block → drive each ready connection (handshake, then read every frame
+//! available and call `on_message` for each) → run due timers → during a stop, send the
+//! Closes whose turn has come → remove connections that ended (`on_close`) → flush every
+//! connection that has output, once (up to `FLUSH_BUDGET` a turn, this turn's first; a
+//! backlog waits for the next turns). Batching the flush is what lets pipelined clients get
+//! many replies per write syscall.
 //!
 //! This file is the loop and the data path through it. What the loop consults on the way
 //! lives beside it, as more `impl Loop` blocks: who may connect (`admission.rs`), how a hook
