@@ -7,29 +7,27 @@
 //! ~3 % of the worker's CPU. The timerfd is set only when the next deadline changes, a few
 //! times a second.
 
-use nix::sys::time::TimeSpec;
-use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use crate::sys;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 pub(crate) struct Alarm {
-    timer: TimerFd,
+    timer: OwnedFd,
     /// The deadline the timer is set for, until it fires.
     armed: Option<Instant>,
 }
 
 impl Alarm {
     pub fn new() -> io::Result<Alarm> {
-        let timer = TimerFd::new(
-            ClockId::CLOCK_MONOTONIC,
-            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-        )?;
-        Ok(Alarm { timer, armed: None })
+        Ok(Alarm {
+            timer: sys::timer_fd()?,
+            armed: None,
+        })
     }
 
     pub fn raw_fd(&self) -> RawFd {
-        self.timer.as_fd().as_raw_fd()
+        self.timer.as_raw_fd()
     }
 
     /// Makes the timer fire at `at` (at once if that has passed), unless it is set for it.
@@ -37,14 +35,8 @@ impl Alarm {
         if self.armed == Some(at) {
             return Ok(());
         }
-        // A zero expiration would disarm the timer instead.
-        let after = at
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_nanos(1));
-        self.timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(after)),
-            TimerSetTimeFlags::empty(),
-        )?;
+        let after = at.saturating_duration_since(Instant::now()).as_nanos();
+        sys::arm_timer(&self.timer, u64::try_from(after).unwrap_or(u64::MAX))?;
         self.armed = Some(at);
         Ok(())
     }
@@ -61,6 +53,8 @@ impl Alarm {
 mod tests {
     use super::*;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
 
     fn readable(alarm: &Alarm, wait_ms: u16) -> bool {
         let mut fds = [PollFd::new(alarm.timer.as_fd(), PollFlags::POLLIN)];
