@@ -1,7 +1,8 @@
 //! The worker's single-threaded event loop: one `mio::Poll`, no locks, no task per connection.
 //!
 //! Each turn: wait for readiness or the next deadline (a timerfd, `alarm.rs`) → accept until
-//! the listener would block → drive each ready connection (handshake, then read every frame
+//! the listener would block, `ACCEPT_BATCH` at most (the rest after the next turn's events,
+//! so a connect storm cannot hold up everyone else) → drive each ready connection (handshake, then read every frame
 //! available and call `on_message` for each) → run due timers → during a stop, send the
 //! Closes whose turn has come → remove connections that ended (`on_close`) → flush every
 //! connection that has output, once (up to `FLUSH_BUDGET` a turn, this turn's first; a
@@ -56,6 +57,10 @@ const READ_BUDGET: usize = 16;
 const FLUSH_BUDGET: usize = 256;
 /// How often the worker reports its counters and sweeps deadlines.
 const TICK: Duration = Duration::from_secs(1);
+/// Clients accepted per turn at most. In a connect storm the rest wait in the listen queue
+/// while this turn's events (the upgrades of those just accepted, the messages of everyone
+/// else) are handled, so answers start going out at once instead of after the whole queue.
+pub(super) const ACCEPT_BATCH: usize = 64;
 
 pub(super) struct Loop {
     pub(super) poll: Poll,
@@ -88,6 +93,9 @@ pub(super) struct Loop {
     /// The listener is not being drained: at `max_connections`, or out of descriptors.
     pub(super) accept_paused: bool,
     pub(super) accept_retry_at: Option<Instant>,
+    /// The last accept stopped at `ACCEPT_BATCH` with clients still queued: the next turn
+    /// accepts more once it has handled its events.
+    accept_more: bool,
     next_tick: Instant,
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
@@ -182,6 +190,7 @@ impl Loop {
             bus_again: Vec::new(),
             accept_paused: false,
             accept_retry_at: None,
+            accept_more: false,
             next_tick: Instant::now() + TICK,
             turn_start: Instant::now(),
             stopping: None,
@@ -207,6 +216,7 @@ impl Loop {
                 return 1;
             }
             self.turn_start = Instant::now();
+            let accept_due = std::mem::take(&mut self.accept_more);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -226,6 +236,9 @@ impl Loop {
             // A fast stop does not run the rest of the turn (timers, hooks).
             if self.stopping == Some(StopMode::Fast) {
                 return self.exit();
+            }
+            if accept_due && !self.accept_more {
+                self.accept();
             }
             for peer in std::mem::take(&mut self.bus_again) {
                 self.bus_ready(peer);
@@ -257,7 +270,8 @@ impl Loop {
     /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
     /// with the alarm set for the next deadline.
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if !self.again.is_empty()
+        if self.accept_more
+            || !self.again.is_empty()
             || !self.bus_again.is_empty()
             || !self.ctx.dirty.is_empty()
             || !self.backlog.is_empty()
@@ -288,7 +302,7 @@ impl Loop {
     // ---- accept -------------------------------------------------------------------------
 
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             if self.ctx.conns.len() >= self.settings.max_connections {
                 self.accept_paused = true;
                 return;
@@ -336,6 +350,9 @@ impl Loop {
                 }
             }
         }
+        // The listener is edge-triggered: with the batch used up, no new event comes for the
+        // clients still queued, so the next turn must come back for them.
+        self.accept_more = self.listener.is_some();
     }
 
     // ---- connections --------------------------------------------------------------------

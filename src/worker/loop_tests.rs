@@ -301,7 +301,8 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 }
 
 /// Holds the worker in a hook (on "busy") while `act` has a second client send its last
-/// bytes, so the worker finds them and the end of input in one readiness event.
+/// bytes, so the worker finds them and the end of input in one readiness event. Returns the
+/// master too: dropping it would stop the worker, which would end every connection anyway.
 macro_rules! while_the_worker_is_busy {
     ($act:expr) => {{
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -325,13 +326,13 @@ macro_rules! while_the_worker_is_busy {
         $act(&mut leaver);
         RELEASE.store(true, Ordering::SeqCst);
         assert_eq!(busy.read().unwrap(), Message::text("busy"));
-        leaver
+        (master, leaver)
     }};
 }
 
 #[test]
 fn data_and_end_of_input_in_one_event_are_both_read() {
-    let mut leaver = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
+    let (_master, mut leaver) = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
         ws.send(Message::text("bye")).unwrap();
         ws.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
     });
@@ -346,7 +347,7 @@ fn data_and_end_of_input_in_one_event_are_both_read() {
 
 #[test]
 fn a_close_and_end_of_input_in_one_event_are_answered() {
-    let mut leaver = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
+    let (_master, mut leaver) = while_the_worker_is_busy!(|ws: &mut WebSocket<TcpStream>| {
         ws.send(Message::text("bye")).unwrap();
         ws.close(None).unwrap();
         ws.flush().unwrap();
@@ -418,4 +419,34 @@ fn a_stop_gives_a_silent_connection_close_timeout_not_handshake_timeout() {
         other => panic!("the silent connection was kept through the stop: {other:?}"),
     }
     assert_eq!(master.exit_code(), 0);
+}
+
+#[test]
+fn a_listen_queue_longer_than_one_accept_batch_is_all_answered() {
+    // Connected while the worker is held in a hook, these clients wait in the listen queue
+    // together and the edge-triggered listener signals them once: the worker must come back
+    // for the ones past its first batch without another client arriving.
+    let count = super::event_loop::ACCEPT_BATCH * 3 / 2;
+    let mut queued = Vec::new();
+    let (_master, _leaver) = while_the_worker_is_busy!(|leaver: &mut WebSocket<TcpStream>| {
+        let port = leaver.get_ref().peer_addr().unwrap().port();
+        for _ in 0..count {
+            let mut socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            socket
+                .write_all(&[UPGRADE_HEAD, UPGRADE_TAIL].concat())
+                .unwrap();
+            queued.push(socket);
+        }
+    });
+    for (n, socket) in queued.iter_mut().enumerate() {
+        socket.set_read_timeout(Some(LONG)).unwrap();
+        let mut got = Vec::new();
+        while wire::check_response(&got).unwrap().is_none() {
+            let mut buf = [0; 512];
+            let read = socket.read(&mut buf);
+            let read = read.unwrap_or_else(|e| panic!("client {n} of {count}: no 101: {e}"));
+            assert!(read > 0, "client {n} of {count}: closed before its 101");
+            got.extend_from_slice(&buf[..read]);
+        }
+    }
 }
