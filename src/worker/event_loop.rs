@@ -2,12 +2,12 @@
 //!
 //! Each turn: wait for readiness or the next deadline (a timerfd, `alarm.rs`) → accept until
 //! the listener would block, `ACCEPT_BATCH` at most (the rest after the next turn's events,
-//! so a connect storm cannot hold up everyone else) → drive each ready connection (handshake, then read every frame
-//! available and call `on_message` for each) → run due timers → during a stop, send the
-//! Closes whose turn has come → remove connections that ended (`on_close`) → flush every
-//! connection that has output, once (up to `FLUSH_BUDGET` a turn, this turn's first; a
-//! backlog waits for the next turns). Batching the flush is what lets pipelined clients get
-//! many replies per write syscall.
+//! so a connect storm cannot hold up everyone else) → drive each ready connection
+//! (handshake, then read every frame available and call `on_message` for each) → run due
+//! timers → during a stop, send the Closes whose turn has come → remove connections that
+//! ended (`on_close`) → flush every connection that has output, once (up to `FLUSH_BUDGET` a
+//! turn, this turn's first; a backlog waits for the next turns). Batching the flush is what
+//! lets pipelined clients get many replies per write syscall.
 //!
 //! This file is the loop and the data path through it. What the loop consults on the way
 //! lives beside it, as more `impl Loop` blocks: who may connect (`admission.rs`), how a hook
@@ -352,7 +352,7 @@ impl Loop {
         }
         // The listener is edge-triggered: with the batch used up, no new event comes for the
         // clients still queued, so the next turn must come back for them.
-        self.accept_more = self.listener.is_some();
+        self.accept_more = true;
     }
 
     // ---- connections --------------------------------------------------------------------
