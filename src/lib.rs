@@ -30,19 +30,23 @@ mod bench;
 mod bus;
 mod cli;
 pub mod config;
+mod conn_id;
 mod control;
 #[doc(hidden)]
 pub mod fuzzing;
 mod logging;
 mod master;
+mod message;
 mod proto;
 mod sys;
 mod worker;
 
 pub use bus::{BadGlobalId, GlobalId};
-pub use worker::{
-    Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker, WorkerAddr,
-};
+/// Binary payloads: the `bytes` crate's reference-counted buffer.
+pub use bytes::Bytes;
+pub use conn_id::ConnId;
+pub use message::{Message, NotUtf8, Utf8Bytes};
+pub use worker::{ConnError, Context, SendError, TimerId, Worker, WorkerAddr};
 
 /// This build's version, shown in the banner and `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -12,7 +12,7 @@ pub mod cluster;
 pub mod mesh;
 pub mod wire;
 
-use crate::worker::ConnId;
+use crate::ConnId;
 use cluster::{Cluster, ClusterSettings, Target};
 use std::fmt;
 use std::io;
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn workers_exchange_messages_over_the_mesh() {
-        use crate::worker::Message;
+        use crate::Message;
         let mut mesh = mesh::Mesh::new(3).unwrap();
         let mut buses: Vec<Bus> = (0..3)
             .map(|s| {
@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_busy_peer_is_read_a_budget_at_a_time() {
-        use crate::worker::Message;
+        use crate::Message;
         let mut mesh = mesh::Mesh::new(2).unwrap();
         let mut a = Bus::new(Origin { host: 1, slot: 0 }, mesh.take_ends(0));
         let mut b = Bus::new(Origin { host: 1, slot: 1 }, mesh.take_ends(1));

@@ -9,7 +9,7 @@
 //! shares it among its clients. Text is checked for UTF-8 when decoded, so a message that came
 //! from outside (Redis) cannot put invalid text on the wire.
 
-use crate::worker::{ConnId, Message};
+use crate::{ConnId, Message};
 use bytes::Bytes;
 
 const BROADCAST: u8 = 1;

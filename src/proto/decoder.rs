@@ -9,7 +9,7 @@
 //! it arrives, so a bad message fails at the first byte that proves it bad.
 
 use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
-use crate::Message;
+use crate::{Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
 use std::fmt;
 
@@ -244,7 +244,7 @@ impl Decoder {
         frame::unmask(payload.as_mut(), h.mask, 0);
         let data: Bytes = payload.into();
         sink(Event::Message(if h.opcode == TEXT {
-            Message::Text(crate::sys::utf8_bytes(data).ok_or(ProtoError::InvalidUtf8)?)
+            Message::Text(Utf8Bytes::validate(data).ok_or(ProtoError::InvalidUtf8)?)
         } else {
             Message::Binary(data)
         }));
@@ -366,7 +366,7 @@ impl Decoder {
                     if m.checked != data.len() {
                         return Err(ProtoError::InvalidUtf8); // ends inside a character
                     }
-                    Message::Text(crate::sys::utf8_bytes(data).ok_or(ProtoError::InvalidUtf8)?)
+                    Message::Text(Utf8Bytes::validate(data).ok_or(ProtoError::InvalidUtf8)?)
                 } else {
                     Message::Binary(data)
                 }));

@@ -4,7 +4,7 @@
 //! `channel.rs` carries the lines and descriptors; this file gives them their meaning.
 
 use super::event_loop::Loop;
-use super::message::ConnId;
+use crate::ConnId;
 use crate::control::{FromWorker, StopMode, ToWorker};
 use crate::sys;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -6,7 +6,7 @@
 //! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
 //! goes, so the answer is not lost to a TCP reset.
 
-use super::message::ConnId;
+use crate::ConnId;
 use crate::control::ConnInfo;
 use crate::proto::{Limits, Session};
 use mio::net::TcpStream;

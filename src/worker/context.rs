@@ -7,13 +7,14 @@
 //! hooks never re-enter each other.
 
 use super::conn::Conn;
-use super::message::{ConnId, Message, SendError};
+use super::errors::SendError;
 use super::timers::{TimerId, Timers};
 use super::topics::Topics;
 use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
 use crate::proto::{SendQueue, frame};
+use crate::{ConnId, Message};
 use bytes::Bytes;
 use slab::Slab;
 use std::net::SocketAddr;

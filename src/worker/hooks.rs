@@ -7,9 +7,10 @@
 //! calling convention they all share.
 
 use super::context::BufferNotice;
+use super::errors::ConnError;
 use super::event_loop::Loop;
-use super::message::{ConnError, ConnId};
 use super::{ConnHook, Context, Hooks, WorkerHook};
+use crate::ConnId;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 

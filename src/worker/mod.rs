@@ -12,11 +12,11 @@ mod channel;
 mod commands;
 mod conn;
 mod context;
+mod errors;
 mod event_loop;
 mod hooks;
 #[cfg(test)]
 mod loop_tests;
-mod message;
 mod reach;
 mod read_buffers;
 mod static_files;
@@ -26,13 +26,15 @@ mod timers;
 mod topics;
 
 pub use context::Context;
-pub use message::{Bytes, ConnError, ConnId, Message, SendError, Utf8Bytes};
+pub use errors::{ConnError, SendError};
 pub use reach::WorkerAddr;
 pub use timers::TimerId;
 
 pub(crate) use event_loop::run;
 
 use crate::config::{GroupConfig, Listen};
+use crate::{ConnId, Message};
+use bytes::Bytes;
 use std::ops::{Deref, DerefMut};
 
 type WorkerHook = Box<dyn FnMut(&mut Context)>;

@@ -4,9 +4,10 @@
 //! is done at once, the rest by the workers that receive it.
 
 use super::context::Context;
-use super::message::{ConnId, Message, SendError};
+use super::errors::SendError;
 use crate::bus::GlobalId;
 use crate::bus::wire::{BusMessage, Origin};
+use crate::{ConnId, Message};
 use bytes::Bytes;
 
 /// A worker on the bus: the host (wsd master) and the slot in the group.

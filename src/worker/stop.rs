@@ -10,7 +10,7 @@
 //! [`CloseSpread::next_due`] while some are left.
 
 use super::event_loop::Loop;
-use super::message::ConnId;
+use crate::ConnId;
 use crate::control::StopMode;
 use nix::sys::signal::Signal;
 use std::collections::VecDeque;

@@ -2,7 +2,7 @@
 //! bookkeeping. A publish reaches every worker over the bus; each delivers to its own
 //! subscribers, so this table only ever holds local connections.
 
-use super::message::ConnId;
+use crate::ConnId;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Default)]
