@@ -46,6 +46,7 @@ pub use bus::{BadGlobalId, GlobalId};
 pub use bytes::Bytes;
 pub use conn_id::ConnId;
 pub use message::{Message, NotUtf8, Utf8Bytes};
+pub use proto::{ProtocolError, close};
 pub use worker::{ConnError, Context, SendError, TimerId, Worker, WorkerAddr};
 
 /// This build's version, shown in the banner and `status`.

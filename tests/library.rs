@@ -83,7 +83,10 @@ fn server_program() -> ! {
         log::info!("hook saw close of {conn}");
     });
     worker.on_error(|_ctx, conn, err| {
-        log::info!("hook saw error on {conn}: {err} ({})", err.close_code())
+        let code = err
+            .close_code()
+            .map_or("no close".to_string(), |c| c.to_string());
+        log::info!("hook saw error on {conn}: {err} ({code})")
     });
     wsd::run_all(vec![worker]);
 }

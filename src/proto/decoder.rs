@@ -8,10 +8,11 @@
 //! Limits are checked on the header, before any payload is stored, and text is validated as
 //! it arrives, so a bad message fails at the first byte that proves it bad.
 
+use super::close;
+use super::error::ProtocolError;
 use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
 use crate::{Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
-use std::fmt;
 
 /// The largest client frame header: 2 bytes, a 64-bit length and the mask.
 const MAX_HEADER: usize = 14;
@@ -34,37 +35,6 @@ pub(crate) enum Event {
     Pong(Bytes),
     /// A Close frame: its code and reason, if it had any.
     Close(Option<(u16, String)>),
-}
-
-/// Why the client's bytes cannot be a WebSocket stream. Each maps to a close code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ProtoError {
-    /// RFC 6455 broken (1002).
-    Protocol(&'static str),
-    /// A text message or close reason that is not UTF-8 (1007).
-    InvalidUtf8,
-    /// A frame or message over the configured limit (1009).
-    TooBig { what: &'static str, limit: usize },
-}
-
-impl ProtoError {
-    pub(crate) fn close_code(&self) -> u16 {
-        match self {
-            ProtoError::Protocol(_) => 1002,
-            ProtoError::InvalidUtf8 => 1007,
-            ProtoError::TooBig { .. } => 1009,
-        }
-    }
-}
-
-impl fmt::Display for ProtoError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProtoError::Protocol(why) => f.write_str(why),
-            ProtoError::InvalidUtf8 => f.write_str("invalid UTF-8"),
-            ProtoError::TooBig { what, limit } => write!(f, "{what} over the {limit}-byte limit"),
-        }
-    }
 }
 
 /// Payloads at least this long are lent from a [`Lent`] input rather than copied: below it,
@@ -190,7 +160,7 @@ impl Decoder {
         &mut self,
         mut input: impl Input,
         sink: &mut impl FnMut(Event),
-    ) -> Result<(), ProtoError> {
+    ) -> Result<(), ProtocolError> {
         while !input.bytes().is_empty() && !self.closed {
             if self.frame.is_none()
                 && self.head_len == 0
@@ -228,7 +198,7 @@ impl Decoder {
         &mut self,
         input: &mut impl Input,
         sink: &mut impl FnMut(Event),
-    ) -> Result<bool, ProtoError> {
+    ) -> Result<bool, ProtocolError> {
         let bytes = input.bytes();
         let Some((h, used)) = parse_header(bytes)? else {
             return Ok(false);
@@ -237,14 +207,14 @@ impl Decoder {
         if !(whole && h.fin && matches!(h.opcode, TEXT | BINARY)) {
             return Ok(false);
         }
-        at_most(h.len, self.limits.max_frame, "frame")?;
-        at_most(h.len, self.limits.max_message, "message")?;
+        at_most(h.len, self.limits.max_frame, FRAME)?;
+        at_most(h.len, self.limits.max_message, MESSAGE)?;
         input.advance(used);
         let mut payload = input.take(h.len as usize);
         frame::unmask(payload.as_mut(), h.mask, 0);
         let data: Bytes = payload.into();
         sink(Event::Message(if h.opcode == TEXT {
-            Message::Text(Utf8Bytes::validate(data).ok_or(ProtoError::InvalidUtf8)?)
+            Message::Text(Utf8Bytes::validate(data).ok_or(ProtocolError::InvalidUtf8)?)
         } else {
             Message::Binary(data)
         }));
@@ -253,7 +223,7 @@ impl Decoder {
 
     /// Consumes header bytes, returning how many; sets `self.frame` once a whole header has
     /// arrived.
-    fn read_header(&mut self, input: &[u8]) -> Result<usize, ProtoError> {
+    fn read_header(&mut self, input: &[u8]) -> Result<usize, ProtocolError> {
         let stashed = self.head_len as usize;
         if stashed == 0 {
             if let Some((h, used)) = parse_header(input)? {
@@ -280,21 +250,17 @@ impl Decoder {
         }
     }
 
-    fn start_frame(&mut self, h: Header) -> Result<(), ProtoError> {
+    fn start_frame(&mut self, h: Header) -> Result<(), ProtocolError> {
         match (h.opcode, &self.message) {
             (CONTINUATION, None) => {
-                return Err(ProtoError::Protocol(
-                    "continuation frame with no message to continue",
-                ));
+                return Err(ProtocolError::UnexpectedContinuation);
             }
             (TEXT | BINARY, Some(_)) => {
-                return Err(ProtoError::Protocol(
-                    "new message before the last one finished",
-                ));
+                return Err(ProtocolError::UnfinishedMessage);
             }
             _ => {}
         }
-        at_most(h.len, self.limits.max_frame, "frame")?;
+        at_most(h.len, self.limits.max_frame, FRAME)?;
         let len = h.len as usize;
         let reserve = len.min(RESERVE_MAX);
         match h.opcode {
@@ -314,7 +280,7 @@ impl Decoder {
             at_most(
                 (m.data.len() + len) as u64,
                 self.limits.max_message,
-                "message",
+                MESSAGE,
             )?;
             m.data.reserve(reserve);
         }
@@ -328,7 +294,7 @@ impl Decoder {
         Ok(())
     }
 
-    fn take_payload(&mut self, chunk: &[u8]) -> Result<(), ProtoError> {
+    fn take_payload(&mut self, chunk: &[u8]) -> Result<(), ProtocolError> {
         let f = self.frame.as_mut().expect("a frame is open");
         let dest = match (&mut self.message, f.opcode < CLOSE) {
             (Some(m), true) => &mut m.data,
@@ -348,7 +314,7 @@ impl Decoder {
         Ok(())
     }
 
-    fn finish_frame(&mut self, sink: &mut impl FnMut(Event)) -> Result<(), ProtoError> {
+    fn finish_frame(&mut self, sink: &mut impl FnMut(Event)) -> Result<(), ProtocolError> {
         let f = self.frame.take().expect("a frame is open");
         match f.opcode {
             CLOSE => {
@@ -364,9 +330,9 @@ impl Decoder {
                 let data = Bytes::from(m.data);
                 sink(Event::Message(if m.text {
                     if m.checked != data.len() {
-                        return Err(ProtoError::InvalidUtf8); // ends inside a character
+                        return Err(ProtocolError::InvalidUtf8); // ends inside a character
                     }
-                    Message::Text(Utf8Bytes::validate(data).ok_or(ProtoError::InvalidUtf8)?)
+                    Message::Text(Utf8Bytes::validate(data).ok_or(ProtocolError::InvalidUtf8)?)
                 } else {
                     Message::Binary(data)
                 }));
@@ -379,27 +345,25 @@ impl Decoder {
 
 /// Parses a client frame header from the front of `buf`: `None` if more bytes are needed.
 /// Rules that the first two bytes already break fail at once.
-fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
+fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtocolError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
     if b0 & 0x70 != 0 {
-        return Err(ProtoError::Protocol(
-            "reserved bits set with no extension negotiated",
-        ));
+        return Err(ProtocolError::ReservedBits);
     }
     let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
     if !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
-        return Err(ProtoError::Protocol("reserved opcode"));
+        return Err(ProtocolError::ReservedOpcode(opcode));
     }
     if b1 & 0x80 == 0 {
-        return Err(ProtoError::Protocol("client frame not masked"));
+        return Err(ProtocolError::UnmaskedFrame);
     }
     let len7 = b1 & 0x7F;
     if opcode >= CLOSE {
         if !fin {
-            return Err(ProtoError::Protocol("fragmented control frame"));
+            return Err(ProtocolError::FragmentedControl);
         }
         if len7 as usize > MAX_CONTROL_PAYLOAD {
-            return Err(ProtoError::Protocol("control frame over 125 bytes"));
+            return Err(ProtocolError::ControlTooLong);
         }
     }
     let ext = match len7 {
@@ -417,7 +381,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
         _ => u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
     };
     if len >> 63 != 0 {
-        return Err(ProtoError::Protocol("frame length with the top bit set"));
+        return Err(ProtocolError::LengthOverflow);
     }
     let mask = buf[2 + ext..total].try_into().expect("4 bytes");
     Ok(Some((
@@ -431,35 +395,40 @@ fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtoError> {
     )))
 }
 
-/// `TooBig` if `len` bytes of `what` (a frame, a message) would pass its `limit`.
-fn at_most(len: u64, limit: usize, what: &'static str) -> Result<(), ProtoError> {
+/// What is over its limit: a frame or a message.
+type TooBig = fn(usize) -> ProtocolError;
+const FRAME: TooBig = |limit| ProtocolError::FrameTooBig { limit };
+const MESSAGE: TooBig = |limit| ProtocolError::MessageTooBig { limit };
+
+/// `too_big` if `len` bytes would pass `limit`.
+fn at_most(len: u64, limit: usize, too_big: TooBig) -> Result<(), ProtocolError> {
     if len > limit as u64 {
-        return Err(ProtoError::TooBig { what, limit });
+        return Err(too_big(limit));
     }
     Ok(())
 }
 
 /// Checks the text that arrived since the last check; an incomplete character at the end
 /// waits for its next bytes.
-fn check_utf8(m: &mut Partial) -> Result<(), ProtoError> {
+fn check_utf8(m: &mut Partial) -> Result<(), ProtocolError> {
     match simdutf8::compat::from_utf8(&m.data[m.checked..]) {
         Ok(_) => m.checked = m.data.len(),
-        Err(e) if e.error_len().is_some() => return Err(ProtoError::InvalidUtf8),
+        Err(e) if e.error_len().is_some() => return Err(ProtocolError::InvalidUtf8),
         Err(e) => m.checked += e.valid_up_to(),
     }
     Ok(())
 }
 
-fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, ProtoError> {
+fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, ProtocolError> {
     match payload {
         [] => Ok(None),
-        [_] => Err(ProtoError::Protocol("close frame with a 1-byte payload")),
+        [_] => Err(ProtocolError::CloseTooShort),
         [hi, lo, reason @ ..] => {
             let code = u16::from_be_bytes([*hi, *lo]);
-            if !frame::close_code_allowed(code) {
-                return Err(ProtoError::Protocol("invalid close code"));
+            if !close::allowed(code) {
+                return Err(ProtocolError::InvalidCloseCode(code));
             }
-            let reason = std::str::from_utf8(reason).map_err(|_| ProtoError::InvalidUtf8)?;
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
             Ok(Some((code, reason.to_string())))
         }
     }
@@ -497,7 +466,7 @@ mod tests {
     }
 
     /// Feeds `bytes` in pieces of `step` and collects events.
-    fn run(bytes: &[u8], step: usize) -> (Vec<Event>, Result<(), ProtoError>) {
+    fn run(bytes: &[u8], step: usize) -> (Vec<Event>, Result<(), ProtocolError>) {
         let mut d = decoder();
         let mut events = Vec::new();
         for chunk in bytes.chunks(step) {
@@ -558,7 +527,7 @@ mod tests {
                 }
             }
             assert_eq!((&events, &result), (&want, &want_result), "step {step}");
-            assert_eq!(result, Err(ProtoError::InvalidUtf8));
+            assert_eq!(result, Err(ProtocolError::InvalidUtf8));
             // Lent: the 5000 and 1024-byte payloads when their frame came in one piece; never
             // the small or the fragmented message.
             let one_piece = |start: usize, len: usize| start / step == (start + len - 1) / step;
@@ -570,48 +539,30 @@ mod tests {
 
     #[test]
     fn protocol_violations() {
-        let cases: Vec<(Vec<u8>, ProtoError)> = vec![
-            (
-                client_frame(0xC1, b"x"),
-                ProtoError::Protocol("reserved bits set with no extension negotiated"),
-            ),
-            (
-                client_frame(0x83, b""),
-                ProtoError::Protocol("reserved opcode"),
-            ),
-            (
-                vec![0x81, 0x01, b'x'],
-                ProtoError::Protocol("client frame not masked"),
-            ),
-            (
-                client_frame(0x09, b""),
-                ProtoError::Protocol("fragmented control frame"),
-            ),
-            (
-                client_frame(0x89, &[0; 126]),
-                ProtoError::Protocol("control frame over 125 bytes"),
-            ),
+        let cases: Vec<(Vec<u8>, ProtocolError)> = vec![
+            (client_frame(0xC1, b"x"), ProtocolError::ReservedBits),
+            (client_frame(0x83, b""), ProtocolError::ReservedOpcode(3)),
+            (vec![0x81, 0x01, b'x'], ProtocolError::UnmaskedFrame),
+            (client_frame(0x09, b""), ProtocolError::FragmentedControl),
+            (client_frame(0x89, &[0; 126]), ProtocolError::ControlTooLong),
             (
                 client_frame(0x80, b"x"),
-                ProtoError::Protocol("continuation frame with no message to continue"),
+                ProtocolError::UnexpectedContinuation,
             ),
             (
                 [client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(),
-                ProtoError::Protocol("new message before the last one finished"),
+                ProtocolError::UnfinishedMessage,
             ),
-            (
-                client_frame(0x88, &[3]),
-                ProtoError::Protocol("close frame with a 1-byte payload"),
-            ),
+            (client_frame(0x88, &[3]), ProtocolError::CloseTooShort),
             (
                 client_frame(0x88, &[0x03, 0xed]),
-                ProtoError::Protocol("invalid close code"),
+                ProtocolError::InvalidCloseCode(1005),
             ),
             (
                 client_frame(0x88, &[0x03, 0xe8, 0xff]),
-                ProtoError::InvalidUtf8,
+                ProtocolError::InvalidUtf8,
             ),
-            (client_frame(0x81, b"ok\xff"), ProtoError::InvalidUtf8),
+            (client_frame(0x81, b"ok\xff"), ProtocolError::InvalidUtf8),
         ];
         for (wire, want) in cases {
             assert_eq!(run(&wire, wire.len()).1, Err(want.clone()), "{want:?}");
@@ -632,7 +583,7 @@ mod tests {
         assert_eq!(d.feed(&wire[..bad_at], &mut |e| events.push(e)), Ok(()));
         assert_eq!(
             d.feed(&wire[bad_at..bad_at + 1], &mut |e| events.push(e)),
-            Err(ProtoError::InvalidUtf8)
+            Err(ProtocolError::InvalidUtf8)
         );
         // A character split across fragments is fine.
         let euro = "€".as_bytes();
@@ -645,7 +596,7 @@ mod tests {
         // ...but not one cut off by the end of the message.
         assert_eq!(
             run(&client_frame(0x81, &euro[..2]), 99).1,
-            Err(ProtoError::InvalidUtf8)
+            Err(ProtocolError::InvalidUtf8)
         );
     }
 
@@ -657,10 +608,7 @@ mod tests {
         });
         let mut events = Vec::new();
         let whole = client_frame(0x82, &[0; 101]);
-        let too_big = Err(ProtoError::TooBig {
-            what: "frame",
-            limit: 100,
-        });
+        let too_big = Err(ProtocolError::FrameTooBig { limit: 100 });
         assert_eq!(d.feed(&whole[..8], &mut |e| events.push(e)), too_big);
         let mut d = Decoder::new(Limits {
             max_frame: 100,
@@ -678,10 +626,7 @@ mod tests {
         let wire = [client_frame(0x02, &[0; 100]), client_frame(0x80, &[0; 51])].concat();
         assert_eq!(
             d.feed(&wire[..], &mut |e| events.push(e)),
-            Err(ProtoError::TooBig {
-                what: "message",
-                limit: 150
-            })
+            Err(ProtocolError::MessageTooBig { limit: 150 })
         );
     }
 

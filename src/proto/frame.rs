@@ -1,4 +1,4 @@
-//! RFC 6455 frame vocabulary: opcodes, close codes, the server's frame header and masking.
+//! RFC 6455 frame vocabulary: opcodes, the server's frame header and masking.
 //!
 //! Servers never mask, so encoding is just a header in front of the payload; that is what
 //! lets a broadcast encode a frame once and hand the same bytes to every connection.
@@ -17,12 +17,6 @@ pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// The longest header a server writes: 2 bytes + a 64-bit length.
 pub(crate) const MAX_SERVER_HEADER: usize = 10;
-
-/// Close codes a peer may put on the wire (RFC 6455 §7.4, plus the IANA-registered
-/// 1012–1014 and the 3000–4999 ranges for libraries and applications).
-pub(crate) fn close_code_allowed(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
-}
 
 /// Bytes on the wire for a server frame with a payload of `len` bytes.
 pub(crate) fn frame_len(len: usize) -> usize {

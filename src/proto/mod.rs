@@ -4,12 +4,15 @@
 //! straight from its input. Keeping the protocol free of I/O is what makes it testable byte
 //! by byte and lets the worker share one read buffer across all of its connections.
 
+pub mod close;
 pub(crate) mod decoder;
+mod error;
 pub(crate) mod frame;
 pub(crate) mod handshake;
 pub(crate) mod send_queue;
 pub(crate) mod session;
 
-pub(crate) use decoder::{Limits, ProtoError};
+pub(crate) use decoder::Limits;
+pub use error::ProtocolError;
 pub(crate) use send_queue::SendQueue;
 pub(crate) use session::{Session, Step};

@@ -7,7 +7,8 @@
 //! the echo of a Close, our close code when the client breaks the rules — are queued here, so
 //! every owner (the worker, the fuzz target) gets them right the same way.
 
-use super::decoder::{Decoder, Event, Input, Lent, Limits, ProtoError};
+use super::decoder::{Decoder, Event, Input, Lent, Limits};
+use super::error::ProtocolError;
 use super::frame::{self, CLOSE, PONG};
 use super::handshake::{self, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
@@ -36,7 +37,7 @@ pub(crate) enum Step {
     /// The client sent Close (code and reason, if any). Reply with [`Session::answer`].
     Closed(Option<(u16, String)>),
     /// The client broke the protocol. Send our close code with [`Session::answer`].
-    Failed(ProtoError),
+    Failed(ProtocolError),
     /// The request was not an acceptable upgrade; the HTTP error is queued.
     Rejected(Reject),
     /// A plain `GET`/`HEAD`, not an upgrade. Nothing more is read; answer with

@@ -13,7 +13,7 @@ use super::topics::Topics;
 use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
-use crate::proto::{SendQueue, frame};
+use crate::proto::{SendQueue, close, frame};
 use crate::{ConnId, Message};
 use bytes::Bytes;
 use slab::Slab;
@@ -145,7 +145,7 @@ impl Context {
 
     /// Closes `conn` with 1000 (normal closure).
     pub fn close(&mut self, conn: ConnId) {
-        self.close_with(conn, 1000, "");
+        self.close_with(conn, close::NORMAL, "");
     }
 
     /// Closes `conn` with the given close code and reason. `on_close` follows once it is gone.
@@ -237,7 +237,7 @@ impl Context {
                 self.notices.push(BufferNotice::Full(id));
             }
             if policy == SendBufferPolicy::Close {
-                self.close_with(id, 1008, "send buffer full");
+                self.close_with(id, close::POLICY_VIOLATION, "send buffer full");
             }
             return Err(SendError::BufferFull);
         }

@@ -1,6 +1,6 @@
 //! Why a send or a connection failed, as hooks see it.
 
-use crate::proto::ProtoError;
+use crate::proto::{ProtocolError, close};
 use std::fmt;
 
 /// Why a send did not queue the message.
@@ -26,53 +26,58 @@ impl fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
-/// Why a connection failed, as `on_error` sees it. Each maps to the close code sent.
+/// Why a connection failed, as `on_error` sees it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ConnError {
-    /// The client broke RFC 6455 (close 1002).
-    Protocol(String),
-    /// A text message was not valid UTF-8 (close 1007).
-    InvalidUtf8,
-    /// A message or frame exceeded `max_message_size` / `max_frame_size` (close 1009).
-    TooBig(String),
-    /// A hook panicked while handling this connection (close 1011).
+    /// The client broke RFC 6455 or a size limit; it was sent the violation's close code
+    /// (1002, 1007 or 1009: [`ProtocolError::close_code`]).
+    Protocol(ProtocolError),
+    /// A hook panicked while handling this connection; the client was sent 1011.
     HookPanicked,
-    /// The socket failed (no close frame can be sent).
+    /// The socket failed (the client reset the connection, say): no Close could be sent.
     Io(std::io::Error),
 }
 
 impl ConnError {
-    /// The close code the client was sent.
-    pub fn close_code(&self) -> u16 {
+    /// The close code the client was sent; `None` when the socket failed and nothing could be.
+    pub fn close_code(&self) -> Option<u16> {
         match self {
-            ConnError::Protocol(_) => 1002,
-            ConnError::InvalidUtf8 => 1007,
-            ConnError::TooBig(_) => 1009,
-            ConnError::HookPanicked | ConnError::Io(_) => 1011,
+            ConnError::Protocol(e) => Some(e.close_code()),
+            ConnError::HookPanicked => Some(close::INTERNAL_ERROR),
+            ConnError::Io(_) => None,
         }
     }
 }
 
-impl From<ProtoError> for ConnError {
-    fn from(e: ProtoError) -> ConnError {
-        match e {
-            ProtoError::Protocol(why) => ConnError::Protocol(why.to_string()),
-            ProtoError::InvalidUtf8 => ConnError::InvalidUtf8,
-            e @ ProtoError::TooBig { .. } => ConnError::TooBig(e.to_string()),
-        }
+impl From<ProtocolError> for ConnError {
+    fn from(e: ProtocolError) -> ConnError {
+        ConnError::Protocol(e)
     }
 }
 
 impl fmt::Display for ConnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConnError::Protocol(p) => write!(f, "protocol error: {p}"),
-            ConnError::InvalidUtf8 => f.write_str("invalid UTF-8 in a text message"),
-            ConnError::TooBig(what) => write!(f, "too big: {what}"),
+            ConnError::Protocol(ProtocolError::InvalidUtf8) => {
+                f.write_str("invalid UTF-8 in a text message")
+            }
+            ConnError::Protocol(
+                e @ (ProtocolError::FrameTooBig { .. } | ProtocolError::MessageTooBig { .. }),
+            ) => write!(f, "too big: {e}"),
+            ConnError::Protocol(e) => write!(f, "protocol error: {e}"),
             ConnError::HookPanicked => f.write_str("a hook panicked"),
             ConnError::Io(e) => write!(f, "socket error: {e}"),
         }
     }
 }
 
-impl std::error::Error for ConnError {}
+impl std::error::Error for ConnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConnError::Protocol(e) => Some(e),
+            ConnError::HookPanicked => None,
+            ConnError::Io(e) => Some(e),
+        }
+    }
+}

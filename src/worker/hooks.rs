@@ -11,6 +11,7 @@ use super::errors::ConnError;
 use super::event_loop::Loop;
 use super::{ConnHook, Context, Hooks, WorkerHook};
 use crate::ConnId;
+use crate::proto::close;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ impl Loop {
             return false;
         };
         log::debug!("connection {id} from {}: {err}", conn.remote);
-        conn.session.fail(err.close_code(), "internal error");
+        conn.session.fail(close::INTERNAL_ERROR, "internal error");
         self.ctx.mark_dirty(idx);
         true
     }

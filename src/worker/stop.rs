@@ -12,6 +12,7 @@
 use super::event_loop::Loop;
 use crate::ConnId;
 use crate::control::StopMode;
+use crate::proto::close;
 use nix::sys::signal::Signal;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ impl Loop {
             StopMode::Fast => {
                 self.spread = None;
                 for id in open {
-                    self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+                    self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN);
                 }
                 for (_, conn) in self.ctx.conns.iter_mut() {
                     let _ = conn.flush();
@@ -87,7 +88,7 @@ impl Loop {
             return;
         };
         for id in spread.take_due(Instant::now()) {
-            self.ctx.close_with(id, 1001, SHUTTING_DOWN);
+            self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN);
         }
     }
 
@@ -99,7 +100,7 @@ impl Loop {
                 spread.join(id);
                 self.close_due();
             }
-            None => self.ctx.close_with(id, 1001, SHUTTING_DOWN),
+            None => self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN),
         }
     }
 

@@ -6,6 +6,7 @@
 //! and the Pings and Closes queued here go out with the loop's next flush.
 
 use super::event_loop::Loop;
+use crate::proto::close;
 use std::time::Instant;
 
 impl Loop {
@@ -39,7 +40,7 @@ impl Loop {
             let quiet = now.duration_since(c.last_input);
             if !idle.is_zero() && quiet >= idle {
                 log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
-                c.session.close(1001, "idle timeout");
+                c.session.close(close::GOING_AWAY, "idle timeout");
             } else if !ping.is_zero()
                 && quiet >= ping
                 && c.pinged_at
