@@ -14,5 +14,4 @@ pub(crate) mod session;
 
 pub(crate) use decoder::Limits;
 pub use error::ProtocolError;
-pub(crate) use send_queue::SendQueue;
 pub(crate) use session::{Session, Step};

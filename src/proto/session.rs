@@ -16,15 +16,52 @@ use crate::Message;
 use bytes::BytesMut;
 use std::collections::VecDeque;
 
+/// Where a connection is in its life. Each state says what may still be read and sent.
 enum Phase {
     /// Request bytes so far.
     Handshake(Vec<u8>),
     /// A valid request is with the owner; bytes that followed it wait here.
     Deciding(Vec<u8>),
     Open,
-    /// The upgrade was refused, or the request was a plain HTTP one: the HTTP answer is (or
-    /// is about to be) queued, and the connection ends once it is written.
+    /// We sent Close and wait for the client's; data that still arrives is dropped.
+    CloseSent,
+    /// The client sent Close. Ours (its echo) goes out when the owner reaches the `Closed`
+    /// step; until then, replies to the messages before it may still be sent.
+    CloseReceived,
+    /// Both sides sent Close: the connection ends once the output is written.
+    Closed,
+    /// The client broke the protocol. Nothing more is read; replies to the messages before
+    /// the break may still be sent, and our close code goes out when the owner reaches the
+    /// `Failed` step (none if we had sent Close already: `close_sent`).
+    Broken {
+        close_sent: bool,
+    },
+    /// Failed for good (a protocol error answered, a hook's panic, a socket error): nothing
+    /// more is read or sent. Once the output is written, our side is shut down.
+    Failed,
+    /// Never upgraded: the upgrade was refused, or the request was a plain HTTP one. The HTTP
+    /// answer is (or is about to be) queued, nothing more is read, and the connection ends
+    /// once the answer is written.
     Refused,
+}
+
+/// The stage of a connection as operators see it (`wsd connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Handshake,
+    Open,
+    /// Either side sent Close, the connection failed, or its upgrade was refused.
+    Closing,
+}
+
+impl Stage {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Stage::Handshake => "handshake",
+            Stage::Open => "open",
+            Stage::Closing => "closing",
+        }
+    }
 }
 
 /// What the owner must act on, in order.
@@ -50,13 +87,7 @@ pub(crate) struct Session {
     decoder: Decoder,
     max_header_bytes: usize,
     /// Bytes for the client, in order.
-    pub out: SendQueue,
-    /// We sent Close (or an HTTP error): nothing more goes out.
-    pub close_sent: bool,
-    /// The client sent Close: nothing more comes in.
-    pub close_received: bool,
-    /// The client's input is no longer read: once `out` is written, half-close and discard.
-    pub failed: bool,
+    out: SendQueue,
 }
 
 impl Session {
@@ -66,32 +97,105 @@ impl Session {
             decoder: Decoder::new(limits),
             max_header_bytes,
             out: SendQueue::default(),
-            close_sent: false,
-            close_received: false,
-            failed: false,
         }
     }
 
     /// The upgrade is done (the connection may be closing).
     pub(crate) fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open)
+        !matches!(
+            self.phase,
+            Phase::Handshake(_) | Phase::Deciding(_) | Phase::Refused
+        )
     }
 
     /// Data messages may still be sent.
     pub(crate) fn can_send(&self) -> bool {
-        self.is_open() && !self.close_sent
+        matches!(
+            self.phase,
+            Phase::Open | Phase::CloseReceived | Phase::Broken { close_sent: false }
+        )
+    }
+
+    /// We have sent Close (or an HTTP answer), or failed: nothing more goes out but what is
+    /// queued.
+    pub(crate) fn close_sent(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::CloseSent
+                | Phase::Closed
+                | Phase::Broken { close_sent: true }
+                | Phase::Failed
+                | Phase::Refused
+        )
+    }
+
+    /// Nothing more is read from the client: it sent Close, broke the protocol, or failed.
+    fn input_done(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::CloseReceived
+                | Phase::Closed
+                | Phase::Broken { .. }
+                | Phase::Failed
+                | Phase::Refused
+        )
+    }
+
+    /// The connection failed or was refused: once its output is written, our side is shut
+    /// down and its input is discarded until the client goes.
+    pub(crate) fn is_failed(&self) -> bool {
+        matches!(self.phase, Phase::Failed | Phase::Refused)
     }
 
     /// Both sides have closed and everything is written: the socket can go.
     pub(crate) fn finished(&self) -> bool {
-        self.close_sent && self.close_received && self.out.is_empty()
+        matches!(self.phase, Phase::Closed) && self.out.is_empty()
+    }
+
+    /// The owner should flush: output is queued, or the connection is ending (a flush is what
+    /// finds that it has ended).
+    pub(crate) fn wants_flush(&self) -> bool {
+        !self.out.is_empty() || self.input_done()
+    }
+
+    pub(crate) fn stage(&self) -> Stage {
+        match self.phase {
+            Phase::Handshake(_) | Phase::Deciding(_) => Stage::Handshake,
+            Phase::Open => Stage::Open,
+            _ => Stage::Closing,
+        }
+    }
+
+    /// Bytes queued for the client and not yet written.
+    pub(crate) fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Queues a data frame. The owner checks [`Session::can_send`] first.
+    pub(crate) fn push_frame(&mut self, opcode: u8, payload: bytes::Bytes) {
+        self.out.push_frame(opcode, payload);
+    }
+
+    /// Queues bytes that are whole frames already (a broadcast's shared encoding).
+    pub(crate) fn push_encoded(&mut self, bytes: &bytes::Bytes) {
+        self.out.push_encoded(bytes);
+    }
+
+    /// Writes what is queued; true once everything is written.
+    pub(crate) fn write_to(&mut self, out: &mut impl std::io::Write) -> std::io::Result<bool> {
+        self.out.write_to(out)
+    }
+
+    /// Frees the send queue's memory if it is empty (the idle sweep).
+    pub(crate) fn release_if_empty(&mut self) {
+        self.out.release_if_empty();
     }
 
     /// Memory this connection holds for protocol state beyond its fixed size.
     pub(crate) fn footprint(&self) -> usize {
         let pending = match &self.phase {
             Phase::Handshake(b) | Phase::Deciding(b) => b.capacity(),
-            Phase::Open | Phase::Refused => 0,
+            _ => 0,
         };
         pending + self.decoder.buffered() + self.out.footprint()
     }
@@ -120,7 +224,7 @@ impl Session {
     /// Takes bytes from the client: a slice, or a read buffer that frames' large payloads
     /// may be lent from ([`Lent`]).
     fn take(&mut self, input: impl Input, steps: &mut VecDeque<Step>) {
-        if self.failed || self.close_received {
+        if self.input_done() {
             return;
         }
         match &mut self.phase {
@@ -143,8 +247,6 @@ impl Session {
                     }
                     Parsed::Fetch(request) => {
                         self.phase = Phase::Refused;
-                        self.close_sent = true;
-                        self.failed = true;
                         steps.push_back(Step::Fetch(Box::new(request)));
                     }
                     Parsed::Reject(r) => {
@@ -154,15 +256,18 @@ impl Session {
                 }
             }
             Phase::Deciding(rest) => rest.extend_from_slice(input.bytes()),
-            Phase::Open => self.read_frames(input, steps),
-            Phase::Refused => {}
+            Phase::Open | Phase::CloseSent => self.read_frames(input, steps),
+            _ => {}
         }
     }
 
     /// Upgrades: queues the `101` and reads any frames that came with the request.
     pub(crate) fn accept(&mut self, request: &Request, steps: &mut VecDeque<Step>) {
-        let Phase::Deciding(rest) = std::mem::replace(&mut self.phase, Phase::Open) else {
+        if !matches!(self.phase, Phase::Deciding(_)) {
             return;
+        }
+        let Phase::Deciding(rest) = std::mem::replace(&mut self.phase, Phase::Open) else {
+            unreachable!("checked just above");
         };
         self.out.push_encoded(&handshake::accept(request));
         if !rest.is_empty() {
@@ -180,8 +285,6 @@ impl Session {
     pub(crate) fn respond(&mut self, response: &bytes::Bytes) {
         self.phase = Phase::Refused;
         self.out.push_encoded(response);
-        self.close_sent = true;
-        self.failed = true;
     }
 
     /// Queues the protocol's answer to a `Closed` or `Failed` step. The owner calls it when it
@@ -191,11 +294,11 @@ impl Session {
         match step {
             // Echo the client's code (RFC 6455 §5.5.1); no code gets none back.
             Step::Closed(frame) => {
-                let code = frame.as_ref().map(|(code, _)| *code);
-                if self.is_open() && !self.close_sent {
+                if matches!(self.phase, Phase::CloseReceived) {
+                    let code = frame.as_ref().map(|(code, _)| *code);
                     let payload = code.map_or(Vec::new(), |c| frame::close_payload(c, ""));
                     self.out.push_encoded(&frame::encode(CLOSE, &payload));
-                    self.close_sent = true;
+                    self.phase = Phase::Closed;
                 }
             }
             Step::Failed(e) => self.fail(e.close_code(), &e.to_string()),
@@ -203,22 +306,43 @@ impl Session {
         }
     }
 
-    /// Starts the closing handshake. False if there is nothing to close politely (still
-    /// handshaking) or Close was already sent.
+    /// Starts the closing handshake (or finishes it, if the client's Close came first).
+    /// False if there is nothing to close politely (still handshaking, refused or failed) or
+    /// Close was already sent.
     pub(crate) fn close(&mut self, code: u16, reason: &str) -> bool {
-        if !self.is_open() || self.close_sent {
-            return false;
-        }
+        let next = match self.phase {
+            Phase::Open => Phase::CloseSent,
+            Phase::CloseReceived => Phase::Closed,
+            Phase::Broken { close_sent: false } => Phase::Broken { close_sent: true },
+            _ => return false,
+        };
         let payload = frame::close_payload(code, reason);
         self.out.push_encoded(&frame::encode(CLOSE, &payload));
-        self.close_sent = true;
+        self.phase = next;
         true
     }
 
-    /// Closes with `code` and stops reading the client.
+    /// Closes with `code` (if Close was not sent yet) and stops reading the client for good.
     pub(crate) fn fail(&mut self, code: u16, reason: &str) {
         self.close(code, reason);
-        self.failed = true;
+        self.end();
+    }
+
+    /// The socket failed: nothing more is read or sent. True if the connection could still
+    /// send, so the app has not heard of its end yet.
+    pub(crate) fn abort(&mut self) -> bool {
+        let live = self.can_send();
+        self.end();
+        live
+    }
+
+    /// Failed if it had been upgraded, refused otherwise.
+    fn end(&mut self) {
+        self.phase = if self.is_open() {
+            Phase::Failed
+        } else {
+            Phase::Refused
+        };
     }
 
     /// Queues a Ping (keepalive).
@@ -230,25 +354,28 @@ impl Session {
 
     fn read_frames(&mut self, input: impl Input, steps: &mut VecDeque<Step>) {
         let Session {
+            phase,
             decoder,
             out,
-            close_sent,
-            close_received,
             ..
         } = self;
-        let close_sent = &*close_sent;
         let result = decoder.feed(input, &mut |event| match event {
-            Event::Message(m) if !*close_sent => steps.push_back(Step::Message(m)),
+            Event::Message(m) if matches!(phase, Phase::Open) => steps.push_back(Step::Message(m)),
             Event::Message(_) | Event::Pong(_) => {}
-            Event::Ping(payload) if !*close_sent => out.push_frame(PONG, payload),
+            Event::Ping(payload) if matches!(phase, Phase::Open) => out.push_frame(PONG, payload),
             Event::Ping(_) => {}
             Event::Close(frame) => {
-                *close_received = true;
+                *phase = match phase {
+                    Phase::CloseSent => Phase::Closed,
+                    _ => Phase::CloseReceived,
+                };
                 steps.push_back(Step::Closed(frame));
             }
         });
         if let Err(e) = result {
-            self.failed = true;
+            self.phase = Phase::Broken {
+                close_sent: self.close_sent(),
+            };
             steps.push_back(Step::Failed(e));
         }
     }
@@ -344,7 +471,7 @@ mod tests {
         let out = drain(&mut s);
         assert_eq!(&out[..4], &[0x81, 0x02, b'o', b'k']);
         assert_eq!(&out[4..8], &[0x88, out[5], 0x03, 0xea], "then 1002");
-        assert!(s.failed);
+        assert!(s.is_failed());
         s.read(&masked(0x81, b"ignored"), &mut steps);
         assert!(steps.is_empty());
     }
@@ -357,13 +484,16 @@ mod tests {
         let Some(Step::Fetch(req)) = steps.pop_front() else {
             panic!("a plain GET is a file request")
         };
-        assert!(s.failed && s.close_sent, "nothing more is read or sent");
+        assert!(
+            s.is_failed() && s.close_sent(),
+            "nothing more is read or sent"
+        );
         s.read(b"GET /more HTTP/1.1\r\n\r\n", &mut steps);
         assert!(steps.is_empty());
         s.reject(req.refusal());
         assert!(drain(&mut s).starts_with(b"HTTP/1.1 426 "));
         assert!(!s.close(1000, ""));
         s.out.push_frame(frame::TEXT, Bytes::from_static(b"x"));
-        assert!(s.failed && !s.can_send());
+        assert!(s.is_failed() && !s.can_send());
     }
 }

@@ -59,7 +59,7 @@ impl Loop {
             .ctx
             .conns
             .iter()
-            .map(|(_, c)| c.session.out.len() as u64)
+            .map(|(_, c)| c.session.queued() as u64)
             .sum();
         let bus = self.ctx.bus.totals();
         self.ctx.counters.bus_sent = bus.sent;

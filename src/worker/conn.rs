@@ -112,14 +112,7 @@ impl Conn {
     /// `handshake` until the upgrade, `open`, then `closing` from the moment either side sent
     /// Close (or the connection failed, or its upgrade was refused).
     pub(crate) fn state(&self) -> &'static str {
-        let s = &self.session;
-        if s.close_sent || s.close_received || s.failed {
-            "closing"
-        } else if s.is_open() {
-            "open"
-        } else {
-            "handshake"
-        }
+        self.session.stage().as_str()
     }
 
     /// This connection as a row of `wsd connections`; the master fills in `pid` and `worker`.
@@ -133,7 +126,7 @@ impl Conn {
             bytes_out: self.traffic.bytes_out,
             messages_in: self.traffic.messages_in,
             messages_out: self.traffic.messages_out,
-            send_queue: self.session.out.len() as u64,
+            send_queue: self.session.queued() as u64,
             state: self.state().to_string(),
             ..ConnInfo::default()
         }
@@ -141,12 +134,12 @@ impl Conn {
 
     /// Writes queued output; half-closes a failed connection once its answer is out.
     pub(crate) fn flush(&mut self) -> Flushed {
-        match self.session.out.write_to(&mut self.socket) {
+        match self.session.write_to(&mut self.socket) {
             Ok(false) => Flushed::Partly,
             Err(e) => Flushed::Failed(e),
             Ok(true) if self.session.finished() => Flushed::Done,
             Ok(true) => {
-                if self.session.failed && !self.write_shut {
+                if self.session.is_failed() && !self.write_shut {
                     self.write_shut = true;
                     if self.socket.shutdown(Shutdown::Write).is_err() {
                         return Flushed::Done;
@@ -160,8 +153,8 @@ impl Conn {
     /// Writes now if a lot is queued, so a hook sending much to a fast reader is not held to
     /// `max_send_buffer` by the end-of-turn flush. Errors surface at that flush.
     pub(crate) fn write_early(&mut self, threshold: usize) {
-        if self.session.out.len() >= threshold {
-            let _ = self.session.out.write_to(&mut self.socket);
+        if self.session.queued() >= threshold {
+            let _ = self.session.write_to(&mut self.socket);
         }
     }
 

@@ -13,7 +13,7 @@ use super::topics::Topics;
 use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
-use crate::proto::{SendQueue, close, frame};
+use crate::proto::{Session, close, frame};
 use crate::{ConnId, Message};
 use bytes::Bytes;
 use slab::Slab;
@@ -123,7 +123,7 @@ impl Context {
 
     /// Bytes queued for `conn` and not yet taken by its socket.
     pub fn buffered_amount(&self, conn: ConnId) -> Option<usize> {
-        self.conn(conn).map(|c| c.session.out.len())
+        self.conn(conn).map(|c| c.session.queued())
     }
 
     /// Ids of this worker's open connections (Workerman's `$worker->connections`).
@@ -151,7 +151,7 @@ impl Context {
     /// Closes `conn` with the given close code and reason. `on_close` follows once it is gone.
     pub fn close_with(&mut self, conn: ConnId, code: u16, reason: &str) {
         let Some(c) = self.conn_mut(conn) else { return };
-        if c.session.close_sent {
+        if c.session.close_sent() {
             return;
         }
         if c.session.close(code, reason) {
@@ -218,18 +218,18 @@ impl Context {
         id: ConnId,
         wire: usize,
         payload: usize,
-        push: impl FnOnce(&mut SendQueue),
+        push: impl FnOnce(&mut Session),
     ) -> Result<(), SendError> {
         let (limit, policy) = (self.max_send_buffer, self.send_buffer_policy);
         let c = self.conn_mut(id).ok_or(SendError::NoConnection)?;
         if !c.session.is_open() {
             return Err(SendError::NoConnection);
         }
-        if c.session.close_sent {
+        if c.session.close_sent() {
             self.counters.send_fail += 1;
             return Err(SendError::Closing);
         }
-        let queued = c.session.out.len();
+        let queued = c.session.queued();
         if queued > 0 && queued + wire > limit {
             let newly_full = !std::mem::replace(&mut c.buffer_full, true);
             self.counters.send_fail += 1;
@@ -241,11 +241,11 @@ impl Context {
             }
             return Err(SendError::BufferFull);
         }
-        push(&mut c.session.out);
+        push(&mut c.session);
         c.traffic.messages_out += 1;
         c.traffic.bytes_out += payload as u64;
         c.write_early(WRITE_EARLY);
-        let newly_full = !c.buffer_full && c.session.out.len() >= high_water(limit);
+        let newly_full = !c.buffer_full && c.session.queued() >= high_water(limit);
         if newly_full {
             c.buffer_full = true;
             self.notices.push(BufferNotice::Full(id));

@@ -384,7 +384,7 @@ impl Loop {
             let Some(conn) = self.ctx.conns.get_mut(idx) else {
                 return;
             };
-            if conn.session.out.len() >= high_water {
+            if conn.session.queued() >= high_water {
                 conn.reads_paused = true;
                 return;
             }
@@ -396,7 +396,7 @@ impl Loop {
                     // What this read's data asked for (an echo, the answer to a Close) is
                     // still queued: the client may only have shut its sending side, so it
                     // gets what the socket takes now.
-                    let _ = conn.session.out.write_to(&mut conn.socket);
+                    let _ = conn.session.write_to(&mut conn.socket);
                     self.ctx.mark_gone(idx);
                     return;
                 }
@@ -420,7 +420,7 @@ impl Loop {
             self.dispatch(idx, serial);
             if let Some(c) = self.ctx.conns.get(idx)
                 && c.serial == serial
-                && (!c.session.out.is_empty() || c.session.close_received || c.session.failed)
+                && c.session.wants_flush()
             {
                 self.ctx.mark_dirty(idx);
             }
@@ -603,8 +603,7 @@ impl Loop {
             serial: conn.serial,
             idx: idx as u32,
         };
-        let tell = conn.session.can_send() && !conn.session.failed;
-        conn.session.failed = true;
+        let tell = conn.session.abort();
         log::debug!("connection {id} from {}: socket error: {e}", conn.remote);
         self.ctx.mark_gone(idx);
         if tell {

@@ -22,8 +22,8 @@ impl Loop {
             .closing_stop_at
             .is_some_and(|t| now.duration_since(t) >= close);
         for (idx, c) in self.ctx.conns.iter_mut() {
-            c.session.out.release_if_empty();
-            if c.session.close_sent && c.closing_since.is_none() {
+            c.session.release_if_empty();
+            if c.session.close_sent() && c.closing_since.is_none() {
                 c.closing_since = Some(now);
             }
             let late = match c.closing_since {
