@@ -467,29 +467,24 @@ pub fn upgrade_request(extra: &str) -> String {
     )
 }
 
-/// One masked client frame, as bytes (for writing from another thread or in bulk).
-pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = masked_header(fin, opcode, payload.len() as u64);
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+/// The mask key of every frame a test client sends.
+pub const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+
+/// The first byte of a frame: FIN and opcode.
+fn first_byte(fin: bool, opcode: u8) -> u8 {
+    (if fin { 0x80 } else { 0 }) | opcode
 }
 
-/// The header (with mask key 12 34 56 78) of a masked client frame claiming `len` bytes.
+/// One masked client frame, as bytes (for writing from another thread or in bulk).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    wsd::testing::client_frame(first_byte(fin, opcode), payload, MASK)
+}
+
+/// The header (with mask key [`MASK`]) of a masked client frame claiming `len` bytes.
 pub fn masked_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match len {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&n.to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    let mut f = Vec::new();
+    let len = usize::try_from(len).expect("a length this machine can address");
+    wsd::testing::put_client_header(&mut f, first_byte(fin, opcode), len, MASK);
     f
 }
 
