@@ -702,27 +702,26 @@ pub fn listen_port_in(st: &Value) -> u16 {
         .unwrap()
 }
 
-/// Runs a `harness = false` suite: each test in turn, caught panics reported as failures, a
-/// summary line, and the process's exit status. (Such suites are wsd programs themselves,
-/// and a forking master must be the main thread of its process, not a libtest thread.)
+/// Runs a `harness = false` suite under libtest's command line (`cargo test NAME`, `--skip`,
+/// `--exact`, `--list`, `--ignored`, ...) and exits with its status. Such suites are wsd
+/// programs themselves, so `main` must first decide whether this process is the server, and
+/// only then run the tests. They run one at a time on the main thread, whatever
+/// `--test-threads` says: each test owns a whole tree of server processes and watches its
+/// pids, descriptors and timing.
 #[allow(dead_code)]
-pub fn run_suite(suite: &str, tests: &[(&str, fn())]) -> ! {
-    let mut failed = 0;
-    for (name, test) in tests {
-        let began = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            began.elapsed().as_secs_f64()
-        );
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\n{suite}: {} passed, {failed} failed",
-        tests.len() - failed
-    );
-    std::process::exit(i32::from(failed > 0));
+pub fn run_suite(tests: &[(&str, fn())]) -> ! {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
 }
 
 /// Which worker pid holds each client, keyed by the client's local port, from the server's
