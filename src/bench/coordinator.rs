@@ -11,7 +11,7 @@
 use super::report::{self, Counts, Errors, Span, Summary};
 use super::server::{Procs, ServerRun};
 use super::shard::{self, Lines, Progress, Report, Share};
-use super::{BenchError, Clock, Plan, Work};
+use super::{BenchError, Clock, Plan, SEC, Work};
 use crate::sys::{self, Fork};
 use mio::unix::pipe;
 use mio::{Events, Interest, Poll, Token};
@@ -21,7 +21,6 @@ use nix::unistd::Pid;
 use std::io::Write;
 use std::time::Duration;
 
-const SEC: u64 = 1_000_000_000;
 /// Descriptors a shard keeps for itself besides its sockets (poll, pipes, stdio).
 const SPARE_FDS: u64 = 256;
 /// A sandbox process may not hold more files than this, whatever the limits say.

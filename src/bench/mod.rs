@@ -229,6 +229,9 @@ impl fmt::Display for BenchError {
 
 impl std::error::Error for BenchError {}
 
+/// One second on the [`Clock`]: its readings are nanoseconds.
+pub const SEC: u64 = 1_000_000_000;
+
 /// Nanoseconds since a common epoch: an `Instant` taken before the client processes fork, so
 /// a timestamp written by the publisher's process means the same in every subscriber's.
 /// (`Instant` is CLOCK_MONOTONIC, one clock for the whole machine.)

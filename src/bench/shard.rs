@@ -15,7 +15,7 @@
 
 use super::client::{self, Driver, Pool};
 use super::report::{self, Counts, Errors, Span};
-use super::{Clock, Plan, Work};
+use super::{Clock, Plan, SEC, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
 use mio::unix::{SourceFd, pipe};
@@ -24,7 +24,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-const SEC: u64 = 1_000_000_000;
 /// Progress reports while connecting, so the coordinator can say `go` soon after all are up.
 const CONNECTING_REPORT_NS: u64 = SEC / 4;
 
