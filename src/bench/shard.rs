@@ -1,9 +1,9 @@
 //! One client process ("shard"): its share of the connections on its own mio loop, taking
 //! orders from the coordinator and reporting back, one JSON line each way over a pipe.
 //!
-//! A process may hold at most 20,000 files here, so a run of more connections needs several
-//! processes. They all run this loop, even when one would do, so that the path a 100-connection
-//! smoke test takes is the path a 100,000-connection run takes.
+//! A process may hold no more files than RLIMIT_NOFILE's hard limit, so a run of more
+//! connections needs several processes. They all run this loop, even when one would do, so
+//! that the path a 100-connection smoke test takes is the path a 100,000-connection run takes.
 //!
 //! The conversation: the shard reports progress while it connects; once every shard is ready
 //! the coordinator says `go <t0>`; the shard measures, reports once a second, and ends with
