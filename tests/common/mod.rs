@@ -389,8 +389,6 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
-// ---- Helpers added for tests/abuse.rs and tests/abuse_hooks.rs ----------------------------
-
 /// A tiny deterministic pseudo-random generator (xorshift64), so "random" input is the same on
 /// every run and a failing seed can be replayed.
 pub struct XorShift(u64);
@@ -664,8 +662,6 @@ impl Server {
     }
 }
 
-// ---- Helpers added for tests/supervision.rs ---------------------------------------------------
-
 /// True once process `pid` has exited, counting a zombie as exited: an orphaned worker is
 /// reparented to a pid 1 that may take seconds to reap it, and `kill(pid, 0)` (what [`alive`]
 /// asks) still succeeds on a zombie.
@@ -708,7 +704,6 @@ pub fn listen_port_in(st: &Value) -> u16 {
 /// only then run the tests. They run one at a time on the main thread, whatever
 /// `--test-threads` says: each test owns a whole tree of server processes and watches its
 /// pids, descriptors and timing.
-#[allow(dead_code)]
 pub fn run_suite(tests: &[(&str, fn())]) -> ! {
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
@@ -726,7 +721,6 @@ pub fn run_suite(tests: &[(&str, fn())]) -> ! {
 
 /// Which worker pid holds each client, keyed by the client's local port, from the server's
 /// own `wsd connections --json`.
-#[allow(dead_code)]
 pub fn connection_owners(server: &Server) -> std::collections::HashMap<u16, i32> {
     let out = server.wsd(&["connections", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -745,7 +739,6 @@ pub fn connection_owners(server: &Server) -> std::collections::HashMap<u16, i32>
 /// The `relay` test app: shows each client its global id (`id ID`), forwards `to ID TEXT`
 /// with `send_to`, and hands `all TEXT` to the other workers' `on_bus_message`, which
 /// broadcast it locally as `bus from slot N: TEXT`.
-#[allow(dead_code)]
 pub fn relay_app(w: &mut wsd::Worker) {
     w.on_connect(|ctx, conn| {
         let id = ctx.global_id(conn).expect("an open connection");
