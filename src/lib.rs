@@ -39,6 +39,11 @@ mod master;
 mod message;
 mod proto;
 mod sys;
+/// Client frame builders for wsd's integration tests.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::proto::frame::{client_frame, put_client_header};
+}
 mod worker;
 
 pub use bus::{BadGlobalId, GlobalId};

@@ -5,7 +5,6 @@
 //! Like tests/library.rs this binary is itself a wsd program: run with `WSD_LIBRARY_SERVER=1`
 //! it is the server (app `abuse`, configured by the test's workers.toml); otherwise it is the
 //! test driver. `harness = false` because a forking master must be its process's main thread.
-//! An argument filters the tests by name.
 
 mod common;
 
@@ -322,58 +321,11 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
     );
 }
 
-/// The few libtest arguments that matter here, so `cargo test NAME`, `--skip`, `--exact`,
-/// `--ignored` (none of these tests is) and `--list` do what they do for other test binaries.
-#[derive(Default)]
-struct Args {
-    filters: Vec<String>,
-    skip: Vec<String>,
-    exact: bool,
-    ignored: bool,
-    list: bool,
-}
-
-impl Args {
-    fn parse() -> Args {
-        let mut a = Args::default();
-        let mut it = std::env::args().skip(1);
-        while let Some(arg) = it.next() {
-            match arg.as_str() {
-                "--skip" => a.skip.extend(it.next()),
-                "--exact" => a.exact = true,
-                "--ignored" => a.ignored = true,
-                "--list" => a.list = true,
-                // Options with a separate value; the value is no filter.
-                "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" => {
-                    it.next();
-                }
-                flag if flag.starts_with('-') => {}
-                filter => a.filters.push(filter.to_string()),
-            }
-        }
-        a
-    }
-
-    fn selects(&self, name: &str) -> bool {
-        let hit = |f: &String| {
-            if self.exact {
-                name == f
-            } else {
-                name.contains(f.as_str())
-            }
-        };
-        !self.ignored
-            && (self.filters.is_empty() || self.filters.iter().any(hit))
-            && !self.skip.iter().any(|s| name.contains(s.as_str()))
-    }
-}
-
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    let args = Args::parse();
-    let tests: [(&str, fn()); 3] = [
+    run_suite(&[
         (
             "a_client_that_never_reads_is_held_to_max_send_buffer",
             a_client_that_never_reads_is_held_to_max_send_buffer,
@@ -386,31 +338,5 @@ fn main() {
             "forwarded_addresses_are_believed_only_from_trusted_proxies",
             forwarded_addresses_are_believed_only_from_trusted_proxies,
         ),
-    ];
-    let (mut passed, mut failed) = (0, 0);
-    if args.list {
-        for (name, _) in tests {
-            println!("{name}: test");
-        }
-        return;
-    }
-    for (name, test) in tests {
-        if !args.selects(name) {
-            continue;
-        }
-        let started = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            started.elapsed().as_secs_f64()
-        );
-        if ok {
-            passed += 1;
-        } else {
-            failed += 1;
-        }
-    }
-    println!("\nabuse_hooks: {passed} passed, {failed} failed");
-    std::process::exit(i32::from(failed > 0));
+    ]);
 }

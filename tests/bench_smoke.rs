@@ -39,25 +39,6 @@ fn assert_latency(v: &Value) {
     assert!(p50 > Some(0.0) && p99 >= p50 && max >= p99, "{v}");
 }
 
-/// False (saying why) if this build has no app called `app`; a test that needs it is skipped.
-fn app_known(app: &str) -> bool {
-    let (_dir, config) = Server::config(app, 1, "");
-    let out = Command::new(wsd_bin())
-        .args(["-c", config.to_str().unwrap(), "check"])
-        .output()
-        .expect("run wsd check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && stderr.contains(&format!("unknown app \"{app}\"")) {
-        eprintln!(
-            "skipped: this wsd has no {app:?} app yet ({})",
-            stderr.trim()
-        );
-        return false;
-    }
-    assert!(out.status.success(), "wsd check of a {app} config: {out:?}");
-    true
-}
-
 #[test]
 fn echo_reports_round_trips_and_no_errors() {
     let server = Server::start("echo", 2);
@@ -142,9 +123,6 @@ fn a_refused_upgrade_is_a_handshake_error() {
 
 #[test]
 fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
-    if !app_known("chat") {
-        return;
-    }
     let server = Server::start("chat", 2);
     let url = server.url();
     let config = server.config.to_str().unwrap().to_string();
@@ -182,9 +160,6 @@ fn broadcast_over_chat_delivers_every_message_to_every_subscriber() {
 
 #[test]
 fn broadcast_over_pubsub_subscribes_first() {
-    if !app_known("pubsub") {
-        return;
-    }
     let server = Server::start("pubsub", 2);
     let url = server.url();
     let (v, out) = bench(&[
@@ -382,9 +357,6 @@ fn latency_sends_on_schedule_and_hears_every_reply() {
 /// between sends instead of sleeping.
 #[test]
 fn latency_counts_server_pushes_apart_from_replies() {
-    if !app_known("clock-echo") {
-        return;
-    }
     let server = Server::start("clock-echo", 1);
     let (v, out) = bench(&[
         "latency",

@@ -485,17 +485,14 @@ fn main() {
         redis_available(),
         "redis-server is not installed: apt-get install -y redis-server (scripts/test.sh does)"
     );
-    run_suite(
-        "cluster",
-        &[
-            (
-                "cluster_delivers_and_survives_a_redis_outage",
-                cluster_delivers_and_survives_a_redis_outage,
-            ),
-            (
-                "a_server_starts_without_redis_and_joins_later",
-                a_server_starts_without_redis_and_joins_later,
-            ),
-        ],
-    );
+    run_suite(&[
+        (
+            "cluster_delivers_and_survives_a_redis_outage",
+            cluster_delivers_and_survives_a_redis_outage,
+        ),
+        (
+            "a_server_starts_without_redis_and_joins_later",
+            a_server_starts_without_redis_and_joins_later,
+        ),
+    ]);
 }

@@ -234,29 +234,26 @@ fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
     }
-    run_suite(
-        "library",
-        &[
-            (
-                "a_stuck_worker_shows_busy_and_status_does_not_hang",
-                a_stuck_worker_shows_busy_and_status_does_not_hang,
-            ),
-            (
-                "hooks_see_ids_paths_and_timers",
-                hooks_see_ids_paths_and_timers,
-            ),
-            (
-                "a_panicking_hook_closes_only_its_connection",
-                a_panicking_hook_closes_only_its_connection,
-            ),
-            (
-                "hooks_close_with_a_code_and_hear_about_errors",
-                hooks_close_with_a_code_and_hear_about_errors,
-            ),
-            (
-                "workers_do_not_inherit_notify_socket",
-                workers_do_not_inherit_notify_socket,
-            ),
-        ],
-    );
+    run_suite(&[
+        (
+            "a_stuck_worker_shows_busy_and_status_does_not_hang",
+            a_stuck_worker_shows_busy_and_status_does_not_hang,
+        ),
+        (
+            "hooks_see_ids_paths_and_timers",
+            hooks_see_ids_paths_and_timers,
+        ),
+        (
+            "a_panicking_hook_closes_only_its_connection",
+            a_panicking_hook_closes_only_its_connection,
+        ),
+        (
+            "hooks_close_with_a_code_and_hear_about_errors",
+            hooks_close_with_a_code_and_hear_about_errors,
+        ),
+        (
+            "workers_do_not_inherit_notify_socket",
+            workers_do_not_inherit_notify_socket,
+        ),
+    ]);
 }

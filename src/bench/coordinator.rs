@@ -4,14 +4,15 @@
 //! before the clients start, at `go` and at the end ([`super::server`]), and decides when an
 //! `idle` run ends: once it has read the server's memory with every connection still open.
 //!
-//! Why fork, and not threads: the sandbox caps open files per process (20,000), not per
-//! thread, so more connections need more processes; and separate processes keep each shard's
-//! loop as plain as the server's. Forking is safe here because the CLI is single-threaded.
+//! Why fork, and not threads: RLIMIT_NOFILE caps open files per process, not per thread, so
+//! more connections than its hard limit allows need more processes; and separate processes
+//! keep each shard's loop as plain as the server's. Forking is safe here because the CLI is
+//! single-threaded.
 
 use super::report::{self, Counts, Errors, Span, Summary};
 use super::server::{Procs, ServerRun};
 use super::shard::{self, Lines, Progress, Report, Share};
-use super::{BenchError, Clock, Plan, Work};
+use super::{BenchError, Clock, Plan, SEC, Work};
 use crate::sys::{self, Fork};
 use mio::unix::pipe;
 use mio::{Events, Interest, Poll, Token};
@@ -21,11 +22,8 @@ use nix::unistd::Pid;
 use std::io::Write;
 use std::time::Duration;
 
-const SEC: u64 = 1_000_000_000;
 /// Descriptors a shard keeps for itself besides its sockets (poll, pipes, stdio).
 const SPARE_FDS: u64 = 256;
-/// A sandbox process may not hold more files than this, whatever the limits say.
-const SANDBOX_FDS: u64 = 20_000;
 /// Once every connection is settled, how long to wait for the stragglers to become ready
 /// (a pubsub subscriber without its ack) before measuring without them.
 const READY_GRACE_NS: u64 = 10 * SEC;
@@ -41,8 +39,8 @@ struct Shard {
 
 /// Runs the whole benchmark and returns its figures.
 pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
-    let per_process = raise_fd_limit()?;
-    let shares = split(plan, per_process);
+    let files = raise_fd_limit()?;
+    let shares = split(plan, sockets_per_process(files));
     let clock = Clock::new();
     let memory = matches!(plan.work, Work::Idle { .. });
     let mut server = Procs::discover(&plan.server)?.map(|procs| ServerRun {
@@ -87,16 +85,21 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
     result.map(|summary| Summary { server, ..summary })
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard one; returns the sockets one process may open.
-fn raise_fd_limit() -> Result<usize, BenchError> {
+/// Raises the soft RLIMIT_NOFILE to the hard one (the shards inherit it); returns the files
+/// one process may now hold.
+fn raise_fd_limit() -> Result<u64, BenchError> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
         .map_err(|e| BenchError::Setup("read RLIMIT_NOFILE".into(), e.into()))?;
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
             .map_err(|e| BenchError::Setup("raise RLIMIT_NOFILE".into(), e.into()))?;
     }
-    let limit = hard.min(SANDBOX_FDS).saturating_sub(SPARE_FDS).max(16);
-    Ok(limit as usize)
+    Ok(hard)
+}
+
+/// The sockets a shard may open when a process may hold `files` files.
+fn sockets_per_process(files: u64) -> usize {
+    usize::try_from(files.saturating_sub(SPARE_FDS).max(16)).unwrap_or(usize::MAX)
 }
 
 /// Shares of the connections (and of `connect`'s slots), as even as possible, each within
@@ -349,6 +352,19 @@ mod tests {
                 Work::Echo { size: 1, depth: 1 }
             },
         }
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_one_and_sets_the_sockets_per_shard() {
+        let files = raise_fd_limit().unwrap();
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).unwrap(),
+            (files, files),
+            "soft raised to hard"
+        );
+        assert_eq!(sockets_per_process(20_000), 19_744);
+        assert_eq!(sockets_per_process(100), 16, "a floor for tiny limits");
+        assert!(sockets_per_process(files) < files as usize);
     }
 
     #[test]

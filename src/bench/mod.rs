@@ -4,7 +4,7 @@
 //! It speaks plain RFC 6455 as a client, so it measures any server, not only wsd. It is built
 //! so that the client is not what limits the figures: one mio loop per process, a constant
 //! upgrade request, frames built and masked once, replies scanned rather than decoded, and no
-//! allocation per message. The sandbox caps a process at 20,000 open files, so the
+//! allocation per message. RLIMIT_NOFILE caps the files a process may open, so the
 //! connections are split over as many client processes ("shards", see [`shard`]) as it takes;
 //! a coordinator (this process) starts them together, prints a progress line each second and
 //! sums their results.
@@ -228,6 +228,9 @@ impl fmt::Display for BenchError {
 }
 
 impl std::error::Error for BenchError {}
+
+/// One second on the [`Clock`]: its readings are nanoseconds.
+pub const SEC: u64 = 1_000_000_000;
 
 /// Nanoseconds since a common epoch: an `Instant` taken before the client processes fork, so
 /// a timestamp written by the publisher's process means the same in every subscriber's.

@@ -1,9 +1,9 @@
 //! One client process ("shard"): its share of the connections on its own mio loop, taking
 //! orders from the coordinator and reporting back, one JSON line each way over a pipe.
 //!
-//! A process may hold at most 20,000 files here, so a run of more connections needs several
-//! processes. They all run this loop, even when one would do, so that the path a 100-connection
-//! smoke test takes is the path a 100,000-connection run takes.
+//! A process may hold no more files than RLIMIT_NOFILE's hard limit, so a run of more
+//! connections needs several processes. They all run this loop, even when one would do, so
+//! that the path a 100-connection smoke test takes is the path a 100,000-connection run takes.
 //!
 //! The conversation: the shard reports progress while it connects; once every shard is ready
 //! the coordinator says `go <t0>`; the shard measures, reports once a second, and ends with
@@ -15,7 +15,7 @@
 
 use super::client::{self, Driver, Pool};
 use super::report::{self, Counts, Errors, Span};
-use super::{Clock, Plan, Work};
+use super::{Clock, Plan, SEC, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
 use mio::unix::{SourceFd, pipe};
@@ -24,7 +24,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-const SEC: u64 = 1_000_000_000;
 /// Progress reports while connecting, so the coordinator can say `go` soon after all are up.
 const CONNECTING_REPORT_NS: u64 = SEC / 4;
 

@@ -6,7 +6,7 @@
 //! copied into each send buffer. Server frames are scanned, not decoded: header, length and a
 //! borrowed payload slice, with no unmasking (servers do not mask), no UTF-8 check and no copy.
 
-use crate::proto::frame::{CLOSE, CONTINUATION, PING, PONG, TEXT};
+use crate::proto::frame::{self, CLOSE, CONTINUATION, PING, PONG, TEXT};
 use std::fmt;
 
 /// The key of RFC 6455 §1.3's example, and the accept value a server must answer with.
@@ -94,20 +94,12 @@ pub fn check_response(buf: &[u8]) -> Result<Option<usize>, WireError> {
 
 /// Appends a masked, final client frame.
 pub fn put_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    let at = out.len();
-    crate::proto::frame::put_header(out, opcode, payload.len());
-    out[at + 1] |= 0x80; // the server's header, with the mask bit a client's frame carries
-    out.extend_from_slice(&MASK);
-    let start = out.len();
-    out.extend_from_slice(payload);
-    crate::proto::frame::unmask(&mut out[start..], MASK, 0);
+    frame::put_client_frame(out, 0x80 | opcode, payload, MASK);
 }
 
 /// A whole masked text frame, for payloads that never change (built once, sent many times).
 pub fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    put_frame(&mut out, TEXT, payload);
-    out
+    frame::client_frame(0x80 | TEXT, payload, MASK)
 }
 
 /// One server frame, borrowed from the read buffer.
@@ -122,10 +114,10 @@ impl Frame<'_> {
     /// Checks that this frame can be the echo of a `size`-byte text message; `Ok(true)` when it
     /// completes one (a final frame), `Ok(false)` for a fragment to wait past.
     pub fn echo_of(&self, size: usize) -> Result<bool, String> {
-        if self.opcode == crate::proto::frame::BINARY {
+        if self.opcode == frame::BINARY {
             return Err("a binary reply to a text message".into());
         }
-        if self.opcode == crate::proto::frame::TEXT && self.fin && self.payload.len() != size {
+        if self.opcode == frame::TEXT && self.fin && self.payload.len() != size {
             return Err(format!(
                 "a reply of {} bytes to a message of {size}",
                 self.payload.len()
@@ -239,7 +231,7 @@ mod tests {
             assert_ne!(f[1] & 0x80, 0, "mask bit");
             let head = f.len() - len;
             let mut body = f[head..].to_vec();
-            crate::proto::frame::unmask(&mut body, f[head - 4..head].try_into().unwrap(), 0);
+            frame::unmask(&mut body, f[head - 4..head].try_into().unwrap(), 0);
             assert_eq!(body, payload, "len {len}");
         }
     }

@@ -118,6 +118,35 @@ pub(crate) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// Appends the header of a masked client frame: `first` is the frame's first byte (FIN, RSV
+/// and opcode bits, taken as given so tests can build frames a server must refuse), `len` the
+/// payload length it claims, in the shortest of the three encodings, then `mask`.
+#[inline]
+pub fn put_client_header(out: &mut Vec<u8>, first: u8, len: usize, mask: [u8; 4]) {
+    let at = out.len();
+    put_header(out, 0, len);
+    out[at] = first;
+    out[at + 1] |= 0x80;
+    out.extend_from_slice(&mask);
+}
+
+/// Appends a whole masked client frame (see [`put_client_header`]) with `payload` masked by
+/// `mask`; allocates only if `out` must grow.
+#[inline]
+pub fn put_client_frame(out: &mut Vec<u8>, first: u8, payload: &[u8], mask: [u8; 4]) {
+    put_client_header(out, first, payload.len(), mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask, 0);
+}
+
+/// A whole masked client frame in a buffer of its own (see [`put_client_frame`]).
+pub fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame_len(payload.len()) + mask.len());
+    put_client_frame(&mut out, first, payload, mask);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +176,25 @@ mod tests {
             unmask(a, mask, 0);
             unmask(b, mask, split);
             assert_eq!(data, plain, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn client_frames_keep_their_first_byte_and_unmask_to_the_payload() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        for (len, head) in [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let f = client_frame(0x40 | TEXT, &payload, mask);
+            assert_eq!(f.len(), head + 4 + len, "len {len}");
+            assert_eq!(f[0], 0x40 | TEXT, "first byte as given");
+            assert_eq!(f[1] & 0x80, 0x80, "mask bit");
+            let mut server = Vec::new();
+            put_header(&mut server, TEXT, len);
+            assert_eq!(&f[2..head], &server[2..], "length encoding, len {len}");
+            assert_eq!(f[head..head + 4], mask);
+            let mut body = f[head + 4..].to_vec();
+            unmask(&mut body, mask, 0);
+            assert_eq!(body, payload, "len {len}");
         }
     }
 

@@ -391,9 +391,7 @@ mod tests {
         Sec-WebSocket-Version: 13\r\n\r\n";
 
     fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![b0, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-        out.extend_from_slice(payload);
-        out
+        frame::client_frame(b0, payload, [0x37, 0xfa, 0x21, 0x3d])
     }
 
     fn session() -> Session {

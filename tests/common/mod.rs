@@ -389,8 +389,6 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
-// ---- Helpers added for tests/abuse.rs and tests/abuse_hooks.rs ----------------------------
-
 /// A tiny deterministic pseudo-random generator (xorshift64), so "random" input is the same on
 /// every run and a failing seed can be replayed.
 pub struct XorShift(u64);
@@ -467,29 +465,24 @@ pub fn upgrade_request(extra: &str) -> String {
     )
 }
 
-/// One masked client frame, as bytes (for writing from another thread or in bulk).
-pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = masked_header(fin, opcode, payload.len() as u64);
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+/// The mask key of every frame a test client sends.
+pub const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+
+/// The first byte of a frame: FIN and opcode.
+fn first_byte(fin: bool, opcode: u8) -> u8 {
+    (if fin { 0x80 } else { 0 }) | opcode
 }
 
-/// The header (with mask key 12 34 56 78) of a masked client frame claiming `len` bytes.
+/// One masked client frame, as bytes (for writing from another thread or in bulk).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    wsd::testing::client_frame(first_byte(fin, opcode), payload, MASK)
+}
+
+/// The header (with mask key [`MASK`]) of a masked client frame claiming `len` bytes.
 pub fn masked_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    match len {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&n.to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    let mut f = Vec::new();
+    let len = usize::try_from(len).expect("a length this machine can address");
+    wsd::testing::put_client_header(&mut f, first_byte(fin, opcode), len, MASK);
     f
 }
 
@@ -669,8 +662,6 @@ impl Server {
     }
 }
 
-// ---- Helpers added for tests/supervision.rs ---------------------------------------------------
-
 /// True once process `pid` has exited, counting a zombie as exited: an orphaned worker is
 /// reparented to a pid 1 that may take seconds to reap it, and `kill(pid, 0)` (what [`alive`]
 /// asks) still succeeds on a zombie.
@@ -707,32 +698,29 @@ pub fn listen_port_in(st: &Value) -> u16 {
         .unwrap()
 }
 
-/// Runs a `harness = false` suite: each test in turn, caught panics reported as failures, a
-/// summary line, and the process's exit status. (Such suites are wsd programs themselves,
-/// and a forking master must be the main thread of its process, not a libtest thread.)
-#[allow(dead_code)]
-pub fn run_suite(suite: &str, tests: &[(&str, fn())]) -> ! {
-    let mut failed = 0;
-    for (name, test) in tests {
-        let began = Instant::now();
-        let ok = std::panic::catch_unwind(test).is_ok();
-        println!(
-            "test {name} ... {} ({:.1}s)",
-            if ok { "ok" } else { "FAILED" },
-            began.elapsed().as_secs_f64()
-        );
-        failed += usize::from(!ok);
-    }
-    println!(
-        "\n{suite}: {} passed, {failed} failed",
-        tests.len() - failed
-    );
-    std::process::exit(i32::from(failed > 0));
+/// Runs a `harness = false` suite under libtest's command line (`cargo test NAME`, `--skip`,
+/// `--exact`, `--list`, `--ignored`, ...) and exits with its status. Such suites are wsd
+/// programs themselves, so `main` must first decide whether this process is the server, and
+/// only then run the tests. They run one at a time on the main thread, whatever
+/// `--test-threads` says: each test owns a whole tree of server processes and watches its
+/// pids, descriptors and timing.
+pub fn run_suite(tests: &[(&str, fn())]) -> ! {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
 }
 
 /// Which worker pid holds each client, keyed by the client's local port, from the server's
 /// own `wsd connections --json`.
-#[allow(dead_code)]
 pub fn connection_owners(server: &Server) -> std::collections::HashMap<u16, i32> {
     let out = server.wsd(&["connections", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -751,7 +739,6 @@ pub fn connection_owners(server: &Server) -> std::collections::HashMap<u16, i32>
 /// The `relay` test app: shows each client its global id (`id ID`), forwards `to ID TEXT`
 /// with `send_to`, and hands `all TEXT` to the other workers' `on_bus_message`, which
 /// broadcast it locally as `bus from slot N: TEXT`.
-#[allow(dead_code)]
 pub fn relay_app(w: &mut wsd::Worker) {
     w.on_connect(|ctx, conn| {
         let id = ctx.global_id(conn).expect("an open connection");
