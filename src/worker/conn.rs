@@ -6,12 +6,13 @@
 //! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
 //! goes, so the answer is not lost to a TCP reset.
 
+use super::admission::IpSlot;
 use crate::ConnId;
 use crate::control::ConnInfo;
 use crate::proto::{Limits, Session};
 use mio::net::TcpStream;
 use std::io;
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -47,8 +48,8 @@ pub(crate) struct Conn {
     /// Not read while its send queue is over the high-water mark: a client that does not
     /// read gets no more replies (or Pongs) made for it until it does.
     pub reads_paused: bool,
-    /// The address this connection counts against in `max_connections_per_ip`.
-    pub counted_ip: Option<IpAddr>,
+    /// Its place in `max_connections_per_ip`, given back when the connection is dropped.
+    ip_slot: Option<IpSlot>,
     /// What it carried, for `wsd connections`.
     pub traffic: Traffic,
 }
@@ -80,6 +81,7 @@ impl Conn {
         serial: u32,
         socket: TcpStream,
         peer: SocketAddr,
+        ip_slot: Option<IpSlot>,
         limits: Limits,
         max_header_bytes: usize,
     ) -> Conn {
@@ -100,8 +102,21 @@ impl Conn {
             buffer_full: false,
             input_ended: false,
             reads_paused: false,
-            counted_ip: None,
+            ip_slot,
             traffic: Traffic::default(),
+        }
+    }
+
+    /// It counts against `max_connections_per_ip` already.
+    pub(crate) fn ip_counted(&self) -> bool {
+        self.ip_slot.is_some()
+    }
+
+    /// Counts it against `max_connections_per_ip` (a client behind a trusted proxy, once its
+    /// forwarded address is known).
+    pub(crate) fn count_ip(&mut self, slot: Option<IpSlot>) {
+        if slot.is_some() {
+            self.ip_slot = slot;
         }
     }
 

@@ -5,37 +5,39 @@
 //! so a connect storm cannot hold up everyone else) → drive each ready connection
 //! (handshake, then read every frame available and call `on_message` for each) → run due
 //! timers → during a stop, send the Closes whose turn has come → remove connections that
-//! ended (`on_close`) → flush every connection that has output, once (up to `FLUSH_BUDGET` a
-//! turn, this turn's first; a backlog waits for the next turns). Batching the flush is what
+//! ended (`on_close`) → flush every connection that has output, once (a budget a turn, this
+//! turn's first; a backlog waits for the next turns: `flush.rs`). Batching the flush is what
 //! lets pipelined clients get many replies per write syscall.
 //!
 //! This file is the loop and the data path through it. What the loop consults on the way
-//! lives beside it, as more `impl Loop` blocks: who may connect (`admission.rs`), how a hook
-//! is called (`hooks.rs`), the once-a-second deadlines and pings (`sweep.rs`), stopping
+//! lives beside it: who may connect (`admission.rs`), what is written when (`flush.rs`), how
+//! a hook is called (`hooks.rs`), the once-a-second deadlines and pings (`sweep.rs`), stopping
 //! (`stop.rs`), and the master's commands and the counters sent back (`commands.rs`).
 
-use super::admission::release_ip;
+use super::admission::{Accepted, Acceptor, IpSlot};
 use super::alarm::Alarm;
 use super::channel::Channel;
 use super::conn::{Conn, Flushed};
 use super::context::BufferNotice;
 use super::errors::ConnError;
+use super::flush::{FlushSchedule, recycle};
+use super::hooks::{Hook, WorkerHook};
 use super::read_buffers::ReadBuffers;
-use super::stop::CloseSpread;
+use super::stop::Stopping;
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
-use crate::control::{FromWorker, StopMode};
+use crate::control::FromWorker;
 use crate::proto::handshake::{self, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
-use mio::net::{TcpListener, UnixStream};
+use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signalfd::SignalFd;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -51,11 +53,6 @@ const CLUSTER: Token = Token(BUS_BASE - 1);
 
 /// Reads from one connection before others get a turn.
 const READ_BUDGET: usize = 16;
-/// Connections written per turn. A broadcast to 10,000 local connections is ~10,000 writes
-/// (tens of ms). Written this many a turn, with the connections listed this turn (replies to
-/// what was just read) ahead of the backlog, the worker keeps reading and answering its
-/// clients while a fan-out drains, instead of holding every reply back until it is done.
-const FLUSH_BUDGET: usize = 256;
 /// How often the worker reports its counters and sweeps deadlines.
 const TICK: Duration = Duration::from_secs(1);
 /// Clients accepted per turn at most. In a connect storm the rest wait in the listen queue
@@ -63,9 +60,13 @@ const TICK: Duration = Duration::from_secs(1);
 /// else) are handled, so answers start going out at once instead of after the whole queue.
 pub(super) const ACCEPT_BATCH: usize = 64;
 
+/// The worker's state, in parts each owned by the file that works on it: who may connect
+/// (`accepting`, `admission.rs`), what is written when (`flushing`, `flush.rs`), and how the
+/// worker stops (`stopping`, `stop.rs`). The connections themselves are in `ctx`, where hooks
+/// reach them.
 pub(super) struct Loop {
     pub(super) poll: Poll,
-    pub(super) listener: Option<TcpListener>,
+    pub(super) accepting: Acceptor,
     pub(super) channel: Channel,
     pub(super) signals: SignalFd,
     alarm: Alarm,
@@ -78,35 +79,18 @@ pub(super) struct Loop {
     pub(super) inbox: ReadBuffers,
     /// What the protocol asked of the loop for the connection being read.
     steps: VecDeque<Step>,
-    /// Connections per client address (only when `max_connections_per_ip` is set).
-    pub(super) per_ip: HashMap<IpAddr, usize>,
-    next_serial: u32,
     /// Connections whose read budget ran out with data still buffered.
     again: Vec<usize>,
-    /// An empty list with capacity, swapped with `again` or the dirty list while one is
-    /// worked through: lists grown once are reused, not regrown from nothing every turn.
-    spare: Vec<usize>,
-    /// Connections listed with output in earlier turns and not written yet (over
-    /// `FLUSH_BUDGET`), oldest first.
-    backlog: VecDeque<usize>,
+    /// An empty list with capacity, swapped with `again` while it is worked through.
+    again_spare: Vec<usize>,
+    flushing: FlushSchedule,
     /// Bus peers whose messages did not all fit in one turn's budget.
     pub(super) bus_again: Vec<usize>,
-    /// The listener is not being drained: at `max_connections`, or out of descriptors.
-    pub(super) accept_paused: bool,
-    pub(super) accept_retry_at: Option<Instant>,
-    /// The last accept stopped at `ACCEPT_BATCH` with clients still queued: the next turn
-    /// accepts more once it has handled its events.
-    accept_more: bool,
+    pub(super) stopping: Stopping,
     next_tick: Instant,
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
     turn_start: Instant,
-    /// How the worker is stopping, once told to.
-    pub(super) stopping: Option<StopMode>,
-    /// When a stop that closes clients (`Close` or `Fast`) came.
-    pub(super) closing_stop_at: Option<Instant>,
-    /// The connections still to be sent Close 1001 by a `StopMode::Close` stop.
-    pub(super) spread: Option<CloseSpread>,
 }
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
@@ -173,7 +157,7 @@ impl Loop {
         };
         Ok(Loop {
             poll,
-            listener: Some(listener),
+            accepting: Acceptor::new(listener),
             channel: Channel::new(channel),
             signals,
             alarm,
@@ -183,25 +167,18 @@ impl Loop {
             settings,
             limits,
             steps: VecDeque::new(),
-            per_ip: HashMap::new(),
-            next_serial: 0,
             again: Vec::new(),
-            spare: Vec::new(),
-            backlog: VecDeque::new(),
+            again_spare: Vec::new(),
+            flushing: FlushSchedule::default(),
             bus_again: Vec::new(),
-            accept_paused: false,
-            accept_retry_at: None,
-            accept_more: false,
+            stopping: Stopping::No,
             next_tick: Instant::now() + TICK,
             turn_start: Instant::now(),
-            stopping: None,
-            closing_stop_at: None,
-            spread: None,
         })
     }
 
     fn run(&mut self) -> i32 {
-        self.call_worker_hook("on_worker_start", |h| h.on_worker_start.as_mut());
+        self.call_worker_hook(WorkerHook::Start);
         self.channel.answer(&FromWorker::Ready);
         self.report();
         let mut events = Events::with_capacity(1024);
@@ -217,7 +194,7 @@ impl Loop {
                 return 1;
             }
             self.turn_start = Instant::now();
-            let accept_due = std::mem::take(&mut self.accept_more);
+            let accept_due = self.accepting.take_more();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -235,20 +212,20 @@ impl Loop {
                 }
             }
             // A fast stop does not run the rest of the turn (timers, hooks).
-            if self.stopping == Some(StopMode::Fast) {
+            if matches!(self.stopping, Stopping::Fast) {
                 return self.exit();
             }
-            if accept_due && !self.accept_more {
+            if accept_due && !self.accepting.has_more() {
                 self.accept();
             }
             for peer in std::mem::take(&mut self.bus_again) {
                 self.bus_ready(peer);
             }
-            let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.spare));
+            let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
             for &idx in &again {
                 self.read_conn(idx);
             }
-            self.spare = recycle(again);
+            self.again_spare = recycle(again);
             self.run_timers();
             self.deliver_notices();
             self.close_due();
@@ -261,8 +238,7 @@ impl Loop {
                 self.sweep(now);
                 self.report();
             }
-            if self.accept_retry_at.is_some_and(|at| now >= at) {
-                self.accept_retry_at = None;
+            if self.accepting.retry_at().is_some_and(|at| now >= at) {
                 self.accept();
             }
         }
@@ -271,26 +247,25 @@ impl Loop {
     /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
     /// with the alarm set for the next deadline.
     fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.accept_more
+        if self.accepting.has_more()
             || !self.again.is_empty()
             || !self.bus_again.is_empty()
             || !self.ctx.dirty.is_empty()
-            || !self.backlog.is_empty()
+            || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
         {
             return Some(Duration::ZERO);
         }
-        let mut until = self.next_tick;
-        if let Some(t) = self.ctx.timers.next_deadline() {
-            until = until.min(t);
-        }
-        if let Some(t) = self.accept_retry_at {
-            until = until.min(t);
-        }
-        if let Some(t) = self.spread.as_ref().and_then(CloseSpread::next_due) {
-            until = until.min(t);
-        }
+        let deadlines = [
+            self.ctx.timers.next_deadline(),
+            self.accepting.retry_at(),
+            self.stopping.next_due(),
+        ];
+        let until = deadlines
+            .into_iter()
+            .flatten()
+            .fold(self.next_tick, Instant::min);
         match self.alarm.set(until) {
             Ok(()) => None,
             Err(e) => {
@@ -304,56 +279,44 @@ impl Loop {
 
     fn accept(&mut self) {
         for _ in 0..ACCEPT_BATCH {
-            if self.ctx.conns.len() >= self.settings.max_connections {
-                self.accept_paused = true;
-                return;
-            }
-            let Some(listener) = &self.listener else {
-                return;
-            };
-            match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    let counted_ip = match self.admit_peer(peer) {
-                        Ok(counted) => counted,
-                        Err(()) => {
-                            log::debug!("{peer}: over max_connections_per_ip; dropped");
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    self.next_serial = self.next_serial.wrapping_add(1).max(1);
-                    let entry = self.ctx.conns.vacant_entry();
-                    let token = Token(CONN_BASE + entry.key());
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        log::warn!("cannot register connection from {peer}: {e}");
-                        release_ip(&mut self.per_ip, counted_ip);
-                        continue;
-                    }
-                    let mut conn = Conn::new(
-                        self.next_serial,
-                        stream,
-                        peer,
-                        self.limits,
-                        self.settings.max_header_bytes,
-                    );
-                    conn.counted_ip = counted_ip;
-                    entry.insert(conn);
-                    self.ctx.counters.accepted += 1;
-                }
-                Err(e) => {
-                    if self.accept_error(e).is_break() {
-                        return;
-                    }
-                }
+            match self.accepting.next(&self.settings, self.ctx.conns.len()) {
+                Accepted::Client {
+                    stream,
+                    peer,
+                    serial,
+                    ip_slot,
+                } => self.admit(stream, peer, serial, ip_slot),
+                Accepted::Dropped => {}
+                Accepted::Stop => return,
             }
         }
-        // The listener is edge-triggered: with the batch used up, no new event comes for the
-        // clients still queued, so the next turn must come back for them.
-        self.accept_more = true;
+        self.accepting.batch_used();
+    }
+
+    /// Takes an accepted client into the loop. A client that cannot be registered is dropped
+    /// (its place in `max_connections_per_ip` with it).
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, serial: u32, ip: Option<IpSlot>) {
+        let _ = stream.set_nodelay(true);
+        let entry = self.ctx.conns.vacant_entry();
+        let token = Token(CONN_BASE + entry.key());
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let conn = Conn::new(
+            serial,
+            stream,
+            peer,
+            ip,
+            self.limits,
+            self.settings.max_header_bytes,
+        );
+        entry.insert(conn);
+        self.ctx.counters.accepted += 1;
     }
 
     // ---- connections --------------------------------------------------------------------
@@ -458,11 +421,7 @@ impl Loop {
                     traffic.bytes_in += msg.len() as u64;
                     self.ctx.counters.total_request += 1;
                     self.ctx.counters.bytes_in += msg.len() as u64;
-                    self.call_conn_hook(id, "on_message", |h, ctx| {
-                        if let Some(f) = h.on_message.as_mut() {
-                            f(ctx, id, msg)
-                        }
-                    });
+                    self.call_hook(id, Hook::Message(msg));
                 }
                 Step::Closed(frame) => {
                     log::debug!("connection {id} closed by the client: {frame:?}")
@@ -470,7 +429,7 @@ impl Loop {
                 Step::Failed(e) => {
                     let err = ConnError::from(e);
                     log::debug!("connection {id} from {}: {err}", conn.remote);
-                    self.call_error_hook(id, &err);
+                    self.call_hook(id, Hook::Error(&err));
                 }
                 Step::Rejected(r) => {
                     log::debug!(
@@ -490,32 +449,35 @@ impl Loop {
         let idx = id.idx as usize;
         let peer = self.ctx.conns[idx].remote.ip();
         let ip = handshake::client_ip(peer, &request, &self.settings.trusted_proxies);
-        let refusal = self.refuse_upgrade(idx, peer, ip, &request);
         let conn = &mut self.ctx.conns[idx];
+        let refusal =
+            self.accepting
+                .refuse_upgrade(&self.settings, conn.ip_counted(), peer, ip, &request);
         if ip != peer {
             conn.remote = SocketAddr::new(ip, 0);
         }
-        if let Some(r) = refusal {
-            log::debug!(
-                "refused upgrade from {}: {} {}",
-                conn.remote,
-                r.status,
-                r.why
-            );
-            conn.session.reject(r);
-            self.ctx.mark_dirty(idx);
-            return;
+        match refusal {
+            Ok(slot) => conn.count_ip(slot),
+            Err(r) => {
+                log::debug!(
+                    "refused upgrade from {}: {} {}",
+                    conn.remote,
+                    r.status,
+                    r.why
+                );
+                conn.session.reject(r);
+                self.ctx.mark_dirty(idx);
+                return;
+            }
         }
         conn.session.accept(&request, &mut self.steps);
         conn.path = request.path;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);
-        self.call_plain_hook(id, "on_connect", |h| h.on_connect.as_mut());
+        self.call_hook(id, Hook::Connect);
         // Upgraded during a stop that closes clients: the app met it like any other, and it
         // is closed like the others.
-        if self.stopping >= Some(StopMode::Close) {
-            self.close_when_due(id);
-        }
+        self.close_if_stopping(id);
     }
 
     // ---- send and reap ------------------------------------------------------------------
@@ -544,53 +506,21 @@ impl Loop {
                 let told = notices.len();
                 notices.retain(|&BufferNotice::Full(n)| n != id);
                 if notices.len() == told {
-                    self.call_plain_hook(id, "on_buffer_drain", |h| h.on_buffer_drain.as_mut());
+                    self.call_hook(id, Hook::BufferDrain);
                 }
             }
             Flushed::All => {}
         }
     }
 
+    /// Writes the connections the flush schedule picks for this turn.
     fn flush_dirty(&mut self) {
-        let fresh = std::mem::replace(&mut self.ctx.dirty, std::mem::take(&mut self.spare));
-        // Every connection listed this turn leaves the dirty list now, written or not: one
-        // that is sent more while it waits in the backlog is listed afresh, and goes first.
-        for &idx in &fresh {
-            if let Some(conn) = self.ctx.conns.get_mut(idx) {
-                conn.dirty = false;
-            }
-        }
-        let for_backlog = if self.backlog.is_empty() {
-            0
-        } else {
-            FLUSH_BUDGET / 4
-        };
-        let now = fresh.len().min(FLUSH_BUDGET - for_backlog);
-        for &idx in &fresh[..now] {
+        let dirty = std::mem::replace(&mut self.ctx.dirty, self.flushing.fresh_list());
+        let now = self.flushing.plan(dirty, &mut self.ctx.conns);
+        for &idx in &now {
             self.flush_conn(idx);
         }
-        for &idx in &fresh[now..] {
-            // Once in the backlog is enough: a fan-out each turn must not list it again.
-            if let Some(conn) = self.ctx.conns.get_mut(idx)
-                && !std::mem::replace(&mut conn.backlogged, true)
-            {
-                self.backlog.push_back(idx);
-            }
-        }
-        for _ in now..FLUSH_BUDGET {
-            let Some(idx) = self.backlog.pop_front() else {
-                break;
-            };
-            if let Some(conn) = self.ctx.conns.get_mut(idx) {
-                conn.backlogged = false;
-            }
-            // Already written since it was listed, if it has nothing queued: no syscall.
-            self.flush_conn(idx);
-        }
-        if self.backlog.is_empty() && self.backlog.capacity() > LIST_KEEP {
-            self.backlog = VecDeque::new();
-        }
-        self.spare = recycle(fresh);
+        self.flushing.done(now);
     }
 
     /// Reading or writing `idx` failed: it goes, and `on_error` hears why if it was an open
@@ -607,7 +537,7 @@ impl Loop {
         log::debug!("connection {id} from {}: socket error: {e}", conn.remote);
         self.ctx.mark_gone(idx);
         if tell {
-            self.call_error_hook(id, &ConnError::Io(e));
+            self.call_hook(id, Hook::Error(&ConnError::Io(e)));
         }
     }
 
@@ -619,7 +549,6 @@ impl Loop {
                     continue; // Already removed (listed twice).
                 }
                 let conn = self.ctx.conns.remove(idx);
-                release_ip(&mut self.per_ip, conn.counted_ip);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
                     let id = ConnId {
@@ -627,26 +556,13 @@ impl Loop {
                         idx: idx as u32,
                     };
                     drop(conn); // Close the socket before the app hears of it.
-                    self.call_plain_hook(id, "on_close", |h| h.on_close.as_mut());
+                    self.call_hook(id, Hook::Close);
                     self.ctx.topics.forget(id);
                 }
             }
-            if self.accept_paused && self.accept_retry_at.is_none() {
+            if self.accepting.is_full() {
                 self.accept();
             }
         }
     }
-}
-
-/// Entries a connection list keeps room for once empty; beyond that (64 KiB), a list grown by
-/// a rare burst is let go.
-const LIST_KEEP: usize = 8192;
-
-/// `list` emptied for reuse, unless a burst grew it over `LIST_KEEP`.
-fn recycle(mut list: Vec<usize>) -> Vec<usize> {
-    list.clear();
-    if list.capacity() > LIST_KEEP {
-        list = Vec::new();
-    }
-    list
 }

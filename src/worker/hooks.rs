@@ -9,29 +9,86 @@
 use super::context::BufferNotice;
 use super::errors::ConnError;
 use super::event_loop::Loop;
-use super::{ConnHook, Context, Hooks, WorkerHook};
-use crate::ConnId;
 use crate::proto::close;
+use crate::{ConnId, Message};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
+/// A call of a connection hook, with what it is given. Its kind decides what a panic in it
+/// costs.
+pub(super) enum Hook<'a> {
+    Connect,
+    Message(Message),
+    Close,
+    Error(&'a ConnError),
+    BufferFull,
+    BufferDrain,
+}
+
+impl Hook<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Hook::Connect => "on_connect",
+            Hook::Message(_) => "on_message",
+            Hook::Close => "on_close",
+            Hook::Error(_) => "on_error",
+            Hook::BufferFull => "on_buffer_full",
+            Hook::BufferDrain => "on_buffer_drain",
+        }
+    }
+}
+
+/// What a panic in a connection hook costs, by the hook's kind.
+enum OnPanic {
+    /// Close the connection with 1011 and tell `on_error`.
+    FailAndTell,
+    /// Close it, but do not tell `on_error` of its own panic: that would call it again.
+    Fail,
+    /// Nothing: after `on_close` the connection is gone.
+    Nothing,
+}
+
+/// A hook about the worker itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WorkerHook {
+    Start,
+    Stop,
+}
+
 impl Loop {
-    /// Calls a connection hook; a panic is logged and fails that connection only.
-    pub(super) fn call_conn_hook(
-        &mut self,
-        id: ConnId,
-        name: &str,
-        f: impl FnOnce(&mut Hooks, &mut Context),
-    ) {
-        let (hooks, ctx) = (&mut self.hooks, &mut self.ctx);
-        if catch_unwind(AssertUnwindSafe(|| f(hooks, ctx))).is_err() {
-            log::error!("{name} hook panicked on connection {id}; closing it with 1011");
-            let err = ConnError::HookPanicked;
-            // After `on_close` the connection is gone. `on_error` is not told of its own
-            // panic: that would call it again, and again.
-            if name != "on_close" && self.fail(id, &err) && name != "on_error" {
-                self.call_error_hook(id, &err);
+    /// Calls the app's connection hook, if it set one; a panic is logged and fails that
+    /// connection only.
+    pub(super) fn call_hook(&mut self, id: ConnId, hook: Hook<'_>) {
+        let name = hook.name();
+        let on_panic = match hook {
+            Hook::Close => OnPanic::Nothing,
+            Hook::Error(_) => OnPanic::Fail,
+            _ => OnPanic::FailAndTell,
+        };
+        let (h, ctx) = (&mut self.hooks, &mut self.ctx);
+        let call = || match hook {
+            Hook::Message(msg) => h.on_message.as_mut().map(|f| f(ctx, id, msg)),
+            Hook::Error(err) => h.on_error.as_mut().map(|f| f(ctx, id, err)),
+            Hook::Connect => h.on_connect.as_mut().map(|f| f(ctx, id)),
+            Hook::Close => h.on_close.as_mut().map(|f| f(ctx, id)),
+            Hook::BufferFull => h.on_buffer_full.as_mut().map(|f| f(ctx, id)),
+            Hook::BufferDrain => h.on_buffer_drain.as_mut().map(|f| f(ctx, id)),
+        };
+        if catch_unwind(AssertUnwindSafe(call)).is_ok() {
+            return;
+        }
+        log::error!("{name} hook panicked on connection {id}; closing it with 1011");
+        let err = ConnError::HookPanicked;
+        match on_panic {
+            OnPanic::FailAndTell => {
+                if self.fail(id, &err) {
+                    self.call_hook(id, Hook::Error(&err));
+                }
             }
+            OnPanic::Fail => {
+                self.fail(id, &err);
+            }
+            OnPanic::Nothing => {}
         }
     }
 
@@ -52,48 +109,25 @@ impl Loop {
         true
     }
 
-    /// Calls a hook that takes only the connection (`on_connect`, `on_close`,
-    /// `on_buffer_full`, `on_buffer_drain`), if the app set it.
-    pub(super) fn call_plain_hook(
-        &mut self,
-        id: ConnId,
-        name: &str,
-        pick: impl FnOnce(&mut Hooks) -> Option<&mut ConnHook>,
-    ) {
-        self.call_conn_hook(id, name, |h, ctx| {
-            if let Some(f) = pick(h) {
-                f(ctx, id)
-            }
-        });
-    }
-
-    pub(super) fn call_error_hook(&mut self, id: ConnId, err: &ConnError) {
-        self.call_conn_hook(id, "on_error", |h, ctx| {
-            if let Some(f) = h.on_error.as_mut() {
-                f(ctx, id, err)
-            }
-        });
-    }
-
     /// Tells the app about send queues that filled up during the hooks that just ran.
     pub(super) fn deliver_notices(&mut self) {
         while !self.ctx.notices.is_empty() {
             for notice in std::mem::take(&mut self.ctx.notices) {
                 let BufferNotice::Full(id) = notice;
                 if self.ctx.buffered_amount(id).is_some() {
-                    self.call_plain_hook(id, "on_buffer_full", |h| h.on_buffer_full.as_mut());
+                    self.call_hook(id, Hook::BufferFull);
                 }
             }
         }
     }
 
     /// Calls `on_worker_start` or `on_worker_stop`; a panic is logged and the worker carries on.
-    pub(super) fn call_worker_hook(
-        &mut self,
-        name: &str,
-        pick: impl FnOnce(&mut Hooks) -> Option<&mut WorkerHook>,
-    ) {
-        let Some(f) = pick(&mut self.hooks) else {
+    pub(super) fn call_worker_hook(&mut self, kind: WorkerHook) {
+        let (f, name) = match kind {
+            WorkerHook::Start => (self.hooks.on_worker_start.as_mut(), "on_worker_start"),
+            WorkerHook::Stop => (self.hooks.on_worker_stop.as_mut(), "on_worker_stop"),
+        };
+        let Some(f) = f else {
             return;
         };
         let ctx = &mut self.ctx;

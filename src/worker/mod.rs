@@ -14,6 +14,7 @@ mod conn;
 mod context;
 mod errors;
 mod event_loop;
+mod flush;
 mod hooks;
 #[cfg(test)]
 mod loop_tests;

@@ -10,6 +10,7 @@
 //! [`CloseSpread::next_due`] while some are left.
 
 use super::event_loop::Loop;
+use super::hooks::WorkerHook;
 use crate::ConnId;
 use crate::control::StopMode;
 use crate::proto::close;
@@ -20,6 +21,47 @@ use std::time::{Duration, Instant};
 /// The close reason of every stop.
 const SHUTTING_DOWN: &str = "server shutting down";
 
+/// Whether the worker is stopping, and how. A stop only ever grows stronger:
+/// serving → drain → close → fast.
+pub(super) enum Stopping {
+    /// Not told to stop.
+    No,
+    /// Not accepting; waiting for the clients to leave.
+    Drain,
+    /// Sending every client Close 1001 on the spread's schedule, then waiting for the closing
+    /// handshakes. `since`: when the stop came, which bounds the upgrades still under way.
+    Close { since: Instant, spread: CloseSpread },
+    /// Closes sent at once; the loop leaves without waiting.
+    Fast,
+}
+
+impl Stopping {
+    pub(super) fn mode(&self) -> Option<StopMode> {
+        match self {
+            Stopping::No => None,
+            Stopping::Drain => Some(StopMode::Drain),
+            Stopping::Close { .. } => Some(StopMode::Close),
+            Stopping::Fast => Some(StopMode::Fast),
+        }
+    }
+
+    /// When a stop that closes clients came (a fast one leaves at once).
+    pub(super) fn closing_since(&self) -> Option<Instant> {
+        match self {
+            Stopping::Close { since, .. } => Some(*since),
+            _ => None,
+        }
+    }
+
+    /// When the next Close of the spread falls due.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        match self {
+            Stopping::Close { spread, .. } => spread.next_due(),
+            _ => None,
+        }
+    }
+}
+
 impl Loop {
     /// Stops the worker, or makes a stop under way stronger (Drain → Close → Fast); a stop no
     /// stronger than the current one is ignored.
@@ -29,7 +71,8 @@ impl Loop {
     /// closing handshakes (each bounded by `close_timeout`), and `Fast` sends Close 1001, writes
     /// once what each socket takes, and the loop exits without waiting for answers.
     pub(super) fn stop(&mut self, mode: StopMode, spread: Duration) {
-        if let Some(current) = self.stopping
+        let current = self.stopping.mode();
+        if let Some(current) = current
             && current >= mode
         {
             log::debug!("already stopping ({current:?}); {mode:?} ignored");
@@ -46,18 +89,13 @@ impl Loop {
             ),
             StopMode::Fast => log::info!("stopping fast (closing {clients} clients, no waiting)"),
         }
-        let first = self.stopping.is_none();
-        self.stopping = Some(mode);
-        if mode >= StopMode::Close && self.closing_stop_at.is_none() {
-            self.closing_stop_at = Some(Instant::now());
-        }
-        if first {
+        if current.is_none() {
             // Only our copy of the listening socket goes, and it is not shut down: the master
             // keeps the socket, and in a rolling reload the new worker accepts from it.
-            if let Some(mut listener) = self.listener.take() {
+            if let Some(mut listener) = self.accepting.close() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
-            self.call_worker_hook("on_worker_stop", |h| h.on_worker_stop.as_mut());
+            self.call_worker_hook(WorkerHook::Stop);
         }
         // Connections still in their upgrade are left to finish it (see `upgrade`): a client
         // caught mid-handshake by a reload gets a Close, not a reset. They have `close_timeout`
@@ -65,13 +103,17 @@ impl Loop {
         // (a health check, a port scan) must not hold the stop until it is killed.
         let open = self.ctx.connections();
         match mode {
-            StopMode::Drain => {}
+            StopMode::Drain => self.stopping = Stopping::Drain,
             StopMode::Close => {
-                self.spread = Some(CloseSpread::new(Instant::now(), spread, open));
+                let now = Instant::now();
+                self.stopping = Stopping::Close {
+                    since: now,
+                    spread: CloseSpread::new(now, spread, open),
+                };
                 self.close_due();
             }
             StopMode::Fast => {
-                self.spread = None;
+                self.stopping = Stopping::Fast;
                 for id in open {
                     self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN);
                 }
@@ -84,7 +126,7 @@ impl Loop {
 
     /// Sends Close 1001 to the connections whose turn in the stop's spread has come.
     pub(super) fn close_due(&mut self) {
-        let Some(spread) = &mut self.spread else {
+        let Stopping::Close { spread, .. } = &mut self.stopping else {
             return;
         };
         for id in spread.take_due(Instant::now()) {
@@ -92,24 +134,25 @@ impl Loop {
         }
     }
 
-    /// Closes a connection that completed its upgrade during a stop that closes clients: in
-    /// its turn of the spread, or at once.
-    pub(super) fn close_when_due(&mut self, id: ConnId) {
-        match &mut self.spread {
-            Some(spread) => {
+    /// Closes a connection that completed its upgrade during a stop that closes clients, in
+    /// its turn of the spread (or at once, past the window). Other stops leave it be.
+    pub(super) fn close_if_stopping(&mut self, id: ConnId) {
+        match &mut self.stopping {
+            Stopping::No | Stopping::Drain => {}
+            Stopping::Close { spread, .. } => {
                 spread.join(id);
                 self.close_due();
             }
-            None => self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN),
+            Stopping::Fast => self.ctx.close_with(id, close::GOING_AWAY, SHUTTING_DOWN),
         }
     }
 
     /// Whether the loop is done: a fast stop at once, the others when no connection is left.
     pub(super) fn finished(&self) -> bool {
         match self.stopping {
-            None => false,
-            Some(StopMode::Fast) => true,
-            Some(StopMode::Drain | StopMode::Close) => self.ctx.conns.is_empty(),
+            Stopping::No => false,
+            Stopping::Fast => true,
+            Stopping::Drain | Stopping::Close { .. } => self.ctx.conns.is_empty(),
         }
     }
 

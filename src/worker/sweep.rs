@@ -19,7 +19,8 @@ impl Loop {
         // During a stop that closes clients, an upgrade gets no longer than a closing
         // handshake does (`wsd stop -g` waits for clients however long they take).
         let stopping_late = self
-            .closing_stop_at
+            .stopping
+            .closing_since()
             .is_some_and(|t| now.duration_since(t) >= close);
         for (idx, c) in self.ctx.conns.iter_mut() {
             c.session.release_if_empty();
