@@ -40,6 +40,7 @@ mod sys;
 mod worker;
 
 pub use bus::{BadGlobalId, GlobalId};
+pub use logging::{Escaped, escaped};
 pub use worker::{
     Bytes, ConnError, ConnId, Context, Message, SendError, TimerId, Utf8Bytes, Worker, WorkerAddr,
 };

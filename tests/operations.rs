@@ -656,3 +656,24 @@ fn a_control_client_that_sends_nothing_is_dropped() {
         connected.elapsed()
     );
 }
+
+#[test]
+fn client_text_in_the_log_is_escaped_so_it_cannot_forge_lines() {
+    let server = Server::start("clock", 1);
+    let mut c = server.connect();
+    c.send_text("hi\n2026-11-24 10:00:00.000 WARN  master[1] forged\x1b[2J");
+    server.wait_for_log("Message From client: hi\\n2026-11-24");
+    let log = server.master_output();
+    assert!(
+        log.contains(
+            "Message From client: hi\\n2026-11-24 10:00:00.000 WARN  master[1] forged\\u{1b}[2J\n"
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-11-24 10:00:00.000")),
+        "a client's text began a log line of its own:\n{log}"
+    );
+    assert!(!log.contains('\x1b'), "a raw escape reached the log");
+}
