@@ -26,6 +26,7 @@
 //! only `unsafe`.
 
 pub mod apps;
+mod backoff;
 mod bench;
 mod bus;
 mod cli;
