@@ -25,6 +25,8 @@
 //! `cli/` → `master/` is the control path, `config.rs` the `workers.toml` schema, `sys.rs` the
 //! only `unsafe`.
 
+#![deny(unsafe_code)]
+
 pub mod apps;
 mod backoff;
 mod bench;
