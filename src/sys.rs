@@ -163,6 +163,19 @@ pub fn load_average() -> [f64; 3] {
     ]
 }
 
+/// Binds a Unix stream socket at `path` that only its owner (and root) can connect to: the
+/// file is created with mode 0600, under a file-mode creation mask of 0177 set just around the
+/// `bind`, so it is never reachable by others, not even for an instant before a `chmod`.
+///
+/// The mask is process-wide, so this is for single-threaded code only (the master).
+pub fn bind_owner_only(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use nix::sys::stat::{Mode, umask};
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    umask(previous);
+    bound
+}
+
 /// Name of a signal number, for exit logs ("killed by SIGKILL").
 pub fn signal_name(sig: i32) -> String {
     Signal::try_from(sig)

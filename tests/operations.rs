@@ -677,3 +677,49 @@ fn client_text_in_the_log_is_escaped_so_it_cannot_forge_lines() {
     );
     assert!(!log.contains('\x1b'), "a raw escape reached the log");
 }
+
+#[test]
+fn the_control_socket_is_owner_only_from_the_moment_it_exists() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let (dir, config) = Server::config("echo", 1, "");
+    // The master starts with the widest file-mode mask: a socket made by a bare bind would be
+    // 0777 until something changed its mode.
+    let wrapper = dir.path().join("wsd-umask-000");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\numask 000\nexec '{}' \"$@\"\n",
+            wsd_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    watch
+        .add_watch(
+            dir.path(),
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB,
+        )
+        .unwrap();
+    let server = Server::start_with(wrapper, dir, config);
+    let socket = server.dir.path().join("wsd.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "{socket:?}");
+    // The mode it has now is the one it was created with: its attributes never changed.
+    let mut seen = Vec::new();
+    while let Ok(events) = watch.read_events() {
+        seen.extend(
+            events
+                .into_iter()
+                .filter(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("wsd.sock")))
+                .map(|e| e.mask),
+        );
+    }
+    assert!(
+        seen.first() == Some(&AddWatchFlags::IN_CREATE)
+            && seen.iter().all(|m| !m.contains(AddWatchFlags::IN_ATTRIB)),
+        "created, then never changed: {seen:?}"
+    );
+}
