@@ -678,6 +678,47 @@ fn client_text_in_the_log_is_escaped_so_it_cannot_forge_lines() {
     assert!(!log.contains('\x1b'), "a raw escape reached the log");
 }
 
+/// `wsd`'s binary copied into `dir`, so another user can run it whatever the permissions of the
+/// checkout it was built in.
+fn wsd_copy_in(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("wsd");
+    std::fs::copy(wsd_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A process the test started, killed by its pid and reaped if the test ends before it exits.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `cmd` to its end (within [`DEADLINE`]): its pid, exit code and stderr.
+fn run_to_end(cmd: &mut std::process::Command) -> (i32, Option<i32>, String) {
+    use std::process::Stdio;
+    let mut p = Started(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let pid = p.0.id() as i32;
+    let status = wait_for("the command to exit", DEADLINE, || {
+        p.0.try_wait().ok().flatten()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut p.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    (pid, status.code(), stderr)
+}
+
 #[test]
 fn the_control_socket_is_owner_only_from_the_moment_it_exists() {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -722,4 +763,61 @@ fn the_control_socket_is_owner_only_from_the_moment_it_exists() {
             && seen.iter().all(|m| !m.contains(AddWatchFlags::IN_ATTRIB)),
         "created, then never changed: {seen:?}"
     );
+}
+
+#[test]
+fn a_peer_of_another_user_is_refused_by_its_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: running a client as uid 65534 needs root");
+        return;
+    }
+    let mut server = Server::start("echo", 1);
+    let dir = server.dir.path().to_path_buf();
+    let socket = dir.join("wsd.sock");
+    let bin = wsd_copy_in(&dir);
+    // A directory others may pass through, a config they may read: the socket's own mode is
+    // the only barrier left.
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(&dir, 0o755);
+    open(&server.config, 0o644);
+    let status_as_nobody = || {
+        run_to_end(
+            std::process::Command::new(&bin)
+                .arg("-c")
+                .arg(&server.config)
+                .arg("status")
+                .env(LIBRARY_SERVER_ENV, "1")
+                .uid(65534)
+                .gid(65534),
+        )
+    };
+    let (_, code, stderr) = status_as_nobody();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("wsd: permission denied on {}\n", socket.display())
+    );
+
+    // Misconfigured: the socket opened to everyone. Its peer's credentials still decide.
+    open(&socket, 0o666);
+    let (pid, code, stderr) = status_as_nobody();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        "wsd: permission denied: uid 65534 may not command this master\n"
+    );
+    server.wait_for_log(&format!("refused uid 65534 (pid {pid})"));
+    assert!(
+        server.master_output().lines().any(|l| l.contains(" WARN ")
+            && l.contains(&format!("control socket: refused uid 65534 (pid {pid})"))),
+        "{}",
+        server.master_output()
+    );
+    // The master carries on, and serves root.
+    let st = server.status();
+    assert_eq!(st["groups"][0]["count"], 1, "{st}");
 }
