@@ -43,7 +43,7 @@ pub fn set_role(role: &str) {
 }
 
 /// Bytes of client data shown in one log line; longer data is cut with a `…(N bytes)` suffix.
-pub const SHOWN_BYTES: usize = 256;
+pub(crate) const SHOWN_BYTES: usize = 256;
 
 /// Client-controlled bytes made safe for one log line: see [`escaped`].
 pub struct Escaped<'a>(&'a [u8]);
@@ -51,8 +51,13 @@ pub struct Escaped<'a>(&'a [u8]);
 /// Shows `data` in a log line without letting it forge lines or steer a terminal: control
 /// characters (C0, DEL, C1) and the Unicode line and paragraph separators are escaped (`\n`,
 /// `\r`, `\t`, else `\u{1b}`), as is the backslash itself (`\\`) so an escape cannot be faked;
-/// bytes that are not UTF-8 show as `\xff`; past [`SHOWN_BYTES`] the rest is cut and the whole
-/// length given.
+/// bytes that are not UTF-8 show as `\xff`; past the first 256 bytes the rest is cut and the
+/// whole length given: `…(4096 bytes)`.
+///
+/// ```
+/// let line = format!("from client: {}", wsd::escaped("hi\nWARN forged"));
+/// assert_eq!(line, r"from client: hi\nWARN forged");
+/// ```
 pub fn escaped<T: AsRef<[u8]> + ?Sized>(data: &T) -> Escaped<'_> {
     Escaped(data.as_ref())
 }
