@@ -25,7 +25,10 @@
 //! `cli/` → `master/` is the control path, `config.rs` the `workers.toml` schema, `sys.rs` the
 //! only `unsafe`.
 
+#![deny(unsafe_code)]
+
 pub mod apps;
+mod backoff;
 mod bench;
 mod bus;
 mod cli;
@@ -50,6 +53,7 @@ pub use bus::{BadGlobalId, GlobalId};
 /// Binary payloads: the `bytes` crate's reference-counted buffer.
 pub use bytes::Bytes;
 pub use conn_id::ConnId;
+pub use logging::{Escaped, escaped};
 pub use message::{Message, NotUtf8, Utf8Bytes};
 pub use proto::{ProtocolError, close};
 pub use worker::{ConnError, Context, SendError, TimerId, Worker, WorkerAddr};

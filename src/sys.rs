@@ -6,6 +6,9 @@
 //! Everything that can go wrong in a forking server without threads goes wrong here, so it is
 //! kept small and each `unsafe` block says why it holds.
 
+#![allow(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
@@ -32,11 +35,6 @@ pub fn fork() -> io::Result<Fork> {
     }
 }
 
-/// In a freshly forked child: closes every inherited descriptor above stderr except `keep`.
-///
-/// Sweeping `/proc/self/fd` rather than listing what the master owns means nothing can leak
-/// into a worker by accident: not the other slots' listeners, not the control socket, not the
-/// pid-file lock (a worker holding it would block the next `wsd start`).
 /// Drops `NOTIFY_SOCKET` from this process's environment: a worker must not speak for the
 /// service (only the master does, `NotifyAccess=main`).
 pub fn forget_notify_socket() {
@@ -45,6 +43,11 @@ pub fn forget_notify_socket() {
     unsafe { std::env::remove_var("NOTIFY_SOCKET") };
 }
 
+/// In a freshly forked child: closes every inherited descriptor above stderr except `keep`.
+///
+/// Sweeping `/proc/self/fd` rather than listing what the master owns means nothing can leak
+/// into a worker by accident: not the other slots' listeners, not the control socket, not the
+/// pid-file lock (a worker holding it would block the next `wsd start`).
 pub fn close_fds_except(keep: &[RawFd]) {
     let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir
@@ -160,6 +163,19 @@ pub fn load_average() -> [f64; 3] {
     ]
 }
 
+/// Binds a Unix stream socket at `path` that only its owner (and root) can connect to: the
+/// file is created with mode 0600, under a file-mode creation mask of 0177 set just around the
+/// `bind`, so it is never reachable by others, not even for an instant before a `chmod`.
+///
+/// The mask is process-wide, so this is for single-threaded code only (the master).
+pub fn bind_owner_only(path: &std::path::Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use nix::sys::stat::{Mode, umask};
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    umask(previous);
+    bound
+}
+
 /// Name of a signal number, for exit logs ("killed by SIGKILL").
 pub fn signal_name(sig: i32) -> String {
     Signal::try_from(sig)
@@ -194,13 +210,11 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
     .map_err(io::Error::from)?;
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(received) = c {
-            // SAFETY: the kernel just installed these descriptors in this process for us;
-            // nothing else owns them.
-            fds.extend(
-                received
-                    .into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
+            for fd in received {
+                // SAFETY: the kernel just installed this descriptor in this process for us;
+                // nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
         }
     }
     Ok(msg.bytes)

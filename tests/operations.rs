@@ -656,3 +656,168 @@ fn a_control_client_that_sends_nothing_is_dropped() {
         connected.elapsed()
     );
 }
+
+#[test]
+fn client_text_in_the_log_is_escaped_so_it_cannot_forge_lines() {
+    let server = Server::start("clock", 1);
+    let mut c = server.connect();
+    c.send_text("hi\n2026-11-24 10:00:00.000 WARN  master[1] forged\x1b[2J");
+    server.wait_for_log("Message From client: hi\\n2026-11-24");
+    let log = server.master_output();
+    assert!(
+        log.contains(
+            "Message From client: hi\\n2026-11-24 10:00:00.000 WARN  master[1] forged\\u{1b}[2J\n"
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-11-24 10:00:00.000")),
+        "a client's text began a log line of its own:\n{log}"
+    );
+    assert!(!log.contains('\x1b'), "a raw escape reached the log");
+}
+
+/// `wsd`'s binary copied into `dir`, so another user can run it whatever the permissions of the
+/// checkout it was built in.
+fn wsd_copy_in(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("wsd");
+    std::fs::copy(wsd_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A process the test started, killed by its pid and reaped if the test ends before it exits.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `cmd` to its end (within [`DEADLINE`]): its pid, exit code and stderr.
+fn run_to_end(cmd: &mut std::process::Command) -> (i32, Option<i32>, String) {
+    use std::process::Stdio;
+    let mut p = Started(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let pid = p.0.id() as i32;
+    let status = wait_for("the command to exit", DEADLINE, || {
+        p.0.try_wait().ok().flatten()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut p.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    (pid, status.code(), stderr)
+}
+
+#[test]
+fn the_control_socket_is_owner_only_from_the_moment_it_exists() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let (dir, config) = Server::config("echo", 1, "");
+    // The master starts with the widest file-mode mask: a socket made by a bare bind would be
+    // 0777 until something changed its mode.
+    let wrapper = dir.path().join("wsd-umask-000");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\numask 000\nexec '{}' \"$@\"\n",
+            wsd_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    watch
+        .add_watch(
+            dir.path(),
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB,
+        )
+        .unwrap();
+    let server = Server::start_with(wrapper, dir, config);
+    let socket = server.dir.path().join("wsd.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "{socket:?}");
+    // The mode it has now is the one it was created with: its attributes never changed.
+    let mut seen = Vec::new();
+    while let Ok(events) = watch.read_events() {
+        seen.extend(
+            events
+                .into_iter()
+                .filter(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("wsd.sock")))
+                .map(|e| e.mask),
+        );
+    }
+    assert!(
+        seen.first() == Some(&AddWatchFlags::IN_CREATE)
+            && seen.iter().all(|m| !m.contains(AddWatchFlags::IN_ATTRIB)),
+        "created, then never changed: {seen:?}"
+    );
+}
+
+#[test]
+fn a_peer_of_another_user_is_refused_by_its_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: running a client as uid 65534 needs root");
+        return;
+    }
+    let mut server = Server::start("echo", 1);
+    let dir = server.dir.path().to_path_buf();
+    let socket = dir.join("wsd.sock");
+    let bin = wsd_copy_in(&dir);
+    // A directory others may pass through, a config they may read: the socket's own mode is
+    // the only barrier left.
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(&dir, 0o755);
+    open(&server.config, 0o644);
+    let status_as_nobody = || {
+        run_to_end(
+            std::process::Command::new(&bin)
+                .arg("-c")
+                .arg(&server.config)
+                .arg("status")
+                .env(LIBRARY_SERVER_ENV, "1")
+                .uid(65534)
+                .gid(65534),
+        )
+    };
+    let (_, code, stderr) = status_as_nobody();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("wsd: permission denied on {}\n", socket.display())
+    );
+
+    // Misconfigured: the socket opened to everyone. Its peer's credentials still decide.
+    open(&socket, 0o666);
+    let (pid, code, stderr) = status_as_nobody();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        "wsd: permission denied: uid 65534 may not command this master\n"
+    );
+    server.wait_for_log(&format!("refused uid 65534 (pid {pid})"));
+    assert!(
+        server.master_output().lines().any(|l| l.contains(" WARN ")
+            && l.contains(&format!("control socket: refused uid 65534 (pid {pid})"))),
+        "{}",
+        server.master_output()
+    );
+    // The master carries on, and serves root.
+    let st = server.status();
+    assert_eq!(st["groups"][0]["count"], 1, "{st}");
+}

@@ -1,9 +1,10 @@
-//! `clock`: the seed's `onWorkerStart` + `Timer::add(5.0, ...)` program. Every 5 seconds each
+//! `clock`: Workerman's `onWorkerStart` + `Timer::add(5.0, ...)` program. Every 5 seconds each
 //! worker pushes `Hello Client! Now is HH:MM:SS` to all of its connections, and it logs what
-//! clients send (`echo 'Message From client: ', $data`). `clock-echo` pushes the same and
-//! echoes what clients send.
+//! clients send (`echo 'Message From client: ', $data`), escaped so that it stays one line.
+//! `clock-echo` pushes the same and echoes what clients send.
 
 use crate::Worker;
+use crate::escaped;
 use std::time::Duration;
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
@@ -11,12 +12,12 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 pub fn clock(worker: &mut Worker) {
     push_the_time(worker);
     worker.on_message(|_ctx, _conn, msg| {
-        log::info!("Message From client: {msg}");
+        log::info!("Message From client: {}", escaped(msg.as_bytes()));
     });
 }
 
 /// `clock-echo`: the clock's push, and every message echoed. What `wsd bench latency` measures
-/// echo latency against while the 5-second timer fires (issue 7's open-loop target).
+/// echo latency against while the 5-second timer fires (an open-loop target).
 pub fn clock_echo(worker: &mut Worker) {
     push_the_time(worker);
     worker.on_message(|ctx, conn, msg| {

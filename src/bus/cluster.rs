@@ -30,6 +30,7 @@
 //! counted; the local mesh carries on as before.
 
 use super::wire::{self, BusMessage, Origin};
+use crate::backoff::Backoff;
 use crate::config::RedisUrl;
 use mio::{Registry, Token, Waker};
 use redis::{Client, Connection, RedisError};
@@ -197,22 +198,8 @@ impl Link {
 }
 
 /// Retry delays: 100 ms, doubling to 5 s; back to the start after a success.
-#[derive(Debug, Default)]
-pub struct Backoff(Duration);
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        self.0 = if self.0.is_zero() {
-            MIN_BACKOFF
-        } else {
-            (self.0 * 2).min(MAX_BACKOFF)
-        };
-        self.0
-    }
-
-    pub fn reset(&mut self) {
-        self.0 = Duration::ZERO;
-    }
+fn retry_backoff() -> Backoff {
+    Backoff::new(MIN_BACKOFF, MAX_BACKOFF)
 }
 
 /// What the helper threads and the loop share.
@@ -405,7 +392,7 @@ enum Ended {
 
 impl Subscriber {
     fn run(self) {
-        let mut backoff = Backoff::default();
+        let mut backoff = retry_backoff();
         loop {
             let ended = match self.connect() {
                 Ok(mut con) => self.listen(&mut con, &mut backoff),
@@ -524,7 +511,7 @@ struct Publisher {
 impl Publisher {
     fn run(self) {
         let mut con: Option<Connection> = None;
-        let mut backoff = Backoff::default();
+        let mut backoff = retry_backoff();
         let mut retry_at = Instant::now();
         loop {
             let now = Instant::now();
@@ -707,14 +694,5 @@ mod tests {
         assert!(b.take(10));
         b.give_back(QUEUE_BYTES);
         assert!(b.take(QUEUE_BYTES));
-    }
-
-    #[test]
-    fn backoff_doubles_to_a_ceiling_and_resets() {
-        let mut b = Backoff::default();
-        let delays: Vec<u64> = (0..9).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_delay(), MIN_BACKOFF);
     }
 }

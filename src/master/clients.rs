@@ -7,10 +7,17 @@
 //! cannot pile up: one that sends no request, or takes none of its reply, for
 //! [`CLIENT_TIMEOUT`] is dropped, and beyond [`MAX_CLIENTS`] the longest-idle one that has not
 //! asked anything makes room for a newcomer, so `wsd status` still gets through.
+//!
+//! Only root and the master's own user may command it. The socket file is owner-only, and
+//! each connection's peer is checked again by its credentials (`SO_PEERCRED`), so a socket
+//! made reachable by a too-open directory or a `chmod` still obeys no one else: such a peer's
+//! request is answered with a refusal and nothing else.
 
 use crate::control::{self, LineReader, Reply, Request};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::Uid;
 use slab::Slab;
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
@@ -34,11 +41,23 @@ struct Client {
     /// When the client is dropped if it has not made progress (none while the master works
     /// on its request).
     deadline: Option<Instant>,
+    peer: Peer,
+}
+
+/// Whether a client may command the master, by its credentials.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// Root, or the master's own user.
+    Trusted,
+    /// Anyone else: its request is answered with a refusal.
+    Refused { uid: u32 },
 }
 
 pub struct Clients {
     listener: UnixListener,
     slab: Slab<Client>,
+    /// The master's effective uid: its peers with the same uid, and root, may command it.
+    own_uid: Uid,
 }
 
 pub fn token_client(token: Token) -> Option<usize> {
@@ -51,6 +70,7 @@ impl Clients {
         Clients {
             listener: UnixListener::from_std(listener),
             slab: Slab::new(),
+            own_uid: nix::unistd::geteuid(),
         }
     }
 
@@ -62,6 +82,9 @@ impl Clients {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
+                    let Some(peer) = self.check_peer(&stream) else {
+                        continue;
+                    };
                     if self.slab.len() >= MAX_CLIENTS && !self.evict_idle(registry) {
                         log::warn!("control socket: {MAX_CLIENTS} clients busy; one refused");
                         continue;
@@ -79,6 +102,7 @@ impl Clients {
                             written: 0,
                             asked: false,
                             deadline: Some(Instant::now() + CLIENT_TIMEOUT),
+                            peer,
                         });
                     }
                 }
@@ -90,6 +114,29 @@ impl Clients {
                 }
             }
         }
+    }
+
+    /// Who is at the other end of `stream`, or `None` (the connection is to be dropped) when
+    /// the kernel cannot say. A refusal is logged here, with the peer's uid and pid.
+    fn check_peer(&self, stream: &UnixStream) -> Option<Peer> {
+        let cred = match getsockopt(stream, PeerCredentials) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("control socket: cannot read a peer's credentials ({e}); dropped");
+                return None;
+            }
+        };
+        let uid = Uid::from_raw(cred.uid());
+        if uid.is_root() || uid == self.own_uid {
+            return Some(Peer::Trusted);
+        }
+        log::warn!(
+            "control socket: refused uid {uid} (pid {}): only root and uid {} may command \
+             this master",
+            cred.pid(),
+            self.own_uid
+        );
+        Some(Peer::Refused { uid: uid.as_raw() })
     }
 
     /// Handles readiness of client `key`: writes pending output, reads a request. Returns the
@@ -112,6 +159,11 @@ impl Clients {
         };
         client.asked = true;
         client.deadline = None;
+        if let Peer::Refused { uid } = client.peer {
+            let why = format!("permission denied: uid {uid} may not command this master");
+            self.reply(key, &Reply::error(why), registry);
+            return None;
+        }
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => Some(req),
             Err(e) => {

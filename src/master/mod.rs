@@ -10,6 +10,7 @@
 
 mod bus_watch;
 mod clients;
+mod control_socket;
 mod daemon;
 mod event_loop;
 mod listeners;
@@ -23,8 +24,6 @@ mod supervisor;
 use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 /// Installs a named app's hooks on a group (`app = "echo"`).
@@ -170,9 +169,8 @@ pub fn start(plan: Plan) -> i32 {
             Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
         }
     }
-    let _ = std::fs::remove_file(&server.control_socket);
-    let control = match UnixListener::bind(&server.control_socket) {
-        Ok(l) => l,
+    let (control, socket_file) = match control_socket::create(&server.control_socket) {
+        Ok(c) => c,
         Err(e) => {
             return fail(
                 pidfile,
@@ -183,13 +181,6 @@ pub fn start(plan: Plan) -> i32 {
             );
         }
     };
-    let _ = std::fs::set_permissions(
-        &server.control_socket,
-        std::fs::Permissions::from_mode(0o600),
-    );
-    // Removed at exit only if the path still names our socket: another master may have
-    // taken the path over meanwhile (its own start removes what it finds there).
-    let ours = std::fs::metadata(&server.control_socket).map(|m| (m.dev(), m.ino()));
     let announce = if plan.daemon {
         match daemon::detach(&server.log_file) {
             Ok(a) => a,
@@ -203,10 +194,7 @@ pub fn start(plan: Plan) -> i32 {
     }
     let master = event_loop::Master::new(server.clone(), source, sup, control, announce);
     let (code, mut stop_waiters) = event_loop::run(master);
-    let now = std::fs::metadata(&server.control_socket).map(|m| (m.dev(), m.ino()));
-    if matches!((&ours, &now), (Ok(a), Ok(b)) if a == b) {
-        let _ = std::fs::remove_file(&server.control_socket);
-    }
+    socket_file.remove_if_ours();
     pidfile.remove();
     for w in &mut stop_waiters {
         clients::send_reply(w, &crate::control::Reply::ok());

@@ -9,6 +9,7 @@
 
 use super::bus_watch::BusChange;
 use super::listeners;
+use crate::backoff::Backoff;
 use crate::bus::Bus;
 use crate::bus::cluster::ClusterSettings;
 use crate::bus::mesh::Mesh;
@@ -56,14 +57,24 @@ pub struct Group {
     pub mesh: Mesh,
 }
 
-#[derive(Default)]
 pub struct Slot {
     /// The process serving this slot: a key of [`Supervisor::procs`].
     pub proc: Option<usize>,
     pub respawn_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     /// Consecutive deaths before `Ready`.
     pub boot_failures: u32,
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            proc: None,
+            respawn_at: None,
+            backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
+            boot_failures: 0,
+        }
+    }
 }
 
 /// A live worker process.
@@ -137,13 +148,9 @@ impl Group {
     /// Schedules the respawn of `slot` after its backoff; returns the delay.
     pub fn schedule_respawn(&mut self, slot: usize) -> Duration {
         let s = &mut self.slots[slot];
-        s.backoff = if s.backoff.is_zero() {
-            MIN_BACKOFF
-        } else {
-            (s.backoff * 2).min(MAX_BACKOFF)
-        };
-        s.respawn_at = Some(Instant::now() + s.backoff);
-        s.backoff
+        let delay = s.backoff.next_delay();
+        s.respawn_at = Some(Instant::now() + delay);
+        delay
     }
 
     /// True when every slot has died at boot [`BOOT_FAILURES`] times in a row.
@@ -294,7 +301,7 @@ impl Supervisor {
             s.proc = None;
             s.boot_failures = if p.ready { 0 } else { s.boot_failures + 1 };
             if p.started_at.elapsed() >= HEALTHY_UPTIME {
-                s.backoff = Duration::ZERO;
+                s.backoff.reset();
             }
         }
         if let Some(g) = g {
