@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 7's "100,000 concurrent connections on this one box": wsd's echo app with count = 8
+# 100,000 concurrent connections on this one box: wsd's echo app with count = 8
 # holds CONNS connections (default 100,000), every one of which answers an echo, and the
 # server's memory is reported from /proc/PID/smaps_rollup of each worker.
 #
 # Starts wsd in the foreground (its own temp dir, config and port), runs
 # `wsd bench idle --conns CONNS --config ...` against it (client processes of ~19,700 sockets
-# each over source addresses 127.0.0.1-250, since a process may hold 20,000 files here), prints
+# each over source addresses 127.0.0.1-250, sized from the file limit), prints
 # its table and stops wsd. Exits non-zero unless every connection was up and echoed.
 #
 # Usage: [CONNS=100000] [WORKERS=8] [HOLD=2] [WSD_BIN=path/to/wsd] scripts/bench-100k.sh [--json]
@@ -31,7 +31,7 @@ NAME=bench-100k
 source "$root/scripts/bench-lib.sh"
 
 # Each worker takes its share and some slack (the kernel spreads over SO_REUSEPORT sockets
-# by hash, not evenly); it must stay under the 20,000 files a process may hold here.
+# by hash, not evenly); it must stay under the files a process may hold (the hard limit).
 per_worker=$((CONNS / WORKERS * 5 / 4 + 100))
 ((per_worker < hard - 100)) || per_worker=$((hard - 100))
 write_config "$tmp/wsd" echo "$WORKERS" "$per_worker"

@@ -7,7 +7,7 @@
 #   raw-uring          the same byte-echo on io_uring (raw-uring: multishot recv, provided
 #                      buffers, one io_uring_enter a turn): what batching system calls adds
 #   wsd-1              wsd, echo app, count = 1 (the latency scenario runs clock-echo: echo with
-#                      the clock's 5 s push to every connection firing, as issue 7 asks)
+#                      the clock's 5 s push to every connection firing)
 #   wsd-2              wsd, the same, count = 2 (not pinned: both cores, shared with the client)
 #   tokio-tungstenite  tokio-tungstenite 0.30 on a current_thread runtime (benches/peers/),
 #                      its read buffer cut from 128 KiB to 4 KiB: tungstenite at its best

@@ -15,6 +15,9 @@ if [[ -z "${WSD_BIN:-}" ]]; then
 fi
 install -D -m 0755 "$WSD_BIN" "$DEST$PREFIX/bin/wsd"
 install -D -m 0644 "$ROOT/README.md" "$DEST$PREFIX/share/doc/wsd/README.md"
+for doc in "$ROOT"/docs/*.md; do
+    install -D -m 0644 "$doc" "$DEST$PREFIX/share/doc/wsd/docs/$(basename "$doc")"
+done
 CONF="$DEST/etc/wsd/workers.toml"
 if [[ ! -e "$CONF" ]]; then
     install -d "$DEST/etc/wsd"

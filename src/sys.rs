@@ -27,7 +27,7 @@ pub enum Fork {
 /// Only ever called from single-threaded code (the master, or the CLI before it becomes the
 /// master): a fork taken while another thread holds a lock would deadlock the child.
 pub fn fork() -> io::Result<Fork> {
-    // SAFETY: the caller is single-threaded (the master never starts threads; see DESIGN §1), so
+    // SAFETY: the caller is single-threaded (the master never starts threads; see docs/architecture.md), so
     // no lock can be held by a thread that does not exist in the child.
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Parent { child } => Ok(Fork::Parent(child)),

@@ -1,4 +1,4 @@
-//! `chat`: the seed's chat room. Every text message a client sends is relayed, unchanged, to
+//! `chat`: a chat room, as in Workerman's chat example. Every text message a client sends is relayed, unchanged, to
 //! every client of the group — on every worker, and on every server of a cluster bus — the
 //! sender included, so A's message reaches B on whatever worker B landed.
 

@@ -1,4 +1,4 @@
-//! `hello`: replies `hello <message>`, the seed's Workerman example
+//! `hello`: replies `hello <message>`, as in Workerman's hello example
 //! (`$connection->send('hello ' . $data)`).
 
 use crate::Worker;

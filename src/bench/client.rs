@@ -6,7 +6,7 @@
 //! - every read lands in one scratch buffer shared by all connections; only a frame cut by
 //!   the end of a read is carried in the connection's own buffer (whose capacity is kept);
 //! - everything a readiness event makes a connection send (replies, pongs) is appended to one
-//!   buffer and written with one syscall after all its input is handled (DESIGN §2's batching);
+//!   buffer and written with one syscall after all its input is handled (the batching docs/architecture.md describes);
 //! - source addresses are spread over 127.0.0.1–250 when the server is on loopback, so one
 //!   source address does not run out of ephemeral ports (a restarted slot moves on to the
 //!   next address, so `connect` cycles spread too).

@@ -6,7 +6,7 @@
 //! before the first connect and again at the end of `--hold` seconds, with every connection
 //! still open, then tells the client processes to stop; (after − before) / N is the memory
 //! one connection costs. The connections spread over client processes and source addresses
-//! like every mode's (one process may hold at most 20,000 files here).
+//! like every mode's (each process holds what its file limit allows).
 //!
 //! Pss is the headline: forked workers share their pages with the master, and the pages a
 //! worker writes become its own; Rss would count a shared page in full in every worker.

@@ -175,7 +175,7 @@ pub fn render_connections(c: &Connections) -> String {
             r.worker,
             r.id,
             r.remote,
-            r.path,
+            crate::escaped(&r.path).to_string(),
             r.age_secs,
             r.bytes_in,
             r.bytes_out,

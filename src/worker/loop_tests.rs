@@ -336,7 +336,7 @@ fn data_and_end_of_input_in_one_event_are_both_read() {
         ws.send(Message::text("bye")).unwrap();
         ws.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
     });
-    // The connection ends, where it used to stay open with nothing left to wake it. The echo
+    // The connection ends; it must not stay open with nothing left to wake it. The echo
     // comes first: the client only shut its sending side.
     assert_eq!(leaver.read().unwrap(), Message::text("bye"));
     match leaver.read() {

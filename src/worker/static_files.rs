@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 pub(crate) const MAX_FILE_BYTES: u64 = 16 << 20;
 
 impl Loop {
-    /// Answers a plain `GET`/`HEAD`: a file from `static_dir`, or the old refusal without one.
+    /// Answers a plain `GET`/`HEAD`: a file from `static_dir`, or the 426 refusal without one.
     pub(super) fn serve_file(&mut self, idx: usize, request: FileRequest) {
         let (status, response) = match &self.settings.static_dir {
             Some(dir) => respond(dir, &request),
@@ -36,7 +36,11 @@ impl Loop {
         };
         let conn = &mut self.ctx.conns[idx];
         let method = if request.head { "HEAD" } else { "GET" };
-        log::debug!("{method} {} from {}: {status}", request.path, conn.remote);
+        log::debug!(
+            "{method} {} from {}: {status}",
+            crate::escaped(&request.path),
+            conn.remote
+        );
         conn.session.respond(&response);
         self.ctx.mark_dirty(idx);
     }
@@ -147,7 +151,7 @@ fn size(file: &Path) -> Result<u64, Reject> {
     if meta.len() > MAX_FILE_BYTES {
         log::warn!(
             "not serving {}: {} bytes is over the {MAX_FILE_BYTES}-byte cap",
-            file.display(),
+            crate::escaped(file.as_os_str().as_bytes()),
             meta.len()
         );
         return Err(refuse(404, "file too large to serve"));
