@@ -9,6 +9,7 @@
 //! the master's [`Status`] printed as is.
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::io::{self, Read};
 
 /// What the CLI asks the master.
@@ -125,7 +126,7 @@ pub struct ConnInfo {
     /// Bytes queued for the client and not yet taken by its socket.
     pub send_queue: u64,
     /// `handshake`, `open` or `closing`.
-    pub state: String,
+    pub state: ConnStage,
 }
 
 /// The answer to [`Request::Connections`].
@@ -135,6 +136,98 @@ pub struct Connections {
     /// Workers that did not answer in time (busy in a hook); their connections are missing.
     #[serde(default)]
     pub missing: Vec<i32>,
+}
+
+/// A connection's stage, as `wsd connections` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnStage {
+    /// The upgrade has not completed.
+    #[default]
+    Handshake,
+    /// Upgraded, and neither side has sent Close.
+    Open,
+    /// Either side sent Close, the connection failed, or its upgrade was refused.
+    Closing,
+}
+
+impl fmt::Display for ConnStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnStage::Handshake => "handshake",
+            ConnStage::Open => "open",
+            ConnStage::Closing => "closing",
+        })
+    }
+}
+
+/// A worker's side of the cluster bus, as it reports it (`bus_state` in `status --json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BusState {
+    /// No report from the worker yet.
+    #[default]
+    #[serde(rename = "")]
+    Unknown,
+    /// The server has no cluster bus: the bus spans this host's workers.
+    #[serde(rename = "local")]
+    Local,
+    /// Redis not reached yet since the worker started.
+    #[serde(rename = "redis connecting")]
+    Connecting,
+    #[serde(rename = "redis up")]
+    Up,
+    #[serde(rename = "redis down")]
+    Down,
+}
+
+/// The cluster bus over all workers, as `status` sums it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    /// Every worker reaches Redis.
+    Up,
+    /// At least one worker reports Redis down.
+    Down,
+    /// None is down, but not every worker has reached Redis yet.
+    Connecting,
+}
+
+impl fmt::Display for ClusterState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClusterState::Up => "up",
+            ClusterState::Down => "down",
+            ClusterState::Connecting => "connecting",
+        })
+    }
+}
+
+/// What a worker is doing, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Forked, no report yet.
+    Starting,
+    /// Its last report is fresh.
+    Idle,
+    /// It has not reported for a while (stuck in a hook).
+    Busy,
+    /// Being replaced (reload) or removed.
+    Stopping,
+    /// The slot waits for its worker to be respawned.
+    Restarting,
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Restarting => "restarting",
+        })
+    }
 }
 
 /// What a worker counts, pushed to the master about once a second.
@@ -164,7 +257,7 @@ pub struct Counters {
     /// `local` (no cluster bus), or the worker's link to Redis: `redis connecting`,
     /// `redis up`, `redis down`.
     #[serde(default)]
-    pub bus_state: String,
+    pub bus_state: BusState,
     /// Resident memory of the worker process in bytes.
     pub memory: u64,
 }
@@ -186,7 +279,7 @@ pub struct BusStatus {
     /// The Redis address, without a password.
     pub url: String,
     /// `up` (every worker reaches Redis), `down` (at least one does not), or `connecting`.
-    pub state: String,
+    pub state: ClusterState,
     pub workers_up: usize,
     pub workers: usize,
     /// The workers (`group#slot`) that report Redis down.
@@ -223,8 +316,8 @@ pub struct WorkerStatus {
     pub listen: String,
     /// `idle` when its last report is fresh, `busy` when it has not reported for a while
     /// (stuck in a hook), `starting` before its first report, `stopping` when it is being
-    /// replaced (reload) or removed.
-    pub status: String,
+    /// replaced (reload) or removed, `restarting` for a slot waiting for its worker.
+    pub status: WorkerState,
     pub uptime_secs: u64,
     pub qps: f64,
     /// Connections waiting in this slot's listen queue, and the queue's limit (backlog).

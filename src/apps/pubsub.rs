@@ -31,21 +31,34 @@ struct Command {
 pub fn pubsub(worker: &mut Worker) {
     worker.on_message(|ctx, conn, msg| {
         if let Err(why) = handle(ctx, conn, &msg) {
-            let _ = ctx.send(conn, json!({ "error": why }).to_string());
+            let _ = ctx.send(conn, json!({ "error": why.to_string() }).to_string());
         }
     });
 }
 
-fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> {
-    let cmd: Command = serde_json::from_slice(msg.as_bytes()).map_err(|e| {
-        format!("expected {{\"subscribe\"|\"unsubscribe\"|\"publish\": TOPIC, \"data\": ...}}: {e}")
-    })?;
+/// Why a client's command was refused; the client gets `{"error": "<this>"}`.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("expected {{\"subscribe\"|\"unsubscribe\"|\"publish\": TOPIC, \"data\": ...}}: {0}")]
+    NotACommand(serde_json::Error),
+    #[error("a topic is at most {MAX_TOPIC_LEN} bytes")]
+    TopicTooLong,
+    #[error("at most {MAX_TOPICS} topics per connection")]
+    TooManyTopics,
+    #[error("publish needs \"data\"")]
+    NoData,
+    #[error("one of subscribe, unsubscribe or publish, please")]
+    Ambiguous,
+}
+
+fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal> {
+    let cmd: Command = serde_json::from_slice(msg.as_bytes()).map_err(Refusal::NotACommand)?;
     let named = [&cmd.subscribe, &cmd.unsubscribe, &cmd.publish];
     if named
         .iter()
         .any(|t| t.as_ref().is_some_and(|t| t.len() > MAX_TOPIC_LEN))
     {
-        return Err(format!("a topic is at most {MAX_TOPIC_LEN} bytes"));
+        return Err(Refusal::TopicTooLong);
     }
     match cmd {
         Command {
@@ -56,7 +69,7 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> 
         } => {
             let held = ctx.topics_of(conn);
             if held.len() >= MAX_TOPICS && !held.contains(&topic) {
-                return Err(format!("at most {MAX_TOPICS} topics per connection"));
+                return Err(Refusal::TooManyTopics);
             }
             ctx.subscribe(conn, &topic);
             reply(ctx, conn, json!({ "subscribed": topic }));
@@ -87,8 +100,8 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), String> 
             publish: Some(_),
             data: None,
             ..
-        } => return Err("publish needs \"data\"".into()),
-        _ => return Err("one of subscribe, unsubscribe or publish, please".into()),
+        } => return Err(Refusal::NoData),
+        _ => return Err(Refusal::Ambiguous),
     }
     Ok(())
 }

@@ -15,7 +15,7 @@
 use super::client::{Driver, Pool};
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
-use super::wire::{self, Frame};
+use super::wire::{self, BadReply, Frame};
 use super::{App, Plan, Work};
 use crate::proto::frame::{CONTINUATION, TEXT};
 use hdrhistogram::Histogram;
@@ -140,10 +140,10 @@ impl Driver for Broadcast {
         frame: Frame<'_>,
         _out: &mut Vec<u8>,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), BadReply> {
         let payload = frame.payload;
         if payload.starts_with(b"{\"error\"") {
-            return Err(format!("the server says {}", preview(payload)));
+            return Err(BadReply::ServerError(preview(payload)));
         }
         if Some(id) == self.publisher {
             return Ok(()); // chat sends the publisher its own messages back
@@ -151,7 +151,10 @@ impl Driver for Broadcast {
         if !self.subscribed[id] {
             let ack = format!("{{\"subscribed\":{}}}", self.topic_json);
             if payload != ack.as_bytes() {
-                return Err(format!("expected {ack}, got {}", preview(payload)));
+                return Err(BadReply::Unexpected {
+                    want: ack,
+                    got: preview(payload),
+                });
             }
             self.subscribed[id] = true;
             self.ready += 1;
@@ -160,10 +163,7 @@ impl Driver for Broadcast {
         if frame.opcode != CONTINUATION {
             self.stamp[id] = stamp_of(self.app, payload).unwrap_or(NO_STAMP);
             if self.stamp[id] == NO_STAMP {
-                return Err(format!(
-                    "a delivery without a timestamp: {}",
-                    preview(payload)
-                ));
+                return Err(BadReply::NoStamp(preview(payload)));
             }
         }
         // Counted even before this process hears `go`: the publisher, in another process,

@@ -22,7 +22,7 @@
 
 use super::Clock;
 use super::report::{ErrorKind, Errors};
-use super::wire::{self, Frame};
+use super::wire::{self, BadReply, Frame};
 use crate::proto::frame::{CLOSE, PING, PONG};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -53,7 +53,7 @@ pub trait Driver {
         frame: Frame<'_>,
         out: &mut Vec<u8>,
         now: u64,
-    ) -> Result<(), String>;
+    ) -> Result<(), BadReply>;
     /// Connection `id`, closed with [`Pool::close`], finished its close handshake and may be
     /// started again with [`Pool::restart`].
     fn closed(&mut self, _id: usize, _now: u64) {}
@@ -513,7 +513,7 @@ fn scan(
             }
             _ => driver
                 .data(id, frame, out, now)
-                .map_err(|why| (ErrorKind::Protocol, why))?,
+                .map_err(|why| (ErrorKind::Protocol, why.to_string()))?,
         }
     }
 }

@@ -21,7 +21,7 @@
 use super::client::{Driver, Pool};
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
-use super::wire::Frame;
+use super::wire::{BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -78,7 +78,7 @@ impl Driver for Connect {
         self.to_close.push(id);
     }
 
-    fn data(&mut self, _: usize, _: Frame<'_>, _: &mut Vec<u8>, _: u64) -> Result<(), String> {
+    fn data(&mut self, _: usize, _: Frame<'_>, _: &mut Vec<u8>, _: u64) -> Result<(), BadReply> {
         Ok(()) // a greeting from the server (the relay app's `id ...`, say) is no error
     }
 

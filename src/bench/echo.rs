@@ -8,7 +8,7 @@
 use super::client::{Driver, Pool};
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
-use super::wire::{self, Frame};
+use super::wire::{self, BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -53,11 +53,11 @@ impl Driver for Echo {
         frame: Frame<'_>,
         out: &mut Vec<u8>,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), BadReply> {
         if !frame.echo_of(self.size)? {
             return Ok(());
         }
-        let sent = self.rings[id].pop_front().ok_or("a reply to no message")?;
+        let sent = self.rings[id].pop_front().ok_or(BadReply::Unasked)?;
         if !self.measuring || now >= self.end {
             return Ok(());
         }

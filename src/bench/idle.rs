@@ -15,7 +15,7 @@ use super::client::{Driver, Pool};
 use super::report::{self, Counts, Summary};
 use super::server::{Memory, ServerRun};
 use super::shard::Workload;
-use super::wire::{self, Frame};
+use super::wire::{self, BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -59,19 +59,18 @@ impl Driver for Idle {
         frame: Frame<'_>,
         _out: &mut Vec<u8>,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), BadReply> {
         if !frame.fin {
             return Ok(());
         }
         if self.sent_at[id] == ECHOED {
-            return Err("a second reply to one message".into());
+            return Err(BadReply::Twice);
         }
         if frame.payload.len() != self.size {
-            return Err(format!(
-                "a reply of {} bytes to a message of {}",
-                frame.payload.len(),
-                self.size
-            ));
+            return Err(BadReply::Size {
+                got: frame.payload.len(),
+                sent: self.size,
+            });
         }
         self.latency
             .saturating_record(now.saturating_sub(self.sent_at[id]));

@@ -21,7 +21,7 @@
 use super::client::{Driver, Pool};
 use super::report::{self, Counts, Span, Summary};
 use super::shard::Workload;
-use super::wire::{self, Frame};
+use super::wire::{self, BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -113,7 +113,7 @@ impl Driver for Latency {
         frame: Frame<'_>,
         _out: &mut Vec<u8>,
         now: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), BadReply> {
         let whole_text = frame.opcode == crate::proto::frame::TEXT && frame.fin;
         if whole_text && frame.payload != self.payload.as_slice() {
             self.counts.pushes += 1;
@@ -122,7 +122,7 @@ impl Driver for Latency {
         if !frame.echo_of(self.payload.len())? {
             return Ok(());
         }
-        let due = self.rings[id].pop_front().ok_or("a reply to no message")?;
+        let due = self.rings[id].pop_front().ok_or(BadReply::Unasked)?;
         self.in_flight -= 1;
         self.counts.messages += 1;
         self.counts.bytes += self.payload.len() as u64;

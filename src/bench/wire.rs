@@ -113,18 +113,37 @@ pub struct Frame<'a> {
 impl Frame<'_> {
     /// Checks that this frame can be the echo of a `size`-byte text message; `Ok(true)` when it
     /// completes one (a final frame), `Ok(false)` for a fragment to wait past.
-    pub fn echo_of(&self, size: usize) -> Result<bool, String> {
+    pub fn echo_of(&self, size: usize) -> Result<bool, BadReply> {
         if self.opcode == frame::BINARY {
-            return Err("a binary reply to a text message".into());
+            return Err(BadReply::Binary);
         }
         if self.opcode == frame::TEXT && self.fin && self.payload.len() != size {
-            return Err(format!(
-                "a reply of {} bytes to a message of {size}",
-                self.payload.len()
-            ));
+            return Err(BadReply::Size {
+                got: self.payload.len(),
+                sent: size,
+            });
         }
         Ok(self.fin)
     }
+}
+
+/// A reply that a workload did not expect: a protocol error of the server under test.
+#[derive(Debug, thiserror::Error)]
+pub enum BadReply {
+    #[error("a binary reply to a text message")]
+    Binary,
+    #[error("a reply of {got} bytes to a message of {sent}")]
+    Size { got: usize, sent: usize },
+    #[error("a second reply to one message")]
+    Twice,
+    #[error("a reply to no message")]
+    Unasked,
+    #[error("the server says {0}")]
+    ServerError(String),
+    #[error("expected {want}, got {got}")]
+    Unexpected { want: String, got: String },
+    #[error("a delivery without a timestamp: {0}")]
+    NoStamp(String),
 }
 
 /// The first whole frame in `buf` and the bytes it takes, or `None` if `buf` ends inside it.

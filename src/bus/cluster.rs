@@ -32,6 +32,7 @@
 use super::wire::{self, BusMessage, Origin};
 use crate::backoff::Backoff;
 use crate::config::RedisUrl;
+use crate::control::BusState;
 use mio::{Registry, Token, Waker};
 use redis::{Client, Connection, RedisError};
 use std::sync::Arc;
@@ -99,18 +100,12 @@ pub enum LinkState {
     Down,
 }
 
-/// `bus_state` of a worker without a cluster bus.
-pub const STATE_LOCAL: &str = "local";
-pub const STATE_CONNECTING: &str = "redis connecting";
-pub const STATE_UP: &str = "redis up";
-pub const STATE_DOWN: &str = "redis down";
-
-impl LinkState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LinkState::Connecting => STATE_CONNECTING,
-            LinkState::Up => STATE_UP,
-            LinkState::Down => STATE_DOWN,
+impl From<LinkState> for BusState {
+    fn from(s: LinkState) -> BusState {
+        match s {
+            LinkState::Connecting => BusState::Connecting,
+            LinkState::Up => BusState::Up,
+            LinkState::Down => BusState::Down,
         }
     }
 }

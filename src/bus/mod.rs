@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod wire;
 
 use crate::ConnId;
+use crate::control::BusState;
 use cluster::{Cluster, ClusterSettings, Target};
 use std::fmt;
 use std::io;
@@ -137,11 +138,11 @@ impl Bus {
     }
 
     /// `local`, or the Redis link's state (`redis up`, ...), for the worker's reports.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> BusState {
         match &self.remote {
-            Remote::None => cluster::STATE_LOCAL,
-            Remote::Configured(_) => cluster::STATE_CONNECTING,
-            Remote::Running(c) => c.state().as_str(),
+            Remote::None => BusState::Local,
+            Remote::Configured(_) => BusState::Connecting,
+            Remote::Running(c) => c.state().into(),
         }
     }
 

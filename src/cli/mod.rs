@@ -4,15 +4,16 @@
 //! (JSON lines) and turns the answer into output and an exit code: 0 on success, 1 with a
 //! one-line reason on stderr otherwise.
 
+mod client;
 mod status;
 
 use crate::Runner;
-use crate::config::{Config, ConfigError, ServerConfig};
-use crate::control::{self, Reply, Request, StopMode};
-use crate::master::{self, pidfile};
+use crate::config::{Config, ConfigError, ConfigProblem, GroupProblem, ServerConfig};
+use crate::control::{Request, StopMode};
+use crate::master;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use client::{ControlError, request};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -79,13 +80,32 @@ enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
-/// A failed command: printed as `wsd: <reason>`, exit code 1.
-struct Failed(String);
-
-impl From<ConfigError> for Failed {
-    fn from(e: ConfigError) -> Failed {
-        Failed(e.to_string())
-    }
+/// Why a command failed: printed as `wsd: <reason>`, exit code 1.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    /// `check` or `start` without a config file, and no groups defined in code.
+    #[error("no config file: {} not found (use -c FILE)", .0.display())]
+    NoConfigFile(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The file's groups and the code's together cannot run.
+    #[error("{}: {problem}", file.display())]
+    Groups {
+        file: PathBuf,
+        problem: ConfigProblem,
+    },
+    /// A group defined in code has settings that contradict each other.
+    #[error("worker {group:?}: {problem}")]
+    CodeGroup {
+        group: String,
+        problem: GroupProblem,
+    },
+    /// The running master could not be asked, or refused.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The master's status reply had no status in it.
+    #[error("master sent no status")]
+    NoStatus,
 }
 
 pub(crate) fn main(runner: Runner, args: Vec<String>) -> i32 {
@@ -109,8 +129,8 @@ pub(crate) fn main(runner: Runner, args: Vec<String>) -> i32 {
     let cli = Cli::from_arg_matches(&matches).expect("clap validated the arguments");
     match run(runner, cli) {
         Ok(code) => code,
-        Err(Failed(reason)) => {
-            eprintln!("wsd: {reason}");
+        Err(e) => {
+            eprintln!("wsd: {e}");
             1
         }
     }
@@ -127,16 +147,17 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
         Command::Bench(args) => Ok(crate::bench::run(args)),
         Command::Check => {
             if !have_file {
-                return Err(Failed(format!(
-                    "no config file: {} not found (use -c FILE)",
-                    config_path.display()
-                )));
+                return Err(Failed::NoConfigFile(config_path));
             }
             let config = Config::load(&config_path, &runner.app_names())?;
             let code = runner.workers.iter().map(|w| (w.name(), &w.listen));
             let file = config.groups.iter().map(|g| (g.name(), &g.listen));
-            crate::config::check_runnable(&code.chain(file).collect::<Vec<_>>())
-                .map_err(|e| Failed(format!("{}: {e}", config_path.display())))?;
+            crate::config::check_runnable(&code.chain(file).collect::<Vec<_>>()).map_err(
+                |problem| Failed::Groups {
+                    file: config_path.clone(),
+                    problem,
+                },
+            )?;
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
             println!(
                 "{}: ok ({} group(s), {workers} worker(s))",
@@ -155,8 +176,8 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             };
             match request(&server, &Request::Stop { mode }, None) {
                 Ok(_) => println!("wsd stopped"),
-                Err(Failed(e)) if e.contains("not running") => {}
-                Err(e) => return Err(e),
+                Err(ControlError::NotRunning { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
             start(runner, have_file.then_some(&config_path), daemon)
         }
@@ -208,9 +229,7 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             let server = locate(have_file.then_some(&config_path));
             loop {
                 let reply = request(&server, &Request::Status, Some(Duration::from_secs(5)))?;
-                let st = reply
-                    .status
-                    .ok_or_else(|| Failed("master sent no status".into()))?;
+                let st = reply.status.ok_or(Failed::NoStatus)?;
                 let text = if json {
                     serde_json::to_string_pretty(&st).unwrap_or_default()
                 } else {
@@ -235,16 +254,16 @@ fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<
         Some(p) => Config::load(p, &runner.app_names())?,
         None if !runner.workers.is_empty() => Config::empty(),
         None => {
-            return Err(Failed(
-                "no config file: ./workers.toml not found (use -c FILE)".into(),
-            ));
+            return Err(Failed::NoConfigFile(PathBuf::from("./workers.toml")));
         }
     };
     crate::logging::init(&config.server.log_level);
     let Runner { apps, workers } = runner;
     for w in &workers {
-        w.check()
-            .map_err(|e| Failed(format!("worker {:?}: {e}", w.name())))?;
+        w.check().map_err(|problem| Failed::CodeGroup {
+            group: w.name().to_string(),
+            problem,
+        })?;
     }
     Ok(master::start(master::Plan {
         config,
@@ -258,88 +277,5 @@ fn locate(config_path: Option<&PathBuf>) -> ServerConfig {
     match config_path {
         Some(p) => Config::locate(p),
         None => Config::empty().server,
-    }
-}
-
-/// Sends one request to the master and waits for its reply (`timeout` None: no limit).
-fn request(
-    server: &ServerConfig,
-    req: &Request,
-    timeout: Option<Duration>,
-) -> Result<Reply, Failed> {
-    let sock = &server.control_socket;
-    let mut stream = UnixStream::connect(sock).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => not_running(server),
-        io::ErrorKind::PermissionDenied => {
-            Failed(format!("permission denied on {}", sock.display()))
-        }
-        _ => Failed(format!(
-            "cannot reach the master at {}: {e}",
-            sock.display()
-        )),
-    })?;
-    stream.set_read_timeout(timeout).ok();
-    // A master that exits (another stop got there first, or it was killed) closes or resets
-    // the connections still waiting for it: for a stop, that is the answer.
-    let stopping = matches!(req, Request::Stop { .. });
-    let went_away = |e: &io::Error| {
-        stopping
-            && matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            )
-    };
-    match stream.write_all(&control::line(req)) {
-        Err(e) if went_away(&e) => return Ok(Reply::ok()),
-        Err(e) => return Err(Failed(format!("cannot talk to the master: {e}"))),
-        Ok(()) => {}
-    }
-    let mut line = String::new();
-    match BufReader::new(&stream).read_line(&mut line) {
-        Ok(0) if stopping => return Ok(Reply::ok()),
-        Err(e) if went_away(&e) => return Ok(Reply::ok()),
-        Ok(0) => {
-            return Err(Failed(
-                "the master closed the connection without answering".into(),
-            ));
-        }
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(Failed(format!(
-                "the master did not answer within {}s",
-                timeout.unwrap_or_default().as_secs()
-            )));
-        }
-        Err(e) => return Err(Failed(format!("cannot read the master's answer: {e}"))),
-    }
-    let reply: Reply = serde_json::from_str(&line)
-        .map_err(|e| Failed(format!("bad answer from the master: {e}")))?;
-    if !reply.ok {
-        return Err(Failed(
-            reply.error.unwrap_or_else(|| "the master refused".into()),
-        ));
-    }
-    Ok(reply)
-}
-
-fn not_running(server: &ServerConfig) -> Failed {
-    let pid_file = server.pid_file.display();
-    let socket = server.control_socket.display();
-    match pidfile::probe(&server.pid_file) {
-        Ok(pidfile::Probe::Running(Some(pid))) => Failed(format!(
-            "master pid {pid} holds {pid_file} but its control socket {socket} does not answer"
-        )),
-        Ok(pidfile::Probe::Running(None)) => Failed(format!(
-            "a master holds {pid_file} but its control socket {socket} does not answer"
-        )),
-        Ok(pidfile::Probe::Stale(Some(pid))) => Failed(format!(
-            "not running (stale pid file {pid_file} names pid {pid}, which is not a running wsd master)"
-        )),
-        _ => Failed(format!("not running (no master for {pid_file})")),
     }
 }

@@ -1,6 +1,6 @@
 //! `wsd status` as a Workerman-style table, and `wsd connections` as a table.
 
-use crate::control::{BusStatus, Connections, Status};
+use crate::control::{BusStatus, ClusterState, Connections, Status};
 use std::fmt::Write;
 
 pub fn render(st: &Status) -> String {
@@ -124,7 +124,7 @@ pub fn render(st: &Status) -> String {
 /// `bus: redis://127.0.0.1:6379/0 — up on 4/4 workers`, naming the workers that report it down.
 fn bus_line(bus: &BusStatus) -> String {
     let (url, up, all) = (&bus.url, bus.workers_up, bus.workers);
-    let mut line = if bus.state == "up" {
+    let mut line = if bus.state == ClusterState::Up {
         format!("bus: {url} — up on {up}/{all} workers")
     } else {
         format!("bus: {url} — {} (up on {up}/{all} workers)", bus.state)
@@ -214,7 +214,7 @@ mod tests {
     fn the_bus_line_says_where_redis_is_reached() {
         let mut bus = BusStatus {
             url: "redis://127.0.0.1:6379/0".into(),
-            state: "up".into(),
+            state: ClusterState::Up,
             workers_up: 4,
             workers: 4,
             down_on: Vec::new(),
@@ -223,7 +223,7 @@ mod tests {
             bus_line(&bus),
             "bus: redis://127.0.0.1:6379/0 — up on 4/4 workers"
         );
-        bus.state = "down".into();
+        bus.state = ClusterState::Down;
         bus.workers_up = 2;
         bus.down_on = vec!["chat#0".into(), "chat#3".into()];
         assert_eq!(

@@ -6,6 +6,7 @@
 //! socket (`requests.rs` answers) and gets an answer. This file drives what takes time: the
 //! workers' lives, a stop, a reload.
 
+use super::ReloadError;
 use super::clients::{self, Clients};
 use super::daemon::Announce;
 use super::reload::{self, Reload};
@@ -403,15 +404,12 @@ impl Master {
         why: &str,
         waiter: Option<usize>,
         registry: &Registry,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReloadError> {
         if self.stopping.is_some() {
-            return Err("the server is stopping".into());
+            return Err(ReloadError::Stopping);
         }
         if let Some(r) = &self.reload {
-            return Err(format!(
-                "a reload is already under way (started {:.1}s ago)",
-                r.started.elapsed().as_secs_f64()
-            ));
+            return Err(ReloadError::InProgress(r.started.elapsed()));
         }
         let (server, file_groups) = self.source.reread(&self.server)?;
         let prepared = reload::prepare(&self.sup, file_groups)?;

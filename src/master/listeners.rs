@@ -8,10 +8,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 
+/// A listening socket that could not be bound, and why.
 #[derive(Debug)]
 pub struct BindError {
+    /// The address.
     pub addr: SocketAddr,
+    /// The system's reason.
     pub error: io::Error,
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
 }
 
 impl std::fmt::Display for BindError {

@@ -12,6 +12,7 @@ mod bus_watch;
 mod clients;
 mod control_socket;
 mod daemon;
+mod error;
 mod event_loop;
 mod listeners;
 mod notify;
@@ -20,6 +21,8 @@ mod privileges;
 mod reload;
 mod requests;
 mod supervisor;
+
+pub use error::{ReloadError, ReopenError, StartError};
 
 use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;
@@ -66,12 +69,12 @@ impl Source {
 
     /// Reads the config file again for a reload: the new `[server]` settings and the file's
     /// groups. Settings that only a restart can change are refused with the reason.
-    fn reread(&self, running: &ServerConfig) -> Result<(ServerConfig, Vec<Worker>), String> {
+    fn reread(&self, running: &ServerConfig) -> Result<(ServerConfig, Vec<Worker>), ReloadError> {
         let Some(file) = &self.file else {
             return Ok((running.clone(), Vec::new()));
         };
         let names: Vec<&str> = self.apps.keys().map(String::as_str).collect();
-        let config = Config::load(file, &names).map_err(|e| e.to_string())?;
+        let config = Config::load(file, &names)?;
         let new = &config.server;
         let fixed = [
             ("pid_file", &running.pid_file, &new.pid_file),
@@ -84,28 +87,29 @@ impl Source {
         ];
         for (key, old, new) in fixed {
             if old != new {
-                return Err(format!(
-                    "[server] {key} changed from {} to {}: that needs `wsd restart`",
-                    old.display(),
-                    new.display()
-                ));
+                return Err(ReloadError::NeedsRestart {
+                    key,
+                    old: old.display().to_string(),
+                    new: new.display().to_string(),
+                });
             }
         }
         if running.bus != new.bus {
             let shown = |b: &Option<crate::config::RedisUrl>| {
                 b.as_ref().map_or("none".into(), |u| u.redacted())
             };
-            return Err(format!(
-                "[server] bus changed from {} to {}: that needs `wsd restart`",
-                shown(&running.bus),
-                shown(&new.bus)
-            ));
+            return Err(ReloadError::NeedsRestart {
+                key: "bus",
+                old: shown(&running.bus),
+                new: shown(&new.bus),
+            });
         }
         if running.log_level != new.log_level {
-            return Err(format!(
-                "[server] log_level changed from {:?} to {:?}: that needs `wsd restart`",
-                running.log_level, new.log_level
-            ));
+            return Err(ReloadError::NeedsRestart {
+                key: "log_level",
+                old: format!("{:?}", running.log_level),
+                new: format!("{:?}", new.log_level),
+            });
         }
         Ok((config.server.clone(), self.groups(&config)))
     }
@@ -121,8 +125,8 @@ pub fn start(plan: Plan) -> i32 {
             return 1;
         }
     };
-    let fail = |pidfile: pidfile::PidFile, msg: String| {
-        eprintln!("wsd: {msg}");
+    let fail = |pidfile: pidfile::PidFile, e: StartError| {
+        eprintln!("wsd: {e}");
         pidfile.remove();
         1
     };
@@ -133,11 +137,7 @@ pub fn start(plan: Plan) -> i32 {
     if std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok() {
         return fail(
             pidfile,
-            format!(
-                "a master is already running: it answers on control socket {} (its pid file \
-                 is another, or was removed)",
-                server.control_socket.display()
-            ),
+            StartError::AlreadyAnswering(server.control_socket.clone()),
         );
     }
     let source = Source {
@@ -158,33 +158,31 @@ pub fn start(plan: Plan) -> i32 {
     let defs: Vec<_> = defs.collect();
     let listens: Vec<_> = defs.iter().map(|(d, _)| (d.name(), &d.listen)).collect();
     if let Err(e) = crate::config::check_runnable(&listens) {
-        return fail(pidfile, e);
+        return fail(pidfile, StartError::Groups(e));
     }
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => match supervisor::Group::new(def, ls, from_file) {
                 Ok(g) => sup.groups.push(g),
-                Err(e) => return fail(pidfile, format!("cannot wire the bus: {e}")),
+                Err(e) => return fail(pidfile, StartError::Bus(e)),
             },
-            Err(e) => return fail(pidfile, format!("group {:?}: {e}", def.name())),
+            Err(source) => {
+                let group = def.name().to_string();
+                return fail(pidfile, StartError::Bind { group, source });
+            }
         }
     }
     let (control, socket_file) = match control_socket::create(&server.control_socket) {
         Ok(c) => c,
         Err(e) => {
-            return fail(
-                pidfile,
-                format!(
-                    "cannot create control socket {}: {e}",
-                    server.control_socket.display()
-                ),
-            );
+            let path = server.control_socket.clone();
+            return fail(pidfile, StartError::ControlSocket { path, source: e });
         }
     };
     let announce = if plan.daemon {
         match daemon::detach(&server.log_file) {
             Ok(a) => a,
-            Err(e) => return fail(pidfile, format!("cannot detach: {e}")),
+            Err(e) => return fail(pidfile, StartError::Detach(e)),
         }
     } else {
         daemon::Announce::Stdout

@@ -15,6 +15,7 @@
 //! already has a new worker is replaced to the end, the failed slot restarting like a
 //! crashed worker. The reload reports the failure either way.
 
+use super::ReloadError;
 use super::listeners;
 use super::supervisor::{Exit, Group, ProcRef, Slot, Supervisor};
 use crate::bus::mesh::Mesh;
@@ -52,16 +53,16 @@ pub struct Prepared {
 
 /// Checks the new file groups against the running ones and binds every new socket.
 /// Groups defined in code are carried over. Nothing running is touched.
-pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, String> {
+pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, ReloadError> {
     let code = sup.groups.iter().filter(|g| !g.from_file);
     let listens: Vec<_> = code
         .map(|g| (g.name(), &g.def.listen))
         .chain(file_groups.iter().map(|d| (d.name(), &d.listen)))
         .collect();
-    crate::config::check_runnable(&listens)?;
+    crate::config::check_runnable(&listens).map_err(ReloadError::Groups)?;
     let mut changes = Vec::new();
     let mut summary = Vec::new();
-    let wire = |slots: usize| Mesh::new(slots).map_err(|e| format!("cannot wire the bus: {e}"));
+    let wire = |slots: usize| Mesh::new(slots).map_err(ReloadError::Bus);
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
         let replace = g.def.reloadable;
         let mesh = if replace {
@@ -86,9 +87,18 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
             }
             Some((old, g)) if g.def.listen == def.listen => {
                 let (have, want) = (g.slots.len(), def.count);
-                let addr = g.listeners[0].local_addr().map_err(|e| e.to_string())?;
+                let bind = |source| ReloadError::Bind {
+                    group: name.clone(),
+                    source,
+                };
+                let addr = g.listeners[0].local_addr().map_err(|error| {
+                    bind(listeners::BindError {
+                        addr: def.listen.addr,
+                        error,
+                    })
+                })?;
                 let more = listeners::bind_more(addr, want.saturating_sub(have), def.backlog)
-                    .map_err(|e| format!("group {name:?}: {e}"))?;
+                    .map_err(bind)?;
                 summary.push(if have == want {
                     format!("{name}: {want} worker(s) replaced")
                 } else {
@@ -104,15 +114,15 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, S
             }
             other => {
                 let listeners = listeners::bind_slots(def.listen.addr, def.count, def.backlog)
-                    .map_err(|e| format!("group {name:?}: {e}"))?;
+                    .map_err(|source| ReloadError::Bind {
+                        group: name.clone(),
+                        source,
+                    })?;
                 summary.push(match other {
                     Some(_) => format!("{name}: moved to {} ({} worker(s))", def.listen, def.count),
                     None => format!("{name}: added ({} worker(s))", def.count),
                 });
-                Change::Fresh(
-                    Group::new(def, listeners, true)
-                        .map_err(|e| format!("cannot wire the bus: {e}"))?,
-                )
+                Change::Fresh(Group::new(def, listeners, true).map_err(ReloadError::Bus)?)
             }
         };
         changes.push(change);

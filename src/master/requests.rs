@@ -2,6 +2,7 @@
 //! from every worker without waiting on any of them), log reopening — and the dispatch of
 //! each request to it. Stop and reload are begun here and carried out by the loop.
 
+use super::ReopenError;
 use super::event_loop::Master;
 use super::supervisor;
 use crate::control::{
@@ -29,21 +30,20 @@ impl Master {
     // ---- logs ---------------------------------------------------------------------------
 
     /// Reopens `log_file` (a daemon's output) and hands it to every worker.
-    pub(super) fn reopen_logs(&mut self) -> Result<String, String> {
+    pub(super) fn reopen_logs(&mut self) -> Result<String, ReopenError> {
         if !self.daemon {
-            return Err(
-                "not started with -d: output goes to the terminal or journal, \
-                        there is no log file to reopen"
-                    .into(),
-            );
+            return Err(ReopenError::NotDaemon);
         }
         let path = &self.server.log_file;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        sys::redirect_output(file.as_raw_fd()).map_err(|e| e.to_string())?;
+            .map_err(|source| ReopenError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        sys::redirect_output(file.as_raw_fd()).map_err(ReopenError::Redirect)?;
         let keys: Vec<usize> = self.sup.procs.iter().map(|(k, _)| k).collect();
         let told = keys
             .iter()
@@ -85,7 +85,7 @@ impl Master {
                     message: Some(m),
                     ..Reply::ok()
                 },
-                Err(e) => Reply::error(e),
+                Err(e) => Reply::error(e.to_string()),
             },
             Request::Connections => return self.ask_connections(key, registry),
         };

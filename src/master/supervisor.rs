@@ -14,7 +14,9 @@ use crate::bus::Bus;
 use crate::bus::cluster::ClusterSettings;
 use crate::bus::mesh::Mesh;
 use crate::bus::wire::Origin;
-use crate::control::{self, Counters, FromWorker, LineReader, ToWorker, WorkerStatus};
+use crate::control::{
+    self, BusState, Counters, FromWorker, LineReader, ToWorker, WorkerState, WorkerStatus,
+};
 use crate::sys::{self, Fork};
 use crate::worker::Worker;
 use crate::{control::ConnInfo, logging};
@@ -357,8 +359,10 @@ impl Supervisor {
     /// Logs a change of the cluster bus as a whole, seen in worker `key`'s new report.
     fn watch_bus(&mut self, key: usize) {
         let Some(p) = self.procs.get(key) else { return };
-        fn state(p: &Proc) -> &str {
-            p.report.as_ref().map_or("", |(_, c)| c.bus_state.as_str())
+        fn state(p: &Proc) -> BusState {
+            p.report
+                .as_ref()
+                .map_or(BusState::Unknown, |(_, c)| c.bus_state)
         }
         let reporter = format!("{}#{}", p.group, p.slot);
         let all = self
@@ -439,10 +443,10 @@ impl Supervisor {
 
     fn proc_status(&self, p: &Proc, now: Instant) -> WorkerStatus {
         let status = match &p.report {
-            _ if p.retiring.is_some() => "stopping",
-            None => "starting",
-            Some((at, _)) if now.duration_since(*at) > STALE_REPORT => "busy",
-            _ => "idle",
+            _ if p.retiring.is_some() => WorkerState::Stopping,
+            None => WorkerState::Starting,
+            Some((at, _)) if now.duration_since(*at) > STALE_REPORT => WorkerState::Busy,
+            _ => WorkerState::Idle,
         };
         let qps = match (&p.report, p.prev_report) {
             (Some((at, c)), Some((pat, prev))) if *at > pat => {
@@ -457,7 +461,7 @@ impl Supervisor {
             name: p.group.clone(),
             slot: p.slot,
             listen: group.map_or_else(String::new, |g| g.listen.clone()),
-            status: status.into(),
+            status,
             uptime_secs: p.started_at.elapsed().as_secs(),
             qps: (qps * 10.0).round() / 10.0,
             accept_queue,
@@ -478,7 +482,7 @@ impl Supervisor {
             name: group.name().to_string(),
             slot,
             listen: group.listen.clone(),
-            status: "restarting".into(),
+            status: WorkerState::Restarting,
             uptime_secs: 0,
             qps: 0.0,
             accept_queue,

@@ -14,4 +14,4 @@ pub(crate) mod session;
 
 pub(crate) use decoder::Limits;
 pub use error::ProtocolError;
-pub(crate) use session::{Session, Step};
+pub(crate) use session::{Session, Stage, Step};

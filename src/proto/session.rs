@@ -54,16 +54,6 @@ pub(crate) enum Stage {
     Closing,
 }
 
-impl Stage {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Stage::Handshake => "handshake",
-            Stage::Open => "open",
-            Stage::Closing => "closing",
-        }
-    }
-}
-
 /// What the owner must act on, in order.
 #[derive(Debug)]
 pub(crate) enum Step {

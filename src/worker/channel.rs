@@ -24,7 +24,8 @@ const CONNS_PER_LINE: usize = 500;
 /// `LineReader` gives up on the channel. Rows carry client-chosen paths (up to
 /// `max_header_bytes`), so 500 of them alone would not keep a line under it.
 const CONNS_LINE_BYTES: usize = 512 << 10;
-/// A row's JSON without its strings: field names, five u64, an i32, an f64.
+/// A row's JSON without its client-chosen strings: field names, five u64, an i32, an f64,
+/// the stage.
 const ROW_FIXED_BYTES: usize = 512;
 
 pub(crate) struct Channel {
@@ -150,7 +151,7 @@ impl Channel {
 
 /// The most a row's JSON can take: a JSON string escapes a byte to 6 at most (`\u00XX`).
 fn row_bytes_bound(row: &ConnInfo) -> usize {
-    let strings = [&row.worker, &row.id, &row.remote, &row.path, &row.state];
+    let strings = [&row.worker, &row.id, &row.remote, &row.path];
     ROW_FIXED_BYTES + 6 * strings.iter().map(|s| s.len()).sum::<usize>()
 }
 
@@ -193,6 +194,7 @@ fn for_each_chunk<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::ConnStage;
 
     /// The sizes of the chunks `n` items of weight 1 to `n` come in, and their last flags.
     fn chunk_sizes(n: usize, items: usize, weight: usize) -> Vec<(usize, bool)> {
@@ -244,7 +246,7 @@ mod tests {
             messages_in: u64::MAX,
             messages_out: u64::MAX,
             send_queue: u64::MAX,
-            state: "handshake".into(),
+            state: ConnStage::Handshake,
         };
         let json = serde_json::to_vec(&row).unwrap().len();
         assert!(
@@ -345,7 +347,7 @@ mod tests {
             let rows = rows.into_iter().map(|(id, path)| ConnInfo {
                 id: id.to_string(),
                 path: "/".repeat(path),
-                state: "open".into(),
+                state: ConnStage::Open,
                 ..ConnInfo::default()
             });
             channel.answer_connections(9, rows);

@@ -65,7 +65,7 @@ impl Loop {
         self.ctx.counters.bus_sent = bus.sent;
         self.ctx.counters.bus_received = bus.received;
         self.ctx.counters.bus_dropped = bus.dropped;
-        self.ctx.counters.bus_state = self.ctx.bus.state().to_string();
+        self.ctx.counters.bus_state = self.ctx.bus.state();
         self.channel
             .report(&FromWorker::Report(self.ctx.counters.clone()));
     }

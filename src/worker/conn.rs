@@ -8,8 +8,8 @@
 
 use super::admission::IpSlot;
 use crate::ConnId;
-use crate::control::ConnInfo;
-use crate::proto::{Limits, Session};
+use crate::control::{ConnInfo, ConnStage};
+use crate::proto::{Limits, Session, Stage};
 use mio::net::TcpStream;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -126,8 +126,12 @@ impl Conn {
 
     /// `handshake` until the upgrade, `open`, then `closing` from the moment either side sent
     /// Close (or the connection failed, or its upgrade was refused).
-    pub(crate) fn state(&self) -> &'static str {
-        self.session.stage().as_str()
+    pub(crate) fn state(&self) -> ConnStage {
+        match self.session.stage() {
+            Stage::Handshake => ConnStage::Handshake,
+            Stage::Open => ConnStage::Open,
+            Stage::Closing => ConnStage::Closing,
+        }
     }
 
     /// This connection as a row of `wsd connections`; the master fills in `pid` and `worker`.
@@ -142,7 +146,7 @@ impl Conn {
             messages_in: self.traffic.messages_in,
             messages_out: self.traffic.messages_out,
             send_queue: self.session.queued() as u64,
-            state: self.state().to_string(),
+            state: self.state(),
             ..ConnInfo::default()
         }
     }

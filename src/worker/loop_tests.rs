@@ -5,7 +5,7 @@
 
 use super::Worker;
 use crate::bench::wire;
-use crate::control::{ConnInfo, FromWorker};
+use crate::control::{ConnInfo, ConnStage, FromWorker};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -133,10 +133,13 @@ fn a_close_stop_spreads_1001_over_the_window_and_lets_handshakes_finish() {
 
     let rows = master.list_connections(5);
     assert_eq!(rows.len(), 11);
-    let handshaking: Vec<_> = rows.iter().filter(|r| r.state == "handshake").collect();
+    let handshaking: Vec<_> = rows
+        .iter()
+        .filter(|r| r.state == ConnStage::Handshake)
+        .collect();
     assert_eq!(handshaking.len(), 1);
     assert_eq!(handshaking[0].path, "/");
-    let open = rows.iter().find(|r| r.state == "open").unwrap();
+    let open = rows.iter().find(|r| r.state == ConnStage::Open).unwrap();
     assert_eq!(open.path, "/p?x=1");
     assert_eq!((open.messages_in, open.messages_out), (1, 1));
     assert_eq!((open.bytes_in, open.bytes_out, open.send_queue), (5, 5, 0));
@@ -152,7 +155,12 @@ fn a_close_stop_spreads_1001_over_the_window_and_lets_handshakes_finish() {
     // The client caught mid-handshake is kept (the answer comes after the stop was handled),
     // finishes its upgrade and is then closed like the others.
     let rows = master.list_connections(6);
-    assert_eq!(rows.iter().filter(|r| r.state == "handshake").count(), 1);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.state == ConnStage::Handshake)
+            .count(),
+        1
+    );
     midway.write_all(UPGRADE_TAIL).unwrap();
     midway
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -209,7 +217,7 @@ fn stronger_stops_take_over_from_weaker_ones() {
     // Close over a minute: the first of three goes at once, the next only after 20 s.
     master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":60000}"#);
     assert_eq!(close_code(&mut clients[0]).0, 1001);
-    let open = |rows: Vec<ConnInfo>| rows.iter().filter(|r| r.state == "open").count();
+    let open = |rows: Vec<ConnInfo>| rows.iter().filter(|r| r.state == ConnStage::Open).count();
     assert_eq!(open(master.list_connections(1)), 2);
 
     // A weaker stop changes nothing; a fast one closes the rest and exits without waiting.

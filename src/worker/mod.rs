@@ -33,7 +33,7 @@ pub use timers::TimerId;
 
 pub(crate) use event_loop::run;
 
-use crate::config::{GroupConfig, Listen};
+use crate::config::{GroupConfig, Listen, ValueError};
 use crate::{ConnId, Message};
 use bytes::Bytes;
 use std::ops::{Deref, DerefMut};
@@ -81,7 +81,8 @@ impl Worker {
         Worker::try_new(listen).unwrap_or_else(|e| panic!("wsd::Worker::new: {e}"))
     }
 
-    pub fn try_new(listen: &str) -> Result<Worker, String> {
+    /// A group listening on `listen`, or why the address does not parse.
+    pub fn try_new(listen: &str) -> Result<Worker, ValueError> {
         Ok(Worker::from_config(GroupConfig::new(Listen::parse(
             listen,
         )?)))

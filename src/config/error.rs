@@ -1,0 +1,202 @@
+//! Why a config cannot be used: [`ConfigError`] says where (file, line, column), and
+//! [`ConfigProblem`] says what, one variant per kind of mistake. `wsd check`, `start` and
+//! `reload` print them as `FILE:LINE:COL: reason`.
+
+use super::Listen;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A config file that could not be used, with the place and the reason.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line and column, when the error has a place in the file.
+    pub position: Option<(usize, usize)>,
+    /// What is wrong.
+    pub reason: ConfigProblem,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.file.display(), self.reason),
+            None => write!(f, "{}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.reason)
+    }
+}
+
+/// What is wrong with a config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigProblem {
+    /// The file cannot be read.
+    #[error("cannot read: {0}")]
+    Read(#[source] io::Error),
+    /// Not TOML, an unknown key, or a value of the wrong type or out of range: the TOML
+    /// parser's message, which carries the value's own reason.
+    #[error("{0}")]
+    Syntax(String),
+    /// `[server]` keys that contradict each other.
+    #[error(transparent)]
+    Server(#[from] ServerProblem),
+    /// `[[worker]]` keys that contradict each other.
+    #[error(transparent)]
+    Group(#[from] GroupProblem),
+    /// `app` names no app this program knows.
+    #[error("unknown app {app:?}: known apps are {}", known.join(", "))]
+    UnknownApp {
+        /// The name given.
+        app: String,
+        /// The apps this program knows.
+        known: Vec<String>,
+    },
+    /// `static_dir` is not a directory.
+    #[error("static_dir {} is not a directory", .0.display())]
+    NoStaticDir(PathBuf),
+    /// Two groups of the file would take the same connections.
+    #[error("listen {listen} is already used by group {group:?} ({its_listen})")]
+    ListenTaken {
+        /// This group's address.
+        listen: Listen,
+        /// The earlier group that has it.
+        group: String,
+        /// That group's address.
+        its_listen: Listen,
+    },
+    /// Two groups share a name.
+    #[error("group name {0:?} is used twice; set a distinct name")]
+    DuplicateName(String),
+    /// No group would run.
+    #[error("no [[worker]] group: nothing would run")]
+    NoGroups,
+    /// A group, from the file or defined in code, overlaps an earlier one.
+    #[error("group {group:?}: listen {listen} is already used by group {other:?}")]
+    Overlap {
+        /// The later group.
+        group: String,
+        /// Its address.
+        listen: Listen,
+        /// The earlier group it overlaps.
+        other: String,
+    },
+}
+
+/// `[server]` keys that contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerProblem {
+    /// `close_spread` must leave time for the closing handshakes.
+    #[error("close_spread ({spread:?}) must be shorter than {limit} ({value:?})")]
+    SpreadTooLong {
+        /// `close_spread`.
+        spread: Duration,
+        /// The key it must be shorter than.
+        limit: &'static str,
+        /// That key's value.
+        value: Duration,
+    },
+}
+
+/// `[[worker]]` values out of range, or keys that contradict each other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupProblem {
+    /// `count` is 0 or over 1024.
+    #[error("count must be between 1 and 1024, got {0}")]
+    Count(i64),
+    /// `max_connections` is 0.
+    #[error("max_connections must be at least 1")]
+    NoConnections,
+    /// A buffer key below its floor.
+    #[error("{key} must be at least {min} bytes")]
+    TooSmall {
+        /// The key.
+        key: &'static str,
+        /// Its smallest allowed value.
+        min: usize,
+    },
+    /// `handshake_timeout` is 0.
+    #[error("handshake_timeout must be longer than 0")]
+    NoHandshakeTime,
+    /// `max_frame_size` is 0, which would refuse every non-empty message.
+    #[error("max_frame_size must be at least 1 byte (there is no \"no limit\")")]
+    NoFrameSize,
+    /// A frame could be larger than a whole message.
+    #[error("max_frame_size must not be larger than max_message_size")]
+    FrameOverMessage,
+    /// The Pong to a keepalive Ping could not arrive before the idle timeout.
+    #[error(
+        "idle_timeout ({idle:?}) must be longer than ping_interval ({ping:?}), \
+         or the Pong cannot arrive in time"
+    )]
+    IdleBeforePing {
+        /// `idle_timeout`.
+        idle: Duration,
+        /// `ping_interval`.
+        ping: Duration,
+    },
+}
+
+/// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or
+/// given in code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// Not a number with an optional unit.
+    #[error("bad size {0:?}: expected e.g. 65536, \"64KiB\", \"16MiB\"")]
+    Size(String),
+    /// An unknown size unit.
+    #[error("bad size unit {unit:?} in {input:?}: use B, KiB, MiB or GiB")]
+    SizeUnit {
+        /// The unit.
+        unit: String,
+        /// The whole value.
+        input: String,
+    },
+    /// More bytes than a `usize` holds.
+    #[error("size {0:?} is too large")]
+    SizeOverflow(String),
+    /// A negative size.
+    #[error("size must not be negative, got {0}")]
+    NegativeSize(i64),
+    /// A fractional size.
+    #[error("size must be a whole number of bytes, got {0}")]
+    FractionalSize(f64),
+    /// Not a number with an optional unit.
+    #[error("bad duration {0:?}: expected e.g. 10, \"500ms\", \"10s\", \"2m\"")]
+    Duration(String),
+    /// An unknown duration unit.
+    #[error("bad duration unit {unit:?} in {input:?}: use ms, s, m or h")]
+    DurationUnit {
+        /// The unit.
+        unit: String,
+        /// The whole value.
+        input: String,
+    },
+    /// Negative, not finite, or over a year.
+    #[error("duration {0}s is out of range")]
+    DurationRange(f64),
+    /// A listen address with a scheme other than `websocket://` or `ws://`.
+    #[error("unsupported scheme in {0:?}: use websocket://HOST:PORT")]
+    Scheme(String),
+    /// A listen address that does not resolve.
+    #[error("bad listen address {input:?}: {source} (expected websocket://HOST:PORT)")]
+    Listen {
+        /// The address as written.
+        input: String,
+        /// Why it does not resolve.
+        source: io::Error,
+    },
+    /// A listen address that resolves to no address at all.
+    #[error("listen address {0:?} resolves to nothing")]
+    NoAddress(String),
+}

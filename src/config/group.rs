@@ -1,0 +1,242 @@
+//! `[[worker]]`: one group of identical worker processes behind one listen address, the
+//! limits of their event loops, and every key's default.
+
+use super::GroupProblem;
+use super::values::{Listen, bytes, seconds};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[[worker]]`: one group of identical worker processes behind one listen address, and the
+/// knobs of their event loops. A library program builds the same struct with
+/// [`GroupConfig::new`]; every key but `listen` has a safe default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Shown in the banner, `status` and logs. Empty means the app's name.
+    #[serde(default)]
+    pub name: String,
+    /// `websocket://HOST:PORT` (or `ws://`, or bare `HOST:PORT`). Port 0 picks a free port.
+    pub listen: Listen,
+    /// Worker processes in this group (1..=1024).
+    #[serde(default = "d::count", deserialize_with = "count")]
+    pub count: usize,
+    /// Which built-in (or library-registered) app runs in these workers.
+    #[serde(default = "d::app")]
+    pub app: String,
+    /// `listen(2)` backlog of each slot's socket.
+    #[serde(default = "d::backlog")]
+    pub backlog: u32,
+    /// Open connections per worker; at the cap the worker stops accepting until one leaves.
+    #[serde(default = "d::max_connections")]
+    pub max_connections: usize,
+    /// Largest message (all fragments together) a client may send; larger closes with 1009.
+    #[serde(default = "d::max_message_size", deserialize_with = "bytes")]
+    pub max_message_size: usize,
+    /// Largest single frame payload a client may send; larger closes with 1009.
+    #[serde(default = "d::max_frame_size", deserialize_with = "bytes")]
+    pub max_frame_size: usize,
+    /// Bytes queued for one slow reader. A send that would go past it is refused
+    /// (`send_buffer_policy`); `on_buffer_full` fires at half of it, `on_buffer_drain` when
+    /// the queue empties. One message larger than the limit is taken only when nothing is queued.
+    #[serde(default = "d::max_send_buffer", deserialize_with = "bytes")]
+    pub max_send_buffer: usize,
+    /// What a refused send does: `"drop"` the message (counted as send_fail) or `"close"` the
+    /// connection with 1008.
+    #[serde(default)]
+    pub send_buffer_policy: SendBufferPolicy,
+    /// The worker's read buffer, shared by all of its connections (a connection holds no
+    /// buffer of its own while idle). Larger means fewer read calls for big messages.
+    #[serde(default = "d::read_buffer_size", deserialize_with = "bytes")]
+    pub read_buffer_size: usize,
+    /// Largest upgrade request (request line and headers); larger gets 431.
+    #[serde(default = "d::max_header_bytes", deserialize_with = "bytes")]
+    pub max_header_bytes: usize,
+    /// A connection that has not completed the upgrade in this time is dropped.
+    #[serde(default = "d::handshake_timeout", deserialize_with = "seconds")]
+    pub handshake_timeout: Duration,
+    /// A client silent for this long is sent a Ping. 0 turns pings off.
+    #[serde(default = "d::ping_interval", deserialize_with = "seconds")]
+    pub ping_interval: Duration,
+    /// A client silent for this long (no frame, no Pong) is closed with 1001. 0 turns it off.
+    #[serde(default = "d::idle_timeout", deserialize_with = "seconds")]
+    pub idle_timeout: Duration,
+    /// Browser origins allowed to connect (`https://app.example.com`, `https://*.example.com`);
+    /// others get 403. Empty allows any. Requests without `Origin` (not browsers) are allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Connections one client address may hold in one worker (0 = no limit). Over it, a
+    /// direct client is dropped at accept and a proxied one gets 429.
+    #[serde(default = "d::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Proxies (CIDRs or addresses) whose `X-Forwarded-For` / `X-Real-IP` name the client.
+    /// From anyone else those headers are ignored.
+    #[serde(default, deserialize_with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// After the server sends Close, how long it waits for the client's Close before dropping.
+    #[serde(default = "d::close_timeout", deserialize_with = "seconds")]
+    pub close_timeout: Duration,
+    /// `false` keeps this group's workers through `wsd reload` (Workerman's `reloadable`):
+    /// for workers holding state that a restart would lose. `restart` still replaces them.
+    #[serde(default = "d::reloadable")]
+    pub reloadable: bool,
+    /// A folder whose files answer plain (non-upgrade) `GET` requests on this group's address,
+    /// `index.html` for `/`. Relative to the config file. Unset: such requests get 426.
+    #[serde(default)]
+    pub static_dir: Option<PathBuf>,
+}
+
+/// The defaults, one function per key (serde wants functions).
+mod d {
+    use std::time::Duration;
+    pub fn count() -> usize {
+        4
+    }
+    pub fn app() -> String {
+        "echo".into()
+    }
+    pub fn backlog() -> u32 {
+        1024
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn max_message_size() -> usize {
+        1 << 20
+    }
+    pub fn max_frame_size() -> usize {
+        1 << 20
+    }
+    pub fn max_send_buffer() -> usize {
+        1 << 20
+    }
+    pub fn read_buffer_size() -> usize {
+        64 << 10
+    }
+    pub fn max_header_bytes() -> usize {
+        8 << 10
+    }
+    pub fn max_connections_per_ip() -> usize {
+        1024
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn ping_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(75)
+    }
+    pub fn reloadable() -> bool {
+        true
+    }
+    pub fn close_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+impl GroupConfig {
+    /// A group on `listen` with every other key at its default.
+    pub fn new(listen: Listen) -> GroupConfig {
+        GroupConfig {
+            name: String::new(),
+            listen,
+            count: d::count(),
+            app: d::app(),
+            backlog: d::backlog(),
+            max_connections: d::max_connections(),
+            max_message_size: d::max_message_size(),
+            max_frame_size: d::max_frame_size(),
+            max_send_buffer: d::max_send_buffer(),
+            send_buffer_policy: SendBufferPolicy::default(),
+            read_buffer_size: d::read_buffer_size(),
+            max_header_bytes: d::max_header_bytes(),
+            handshake_timeout: d::handshake_timeout(),
+            ping_interval: d::ping_interval(),
+            idle_timeout: d::idle_timeout(),
+            allowed_origins: Vec::new(),
+            max_connections_per_ip: d::max_connections_per_ip(),
+            trusted_proxies: Vec::new(),
+            close_timeout: d::close_timeout(),
+            reloadable: d::reloadable(),
+            static_dir: None,
+        }
+    }
+
+    /// The name shown to operators: `name`, or the app's name when unset.
+    pub fn name(&self) -> &str {
+        if self.name.is_empty() {
+            &self.app
+        } else {
+            &self.name
+        }
+    }
+
+    /// Cross-key checks that a single value's parser cannot make.
+    pub fn check(&self) -> Result<(), GroupProblem> {
+        if !(1..=1024).contains(&self.count) {
+            return Err(GroupProblem::Count(self.count as i64));
+        }
+        if self.max_connections == 0 {
+            return Err(GroupProblem::NoConnections);
+        }
+        for (key, value) in [
+            ("read_buffer_size", self.read_buffer_size),
+            ("max_header_bytes", self.max_header_bytes),
+            // Reads pause at half of it: below this a queued handshake answer would hold them.
+            ("max_send_buffer", self.max_send_buffer),
+        ] {
+            if value < 256 {
+                return Err(GroupProblem::TooSmall { key, min: 256 });
+            }
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(GroupProblem::NoHandshakeTime);
+        }
+        if self.max_frame_size == 0 {
+            // 0 means "off" for some keys; here it would refuse every non-empty message.
+            return Err(GroupProblem::NoFrameSize);
+        }
+        if self.max_frame_size > self.max_message_size {
+            return Err(GroupProblem::FrameOverMessage);
+        }
+        let (ping, idle) = (self.ping_interval, self.idle_timeout);
+        if !ping.is_zero() && !idle.is_zero() && idle <= ping {
+            return Err(GroupProblem::IdleBeforePing { idle, ping });
+        }
+        Ok(())
+    }
+}
+
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=1024).contains(&n) {
+        return Err(de::Error::custom(GroupProblem::Count(n)));
+    }
+    Ok(n as usize)
+}
+
+/// What happens to a send that does not fit in a connection's `max_send_buffer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendBufferPolicy {
+    /// The message is dropped and counted as a send failure; the connection stays.
+    #[default]
+    Drop,
+    /// The connection is closed with 1008 (policy violation).
+    Close,
+}
+
+/// `"10.0.0.0/8"` or a plain address (`"127.0.0.1"`, a /32 or /128).
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| de::Error::custom(format!("not a CIDR or IP address: {s:?}")))
+        })
+        .collect()
+}

@@ -1,0 +1,106 @@
+//! Why the master could not start, reload or reopen its log: one enum per request, each
+//! variant with its context. The CLI prints them as the one-line reason of `wsd: ...`.
+
+use super::listeners::BindError;
+use crate::config::{ConfigError, ConfigProblem};
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why `wsd start` could not bring a master up. Nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another master answers on the control socket (with another pid file, or one whose pid
+    /// file was removed): taking the socket over would leave it unreachable.
+    #[error(
+        "a master is already running: it answers on control socket {} (its pid file is \
+         another, or was removed)",
+        .0.display()
+    )]
+    AlreadyAnswering(PathBuf),
+    /// No group, or two groups taking the same connections.
+    #[error(transparent)]
+    Groups(ConfigProblem),
+    /// A group's listeners could not be bound.
+    #[error("group {group:?}: {source}")]
+    Bind {
+        /// The group.
+        group: String,
+        /// Why.
+        source: BindError,
+    },
+    /// The socket pairs between a group's workers could not be made.
+    #[error("cannot wire the bus: {0}")]
+    Bus(#[source] io::Error),
+    /// The control socket could not be created.
+    #[error("cannot create control socket {}: {source}", path.display())]
+    ControlSocket {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// `start -d` could not detach.
+    #[error("cannot detach: {0}")]
+    Detach(#[source] io::Error),
+}
+
+/// Why a reload changed nothing. The running workers and settings stay as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The master is stopping.
+    #[error("the server is stopping")]
+    Stopping,
+    /// Another reload has not finished.
+    #[error("a reload is already under way (started {:.1}s ago)", .0.as_secs_f64())]
+    InProgress(Duration),
+    /// The config file does not validate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A `[server]` key changed that only a restart can apply.
+    #[error("[server] {key} changed from {old} to {new}: that needs `wsd restart`")]
+    NeedsRestart {
+        /// The key.
+        key: &'static str,
+        /// The running value, as shown to operators.
+        old: String,
+        /// The file's value.
+        new: String,
+    },
+    /// No group, or two groups taking the same connections.
+    #[error(transparent)]
+    Groups(ConfigProblem),
+    /// A group's new listeners could not be bound, or its address read.
+    #[error("group {group:?}: {source}")]
+    Bind {
+        /// The group.
+        group: String,
+        /// Why.
+        source: BindError,
+    },
+    /// The socket pairs between a group's new workers could not be made.
+    #[error("cannot wire the bus: {0}")]
+    Bus(#[source] io::Error),
+}
+
+/// Why `wsd reopen-logs` (or SIGUSR2) did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReopenError {
+    /// Only a daemon has a log file.
+    #[error(
+        "not started with -d: output goes to the terminal or journal, there is no log file \
+         to reopen"
+    )]
+    NotDaemon,
+    /// The log file cannot be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The master's output cannot be pointed at it.
+    #[error("{0}")]
+    Redirect(#[source] io::Error),
+}
