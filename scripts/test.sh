@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, integration tests with real processes and sockets (chaos
-# and abuse tests included), the fuzz corpus replay, a build of the examples, and the Autobahn
-# TestSuite against the release binary. Installs what it needs (kosoku, the Autobahn runner,
+# The whole test suite: the lints (rustfmt, clippy with warnings as errors, as a contributor's
+# change is checked), the library without its optional parts (no CLI, bench or Redis), unit
+# tests, integration tests with real processes and sockets (chaos and abuse tests included),
+# the fuzz corpus replay, a build of the examples, and the Autobahn TestSuite against the
+# release binary. Installs what it needs (kosoku, the Autobahn runner,
 # into a venv under target/), so a bare machine and CI run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,11 @@ command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install
 [[ -x /usr/bin/chromium ]] || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 # tests/cluster.rs runs a real Redis on loopback for the cluster bus.
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+# A library user's build: `default-features = false` leaves out clap, hdrhistogram and redis.
+cargo build --no-default-features --lib
+cargo test --no-default-features --lib -- --test-threads=2
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh

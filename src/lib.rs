@@ -25,12 +25,12 @@
 //! `cli/` → `master/` is the control path, `config.rs` the `workers.toml` schema, `sys.rs` the
 //! only `unsafe`.
 
-#![deny(unsafe_code)]
-
 pub mod apps;
 mod backoff;
+#[cfg(feature = "bench")]
 mod bench;
 mod bus;
+#[cfg(feature = "cli")]
 mod cli;
 pub mod config;
 mod conn_id;
@@ -41,6 +41,7 @@ mod logging;
 mod master;
 mod message;
 mod proto;
+mod runner;
 mod sys;
 /// Client frame builders for wsd's integration tests.
 #[doc(hidden)]
@@ -61,58 +62,6 @@ pub use worker::{ConnError, Context, SendError, TimerId, Worker, WorkerAddr};
 /// This build's version, shown in the banner and `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// A program built on wsd: the apps `workers.toml` may name, and groups defined in code.
-pub struct Runner {
-    apps: master::Apps,
-    workers: Vec<Worker>,
-}
-
-impl Default for Runner {
-    fn default() -> Self {
-        Runner::new()
-    }
-}
-
-impl Runner {
-    /// A runner that knows the built-in apps (`echo`, `hello`, `clock`).
-    pub fn new() -> Runner {
-        let mut r = Runner {
-            apps: master::Apps::new(),
-            workers: Vec::new(),
-        };
-        for (name, install) in apps::builtin() {
-            r = r.app(name, install);
-        }
-        r
-    }
-
-    /// Registers an app that `workers.toml` can select with `app = "name"`.
-    pub fn app(mut self, name: &str, install: impl Fn(&mut Worker) + 'static) -> Runner {
-        self.apps.insert(name.to_string(), Box::new(install));
-        self
-    }
-
-    /// Adds a group defined in code; it runs beside any groups of the config file.
-    pub fn worker(mut self, worker: Worker) -> Runner {
-        self.workers.push(worker);
-        self
-    }
-
-    /// Parses the process's command line, runs the command and exits with its status.
-    pub fn run(self) -> ! {
-        let code = cli::main(self, std::env::args().collect());
-        std::process::exit(code)
-    }
-
-    fn app_names(&self) -> Vec<&str> {
-        self.apps.keys().map(String::as_str).collect()
-    }
-}
-
-/// Runs `workers` under wsd's command line (Workerman's `Worker::runAll()`). Never returns.
-pub fn run_all(workers: Vec<Worker>) -> ! {
-    workers
-        .into_iter()
-        .fold(Runner::new(), Runner::worker)
-        .run()
-}
+#[cfg(feature = "cli")]
+pub use runner::run_all;
+pub use runner::{RunError, Runner};

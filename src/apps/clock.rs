@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
+/// Installs the clock on `worker`: the push every [`INTERVAL`], and the log of what clients say.
 pub fn clock(worker: &mut Worker) {
     push_the_time(worker);
     worker.on_message(|_ctx, _conn, msg| {

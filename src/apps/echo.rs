@@ -2,6 +2,7 @@
 
 use crate::Worker;
 
+/// Installs the echo on `worker`.
 pub fn echo(worker: &mut Worker) {
     worker.on_message(|ctx, conn, msg| {
         let _ = ctx.send(conn, msg);

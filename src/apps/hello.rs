@@ -3,6 +3,7 @@
 
 use crate::Worker;
 
+/// Installs the greeting on `worker`.
 pub fn hello(worker: &mut Worker) {
     worker.on_message(|ctx, conn, msg| {
         let _ = ctx.send(conn, format!("hello {msg}"));

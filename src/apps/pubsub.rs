@@ -28,6 +28,7 @@ struct Command {
     data: Option<Value>,
 }
 
+/// Installs the topic protocol on `worker`.
 pub fn pubsub(worker: &mut Worker) {
     worker.on_message(|ctx, conn, msg| {
         if let Err(why) = handle(ctx, conn, &msg) {

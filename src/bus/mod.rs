@@ -8,12 +8,14 @@
 //! subscribers, or hand it to the app — and each receiving worker encodes the WebSocket frame
 //! once for all of its clients.
 
+#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod mesh;
 pub mod wire;
 
 use crate::ConnId;
 use crate::control::BusState;
+#[cfg(feature = "cluster")]
 use cluster::{Cluster, ClusterSettings, Target};
 use std::fmt;
 use std::io;
@@ -26,7 +28,9 @@ use wire::{BusMessage, Origin};
 /// get back: `3f2a9c0d11e87b45-2-17-42`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GlobalId {
+    /// The wsd master (host) that holds the connection.
     pub host: u64,
+    /// The worker slot in its group.
     pub slot: u16,
     pub(crate) conn: ConnId,
 }
@@ -98,7 +102,9 @@ pub struct BusStats {
 enum Remote {
     None,
     /// Set up in the master; started by the worker's loop ([`Bus::start_cluster`]).
+    #[cfg(feature = "cluster")]
     Configured(ClusterSettings),
+    #[cfg(feature = "cluster")]
     Running(Cluster),
 }
 
@@ -122,6 +128,7 @@ impl Bus {
     }
 
     /// Joins the cluster bus too, once [`Bus::start_cluster`] runs in the worker.
+    #[cfg(feature = "cluster")]
     pub fn with_cluster(mut self, settings: Option<ClusterSettings>) -> Bus {
         self.remote = settings.map_or(Remote::None, Remote::Configured);
         self
@@ -129,7 +136,9 @@ impl Bus {
 
     /// Starts the cluster bus's helper threads, if the server has one: in the worker process,
     /// never in the master (it forks). What they receive wakes the loop with `token`.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
     pub fn start_cluster(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        #[cfg(feature = "cluster")]
         if let Remote::Configured(settings) = &self.remote {
             let cluster = Cluster::start(settings.clone(), self.origin, registry, token)?;
             self.remote = Remote::Running(cluster);
@@ -141,7 +150,9 @@ impl Bus {
     pub fn state(&self) -> BusState {
         match &self.remote {
             Remote::None => BusState::Local,
+            #[cfg(feature = "cluster")]
             Remote::Configured(_) => BusState::Connecting,
+            #[cfg(feature = "cluster")]
             Remote::Running(c) => c.state().into(),
         }
     }
@@ -149,6 +160,7 @@ impl Bus {
     /// The counts of both the mesh and Redis.
     pub fn totals(&self) -> BusStats {
         let (sent, dropped) = match &self.remote {
+            #[cfg(feature = "cluster")]
             Remote::Running(c) => c.counts(),
             _ => (0, 0),
         };
@@ -161,14 +173,19 @@ impl Bus {
 
     /// Messages from other hosts, handed over by the cluster bus's subscriber.
     pub fn receive_cluster(&mut self) -> Vec<(Origin, BusMessage)> {
-        let Remote::Running(c) = &self.remote else {
-            return Vec::new();
-        };
-        let got = c.receive();
-        self.stats.received += got.len() as u64;
-        got
+        match &self.remote {
+            #[cfg(feature = "cluster")]
+            Remote::Running(c) => {
+                let got = c.receive();
+                self.stats.received += got.len() as u64;
+                got
+            }
+            _ => Vec::new(),
+        }
     }
 
+    /// Hands encoded bytes to the cluster bus for `to`, if the server has one.
+    #[cfg(feature = "cluster")]
     fn send_remote(&mut self, to: Target, bytes: Vec<u8>) {
         let Remote::Running(c) = &self.remote else {
             return;
@@ -193,20 +210,22 @@ impl Bus {
     }
 
     /// A bus that reaches no other worker (a worker run outside a master, in tests).
-    #[cfg(test)]
+    #[cfg(all(test, feature = "bench"))]
     pub fn detached() -> Bus {
         Bus::new(Origin { host: 0, slot: 0 }, Vec::new())
     }
 
     /// Sends to a worker of another host: only a cluster bus can.
     pub fn send_to_host(&mut self, host: u64, slot: u16, msg: &BusMessage) {
-        if !matches!(self.remote, Remote::Running(_)) {
-            self.stats.dropped += 1;
-            log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
+        #[cfg(feature = "cluster")]
+        if matches!(self.remote, Remote::Running(_)) {
+            let bytes = wire::encode(self.origin, msg);
+            self.send_remote(Target::Worker { host, slot }, bytes);
             return;
         }
-        let bytes = wire::encode(self.origin, msg);
-        self.send_remote(Target::Worker { host, slot }, bytes);
+        let _ = msg;
+        self.stats.dropped += 1;
+        log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
     }
 
     /// Sends to every other worker of the group on this host.
@@ -220,6 +239,7 @@ impl Bus {
     pub fn send_to_group(&mut self, msg: &BusMessage) {
         let bytes = wire::encode(self.origin, msg);
         self.send_bytes_to_peers(&bytes);
+        #[cfg(feature = "cluster")]
         self.send_remote(Target::All, bytes);
     }
 

@@ -98,6 +98,7 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
 }
 
 /// Where a message came from, without decoding (or copying) the rest.
+#[cfg(any(test, feature = "cluster"))]
 pub fn origin_of(bytes: &[u8]) -> Result<Origin, WireError> {
     let head = bytes.get(2..12).ok_or(WireError::Truncated)?;
     Ok(Origin {

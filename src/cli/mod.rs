@@ -7,10 +7,9 @@
 mod client;
 mod status;
 
-use crate::Runner;
-use crate::config::{Config, ConfigError, ConfigProblem, GroupProblem, ServerConfig};
+use crate::config::{Config, ConfigError, ConfigProblem, ServerConfig};
 use crate::control::{Request, StopMode};
-use crate::master;
+use crate::{RunError, Runner};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use client::{ControlError, request};
 use std::io::{self, Write};
@@ -77,6 +76,7 @@ enum Command {
     /// Validate the config file without starting anything
     Check,
     /// Load a WebSocket server (this one or any other) and measure it
+    #[cfg(feature = "bench")]
     Bench(crate::bench::BenchArgs),
 }
 
@@ -95,11 +95,8 @@ enum Failed {
         problem: ConfigProblem,
     },
     /// A group defined in code has settings that contradict each other.
-    #[error("worker {group:?}: {problem}")]
-    CodeGroup {
-        group: String,
-        problem: GroupProblem,
-    },
+    #[error(transparent)]
+    Run(#[from] RunError),
     /// The running master could not be asked, or refused.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -144,6 +141,7 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
     // unrelated ./workers.toml in the working directory cannot add groups to it.
     let have_file = explicit || (runner.workers.is_empty() && config_path.exists());
     match cli.command {
+        #[cfg(feature = "bench")]
         Command::Bench(args) => Ok(crate::bench::run(args)),
         Command::Check => {
             if !have_file {
@@ -250,27 +248,10 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
 }
 
 fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<i32, Failed> {
-    let config = match config_path {
-        Some(p) => Config::load(p, &runner.app_names())?,
-        None if !runner.workers.is_empty() => Config::empty(),
-        None => {
-            return Err(Failed::NoConfigFile(PathBuf::from("./workers.toml")));
-        }
-    };
-    crate::logging::init(&config.server.log_level);
-    let Runner { apps, workers } = runner;
-    for w in &workers {
-        w.check().map_err(|problem| Failed::CodeGroup {
-            group: w.name().to_string(),
-            problem,
-        })?;
+    if config_path.is_none() && runner.workers.is_empty() {
+        return Err(Failed::NoConfigFile(PathBuf::from("./workers.toml")));
     }
-    Ok(master::start(master::Plan {
-        config,
-        code_groups: workers,
-        apps,
-        daemon,
-    }))
+    Ok(runner.start(config_path.map(PathBuf::as_path), daemon)?)
 }
 
 fn locate(config_path: Option<&PathBuf>) -> ServerConfig {

@@ -15,8 +15,9 @@ pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based line and column, when the error has a place in the file.
     pub position: Option<(usize, usize)>,
-    /// What is wrong.
-    pub reason: ConfigProblem,
+    /// What is wrong (boxed: errors travel by value up the call stack, and this keeps the
+    /// `Result`s small).
+    pub reason: Box<ConfigProblem>,
 }
 
 impl fmt::Display for ConfigError {
@@ -30,7 +31,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.reason)
+        Some(&*self.reason)
     }
 }
 

@@ -77,16 +77,18 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             position: None,
-            reason: ConfigProblem::Read(e),
+            reason: Box::new(ConfigProblem::Read(e)),
         })?;
         Self::parse(path, &text, apps)
     }
 
+    /// Validates `text`, the contents of `path` (which names the file in errors and anchors
+    /// relative paths). `apps` are the app names this program knows.
     pub fn parse(path: &Path, text: &str, apps: &[&str]) -> Result<Config, ConfigError> {
         let at = |span: Option<std::ops::Range<usize>>, reason: ConfigProblem| ConfigError {
             file: path.to_path_buf(),
             position: span.map(|s| line_col(text, s.start)),
-            reason,
+            reason: Box::new(reason),
         };
         let schema: FileSchema = toml::from_str(text).map_err(|e| {
             at(
@@ -353,8 +355,20 @@ mod tests {
 
     #[test]
     fn bus_address_and_static_dir_are_checked() {
-        let c = parse("[server]\nbus = \"redis://127.0.0.1:6379/2\"\n").unwrap();
-        assert_eq!(c.server.bus.unwrap().0, "redis://127.0.0.1:6379/2");
+        #[cfg(feature = "cluster")]
+        {
+            let c = parse("[server]\nbus = \"redis://127.0.0.1:6379/2\"\n").unwrap();
+            assert_eq!(c.server.bus.unwrap().0, "redis://127.0.0.1:6379/2");
+        }
+        #[cfg(not(feature = "cluster"))]
+        {
+            let e = parse("[server]\nbus = \"redis://127.0.0.1:6379/2\"\n").unwrap_err();
+            assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+            assert!(
+                e.reason.to_string().contains("without the cluster feature"),
+                "{e}"
+            );
+        }
         let e = parse("[server]\nbus = \"http://x\"\n").unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
         assert!(e.reason.to_string().contains("redis://"), "{e}");

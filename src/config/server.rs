@@ -57,8 +57,14 @@ impl<'de> Deserialize<'de> for RedisUrl {
                 "bus must be a redis://HOST:PORT/DB address, got {s:?}"
             )));
         }
+        #[cfg(feature = "cluster")]
         redis::IntoConnectionInfo::into_connection_info(s.as_str())
             .map_err(|e| de::Error::custom(format!("bad bus address {s:?}: {e}")))?;
+        #[cfg(not(feature = "cluster"))]
+        return Err(de::Error::custom(
+            "this wsd was built without the cluster feature: it has no Redis bus",
+        ));
+        #[cfg(feature = "cluster")]
         Ok(RedisUrl(s))
     }
 }
@@ -117,7 +123,9 @@ impl Default for ServerConfig {
 /// A user from the passwd database, looked up by name or uid when the config is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemUser {
+    /// The user's name.
     pub name: String,
+    /// The user's id.
     pub uid: Uid,
     /// The primary group, used when `[server] group` is unset.
     pub gid: Gid,
@@ -126,7 +134,9 @@ pub struct SystemUser {
 /// A group from the group database, looked up by name or gid when the config is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemGroup {
+    /// The group's name.
     pub name: String,
+    /// The group's id.
     pub gid: Gid,
 }
 

@@ -155,6 +155,7 @@ fn read_pid(file: &mut File) -> Option<i32> {
 }
 
 /// What a pid file says about its master, as far as can be told without locking it.
+#[cfg(feature = "cli")]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Probe {
     /// No pid file.
@@ -172,6 +173,7 @@ pub enum Probe {
 /// Never takes the lock: a probe that locked, even briefly, could make a master that is
 /// starting at the same moment fail with "already running". Instead the file's inode is looked
 /// up in the kernel's table of held locks (`/proc/locks`).
+#[cfg(feature = "cli")]
 pub fn probe(path: &Path) -> io::Result<Probe> {
     let mut file = match File::open(path) {
         Ok(f) => f,
@@ -254,6 +256,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn probe_tells_stale_from_locked() {
         let (_dir, path) = temp();
         assert_eq!(probe(&path).unwrap(), Probe::Absent);

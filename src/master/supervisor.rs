@@ -11,6 +11,7 @@ use super::bus_watch::BusChange;
 use super::listeners;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
+#[cfg(feature = "cluster")]
 use crate::bus::cluster::ClusterSettings;
 use crate::bus::mesh::Mesh;
 use crate::bus::wire::Origin;
@@ -231,12 +232,13 @@ impl Supervisor {
                     host: self.host_id,
                     slot: slot as u16,
                 };
-                let cluster = self.bus_url.clone().map(|url| ClusterSettings {
+                let bus = Bus::new(origin, group.mesh.take_ends(slot));
+                // Its helper threads start in the worker's loop, never here in the master.
+                #[cfg(feature = "cluster")]
+                let bus = bus.with_cluster(self.bus_url.clone().map(|url| ClusterSettings {
                     url,
                     group: group.name().to_string(),
-                });
-                // Its helper threads start in the worker's loop, never here in the master.
-                let bus = Bus::new(origin, group.mesh.take_ends(slot)).with_cluster(cluster);
+                }));
                 sys::forget_notify_socket();
                 logging::set_role(&format!("{}#{slot}", group.name()));
                 // Before die_with_parent: changing credentials clears PR_SET_PDEATHSIG.

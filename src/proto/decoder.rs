@@ -551,8 +551,8 @@ mod tests {
             (client_frame(0x81, b"ok\xff"), ProtocolError::InvalidUtf8),
         ];
         for (wire, want) in cases {
-            assert_eq!(run(&wire, wire.len()).1, Err(want.clone()), "{want:?}");
-            assert_eq!(run(&wire, 1).1, Err(want.clone()), "{want:?} bytewise");
+            assert_eq!(run(&wire, wire.len()).1, Err(want), "{want:?}");
+            assert_eq!(run(&wire, 1).1, Err(want), "{want:?} bytewise");
         }
     }
 

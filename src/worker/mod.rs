@@ -16,7 +16,8 @@ mod errors;
 mod event_loop;
 mod flush;
 mod hooks;
-#[cfg(test)]
+// Its clients read the server with the load generator's wire reader.
+#[cfg(all(test, feature = "bench"))]
 mod loop_tests;
 mod reach;
 mod read_buffers;
@@ -163,6 +164,7 @@ impl Worker {
         self
     }
 
+    /// The group's settings.
     pub fn config(&self) -> &GroupConfig {
         &self.config
     }
