@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing of wsd's server-side read path (handshake + frames + hook dispatch,
-# fed from bytes, no sockets): the cargo-fuzz target fuzz/fuzz_targets/read_path.rs, which calls
-# wsd::fuzzing::feed.
+# Coverage-guided fuzzing of wsd's server-side read path: a real worker loop (accept, handshake
+# and admission, frames, hook dispatch, closing) serving each input as one client over loopback.
+# The cargo-fuzz target fuzz/fuzz_targets/read_path.rs calls wsd::fuzzing::feed.
 #
 #   scripts/fuzz.sh [SECONDS]      # default 60; not part of CI or scripts/test.sh
 #

@@ -1,6 +1,6 @@
 //! The server-side read path, fed from bytes: `data` is everything a client sends (an HTTP/1.1
-//! upgrade request, then masked WebSocket frames). `wsd::fuzzing::feed` runs wsd's real
-//! handshake, frame decoding and hook dispatch (echo app) with no sockets; any panic is a bug.
+//! upgrade request, then masked WebSocket frames). `wsd::fuzzing::feed` serves it with a real
+//! worker loop (echo app) over a loopback connection; any panic is a bug.
 //! Run with `scripts/fuzz.sh [SECONDS]`; `tests/fuzz_corpus.rs` replays the corpus in the tests.
 #![no_main]
 

@@ -206,7 +206,8 @@ impl Session {
         buf.clear();
     }
 
-    /// Takes bytes from the client.
+    /// Takes bytes from the client (the tests' way in; the worker reads into a buffer).
+    #[cfg(test)]
     pub(crate) fn read(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
         self.take(input, steps);
     }

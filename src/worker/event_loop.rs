@@ -111,7 +111,7 @@ pub(crate) fn run(
 }
 
 impl Loop {
-    fn new(
+    pub(super) fn new(
         worker: Worker,
         slot: usize,
         listener: std::net::TcpListener,
@@ -187,74 +187,87 @@ impl Loop {
                 return self.exit();
             }
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                log::error!("poll failed: {e}");
-                return 1;
-            }
-            self.turn_start = Instant::now();
-            let accept_due = self.accepting.take_more();
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    CHANNEL => self.channel_ready(ev.is_readable(), ev.is_writable()),
-                    SIGNALS => self.read_signals(),
-                    ALARM => self.alarm.fired(),
-                    CLUSTER => self.cluster_ready(),
-                    Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
-                    Token(t) => self.conn_ready(
-                        t - CONN_BASE,
-                        ev.is_readable(),
-                        ev.is_read_closed() || ev.is_error(),
-                        ev.is_writable(),
-                    ),
-                }
-            }
-            // A fast stop does not run the rest of the turn (timers, hooks).
-            if matches!(self.stopping, Stopping::Fast) {
-                return self.exit();
-            }
-            if accept_due && !self.accepting.has_more() {
-                self.accept();
-            }
-            for peer in std::mem::take(&mut self.bus_again) {
-                self.bus_ready(peer);
-            }
-            let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
-            for &idx in &again {
-                self.read_conn(idx);
-            }
-            self.again_spare = recycle(again);
-            self.run_timers();
-            self.deliver_notices();
-            self.close_due();
-            self.reap();
-            self.flush_dirty();
-            self.reap();
-            let now = Instant::now();
-            if now >= self.next_tick {
-                self.next_tick = now + TICK;
-                self.sweep(now);
-                self.report();
-            }
-            if self.accepting.retry_at().is_some_and(|at| now >= at) {
-                self.accept();
+            if let Some(code) = self.turn(&mut events, timeout) {
+                return code;
             }
         }
     }
 
-    /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
-    /// with the alarm set for the next deadline.
-    fn poll_timeout(&mut self) -> Option<Duration> {
-        if self.accepting.has_more()
+    /// One turn of the loop: waits up to `timeout` (`None`: until an event) and does what
+    /// came. `Some(exit code)` when the loop must end at once.
+    pub(super) fn turn(&mut self, events: &mut Events, timeout: Option<Duration>) -> Option<i32> {
+        if let Err(e) = self.poll.poll(events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            log::error!("poll failed: {e}");
+            return Some(1);
+        }
+        self.turn_start = Instant::now();
+        let accept_due = self.accepting.take_more();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                CHANNEL => self.channel_ready(ev.is_readable(), ev.is_writable()),
+                SIGNALS => self.read_signals(),
+                ALARM => self.alarm.fired(),
+                CLUSTER => self.cluster_ready(),
+                Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
+                Token(t) => self.conn_ready(
+                    t - CONN_BASE,
+                    ev.is_readable(),
+                    ev.is_read_closed() || ev.is_error(),
+                    ev.is_writable(),
+                ),
+            }
+        }
+        // A fast stop does not run the rest of the turn (timers, hooks).
+        if matches!(self.stopping, Stopping::Fast) {
+            return Some(self.exit());
+        }
+        if accept_due && !self.accepting.has_more() {
+            self.accept();
+        }
+        for peer in std::mem::take(&mut self.bus_again) {
+            self.bus_ready(peer);
+        }
+        let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
+        for &idx in &again {
+            self.read_conn(idx);
+        }
+        self.again_spare = recycle(again);
+        self.run_timers();
+        self.deliver_notices();
+        self.close_due();
+        self.reap();
+        self.flush_dirty();
+        self.reap();
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            self.sweep(now);
+            self.report();
+        }
+        if self.accepting.retry_at().is_some_and(|at| now >= at) {
+            self.accept();
+        }
+        None
+    }
+
+    /// Work is pending that the next turn must do without waiting for an event.
+    pub(super) fn has_pending_work(&self) -> bool {
+        self.accepting.has_more()
             || !self.again.is_empty()
             || !self.bus_again.is_empty()
             || !self.ctx.dirty.is_empty()
             || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
-        {
+    }
+
+    /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
+    /// with the alarm set for the next deadline.
+    fn poll_timeout(&mut self) -> Option<Duration> {
+        if self.has_pending_work() {
             return Some(Duration::ZERO);
         }
         let deadlines = [

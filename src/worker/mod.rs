@@ -15,6 +15,8 @@ mod context;
 mod errors;
 mod event_loop;
 mod flush;
+#[doc(hidden)]
+pub mod fuzz;
 mod hooks;
 // Its clients read the server with the load generator's wire reader.
 #[cfg(all(test, feature = "bench"))]
