@@ -2,8 +2,8 @@
 # The whole test suite: the lints (rustfmt, clippy with warnings as errors, as a contributor's
 # change is checked), the library without its optional parts (no CLI, bench or Redis), unit
 # tests, integration tests with real processes and sockets (chaos and abuse tests included),
-# the fuzz corpus replay, a build of the examples, and the Autobahn TestSuite against the
-# release binary. Installs what it needs (kosoku, the Autobahn runner,
+# the fuzz corpus replay, a build of the examples, the Autobahn TestSuite against the release
+# binary, and the chat page in a real Chromium. Installs what it needs (kosoku, the Autobahn runner,
 # into a venv under target/), so a bare machine and CI run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Where things live: `worker/` is the data path (accept → handshake → frames → hook → send),
-//! `cli/` → `master/` is the control path, `config.rs` the `workers.toml` schema, `sys.rs` the
+//! `cli/` → `master/` is the control path, `config/` the `workers.toml` schema, `sys.rs` the
 //! only `unsafe`.
 
 pub mod apps;

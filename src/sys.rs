@@ -296,7 +296,7 @@ pub fn clock_ticks_per_sec() -> u64 {
 }
 
 /// A non-blocking CLOCK_MONOTONIC timerfd: a wake-up finer than a poll timeout, which the
-/// kernel takes in whole milliseconds (`wsd bench`'s open-loop schedules).
+/// kernel takes in whole milliseconds (the worker's alarm, `wsd bench`'s open-loop schedules).
 pub fn timer_fd() -> io::Result<OwnedFd> {
     let flags = libc::TFD_NONBLOCK | libc::TFD_CLOEXEC;
     // SAFETY: timerfd_create takes no pointers.

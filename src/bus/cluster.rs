@@ -27,7 +27,7 @@
 //! "up" always means both connections were seen working after the last failure. Each thread
 //! retries with backoff (100 ms doubling to 5 s). The outage is logged once, by whichever thread
 //! saw it first, and its end once. While the link is not up, messages for Redis are dropped and
-//! counted; the local mesh carries on as before.
+//! counted; the local mesh carries on unaffected.
 
 use super::wire::{self, BusMessage, Origin};
 use crate::backoff::Backoff;

@@ -164,7 +164,7 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             );
             Ok(0)
         }
-        Command::Start { daemon } => start(runner, have_file.then_some(&config_path), daemon),
+        Command::Start { daemon } => start(runner, &config_path, have_file, daemon),
         Command::Restart { daemon, fast } => {
             let server = locate(have_file.then_some(&config_path));
             let mode = if fast {
@@ -177,7 +177,7 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
                 Err(ControlError::NotRunning { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            start(runner, have_file.then_some(&config_path), daemon)
+            start(runner, &config_path, have_file, daemon)
         }
         Command::Stop { graceful, fast } => {
             let server = locate(have_file.then_some(&config_path));
@@ -247,11 +247,13 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
     }
 }
 
-fn start(runner: Runner, config_path: Option<&PathBuf>, daemon: bool) -> Result<i32, Failed> {
-    if config_path.is_none() && runner.workers.is_empty() {
-        return Err(Failed::NoConfigFile(PathBuf::from("./workers.toml")));
+/// Starts a master on the config file, if there is one to read (`have_file`), and the groups
+/// defined in code.
+fn start(runner: Runner, config_path: &Path, have_file: bool, daemon: bool) -> Result<i32, Failed> {
+    if !have_file && runner.workers.is_empty() {
+        return Err(Failed::NoConfigFile(config_path.to_path_buf()));
     }
-    Ok(runner.start(config_path.map(PathBuf::as_path), daemon)?)
+    Ok(runner.start(have_file.then_some(config_path), daemon)?)
 }
 
 fn locate(config_path: Option<&PathBuf>) -> ServerConfig {

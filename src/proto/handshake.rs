@@ -9,7 +9,7 @@
 //!
 //! A plain `GET` or `HEAD` (no `Upgrade: websocket`) is handed to the owner as a
 //! [`FileRequest`]: a group with `static_dir` answers it with a file, any other refuses it
-//! exactly as before ([`FileRequest::refusal`]).
+//! ([`FileRequest::refusal`]).
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -27,6 +27,22 @@ pub(crate) struct Request {
     pub key: String,
     pub forwarded_for: Option<String>,
     pub real_ip: Option<String>,
+    /// The subprotocols offered (`Sec-WebSocket-Protocol`), in the client's order.
+    pub protocols: Vec<String>,
+    /// The `Sec-WebSocket-Extensions` values, as sent, one per header line.
+    pub extensions: Vec<String>,
+    /// Every header, name and value as sent (values trimmed; a value that is not UTF-8 is
+    /// left out).
+    pub headers: Vec<(String, String)>,
+}
+
+/// What the `101` says beyond the handshake itself: the subprotocol and extensions agreed,
+/// and any headers the app adds (`Set-Cookie`, say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub protocol: Option<String>,
+    pub extensions: Option<String>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// A request wsd will not upgrade, and the HTTP answer it gets.
@@ -47,7 +63,7 @@ pub(crate) struct FileRequest {
 }
 
 impl FileRequest {
-    /// The answer where no files are served: what such a request got before files were.
+    /// The answer where no files are served: 426 for a `GET`, 405 for a `HEAD`.
     pub(crate) fn refusal(&self) -> Reject {
         if self.head {
             Reject {
@@ -144,12 +160,34 @@ pub(crate) fn parse(buf: &[u8], max_header_bytes: usize) -> Parsed {
     if header("Host").is_none() {
         return reject(400, "missing Host header");
     }
+    let values = |name: &'static str| {
+        req.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
     let request = Request {
         path: req.path.unwrap_or("/").to_string(),
         origin: header("Origin").map(str::to_string),
         key,
         forwarded_for: header("X-Forwarded-For").map(str::to_string),
         real_ip: header("X-Real-IP").map(str::to_string),
+        protocols: values("Sec-WebSocket-Protocol")
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+        extensions: values("Sec-WebSocket-Extensions")
+            .map(str::to_string)
+            .collect(),
+        headers: req
+            .headers
+            .iter()
+            .filter_map(|h| Some((h.name.to_string(), std::str::from_utf8(h.value).ok()?)))
+            .map(|(name, value)| (name, value.trim().to_string()))
+            .collect(),
     };
     Parsed::Upgrade(request, used)
 }
@@ -164,14 +202,25 @@ fn valid_key(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
-/// The `101 Switching Protocols` answer.
-pub(crate) fn accept(req: &Request) -> Bytes {
+/// The `101 Switching Protocols` answer, with what `answer` agreed.
+pub(crate) fn accept(req: &Request, answer: &Answer) -> Bytes {
+    use std::fmt::Write;
     let accept = tungstenite::handshake::derive_accept_key(req.key.as_bytes());
-    format!(
+    let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into()
+         Sec-WebSocket-Accept: {accept}\r\n"
+    );
+    if let Some(p) = &answer.protocol {
+        let _ = write!(out, "Sec-WebSocket-Protocol: {p}\r\n");
+    }
+    if let Some(e) = &answer.extensions {
+        let _ = write!(out, "Sec-WebSocket-Extensions: {e}\r\n");
+    }
+    for (name, value) in &answer.headers {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    out.push_str("\r\n");
+    out.into()
 }
 
 impl Reject {
@@ -277,8 +326,38 @@ mod tests {
         assert_eq!(used, GOOD.len());
         assert_eq!(req.path, "/chat?room=1");
         assert_eq!(req.origin.as_deref(), Some("https://app.example.com"));
-        let resp = String::from_utf8(accept(&req).to_vec()).unwrap();
+        let resp = String::from_utf8(accept(&req, &Answer::default()).to_vec()).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(resp.ends_with("\r\n\r\n") && !resp.contains("Sec-WebSocket-Protocol"));
+        let answer = Answer {
+            protocol: Some("v2.chat".into()),
+            extensions: Some("permessage-deflate".into()),
+            headers: vec![("Set-Cookie".into(), "a=b".into())],
+        };
+        let resp = String::from_utf8(accept(&req, &answer).to_vec()).unwrap();
+        assert!(resp.contains("\r\nSec-WebSocket-Protocol: v2.chat\r\n"));
+        assert!(resp.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"));
+        assert!(resp.ends_with("\r\nSet-Cookie: a=b\r\n\r\n"));
+    }
+
+    #[test]
+    fn offered_subprotocols_extensions_and_headers_are_kept() {
+        let req = GOOD.replace(
+            "Origin:",
+            "Sec-WebSocket-Protocol: v1.chat, v2.chat\r\nSec-WebSocket-Protocol: x\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
+             Cookie: a=1; b=2\r\nOrigin:",
+        );
+        let Parsed::Upgrade(req, _) = parse(req.as_bytes(), 8192) else {
+            panic!("not an upgrade")
+        };
+        assert_eq!(req.protocols, ["v1.chat", "v2.chat", "x"]);
+        assert_eq!(
+            req.extensions,
+            ["permessage-deflate; client_max_window_bits"]
+        );
+        assert!(req.headers.contains(&("Cookie".into(), "a=1; b=2".into())));
+        assert_eq!(req.headers.len(), 10);
     }
 
     #[test]
@@ -377,6 +456,9 @@ mod tests {
             key: String::new(),
             forwarded_for: Some("1.1.1.1, 2.2.2.2, 10.0.0.7".into()),
             real_ip: Some("3.3.3.3".into()),
+            protocols: Vec::new(),
+            extensions: Vec::new(),
+            headers: Vec::new(),
         };
         let proxy: IpAddr = "10.1.1.1".parse().unwrap();
         let stranger: IpAddr = "8.8.8.8".parse().unwrap();

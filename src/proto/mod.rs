@@ -1,8 +1,8 @@
 //! RFC 6455, server side, as pure state machines: bytes in, events and bytes out, no sockets.
 //!
-//! The worker's event loop owns the sockets and feeds these; the fuzz target feeds them
-//! straight from its input. Keeping the protocol free of I/O is what makes it testable byte
-//! by byte and lets the worker share one read buffer across all of its connections.
+//! The worker's event loop owns the sockets and feeds these. Keeping the protocol free of I/O
+//! is what makes it testable byte by byte and lets the worker share one read buffer across
+//! all of its connections.
 
 pub mod close;
 pub(crate) mod decoder;

@@ -1,16 +1,17 @@
 //! One connection's protocol state, without its socket: the upgrade, then frames, then the
 //! closing handshake.
 //!
-//! The owner reads bytes from wherever it likes, passes them to [`Session::read`], acts on the
-//! [`Step`]s that come out (a request to admit, messages for the app, the end), and writes
-//! [`Session::out`] to the socket. Replies the protocol itself owes the client — Pong for Ping,
-//! the echo of a Close, our close code when the client breaks the rules — are queued here, so
-//! every owner (the worker, the fuzz target) gets them right the same way.
+//! The owner (the worker) reads bytes from wherever it likes, passes them to
+//! [`Session::read_buffer`], acts on the [`Step`]s that come out (a request to admit, messages
+//! for the app, the end), and writes the queued output ([`Session::write_to`]) to the socket.
+//! Replies the protocol itself owes the client — Pong for Ping, the echo of a Close, our close
+//! code when the client breaks the rules — are queued here, so the owner cannot get them
+//! wrong.
 
 use super::decoder::{Decoder, Event, Input, Lent, Limits};
 use super::error::ProtocolError;
 use super::frame::{self, CLOSE, PONG};
-use super::handshake::{self, FileRequest, Parsed, Reject, Request};
+use super::handshake::{self, Answer, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
 use crate::Message;
 use bytes::BytesMut;
@@ -252,15 +253,21 @@ impl Session {
         }
     }
 
-    /// Upgrades: queues the `101` and reads any frames that came with the request.
-    pub(crate) fn accept(&mut self, request: &Request, steps: &mut VecDeque<Step>) {
+    /// Upgrades: queues the `101` (with what `answer` agreed) and reads any frames that came
+    /// with the request.
+    pub(crate) fn accept(
+        &mut self,
+        request: &Request,
+        answer: &Answer,
+        steps: &mut VecDeque<Step>,
+    ) {
         if !matches!(self.phase, Phase::Deciding(_)) {
             return;
         }
         let Phase::Deciding(rest) = std::mem::replace(&mut self.phase, Phase::Open) else {
             unreachable!("checked just above");
         };
-        self.out.push_encoded(&handshake::accept(request));
+        self.out.push_encoded(&handshake::accept(request, answer));
         if !rest.is_empty() {
             self.read_frames(&rest[..], steps);
         }
@@ -416,7 +423,7 @@ mod tests {
             panic!("no request")
         };
         assert_eq!(req.path, "/x");
-        s.accept(&req, &mut steps);
+        s.accept(&req, &Answer::default(), &mut steps);
         assert!(matches!(steps.pop_front(), Some(Step::Message(m)) if m.as_text() == Some("hi")));
         let out = drain(&mut s);
         assert!(out.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
@@ -429,7 +436,7 @@ mod tests {
         let Some(Step::Request(req)) = steps.pop_front() else {
             panic!("no request")
         };
-        s.accept(&req, steps);
+        s.accept(&req, &Answer::default(), steps);
         drain(&mut s);
         s
     }

@@ -149,7 +149,16 @@ impl Context {
     }
 
     /// Closes `conn` with the given close code and reason. `on_close` follows once it is gone.
+    ///
+    /// `code` must be one a peer may send (1000–1003, 1007–1014, 3000–4999; see
+    /// [`crate::close`]). Any other is logged and sent as 1011, since the app erred.
     pub fn close_with(&mut self, conn: ConnId, code: u16, reason: &str) {
+        let code = if close::allowed(code) {
+            code
+        } else {
+            log::warn!("close code {code} may not be sent; closing connection {conn} with 1011");
+            close::INTERNAL_ERROR
+        };
         let Some(c) = self.conn_mut(conn) else { return };
         if c.session.close_sent() {
             return;

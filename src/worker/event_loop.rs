@@ -28,7 +28,7 @@ use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
 use crate::control::FromWorker;
-use crate::proto::handshake::{self, Request};
+use crate::proto::handshake::{self, Answer, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
 use mio::net::{TcpListener, TcpStream, UnixStream};
@@ -483,7 +483,8 @@ impl Loop {
                 return;
             }
         }
-        conn.session.accept(&request, &mut self.steps);
+        conn.session
+            .accept(&request, &Answer::default(), &mut self.steps);
         conn.path = request.path;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);

@@ -75,7 +75,7 @@ impl Harness {
         self.settle();
         let mut rest = data;
         let mut turn = 0usize;
-        while !rest.is_empty() {
+        'pieces: while !rest.is_empty() {
             // Every fourth piece is large: several frames, or a payload large enough to be
             // lent from the worker's read buffer rather than copied.
             let n = if turn % 4 == 3 {
@@ -94,7 +94,7 @@ impl Harness {
                     Ok(n) => piece = &piece[n..],
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // The server closed or reset the connection: the rest is not wanted.
-                    Err(_) => break,
+                    Err(_) => break 'pieces,
                 }
                 self.settle();
                 drain(&mut client);

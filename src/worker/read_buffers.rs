@@ -9,8 +9,8 @@
 //! A view keeps its whole chunk alive, so a 1 KiB message that the app keeps, or that waits
 //! in a slow client's queue, holds 64 KiB. That is bounded here rather than left to the app:
 //! a worker has at most [`LENT_BUDGET`] of chunks (at least two, at most 64). While every one
-//! of them is still pointed into, reads go to a spill buffer whose payloads are copied, as every
-//! payload was before lending, until a chunk comes free.
+//! of them is still pointed into, reads go to a spill buffer whose payloads are copied, not
+//! lent, until a chunk comes free.
 
 use bytes::BytesMut;
 

@@ -1,7 +1,8 @@
 //! Files for plain HTTP requests. A group with `static_dir` answers a `GET` or `HEAD` that is
 //! not a WebSocket upgrade with a file from that folder (`index.html` for `/`), so a browser
 //! pointed at the WebSocket's own address gets a page — the demo chat room — that then
-//! connects back to the same port. A group without it refuses such requests as before (426).
+//! connects back to the same port. A group without it refuses such requests (426, or 405 for
+//! `HEAD`).
 //!
 //! Deliberately small: one request per connection (`Connection: close`), no ranges, no
 //! directory listings, no dotfiles. The path is percent-decoded, `..` and hidden names are
