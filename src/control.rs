@@ -104,6 +104,19 @@ pub enum ToWorker {
     ListConnections { query: u64 },
     /// Point stdout and stderr at the descriptor sent with this line.
     ReopenLogs,
+    /// Serve new connections with this certificate chain and key (PEM), renewed by a reload.
+    Certificate { chain: String, key: Secret },
+}
+
+/// Text that must not be shown: its `Debug` is `"<secret>"`, so no log line can carry it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 /// One live connection, as `wsd connections` shows it.

@@ -43,6 +43,8 @@ mod message;
 mod proto;
 mod runner;
 mod sys;
+#[cfg(feature = "tls")]
+pub mod tls;
 /// Client frame builders for wsd's integration tests.
 #[doc(hidden)]
 pub mod testing {

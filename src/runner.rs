@@ -26,6 +26,15 @@ pub enum RunError {
         /// What is wrong.
         problem: GroupProblem,
     },
+    /// A group defined in code names a certificate or key that cannot be served.
+    #[cfg(feature = "tls")]
+    #[error("worker {group:?}: {source}")]
+    Tls {
+        /// The group's name.
+        group: String,
+        /// Why.
+        source: crate::tls::TlsError,
+    },
 }
 
 impl Default for Runner {
@@ -71,11 +80,19 @@ impl Runner {
         };
         crate::logging::init(&config.server.log_level);
         let Runner { apps, workers } = self;
-        for w in &workers {
+        let mut workers = workers;
+        for w in &mut workers {
             w.check().map_err(|problem| RunError::Group {
                 group: w.name().to_string(),
                 problem,
             })?;
+            #[cfg(feature = "tls")]
+            if w.tls.is_none() {
+                w.load_tls().map_err(|source| RunError::Tls {
+                    group: w.name().to_string(),
+                    source,
+                })?;
+            }
         }
         Ok(master::start(master::Plan {
             config,

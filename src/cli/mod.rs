@@ -156,6 +156,16 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
                     problem,
                 },
             )?;
+            #[cfg(feature = "tls")]
+            for g in &config.groups {
+                if let Some(warning) = g.tls.as_ref().and_then(|id| id.expiry_warning()) {
+                    eprintln!(
+                        "wsd: warning: {}: group {:?}: {warning}",
+                        config_path.display(),
+                        g.name()
+                    );
+                }
+            }
             let workers: usize = config.groups.iter().map(|g| g.count).sum();
             println!(
                 "{}: ok ({} group(s), {workers} worker(s))",

@@ -60,6 +60,10 @@ pub enum ConfigProblem {
         /// The apps this program knows.
         known: Vec<String>,
     },
+    /// The certificate or key cannot be served.
+    #[cfg(feature = "tls")]
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// `static_dir` is not a directory.
     #[error("static_dir {} is not a directory", .0.display())]
     NoStaticDir(PathBuf),
@@ -134,6 +138,12 @@ pub enum GroupProblem {
     /// A frame could be larger than a whole message.
     #[error("max_frame_size must not be larger than max_message_size")]
     FrameOverMessage,
+    /// Only one of `tls_cert` and `tls_key` is set.
+    #[error("tls_cert and tls_key go together: set both, or neither")]
+    TlsHalf,
+    /// A certificate is set in a build without TLS.
+    #[error("this wsd was built without the tls feature: it cannot serve wss://")]
+    NoTls,
     /// The Pong to a keepalive Ping could not arrive before the idle timeout.
     #[error(
         "idle_timeout ({idle:?}) must be longer than ping_interval ({ping:?}), \

@@ -85,6 +85,19 @@ pub struct GroupConfig {
     /// `index.html` for `/`. Relative to the config file. Unset: such requests get 426.
     #[serde(default)]
     pub static_dir: Option<PathBuf>,
+    // TLS
+    /// PEM certificate chain (the server's certificate first): with `tls_key`, the group
+    /// serves `wss://` (and its static files over https). Relative to the config file.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1; ECDSA, Ed25519 or RSA).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The certificate and key, read and checked: filled when the config is read (and, for a
+    /// group defined in code, when the master starts).
+    #[cfg(feature = "tls")]
+    #[serde(skip)]
+    pub tls: Option<crate::tls::Identity>,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -162,6 +175,30 @@ impl GroupConfig {
             close_timeout: d::close_timeout(),
             reloadable: d::reloadable(),
             static_dir: None,
+            tls_cert: None,
+            tls_key: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// Reads and checks the certificate and key this group names, if it names any.
+    #[cfg(feature = "tls")]
+    pub fn load_tls(&mut self) -> Result<(), crate::tls::TlsError> {
+        self.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::Identity::load(cert, key)?),
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// The scheme clients use: `wss://` for a group with a certificate, `websocket://`
+    /// otherwise (shown in the banner and `status`).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() {
+            "wss://"
+        } else {
+            "websocket://"
         }
     }
 
@@ -194,6 +231,13 @@ impl GroupConfig {
         }
         if self.handshake_timeout.is_zero() {
             return Err(GroupProblem::NoHandshakeTime);
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(GroupProblem::TlsHalf);
+        }
+        #[cfg(not(feature = "tls"))]
+        if self.tls_cert.is_some() {
+            return Err(GroupProblem::NoTls);
         }
         if self.max_frame_size == 0 {
             // 0 means "off" for some keys; here it would refuse every non-empty message.

@@ -133,6 +133,13 @@ impl Config {
                     return Err(at(Some(span), ConfigProblem::NoStaticDir(dir.clone())));
                 }
             }
+            for p in [&mut g.tls_cert, &mut g.tls_key].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            #[cfg(feature = "tls")]
+            g.load_tls().map_err(|e| at(Some(span.clone()), e.into()))?;
             if g.name.is_empty() {
                 g.name = g.app.clone();
             }

@@ -81,6 +81,15 @@ pub enum ReloadError {
     /// The socket pairs between a group's new workers could not be made.
     #[error("cannot wire the bus: {0}")]
     Bus(#[source] io::Error),
+    /// A group defined in code names a certificate or key that cannot be served.
+    #[cfg(feature = "tls")]
+    #[error("group {group:?}: {source}")]
+    Tls {
+        /// The group.
+        group: String,
+        /// Why.
+        source: crate::tls::TlsError,
+    },
 }
 
 /// Why `wsd reopen-logs` (or SIGUSR2) did nothing.

@@ -160,6 +160,12 @@ pub fn start(plan: Plan) -> i32 {
     if let Err(e) = crate::config::check_runnable(&listens) {
         return fail(pidfile, StartError::Groups(e));
     }
+    #[cfg(feature = "tls")]
+    for (def, _) in &defs {
+        if let Some(warning) = def.tls.as_ref().and_then(|id| id.expiry_warning()) {
+            log::warn!("group {:?}: {warning}", def.name());
+        }
+    }
     for (def, from_file) in defs {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => match supervisor::Group::new(def, ls, from_file) {

@@ -31,8 +31,14 @@ use std::time::{Duration, Instant};
 /// themselves from the start, and no bus end is ever read by an old and a new worker at once.
 pub enum Change {
     /// A running group kept as it is: a group defined in code (its workers are replaced, on
-    /// `mesh`, unless it is not reloadable) or a `reloadable = false` one (`mesh` none).
-    Keep { old: usize, mesh: Option<Mesh> },
+    /// `mesh`, unless it is not reloadable), a `reloadable = false` one, or a `wss://` group
+    /// whose settings did not change (`mesh` none: its workers and their clients stay). `tls`:
+    /// a renewed certificate, handed to the workers that stay and used by any that start.
+    Keep {
+        old: usize,
+        mesh: Option<Mesh>,
+        tls: Option<Renewed>,
+    },
     /// Same name and address: new settings, maybe a new count (`more` sockets for new slots).
     Update {
         old: usize,
@@ -70,20 +76,36 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
         } else {
             None
         };
-        changes.push(Change::Keep { old, mesh });
-        summary.push(kept(g, replace));
+        let tls = reread_tls(g)?;
+        summary.push(kept(g, replace) + &renewed_note(&tls));
+        changes.push(Change::Keep { old, mesh, tls });
     }
     for def in file_groups {
         let name = def.name().to_string();
         let old = sup.group_index(&name).filter(|&i| sup.groups[i].from_file);
         let change = match old.map(|i| (i, &sup.groups[i])) {
             Some((old, g)) if !g.def.reloadable => {
-                let mut line = kept(g, false);
-                if g.def.config() != def.config() {
+                let tls = renewed(g, &def);
+                let mut line = kept(g, false) + &renewed_note(&tls);
+                if !same_settings(g, &def) {
                     line += "; its new settings apply at the next restart";
                 }
                 summary.push(line);
-                Change::Keep { old, mesh: None }
+                Change::Keep {
+                    old,
+                    mesh: None,
+                    tls,
+                }
+            }
+            // A certificate renewal must not cost a wss:// group its clients.
+            Some((old, g)) if g.def.scheme() == "wss://" && same_settings(g, &def) => {
+                let tls = renewed(g, &def);
+                summary.push(format!("{name}: kept (settings unchanged)") + &renewed_note(&tls));
+                Change::Keep {
+                    old,
+                    mesh: None,
+                    tls,
+                }
             }
             Some((old, g)) if g.def.listen == def.listen => {
                 let (have, want) = (g.slots.len(), def.count);
@@ -141,6 +163,64 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
     Ok(Prepared { changes, summary })
 }
 
+/// A group's new certificate, for the workers that keep serving.
+#[cfg(feature = "tls")]
+pub type Renewed = crate::tls::Identity;
+/// Without TLS there is never a certificate to renew.
+#[cfg(not(feature = "tls"))]
+pub type Renewed = std::convert::Infallible;
+
+/// The running group's settings and `def`'s are the same, certificates aside.
+fn same_settings(g: &Group, def: &Worker) -> bool {
+    #[cfg(feature = "tls")]
+    {
+        let mut new = def.config().clone();
+        new.tls = g.def.tls.clone();
+        new == *g.def.config()
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        def.config() == g.def.config()
+    }
+}
+
+/// `def`'s certificate, if it is not the one the running group serves.
+fn renewed(g: &Group, def: &Worker) -> Option<Renewed> {
+    #[cfg(feature = "tls")]
+    if def.tls != g.def.tls {
+        return def.tls.clone();
+    }
+    let _ = (g, def);
+    None
+}
+
+/// A group defined in code reads its certificate files again.
+fn reread_tls(g: &Group) -> Result<Option<Renewed>, ReloadError> {
+    #[cfg(feature = "tls")]
+    if g.def.tls.is_some() {
+        let mut def = g.def.config().clone();
+        def.load_tls().map_err(|source| ReloadError::Tls {
+            group: g.name().to_string(),
+            source,
+        })?;
+        if def.tls != g.def.tls {
+            return Ok(def.tls);
+        }
+    }
+    let _ = g;
+    Ok(None)
+}
+
+/// "; certificate renewed (serial …)" for the operator, or nothing.
+fn renewed_note(tls: &Option<Renewed>) -> String {
+    #[cfg(feature = "tls")]
+    if let Some(id) = tls {
+        return format!("; certificate renewed (serial {})", id.serial());
+    }
+    let _ = tls;
+    String::new()
+}
+
 fn kept(g: &Group, replace: bool) -> String {
     if replace {
         format!("{}: {} worker(s) replaced", g.name(), g.slots.len())
@@ -193,8 +273,11 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
     let mut restore = Vec::new();
     for change in prepared.changes {
         let group = match change {
-            Change::Keep { old: i, mesh } => {
+            Change::Keep { old: i, mesh, tls } => {
                 let mut g = old[i].take().expect("each old group is used once");
+                if let Some(tls) = tls {
+                    renew(sup, &mut g, tls);
+                }
                 if let Some(mesh) = mesh {
                     restore.push((g.name().to_string(), std::mem::replace(&mut g.mesh, mesh)));
                     replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
@@ -254,6 +337,31 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
         failure: None,
         started: Instant::now(),
     }
+}
+
+/// Hands a renewed certificate to the group's running workers (new connections get it; open
+/// ones keep theirs) and to the workers it starts from now on.
+#[cfg(feature = "tls")]
+fn renew(sup: &mut Supervisor, g: &mut Group, tls: Renewed) {
+    let (chain, key) = tls.pem();
+    let msg = crate::control::ToWorker::Certificate {
+        chain: chain.to_string(),
+        key: crate::control::Secret(key.to_string()),
+    };
+    for k in g.slots.iter().filter_map(|s| s.proc) {
+        if !sup.tell(k, &msg) {
+            log::warn!(
+                "{}: cannot hand the renewed certificate to a worker",
+                g.name()
+            );
+        }
+    }
+    g.def.tls = Some(tls);
+}
+
+#[cfg(not(feature = "tls"))]
+fn renew(_: &mut Supervisor, _: &mut Group, tls: Renewed) {
+    match tls {}
 }
 
 impl Reload {

@@ -130,8 +130,8 @@ impl Group {
         let listen = listeners
             .first()
             .and_then(|l| l.local_addr().ok())
-            .map(|a| format!("websocket://{a}"))
-            .unwrap_or_else(|| def.listen.to_string());
+            .map(|a| format!("{}{a}", def.scheme()))
+            .unwrap_or_else(|| format!("{}{}", def.scheme(), def.listen.addr));
         let slots = (0..listeners.len()).map(|_| Slot::default()).collect();
         Ok(Group {
             mesh: Mesh::new(listeners.len())?,

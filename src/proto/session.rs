@@ -132,6 +132,13 @@ impl Session {
         )
     }
 
+    /// Nothing more will be queued: both Closes are done, or the connection failed or was
+    /// refused. (A TLS connection says close_notify once its output is written.)
+    #[cfg(feature = "tls")]
+    pub(crate) fn is_ending(&self) -> bool {
+        matches!(self.phase, Phase::Closed | Phase::Failed | Phase::Refused)
+    }
+
     /// The connection failed or was refused: once its output is written, our side is shut
     /// down and its input is discarded until the client goes.
     pub(crate) fn is_failed(&self) -> bool {
@@ -207,8 +214,8 @@ impl Session {
         buf.clear();
     }
 
-    /// Takes bytes from the client (the tests' way in; the worker reads into a buffer).
-    #[cfg(test)]
+    /// Takes bytes from the client: decrypted TLS records, or (in tests) bytes as they come.
+    #[cfg(any(test, feature = "tls"))]
     pub(crate) fn read(&mut self, input: &[u8], steps: &mut VecDeque<Step>) {
         self.take(input, steps);
     }

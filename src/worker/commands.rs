@@ -33,6 +33,7 @@ impl Loop {
                 }
                 ToWorker::ListConnections { query } => self.list_connections(query),
                 ToWorker::ReopenLogs => reopen_logs(fd),
+                ToWorker::Certificate { chain, key } => self.renew_certificate(&chain, &key.0),
             }
         }
         open
@@ -68,6 +69,25 @@ impl Loop {
         self.ctx.counters.bus_state = self.ctx.bus.state();
         self.channel
             .report(&FromWorker::Report(self.ctx.counters.clone()));
+    }
+}
+
+impl Loop {
+    /// Serves new connections with a renewed certificate; open ones keep theirs.
+    #[cfg(feature = "tls")]
+    fn renew_certificate(&mut self, chain: &str, key: &str) {
+        match crate::tls::Identity::from_pem(chain, key) {
+            Ok(id) => {
+                log::info!("certificate renewed (serial {})", id.serial());
+                self.settings.tls = Some(id);
+            }
+            Err(e) => log::error!("renewed certificate not usable, keeping the old one: {e}"),
+        }
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn renew_certificate(&mut self, _: &str, _: &str) {
+        log::error!("a certificate came, but this build has no TLS");
     }
 }
 

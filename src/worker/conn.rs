@@ -5,8 +5,13 @@
 //! the socket. A connection that failed (or was refused) is ended politely: its close frame or
 //! HTTP error is flushed, our side is shut down (FIN), and input is discarded until the client
 //! goes, so the answer is not lost to a TCP reset.
+//!
+//! A `wss://` connection's bytes pass through its TLS record layer (`tls.rs`) on the way in
+//! and out; a plain one's go straight between the socket and the session.
 
 use super::admission::IpSlot;
+#[cfg(feature = "tls")]
+use super::tls::{TlsConn, TlsFailure};
 use crate::ConnId;
 use crate::control::{ConnInfo, ConnStage};
 use crate::proto::{Limits, Session, Stage};
@@ -50,6 +55,9 @@ pub(crate) struct Conn {
     pub reads_paused: bool,
     /// Its place in `max_connections_per_ip`, given back when the connection is dropped.
     ip_slot: Option<IpSlot>,
+    /// The TLS record layer of a `wss://` connection.
+    #[cfg(feature = "tls")]
+    tls: Option<Box<TlsConn>>,
     /// What it carried, for `wsd connections`.
     pub traffic: Traffic,
 }
@@ -62,6 +70,19 @@ pub(crate) struct Traffic {
     pub bytes_out: u64,
     pub messages_in: u64,
     pub messages_out: u64,
+}
+
+/// What a read from the client gave.
+pub(crate) enum Received {
+    /// Bytes came, and went to the session. `short`: the read did not fill the buffer, so
+    /// the socket's queue is empty.
+    Data { short: bool },
+    /// Nothing to read now.
+    Nothing,
+    /// The client has gone (end of stream, or TLS close_notify).
+    Gone,
+    /// Reading failed, or the client's TLS is broken.
+    Failed(io::Error),
 }
 
 /// What became of a flush.
@@ -82,6 +103,7 @@ impl Conn {
         socket: TcpStream,
         peer: SocketAddr,
         ip_slot: Option<IpSlot>,
+        #[cfg(feature = "tls")] tls: Option<Box<TlsConn>>,
         limits: Limits,
         max_header_bytes: usize,
     ) -> Conn {
@@ -103,8 +125,29 @@ impl Conn {
             input_ended: false,
             reads_paused: false,
             ip_slot,
+            #[cfg(feature = "tls")]
+            tls,
             traffic: Traffic::default(),
         }
+    }
+
+    /// Memory this connection holds beyond its fixed size: protocol state, TLS input and
+    /// output waiting.
+    pub(crate) fn footprint(&self) -> usize {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return self.session.footprint() + tls.footprint();
+        }
+        self.session.footprint()
+    }
+
+    /// Output waits, or the connection is ending (a flush is what finds that it has ended).
+    pub(crate) fn wants_flush(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls.as_ref().is_some_and(|t| t.has_output()) {
+            return true;
+        }
+        self.session.wants_flush()
     }
 
     /// It counts against `max_connections_per_ip` already.
@@ -153,7 +196,7 @@ impl Conn {
 
     /// Writes queued output; half-closes a failed connection once its answer is out.
     pub(crate) fn flush(&mut self) -> Flushed {
-        match self.session.write_to(&mut self.socket) {
+        match self.write_out() {
             Ok(false) => Flushed::Partly,
             Err(e) => Flushed::Failed(e),
             Ok(true) if self.session.finished() => Flushed::Done,
@@ -173,17 +216,77 @@ impl Conn {
     /// `max_send_buffer` by the end-of-turn flush. Errors surface at that flush.
     pub(crate) fn write_early(&mut self, threshold: usize) {
         if self.session.queued() >= threshold {
-            let _ = self.session.write_to(&mut self.socket);
+            let _ = self.write_out();
         }
     }
 
-    /// Reads into the free room of `buf`: `Ok(0)` means the client has gone.
-    pub(crate) fn read(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        loop {
+    /// Writes what the session has queued, sealed on a TLS connection. `Ok(true)`: all of it.
+    pub(crate) fn write_out(&mut self) -> io::Result<bool> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            let ending = self.session.is_ending();
+            return tls.write(&mut self.socket, &mut self.session, ending);
+        }
+        self.session.write_to(&mut self.socket)
+    }
+
+    /// Reads what the client sent into `buf` (empty, with room), hands it to the session
+    /// (which leaves its steps in `steps`), and leaves `buf` empty. With `lend`, large
+    /// payloads of a plain connection are views into `buf`.
+    pub(crate) fn receive(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        lend: bool,
+        steps: &mut std::collections::VecDeque<crate::proto::Step>,
+    ) -> Received {
+        let room = buf.capacity();
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &mut self.tls {
+            let session = &mut self.session;
+            let fd = self.socket.as_raw_fd();
+            return match tls.read(fd, buf, |plain| session.read(plain, steps)) {
+                Ok((0, _)) => Received::Gone,
+                Ok((_, short)) => {
+                    if tls.peer_closed() {
+                        self.input_ended = true;
+                    }
+                    Received::Data { short }
+                }
+                Err(TlsFailure::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Received::Nothing
+                }
+                Err(TlsFailure::Io(e)) => Received::Failed(e),
+                Err(TlsFailure::Protocol {
+                    plain_http: true, ..
+                }) => {
+                    // A client that forgot TLS gets a plain answer that says so.
+                    self.tls = None;
+                    self.session.reject(crate::proto::handshake::Reject {
+                        status: 400,
+                        why: "this port speaks TLS: use https:// or wss://",
+                    });
+                    Received::Data { short: true }
+                }
+                Err(TlsFailure::Protocol { error, .. }) => {
+                    Received::Failed(io::Error::new(io::ErrorKind::InvalidData, error))
+                }
+            };
+        }
+        let read = loop {
             match crate::sys::recv_into(self.socket.as_raw_fd(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
+                other => break other,
             }
+        };
+        match read {
+            Ok(0) => Received::Gone,
+            Ok(n) => {
+                // A failed connection's input is read only to be discarded.
+                self.session.read_buffer(buf, lend, steps);
+                Received::Data { short: n < room }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Received::Nothing,
+            Err(e) => Received::Failed(e),
         }
     }
 }

@@ -17,13 +17,15 @@
 use super::admission::{Accepted, Acceptor, IpSlot};
 use super::alarm::Alarm;
 use super::channel::Channel;
-use super::conn::{Conn, Flushed};
+use super::conn::{Conn, Flushed, Received};
 use super::context::BufferNotice;
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::hooks::{Hook, WorkerHook};
 use super::read_buffers::ReadBuffers;
 use super::stop::Stopping;
+#[cfg(feature = "tls")]
+use super::tls::TlsConn;
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
@@ -320,11 +322,28 @@ impl Loop {
             log::warn!("cannot register connection from {peer}: {e}");
             return;
         }
+        #[cfg(feature = "tls")]
+        let tls = match self
+            .settings
+            .tls
+            .as_ref()
+            .map(|id| TlsConn::new(id.server_config()))
+        {
+            None => None,
+            Some(Ok(tls)) => Some(Box::new(tls)),
+            Some(Err(e)) => {
+                log::warn!("cannot start TLS for {peer}: {e}");
+                let _ = self.poll.registry().deregister(&mut stream);
+                return;
+            }
+        };
         let conn = Conn::new(
             serial,
             stream,
             peer,
             ip,
+            #[cfg(feature = "tls")]
+            tls,
             self.limits,
             self.settings.max_header_bytes,
         );
@@ -366,29 +385,28 @@ impl Loop {
             }
             let serial = conn.serial;
             let (buf, lend) = self.inbox.next();
-            let room = buf.capacity();
-            let drained = match conn.read(buf) {
-                Ok(0) => {
+            let drained = match conn.receive(buf, lend, &mut self.steps) {
+                Received::Gone => {
                     // What this read's data asked for (an echo, the answer to a Close) is
                     // still queued: the client may only have shut its sending side, so it
                     // gets what the socket takes now.
-                    let _ = conn.session.write_to(&mut conn.socket);
+                    let _ = conn.write_out();
                     self.ctx.mark_gone(idx);
                     return;
                 }
-                Ok(n) => {
+                Received::Data { short } => {
                     conn.last_input = self.turn_start;
-                    // A failed connection's input is read only to be discarded.
-                    conn.session.read_buffer(buf, lend, &mut self.steps);
                     // A short read emptied the socket's queue. With edge-triggered polling,
                     // anything that arrives later raises a new event, so the read that would
                     // only say "would block" is skipped: a third of the syscalls of a small
                     // echo. Not so once the input has ended: its end (read as 0) raises no
                     // event of its own.
-                    n < room && !conn.input_ended
+                    short && !conn.input_ended
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
+                Received::Nothing => return,
+                Received::Failed(e) => {
+                    // Records before a broken one may have made steps; they die with it.
+                    self.steps.clear();
                     self.socket_failed(idx, e);
                     return;
                 }
@@ -396,7 +414,7 @@ impl Loop {
             self.dispatch(idx, serial);
             if let Some(c) = self.ctx.conns.get(idx)
                 && c.serial == serial
-                && c.session.wants_flush()
+                && c.wants_flush()
             {
                 self.ctx.mark_dirty(idx);
             }

@@ -131,7 +131,7 @@ impl Harness {
     /// The protocol state a connection holds stays bounded by the limits, whatever it sent.
     fn check_bounds(&self, input: usize) {
         for (_, conn) in self.worker.ctx.conns.iter() {
-            let held = conn.session.footprint();
+            let held = conn.footprint();
             assert!(
                 held <= input + MAX_MESSAGE + MAX_FRAME + MAX_HEADER,
                 "bounded memory: {held} bytes held for {input} bytes of input"

@@ -27,6 +27,8 @@ mod static_files;
 mod stop;
 mod sweep;
 mod timers;
+#[cfg(feature = "tls")]
+mod tls;
 mod topics;
 
 pub use context::Context;
