@@ -255,6 +255,14 @@ impl Reject {
     }
 }
 
+/// A token (RFC 9110 §5.6.2): what header names and subprotocol names (RFC 6455 §4.1) are made
+/// of. Not empty; letters, digits and ``!#$%&'*+-.^_`|~``.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Whether a browser page from `origin` may connect. No list allows all; a request without
 /// `Origin` (not from a browser) is allowed, as a browser always sends one. Entries match
 /// exactly (ignoring case), and `https://*.example.com` matches any subdomain.
