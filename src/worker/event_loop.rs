@@ -471,14 +471,11 @@ impl Loop {
             conn.remote = SocketAddr::new(ip, 0);
         }
         let remote = conn.remote;
-        let chosen = match refusal {
-            Ok(slot) => {
-                conn.count_ip(slot);
-                upgrade::negotiate(&self.settings, &request)
-            }
-            Err(r) => Err(r),
-        };
-        let chosen = match chosen {
+        let negotiated = refusal.and_then(|slot| {
+            conn.count_ip(slot);
+            upgrade::negotiate(&self.settings, &request)
+        });
+        let chosen = match negotiated {
             Ok(chosen) => chosen,
             Err(r) => return self.refuse(idx, &r, &[]),
         };
@@ -514,14 +511,15 @@ impl Loop {
         self.close_if_stopping(id);
     }
 
-    /// Refuses the upgrade of `idx` with an HTTP error (and `headers`, checked already).
+    /// Refuses the upgrade of `idx` with an HTTP error (and `headers`, checked already). The
+    /// reason is logged escaped: an app's may quote what the client sent.
     fn refuse(&mut self, idx: usize, r: &Reject, headers: &[(String, String)]) {
         let conn = &mut self.ctx.conns[idx];
         log::debug!(
             "refused upgrade from {}: {} {}",
             conn.remote,
             r.status,
-            r.why
+            crate::escaped(r.why.as_bytes())
         );
         conn.session.respond(&r.response_with(headers));
         self.ctx.mark_dirty(idx);
