@@ -105,8 +105,19 @@ SEEDS = {
         ],
         extra=[("X-Forwarded-For", "203.0.113.7, 10.0.0.1"), ("X-Real-IP", "198.51.100.2")],
     ) + frame(TEXT, "case") + BYE,
-    # feed()'s app refuses a path containing "refuse", and origins other than *.ok.example
+    # feed()'s app refuses a path containing "refuse" in on_upgrade, and wsd refuses origins
+    # other than *.ok.example
     "hs_refused_by_app": request(path="/refuse") + frame(TEXT, "never read"),
+    # feed()'s on_upgrade picks the query's `protocol` and sends the query's `cookie` back as a
+    # Set-Cookie; `whoami` answers with the subprotocol and the state it kept
+    "hs_app_picks_offered_protocol": request(
+        path="/chat?protocol=chat&cookie=a%3Db&x=%zz+y&x=2",
+        extra=[("Sec-WebSocket-Protocol", "other, chat, superchat"), ("Cookie", "sid=1; t=\"dark\"")],
+    ) + frame(TEXT, "whoami") + BYE,
+    "hs_app_picks_unoffered_protocol_and_bad_cookie": request(
+        path="/?protocol=nope&cookie=a%0D%0AInjected:%201",
+        extra=[("Sec-WebSocket-Protocol", "mine")],
+    ) + frame(TEXT, "whoami") + BYE,
     "hs_foreign_origin": request(extra=[("Origin", "https://evil.example")]) + frame(TEXT, "no"),
     "hs_forwarded_ipv6_port": request(
         extra=[("X-Forwarded-For", "[2001:db8::1]:443, 127.0.0.2"), ("Origin", "https://ok.example")],

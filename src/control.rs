@@ -140,6 +140,9 @@ pub struct ConnInfo {
     pub send_queue: u64,
     /// `handshake`, `open` or `closing`.
     pub state: ConnStage,
+    /// The subprotocol agreed at the upgrade, if any.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 /// The answer to [`Request::Connections`].

@@ -59,7 +59,9 @@ pub use conn_id::ConnId;
 pub use logging::{Escaped, escaped};
 pub use message::{Message, NotUtf8, Utf8Bytes};
 pub use proto::{ProtocolError, close};
-pub use worker::{ConnError, Context, SendError, TimerId, Worker, WorkerAddr};
+pub use worker::{
+    ConnError, Context, Decision, SendError, TimerId, UpgradeRequest, Worker, WorkerAddr,
+};
 
 /// This build's version, shown in the banner and `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

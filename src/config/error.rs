@@ -155,6 +155,15 @@ pub enum GroupProblem {
         /// `ping_interval`.
         ping: Duration,
     },
+    /// A `subprotocols` entry that is not a token (RFC 6455 §4.1): empty, or with spaces,
+    /// commas, quotes or other separators.
+    #[error(
+        "subprotocol {0:?} is not a token: use letters, digits and !#$%&'*+-.^_`|~ (no spaces or commas)"
+    )]
+    BadSubprotocol(String),
+    /// `require_subprotocol = true` with no `subprotocols` to require.
+    #[error("require_subprotocol = true needs a subprotocols list to choose from")]
+    RequireWithoutSubprotocols,
 }
 
 /// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or

@@ -3,6 +3,7 @@
 
 use super::GroupProblem;
 use super::values::{Listen, bytes, seconds};
+use crate::proto::handshake::is_token;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
 use std::path::PathBuf;
@@ -98,6 +99,15 @@ pub struct GroupConfig {
     #[cfg(feature = "tls")]
     #[serde(skip)]
     pub tls: Option<crate::tls::Identity>,
+    // subprotocols
+    /// Subprotocols this group speaks, most preferred first. Of those a client offers
+    /// (`Sec-WebSocket-Protocol`), the first in this list is chosen and answered. Empty: none
+    /// is answered (an `on_upgrade` hook may still pick one the client offered).
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
+    /// Refuse with 400 an upgrade that offers none of `subprotocols` (which must then be set).
+    #[serde(default)]
+    pub require_subprotocol: bool,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -179,6 +189,9 @@ impl GroupConfig {
             tls_key: None,
             #[cfg(feature = "tls")]
             tls: None,
+            // subprotocols
+            subprotocols: Vec::new(),
+            require_subprotocol: false,
         }
     }
 
@@ -249,6 +262,13 @@ impl GroupConfig {
         let (ping, idle) = (self.ping_interval, self.idle_timeout);
         if !ping.is_zero() && !idle.is_zero() && idle <= ping {
             return Err(GroupProblem::IdleBeforePing { idle, ping });
+        }
+        // subprotocols
+        if let Some(bad) = self.subprotocols.iter().find(|p| !is_token(p)) {
+            return Err(GroupProblem::BadSubprotocol(bad.clone()));
+        }
+        if self.require_subprotocol && self.subprotocols.is_empty() {
+            return Err(GroupProblem::RequireWithoutSubprotocols);
         }
         Ok(())
     }

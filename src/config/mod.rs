@@ -312,6 +312,36 @@ mod tests {
     }
 
     #[test]
+    fn subprotocols_are_tokens_and_required_only_with_a_list() {
+        let c = parse(
+            "[[worker]]\nlisten = \"127.0.0.1:1\"\nsubprotocols = [\"v2.chat\", \"v1.chat\"]\n\
+             require_subprotocol = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.groups[0].subprotocols, ["v2.chat", "v1.chat"]);
+        assert!(c.groups[0].require_subprotocol);
+        let d = parse("[[worker]]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        assert!(d.groups[0].subprotocols.is_empty() && !d.groups[0].require_subprotocol);
+        let e = parse("\n[[worker]]\nlisten = \"127.0.0.1:1\"\nrequire_subprotocol = true\n")
+            .unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+        assert!(matches!(
+            *e.reason,
+            ConfigProblem::Group(GroupProblem::RequireWithoutSubprotocols)
+        ));
+        assert!(
+            e.to_string().contains("require_subprotocol = true needs"),
+            "{e}"
+        );
+        let e =
+            parse("[[worker]]\nlisten = \"127.0.0.1:1\"\nsubprotocols = [\"a b\"]\n").unwrap_err();
+        assert!(
+            matches!(&*e.reason, ConfigProblem::Group(GroupProblem::BadSubprotocol(p)) if p == "a b"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(Bytes::parse("64KiB").unwrap(), Bytes(65536));
         assert_eq!(Bytes::parse("16 MiB").unwrap(), Bytes(16 << 20));

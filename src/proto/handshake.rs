@@ -13,6 +13,7 @@
 
 use bytes::Bytes;
 use ipnet::IpNet;
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 /// Headers read from one request at most (more is a 431).
@@ -46,11 +47,11 @@ pub(crate) struct Answer {
 }
 
 /// A request wsd will not upgrade, and the HTTP answer it gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Reject {
     pub status: u16,
-    /// One line for the body and the log.
-    pub why: &'static str,
+    /// One line for the body and the log: wsd's own reasons are static, an app's are its own.
+    pub why: Cow<'static, str>,
 }
 
 /// A plain HTTP `GET` or `HEAD`: a browser asking for a page, not for a WebSocket.
@@ -66,15 +67,9 @@ impl FileRequest {
     /// The answer where no files are served: 426 for a `GET`, 405 for a `HEAD`.
     pub(crate) fn refusal(&self) -> Reject {
         if self.head {
-            Reject {
-                status: 405,
-                why: "only GET can be upgraded to a WebSocket",
-            }
+            Reject::fixed(405, "only GET can be upgraded to a WebSocket")
         } else {
-            Reject {
-                status: 426,
-                why: "this is a WebSocket endpoint; upgrade the request",
-            }
+            Reject::fixed(426, "this is a WebSocket endpoint; upgrade the request")
         }
     }
 }
@@ -90,7 +85,7 @@ pub(crate) enum Parsed {
 }
 
 const fn reject(status: u16, why: &'static str) -> Parsed {
-    Parsed::Reject(Reject { status, why })
+    Parsed::Reject(Reject::fixed(status, why))
 }
 
 /// Parses the request at the front of `buf`.
@@ -224,19 +219,39 @@ pub(crate) fn accept(req: &Request, answer: &Answer) -> Bytes {
 }
 
 impl Reject {
+    /// A refusal with one of wsd's own reasons.
+    pub(crate) const fn fixed(status: u16, why: &'static str) -> Reject {
+        Reject {
+            status,
+            why: Cow::Borrowed(why),
+        }
+    }
+
     /// The full HTTP response; the connection closes after it.
     pub(crate) fn response(&self) -> Bytes {
+        self.response_with(&[])
+    }
+
+    /// The full HTTP response with extra header lines (an app's, checked by the caller: see
+    /// [`header_name_ok`] and [`header_value_ok`]).
+    pub(crate) fn response_with(&self, headers: &[(String, String)]) -> Bytes {
+        use std::fmt::Write;
         let (reason, extra) = match self.status {
             400 => ("Bad Request", ""),
+            401 => ("Unauthorized", ""),
             403 => ("Forbidden", ""),
             404 => ("Not Found", ""),
             405 => ("Method Not Allowed", "Allow: GET\r\n"),
+            409 => ("Conflict", ""),
+            410 => ("Gone", ""),
             426 => (
                 "Upgrade Required",
                 "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
             ),
             429 => ("Too Many Requests", ""),
             431 => ("Request Header Fields Too Large", ""),
+            500 => ("Internal Server Error", ""),
+            503 => ("Service Unavailable", ""),
             _ => ("Error", ""),
         };
         let connection = if self.status == 426 {
@@ -245,14 +260,42 @@ impl Reject {
             "close"
         };
         let body = format!("{} {reason}: {}\n", self.status, self.why);
-        format!(
-            "HTTP/1.1 {} {reason}\r\n{extra}Connection: {connection}\r\n\
-             Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
-            self.status,
+        let mut out = format!("HTTP/1.1 {} {reason}\r\n{extra}", self.status);
+        for (name, value) in headers {
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+        let _ = write!(
+            out,
+            "Connection: {connection}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .into()
+        );
+        out.into()
     }
+}
+
+/// An HTTP header name: a token (RFC 9110 §5.1), so it cannot end the line or the head.
+pub(crate) fn header_name_ok(name: &str) -> bool {
+    is_token(name)
+}
+
+/// An HTTP header value that cannot end the line or the head: no CR, LF, NUL or other
+/// control character but tab, and no space or tab at either end.
+pub(crate) fn header_value_ok(value: &str) -> bool {
+    let edge = |c: Option<char>| !matches!(c, Some(' ' | '\t'));
+    edge(value.chars().next())
+        && edge(value.chars().next_back())
+        && value
+            .bytes()
+            .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// A token (RFC 9110 §5.6.2): what header names and subprotocol names (RFC 6455 §4.1) are made
+/// of. Not empty; letters, digits and ``!#$%&'*+-.^_`|~``.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Whether a browser page from `origin` may connect. No list allows all; a request without
@@ -389,15 +432,36 @@ mod tests {
         let huge = GOOD.replace("Host: x", &format!("Host: {}", "x".repeat(9000)));
         assert_eq!(status(&huge), 431);
         assert_eq!(status(&huge[..8500]), 431, "too big even before it ends");
-        let resp = Reject {
-            status: 426,
-            why: "w",
-        }
-        .response();
+        let resp = Reject::fixed(426, "w").response();
         let resp = String::from_utf8(resp.to_vec()).unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(resp.ends_with("\r\n\r\n426 Upgrade Required: w\n"));
+    }
+
+    #[test]
+    fn refusals_carry_their_reason_and_extra_headers() {
+        let r = Reject {
+            status: 401,
+            why: format!("unknown token {}", 7).into(),
+        };
+        let headers = [("WWW-Authenticate".to_string(), "Bearer".to_string())];
+        let resp = String::from_utf8(r.response_with(&headers).to_vec()).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n"));
+        assert!(resp.contains("\r\nContent-Length: 34\r\n"), "{resp}");
+        assert!(resp.ends_with("\r\n\r\n401 Unauthorized: unknown token 7\n"));
+        for name in ["Set-Cookie", "X-A.b_c~1", "!#$%&'*+-.^_`|~"] {
+            assert!(header_name_ok(name), "{name}");
+        }
+        for name in ["", "Bad Name", "a:b", "a\r\nb", "é", "a(b)", "\"q\""] {
+            assert!(!header_name_ok(name), "{name}");
+        }
+        for value in ["", "a=b; Path=/; HttpOnly", "a\tb", "café"] {
+            assert!(header_value_ok(value), "{value:?}");
+        }
+        for value in ["a\r\nb", "a\nb", "a\rb", "a\0b", "\u{7f}", " a", "a\t"] {
+            assert!(!header_value_ok(value), "{value:?}");
+        }
     }
 
     #[test]
@@ -425,11 +489,7 @@ mod tests {
             fetch(&GOOD.replace("GET", "HEAD")).is_none(),
             "HEAD + Upgrade: 405"
         );
-        let resp = Reject {
-            status: 404,
-            why: "no such file",
-        }
-        .response();
+        let resp = Reject::fixed(404, "no such file").response();
         assert!(resp.starts_with(b"HTTP/1.1 404 Not Found\r\n"));
     }
 

@@ -249,7 +249,7 @@ impl Session {
                         steps.push_back(Step::Fetch(Box::new(request)));
                     }
                     Parsed::Reject(r) => {
-                        self.reject(r);
+                        self.reject(&r);
                         steps.push_back(Step::Rejected(r));
                     }
                 }
@@ -281,7 +281,7 @@ impl Session {
     }
 
     /// Refuses the upgrade with an HTTP error; the connection ends once it is written.
-    pub(crate) fn reject(&mut self, reject: Reject) {
+    pub(crate) fn reject(&mut self, reject: &Reject) {
         self.respond(&reject.response());
     }
 
@@ -493,7 +493,7 @@ mod tests {
         );
         s.read(b"GET /more HTTP/1.1\r\n\r\n", &mut steps);
         assert!(steps.is_empty());
-        s.reject(req.refusal());
+        s.reject(&req.refusal());
         assert!(drain(&mut s).starts_with(b"HTTP/1.1 426 "));
         assert!(!s.close(1000, ""));
         s.out.push_frame(frame::TEXT, Bytes::from_static(b"x"));

@@ -186,10 +186,7 @@ impl Acceptor {
         request: &Request,
     ) -> Result<Option<IpSlot>, Reject> {
         if !handshake::origin_allowed(request.origin.as_deref(), &settings.allowed_origins) {
-            return Err(Reject {
-                status: 403,
-                why: "origin not allowed",
-            });
+            return Err(Reject::fixed(403, "origin not allowed"));
         }
         if counted || ip == peer {
             return Ok(None);
@@ -197,10 +194,7 @@ impl Acceptor {
         // Through a trusted proxy: count the forwarded client now.
         self.per_ip
             .admit(ip, settings.max_connections_per_ip)
-            .ok_or(Reject {
-                status: 429,
-                why: "too many connections from this address",
-            })
+            .ok_or(Reject::fixed(429, "too many connections from this address"))
     }
 }
 

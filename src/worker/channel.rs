@@ -25,7 +25,7 @@ const CONNS_PER_LINE: usize = 500;
 /// `max_header_bytes`), so 500 of them alone would not keep a line under it.
 const CONNS_LINE_BYTES: usize = 512 << 10;
 /// A row's JSON without its client-chosen strings: field names, five u64, an i32, an f64,
-/// the stage.
+/// the stage, and `null` for a missing protocol.
 const ROW_FIXED_BYTES: usize = 512;
 
 pub(crate) struct Channel {
@@ -152,7 +152,8 @@ impl Channel {
 /// The most a row's JSON can take: a JSON string escapes a byte to 6 at most (`\u00XX`).
 fn row_bytes_bound(row: &ConnInfo) -> usize {
     let strings = [&row.worker, &row.id, &row.remote, &row.path];
-    ROW_FIXED_BYTES + 6 * strings.iter().map(|s| s.len()).sum::<usize>()
+    let protocol = row.protocol.as_ref().map_or(0, String::len);
+    ROW_FIXED_BYTES + 6 * (protocol + strings.iter().map(|s| s.len()).sum::<usize>())
 }
 
 /// How much one chunk may hold.
@@ -247,6 +248,7 @@ mod tests {
             messages_out: u64::MAX,
             send_queue: u64::MAX,
             state: ConnStage::Handshake,
+            protocol: Some("\u{1}".repeat(300)),
         };
         let json = serde_json::to_vec(&row).unwrap().len();
         assert!(
@@ -256,6 +258,7 @@ mod tests {
         );
         let plain = ConnInfo {
             path: String::new(),
+            protocol: None,
             ..row
         };
         let json = serde_json::to_vec(&plain).unwrap().len();

@@ -47,7 +47,7 @@ impl Loop {
                 serial: c.serial,
                 idx: idx as u32,
             };
-            c.info(id, now)
+            c.info(id, now, &self.ctx.subprotocols)
         });
         self.channel.answer_connections(query, rows);
     }

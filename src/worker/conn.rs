@@ -16,6 +16,7 @@ use crate::ConnId;
 use crate::control::{ConnInfo, ConnStage};
 use crate::proto::{Limits, Session, Stage};
 use mio::net::TcpStream;
+use std::any::Any;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -60,6 +61,55 @@ pub(crate) struct Conn {
     tls: Option<Box<TlsConn>>,
     /// What it carried, for `wsd connections`.
     pub traffic: Traffic,
+    /// The subprotocol agreed at the upgrade.
+    pub agreed: Agreed,
+    /// What the app attached to it, and an agreed subprotocol outside the group's list; a
+    /// connection with neither holds no allocation, only this pointer.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// The subprotocol agreed at the upgrade, in two bytes (which fit in the padding of
+/// [`Conn`]): the usual case is one of the group's `subprotocols`, named by its place in that
+/// list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Agreed(u16);
+
+impl Agreed {
+    /// No subprotocol.
+    pub(crate) const NONE: Agreed = Agreed(u16::MAX);
+    /// One outside the group's list (an `on_upgrade` hook picked it): its name is in
+    /// [`Extra::protocol`].
+    pub(crate) const OTHER: Agreed = Agreed(u16::MAX - 1);
+
+    /// `subprotocols[i]`, if `i` fits.
+    pub(crate) fn listed(i: usize) -> Option<Agreed> {
+        u16::try_from(i)
+            .ok()
+            .filter(|&i| i < Agreed::OTHER.0)
+            .map(Agreed)
+    }
+
+    /// Its name, given the group's list and the connection's [`Extra`].
+    pub(crate) fn name<'a>(
+        self,
+        listed: &'a [String],
+        extra: Option<&'a Extra>,
+    ) -> Option<&'a str> {
+        match self {
+            Agreed::NONE => None,
+            Agreed::OTHER => extra?.protocol.as_deref(),
+            Agreed(i) => listed.get(usize::from(i)).map(String::as_str),
+        }
+    }
+}
+
+/// What a connection carries only when it has it.
+#[derive(Default)]
+pub(crate) struct Extra {
+    /// The subprotocol, when it is not one of the group's (`Agreed::OTHER`).
+    pub protocol: Option<Box<str>>,
+    /// The app's typed state (`Context::state`), dropped after `on_close`.
+    pub state: Option<Box<dyn Any>>,
 }
 
 /// Messages and their payload bytes one connection carried, counted where the worker counts
@@ -128,6 +178,8 @@ impl Conn {
             #[cfg(feature = "tls")]
             tls,
             traffic: Traffic::default(),
+            agreed: Agreed::NONE,
+            extra: None,
         }
     }
 
@@ -177,8 +229,9 @@ impl Conn {
         }
     }
 
-    /// This connection as a row of `wsd connections`; the master fills in `pid` and `worker`.
-    pub(crate) fn info(&self, id: ConnId, now: Instant) -> ConnInfo {
+    /// This connection as a row of `wsd connections`, given the group's `subprotocols`; the
+    /// master fills in `pid` and `worker`.
+    pub(crate) fn info(&self, id: ConnId, now: Instant, listed: &[String]) -> ConnInfo {
         ConnInfo {
             id: id.to_string(),
             remote: self.remote.to_string(),
@@ -190,6 +243,10 @@ impl Conn {
             messages_out: self.traffic.messages_out,
             send_queue: self.session.queued() as u64,
             state: self.state(),
+            protocol: self
+                .agreed
+                .name(listed, self.extra.as_deref())
+                .map(str::to_string),
             ..ConnInfo::default()
         }
     }
@@ -261,9 +318,9 @@ impl Conn {
                 }) => {
                     // A client that forgot TLS gets a plain answer that says so.
                     self.tls = None;
-                    self.session.reject(crate::proto::handshake::Reject {
+                    self.session.reject(&crate::proto::handshake::Reject {
                         status: 400,
-                        why: "this port speaks TLS: use https:// or wss://",
+                        why: "this port speaks TLS: use https:// or wss://".into(),
                     });
                     Received::Data { short: true }
                 }

@@ -6,7 +6,7 @@
 //! during a hook are only marked; the loop removes them and calls `on_close` after the hook, so
 //! hooks never re-enter each other.
 
-use super::conn::Conn;
+use super::conn::{Agreed, Conn, Extra};
 use super::errors::SendError;
 use super::timers::{TimerId, Timers};
 use super::topics::Topics;
@@ -53,6 +53,18 @@ pub struct Context {
     /// This worker's side of the group's bus.
     pub(crate) bus: Bus,
     pub(crate) topics: Topics,
+    /// The group's `subprotocols`, which connections name by place ([`Agreed`]).
+    pub(crate) subprotocols: Vec<String>,
+    /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
+    /// until the hook has returned.
+    pub(crate) leaving: Option<Leaving>,
+}
+
+/// What a connection that is gone carried, while `on_close` runs.
+pub(crate) struct Leaving {
+    pub id: ConnId,
+    pub agreed: Agreed,
+    pub extra: Option<Box<Extra>>,
 }
 
 impl Context {
@@ -74,6 +86,8 @@ impl Context {
             send_buffer_policy: settings.send_buffer_policy,
             bus,
             topics: Topics::default(),
+            subprotocols: settings.subprotocols.clone(),
+            leaving: None,
         }
     }
 
@@ -178,6 +192,63 @@ impl Context {
     /// The path (and query) the client asked for in its upgrade request.
     pub fn path(&self, conn: ConnId) -> Option<&str> {
         self.conn(conn).map(|c| c.path.as_str())
+    }
+
+    /// The subprotocol agreed with `conn` at its upgrade (`Sec-WebSocket-Protocol`), if any:
+    /// wsd's choice from the group's `subprotocols`, or the one `on_upgrade` picked. Still
+    /// known in `on_close`.
+    pub fn protocol(&self, conn: ConnId) -> Option<&str> {
+        let (agreed, extra) = self.carried(conn)?;
+        agreed.name(&self.subprotocols, extra)
+    }
+
+    /// The state of `conn` if it holds a `T`: the one [`Decision::with_state`] or
+    /// [`Context::set_state`] gave it. `None` if the connection is gone, has no state, or
+    /// holds another type. Still there in `on_close`; dropped after it.
+    ///
+    /// [`Decision::with_state`]: crate::Decision::with_state
+    pub fn state<T: 'static>(&self, conn: ConnId) -> Option<&T> {
+        let (_, extra) = self.carried(conn)?;
+        extra?.state.as_ref()?.downcast_ref()
+    }
+
+    /// The state of `conn`, to change in place, if it holds a `T`.
+    pub fn state_mut<T: 'static>(&mut self, conn: ConnId) -> Option<&mut T> {
+        self.extra_slot(conn)?
+            .as_mut()?
+            .state
+            .as_mut()?
+            .downcast_mut()
+    }
+
+    /// Gives `conn` its state, replacing (and dropping) any it had, of whatever type. False,
+    /// and `value` dropped, if there is no such connection. The state is dropped after the
+    /// connection's `on_close`.
+    pub fn set_state<T: 'static>(&mut self, conn: ConnId, value: T) -> bool {
+        let Some(slot) = self.extra_slot(conn) else {
+            return false;
+        };
+        slot.get_or_insert_with(Box::default).state = Some(Box::new(value));
+        true
+    }
+
+    /// What `id` carries: from the connection, or from the one `on_close` is being told about.
+    fn carried(&self, id: ConnId) -> Option<(Agreed, Option<&Extra>)> {
+        match (self.conn(id), &self.leaving) {
+            (Some(c), _) => Some((c.agreed, c.extra.as_deref())),
+            (None, Some(l)) if l.id == id => Some((l.agreed, l.extra.as_deref())),
+            _ => None,
+        }
+    }
+
+    fn extra_slot(&mut self, id: ConnId) -> Option<&mut Option<Box<Extra>>> {
+        if self.conn(id).is_some() {
+            return self.conn_mut(id).map(|c| &mut c.extra);
+        }
+        self.leaving
+            .as_mut()
+            .filter(|l| l.id == id)
+            .map(|l| &mut l.extra)
     }
 
     /// Calls `f` every `every`, first after one interval (Workerman's `Timer::add`).

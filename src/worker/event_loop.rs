@@ -18,7 +18,7 @@ use super::admission::{Accepted, Acceptor, IpSlot};
 use super::alarm::Alarm;
 use super::channel::Channel;
 use super::conn::{Conn, Flushed, Received};
-use super::context::BufferNotice;
+use super::context::{BufferNotice, Leaving};
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::hooks::{Hook, WorkerHook};
@@ -26,11 +26,12 @@ use super::read_buffers::ReadBuffers;
 use super::stop::Stopping;
 #[cfg(feature = "tls")]
 use super::tls::TlsConn;
+use super::upgrade::{self, UpgradeRequest, Verdict};
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
 use crate::control::FromWorker;
-use crate::proto::handshake::{self, Answer, Request};
+use crate::proto::handshake::{self, Reject, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
 use mio::net::{TcpListener, TcpStream, UnixStream};
@@ -474,8 +475,8 @@ impl Loop {
         }
     }
 
-    /// Decides on a valid upgrade request: origin, per-address limit, then `101` and
-    /// `on_connect`.
+    /// Decides on a valid upgrade request: origin, per-address limit, subprotocol, the app's
+    /// `on_upgrade`, then `101` and `on_connect`.
     fn upgrade(&mut self, id: ConnId, request: Request) {
         let idx = id.idx as usize;
         let peer = self.ctx.conns[idx].remote.ip();
@@ -487,29 +488,59 @@ impl Loop {
         if ip != peer {
             conn.remote = SocketAddr::new(ip, 0);
         }
-        match refusal {
-            Ok(slot) => conn.count_ip(slot),
-            Err(r) => {
-                log::debug!(
-                    "refused upgrade from {}: {} {}",
-                    conn.remote,
-                    r.status,
-                    r.why
-                );
-                conn.session.reject(r);
-                self.ctx.mark_dirty(idx);
-                return;
-            }
+        let remote = conn.remote;
+        let negotiated = refusal.and_then(|slot| {
+            conn.count_ip(slot);
+            upgrade::negotiate(&self.settings, &request)
+        });
+        let chosen = match negotiated {
+            Ok(chosen) => chosen,
+            Err(r) => return self.refuse(idx, &r, &[]),
+        };
+        let decision = self.call_upgrade_hook(&UpgradeRequest::new(&request, remote));
+        // The hook cannot end this connection (it has no id for it), but it ran app code.
+        if self
+            .ctx
+            .conns
+            .get(idx)
+            .is_none_or(|c| c.serial != id.serial)
+        {
+            return;
         }
-        conn.session
-            .accept(&request, &Answer::default(), &mut self.steps);
+        let listed = &self.settings.subprotocols;
+        let (answer, agreed, extra) = match decision.settle(id, &request, listed, chosen) {
+            Verdict::Accept {
+                answer,
+                agreed,
+                extra,
+            } => (answer, agreed, extra),
+            Verdict::Reject { reject, headers } => return self.refuse(idx, &reject, &headers),
+        };
+        let conn = &mut self.ctx.conns[idx];
+        conn.session.accept(&request, &answer, &mut self.steps);
         conn.path = request.path;
+        conn.agreed = agreed;
+        conn.extra = extra;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);
         self.call_hook(id, Hook::Connect);
         // Upgraded during a stop that closes clients: the app met it like any other, and it
         // is closed like the others.
         self.close_if_stopping(id);
+    }
+
+    /// Refuses the upgrade of `idx` with an HTTP error (and `headers`, checked already). The
+    /// reason is logged escaped: an app's may quote what the client sent.
+    fn refuse(&mut self, idx: usize, r: &Reject, headers: &[(String, String)]) {
+        let conn = &mut self.ctx.conns[idx];
+        log::debug!(
+            "refused upgrade from {}: {} {}",
+            conn.remote,
+            r.status,
+            crate::escaped(r.why.as_bytes())
+        );
+        conn.session.respond(&r.response_with(headers));
+        self.ctx.mark_dirty(idx);
     }
 
     // ---- send and reap ------------------------------------------------------------------
@@ -580,16 +611,24 @@ impl Loop {
                 if self.ctx.conns.get(idx).is_none_or(|c| c.serial != serial) {
                     continue; // Already removed (listed twice).
                 }
-                let conn = self.ctx.conns.remove(idx);
+                let mut conn = self.ctx.conns.remove(idx);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
                     let id = ConnId {
                         serial,
                         idx: idx as u32,
                     };
-                    drop(conn); // Close the socket before the app hears of it.
+                    // Close the socket before the app hears of it; what the connection
+                    // carried stays readable in on_close, and goes after it.
+                    self.ctx.leaving = Some(Leaving {
+                        id,
+                        agreed: conn.agreed,
+                        extra: conn.extra.take(),
+                    });
+                    drop(conn);
                     self.call_hook(id, Hook::Close);
                     self.ctx.topics.forget(id);
+                    self.forget_leaving();
                 }
             }
             if self.accepting.is_full() {

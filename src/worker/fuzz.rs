@@ -10,7 +10,7 @@
 //! reset the loop must have let go of the connection and everything it held.
 
 use super::event_loop::Loop;
-use super::{Context, Worker};
+use super::{Context, Decision, UpgradeRequest, Worker};
 use crate::bus::Bus;
 use crate::bus::wire::Origin;
 use crate::{ConnId, Message};
@@ -59,6 +59,8 @@ impl Harness {
         w.max_header_bytes = MAX_HEADER;
         w.allowed_origins = vec!["https://ok.example".into(), "https://*.ok.example".into()];
         w.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a CIDR")];
+        w.subprotocols = vec!["superchat".into(), "chat".into()];
+        w.on_upgrade(decide);
         w.on_message(echo);
         let bus = Bus::new(Origin { host: 0, slot: 0 }, Vec::new());
         let worker = Loop::new(w, 0, listener, channel, bus).expect("a worker loop");
@@ -140,13 +142,41 @@ impl Harness {
     }
 }
 
-/// The app under the fuzzer: echo every message, and close with 4000 when asked to.
+/// The app under the fuzzer: echo every message, close with 4000 when asked to, and tell the
+/// subprotocol and state on `whoami`.
 fn echo(ctx: &mut Context, conn: ConnId, msg: Message) {
-    if msg.as_text() == Some("close") {
-        ctx.close_with(conn, 4000, "asked to");
-    } else {
-        let _ = ctx.send(conn, msg);
+    match msg.as_text() {
+        Some("close") => ctx.close_with(conn, 4000, "asked to"),
+        Some("whoami") => {
+            let seen = ctx.state::<usize>(conn).copied();
+            let text = format!("{:?} {seen:?}", ctx.protocol(conn));
+            let _ = ctx.send(conn, text);
+        }
+        _ => {
+            let _ = ctx.send(conn, msg);
+        }
     }
+}
+
+/// The app's `on_upgrade`, reading every part of the request as an app would: refuses a path
+/// containing `refuse` (401, with a header); otherwise accepts with the query's `protocol` as
+/// its choice (checked against the offer) and `cookie` as a `Set-Cookie` (a client-chosen
+/// value, checked before it is sent), and keeps how much it read as the connection's state.
+fn decide(_ctx: &mut Context, req: &UpgradeRequest<'_>) -> Decision {
+    if req.path().contains("refuse") {
+        return Decision::reject(401, "refused").with_header("WWW-Authenticate", "Bearer");
+    }
+    let query: usize = req.query_pairs().map(|(n, v)| n.len() + v.len()).sum();
+    let cookies: usize = req.cookies().map(|(n, v)| n.len() + v.len()).sum();
+    let rest = req.headers().count() + req.protocols().len() + req.extensions().len();
+    let mut decision = Decision::accept().with_state(query + cookies + rest);
+    if let Some(p) = req.query("protocol") {
+        decision = decision.with_protocol(p);
+    }
+    if let Some(c) = req.query("cookie") {
+        decision = decision.with_header("Set-Cookie", c);
+    }
+    decision
 }
 
 /// A client socket that resets its connection when dropped, so that no input leaves a

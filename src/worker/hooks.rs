@@ -9,6 +9,7 @@
 use super::context::BufferNotice;
 use super::errors::ConnError;
 use super::event_loop::Loop;
+use super::upgrade::{Decision, UpgradeRequest};
 use crate::proto::close;
 use crate::{ConnId, Message};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -107,6 +108,37 @@ impl Loop {
         conn.session.fail(close::INTERNAL_ERROR, "internal error");
         self.ctx.mark_dirty(idx);
         true
+    }
+
+    /// Asks `on_upgrade` about `request`: a plain accept when the app set no hook, and a 500
+    /// refusal, logged, when it panics.
+    pub(super) fn call_upgrade_hook(&mut self, request: &UpgradeRequest<'_>) -> Decision {
+        let Some(f) = self.hooks.on_upgrade.as_mut() else {
+            return Decision::accept();
+        };
+        let ctx = &mut self.ctx;
+        match catch_unwind(AssertUnwindSafe(|| f(ctx, request))) {
+            Ok(decision) => decision,
+            Err(_) => {
+                log::error!(
+                    "on_upgrade hook panicked on the upgrade from {}; refusing it with 500",
+                    request.remote_addr()
+                );
+                Decision::reject(500, "internal error")
+            }
+        }
+    }
+
+    /// Drops what a connection that is gone carried (the app's state), once `on_close` has
+    /// run. A panic in the state's `Drop` is logged, and the worker carries on.
+    pub(super) fn forget_leaving(&mut self) {
+        let Some(leaving) = self.ctx.leaving.take() else {
+            return;
+        };
+        let id = leaving.id;
+        if catch_unwind(AssertUnwindSafe(|| drop(leaving))).is_err() {
+            log::error!("dropping the state of connection {id} panicked; the worker carries on");
+        }
     }
 
     /// Tells the app about send queues that filled up during the hooks that just ran.

@@ -30,11 +30,13 @@ mod timers;
 #[cfg(feature = "tls")]
 mod tls;
 mod topics;
+mod upgrade;
 
 pub use context::Context;
 pub use errors::{ConnError, SendError};
 pub use reach::WorkerAddr;
 pub use timers::TimerId;
+pub use upgrade::{Decision, UpgradeRequest};
 
 pub(crate) use event_loop::run;
 
@@ -48,6 +50,7 @@ type ConnHook = Box<dyn FnMut(&mut Context, ConnId)>;
 type MessageHook = Box<dyn FnMut(&mut Context, ConnId, Message)>;
 type ErrorHook = Box<dyn FnMut(&mut Context, ConnId, &ConnError)>;
 type BusHook = Box<dyn FnMut(&mut Context, WorkerAddr, Bytes)>;
+type UpgradeHook = Box<dyn FnMut(&mut Context, &UpgradeRequest<'_>) -> Decision>;
 
 #[derive(Default)]
 pub(crate) struct Hooks {
@@ -60,6 +63,7 @@ pub(crate) struct Hooks {
     pub on_buffer_drain: Option<ConnHook>,
     pub on_worker_stop: Option<WorkerHook>,
     pub on_bus_message: Option<BusHook>,
+    pub on_upgrade: Option<UpgradeHook>,
 }
 
 /// A group of worker processes: where they listen, how many, their limits, and the hooks
@@ -104,6 +108,33 @@ impl Worker {
     /// Runs in each worker process before it accepts (Workerman's `onWorkerStart`).
     pub fn on_worker_start(&mut self, f: impl FnMut(&mut Context) + 'static) -> &mut Self {
         self.hooks.on_worker_start = Some(Box::new(f));
+        self
+    }
+
+    /// Decides on a valid upgrade request, after wsd's own checks (`allowed_origins`,
+    /// `max_connections_per_ip`, `require_subprotocol`) and before the `101` and `on_connect`:
+    /// accept it, with response headers, a subprotocol and the connection's state, or reject
+    /// it with an HTTP status. See [`UpgradeRequest`] and [`Decision`].
+    ///
+    /// ```no_run
+    /// struct User(String);
+    /// let mut worker = wsd::Worker::new("websocket://0.0.0.0:2346");
+    /// worker.on_upgrade(|_ctx, req| match req.query("token").as_deref() {
+    ///     Some("s3cret") => wsd::Decision::accept().with_state(User("ada".into())),
+    ///     _ => wsd::Decision::reject(401, "missing or unknown token"),
+    /// });
+    /// worker.on_message(|ctx, conn, msg| {
+    ///     let name = ctx.state::<User>(conn).map_or("?", |u| u.0.as_str()).to_string();
+    ///     ctx.broadcast(format!("{name}: {msg}"));
+    /// });
+    /// ```
+    ///
+    /// A panic in it refuses that upgrade with 500 and is logged; the worker carries on.
+    pub fn on_upgrade(
+        &mut self,
+        f: impl FnMut(&mut Context, &UpgradeRequest<'_>) -> Decision + 'static,
+    ) -> &mut Self {
+        self.hooks.on_upgrade = Some(Box::new(f));
         self
     }
 

@@ -83,7 +83,7 @@ enum Body {
 }
 
 const fn refuse(status: u16, why: &'static str) -> Reject {
-    Reject { status, why }
+    Reject::fixed(status, why)
 }
 
 const NOT_FOUND: Reject = refuse(404, "no such file");

@@ -228,6 +228,29 @@ impl Client {
         Self::try_connect(port).expect("websocket connect")
     }
 
+    /// Upgrades on `target` (path and query) with extra request headers (names in lowercase);
+    /// returns the client and the server's `101` response.
+    pub fn connect_with(
+        port: u16,
+        target: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://127.0.0.1:{port}{target}").into_client_request()?;
+        for &(name, value) in headers {
+            let value = value.parse().expect("a header value");
+            request.headers_mut().append(name, value);
+        }
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(15)))?;
+        let (ws, response) = tungstenite::client(request, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => unreachable!("a blocking stream"),
+        })?;
+        Ok((Client { ws }, response))
+    }
+
     pub fn try_connect(port: u16) -> Result<Client, String> {
         let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         stream
@@ -459,8 +482,13 @@ pub fn workers_sum(st: &Value, field: &str) -> u64 {
 
 /// A valid upgrade request for `/`, with `extra` header lines (each ending in `\r\n`).
 pub fn upgrade_request(extra: &str) -> String {
+    upgrade_request_to("/", extra)
+}
+
+/// A valid upgrade request for `target` (path and query), with `extra` header lines.
+pub fn upgrade_request_to(target: &str, extra: &str) -> String {
     format!(
-        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
 }
