@@ -3,7 +3,7 @@
 # and admission, frames, hook dispatch, closing) serving each input as one client over loopback.
 # The cargo-fuzz target fuzz/fuzz_targets/read_path.rs calls wsd::fuzzing::feed.
 #
-#   scripts/fuzz.sh [SECONDS]      # default 60; not part of CI or scripts/test.sh
+#   [TARGET=read_path_tls] scripts/fuzz.sh [SECONDS]   # default 60; not in CI or scripts/test.sh
 #
 # Installs cargo-fuzz if it is missing. Single process (-jobs/-workers are not used: the
 # machine has 2 cores shared with other work).
@@ -35,9 +35,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
 
-TARGET=read_path
-SEEDS=fuzz/corpus/$TARGET
-SCRATCH=fuzz/target/corpus-new
+# read_path (plain) or read_path_tls (the same inputs as a TLS client's plaintext); both share
+# the seed corpus, since their inputs mean the same.
+TARGET=${TARGET:-read_path}
+case "$TARGET" in
+    read_path | read_path_tls) ;;
+    *) echo "fuzz.sh: TARGET is read_path or read_path_tls, not $TARGET" >&2; exit 2 ;;
+esac
+SEEDS=fuzz/corpus/read_path
+SCRATCH=fuzz/target/corpus-new-$TARGET
 ARTIFACTS=fuzz/artifacts/$TARGET
 mkdir -p "$SCRATCH" "$ARTIFACTS"
 
@@ -48,7 +54,7 @@ echo "fuzz.sh: crashes and leaks go to: $ARTIFACTS/"
 
 status=0
 # The corpus dirs are passed to libFuzzer as given, relative to the repository root (the current
-# directory); cargo fuzz itself sets -artifact_prefix to fuzz/artifacts/read_path/.
+# directory); cargo fuzz itself sets -artifact_prefix to fuzz/artifacts/$TARGET/.
 cargo fuzz run "$TARGET" "$SCRATCH" "$SEEDS" -- \
     -max_total_time="$SECONDS_TO_RUN" \
     -rss_limit_mb=2048 \

@@ -2,3 +2,5 @@
 //! loop serving one client per input over loopback (see the harness in `worker/fuzz.rs`).
 
 pub use crate::worker::fuzz::feed;
+#[cfg(feature = "tls")]
+pub use crate::worker::fuzz::feed_tls;

@@ -1,8 +1,10 @@
 //! Replays the fuzz corpus through the fuzz target's entry point, `wsd::fuzzing::feed`, on every
 //! `cargo test`: the seeds in fuzz/corpus/read_path/ (written by fuzz/make_corpus.py) and every
 //! input that once crashed the fuzzer, in fuzz/regressions/. Each file is also fed cut short at
-//! a few points, as a client that stops mid-request or mid-frame would. The fuzzing itself
-//! (`scripts/fuzz.sh`) is not part of the tests; this keeps its findings from coming back.
+//! a few points, as a client that stops mid-request or mid-frame would; and each goes through
+//! `wsd::fuzzing::feed_tls` too, as the plaintext of a TLS client's records. The fuzzing
+//! itself (`scripts/fuzz.sh`) is not part of the tests; this keeps its findings from coming
+//! back.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,11 @@ fn corpus_and_regressions_replay_without_panicking() {
         seeds.len()
     );
 
+    // A certificate for the TLS replay, made here, never committed.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    let (chain, key) = (params.self_signed(&key).unwrap().pem(), key.serialize_pem());
+
     let started = Instant::now();
     let mut fed = 0;
     let mut failures = Vec::new();
@@ -66,6 +73,14 @@ fn corpus_and_regressions_replay_without_panicking() {
             if catch_unwind(AssertUnwindSafe(|| wsd::fuzzing::feed(input))).is_err() {
                 failures.push(format!(
                     "{} (first {len} of {} bytes)",
+                    path.display(),
+                    data.len()
+                ));
+            }
+            let over_tls = || wsd::fuzzing::feed_tls(&chain, &key, input);
+            if catch_unwind(AssertUnwindSafe(over_tls)).is_err() {
+                failures.push(format!(
+                    "{} over TLS (first {len} of {} bytes)",
                     path.display(),
                     data.len()
                 ));

@@ -8,6 +8,10 @@
 //! before the next is sent; it reads whatever the server answers, then resets the connection.
 //! After each piece the connections' protocol state must stay within its bounds; after the
 //! reset the loop must have let go of the connection and everything it held.
+//!
+//! [`feed_tls`] does the same over TLS: the client completes a real handshake with the
+//! worker, then sends the input as the plaintext of its records, so the worker's record layer
+//! meets every way a stream can be cut into records and reads.
 
 use super::event_loop::Loop;
 use super::{Context, Decision, UpgradeRequest, Worker};
@@ -30,26 +34,47 @@ const SETTLE_TURNS: usize = 10_000;
 
 thread_local! {
     static HARNESS: RefCell<Option<Harness>> = const { RefCell::new(None) };
+    #[cfg(feature = "tls")]
+    static TLS_HARNESS: RefCell<Option<Harness>> = const { RefCell::new(None) };
 }
 
 /// Runs one client byte stream through a worker. Panics only on a broken invariant.
 pub fn feed(data: &[u8]) {
     HARNESS.with(|h| {
         let mut h = h.borrow_mut();
-        h.get_or_insert_with(Harness::new).feed(data);
+        h.get_or_insert_with(|| Harness::new(None)).feed(data);
     });
 }
+
+/// As [`feed`], over TLS, with a certificate for `localhost` the caller made (`chain` and
+/// `key`, PEM; the first call's pair serves the thread's harness from then on).
+#[cfg(feature = "tls")]
+pub fn feed_tls(chain: &str, key: &str, data: &[u8]) {
+    TLS_HARNESS.with(|h| {
+        let mut h = h.borrow_mut();
+        let id = || crate::tls::Identity::from_pem(chain, key).expect("a usable certificate");
+        h.get_or_insert_with(|| Harness::new(Some(id()))).feed(data);
+    });
+}
+
+#[cfg(feature = "tls")]
+type Identity = crate::tls::Identity;
+#[cfg(not(feature = "tls"))]
+type Identity = std::convert::Infallible;
 
 struct Harness {
     worker: Loop,
     events: Events,
     addr: SocketAddr,
+    /// How the client speaks TLS, for a harness that serves it.
+    #[cfg(feature = "tls")]
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The master's end of the worker's channel: kept open, or the worker would stop.
     _master: UnixStream,
 }
 
 impl Harness {
-    fn new() -> Harness {
+    fn new(identity: Option<Identity>) -> Harness {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
         let addr = listener.local_addr().expect("its address");
         let (master, channel) = UnixStream::pair().expect("a socket pair");
@@ -62,19 +87,52 @@ impl Harness {
         w.subprotocols = vec!["superchat".into(), "chat".into()];
         w.on_upgrade(decide);
         w.on_message(echo);
+        #[cfg(feature = "tls")]
+        let tls = identity.map(|id| {
+            let client = client_config(&id);
+            w.tls_cert = Some("(fuzz)".into());
+            w.tls_key = Some("(fuzz)".into());
+            w.tls = Some(id);
+            client
+        });
+        #[cfg(not(feature = "tls"))]
+        if let Some(never) = identity {
+            match never {}
+        }
         let bus = Bus::new(Origin { host: 0, slot: 0 }, Vec::new());
         let worker = Loop::new(w, 0, listener, channel, bus).expect("a worker loop");
         Harness {
             worker,
             events: Events::with_capacity(64),
             addr,
+            #[cfg(feature = "tls")]
+            tls,
             _master: master,
         }
     }
 
     fn feed(&mut self, data: &[u8]) {
-        let mut client = connect(self.addr);
+        let mut client = Client::Plain(connect(self.addr));
         self.settle();
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.tls {
+            let Client::Plain(socket) = client else {
+                unreachable!("made plain just above")
+            };
+            let name = "localhost".try_into().expect("a server name");
+            let conn = rustls::ClientConnection::new(config.clone(), name).expect("a client");
+            client = Client::Tls(Box::new(conn), socket);
+            for _ in 0..SETTLE_TURNS {
+                let Client::Tls(conn, _) = &client else {
+                    unreachable!()
+                };
+                if !conn.is_handshaking() {
+                    break;
+                }
+                client.pump();
+                self.settle();
+            }
+        }
         let mut rest = data;
         let mut turn = 0usize;
         'pieces: while !rest.is_empty() {
@@ -99,11 +157,11 @@ impl Harness {
                     Err(_) => break 'pieces,
                 }
                 self.settle();
-                drain(&mut client);
+                client.pump();
             }
             self.check_bounds(data.len());
         }
-        drain(&mut client);
+        client.pump();
         drop(client); // A reset (SO_LINGER 0): the server sees the client go at once.
         self.settle();
         let ctx = &self.worker.ctx;
@@ -190,48 +248,77 @@ fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// The harness's client: a plain socket, or TLS over one.
+enum Client {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::ClientConnection>, TcpStream),
+}
+
+impl Client {
+    /// Sends bytes: on TLS, as the plaintext of records, sealed and sent at once.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Client::Plain(socket) => socket.write(bytes),
+            #[cfg(feature = "tls")]
+            Client::Tls(conn, socket) => {
+                let n = conn.writer().write(bytes)?;
+                while conn.wants_write() {
+                    match conn.write_tls(socket) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        other => {
+                            other?;
+                        }
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Sends what TLS owes and reads (and drops) what the server sent.
+    fn pump(&mut self) {
+        match self {
+            Client::Plain(socket) => drain(socket),
+            #[cfg(feature = "tls")]
+            Client::Tls(conn, socket) => {
+                while conn.wants_write() && conn.write_tls(socket).is_ok_and(|n| n > 0) {}
+                while conn.read_tls(socket).is_ok_and(|n| n > 0) {
+                    if conn.process_new_packets().is_err() {
+                        return;
+                    }
+                    drain(&mut conn.reader());
+                }
+            }
+        }
+    }
+}
+
+/// A client configuration that trusts the harness's own certificate.
+#[cfg(feature = "tls")]
+fn client_config(id: &crate::tls::Identity) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(id.pem().0.as_bytes()).flatten() {
+        let _ = roots.add(cert);
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
 /// Reads and drops what the server sent.
-fn drain(client: &mut TcpStream) {
+fn drain(client: &mut impl Read) {
     let mut buf = [0u8; 16 << 10];
     while let Ok(n) = client.read(&mut buf) {
         if n == 0 {
             break;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::frame::client_frame;
-
-    /// The harness serves through the worker's own path: the counters it keeps for `status`
-    /// see the client, its message, the echo and the close.
-    #[test]
-    fn an_input_is_served_by_the_worker_loop() {
-        let mut wire = b"GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
-            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-            Sec-WebSocket-Version: 13\r\n\r\n"
-            .to_vec();
-        wire.extend(client_frame(0x81, b"hello", [1, 2, 3, 4]));
-        wire.extend(client_frame(0x81, b"close", [5, 6, 7, 8]));
-        let counters = || {
-            HARNESS.with(|h| {
-                let h = h.borrow();
-                let c = h.as_ref().map(|h| h.worker.ctx.counters.clone());
-                c.unwrap_or_default()
-            })
-        };
-        feed(b"");
-        let before = counters();
-        feed(&wire);
-        let after = counters();
-        assert_eq!(after.accepted - before.accepted, 1);
-        assert_eq!(
-            after.total_request - before.total_request,
-            2,
-            "both messages"
-        );
-        assert_eq!(after.messages_out - before.messages_out, 1, "hello echoed");
     }
 }
