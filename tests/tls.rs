@@ -177,6 +177,22 @@ fn wss_echoes_over_tls_12_and_13_with_ecdsa_and_rsa_keys() {
             // Larger than a TLS record: split and rejoined.
             echo(&mut ws, &"x".repeat(100_000));
             ws.close(None).unwrap();
+            // The closing handshake ends with the server's close_notify: rustls reads a clean
+            // end of stream, not an unexpected EOF.
+            loop {
+                match ws.read() {
+                    Ok(_) => {}
+                    Err(tungstenite::Error::ConnectionClosed) => break,
+                    Err(e) => panic!("not a clean close: {e}"),
+                }
+            }
+            let mut tls = ws.into_inner();
+            let mut rest = Vec::new();
+            assert_eq!(
+                tls.read_to_end(&mut rest).unwrap(),
+                0,
+                "close_notify, then EOF"
+            );
         }
     }
 }
@@ -357,6 +373,24 @@ fn plain_http_garbage_and_silence_on_a_tls_port_cost_only_their_connection() {
     let mut rest = Vec::new();
     let _ = slow.read_to_end(&mut rest);
     echo(&mut steady, "after");
-    let mut fresh = wss(server.port, config);
+    let mut fresh = wss(server.port, config.clone());
     echo(&mut fresh, "a new client too");
+
+    // A client that says close_notify mid-connection, keeping its socket open, is let go.
+    let mut quitter = wss(server.port, config);
+    echo(&mut quitter, "bye");
+    let tls = quitter.get_mut();
+    tls.conn.send_close_notify();
+    tls.conn.complete_io(&mut tls.sock).unwrap();
+    let mut rest = Vec::new();
+    if let Err(e) = tls.sock.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server kept the connection after close_notify"
+        );
+    }
+    echo(&mut steady, "still served");
 }

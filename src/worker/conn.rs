@@ -125,8 +125,9 @@ pub(crate) struct Traffic {
 /// What a read from the client gave.
 pub(crate) enum Received {
     /// Bytes came, and went to the session. `short`: the read did not fill the buffer, so
-    /// the socket's queue is empty.
-    Data { short: bool },
+    /// the socket's queue is empty. `last`: nothing more will come (TLS close_notify): once
+    /// the session's steps are done, the connection goes.
+    Data { short: bool, last: bool },
     /// Nothing to read now.
     Nothing,
     /// The client has gone (end of stream, or TLS close_notify).
@@ -303,12 +304,10 @@ impl Conn {
             let fd = self.socket.as_raw_fd();
             return match tls.read(fd, buf, |plain| session.read(plain, steps)) {
                 Ok((0, _)) => Received::Gone,
-                Ok((_, short)) => {
-                    if tls.peer_closed() {
-                        self.input_ended = true;
-                    }
-                    Received::Data { short }
-                }
+                Ok((_, short)) => Received::Data {
+                    short,
+                    last: tls.peer_closed(),
+                },
                 Err(TlsFailure::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     Received::Nothing
                 }
@@ -322,7 +321,10 @@ impl Conn {
                         status: 400,
                         why: "this port speaks TLS: use https:// or wss://".into(),
                     });
-                    Received::Data { short: true }
+                    Received::Data {
+                        short: true,
+                        last: false,
+                    }
                 }
                 Err(TlsFailure::Protocol { error, .. }) => {
                     Received::Failed(io::Error::new(io::ErrorKind::InvalidData, error))
@@ -340,7 +342,10 @@ impl Conn {
             Ok(n) => {
                 // A failed connection's input is read only to be discarded.
                 self.session.read_buffer(buf, lend, steps);
-                Received::Data { short: n < room }
+                Received::Data {
+                    short: n < room,
+                    last: false,
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Received::Nothing,
             Err(e) => Received::Failed(e),

@@ -386,8 +386,10 @@ impl Loop {
             }
             let serial = conn.serial;
             let (buf, lend) = self.inbox.next();
+            let mut ended = false;
             let drained = match conn.receive(buf, lend, &mut self.steps) {
                 Received::Gone => {
+                    self.steps.clear();
                     // What this read's data asked for (an echo, the answer to a Close) is
                     // still queued: the client may only have shut its sending side, so it
                     // gets what the socket takes now.
@@ -395,8 +397,11 @@ impl Loop {
                     self.ctx.mark_gone(idx);
                     return;
                 }
-                Received::Data { short } => {
+                Received::Data { short, last } => {
                     conn.last_input = self.turn_start;
+                    if last {
+                        ended = true;
+                    }
                     // A short read emptied the socket's queue. With edge-triggered polling,
                     // anything that arrives later raises a new event, so the read that would
                     // only say "would block" is skipped: a third of the syscalls of a small
@@ -413,11 +418,18 @@ impl Loop {
                 }
             };
             self.dispatch(idx, serial);
-            if let Some(c) = self.ctx.conns.get(idx)
+            if let Some(c) = self.ctx.conns.get_mut(idx)
                 && c.serial == serial
-                && c.wants_flush()
             {
-                self.ctx.mark_dirty(idx);
+                if ended {
+                    // The client said close_notify: answer what it asked, then let it go.
+                    let _ = c.write_out();
+                    self.ctx.mark_gone(idx);
+                    return;
+                }
+                if c.wants_flush() {
+                    self.ctx.mark_dirty(idx);
+                }
             }
             if drained {
                 return;
