@@ -72,6 +72,16 @@ fn start(app: &str, count: usize, cert: &Cert, extra: &str) -> Server {
     Server::start_with(wsd_bin(), dir, config)
 }
 
+/// `wsd -c config check`.
+fn check(config: &Path) -> std::process::Output {
+    std::process::Command::new(wsd_bin())
+        .arg("-c")
+        .arg(config)
+        .arg("check")
+        .output()
+        .unwrap()
+}
+
 /// A client config that trusts `cert` alone, for the given TLS versions.
 fn client_config(
     cert: &Cert,
@@ -249,12 +259,7 @@ fn bad_certificate_files_are_refused_with_the_file_and_the_reason() {
         let (dir, config) = Server::config("echo", 1, TLS_KEYS);
         good.write(dir.path());
         spoil(dir.path());
-        let out = std::process::Command::new(wsd_bin())
-            .arg("-c")
-            .arg(&config)
-            .arg("check")
-            .output()
-            .unwrap();
+        let out = check(&config);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
         assert!(
@@ -271,12 +276,7 @@ fn bad_certificate_files_are_refused_with_the_file_and_the_reason() {
 fn check_warns_of_a_certificate_about_to_expire() {
     let (dir, config) = Server::config("echo", 1, TLS_KEYS);
     Cert::new(Key::Ecdsa, 5, 5).write(dir.path());
-    let out = std::process::Command::new(wsd_bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("check")
-        .output()
-        .unwrap();
+    let out = check(&config);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "a warning, not an error: {text}");
     assert!(
@@ -284,12 +284,7 @@ fn check_warns_of_a_certificate_about_to_expire() {
         "{text}"
     );
     Cert::new(Key::Ecdsa, 6, 90).write(dir.path());
-    let out = std::process::Command::new(wsd_bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("check")
-        .output()
-        .unwrap();
+    let out = check(&config);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("expires"));
 }

@@ -7,6 +7,25 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Why the groups to run cannot be set up, at a start or a reload.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupsError {
+    /// No group, or two groups taking the same connections.
+    #[error(transparent)]
+    Invalid(ConfigProblem),
+    /// A group's listeners could not be bound, or its address read.
+    #[error("group {group:?}: {source}")]
+    Bind {
+        /// The group.
+        group: String,
+        /// Why.
+        source: BindError,
+    },
+    /// The socket pairs between a group's workers could not be made.
+    #[error("cannot wire the bus: {0}")]
+    Bus(#[source] io::Error),
+}
+
 /// Why `wsd start` could not bring a master up. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -18,20 +37,9 @@ pub enum StartError {
         .0.display()
     )]
     AlreadyAnswering(PathBuf),
-    /// No group, or two groups taking the same connections.
+    /// The groups cannot be set up.
     #[error(transparent)]
-    Groups(ConfigProblem),
-    /// A group's listeners could not be bound.
-    #[error("group {group:?}: {source}")]
-    Bind {
-        /// The group.
-        group: String,
-        /// Why.
-        source: BindError,
-    },
-    /// The socket pairs between a group's workers could not be made.
-    #[error("cannot wire the bus: {0}")]
-    Bus(#[source] io::Error),
+    Groups(#[from] GroupsError),
     /// The control socket could not be created.
     #[error("cannot create control socket {}: {source}", path.display())]
     ControlSocket {
@@ -67,20 +75,9 @@ pub enum ReloadError {
         /// The file's value.
         new: String,
     },
-    /// No group, or two groups taking the same connections.
+    /// The new groups cannot be set up.
     #[error(transparent)]
-    Groups(ConfigProblem),
-    /// A group's new listeners could not be bound, or its address read.
-    #[error("group {group:?}: {source}")]
-    Bind {
-        /// The group.
-        group: String,
-        /// Why.
-        source: BindError,
-    },
-    /// The socket pairs between a group's new workers could not be made.
-    #[error("cannot wire the bus: {0}")]
-    Bus(#[source] io::Error),
+    Groups(#[from] GroupsError),
     /// A group defined in code names a certificate or key that cannot be served.
     #[cfg(feature = "tls")]
     #[error("group {group:?}: {source}")]

@@ -22,7 +22,7 @@ mod reload;
 mod requests;
 mod supervisor;
 
-pub use error::{ReloadError, ReopenError, StartError};
+pub use error::{GroupsError, ReloadError, ReopenError, StartError};
 
 use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;
@@ -158,7 +158,7 @@ pub fn start(plan: Plan) -> i32 {
     let defs: Vec<_> = defs.collect();
     let listens: Vec<_> = defs.iter().map(|(d, _)| (d.name(), &d.listen)).collect();
     if let Err(e) = crate::config::check_runnable(&listens) {
-        return fail(pidfile, StartError::Groups(e));
+        return fail(pidfile, GroupsError::Invalid(e).into());
     }
     #[cfg(feature = "tls")]
     for (def, _) in &defs {
@@ -170,11 +170,11 @@ pub fn start(plan: Plan) -> i32 {
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => match supervisor::Group::new(def, ls, from_file) {
                 Ok(g) => sup.groups.push(g),
-                Err(e) => return fail(pidfile, StartError::Bus(e)),
+                Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
             },
             Err(source) => {
                 let group = def.name().to_string();
-                return fail(pidfile, StartError::Bind { group, source });
+                return fail(pidfile, GroupsError::Bind { group, source }.into());
             }
         }
     }

@@ -15,9 +15,9 @@
 //! already has a new worker is replaced to the end, the failed slot restarting like a
 //! crashed worker. The reload reports the failure either way.
 
-use super::ReloadError;
 use super::listeners;
 use super::supervisor::{Exit, Group, ProcRef, Slot, Supervisor};
+use super::{GroupsError, ReloadError};
 use crate::bus::mesh::Mesh;
 use crate::worker::Worker;
 use mio::Registry;
@@ -65,10 +65,10 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
         .map(|g| (g.name(), &g.def.listen))
         .chain(file_groups.iter().map(|d| (d.name(), &d.listen)))
         .collect();
-    crate::config::check_runnable(&listens).map_err(ReloadError::Groups)?;
+    crate::config::check_runnable(&listens).map_err(GroupsError::Invalid)?;
     let mut changes = Vec::new();
     let mut summary = Vec::new();
-    let wire = |slots: usize| Mesh::new(slots).map_err(ReloadError::Bus);
+    let wire = |slots: usize| Mesh::new(slots).map_err(GroupsError::Bus);
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
         let replace = g.def.reloadable;
         let mesh = if replace {
@@ -109,7 +109,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
             }
             Some((old, g)) if g.def.listen == def.listen => {
                 let (have, want) = (g.slots.len(), def.count);
-                let bind = |source| ReloadError::Bind {
+                let bind = |source| GroupsError::Bind {
                     group: name.clone(),
                     source,
                 };
@@ -136,7 +136,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
             }
             other => {
                 let listeners = listeners::bind_slots(def.listen.addr, def.count, def.backlog)
-                    .map_err(|source| ReloadError::Bind {
+                    .map_err(|source| GroupsError::Bind {
                         group: name.clone(),
                         source,
                     })?;
@@ -144,7 +144,7 @@ pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, R
                     Some(_) => format!("{name}: moved to {} ({} worker(s))", def.listen, def.count),
                     None => format!("{name}: added ({} worker(s))", def.count),
                 });
-                Change::Fresh(Group::new(def, listeners, true).map_err(ReloadError::Bus)?)
+                Change::Fresh(Group::new(def, listeners, true).map_err(GroupsError::Bus)?)
             }
         };
         changes.push(change);
