@@ -127,6 +127,9 @@ pub struct ConnInfo {
     pub send_queue: u64,
     /// `handshake`, `open` or `closing`.
     pub state: ConnStage,
+    /// The `Sec-WebSocket-Extensions` the upgrade agreed to (empty: none).
+    #[serde(default)]
+    pub extensions: String,
 }
 
 /// The answer to [`Request::Connections`].

@@ -153,7 +153,7 @@ pub fn render_connections(c: &Connections) -> String {
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     let mut out = format!(
-        "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {}\n",
+        "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:<8} {}\n",
         "pid",
         "worker",
         "id",
@@ -165,12 +165,13 @@ pub fn render_connections(c: &Connections) -> String {
         "msgs_in",
         "msgs_out",
         "send_queue",
-        "state"
+        "state",
+        "extensions"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {}",
+            "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {:<8} {}",
             r.pid,
             r.worker,
             r.id,
@@ -182,7 +183,12 @@ pub fn render_connections(c: &Connections) -> String {
             r.messages_in,
             r.messages_out,
             r.send_queue,
-            r.state
+            r.state.to_string(),
+            if r.extensions.is_empty() {
+                "-"
+            } else {
+                &r.extensions
+            }
         );
     }
     let _ = writeln!(out, "{} connection(s)", c.conns.len());

@@ -151,7 +151,13 @@ impl Channel {
 
 /// The most a row's JSON can take: a JSON string escapes a byte to 6 at most (`\u00XX`).
 fn row_bytes_bound(row: &ConnInfo) -> usize {
-    let strings = [&row.worker, &row.id, &row.remote, &row.path];
+    let strings = [
+        &row.worker,
+        &row.id,
+        &row.remote,
+        &row.path,
+        &row.extensions,
+    ];
     ROW_FIXED_BYTES + 6 * strings.iter().map(|s| s.len()).sum::<usize>()
 }
 
@@ -247,6 +253,7 @@ mod tests {
             messages_out: u64::MAX,
             send_queue: u64::MAX,
             state: ConnStage::Handshake,
+            extensions: "permessage-deflate; server_max_window_bits=\"1\u{1}\"".repeat(9),
         };
         let json = serde_json::to_vec(&row).unwrap().len();
         assert!(

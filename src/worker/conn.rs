@@ -147,6 +147,9 @@ impl Conn {
             messages_out: self.traffic.messages_out,
             send_queue: self.session.queued() as u64,
             state: self.state(),
+            extensions: (self.session.deflate())
+                .map(|d| d.agreed().response())
+                .unwrap_or_default(),
             ..ConnInfo::default()
         }
     }

@@ -13,6 +13,7 @@ use super::topics::Topics;
 use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
+use crate::proto::deflate::{self, Codec, Route, SharedCodec};
 use crate::proto::{Session, close, frame};
 use crate::{ConnId, Message};
 use bytes::Bytes;
@@ -53,6 +54,9 @@ pub struct Context {
     /// This worker's side of the group's bus.
     pub(crate) bus: Bus,
     pub(crate) topics: Topics,
+    // permessage-deflate
+    /// The worker's compression state, if the group has compression on.
+    pub(crate) deflate: Option<SharedCodec>,
 }
 
 impl Context {
@@ -74,6 +78,8 @@ impl Context {
             send_buffer_policy: settings.send_buffer_policy,
             bus,
             topics: Topics::default(),
+            // permessage-deflate
+            deflate: deflate::Settings::of(settings).map(Codec::new),
         }
     }
 
@@ -94,8 +100,9 @@ impl Context {
     /// connection is closed with 1008).
     pub fn send(&mut self, conn: ConnId, msg: impl Into<Message>) -> Result<(), SendError> {
         let (opcode, payload) = msg.into().into_parts();
+        // Admitted at its plain size: it is compressed (if at all) once it is sure to be sent.
         let (wire, len) = (frame::frame_len(payload.len()), payload.len());
-        self.enqueue(conn, wire, len, |q| q.push_frame(opcode, payload))
+        self.enqueue(conn, wire, len, |q| q.push_message(opcode, payload))
     }
 
     /// Sends `msg` to every open connection of **this worker** (Workerman's loop over
@@ -106,19 +113,65 @@ impl Context {
         self.send_many(ids, msg.into())
     }
 
-    /// Sends one message to many connections: the frame is encoded once and shared by every
-    /// connection's queue.
+    /// Sends one message to many connections. Each encoding of the frame is made once, when
+    /// a recipient first needs it, and shared by every queue that takes it: plain, and (with
+    /// permessage-deflate) compressed without context takeover, once per server window in use
+    /// (the group's one unless a client asked for less). Only connections with context
+    /// takeover (`compression = "dedicated"`) get a compression of their own each.
     pub(crate) fn send_many(&mut self, ids: Vec<ConnId>, msg: Message) -> usize {
         let (opcode, payload) = msg.into_parts();
-        let encoded: Bytes = frame::encode(opcode, &payload);
-        ids.into_iter()
-            .filter(|&id| {
-                self.enqueue(id, encoded.len(), payload.len(), |q| {
-                    q.push_encoded(&encoded)
-                })
-                .is_ok()
-            })
-            .count()
+        let len = payload.len();
+        let mut plain: Option<Bytes> = None;
+        let mut alone: Vec<(u8, Bytes)> = Vec::new();
+        let mut sent = 0;
+        for id in ids {
+            let route = self.conn(id).map_or(Route::Plain, |c| c.session.route(len));
+            let encoded = match route {
+                Route::Own => {
+                    let own = payload.clone();
+                    let wire = frame::frame_len(len);
+                    sent += self
+                        .enqueue(id, wire, len, |q| q.push_message(opcode, own))
+                        .is_ok() as usize;
+                    continue;
+                }
+                Route::Plain => plain
+                    .get_or_insert_with(|| frame::encode(opcode, &payload))
+                    .clone(),
+                Route::Alone(bits) => match alone.iter().find(|(b, _)| *b == bits) {
+                    Some((_, e)) => e.clone(),
+                    None => {
+                        let e = self
+                            .encode_alone(opcode, bits, &payload)
+                            .unwrap_or_else(|| {
+                                plain
+                                    .get_or_insert_with(|| frame::encode(opcode, &payload))
+                                    .clone()
+                            });
+                        alone.push((bits, e.clone()));
+                        e
+                    }
+                },
+            };
+            sent += self
+                .enqueue(id, encoded.len(), len, |q| q.push_encoded(&encoded))
+                .is_ok() as usize;
+        }
+        sent
+    }
+
+    /// A whole compressed frame of `payload`, compressed on its own with the worker's
+    /// compressor for `bits`; `None` if compression would not shrink it.
+    fn encode_alone(&self, opcode: u8, bits: u8, payload: &[u8]) -> Option<Bytes> {
+        let mut frame = None;
+        let codec = self.deflate.as_ref()?;
+        codec.borrow_mut().compress_alone(bits, payload, |body| {
+            let mut out = Vec::with_capacity(frame::frame_len(body.len()));
+            frame::put_header(&mut out, opcode | frame::RSV1, body.len());
+            out.extend_from_slice(body);
+            frame = Some(Bytes::from(out));
+        });
+        frame
     }
 
     /// Bytes queued for `conn` and not yet taken by its socket.

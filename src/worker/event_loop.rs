@@ -28,6 +28,7 @@ use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
 use crate::control::FromWorker;
+use crate::proto::deflate;
 use crate::proto::handshake::{self, Answer, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
@@ -483,8 +484,22 @@ impl Loop {
                 return;
             }
         }
-        conn.session
-            .accept(&request, &Answer::default(), &mut self.steps);
+        let mut answer = Answer::default();
+        // permessage-deflate: before `accept`, which may read compressed frames already.
+        if let Some(codec) = &self.ctx.deflate {
+            match deflate::negotiate(codec, &request.extensions) {
+                Ok(stream) => {
+                    answer.extensions = Some(stream.agreed().response());
+                    conn.session.use_deflate(stream);
+                }
+                Err(declined) if !declined.is_empty() => log::debug!(
+                    "connection from {}: permessage-deflate offers declined: {declined:?}",
+                    conn.remote
+                ),
+                Err(_) => {}
+            }
+        }
+        conn.session.accept(&request, &answer, &mut self.steps);
         conn.path = request.path;
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);

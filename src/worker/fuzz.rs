@@ -13,6 +13,7 @@ use super::event_loop::Loop;
 use super::{Context, Worker};
 use crate::bus::Bus;
 use crate::bus::wire::Origin;
+use crate::config::Compression;
 use crate::{ConnId, Message};
 use mio::Events;
 use std::cell::RefCell;
@@ -59,6 +60,10 @@ impl Harness {
         w.max_header_bytes = MAX_HEADER;
         w.allowed_origins = vec!["https://ok.example".into(), "https://*.ok.example".into()];
         w.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a CIDR")];
+        // Dedicated mode reaches every deflate path: context takeover with the connection's
+        // own compressor and decompressor, and the worker's for clients that offer no takeover.
+        w.compression = Compression::Dedicated;
+        w.compression_min_size = 16;
         w.on_message(echo);
         let bus = Bus::new(Origin { host: 0, slot: 0 }, Vec::new());
         let worker = Loop::new(w, 0, listener, channel, bus).expect("a worker loop");
