@@ -344,8 +344,8 @@ impl Codec {
         }))
     }
 
-    /// Compresses `payload` as a message of its own (no window before it, none kept after),
-    /// and hands `push` the result if it is smaller than the payload. True if it was.
+    /// Compresses `payload` as a message of its own (no window before it, none kept after)
+    /// and hands `push` the result. False, having called nothing, if the compressor failed.
     pub(crate) fn compress_alone(
         &mut self,
         bits: u8,
@@ -362,12 +362,12 @@ impl Codec {
         let c = compressors[slot]
             .get_or_insert_with(|| Box::new(Compress::new_with_window_bits(level, false, bits)));
         c.reset();
-        let fits = deflate(c, payload, scratch) && scratch.len() < payload.len();
-        if fits {
+        let done = deflate(c, payload, scratch);
+        if done {
             push(scratch);
         }
         trim(scratch);
-        fits
+        done
     }
 }
 
@@ -421,7 +421,11 @@ impl Stream {
 
     /// Compresses a message for this connection and hands `push` the compressed payload
     /// (to send with RSV1). False, having called nothing, if the message goes uncompressed:
-    /// it is under `compression_min_size`, or, without context takeover, it would not shrink.
+    /// it is under `compression_min_size` (or the compressor failed, which it does not).
+    ///
+    /// A message that does not shrink (already compressed data) is sent compressed all the
+    /// same: with context takeover it must be (the client's window has to see it), and
+    /// every message at or over the minimum size carrying RSV1 is what clients expect.
     pub(crate) fn compress(&mut self, payload: &[u8], push: impl FnOnce(&[u8])) -> bool {
         match self.route(payload.len()) {
             Route::Plain => false,
@@ -435,8 +439,6 @@ impl Stream {
                 let scratch = &mut self.codec.borrow_mut().scratch;
                 let done = deflate(c, payload, scratch);
                 if done {
-                    // Takeover: the client's window now holds this message, so it goes
-                    // compressed even if it grew.
                     push(scratch);
                 } else {
                     // A failed compressor is replaced: a fresh one refers to nothing the
@@ -853,17 +855,17 @@ mod tests {
     }
 
     #[test]
-    fn short_or_incompressible_messages_go_plain_without_takeover() {
-        let mut server = stream(SHARED, "permessage-deflate");
-        assert_eq!(server.route(15), Route::Plain);
-        assert!(!server.compress(&[b'a'; 15], |_| panic!("under min_size")));
-        let noise = noise(4000);
-        assert!(!server.compress(&noise, |_| panic!("it would grow")));
-        // With takeover the client's window must see every compressed message: it goes
-        // compressed even if it grows.
-        let mut server = stream(DEDICATED, "permessage-deflate");
-        assert_eq!(server.route(4000), Route::Own);
-        assert!(server.compress(&noise, |_| {}));
+    fn short_messages_go_plain_and_the_rest_compressed_even_if_it_grows() {
+        for settings in [SHARED, DEDICATED] {
+            let mut server = stream(settings, "permessage-deflate");
+            assert_eq!(server.route(15), Route::Plain);
+            assert!(!server.compress(&[b'a'; 15], |_| panic!("under min_size")));
+            let noise = noise(4000);
+            let mut sent = Vec::new();
+            assert!(server.compress(&noise, |b| sent = b.to_vec()));
+            assert!(sent.len() > noise.len(), "stored blocks: a few bytes more");
+            assert_eq!(Client::new().decompress(&sent), noise);
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl Session {
     }
 
     /// Queues a data message: compressed if permessage-deflate was agreed and the message is
-    /// long enough (and, without context takeover, shrinks), plain otherwise. The owner
+    /// at least `compression_min_size`, plain otherwise. The owner
     /// checks [`Session::can_send`] first.
     pub(crate) fn push_message(&mut self, opcode: u8, payload: bytes::Bytes) {
         let Session { deflate, out, .. } = self;

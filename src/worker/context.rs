@@ -161,7 +161,7 @@ impl Context {
     }
 
     /// A whole compressed frame of `payload`, compressed on its own with the worker's
-    /// compressor for `bits`; `None` if compression would not shrink it.
+    /// compressor for `bits`; `None` if the compressor failed.
     fn encode_alone(&self, opcode: u8, bits: u8, payload: &[u8]) -> Option<Bytes> {
         let mut frame = None;
         let codec = self.deflate.as_ref()?;
