@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The chat page (static/) in a real browser: starts wsd serving the `chat` app with 4 workers and
-# static_dir = static/ on a free port, then tests/browser/chat.mjs drives Debian's Chromium
-# through playwright-core: two clients, a message typed in one appears in the other, and a
-# screenshot of the second is saved as the artifact.
+# The chat page (static/) in a real browser: starts wsd serving the `chat` app with 4 workers,
+# static_dir = static/ and compression = "shared" on a free port, then tests/browser/chat.mjs
+# drives Debian's Chromium through playwright-core: two clients, both of which must have agreed
+# to permessage-deflate (Chromium offers it), a message typed in one appears in the other, and
+# a screenshot of the second is saved as the artifact.
 # Installs what it needs: Debian's `chromium` if missing, and playwright-core (pinned) from npm
 # into target/browser-node. playwright-core never downloads a browser; it drives /usr/bin/chromium.
 #   BROWSER_SHOT  screenshot path (default target/browser/chat.png)
@@ -67,6 +68,7 @@ listen = "websocket://127.0.0.1:0"
 app = "chat"
 count = 4
 static_dir = "$ROOT/static"
+compression = "shared"
 CONF
 "$WSD_BIN" -c "$CONF" start </dev/null >"$TMP/wsd.log" 2>&1 &
 WSD_PID=$!
