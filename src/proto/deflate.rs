@@ -329,6 +329,8 @@ pub(crate) struct Codec {
     /// For sends without context takeover, one per window size (index `bits - 9`).
     compressors: [Option<Box<Compress>>; 7],
     scratch: Vec<u8>,
+    /// Messages compressed, by this codec and its connections' own compressors.
+    compressed: u64,
 }
 
 /// The worker's [`Codec`], as its connections and its context hold it.
@@ -341,7 +343,14 @@ impl Codec {
             inflater: None,
             compressors: Default::default(),
             scratch: Vec::new(),
+            compressed: 0,
         }))
+    }
+
+    /// Messages compressed so far.
+    #[cfg(test)]
+    pub(crate) fn compressed(&self) -> u64 {
+        self.compressed
     }
 
     /// Compresses `payload` as a message of its own (no window before it, none kept after)
@@ -353,6 +362,7 @@ impl Codec {
         push: impl FnOnce(&[u8]),
     ) -> bool {
         let level = flate2::Compression::new(self.settings.level);
+        self.compressed += 1;
         let Codec {
             compressors,
             scratch,
@@ -436,7 +446,9 @@ impl Stream {
                 let c = self.compressor.get_or_insert_with(|| {
                     Box::new(Compress::new_with_window_bits(level, false, bits))
                 });
-                let scratch = &mut self.codec.borrow_mut().scratch;
+                let codec = &mut *self.codec.borrow_mut();
+                codec.compressed += 1;
+                let scratch = &mut codec.scratch;
                 let done = deflate(c, payload, scratch);
                 if done {
                     push(scratch);

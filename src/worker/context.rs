@@ -333,3 +333,157 @@ impl Context {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::wire::Origin;
+    use crate::config::{Compression, GroupConfig, Listen};
+    use crate::proto::frame::RSV1;
+    use crate::proto::{Limits, Step};
+    use std::collections::VecDeque;
+    use std::net::TcpListener;
+
+    /// A worker's context with compression in `mode`, and an open connection for each offer
+    /// (`None`: the client offered nothing), over real loopback sockets.
+    fn context_with(mode: Compression, offers: &[Option<&str>]) -> (Context, Vec<ConnId>) {
+        let mut group = GroupConfig::new(Listen::parse("127.0.0.1:0").unwrap());
+        group.compression = mode;
+        let mut ctx = Context::new(0, &group, Bus::new(Origin { host: 0, slot: 0 }, Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ids = Vec::new();
+        for (serial, offer) in offers.iter().enumerate() {
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, peer) = listener.accept().unwrap();
+            let limits = Limits {
+                max_frame: 1 << 20,
+                max_message: 1 << 20,
+            };
+            let socket = mio::net::TcpStream::from_std(server);
+            let mut conn = Conn::new(serial as u32, socket, peer, None, limits, 8192);
+            let ext = offer.map_or(String::new(), |o| {
+                format!("Sec-WebSocket-Extensions: {o}\r\n")
+            });
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+            );
+            let mut steps = VecDeque::new();
+            let mut buf = bytes::BytesMut::from(request.as_bytes());
+            conn.session.read_buffer(&mut buf, false, &mut steps);
+            let Some(Step::Request(req)) = steps.pop_front() else {
+                panic!("no request")
+            };
+            let mut answer = crate::proto::handshake::Answer::default();
+            if let Some(Ok(stream)) =
+                (ctx.deflate.as_ref()).map(|c| deflate::negotiate(c, &req.extensions))
+            {
+                answer.extensions = Some(stream.agreed().response());
+                conn.session.use_deflate(stream);
+            }
+            conn.session.accept(&req, &answer, &mut steps);
+            let mut response = Vec::new();
+            assert!(conn.session.write_to(&mut response).unwrap());
+            let idx = ctx.conns.insert(conn);
+            ids.push(ConnId {
+                serial: serial as u32,
+                idx: idx as u32,
+            });
+        }
+        (ctx, ids)
+    }
+
+    /// The first byte and payload of the one frame queued for `id`.
+    fn queued_frame(ctx: &mut Context, id: ConnId) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let conn = ctx.conn_mut(id).unwrap();
+        assert!(conn.session.write_to(&mut out).unwrap());
+        let (head, len) = match out[1] {
+            126 => (4, u16::from_be_bytes([out[2], out[3]]) as usize),
+            127 => (
+                10,
+                u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+            ),
+            n => (2, n as usize),
+        };
+        assert_eq!(out.len(), head + len, "one frame");
+        (out[0], out[head..].to_vec())
+    }
+
+    fn inflate(body: &[u8]) -> Vec<u8> {
+        let mut input = body.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1 << 20);
+        flate2::Decompress::new(false)
+            .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
+    fn compressions(ctx: &Context) -> u64 {
+        ctx.deflate.as_ref().unwrap().borrow().compressed()
+    }
+
+    /// Shared mode: a broadcast is compressed once for every client that agreed to
+    /// permessage-deflate (whatever it offered) and encoded plain once for the rest.
+    #[test]
+    fn a_shared_broadcast_is_compressed_once_for_all() {
+        let offers = [
+            Some("permessage-deflate"),
+            None,
+            Some("permessage-deflate; client_max_window_bits"),
+            Some("permessage-deflate; client_no_context_takeover; server_no_context_takeover"),
+            Some("x-unknown"),
+        ];
+        let (mut ctx, ids) = context_with(Compression::Shared, &offers);
+        let text = "the same news for everyone ".repeat(100);
+        assert_eq!(ctx.send_many(ids.clone(), Message::from(text.as_str())), 5);
+        assert_eq!(compressions(&ctx), 1, "one compression for three clients");
+        let frames: Vec<_> = ids.iter().map(|&id| queued_frame(&mut ctx, id)).collect();
+        for (i, (first, body)) in frames.iter().enumerate() {
+            if offers[i].is_some_and(|o| o.starts_with("permessage")) {
+                assert_eq!(*first, 0x80 | RSV1 | frame::TEXT, "client {i}: compressed");
+                assert_eq!(body, &frames[0].1, "client {i}: the same bytes");
+                assert_eq!(inflate(body), text.as_bytes());
+            } else {
+                assert_eq!(*first, 0x81, "client {i}: plain");
+                assert_eq!(body, text.as_bytes());
+            }
+        }
+        // Under compression_min_size nothing is compressed.
+        assert_eq!(ctx.send_many(ids.clone(), Message::from("short")), 5);
+        assert_eq!(compressions(&ctx), 1);
+    }
+
+    /// Dedicated mode: every context-takeover client's window differs, so each gets its own
+    /// compression; a client that asked for no server takeover shares the worker's.
+    #[test]
+    fn a_dedicated_broadcast_is_compressed_per_takeover_connection() {
+        let offers = [
+            Some("permessage-deflate"),
+            Some("permessage-deflate; client_max_window_bits"),
+            Some("permessage-deflate; server_no_context_takeover"),
+            Some("permessage-deflate; server_no_context_takeover; client_max_window_bits"),
+            None,
+        ];
+        let (mut ctx, ids) = context_with(Compression::Dedicated, &offers);
+        let text = "the same news for everyone ".repeat(100);
+        assert_eq!(ctx.send_many(ids.clone(), Message::from(text.as_str())), 5);
+        assert_eq!(
+            compressions(&ctx),
+            3,
+            "two takeover clients, one shared encoding"
+        );
+        for (i, &id) in ids.iter().enumerate() {
+            let (first, body) = queued_frame(&mut ctx, id);
+            let compressed = first & RSV1 != 0;
+            assert_eq!(compressed, offers[i].is_some(), "client {i}");
+            if compressed {
+                assert_eq!(inflate(&body), text.as_bytes(), "client {i}");
+            }
+        }
+        // ctx.send compresses for its one connection.
+        ctx.send(ids[0], text.as_str()).unwrap();
+        assert_eq!(compressions(&ctx), 4);
+    }
+}
