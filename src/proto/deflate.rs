@@ -81,17 +81,27 @@ pub(crate) enum Param {
 }
 
 impl Param {
+    const ALL: [Param; 4] = [
+        Param::ServerNoContextTakeover,
+        Param::ClientNoContextTakeover,
+        Param::ServerMaxWindowBits,
+        Param::ClientMaxWindowBits,
+    ];
+
+    /// Its name on the wire.
+    fn name(self) -> &'static str {
+        match self {
+            Param::ServerNoContextTakeover => "server_no_context_takeover",
+            Param::ClientNoContextTakeover => "client_no_context_takeover",
+            Param::ServerMaxWindowBits => "server_max_window_bits",
+            Param::ClientMaxWindowBits => "client_max_window_bits",
+        }
+    }
+
     fn parse(name: &str) -> Option<Param> {
-        const NAMES: [(&str, Param); 4] = [
-            ("server_no_context_takeover", Param::ServerNoContextTakeover),
-            ("client_no_context_takeover", Param::ClientNoContextTakeover),
-            ("server_max_window_bits", Param::ServerMaxWindowBits),
-            ("client_max_window_bits", Param::ClientMaxWindowBits),
-        ];
-        NAMES
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|&(_, p)| p)
+        Param::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -103,11 +113,11 @@ pub(crate) enum Decline {
     #[error("unknown parameter {0:?}")]
     UnknownParameter(String),
     /// A parameter given twice.
-    #[error("{0:?} given twice")]
+    #[error("{} given twice", .0.name())]
     Repeated(Param),
     /// A value where none belongs, none where one is required, or not a decimal 8..=15
     /// without leading zeros.
-    #[error("{0:?} with an invalid value")]
+    #[error("{} with an invalid value", .0.name())]
     BadValue(Param),
     /// `server_max_window_bits=8`: the answer may not name a larger window, and zlib cannot
     /// compress raw deflate with a window of 256 bytes.

@@ -126,6 +126,16 @@ impl Context {
         let mut sent = 0;
         for id in ids {
             let route = self.conn(id).map_or(Route::Plain, |c| c.session.route(len));
+            if let Route::Alone(bits) = route
+                && !alone.iter().any(|(b, _)| *b == bits)
+            {
+                let e = self
+                    .encode_alone(opcode, bits, &payload)
+                    .unwrap_or_else(|| {
+                        (plain.get_or_insert_with(|| frame::encode(opcode, &payload))).clone()
+                    });
+                alone.push((bits, e));
+            }
             let encoded = match route {
                 Route::Own => {
                     let own = payload.clone();
@@ -135,26 +145,14 @@ impl Context {
                         .is_ok() as usize;
                     continue;
                 }
-                Route::Plain => plain
-                    .get_or_insert_with(|| frame::encode(opcode, &payload))
-                    .clone(),
+                Route::Plain => &*plain.get_or_insert_with(|| frame::encode(opcode, &payload)),
                 Route::Alone(bits) => match alone.iter().find(|(b, _)| *b == bits) {
-                    Some((_, e)) => e.clone(),
-                    None => {
-                        let e = self
-                            .encode_alone(opcode, bits, &payload)
-                            .unwrap_or_else(|| {
-                                plain
-                                    .get_or_insert_with(|| frame::encode(opcode, &payload))
-                                    .clone()
-                            });
-                        alone.push((bits, e.clone()));
-                        e
-                    }
+                    Some((_, e)) => e,
+                    None => unreachable!("encoded just above"),
                 },
             };
             sent += self
-                .enqueue(id, encoded.len(), len, |q| q.push_encoded(&encoded))
+                .enqueue(id, encoded.len(), len, |q| q.push_encoded(encoded))
                 .is_ok() as usize;
         }
         sent

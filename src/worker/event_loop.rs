@@ -493,8 +493,13 @@ impl Loop {
                     conn.session.use_deflate(stream);
                 }
                 Err(declined) if !declined.is_empty() => log::debug!(
-                    "connection from {}: permessage-deflate offers declined: {declined:?}",
-                    conn.remote
+                    "connection from {}: permessage-deflate declined: {}",
+                    conn.remote,
+                    declined
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
                 Err(_) => {}
             }
