@@ -125,7 +125,10 @@ impl Context {
         let mut alone: Vec<(u8, Bytes)> = Vec::new();
         let mut sent = 0;
         for id in ids {
-            let route = self.conn(id).map_or(Route::Plain, |c| c.session.route(len));
+            let route = match (&self.deflate, self.conn(id)) {
+                (Some(_), Some(c)) => c.session.route(len),
+                _ => Route::Plain,
+            };
             if let Route::Alone(bits) = route
                 && !alone.iter().any(|(b, _)| *b == bits)
             {
