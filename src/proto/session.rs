@@ -167,8 +167,8 @@ impl Session {
     }
 
     /// Queues a data message: compressed if permessage-deflate was agreed and the message is
-    /// at least `compression_min_size`, plain otherwise. The owner
-    /// checks [`Session::can_send`] first.
+    /// at least `compression_min_size`, plain otherwise. The owner checks
+    /// [`Session::can_send`] first.
     pub(crate) fn push_message(&mut self, opcode: u8, payload: bytes::Bytes) {
         let Session { deflate, out, .. } = self;
         let compressed = deflate

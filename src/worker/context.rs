@@ -333,6 +333,33 @@ impl Context {
             self.gone.push((idx, c.serial));
         }
     }
+
+    // permessage-deflate
+    /// Agrees on permessage-deflate for connection `idx`, which is upgrading, from its
+    /// request's `offers`, if the group has compression on: its session uses it from now on,
+    /// and the result is the `Sec-WebSocket-Extensions` answer. Declined offers are logged.
+    pub(crate) fn agree_deflate(&mut self, idx: usize, offers: &[String]) -> Option<String> {
+        let codec = self.deflate.as_ref()?;
+        let conn = self.conns.get_mut(idx)?;
+        match deflate::negotiate(codec, offers) {
+            Ok(stream) => {
+                let answer = stream.agreed().response();
+                conn.session.use_deflate(stream);
+                Some(answer)
+            }
+            Err(declined) => {
+                if !declined.is_empty() {
+                    let why: Vec<String> = declined.iter().map(|d| d.to_string()).collect();
+                    log::debug!(
+                        "connection from {}: permessage-deflate declined: {}",
+                        conn.remote,
+                        why.join("; ")
+                    );
+                }
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -375,17 +402,23 @@ mod tests {
             let Some(Step::Request(req)) = steps.pop_front() else {
                 panic!("no request")
             };
-            let mut answer = crate::proto::handshake::Answer::default();
-            if let Some(Ok(stream)) =
-                (ctx.deflate.as_ref()).map(|c| deflate::negotiate(c, &req.extensions))
-            {
-                answer.extensions = Some(stream.agreed().response());
-                conn.session.use_deflate(stream);
-            }
+            let idx = ctx.conns.insert(conn);
+            let answer = crate::proto::handshake::Answer {
+                extensions: ctx.agree_deflate(idx, &req.extensions),
+                ..Default::default()
+            };
+            let conn = &mut ctx.conns[idx];
             conn.session.accept(&req, &answer, &mut steps);
             let mut response = Vec::new();
             assert!(conn.session.write_to(&mut response).unwrap());
-            let idx = ctx.conns.insert(conn);
+            let response = String::from_utf8(response).unwrap();
+            let agreed = offer.is_some_and(|o| o.starts_with("permessage-deflate"))
+                && mode != Compression::Off;
+            assert_eq!(
+                response.contains("Sec-WebSocket-Extensions: permessage-deflate"),
+                agreed,
+                "{response}"
+            );
             ids.push(ConnId {
                 serial: serial as u32,
                 idx: idx as u32,

@@ -28,7 +28,6 @@ use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
 use crate::control::FromWorker;
-use crate::proto::deflate;
 use crate::proto::handshake::{self, Answer, Request};
 use crate::proto::{Limits, Step};
 use crate::sys;
@@ -484,26 +483,12 @@ impl Loop {
                 return;
             }
         }
-        let mut answer = Answer::default();
-        // permessage-deflate: before `accept`, which may read compressed frames already.
-        if let Some(codec) = &self.ctx.deflate {
-            match deflate::negotiate(codec, &request.extensions) {
-                Ok(stream) => {
-                    answer.extensions = Some(stream.agreed().response());
-                    conn.session.use_deflate(stream);
-                }
-                Err(declined) if !declined.is_empty() => log::debug!(
-                    "connection from {}: permessage-deflate declined: {}",
-                    conn.remote,
-                    declined
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ),
-                Err(_) => {}
-            }
-        }
+        // permessage-deflate, agreed before `accept`, which may read compressed frames already.
+        let answer = Answer {
+            extensions: self.ctx.agree_deflate(idx, &request.extensions),
+            ..Answer::default()
+        };
+        let conn = &mut self.ctx.conns[idx];
         conn.session.accept(&request, &answer, &mut self.steps);
         conn.path = request.path;
         self.ctx.counters.connections += 1;

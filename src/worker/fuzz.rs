@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Limits small enough that inputs of a few KiB reach them.
 const MAX_FRAME: usize = 1 << 16;
@@ -28,6 +28,9 @@ const MAX_MESSAGE: usize = 1 << 18;
 const MAX_HEADER: usize = 4096;
 /// Turns the loop may take to settle after a piece before the harness calls it stuck.
 const SETTLE_TURNS: usize = 10_000;
+/// How long the worker may take to see a client's reset. On loopback it is normally there at
+/// once, but the kernel may finish delivering it a moment later on a busy machine.
+const RESET_DEADLINE: Duration = Duration::from_secs(2);
 
 thread_local! {
     static HARNESS: RefCell<Option<Harness>> = const { RefCell::new(None) };
@@ -107,8 +110,17 @@ impl Harness {
             self.check_bounds(data.len());
         }
         drain(&mut client);
-        drop(client); // A reset (SO_LINGER 0): the server sees the client go at once.
+        drop(client); // A reset (SO_LINGER 0): the server sees the client go.
         self.settle();
+        let deadline = Instant::now() + RESET_DEADLINE;
+        while !self.worker.ctx.conns.is_empty() && Instant::now() < deadline {
+            // Waits in poll for the reset's event, then does what it brings.
+            let wait = Some(Duration::from_millis(10));
+            if let Some(code) = self.worker.turn(&mut self.events, wait) {
+                panic!("the worker loop ended ({code}) while a client left");
+            }
+            self.settle();
+        }
         let ctx = &self.worker.ctx;
         assert!(
             ctx.conns.is_empty(),
