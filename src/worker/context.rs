@@ -419,10 +419,14 @@ mod tests {
                 agreed,
                 "{response}"
             );
-            ids.push(ConnId {
+            // `wsd connections` shows what was agreed.
+            let id = ConnId {
                 serial: serial as u32,
                 idx: idx as u32,
-            });
+            };
+            let shown = conn.info(id, std::time::Instant::now()).extensions;
+            assert_eq!(shown, answer.extensions.clone().unwrap_or_default());
+            ids.push(id);
         }
         (ctx, ids)
     }
