@@ -18,6 +18,7 @@ import hashlib
 import os
 import struct
 import sys
+import zlib
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "read_path")
 MAX_SIZE = 4096
@@ -77,6 +78,32 @@ def request(method="GET", path="/chat", version="HTTP/1.1", headers=None, extra=
 
 HS = request()
 BYE = frame(CLOSE, close_payload(1000))
+RSV1 = 0b100  # permessage-deflate: the message is compressed
+
+# feed()'s worker runs compression = "dedicated" with compression_min_size = 16.
+def hs_deflate(offer="permessage-deflate; client_max_window_bits"):
+    return request(extra=[("Sec-WebSocket-Extensions", offer)])
+
+
+def deflated(data, compressor=None, final=False):
+    """`data` compressed as a client does (RFC 7692 §7.2.1): raw deflate, flushed, with the
+    flush's 00 00 ff ff taken off. Pass the same `compressor` for context takeover; `final`
+    ends the stream with a BFINAL block instead of a sync flush."""
+    if isinstance(data, str):
+        data = data.encode()
+    c = compressor or zlib.compressobj(wbits=-15)
+    if final:
+        return c.compress(data) + c.flush(zlib.Z_FINISH)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def takeover(*messages):
+    """Compressed text frames sharing one compressor (context takeover)."""
+    c = zlib.compressobj(wbits=-15)
+    return b"".join(frame(TEXT, deflated(m, c), rsv=RSV1) for m in messages)
+
 
 
 def without(name):
@@ -171,6 +198,51 @@ SEEDS = {
     "reserved_opcode_control": HS + frame(0xB, "reserved") + BYE,
     "rsv_bits_set": HS + frame(TEXT, "rsv1", rsv=0b100) + frame(TEXT, "rsv3", rsv=0b001) + BYE,
     "unmasked_frame": HS + frame(TEXT, "not masked", mask=False) + BYE,
+    # --- permessage-deflate ---------------------------------------------------------------------
+    "deflate_text": hs_deflate() + frame(TEXT, deflated("Hello, compressed world! " * 8), rsv=RSV1) + BYE,
+    "deflate_binary_and_plain_between": hs_deflate()
+    + frame(BINARY, deflated(bytes(range(256)) * 2), rsv=RSV1)
+    + frame(TEXT, "plain is allowed too")
+    + frame(BINARY, deflated(b"\x00" * 300), rsv=RSV1)
+    + BYE,
+    "deflate_takeover": hs_deflate() + takeover("first message " * 10, "first message " * 12, "x" * 40) + BYE,
+    "deflate_no_takeover_either_way": hs_deflate(
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+        "server_max_window_bits=10; client_max_window_bits=9")
+    + frame(TEXT, deflated("no takeover " * 10), rsv=RSV1)
+    + frame(TEXT, deflated("no takeover " * 11), rsv=RSV1)
+    + BYE,
+    "deflate_fragmented_ping_between": hs_deflate()
+    + (lambda body: frame(TEXT, body[:7], fin=False, rsv=RSV1)
+       + frame(PING, "mid")
+       + frame(CONT, body[7:20], fin=False)
+       + frame(CONT, body[20:]))(deflated("fragmented and compressed " * 6))
+    + BYE,
+    "deflate_final_block_then_more": hs_deflate()
+    + frame(TEXT, deflated("ends with BFINAL " * 4, final=True), rsv=RSV1)
+    + frame(TEXT, deflated("a new stream " * 4), rsv=RSV1)
+    + BYE,
+    "deflate_empty_message": hs_deflate() + frame(TEXT, b"\x00", rsv=RSV1) + frame(BINARY, b"", rsv=RSV1) + BYE,
+    "deflate_close_command": hs_deflate() + frame(TEXT, deflated("close"), rsv=RSV1) + BYE,
+    "deflate_offers_messy": hs_deflate(
+        'x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=8, '
+        'permessage-deflate; x=1, permessage-deflate; client_max_window_bits="10"; '
+        'server_max_window_bits="12"')
+    + frame(TEXT, deflated("chosen: the third offer " * 3), rsv=RSV1)
+    + BYE,
+    # Declined (server_max_window_bits=8): RSV1 is then a reserved bit, 1002.
+    "deflate_declined_then_rsv1": hs_deflate("permessage-deflate; server_max_window_bits=8")
+    + frame(TEXT, deflated("not negotiated " * 3), rsv=RSV1)
+    + BYE,
+    "deflate_rsv1_on_continuation": hs_deflate()
+    + frame(TEXT, deflated("abc " * 10)[:5], fin=False, rsv=RSV1)
+    + frame(CONT, deflated("abc " * 10)[5:], rsv=RSV1)
+    + BYE,
+    "deflate_rsv1_on_ping": hs_deflate() + frame(PING, "compressed?", rsv=RSV1) + BYE,
+    "deflate_invalid_stream": hs_deflate() + frame(BINARY, b"\xff\xff\xff\xff", rsv=RSV1) + BYE,
+    "deflate_invalid_utf8_inside": hs_deflate() + frame(TEXT, deflated(b"bad \xff\xfe text " * 3), rsv=RSV1) + BYE,
+    # About 1 KiB that inflates to 1 MiB, past the harness's 256 KiB max_message_size: 1009.
+    "deflate_bomb": hs_deflate() + frame(BINARY, deflated(b"\x00" * (1 << 20)), rsv=RSV1) + BYE,
     # --- handshakes that fail -----------------------------------------------------------------
     "bad_hs_plain_get": b"GET / HTTP/1.1\r\nHost: server.example.com\r\nAccept: */*\r\n\r\n",
     "bad_hs_version_8": request(headers=with_value("Sec-WebSocket-Version", "8")) + frame(TEXT, "x"),

@@ -7,7 +7,10 @@
 # (after - before) / N. Kernel socket buffers are not in RSS and are not counted.
 #
 # Usage: [N=10000] [WSD_BIN=path/to/wsd] [CONCURRENCY=200] scripts/bench-idle-memory.sh [--no-echo]
+#        [--compression shared|dedicated]
 #   --no-echo   connections only upgrade; by default each also echoes one small message first.
+#   --compression MODE   the worker has permessage-deflate in MODE, and each client offers it
+#               and echoes one compressed message (~120 bytes) both ways.
 # Prints figures only (no timing assertion); exits non-zero if not all N connections open.
 set -euo pipefail
 
@@ -16,12 +19,20 @@ CONCURRENCY=${CONCURRENCY:-200}
 TARGET_KIB=10
 echo_flag=()
 mode="one echo each"
-for arg in "$@"; do
-    case $arg in
-        --no-echo) echo_flag=(--no-echo) mode="upgrade only" ;;
-        -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
-        *) echo "bench-idle-memory: unknown argument $arg (try --help)" >&2; exit 2 ;;
+compression=off
+while (($#)); do
+    case $1 in
+        --no-echo) echo_flag+=(--no-echo) mode="upgrade only" ;;
+        --compression)
+            compression=${2:-}
+            [[ $compression == shared || $compression == dedicated ]] ||
+                { echo "bench-idle-memory: --compression takes shared or dedicated" >&2; exit 2; }
+            echo_flag+=(--deflate) mode="$mode, permessage-deflate ($compression)"
+            shift ;;
+        -h | --help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "bench-idle-memory: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
+    shift
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [[ $N =~ ^[1-9][0-9]*$ ]] || { echo "bench-idle-memory: N must be a positive integer, got '$N'" >&2; exit 2; }
@@ -57,6 +68,7 @@ listen = "websocket://127.0.0.1:0"
 count = 1
 app = "echo"
 max_connections = $((N > 20000 ? N : 20000))
+compression = "$compression"
 EOF
 
 # 4. Start the master in the foreground, in the background of this script.

@@ -4,22 +4,24 @@
 Used by scripts/bench-idle-memory.sh. Each connection does a real upgrade (random
 Sec-WebSocket-Key, checks 101 and Sec-WebSocket-Accept) and, unless --no-echo, sends one
 masked text frame and waits for its echo. Then it idles, answering server Pings with Pongs so
-the server's keepalive (if any) does not close it.
+the server's keepalive (if any) does not close it. With --deflate it offers permessage-deflate,
+and its message (long enough to be compressed) goes compressed both ways, so the server holds
+whatever compression state its mode keeps per connection.
 
 Prints `READY opened=N failed=F` on stdout once every attempt has finished, then holds the
 connections until SIGTERM/SIGINT (or until its parent dies).
 """
-import argparse, asyncio, base64, hashlib, os, signal, struct, sys
+import argparse, asyncio, base64, hashlib, os, signal, struct, sys, zlib
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PER_SOURCE_IP = 500  # spread clients over 127.0.x.y so per-IP limits and port ranges don't bite
 
 
-def frame(opcode, payload):
-    """A masked client frame (payloads here are < 126 bytes)."""
+def frame(opcode, payload, rsv1=False):
+    """A masked client frame (payloads here are < 126 bytes); `rsv1`: compressed."""
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+    return bytes([0x80 | (0x40 if rsv1 else 0) | opcode, 0x80 | len(payload)]) + mask + masked
 
 
 async def read_frame(r):
@@ -30,7 +32,7 @@ async def read_frame(r):
         n = struct.unpack(">H", await r.readexactly(2))[0]
     elif n == 127:
         n = struct.unpack(">Q", await r.readexactly(8))[0]
-    return b0 & 0x0F, await r.readexactly(n)
+    return b0, await r.readexactly(n)
 
 
 class Bench:
@@ -45,9 +47,10 @@ class Bench:
         r, w = await asyncio.open_connection(a.host, a.port, local_addr=src)
         try:
             key = base64.b64encode(os.urandom(16))
+            offer = b"Sec-WebSocket-Extensions: permessage-deflate\r\n" if a.deflate else b""
             w.write(b"GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                    b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                    % (a.host.encode(), a.port, key))
+                    b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+                    % (a.host.encode(), a.port, key, offer))
             head = (await r.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             if not head[0].startswith("HTTP/1.1 101"):
                 raise RuntimeError(f"upgrade refused: {head[0]!r}")
@@ -55,11 +58,21 @@ class Bench:
             want = base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
             if hdrs.get("sec-websocket-accept") != want:
                 raise RuntimeError("bad Sec-WebSocket-Accept")
+            deflate = a.deflate and hdrs.get("sec-websocket-extensions", "").startswith("permessage-deflate")
+            if a.deflate and not deflate:
+                raise RuntimeError("permessage-deflate was not agreed")
             if not a.no_echo:
-                msg = b"hello %d" % i
-                w.write(frame(0x1, msg))
+                msg = (b"hello %d " % i) * (12 if deflate else 1)
+                if deflate:
+                    c = zlib.compressobj(wbits=-15)
+                    w.write(frame(0x1, (c.compress(msg) + c.flush(zlib.Z_SYNC_FLUSH))[:-4], rsv1=True))
+                else:
+                    w.write(frame(0x1, msg))
                 while True:
-                    op, data = await read_frame(r)
+                    b0, data = await read_frame(r)
+                    op = b0 & 0x0F
+                    if b0 & 0x40:
+                        data = zlib.decompressobj(wbits=-15).decompress(data + b"\x00\x00\xff\xff")
                     if op == 0x9:
                         w.write(frame(0xA, data))
                     elif op == 0x1 and data == msg:
@@ -75,10 +88,10 @@ class Bench:
         """Answer Pings until the server closes the connection."""
         try:
             while True:
-                op, data = await read_frame(r)
-                if op == 0x9:
+                b0, data = await read_frame(r)
+                if b0 & 0x0F == 0x9:
                     w.write(frame(0xA, data))
-                elif op == 0x8:
+                elif b0 & 0x0F == 0x8:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -127,6 +140,7 @@ def main():
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     p.add_argument("--timeout", type=float, default=30, help="seconds per connection attempt")
     p.add_argument("--no-echo", action="store_true", help="skip the one echo per connection")
+    p.add_argument("--deflate", action="store_true", help="offer permessage-deflate; compress the echo")
     asyncio.run(Bench(p.parse_args()).run())
 
 

@@ -3,8 +3,9 @@
 # change is checked), the library without its optional parts (no CLI, bench or Redis), unit
 # tests, integration tests with real processes and sockets (chaos and abuse tests included),
 # the fuzz corpus replay, a build of the examples, the Autobahn TestSuite against the release
-# binary, and the chat page in a real Chromium. Installs what it needs (kosoku, the Autobahn runner,
-# into a venv under target/), so a bare machine and CI run exactly this.
+# binary, permessage-deflate with a real client (Python websockets), and the chat page in a real
+# Chromium. Installs what it needs (kosoku, the Autobahn runner, and websockets into venvs under
+# target/), so a bare machine and CI run exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The chaos tests open many sockets.
@@ -23,4 +24,5 @@ cargo test --no-default-features --lib -- --test-threads=2
 cargo build --release --all-targets
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh
+WSD_BIN=target/release/wsd scripts/deflate-test.sh
 WSD_BIN=target/release/wsd scripts/browser-test.sh

@@ -143,6 +143,9 @@ pub struct ConnInfo {
     /// The subprotocol agreed at the upgrade, if any.
     #[serde(default)]
     pub protocol: Option<String>,
+    /// The `Sec-WebSocket-Extensions` the upgrade agreed to (empty: none).
+    #[serde(default)]
+    pub extensions: String,
 }
 
 /// The answer to [`Request::Connections`].

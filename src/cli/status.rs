@@ -153,7 +153,7 @@ pub fn render_connections(c: &Connections) -> String {
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     let mut out = format!(
-        "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:<9} {}\n",
+        "{:<8} {:<12} {:<8} {:<24} {:<16} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:<9} {:<18} {}\n",
         "pid",
         "worker",
         "id",
@@ -166,12 +166,13 @@ pub fn render_connections(c: &Connections) -> String {
         "msgs_out",
         "send_queue",
         "state",
+        "extensions",
         "protocol"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {:<9} {}",
+            "{:<8} {:<12} {:<8} {:<24} {:<16} {:>8.1}s {:>10} {:>10} {:>8} {:>8} {:>10} {:<9} {:<18} {}",
             r.pid,
             r.worker,
             r.id,
@@ -184,6 +185,11 @@ pub fn render_connections(c: &Connections) -> String {
             r.messages_out,
             r.send_queue,
             r.state.to_string(),
+            if r.extensions.is_empty() {
+                "-"
+            } else {
+                &r.extensions
+            },
             r.protocol
                 .as_deref()
                 .map_or("-".into(), |p| crate::escaped(p).to_string())

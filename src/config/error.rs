@@ -164,6 +164,12 @@ pub enum GroupProblem {
     /// `require_subprotocol = true` with no `subprotocols` to require.
     #[error("require_subprotocol = true needs a subprotocols list to choose from")]
     RequireWithoutSubprotocols,
+    /// `compression_window_bits` outside 9..=15.
+    #[error("compression_window_bits must be between 9 and 15, got {0}")]
+    WindowBits(i64),
+    /// `compression_level` outside 1..=9.
+    #[error("compression_level must be between 1 (fastest) and 9 (smallest), got {0}")]
+    CompressionLevel(i64),
 }
 
 /// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or

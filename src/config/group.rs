@@ -108,6 +108,29 @@ pub struct GroupConfig {
     /// Refuse with 400 an upgrade that offers none of `subprotocols` (which must then be set).
     #[serde(default)]
     pub require_subprotocol: bool,
+    // permessage-deflate
+    /// permessage-deflate (RFC 7692): `"off"`, `"shared"` (one compressor per worker, reset
+    /// for each message) or `"dedicated"` (a compressor per connection that keeps its window
+    /// between messages). Off by default: compression costs CPU on every message, and in
+    /// dedicated mode memory on every connection.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Dedicated mode's LZ77 window, as a power of two (9..=15): the server's compressor
+    /// keeps the last 2^bits bytes it sent. Smaller saves memory per connection and costs
+    /// ratio on repetitive traffic. Shared mode always uses 15 (its compressor is the
+    /// worker's, not the connection's), unless a client asks for less.
+    #[serde(
+        default = "d::compression_window_bits",
+        deserialize_with = "window_bits"
+    )]
+    pub compression_window_bits: u8,
+    /// Messages shorter than this are sent uncompressed (RSV1 clear): on a few bytes, deflate
+    /// saves nothing and costs a compressor call.
+    #[serde(default = "d::compression_min_size", deserialize_with = "bytes")]
+    pub compression_min_size: usize,
+    /// zlib's compression level, 1 (fastest) to 9 (smallest).
+    #[serde(default = "d::compression_level", deserialize_with = "level")]
+    pub compression_level: u32,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -158,6 +181,16 @@ mod d {
     pub fn close_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    // permessage-deflate
+    pub fn compression_window_bits() -> u8 {
+        15
+    }
+    pub fn compression_min_size() -> usize {
+        64
+    }
+    pub fn compression_level() -> u32 {
+        1
+    }
 }
 
 impl GroupConfig {
@@ -192,6 +225,11 @@ impl GroupConfig {
             // subprotocols
             subprotocols: Vec::new(),
             require_subprotocol: false,
+            // permessage-deflate
+            compression: Compression::default(),
+            compression_window_bits: d::compression_window_bits(),
+            compression_min_size: d::compression_min_size(),
+            compression_level: d::compression_level(),
         }
     }
 
@@ -270,6 +308,18 @@ impl GroupConfig {
         if self.require_subprotocol && self.subprotocols.is_empty() {
             return Err(GroupProblem::RequireWithoutSubprotocols);
         }
+        // permessage-deflate: a file's values failed in their parsers already; these are for
+        // groups built in code.
+        if !WINDOW_BITS.contains(&self.compression_window_bits) {
+            return Err(GroupProblem::WindowBits(
+                self.compression_window_bits.into(),
+            ));
+        }
+        if !LEVELS.contains(&self.compression_level) {
+            return Err(GroupProblem::CompressionLevel(
+                self.compression_level.into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -280,6 +330,44 @@ fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         return Err(de::Error::custom(GroupProblem::Count(n)));
     }
     Ok(n as usize)
+}
+
+/// Whether and how a group compresses messages (permessage-deflate, RFC 7692).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Not negotiated: clients that offer it get an answer without it.
+    #[default]
+    Off,
+    /// No context takeover either way: one compressor and one decompressor per worker, reset
+    /// for each message, so an idle connection holds no compression state, and a broadcast is
+    /// compressed once for all its recipients.
+    Shared,
+    /// Context takeover: each connection gets its own compressor (and decompressor, unless
+    /// the client promises to reset its own) on first use, which compresses repetitive
+    /// traffic better at a fixed cost in memory per connection.
+    Dedicated,
+}
+
+/// The LZ77 window sizes zlib can make for raw deflate (RFC 7692 also allows 8).
+const WINDOW_BITS: std::ops::RangeInclusive<u8> = 9..=15;
+/// zlib's compression levels, less 0 (no compression).
+const LEVELS: std::ops::RangeInclusive<u32> = 1..=9;
+
+fn window_bits<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u8::try_from(n) {
+        Ok(bits) if WINDOW_BITS.contains(&bits) => Ok(bits),
+        _ => Err(de::Error::custom(GroupProblem::WindowBits(n))),
+    }
+}
+
+fn level<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    match u32::try_from(n) {
+        Ok(level) if LEVELS.contains(&level) => Ok(level),
+        _ => Err(de::Error::custom(GroupProblem::CompressionLevel(n))),
+    }
 }
 
 /// What happens to a send that does not fit in a connection's `max_send_buffer`.

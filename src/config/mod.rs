@@ -14,7 +14,7 @@ mod server;
 mod values;
 
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
-pub use group::{GroupConfig, SendBufferPolicy};
+pub use group::{Compression, GroupConfig, SendBufferPolicy};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
 pub use values::{Bytes, Listen, Seconds};
 
@@ -284,6 +284,64 @@ mod tests {
             assert_eq!(e.position.map(|p| p.0), Some(1), "{e}");
             assert!(e.reason.to_string().contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn compression_keys_parse_and_bad_values_name_their_line() {
+        let g = &parse("[[worker]]\nlisten = \"127.0.0.1:1\"\n")
+            .unwrap()
+            .groups[0];
+        assert_eq!(g.compression, Compression::Off);
+        assert_eq!(
+            (
+                g.compression_window_bits,
+                g.compression_min_size,
+                g.compression_level
+            ),
+            (15, 64, 1)
+        );
+        let c = parse(
+            "[[worker]]\nlisten = \"127.0.0.1:1\"\ncompression = \"dedicated\"\n\
+             compression_window_bits = 10\ncompression_min_size = \"1KiB\"\ncompression_level = 6\n",
+        )
+        .unwrap();
+        let g = &c.groups[0];
+        assert_eq!(g.compression, Compression::Dedicated);
+        assert_eq!(
+            (
+                g.compression_window_bits,
+                g.compression_min_size,
+                g.compression_level
+            ),
+            (10, 1024, 6)
+        );
+        for (line, why) in [
+            ("compression = \"gzip\"", "unknown variant `gzip`"),
+            (
+                "compression_window_bits = 8",
+                "compression_window_bits must be between 9 and 15, got 8",
+            ),
+            ("compression_window_bits = 16", "between 9 and 15, got 16"),
+            ("compression_window_bits = -1", "between 9 and 15, got -1"),
+            ("compression_min_size = -5", "size must not be negative"),
+            (
+                "compression_level = 0",
+                "compression_level must be between 1 (fastest) and 9",
+            ),
+            ("compression_level = 10", "got 10"),
+        ] {
+            let e =
+                parse(&format!("[[worker]]\nlisten = \"127.0.0.1:1\"\n\n{line}\n")).unwrap_err();
+            assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+            assert!(e.reason.to_string().contains(why), "{e}");
+        }
+        // A group built in code is checked too.
+        let mut g = GroupConfig::new(Listen::parse("127.0.0.1:1").unwrap());
+        g.compression_window_bits = 8;
+        assert_eq!(g.check(), Err(GroupProblem::WindowBits(8)));
+        g.compression_window_bits = 9;
+        g.compression_level = 0;
+        assert_eq!(g.check(), Err(GroupProblem::CompressionLevel(0)));
     }
 
     #[test]

@@ -7,8 +7,14 @@
 //!
 //! Limits are checked on the header, before any payload is stored, and text is validated as
 //! it arrives, so a bad message fails at the first byte that proves it bad.
+//!
+//! With permessage-deflate negotiated, a message whose first frame has RSV1 set is
+//! compressed: its frames' payloads are joined, then decompressed (by the connection's
+//! [`Stream`]) when the last one arrives, the output bounded by `max_message_size`, and text
+//! is validated after decompression.
 
 use super::close;
+use super::deflate::Stream;
 use super::error::ProtocolError;
 use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
 use crate::{Message, Utf8Bytes};
@@ -101,6 +107,8 @@ impl Input for Lent<'_> {
 
 struct Header {
     fin: bool,
+    /// RSV1: the message is compressed (permessage-deflate, on a data message's first frame).
+    compressed: bool,
     opcode: u8,
     len: u64,
     mask: [u8; 4],
@@ -119,6 +127,8 @@ struct InFrame {
 /// A data message being assembled across frames.
 struct Partial {
     text: bool,
+    /// `data` is compressed: decompressed and validated when the message is whole.
+    compressed: bool,
     data: Vec<u8>,
     /// Bytes of `data` known to be whole UTF-8 characters.
     checked: usize,
@@ -153,27 +163,39 @@ impl Decoder {
         self.message.as_ref().map_or(0, |m| m.data.capacity()) + self.control.capacity()
     }
 
-    /// Decodes `input`, handing each complete event to `sink`. On error the events before it
-    /// stand and the stream is dead: call no more. Bytes it leaves
-    /// (after a Close, or an error) are the caller's to drop.
+    /// Decodes `input` on a connection without extensions (see [`Decoder::feed_with`]).
+    #[cfg(test)]
     pub(crate) fn feed(
         &mut self,
+        input: impl Input,
+        sink: &mut impl FnMut(Event),
+    ) -> Result<(), ProtocolError> {
+        self.feed_with(input, None, sink)
+    }
+
+    /// Decodes `input`, handing each complete event to `sink`; `deflate` is the connection's
+    /// permessage-deflate state, if it negotiated it (RSV1 is a protocol error otherwise). On
+    /// error the events before it stand and the stream is dead: call no more. Bytes it leaves
+    /// (after a Close, or an error) are the caller's to drop.
+    pub(crate) fn feed_with(
+        &mut self,
         mut input: impl Input,
+        mut deflate: Option<&mut Stream>,
         sink: &mut impl FnMut(Event),
     ) -> Result<(), ProtocolError> {
         while !input.bytes().is_empty() && !self.closed {
             if self.frame.is_none()
                 && self.head_len == 0
                 && self.message.is_none()
-                && self.whole_message(&mut input, sink)?
+                && self.whole_message(&mut input, deflate.as_deref_mut(), sink)?
             {
                 continue;
             }
             let Some(f) = &mut self.frame else {
-                let used = self.read_header(input.bytes())?;
+                let used = self.read_header(input.bytes(), deflate.is_some())?;
                 input.advance(used);
                 if self.frame.as_ref().is_some_and(|f| f.left == 0) {
-                    self.finish_frame(sink)?;
+                    self.finish_frame(deflate.as_deref_mut(), sink)?;
                 }
                 continue;
             };
@@ -183,7 +205,7 @@ impl Decoder {
             self.take_payload(&input.bytes()[..n])?;
             input.advance(n);
             if self.frame.as_ref().is_some_and(|f| f.left == 0) {
-                self.finish_frame(sink)?;
+                self.finish_frame(deflate.as_deref_mut(), sink)?;
             }
         }
         Ok(())
@@ -197,10 +219,11 @@ impl Decoder {
     fn whole_message(
         &mut self,
         input: &mut impl Input,
+        deflate: Option<&mut Stream>,
         sink: &mut impl FnMut(Event),
     ) -> Result<bool, ProtocolError> {
         let bytes = input.bytes();
-        let Some((h, used)) = parse_header(bytes)? else {
+        let Some((h, used)) = parse_header(bytes, deflate.is_some())? else {
             return Ok(false);
         };
         let whole = h.len <= (bytes.len() - used) as u64;
@@ -212,7 +235,11 @@ impl Decoder {
         input.advance(used);
         let mut payload = input.take(h.len as usize);
         frame::unmask(payload.as_mut(), h.mask, 0);
-        let data: Bytes = payload.into();
+        let data: Bytes = if h.compressed {
+            decompress(deflate, payload.as_mut(), self.limits.max_message)?.into()
+        } else {
+            payload.into()
+        };
         sink(Event::Message(if h.opcode == TEXT {
             Message::Text(Utf8Bytes::validate(data).ok_or(ProtocolError::InvalidUtf8)?)
         } else {
@@ -223,10 +250,11 @@ impl Decoder {
 
     /// Consumes header bytes, returning how many; sets `self.frame` once a whole header has
     /// arrived.
-    fn read_header(&mut self, input: &[u8]) -> Result<usize, ProtocolError> {
+    /// `rsv1`: permessage-deflate was negotiated.
+    fn read_header(&mut self, input: &[u8], rsv1: bool) -> Result<usize, ProtocolError> {
         let stashed = self.head_len as usize;
         if stashed == 0 {
-            if let Some((h, used)) = parse_header(input)? {
+            if let Some((h, used)) = parse_header(input, rsv1)? {
                 self.start_frame(h)?;
                 return Ok(used);
             }
@@ -237,7 +265,7 @@ impl Decoder {
         }
         let take = (MAX_HEADER - stashed).min(input.len());
         self.head[stashed..stashed + take].copy_from_slice(&input[..take]);
-        match parse_header(&self.head[..stashed + take])? {
+        match parse_header(&self.head[..stashed + take], rsv1)? {
             Some((h, used)) => {
                 self.head_len = 0;
                 self.start_frame(h)?;
@@ -267,6 +295,7 @@ impl Decoder {
             TEXT | BINARY => {
                 self.message = Some(Partial {
                     text: h.opcode == TEXT,
+                    compressed: h.compressed,
                     data: Vec::with_capacity(reserve),
                     checked: 0,
                 });
@@ -308,13 +337,18 @@ impl Decoder {
         if f.opcode < CLOSE
             && let Some(m) = &mut self.message
             && m.text
+            && !m.compressed
         {
             check_utf8(m)?;
         }
         Ok(())
     }
 
-    fn finish_frame(&mut self, sink: &mut impl FnMut(Event)) -> Result<(), ProtocolError> {
+    fn finish_frame(
+        &mut self,
+        deflate: Option<&mut Stream>,
+        sink: &mut impl FnMut(Event),
+    ) -> Result<(), ProtocolError> {
         let f = self.frame.take().expect("a frame is open");
         match f.opcode {
             CLOSE => {
@@ -326,7 +360,12 @@ impl Decoder {
             PING => sink(Event::Ping(std::mem::take(&mut self.control).into())),
             PONG => sink(Event::Pong(std::mem::take(&mut self.control).into())),
             _ if f.fin => {
-                let m = self.message.take().expect("a message is open");
+                let mut m = self.message.take().expect("a message is open");
+                if m.compressed {
+                    // Validated whole, below.
+                    m.data = decompress(deflate, &m.data, self.limits.max_message)?;
+                    m.checked = m.data.len();
+                }
                 let data = Bytes::from(m.data);
                 sink(Event::Message(if m.text {
                     if m.checked != data.len() {
@@ -343,16 +382,33 @@ impl Decoder {
     }
 }
 
+/// A compressed message's payload, decompressed by the connection's deflate state (which
+/// exists: RSV1 without it failed on the header).
+fn decompress(
+    deflate: Option<&mut Stream>,
+    compressed: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>, ProtocolError> {
+    deflate
+        .ok_or(ProtocolError::ReservedBits)?
+        .decompress(compressed, limit)
+}
+
 /// Parses a client frame header from the front of `buf`: `None` if more bytes are needed.
-/// Rules that the first two bytes already break fail at once.
-fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtocolError> {
+/// Rules that the first two bytes already break fail at once. `rsv1`: permessage-deflate was
+/// negotiated, so RSV1 marks a compressed message.
+fn parse_header(buf: &[u8], rsv1: bool) -> Result<Option<(Header, usize)>, ProtocolError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    let compressed = b0 & frame::RSV1 != 0;
+    if b0 & 0x30 != 0 || (compressed && !rsv1) {
         return Err(ProtocolError::ReservedBits);
     }
     let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
     if !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
         return Err(ProtocolError::ReservedOpcode(opcode));
+    }
+    if compressed && !matches!(opcode, TEXT | BINARY) {
+        return Err(ProtocolError::MisplacedCompressionBit);
     }
     if b1 & 0x80 == 0 {
         return Err(ProtocolError::UnmaskedFrame);
@@ -387,6 +443,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<(Header, usize)>, ProtocolError> {
     Ok(Some((
         Header {
             fin,
+            compressed,
             opcode,
             len,
             mask,
@@ -626,6 +683,184 @@ mod tests {
             .unwrap();
         assert_eq!(d.buffered(), 0);
         assert_eq!(events.len(), 2);
+    }
+
+    /// A connection's deflate state in `mode`, as the upgrade would agree it for `offer`.
+    fn deflate_stream(dedicated: bool, offer: &str) -> Stream {
+        let settings = crate::proto::deflate::Settings {
+            dedicated,
+            window_bits: 15,
+            min_size: 16,
+            level: 1,
+        };
+        let codec = crate::proto::deflate::Codec::new(settings);
+        crate::proto::deflate::negotiate(&codec, &[offer.to_string()]).unwrap()
+    }
+
+    /// `data` compressed as a client does: raw deflate, sync flush, `00 00 ff ff` stripped.
+    fn compressed(c: &mut flate2::Compress, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() + 64);
+        c.compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    /// Feeds `wire` in pieces of `step` through a decoder with `limits` and `deflate`.
+    fn run_deflate(
+        wire: &[u8],
+        step: usize,
+        limits: Limits,
+        deflate: &mut Stream,
+    ) -> (Vec<Event>, Result<(), ProtocolError>, usize) {
+        let mut d = Decoder::new(limits);
+        let mut events = Vec::new();
+        let mut most = 0;
+        for chunk in wire.chunks(step) {
+            let result = d.feed_with(chunk, Some(&mut *deflate), &mut |e| events.push(e));
+            most = most.max(d.buffered());
+            if result.is_err() {
+                return (events, result, most);
+            }
+        }
+        (events, Ok(()), most)
+    }
+
+    const WIDE: Limits = Limits {
+        max_frame: 1 << 20,
+        max_message: 1 << 20,
+    };
+
+    #[test]
+    fn compressed_messages_whole_split_and_fragmented() {
+        let text = "héllo wörld, ".repeat(200);
+        for (dedicated, offer) in [
+            (false, "permessage-deflate"),
+            (true, "permessage-deflate"),
+            (true, "permessage-deflate; client_no_context_takeover"),
+        ] {
+            let takeover = dedicated && !offer.contains("client_no");
+            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            let mut wire = Vec::new();
+            for i in 0..3 {
+                if !takeover {
+                    c.reset();
+                }
+                let body = compressed(&mut c, text.as_bytes());
+                if i == 1 {
+                    // Fragmented: RSV1 on the first frame only; a Ping in between.
+                    let (a, b) = body.split_at(body.len() / 2);
+                    wire.extend(client_frame(0x41, a));
+                    wire.extend(client_frame(0x89, b"p"));
+                    wire.extend(client_frame(0x80, b));
+                } else {
+                    wire.extend(client_frame(0xC1, &body));
+                }
+                // A plain message between compressed ones is fine too.
+                wire.extend(client_frame(0x82, b"plain"));
+            }
+            for step in [1, 7, 100, wire.len()] {
+                let mut stream = deflate_stream(dedicated, offer);
+                let (events, result, _) = run_deflate(&wire, step, WIDE, &mut stream);
+                assert_eq!(result, Ok(()), "{offer}, step {step}");
+                let texts = events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Message(m) if m.as_text() == Some(&text)))
+                    .count();
+                assert_eq!(texts, 3, "{offer}, step {step}: {}", events.len());
+                assert_eq!(events.len(), 7, "3 texts, 3 plain, 1 ping");
+            }
+        }
+    }
+
+    #[test]
+    fn rsv1_is_allowed_only_on_a_negotiated_data_message_first_frame() {
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let body = compressed(&mut c, b"hello hello hello");
+        // Not negotiated: RSV1 is a reserved bit (1002), as any other.
+        assert_eq!(
+            run(&client_frame(0xC1, &body), 99).1,
+            Err(ProtocolError::ReservedBits)
+        );
+        let cases = [
+            (
+                [client_frame(0x41, &body), client_frame(0xC0, b"")].concat(),
+                ProtocolError::MisplacedCompressionBit,
+            ),
+            (
+                client_frame(0xC9, b"p"),
+                ProtocolError::MisplacedCompressionBit,
+            ),
+            (
+                client_frame(0xC8, b""),
+                ProtocolError::MisplacedCompressionBit,
+            ),
+            (client_frame(0xE1, &body), ProtocolError::ReservedBits),
+            (client_frame(0x91, &body), ProtocolError::ReservedBits),
+            // Compressed, but not deflate.
+            (
+                client_frame(0xC2, &[0xff, 0xff, 0xff]),
+                ProtocolError::BadCompressedData,
+            ),
+        ];
+        for (wire, want) in cases {
+            for step in [1, wire.len()] {
+                let mut stream = deflate_stream(true, "permessage-deflate");
+                let (_, result, _) = run_deflate(&wire, step, WIDE, &mut stream);
+                assert_eq!(result, Err(want), "{want:?}, step {step}");
+                assert_eq!(
+                    want.close_code(),
+                    if want == ProtocolError::BadCompressedData {
+                        1007
+                    } else {
+                        1002
+                    }
+                );
+            }
+        }
+        // Text is validated after decompression.
+        let bad = compressed(
+            &mut flate2::Compress::new(flate2::Compression::default(), false),
+            b"ok \xff",
+        );
+        let mut stream = deflate_stream(false, "permessage-deflate");
+        let wire = client_frame(0xC1, &bad);
+        assert_eq!(
+            run_deflate(&wire, wire.len(), WIDE, &mut stream).1,
+            Err(ProtocolError::InvalidUtf8)
+        );
+    }
+
+    /// A kilobyte that inflates to megabytes closes with 1009, and the decoder never holds
+    /// more than the limit for it (the decompressed output is bounded in `deflate::inflate`).
+    #[test]
+    fn a_compressed_bomb_is_too_big_before_it_is_inflated() {
+        let mut c = flate2::Compress::new(flate2::Compression::best(), false);
+        let body = compressed(&mut c, &vec![0u8; 1 << 20]);
+        assert!(body.len() <= 1100, "a 1 KiB frame: {}", body.len());
+        let limits = Limits {
+            max_frame: 64 << 10,
+            max_message: 64 << 10,
+        };
+        let too_big = ProtocolError::MessageTooBig { limit: 64 << 10 };
+        assert_eq!(too_big.close_code(), 1009);
+        let fragmented = [
+            client_frame(0x42, &body[..500]),
+            client_frame(0x80, &body[500..]),
+        ]
+        .concat();
+        for wire in [client_frame(0xC2, &body), fragmented] {
+            for step in [1, 333, wire.len()] {
+                for dedicated in [false, true] {
+                    let mut stream = deflate_stream(dedicated, "permessage-deflate");
+                    let (events, result, most) = run_deflate(&wire, step, limits, &mut stream);
+                    assert_eq!(result, Err(too_big), "step {step}");
+                    assert!(events.is_empty());
+                    assert!(most <= limits.max_message, "held {most}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@ use std::fmt;
 pub enum ProtocolError {
     /// RSV1–3 set, with no extension negotiated that defines them (§5.2).
     ReservedBits,
+    /// RSV1 (permessage-deflate's "compressed") on a control frame or a continuation frame
+    /// (RFC 7692 §6.1: only a message's first frame carries it).
+    MisplacedCompressionBit,
     /// An opcode RFC 6455 reserves (§5.2).
     ReservedOpcode(u8),
     /// A client frame without a mask (§5.1).
@@ -32,6 +35,9 @@ pub enum ProtocolError {
     InvalidCloseCode(u16),
     /// A text message or close reason that is not UTF-8 (§8.1).
     InvalidUtf8,
+    /// A compressed message (permessage-deflate) whose payload is not a valid DEFLATE
+    /// stream (RFC 7692 §7.2.2).
+    BadCompressedData,
     /// A frame's payload over `max_frame_size`.
     FrameTooBig {
         /// The limit, in bytes.
@@ -45,11 +51,12 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
-    /// The close code the client is sent: 1007 for bad UTF-8, 1009 over a size limit, 1002
+    /// The close code the client is sent: 1007 for bad UTF-8 or a compressed payload that
+    /// does not decompress, 1009 over a size limit (a decompressed message included), 1002
     /// for every other violation.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => close::INVALID_PAYLOAD,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadCompressedData => close::INVALID_PAYLOAD,
             ProtocolError::FrameTooBig { .. } | ProtocolError::MessageTooBig { .. } => {
                 close::TOO_BIG
             }
@@ -62,7 +69,10 @@ impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProtocolError::ReservedBits => {
-                f.write_str("reserved bits set with no extension negotiated")
+                f.write_str("reserved bits set that no negotiated extension defines")
+            }
+            ProtocolError::MisplacedCompressionBit => {
+                f.write_str("RSV1 set on a control or continuation frame")
             }
             ProtocolError::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
             ProtocolError::UnmaskedFrame => f.write_str("client frame not masked"),
@@ -78,6 +88,7 @@ impl fmt::Display for ProtocolError {
             ProtocolError::CloseTooShort => f.write_str("close frame with a 1-byte payload"),
             ProtocolError::InvalidCloseCode(code) => write!(f, "invalid close code {code}"),
             ProtocolError::InvalidUtf8 => f.write_str("invalid UTF-8"),
+            ProtocolError::BadCompressedData => f.write_str("invalid compressed data"),
             ProtocolError::FrameTooBig { limit } => {
                 write!(f, "frame over the {limit}-byte limit")
             }

@@ -12,6 +12,10 @@ pub(crate) const CLOSE: u8 = 0x8;
 pub(crate) const PING: u8 = 0x9;
 pub(crate) const PONG: u8 = 0xA;
 
+/// RSV1 in a frame's first byte: with permessage-deflate, "this message is compressed"
+/// (RFC 7692 §6). A server header's `opcode` may carry it (`TEXT | RSV1`).
+pub(crate) const RSV1: u8 = 0x40;
+
 /// Control frames carry at most this much payload (RFC 6455 §5.5).
 pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 
@@ -31,7 +35,8 @@ fn header_len(len: usize) -> usize {
     }
 }
 
-/// An unmasked, final frame header for `opcode` and a payload of `len` bytes.
+/// An unmasked, final frame header for `opcode` (with [`RSV1`] if compressed) and a payload
+/// of `len` bytes.
 #[derive(Clone, Copy)]
 pub(crate) struct Header {
     bytes: [u8; MAX_SERVER_HEADER],
@@ -71,7 +76,8 @@ impl Header {
     }
 }
 
-/// Appends an unmasked, final frame header for `opcode` and a payload of `len` bytes.
+/// Appends an unmasked, final frame header for `opcode` (with [`RSV1`] if compressed) and a
+/// payload of `len` bytes.
 pub(crate) fn put_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
     out.extend_from_slice(Header::new(opcode, len).as_bytes());
 }
@@ -195,6 +201,21 @@ mod tests {
             let mut body = f[head + 4..].to_vec();
             unmask(&mut body, mask, 0);
             assert_eq!(body, payload, "len {len}");
+        }
+    }
+
+    #[test]
+    fn a_compressed_frame_has_rsv1_set() {
+        for len in [3, 300, 70_000] {
+            let plain = Header::new(TEXT, len);
+            let compressed = Header::new(TEXT | RSV1, len);
+            assert_eq!(plain.as_bytes()[0], 0x81);
+            assert_eq!(compressed.as_bytes()[0], 0xC1);
+            assert_eq!(
+                plain.as_bytes()[1..],
+                compressed.as_bytes()[1..],
+                "len {len}"
+            );
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod close;
 pub(crate) mod decoder;
+pub(crate) mod deflate;
 mod error;
 pub(crate) mod frame;
 pub(crate) mod handshake;

@@ -84,6 +84,23 @@ impl SendQueue {
         self.len += frame::frame_len(len);
     }
 
+    /// Queues a frame of `payload`, copied (a compressed payload, which lives in a buffer
+    /// that is reused): small ones into an owned segment, large ones into a `Bytes` of their
+    /// own. `first` is the opcode, with `frame::RSV1` for a compressed message.
+    pub(crate) fn push_frame_copy(&mut self, first: u8, payload: &[u8]) {
+        let len = payload.len();
+        if len < SHARE_MIN {
+            let tail = self.tail(frame::frame_len(len));
+            frame::put_header(tail, first, len);
+            tail.extend_from_slice(payload);
+        } else {
+            let head = frame::Header::new(first, len);
+            self.segments
+                .push_back(Segment::Shared(head, Bytes::copy_from_slice(payload)));
+        }
+        self.len += frame::frame_len(len);
+    }
+
     /// Queues bytes that are already a whole frame (or a handshake response).
     pub(crate) fn push_encoded(&mut self, bytes: &Bytes) {
         if bytes.len() < SHARE_MIN {
@@ -239,6 +256,22 @@ mod tests {
             (0, 0),
             "nothing held once written"
         );
+    }
+
+    #[test]
+    fn a_copied_frame_is_the_same_frame_whatever_its_size() {
+        for len in [0, 10, SHARE_MIN - 1, SHARE_MIN, 70_000] {
+            let payload = vec![7u8; len];
+            let mut q = SendQueue::default();
+            q.push_frame_copy(frame::BINARY | frame::RSV1, &payload);
+            let mut want = Vec::new();
+            frame::put_header(&mut want, frame::BINARY | frame::RSV1, len);
+            want.extend_from_slice(&payload);
+            assert_eq!(q.len(), want.len());
+            let mut got = Vec::new();
+            assert!(q.write_to(&mut got).unwrap());
+            assert_eq!(got, want, "len {len}");
+        }
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! wrong.
 
 use super::decoder::{Decoder, Event, Input, Lent, Limits};
+use super::deflate::{Route, Stream};
 use super::error::ProtocolError;
-use super::frame::{self, CLOSE, PONG};
+use super::frame::{self, CLOSE, PONG, RSV1};
 use super::handshake::{self, Answer, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
 use crate::Message;
@@ -76,6 +77,8 @@ pub(crate) enum Step {
 pub(crate) struct Session {
     phase: Phase,
     decoder: Decoder,
+    /// permessage-deflate, if the upgrade agreed to it (boxed: most connections have none).
+    deflate: Option<Box<Stream>>,
     max_header_bytes: usize,
     /// Bytes for the client, in order.
     out: SendQueue,
@@ -86,6 +89,7 @@ impl Session {
         Session {
             phase: Phase::Handshake(Vec::new()),
             decoder: Decoder::new(limits),
+            deflate: None,
             max_header_bytes,
             out: SendQueue::default(),
         }
@@ -169,9 +173,33 @@ impl Session {
         self.out.len()
     }
 
-    /// Queues a data frame. The owner checks [`Session::can_send`] first.
-    pub(crate) fn push_frame(&mut self, opcode: u8, payload: bytes::Bytes) {
-        self.out.push_frame(opcode, payload);
+    /// Queues a data message: compressed if permessage-deflate was agreed and the message is
+    /// at least `compression_min_size`, plain otherwise. The owner checks
+    /// [`Session::can_send`] first.
+    pub(crate) fn push_message(&mut self, opcode: u8, payload: bytes::Bytes) {
+        let Session { deflate, out, .. } = self;
+        let compressed = deflate
+            .as_mut()
+            .is_some_and(|d| d.compress(&payload, |body| out.push_frame_copy(opcode | RSV1, body)));
+        if !compressed {
+            out.push_frame(opcode, payload);
+        }
+    }
+
+    /// How a message of `len` bytes goes out on this connection.
+    pub(crate) fn route(&self, len: usize) -> Route {
+        self.deflate.as_ref().map_or(Route::Plain, |d| d.route(len))
+    }
+
+    /// The permessage-deflate state, if the upgrade agreed to it.
+    pub(crate) fn deflate(&self) -> Option<&Stream> {
+        self.deflate.as_deref()
+    }
+
+    /// Uses permessage-deflate from now on: the upgrade's answer agreed to it. Called before
+    /// [`Session::accept`], which may already read compressed frames.
+    pub(crate) fn use_deflate(&mut self, stream: Stream) {
+        self.deflate = Some(Box::new(stream));
     }
 
     /// Queues bytes that are whole frames already (a broadcast's shared encoding).
@@ -361,10 +389,11 @@ impl Session {
         let Session {
             phase,
             decoder,
+            deflate,
             out,
             ..
         } = self;
-        let result = decoder.feed(input, &mut |event| match event {
+        let result = decoder.feed_with(input, deflate.as_deref_mut(), &mut |event| match event {
             Event::Message(m) if matches!(phase, Phase::Open) => steps.push_back(Step::Message(m)),
             Event::Message(_) | Event::Pong(_) => {}
             Event::Ping(payload) if matches!(phase, Phase::Open) => out.push_frame(PONG, payload),
@@ -477,6 +506,68 @@ mod tests {
         assert!(s.is_failed());
         s.read(&masked(0x81, b"ignored"), &mut steps);
         assert!(steps.is_empty());
+    }
+
+    /// With permessage-deflate agreed at the upgrade, frames that came with the request are
+    /// decompressed, and messages go out compressed (RSV1) from the first one.
+    #[test]
+    fn deflate_agreed_at_the_upgrade_applies_to_both_directions() {
+        use crate::proto::deflate::{Codec, Settings, negotiate};
+        let codec = Codec::new(Settings {
+            dedicated: true,
+            window_bits: 15,
+            min_size: 16,
+            level: 1,
+        });
+        let text = "compress me, ".repeat(50);
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut body = Vec::with_capacity(1000);
+        c.compress_vec(text.as_bytes(), &mut body, flate2::FlushCompress::Sync)
+            .unwrap();
+        body.truncate(body.len() - 4);
+        let request = std::str::from_utf8(REQUEST).unwrap().replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+        );
+        let mut wire = request.into_bytes();
+        wire.extend(masked(0xC1, &body));
+
+        let mut s = session();
+        let mut steps = VecDeque::new();
+        s.read(&wire, &mut steps);
+        let Some(Step::Request(req)) = steps.pop_front() else {
+            panic!("no request")
+        };
+        let stream = negotiate(&codec, &req.extensions).unwrap();
+        let answer = Answer {
+            extensions: Some(stream.agreed().response()),
+            ..Answer::default()
+        };
+        s.use_deflate(stream);
+        s.accept(&req, &answer, &mut steps);
+        assert!(matches!(steps.pop_front(), Some(Step::Message(m)) if m.as_text() == Some(&text)));
+        let out = drain(&mut s);
+        let head = std::str::from_utf8(&out).unwrap();
+        assert!(head.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"));
+
+        s.push_message(frame::TEXT, Bytes::from(text.clone()));
+        s.push_message(frame::TEXT, Bytes::from_static(b"short"));
+        let out = drain(&mut s);
+        assert_eq!(out[0], 0xC1, "compressed: FIN, RSV1, text");
+        let len = out[1] as usize;
+        assert!(len < 126 && len < text.len());
+        let mut d = flate2::Decompress::new(false);
+        let mut plain = Vec::with_capacity(text.len() + 10);
+        let mut input = out[2..2 + len].to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        d.decompress_vec(&input, &mut plain, flate2::FlushDecompress::Sync)
+            .unwrap();
+        assert_eq!(plain, text.as_bytes());
+        assert_eq!(
+            &out[2 + len..],
+            &[0x81, 5, b's', b'h', b'o', b'r', b't'],
+            "under min_size: plain"
+        );
     }
 
     #[test]

@@ -151,7 +151,13 @@ impl Channel {
 
 /// The most a row's JSON can take: a JSON string escapes a byte to 6 at most (`\u00XX`).
 fn row_bytes_bound(row: &ConnInfo) -> usize {
-    let strings = [&row.worker, &row.id, &row.remote, &row.path];
+    let strings = [
+        &row.worker,
+        &row.id,
+        &row.remote,
+        &row.path,
+        &row.extensions,
+    ];
     let protocol = row.protocol.as_ref().map_or(0, String::len);
     ROW_FIXED_BYTES + 6 * (protocol + strings.iter().map(|s| s.len()).sum::<usize>())
 }
@@ -249,6 +255,7 @@ mod tests {
             send_queue: u64::MAX,
             state: ConnStage::Handshake,
             protocol: Some("\u{1}".repeat(300)),
+            extensions: "permessage-deflate; server_max_window_bits=\"1\u{1}\"".repeat(9),
         };
         let json = serde_json::to_vec(&row).unwrap().len();
         assert!(

@@ -248,6 +248,9 @@ impl Conn {
                 .agreed
                 .name(listed, self.extra.as_deref())
                 .map(str::to_string),
+            extensions: (self.session.deflate())
+                .map(|d| d.agreed().response())
+                .unwrap_or_default(),
             ..ConnInfo::default()
         }
     }

@@ -13,6 +13,7 @@ use super::topics::Topics;
 use crate::bus::Bus;
 use crate::config::SendBufferPolicy;
 use crate::control::Counters;
+use crate::proto::deflate::{self, Codec, Route, SharedCodec};
 use crate::proto::{Session, close, frame};
 use crate::{ConnId, Message};
 use bytes::Bytes;
@@ -58,6 +59,9 @@ pub struct Context {
     /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
     /// until the hook has returned.
     pub(crate) leaving: Option<Leaving>,
+    // permessage-deflate
+    /// The worker's compression state, if the group has compression on.
+    pub(crate) deflate: Option<SharedCodec>,
 }
 
 /// What a connection that is gone carried, while `on_close` runs.
@@ -88,6 +92,8 @@ impl Context {
             topics: Topics::default(),
             subprotocols: settings.subprotocols.clone(),
             leaving: None,
+            // permessage-deflate
+            deflate: deflate::Settings::of(settings).map(Codec::new),
         }
     }
 
@@ -108,8 +114,9 @@ impl Context {
     /// connection is closed with 1008).
     pub fn send(&mut self, conn: ConnId, msg: impl Into<Message>) -> Result<(), SendError> {
         let (opcode, payload) = msg.into().into_parts();
+        // Admitted at its plain size: it is compressed (if at all) once it is sure to be sent.
         let (wire, len) = (frame::frame_len(payload.len()), payload.len());
-        self.enqueue(conn, wire, len, |q| q.push_frame(opcode, payload))
+        self.enqueue(conn, wire, len, |q| q.push_message(opcode, payload))
     }
 
     /// Sends `msg` to every open connection of **this worker** (Workerman's loop over
@@ -120,19 +127,66 @@ impl Context {
         self.send_many(ids, msg.into())
     }
 
-    /// Sends one message to many connections: the frame is encoded once and shared by every
-    /// connection's queue.
+    /// Sends one message to many connections. Each encoding of the frame is made once, when
+    /// a recipient first needs it, and shared by every queue that takes it: plain, and (with
+    /// permessage-deflate) compressed without context takeover, once per server window in use
+    /// (the group's one unless a client asked for less). Only connections with context
+    /// takeover (`compression = "dedicated"`) get a compression of their own each.
     pub(crate) fn send_many(&mut self, ids: Vec<ConnId>, msg: Message) -> usize {
         let (opcode, payload) = msg.into_parts();
-        let encoded: Bytes = frame::encode(opcode, &payload);
-        ids.into_iter()
-            .filter(|&id| {
-                self.enqueue(id, encoded.len(), payload.len(), |q| {
-                    q.push_encoded(&encoded)
-                })
-                .is_ok()
-            })
-            .count()
+        let len = payload.len();
+        let mut plain: Option<Bytes> = None;
+        let mut alone: Vec<(u8, Bytes)> = Vec::new();
+        let mut sent = 0;
+        for id in ids {
+            let route = match (&self.deflate, self.conn(id)) {
+                (Some(_), Some(c)) => c.session.route(len),
+                _ => Route::Plain,
+            };
+            if let Route::Alone(bits) = route
+                && !alone.iter().any(|(b, _)| *b == bits)
+            {
+                let e = self
+                    .encode_alone(opcode, bits, &payload)
+                    .unwrap_or_else(|| {
+                        (plain.get_or_insert_with(|| frame::encode(opcode, &payload))).clone()
+                    });
+                alone.push((bits, e));
+            }
+            let encoded = match route {
+                Route::Own => {
+                    let own = payload.clone();
+                    let wire = frame::frame_len(len);
+                    sent += self
+                        .enqueue(id, wire, len, |q| q.push_message(opcode, own))
+                        .is_ok() as usize;
+                    continue;
+                }
+                Route::Plain => &*plain.get_or_insert_with(|| frame::encode(opcode, &payload)),
+                Route::Alone(bits) => match alone.iter().find(|(b, _)| *b == bits) {
+                    Some((_, e)) => e,
+                    None => unreachable!("encoded just above"),
+                },
+            };
+            sent += self
+                .enqueue(id, encoded.len(), len, |q| q.push_encoded(encoded))
+                .is_ok() as usize;
+        }
+        sent
+    }
+
+    /// A whole compressed frame of `payload`, compressed on its own with the worker's
+    /// compressor for `bits`; `None` if the compressor failed.
+    fn encode_alone(&self, opcode: u8, bits: u8, payload: &[u8]) -> Option<Bytes> {
+        let mut frame = None;
+        let codec = self.deflate.as_ref()?;
+        codec.borrow_mut().compress_alone(bits, payload, |body| {
+            let mut out = Vec::with_capacity(frame::frame_len(body.len()));
+            frame::put_header(&mut out, opcode | frame::RSV1, body.len());
+            out.extend_from_slice(body);
+            frame = Some(Bytes::from(out));
+        });
+        frame
     }
 
     /// Bytes queued for `conn` and not yet taken by its socket.
@@ -349,5 +403,205 @@ impl Context {
         if let Some(c) = self.conns.get(idx) {
             self.gone.push((idx, c.serial));
         }
+    }
+
+    // permessage-deflate
+    /// Agrees on permessage-deflate for connection `idx`, which is upgrading, from its
+    /// request's `offers`, if the group has compression on: its session uses it from now on,
+    /// and the result is the `Sec-WebSocket-Extensions` answer. Declined offers are logged.
+    pub(crate) fn agree_deflate(&mut self, idx: usize, offers: &[String]) -> Option<String> {
+        let codec = self.deflate.as_ref()?;
+        let conn = self.conns.get_mut(idx)?;
+        match deflate::negotiate(codec, offers) {
+            Ok(stream) => {
+                let answer = stream.agreed().response();
+                conn.session.use_deflate(stream);
+                Some(answer)
+            }
+            Err(declined) => {
+                if !declined.is_empty() {
+                    let why: Vec<String> = declined.iter().map(|d| d.to_string()).collect();
+                    log::debug!(
+                        "connection from {}: permessage-deflate declined: {}",
+                        conn.remote,
+                        why.join("; ")
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::wire::Origin;
+    use crate::config::{Compression, GroupConfig, Listen};
+    use crate::proto::frame::RSV1;
+    use crate::proto::{Limits, Step};
+    use std::collections::VecDeque;
+    use std::net::TcpListener;
+
+    /// A worker's context with compression in `mode`, and an open connection for each offer
+    /// (`None`: the client offered nothing), over real loopback sockets.
+    fn context_with(mode: Compression, offers: &[Option<&str>]) -> (Context, Vec<ConnId>) {
+        let mut group = GroupConfig::new(Listen::parse("127.0.0.1:0").unwrap());
+        group.compression = mode;
+        let mut ctx = Context::new(0, &group, Bus::new(Origin { host: 0, slot: 0 }, Vec::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ids = Vec::new();
+        for (serial, offer) in offers.iter().enumerate() {
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, peer) = listener.accept().unwrap();
+            let limits = Limits {
+                max_frame: 1 << 20,
+                max_message: 1 << 20,
+            };
+            let socket = mio::net::TcpStream::from_std(server);
+            let mut conn = Conn::new(
+                serial as u32,
+                socket,
+                peer,
+                None,
+                #[cfg(feature = "tls")]
+                None,
+                limits,
+                8192,
+            );
+            let ext = offer.map_or(String::new(), |o| {
+                format!("Sec-WebSocket-Extensions: {o}\r\n")
+            });
+            let request = format!(
+                "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+            );
+            let mut steps = VecDeque::new();
+            let mut buf = bytes::BytesMut::from(request.as_bytes());
+            conn.session.read_buffer(&mut buf, false, &mut steps);
+            let Some(Step::Request(req)) = steps.pop_front() else {
+                panic!("no request")
+            };
+            let idx = ctx.conns.insert(conn);
+            let answer = crate::proto::handshake::Answer {
+                extensions: ctx.agree_deflate(idx, &req.extensions),
+                ..Default::default()
+            };
+            let conn = &mut ctx.conns[idx];
+            conn.session.accept(&req, &answer, &mut steps);
+            let mut response = Vec::new();
+            assert!(conn.session.write_to(&mut response).unwrap());
+            let response = String::from_utf8(response).unwrap();
+            let agreed = offer.is_some_and(|o| o.starts_with("permessage-deflate"))
+                && mode != Compression::Off;
+            assert_eq!(
+                response.contains("Sec-WebSocket-Extensions: permessage-deflate"),
+                agreed,
+                "{response}"
+            );
+            // `wsd connections` shows what was agreed.
+            let id = ConnId {
+                serial: serial as u32,
+                idx: idx as u32,
+            };
+            let shown = conn.info(id, std::time::Instant::now(), &[]).extensions;
+            assert_eq!(shown, answer.extensions.clone().unwrap_or_default());
+            ids.push(id);
+        }
+        (ctx, ids)
+    }
+
+    /// The first byte and payload of the one frame queued for `id`.
+    fn queued_frame(ctx: &mut Context, id: ConnId) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let conn = ctx.conn_mut(id).unwrap();
+        assert!(conn.session.write_to(&mut out).unwrap());
+        let (head, len) = match out[1] {
+            126 => (4, u16::from_be_bytes([out[2], out[3]]) as usize),
+            127 => (
+                10,
+                u64::from_be_bytes(out[2..10].try_into().unwrap()) as usize,
+            ),
+            n => (2, n as usize),
+        };
+        assert_eq!(out.len(), head + len, "one frame");
+        (out[0], out[head..].to_vec())
+    }
+
+    fn inflate(body: &[u8]) -> Vec<u8> {
+        let mut input = body.to_vec();
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1 << 20);
+        flate2::Decompress::new(false)
+            .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
+    fn compressions(ctx: &Context) -> u64 {
+        ctx.deflate.as_ref().unwrap().borrow().compressed()
+    }
+
+    /// Shared mode: a broadcast is compressed once for every client that agreed to
+    /// permessage-deflate (whatever it offered) and encoded plain once for the rest.
+    #[test]
+    fn a_shared_broadcast_is_compressed_once_for_all() {
+        let offers = [
+            Some("permessage-deflate"),
+            None,
+            Some("permessage-deflate; client_max_window_bits"),
+            Some("permessage-deflate; client_no_context_takeover; server_no_context_takeover"),
+            Some("x-unknown"),
+        ];
+        let (mut ctx, ids) = context_with(Compression::Shared, &offers);
+        let text = "the same news for everyone ".repeat(100);
+        assert_eq!(ctx.send_many(ids.clone(), Message::from(text.as_str())), 5);
+        assert_eq!(compressions(&ctx), 1, "one compression for three clients");
+        let frames: Vec<_> = ids.iter().map(|&id| queued_frame(&mut ctx, id)).collect();
+        for (i, (first, body)) in frames.iter().enumerate() {
+            if offers[i].is_some_and(|o| o.starts_with("permessage")) {
+                assert_eq!(*first, 0x80 | RSV1 | frame::TEXT, "client {i}: compressed");
+                assert_eq!(body, &frames[0].1, "client {i}: the same bytes");
+                assert_eq!(inflate(body), text.as_bytes());
+            } else {
+                assert_eq!(*first, 0x81, "client {i}: plain");
+                assert_eq!(body, text.as_bytes());
+            }
+        }
+        // Under compression_min_size nothing is compressed.
+        assert_eq!(ctx.send_many(ids.clone(), Message::from("short")), 5);
+        assert_eq!(compressions(&ctx), 1);
+    }
+
+    /// Dedicated mode: every context-takeover client's window differs, so each gets its own
+    /// compression; a client that asked for no server takeover shares the worker's.
+    #[test]
+    fn a_dedicated_broadcast_is_compressed_per_takeover_connection() {
+        let offers = [
+            Some("permessage-deflate"),
+            Some("permessage-deflate; client_max_window_bits"),
+            Some("permessage-deflate; server_no_context_takeover"),
+            Some("permessage-deflate; server_no_context_takeover; client_max_window_bits"),
+            None,
+        ];
+        let (mut ctx, ids) = context_with(Compression::Dedicated, &offers);
+        let text = "the same news for everyone ".repeat(100);
+        assert_eq!(ctx.send_many(ids.clone(), Message::from(text.as_str())), 5);
+        assert_eq!(
+            compressions(&ctx),
+            3,
+            "two takeover clients, one shared encoding"
+        );
+        for (i, &id) in ids.iter().enumerate() {
+            let (first, body) = queued_frame(&mut ctx, id);
+            let compressed = first & RSV1 != 0;
+            assert_eq!(compressed, offers[i].is_some(), "client {i}");
+            if compressed {
+                assert_eq!(inflate(&body), text.as_bytes(), "client {i}");
+            }
+        }
+        // ctx.send compresses for its one connection.
+        ctx.send(ids[0], text.as_str()).unwrap();
+        assert_eq!(compressions(&ctx), 4);
     }
 }

@@ -520,7 +520,7 @@ impl Loop {
             return;
         }
         let listed = &self.settings.subprotocols;
-        let (answer, agreed, extra) = match decision.settle(id, &request, listed, chosen) {
+        let (mut answer, agreed, extra) = match decision.settle(id, &request, listed, chosen) {
             Verdict::Accept {
                 answer,
                 agreed,
@@ -528,6 +528,8 @@ impl Loop {
             } => (answer, agreed, extra),
             Verdict::Reject { reject, headers } => return self.refuse(idx, &reject, &headers),
         };
+        // permessage-deflate, agreed before `accept`, which may read compressed frames already.
+        answer.extensions = self.ctx.agree_deflate(idx, &request.extensions);
         let conn = &mut self.ctx.conns[idx];
         conn.session.accept(&request, &answer, &mut self.steps);
         conn.path = request.path;

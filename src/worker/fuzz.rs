@@ -17,13 +17,14 @@ use super::event_loop::Loop;
 use super::{Context, Decision, UpgradeRequest, Worker};
 use crate::bus::Bus;
 use crate::bus::wire::Origin;
+use crate::config::Compression;
 use crate::{ConnId, Message};
 use mio::Events;
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Limits small enough that inputs of a few KiB reach them.
 const MAX_FRAME: usize = 1 << 16;
@@ -31,6 +32,9 @@ const MAX_MESSAGE: usize = 1 << 18;
 const MAX_HEADER: usize = 4096;
 /// Turns the loop may take to settle after a piece before the harness calls it stuck.
 const SETTLE_TURNS: usize = 10_000;
+/// How long the worker may take to see a client's reset. On loopback it is normally there at
+/// once, but the kernel may finish delivering it a moment later on a busy machine.
+const RESET_DEADLINE: Duration = Duration::from_secs(2);
 
 thread_local! {
     static HARNESS: RefCell<Option<Harness>> = const { RefCell::new(None) };
@@ -86,6 +90,10 @@ impl Harness {
         w.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a CIDR")];
         w.subprotocols = vec!["superchat".into(), "chat".into()];
         w.on_upgrade(decide);
+        // Dedicated mode reaches every deflate path: context takeover with the connection's
+        // own compressor and decompressor, and the worker's for clients that offer no takeover.
+        w.compression = Compression::Dedicated;
+        w.compression_min_size = 16;
         w.on_message(echo);
         #[cfg(feature = "tls")]
         let tls = identity.map(|id| {
@@ -162,8 +170,17 @@ impl Harness {
             self.check_bounds(data.len());
         }
         client.pump();
-        drop(client); // A reset (SO_LINGER 0): the server sees the client go at once.
+        drop(client); // A reset (SO_LINGER 0): the server sees the client go.
         self.settle();
+        let deadline = Instant::now() + RESET_DEADLINE;
+        while !self.worker.ctx.conns.is_empty() && Instant::now() < deadline {
+            // Waits in poll for the reset's event, then does what it brings.
+            let wait = Some(Duration::from_millis(10));
+            if let Some(code) = self.worker.turn(&mut self.events, wait) {
+                panic!("the worker loop ended ({code}) while a client left");
+            }
+            self.settle();
+        }
         let ctx = &self.worker.ctx;
         assert!(
             ctx.conns.is_empty(),

@@ -1,7 +1,9 @@
 // The chat page in a real browser: two clients (separate browser contexts, so separate
-// WebSockets and likely separate workers) open the page; A types a message and presses Enter,
-// and it must appear in B's list (and A's: the chat app relays to the sender too); then B
-// answers with the Send button and A must see that. Saves a screenshot of B.
+// WebSockets and likely separate workers) open the page, and each page's WebSocket must have
+// agreed to permessage-deflate (the server's group has compression on; Chromium offers it); A
+// types a message and presses Enter, and it must appear in B's list (and A's: the chat app
+// relays to the sender too); then B answers with the Send button and A must see that. Saves a
+// screenshot of B.
 //
 //   node tests/browser/chat.mjs <page url> <screenshot.png>
 //   CHROMIUM=/usr/bin/chromium   the browser (Debian's chromium; playwright-core never downloads one)
@@ -89,10 +91,21 @@ try {
   for (const [name, page] of Object.entries(pages)) {
     step = `waiting for page ${name} to show "connected"`;
     await page.waitForSelector('#status[data-state="open"]', { timeout: STEP_TIMEOUT });
+    step = `checking page ${name}'s WebSocket agreed to permessage-deflate`;
+    // `ws` is the page's socket (static/chat.js); `extensions` is what the server answered.
+    const extensions = await page.evaluate(() => ws.extensions);
+    if (!extensions.includes("permessage-deflate")) {
+      throw new Error(`ws.extensions is ${JSON.stringify(extensions)}`);
+    }
+    console.log(`browser test: page ${name}: ws.extensions = ${JSON.stringify(extensions)}`);
   }
 
   const { A, B } = pages;
-  const fromA = `hello from A ${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+  // Long enough to go compressed both ways (over compression_min_size); B's answer is short
+  // and goes plain.
+  const fromA =
+    `hello from A ${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}, ` +
+    "with enough words after it to be worth compressing";
   step = "typing in page A and pressing Enter";
   await A.fill("#input", fromA);
   await A.press("#input", "Enter");
