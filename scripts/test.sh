@@ -5,7 +5,8 @@
 # the fuzz corpus replay, a build of the examples, the Autobahn TestSuite against the release
 # binary, permessage-deflate with a real client (Python websockets), and the chat page in a real
 # Chromium. Installs what it needs (kosoku, the Autobahn runner, and websockets into venvs under
-# target/), so a bare machine and CI run exactly this.
+# target/; the interop tests' clients under target/ too), so a bare machine and CI run exactly
+# this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The chaos tests open many sockets.
@@ -22,6 +23,9 @@ cargo clippy --all-targets -- -D warnings
 cargo build --no-default-features --lib
 cargo test --no-default-features --lib -- --test-threads=2
 cargo build --release --all-targets
+# tests/interop.rs runs real third-party clients (Python websockets, Node ws, Chromium, curl),
+# pinned and installed under target/ when missing; installed here, before the tests run.
+scripts/interop-deps.sh
 cargo test --release --all-targets -- --test-threads=2
 WSD_BIN=target/release/wsd scripts/autobahn.sh
 WSD_BIN=target/release/wsd scripts/deflate-test.sh
