@@ -34,17 +34,21 @@ const CHOSEN: &str = "v2.echo";
 struct Group {
     name: &'static str,
     tls: bool,
+    /// Its `compression`: "off", "shared" or "dedicated".
+    compression: &'static str,
 }
 
-/// ws:// and wss://.
+/// ws:// and wss://, without compression.
 const GROUPS: &[Group] = &[
     Group {
         name: "plain",
         tls: false,
+        compression: "off",
     },
     Group {
         name: "tls",
         tls: true,
+        compression: "off",
     },
 ];
 
@@ -308,6 +312,9 @@ impl Interop {
             if g.tls {
                 config += "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
             }
+            if g.compression != "off" {
+                config += &format!("compression = \"{}\"\n", g.compression);
+            }
         }
         let file = dir.path().join("workers.toml");
         std::fs::write(&file, config).unwrap();
@@ -387,11 +394,8 @@ fn judge(report: &Value, per_group: usize) {
             .iter()
             .find(|g| r["group"] == g.name)
             .unwrap_or_else(|| panic!("{client}: an unknown group: {r}"));
-        let offer = if r["offer_deflate"] == true {
-            "offering"
-        } else {
-            "not offering"
-        };
+        let offered = r["offer_deflate"] == true;
+        let offer = if offered { "offering" } else { "not offering" };
         let what = format!(
             "{client}, group {} ({offer} permessage-deflate)",
             group.name
@@ -401,10 +405,19 @@ fn judge(report: &Value, per_group: usize) {
             r["protocol"], CHOSEN,
             "{what}: the subprotocol must be the group's first choice of those offered: {r}"
         );
-        assert_eq!(
-            r["extensions"], "",
-            "{what}: the group does not compress, so no extension: {r}"
-        );
+        let extensions = r["extensions"].as_str().unwrap_or_default();
+        if offered && group.compression != "off" {
+            assert!(
+                extensions.starts_with("permessage-deflate"),
+                "{what}: the group compresses ({}), so permessage-deflate: {r}",
+                group.compression
+            );
+        } else {
+            assert_eq!(
+                extensions, "",
+                "{what}: no extension (the group does not compress, or it was not offered): {r}"
+            );
+        }
         assert_eq!(
             r["close_code"], 4000,
             "{what}: the server's Close must answer the client's 4000: {r}"
