@@ -33,8 +33,10 @@ window.interop = async function interop(protocols) {
       });
     }
     const event = events.shift();
-    if (event.type !== type) {
-      throw new Error(`${step}: got ${event.type} ${JSON.stringify(event.code ?? "")}`);
+    if (event.type === "error") {
+      throw new Error(`${step}: the WebSocket failed (the browser's reason is in the console)`);
+    } else if (event.type !== type) {
+      throw new Error(`${step}: got ${event.type} ${event.code ?? ""} ${event.reason ?? ""}`);
     }
     return event;
   }
