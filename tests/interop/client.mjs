@@ -3,15 +3,15 @@
 //   node tests/interop/client.mjs SPEC
 //   INTEROP_NODE_DIR=dir   where ws is installed (default target/interop-node)
 //
-// SPEC is JSON: {"ca": CA_FILE, "protocols": [OFFERED, ...], "groups": [{"name": NAME,
-// "url": "wss://localhost:PORT/", "port": PORT}, ...]}. Each group gets two connections: one
-// with perMessageDeflate: true (ws offers permessage-deflate) and one with false (no offer).
-// Each connects to 127.0.0.1 (the name checked against the certificate stays `localhost`),
-// trusting CA_FILE alone, offers the subprotocols, echoes text and binary messages (a 100 KB
-// one of each), pings, and closes with 4000. Prints one JSON report on stdout:
-// {"client": "node ws VERSION", "runs": [{"group", "offer_deflate", "protocol", "extensions",
-// "close_code", "echoes", "pong"}, ...]}; the test judges it. Exits 1 on the first step that
-// fails or takes over 20 s, naming the group and the step.
+// SPEC is JSON: {"ca": CA_FILE, "protocols": [OFFERED, ...], "groups": [{"name": NAME, "url":
+// "wss://localhost:PORT/", "port": PORT}, ...]}. Each group gets two connections: one with
+// perMessageDeflate: true (ws offers permessage-deflate) and one with false (no offer). Each
+// connects to 127.0.0.1 (the name checked against the certificate stays `localhost`), trusting
+// CA_FILE alone, offers the subprotocols, echoes text and binary messages (a 100 KB one of
+// each, and a text in three frames), pings, and closes with 4000. Prints one JSON report on
+// stdout: {"client": "node ws VERSION", "runs": [{"group", "offer_deflate", "protocol",
+// "extensions", "close_code", "echoes", "pong"}, ...]}; the test judges it. Exits 1 on the
+// first step that fails or takes over 20 s, naming the group and the step.
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import path from "node:path";
@@ -50,6 +50,8 @@ const MESSAGES = [
   ["100 KB text", "wsd interop, compressible text. ".repeat(3125)],
   ["binary", Buffer.from([0, 1, 2, 254, 255])],
   ["100 KB binary", random],
+  // Sent as three frames (fin: false, false, true), echoed as one message.
+  ["fragmented text", [0, 1, 2].map((i) => `fragment ${i} of a text message. `.repeat(600))],
 ];
 
 /** A connection whose events are read in order, each within STEP_TIMEOUT. */
@@ -101,10 +103,15 @@ async function run(group, offerDeflate) {
   await conn.next("open", `connecting to ${group.url}`);
   let echoes = 0;
   for (const [what, sent] of MESSAGES) {
-    conn.ws.send(sent);
+    if (Array.isArray(sent)) {
+      sent.forEach((piece, i) => conn.ws.send(piece, { fin: i === sent.length - 1 }));
+    } else {
+      conn.ws.send(sent);
+    }
     const { data, binary } = await conn.next("message", `echo of the ${what} message`);
-    const same =
-      typeof sent === "string" ? !binary && data.toString() === sent : binary && sent.equals(data);
+    const same = Buffer.isBuffer(sent)
+      ? binary && sent.equals(data)
+      : !binary && data.toString() === [sent].flat().join("");
     if (!same) throw new Error(`echo of the ${what} message: it came back different`);
     echoes++;
   }

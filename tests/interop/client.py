@@ -7,8 +7,8 @@ SPEC is JSON: {"ca": CA_FILE, "protocols": [OFFERED, ...], "groups": [{"name": N
 "url": "wss://localhost:PORT/", "port": PORT}, ...]}. Each group gets two connections: one
 offering permessage-deflate (websockets' default) and one offering nothing. Each connects to
 127.0.0.1 (the name checked against the certificate stays `localhost`), trusting CA_FILE alone,
-offers the subprotocols, echoes text and binary messages (a 100 KB one of each), pings, and
-closes with 4000. Prints one JSON report on stdout:
+offers the subprotocols, echoes text and binary messages (a 100 KB one of each, and a text in
+three frames), pings, and closes with 4000. Prints one JSON report on stdout:
 {"client": "python websockets VERSION", "runs": [{"group", "offer_deflate", "protocol",
 "extensions", "close_code", "echoes", "pong"}, ...]}; the test judges it. Exits 1 on the first
 step that fails or takes over 20 s, naming the group and the step.
@@ -50,6 +50,8 @@ MESSAGES = [
     ("100 KB text", "wsd interop, compressible text. " * 3125),
     ("binary", bytes([0, 1, 2, 254, 255])),
     ("100 KB binary", random.Random(7).randbytes(100_000)),
+    # Sent as three frames (a list is sent fragmented), echoed as one message.
+    ("fragmented text", [f"fragment {i} of a text message. " * 600 for i in range(3)]),
 ]
 
 
@@ -73,7 +75,7 @@ async def run(spec, group, offer_deflate, context):
     for what, sent in MESSAGES:
         await step(f"sending the {what} message", ws.send(sent))
         got = await step(f"echo of the {what} message", ws.recv())
-        if got != sent:
+        if got != ("".join(sent) if isinstance(sent, list) else sent):
             raise StepFailed(f"echo of the {what} message: it came back different")
         echoes += 1
     pong = await step("ping", ws.ping(b"interop"))
