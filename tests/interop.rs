@@ -1,7 +1,9 @@
 //! Interoperability with real third-party clients, over wss:// and ws://: Python's
 //! `websockets`, Node's `ws`, Chromium (headless, through playwright-core) and curl, each
-//! against a real wsd of its own (one server per client family) whose groups echo with a
-//! certificate made here (a test CA and a `localhost` certificate it signed, never committed).
+//! against a real wsd of its own (one server per client family) whose groups echo: on ws://,
+//! and on wss:// without compression and with permessage-deflate in its "shared" and
+//! "dedicated" modes, with a certificate made here (a test CA and a `localhost` certificate it
+//! signed, never committed).
 //! The client scripts are in tests/interop/; scripts/interop-deps.sh installs the clients
 //! (pinned) under target/ when they are missing, and is run here once per test run.
 //!
@@ -38,7 +40,7 @@ struct Group {
     compression: &'static str,
 }
 
-/// ws:// and wss://, without compression.
+/// ws:// and wss:// without compression, and wss:// with each mode of permessage-deflate.
 const GROUPS: &[Group] = &[
     Group {
         name: "plain",
@@ -49,6 +51,16 @@ const GROUPS: &[Group] = &[
         name: "tls",
         tls: true,
         compression: "off",
+    },
+    Group {
+        name: "shared",
+        tls: true,
+        compression: "shared",
+    },
+    Group {
+        name: "dedicated",
+        tls: true,
+        compression: "dedicated",
     },
 ];
 
@@ -409,6 +421,17 @@ fn judge(report: &Value, per_group: usize, echoes: u64) {
                 "{what}: the group compresses ({}), so permessage-deflate: {r}",
                 group.compression
             );
+            // None of these clients asks for no_context_takeover: a shared group answers with
+            // both anyway (its compressor and decompressor are the worker's), a dedicated one
+            // with neither (the connection keeps its own).
+            for param in ["server_no_context_takeover", "client_no_context_takeover"] {
+                assert_eq!(
+                    extensions.contains(param),
+                    group.compression == "shared",
+                    "{what}: {param} in {} mode: {r}",
+                    group.compression
+                );
+            }
         } else {
             assert_eq!(
                 extensions, "",

@@ -101,6 +101,11 @@ class Conn {
 async function run(group, offerDeflate) {
   const conn = new Conn(group.url, offerDeflate);
   await conn.next("open", `connecting to ${group.url}`);
+  // The server's answer, and what ws made of it: the two must agree.
+  const extensions = conn.upgrade?.headers["sec-websocket-extensions"] ?? "";
+  if (conn.ws.extensions !== (extensions ? "permessage-deflate" : "")) {
+    throw new Error(`the answer ${JSON.stringify(extensions)}: ws uses "${conn.ws.extensions}"`);
+  }
   let echoes = 0;
   for (const [what, sent] of MESSAGES) {
     if (Array.isArray(sent)) {
@@ -124,7 +129,7 @@ async function run(group, offerDeflate) {
     group: group.name,
     offer_deflate: offerDeflate,
     protocol: conn.ws.protocol,
-    extensions: conn.upgrade?.headers["sec-websocket-extensions"] ?? "",
+    extensions,
     close_code: closed.code,
     echoes,
     pong: true,

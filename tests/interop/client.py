@@ -71,6 +71,11 @@ async def run(spec, group, offer_deflate, context):
             **kwargs,
         ),
     )
+    # The server's answer, and what websockets made of it: the two must agree.
+    extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    in_use = [e.name for e in ws.protocol.extensions]
+    if in_use != (["permessage-deflate"] if extensions else []):
+        raise StepFailed(f"the answer {extensions!r}: websockets uses {in_use}")
     echoes = 0
     for what, sent in MESSAGES:
         await step(f"sending the {what} message", ws.send(sent))
@@ -85,7 +90,7 @@ async def run(spec, group, offer_deflate, context):
         "group": group["name"],
         "offer_deflate": offer_deflate,
         "protocol": ws.subprotocol,
-        "extensions": ws.response.headers.get("Sec-WebSocket-Extensions", ""),
+        "extensions": extensions,
         "close_code": ws.close_code,
         "echoes": echoes,
         "pong": True,
