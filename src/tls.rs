@@ -212,11 +212,18 @@ impl Identity {
     pub fn expiry_warning(&self) -> Option<String> {
         match self.remaining() {
             Some(left) if left >= EXPIRY_WARNING => None,
-            Some(left) => Some(format!(
-                "certificate (serial {}) expires in {} days",
-                self.serial,
-                left.as_secs() / 86_400
-            )),
+            Some(left) => {
+                let days = left.as_secs() / 86_400;
+                let when = match days {
+                    0 => "within a day".to_string(),
+                    1 => "in 1 day".to_string(),
+                    n => format!("in {n} days"),
+                };
+                Some(format!(
+                    "certificate (serial {}) expires {when}",
+                    self.serial
+                ))
+            }
             None => Some(format!("certificate (serial {}) has expired", self.serial)),
         }
     }
