@@ -27,6 +27,11 @@ fn bench(args: &[&str]) -> (Value, Output) {
     (v, out)
 }
 
+/// [`bench`] with the arguments as one line of words.
+fn bench_line(line: &str) -> (Value, Output) {
+    bench(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 fn assert_no_errors(v: &Value, out: &Output) {
     assert_eq!(v["errors"]["total"], 0, "{v}\n{out:?}");
     assert!(out.status.success(), "exit status with no errors: {out:?}");
@@ -382,4 +387,191 @@ fn latency_counts_server_pushes_apart_from_replies() {
     let pushes = v["pushes"].as_u64().unwrap_or(0);
     assert!(pushes == 10 || pushes == 20, "{v}");
     assert_latency(&v);
+}
+
+/// A wss:// group serving `app` with a fresh self-signed certificate (made here, never kept).
+fn tls_server(app: &str, count: usize) -> Server {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let extra = "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
+    let (dir, config) = Server::config(app, count, extra);
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    Server::start_with(wsd_bin(), dir, config)
+}
+
+#[test]
+fn echo_and_connect_run_over_tls() {
+    let server = tls_server("echo", 1);
+    let wss = format!("wss://127.0.0.1:{}/", server.port);
+    let (v, out) = bench_line(&format!(
+        "echo --url {wss} --insecure --conns 10 --depth 4 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["url"], wss, "{v}");
+    assert!(
+        v["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1_3")),
+        "{v}"
+    );
+    assert!(v["messages"].as_u64() > Some(0), "{v}");
+    assert!(v["client"]["cpu_secs"].as_f64() >= Some(0.0), "{v}");
+    // --tls on a ws:// URL, and the whole life of a connection: upgrade, Close, EOF.
+    let ws = format!("ws://127.0.0.1:{}/", server.port);
+    let (v, out) = bench_line(&format!(
+        "connect --url {ws} --tls --insecure --conns 20 --slots 5 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["burst"]["upgrades"], 20, "{v}");
+    assert!(v["sustained"]["handshakes"].as_u64() > Some(0), "{v}");
+    // Without --insecure the self-signed certificate is refused: a handshake error.
+    let (v, out) = bench_line(&format!("echo --url {wss} --conns 2 --secs 1"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["errors"]["handshake"], 2, "{v}");
+}
+
+/// A one-connection-at-a-time echo server that agrees on permessage-deflate with
+/// `server_no_context_takeover` and compresses every reply on its own: just enough of RFC 7692
+/// to check the client's side of it.
+fn deflate_echo_server() -> u16 {
+    use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 64 << 10];
+                let head = loop {
+                    let Ok(n @ 1..) = s.read(&mut chunk) else {
+                        return;
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break String::from_utf8_lossy(&buf[..i]).into_owned();
+                    }
+                };
+                buf.drain(..head.len() + 4);
+                let key = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .unwrap();
+                assert!(
+                    head.contains("permessage-deflate; client_max_window_bits"),
+                    "{head}"
+                );
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {accept}\r\n\
+                     Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+                );
+                loop {
+                    // One masked frame with a 7- or 16-bit length, whole, then its reply.
+                    while buf.len() < 8 || buf.len() < frame_len(&buf) {
+                        let Ok(n @ 1..) = s.read(&mut chunk) else {
+                            return;
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let len = frame_len(&buf);
+                    let (b0, head) = (buf[0], len - payload_len(&buf));
+                    let mask = [buf[head - 4], buf[head - 3], buf[head - 2], buf[head - 1]];
+                    let mut payload: Vec<u8> = buf[head..len]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ mask[i % 4])
+                        .collect();
+                    buf.drain(..len);
+                    if b0 & 0x0f == 0x8 {
+                        let _ = s.write_all(&[0x88, 0x02, 0x03, 0xe8]);
+                        return;
+                    }
+                    if b0 & 0x40 != 0 {
+                        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+                        let mut plain = Vec::with_capacity(1 << 20);
+                        let mut d = Decompress::new(false);
+                        d.decompress_vec(&payload, &mut plain, FlushDecompress::Sync)
+                            .unwrap();
+                        payload = plain;
+                    }
+                    let mut packed = Vec::with_capacity(payload.len() + 64);
+                    let mut c = Compress::new(Compression::fast(), false);
+                    c.compress_vec(&payload, &mut packed, FlushCompress::Sync)
+                        .unwrap();
+                    packed.truncate(packed.len() - 4);
+                    let mut reply = vec![0xc1];
+                    if packed.len() < 126 {
+                        reply.push(packed.len() as u8);
+                    } else {
+                        reply.push(126);
+                        reply.extend_from_slice(&(packed.len() as u16).to_be_bytes());
+                    }
+                    reply.extend_from_slice(&packed);
+                    if s.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn payload_len(frame: &[u8]) -> usize {
+    match frame[1] & 0x7f {
+        126 => u16::from_be_bytes([frame[2], frame[3]]) as usize,
+        n => n as usize,
+    }
+}
+
+fn frame_len(frame: &[u8]) -> usize {
+    let head = if frame[1] & 0x7f == 126 { 8 } else { 6 };
+    head + payload_len(frame)
+}
+
+#[test]
+fn deflate_is_offered_agreed_and_measured() {
+    let url = format!("ws://127.0.0.1:{}/", deflate_echo_server());
+    let (v, out) = bench_line(&format!(
+        "echo --url {url} --deflate --payload json --size 2048 --conns 4 --depth 2 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["payload"], "json", "{v}");
+    assert!(v["messages"].as_u64() > Some(0), "{v}");
+    let d = &v["deflate"];
+    assert_eq!(
+        d["agreed"], "permessage-deflate; server_no_context_takeover",
+        "{v}"
+    );
+    assert_eq!(
+        (d["connections"].as_u64(), d["of"].as_u64()),
+        (Some(4), Some(4)),
+        "{v}"
+    );
+    // Chat events in JSON compress, though not like a repeated alphabet.
+    let (sent, received) = (
+        d["sent_ratio"].as_f64().unwrap(),
+        d["received_ratio"].as_f64().unwrap(),
+    );
+    assert!(
+        (1.5..10.0).contains(&sent) && (1.5..10.0).contains(&received),
+        "{v}"
+    );
+    // A server that does not agree gets plain frames, and says so.
+    let server = Server::start("echo", 1);
+    let url = server.url();
+    let (v, out) = bench_line(&format!("echo --url {url} --deflate --conns 2 --secs 1"));
+    assert_no_errors(&v, &out);
+    assert_eq!(
+        (
+            v["deflate"]["connections"].as_u64(),
+            v["deflate"]["agreed"].as_str()
+        ),
+        (Some(0), None),
+        "{v}"
+    );
 }

@@ -104,6 +104,15 @@ impl Procs {
         }))
     }
 
+    /// Given processes, all counted as workers (`wsd bench`'s own client processes).
+    pub fn of(pids: Vec<i32>) -> Procs {
+        Procs {
+            master: None,
+            workers: pids,
+            config: None,
+        }
+    }
+
     /// Every process: the master (if known), then the workers.
     pub fn all(&self) -> impl Iterator<Item = i32> + '_ {
         self.master.into_iter().chain(self.workers.iter().copied())
@@ -133,17 +142,6 @@ impl Procs {
                 Some(w.counters.connections)
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-impl Procs {
-    pub fn for_test(workers: Vec<i32>) -> Procs {
-        Procs {
-            master: None,
-            workers,
-            config: None,
-        }
     }
 }
 
