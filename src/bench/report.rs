@@ -307,12 +307,35 @@ pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
         let mut c = json!({ "processes": client.procs.workers.len() });
         cpu_json(plan, s, client, &mut c);
         v["client"] = c;
+        v["cores_busy"] = cores_json(plan, client);
     }
     if plan.target.tls.is_some() {
         v["tls"] = json!(s.link.tls);
     }
     if plan.target.deflate {
         v["deflate"] = deflate_json(&s.link);
+    }
+    v
+}
+
+/// How busy each core of the machine was (0 to 1, whatever kept it so): over the measured
+/// window, and for `connect` over the burst. A core at 1.0 limited the figure.
+fn cores_json(plan: &Plan, run: &ServerRun) -> serde_json::Value {
+    let busy = |from: Option<&server::Sample>, to: Option<&server::Sample>| {
+        from.zip(to).map(|(a, b)| {
+            server::cores_busy(a, b)
+                .into_iter()
+                .map(|x| round(x, 2))
+                .collect::<Vec<_>>()
+        })
+    };
+    let (from, to) = match plan.work {
+        Work::Idle { .. } => (Some(&run.start), run.end.as_ref()),
+        _ => (run.go.as_ref(), run.end.as_ref()),
+    };
+    let mut v = json!({ "window": busy(from, to) });
+    if let Work::Connect { .. } = plan.work {
+        v["burst"] = json!(busy(Some(&run.start), run.go.as_ref()));
     }
     v
 }
@@ -419,6 +442,16 @@ fn table(plan: &Plan, s: &Summary) -> String {
         let mut v = json!({});
         cpu_json(plan, s, client, &mut v);
         t += &cpu_rows("client cpu", "burst client", &v);
+        let cores = cores_json(plan, client);
+        for (label, key) in [("cores busy", "window"), ("burst cores", "burst")] {
+            if let Some(busy) = cores[key].as_array() {
+                let each: Vec<String> = busy
+                    .iter()
+                    .map(|b| format!("{:.0} %", b.as_f64().unwrap_or(0.0) * 100.0))
+                    .collect();
+                t += &format!("{label:<12} {}\n", each.join(", "));
+            }
+        }
     }
     if let Some(tls) = &s.link.tls {
         t += &format!("tls          {tls}\n");
