@@ -130,7 +130,7 @@ fi
 out=${CARGO_TARGET_DIR:-$root/target}
 runs=$out/bench-peers
 mkdir -p "$runs"
-rm -f "$runs"/*.json "$runs"/unavailable.txt "$runs"/skipped.txt
+rm -f "$runs"/*.json "$runs"/unavailable.txt "$runs"/skipped.txt "$runs"/load.txt
 # A server unavailable everywhere (KEY = its name), or in one family or scenario only
 # (KEY = family/name or scenario/name): its figures there are "n/a", with the reason.
 declare -A unavailable=()
@@ -424,7 +424,8 @@ for line in "${SCENARIOS[@]}"; do
             [[ -z ${unavailable[$current]:-}${unavailable[$family/$current]:-}${unavailable[$name/$current]:-} ]] || continue
             dir=$tmp/$name.$current.$round
             mkdir -p "$dir"
-            say "$name, round $round/$ROUNDS: $current"
+            say "$name, round $round/$ROUNDS: $current (load $(cut -d' ' -f1 /proc/loadavg))"
+            printf '%s\t%s\t%s\t%s\n' "$name" "$current" "$round" "$(cut -d' ' -f1 /proc/loadavg)" >>"$runs/load.txt"
             start_server "$current" "$dir" || { stop_server; continue; }
             if [[ -n $warm ]]; then
                 # shellcheck disable=SC2086
@@ -689,7 +690,10 @@ pin_note = ("every server but wsd ×2 pinned to core 0 (taskset), its client to 
             if pinned == "1" else "nothing pinned")
 with open(md_path, "w") as f:
     f.write("# wsd and its peers (scripts/bench-peers.sh)\n\n")
-    f.write(f"Machine: {machine}; load average at the end {load}. Versions: {versions}.\n")
+    loads = sorted(float(l.split("\t")[3]) for l in open(f"{runs}/load.txt")) if os.path.exists(f"{runs}/load.txt") else []
+    spread = (f"1-minute load average as each run began: median {statistics.median(loads):.2f}, "
+              f"highest {loads[-1]:.2f}; at the end {load}") if loads else f"load average at the end {load}"
+    f.write(f"Machine: {machine}; {spread}. Versions: {versions}.\n")
     f.write(f"Client: `wsd bench` for every server; {pin_note}. {timing.replace(' each', '')} measured per run, "
             f"{warmup} s warmup run first (echo, latency, connect), a fresh server process per run.\n\n")
     f.write("\n".join(out) + "\n\nEvery round (in run order):\n")
