@@ -27,6 +27,11 @@ fn bench(args: &[&str]) -> (Value, Output) {
     (v, out)
 }
 
+/// [`bench`] with the arguments as one line of words.
+fn bench_line(line: &str) -> (Value, Output) {
+    bench(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 fn assert_no_errors(v: &Value, out: &Output) {
     assert_eq!(v["errors"]["total"], 0, "{v}\n{out:?}");
     assert!(out.status.success(), "exit status with no errors: {out:?}");
@@ -382,4 +387,91 @@ fn latency_counts_server_pushes_apart_from_replies() {
     let pushes = v["pushes"].as_u64().unwrap_or(0);
     assert!(pushes == 10 || pushes == 20, "{v}");
     assert_latency(&v);
+}
+
+/// A wss:// group serving `app` with a fresh self-signed certificate (made here, never kept).
+fn tls_server(app: &str, count: usize) -> Server {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let extra = "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
+    let (dir, config) = Server::config(app, count, extra);
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    Server::start_with(wsd_bin(), dir, config)
+}
+
+#[test]
+fn echo_and_connect_run_over_tls() {
+    let server = tls_server("echo", 1);
+    let wss = format!("wss://127.0.0.1:{}/", server.port);
+    let (v, out) = bench_line(&format!(
+        "echo --url {wss} --insecure --conns 10 --depth 4 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["url"], wss, "{v}");
+    assert!(
+        v["tls"].as_str().is_some_and(|t| t.starts_with("TLSv1_3")),
+        "{v}"
+    );
+    assert!(v["messages"].as_u64() > Some(0), "{v}");
+    assert!(v["client"]["cpu_secs"].as_f64() >= Some(0.0), "{v}");
+    // --tls on a ws:// URL, and the whole life of a connection: upgrade, Close, EOF.
+    let ws = format!("ws://127.0.0.1:{}/", server.port);
+    let (v, out) = bench_line(&format!(
+        "connect --url {ws} --tls --insecure --conns 20 --slots 5 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["burst"]["upgrades"], 20, "{v}");
+    assert!(v["sustained"]["handshakes"].as_u64() > Some(0), "{v}");
+    // Without --insecure the self-signed certificate is refused: a handshake error.
+    let (v, out) = bench_line(&format!("echo --url {wss} --conns 2 --secs 1"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["errors"]["handshake"], 2, "{v}");
+}
+
+/// wsd in shared mode agrees on permessage-deflate with `server_no_context_takeover`; the
+/// client compresses what it sends, inflates what it gets, and reports both ratios.
+#[test]
+fn deflate_is_offered_agreed_and_measured() {
+    let server = Server::start_extra("echo", 1, "compression = \"shared\"");
+    let url = server.url();
+    let (v, out) = bench_line(&format!(
+        "echo --url {url} --deflate --payload json --size 2048 --conns 4 --depth 2 --secs 1"
+    ));
+    assert_no_errors(&v, &out);
+    assert_eq!(v["payload"], "json", "{v}");
+    assert!(v["messages"].as_u64() > Some(0), "{v}");
+    let d = &v["deflate"];
+    assert_eq!(
+        d["agreed"], "permessage-deflate; server_no_context_takeover",
+        "{v}"
+    );
+    assert_eq!(
+        (d["connections"].as_u64(), d["of"].as_u64()),
+        (Some(4), Some(4)),
+        "{v}"
+    );
+    // Chat events in JSON compress, though not like a repeated alphabet.
+    let (sent, received) = (
+        d["sent_ratio"].as_f64().unwrap(),
+        d["received_ratio"].as_f64().unwrap(),
+    );
+    assert!(
+        (1.5..10.0).contains(&sent) && (1.5..10.0).contains(&received),
+        "{v}"
+    );
+    // A server that does not agree gets plain frames, and says so.
+    let server = Server::start("echo", 1);
+    let url = server.url();
+    let (v, out) = bench_line(&format!("echo --url {url} --deflate --conns 2 --secs 1"));
+    assert_no_errors(&v, &out);
+    assert_eq!(
+        (
+            v["deflate"]["connections"].as_u64(),
+            v["deflate"]["agreed"].as_str()
+        ),
+        (Some(0), None),
+        "{v}"
+    );
 }

@@ -11,13 +11,19 @@
 //! - `pubsub`: subscribers send `{"subscribe":T}` and count as ready at `{"subscribed":T}`;
 //!   the publisher sends `{"publish":T,"data":"<ts> <seq>"}` and subscribers get
 //!   `{"topic":T,"data":"<ts> <seq>"}`.
+//!
+//! With `--payload json` the message is a chat-events document of about `--size` bytes
+//! (2048 by default) that starts with `"ts":<ts>,"msg":<seq>,`: the whole payload for `chat`,
+//! the `data` object for `pubsub`. The documents cycle through [`payload::VARIANTS`]
+//! variants, so a server compressing with context takeover meets a realistic stream.
 
-use super::client::{Driver, Pool};
+use super::client::{Driver, Out, Pool};
+use super::payload::{self, Kind};
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
 use super::wire::{self, BadReply, Frame};
 use super::{App, Plan, Work};
-use crate::proto::frame::{CONTINUATION, TEXT};
+use crate::proto::frame::CONTINUATION;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -35,6 +41,8 @@ pub struct Broadcast {
     publisher: Option<usize>,
     subscribe: Vec<u8>,
     topic_json: String,
+    /// `--payload json`: the size of the documents sent.
+    json: Option<usize>,
     subscribed: Vec<bool>,
     ready: usize,
     /// The timestamp of the delivery each connection is in the middle of (fragmented ones).
@@ -51,6 +59,7 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         app: App,
         topic: &str,
@@ -58,6 +67,8 @@ impl Broadcast {
         with_publisher: bool,
         rate: u64,
         secs: u64,
+        payload: Kind,
+        size: usize,
     ) -> Broadcast {
         let topic_json = serde_json::Value::from(topic).to_string();
         let conns = subscribers + usize::from(with_publisher);
@@ -65,8 +76,9 @@ impl Broadcast {
             app,
             subscribers,
             publisher: with_publisher.then_some(subscribers),
-            subscribe: wire::text_frame(format!("{{\"subscribe\":{topic_json}}}").as_bytes()),
+            subscribe: format!("{{\"subscribe\":{topic_json}}}").into_bytes(),
             topic_json,
+            json: (payload == Kind::Json).then_some(if size == 0 { 2048 } else { size }),
             subscribed: vec![false; conns],
             ready: 0,
             stamp: vec![NO_STAMP; conns],
@@ -89,35 +101,46 @@ impl Broadcast {
         self.t0.unwrap_or(0) + (u128::from(seq) * 1_000_000_000 / u128::from(self.rate)) as u64
     }
 
-    /// Appends message `seq`, stamped with its scheduled time, as a masked frame; `p` is
-    /// scratch space for the payload.
-    fn put_message(&self, p: &mut Vec<u8>, out: &mut Vec<u8>, seq: u64) {
+    /// Message `seq`'s payload, stamped with its scheduled time, in `p`.
+    fn message(&self, p: &mut Vec<u8>, seq: u64) {
         p.clear();
         if self.app == App::Pubsub {
             p.extend_from_slice(b"{\"publish\":");
             p.extend_from_slice(self.topic_json.as_bytes());
-            p.extend_from_slice(b",\"data\":\"");
+            p.extend_from_slice(b",\"data\":");
         }
-        wire::put_decimal(p, self.due(seq));
-        p.push(b' ');
-        wire::put_decimal(p, seq);
+        if let Some(size) = self.json {
+            let head = format!("\"ts\":{},\"msg\":{seq},", self.due(seq));
+            let variant = seq % payload::VARIANTS as u64;
+            p.extend_from_slice(&payload::json_with(variant, size, &head));
+        } else {
+            let quote = self.app == App::Pubsub;
+            if quote {
+                p.push(b'"');
+            }
+            wire::put_decimal(p, self.due(seq));
+            p.push(b' ');
+            wire::put_decimal(p, seq);
+            if quote {
+                p.push(b'"');
+            }
+        }
         if self.app == App::Pubsub {
-            p.extend_from_slice(b"\"}");
+            p.push(b'}');
         }
-        wire::put_frame(out, TEXT, p);
     }
 }
 
-/// The send time carried by a delivery's payload.
-fn stamp_of(app: App, payload: &[u8]) -> Option<u64> {
-    match app {
-        App::Chat => wire::leading_decimal(payload),
-        App::Pubsub => {
-            const KEY: &[u8] = b"\"data\":\"";
-            let at = payload.windows(KEY.len()).position(|w| w == KEY)?;
-            wire::leading_decimal(&payload[at + KEY.len()..])
-        }
+/// The send time carried by a delivery's payload: its leading number (`chat`), the number
+/// its `data` string starts with (`pubsub`), or its first `"ts"` (`--payload json`).
+fn stamp_of(payload: &[u8]) -> Option<u64> {
+    if let Some(ts) = wire::leading_decimal(payload) {
+        return Some(ts);
     }
+    [&b"\"data\":\""[..], b"\"ts\":"].iter().find_map(|key| {
+        let at = payload.windows(key.len()).position(|w| w == *key)?;
+        wire::leading_decimal(&payload[at + key.len()..])
+    })
 }
 
 fn preview(payload: &[u8]) -> String {
@@ -125,12 +148,12 @@ fn preview(payload: &[u8]) -> String {
 }
 
 impl Driver for Broadcast {
-    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Vec<u8>, _now: u64) {
+    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Out<'_>, _now: u64) {
         if Some(id) == self.publisher || self.app == App::Chat {
             self.subscribed[id] = true;
             self.ready += 1;
         } else {
-            out.extend_from_slice(&self.subscribe);
+            out.put_text(&self.subscribe);
         }
     }
 
@@ -138,7 +161,7 @@ impl Driver for Broadcast {
         &mut self,
         id: usize,
         frame: Frame<'_>,
-        _out: &mut Vec<u8>,
+        _out: &mut Out<'_>,
         now: u64,
     ) -> Result<(), BadReply> {
         let payload = frame.payload;
@@ -161,7 +184,7 @@ impl Driver for Broadcast {
             return Ok(());
         }
         if frame.opcode != CONTINUATION {
-            self.stamp[id] = stamp_of(self.app, payload).unwrap_or(NO_STAMP);
+            self.stamp[id] = stamp_of(payload).unwrap_or(NO_STAMP);
             if self.stamp[id] == NO_STAMP {
                 return Err(BadReply::NoStamp(preview(payload)));
             }
@@ -205,7 +228,8 @@ impl Workload for Broadcast {
             let this = &*self;
             pool.send(id, |out| {
                 for seq in first..last {
-                    this.put_message(&mut payload, out, seq);
+                    this.message(&mut payload, seq);
+                    out.put_text(&payload);
                 }
             });
             self.payload = payload;
@@ -255,7 +279,10 @@ impl Workload for Broadcast {
 
 /// Broadcast's own figures for `--json`.
 pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
-    let Work::Broadcast { rate, app, topic } = &plan.work else {
+    let Work::Broadcast {
+        rate, app, topic, ..
+    } = &plan.work
+    else {
         return json!({});
     };
     let expected = s.counts.sent * plan.conns as u64;
@@ -301,25 +328,30 @@ mod tests {
 
     #[test]
     fn stamps_are_read_back_from_both_protocols() {
-        assert_eq!(stamp_of(App::Chat, b"123456789 17"), Some(123_456_789));
+        assert_eq!(stamp_of(b"123456789 17"), Some(123_456_789));
         let pubsub = br#"{"topic":"bench","data":"987654321 3"}"#;
-        assert_eq!(stamp_of(App::Pubsub, pubsub), Some(987_654_321));
-        assert_eq!(stamp_of(App::Pubsub, br#"{"topic":"x"}"#), None);
-        assert_eq!(stamp_of(App::Chat, b"hello"), None);
+        assert_eq!(stamp_of(pubsub), Some(987_654_321));
+        assert_eq!(stamp_of(br#"{"topic":"x"}"#), None);
+        assert_eq!(stamp_of(b"hello"), None);
+        let json = br#"{"topic":"bench","data":{"ts":55,"msg":1,"events":[{"ts":9}]}}"#;
+        assert_eq!(stamp_of(json), Some(55));
     }
 
     #[test]
     fn the_publisher_stamps_each_message_with_its_scheduled_time() {
-        let mut b = Broadcast::new(App::Pubsub, "room \"1\"", 0, true, 4, 1);
+        let mut b = Broadcast::new(App::Pubsub, "room \"1\"", 0, true, 4, 1, Kind::Text, 0);
         b.t0 = Some(1_000);
-        let (mut out, mut payload) = (Vec::new(), Vec::new());
-        b.put_message(&mut payload, &mut out, 2);
-        let (head, masked) = out.split_at(out.len() - payload.len());
-        let mut body = masked.to_vec();
-        crate::proto::frame::unmask(&mut body, head[head.len() - 4..].try_into().unwrap(), 0);
+        let mut payload = Vec::new();
+        b.message(&mut payload, 2);
         assert_eq!(
-            String::from_utf8(body).unwrap(),
+            String::from_utf8(payload.clone()).unwrap(),
             r#"{"publish":"room \"1\"","data":"500001000 2"}"#
         );
+        let mut b = Broadcast::new(App::Chat, "t", 0, true, 4, 1, Kind::Json, 0);
+        b.t0 = Some(1_000);
+        b.message(&mut payload, 2);
+        assert_eq!(payload.len(), 2048);
+        assert_eq!(stamp_of(&payload), Some(500_001_000));
+        serde_json::from_slice::<serde_json::Value>(&payload).unwrap();
     }
 }

@@ -11,6 +11,13 @@
 //!   source address does not run out of ephemeral ports (a restarted slot moves on to the
 //!   next address, so `connect` cycles spread too).
 //!
+//! Over TLS (`--tls`), each connection has a rustls `ClientConnection`: what is read is
+//! decrypted into a second shared buffer and handled from there, and what is sent goes
+//! through it (see [`super::tls`]). With `--deflate`, a connection whose handshake agreed on
+//! permessage-deflate gets compressed frames to send (made once, see [`super::payload`]) and
+//! has what the server compressed inflated into a third shared buffer before a workload sees
+//! it (see [`super::deflate`]). The plain path is the one above, untouched by either.
+//!
 //! A connection can also be closed politely and started again (`wsd bench connect`): the
 //! client sends Close 1000, skips what comes back (the server's Close) and waits for EOF.
 //! Waiting for the EOF lets the server close the TCP connection first, as RFC 6455 §7.1.1
@@ -21,11 +28,14 @@
 //! What the frames mean is the [`Driver`]'s business; this file only moves bytes.
 
 use super::Clock;
-use super::report::{ErrorKind, Errors};
+use super::deflate::{self, Agreed, Inflater};
+use super::payload::{self, Messages};
+use super::report::{ErrorKind, Errors, Link};
 use super::wire::{self, BadReply, Frame};
-use crate::proto::frame::{CLOSE, PING, PONG};
+use crate::proto::frame::{CLOSE, CONTINUATION, PING, PONG};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::ClientConnection;
 use socket2::{Domain, Socket, Type};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -40,18 +50,43 @@ pub const HANDSHAKE_TIMEOUT_NS: u64 = 10_000_000_000;
 
 const SCRATCH: usize = 256 << 10;
 
+/// Where a workload puts what a connection sends: frames of its [`Messages`], framed as the
+/// connection's handshake agreed (compressed or not).
+pub struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    /// The window to compress within, when the connection compresses what it sends.
+    bits: Option<u8>,
+    link: &'a mut Link,
+}
+
+impl Out<'_> {
+    /// Appends message `i` of `messages`.
+    pub fn put(&mut self, messages: &Messages, i: usize) {
+        let (frame, wire) = messages.frame(i, self.bits);
+        self.buf.extend_from_slice(frame);
+        self.link.sent(messages.payload(i).len(), wire);
+    }
+
+    /// Appends a text message made on the spot (compressed now, if need be).
+    pub fn put_text(&mut self, payload: &[u8]) {
+        let wire = payload::put_text(self.buf, payload, self.bits);
+        self.link.sent(payload.len(), wire);
+    }
+}
+
 /// What a workload does with open connections.
 pub trait Driver {
     /// Connection `id` finished its handshake, `handshake_ns` after its connect began;
     /// anything put in `out` is sent.
-    fn opened(&mut self, id: usize, handshake_ns: u64, out: &mut Vec<u8>, now: u64);
-    /// A data frame (text, binary or continuation) arrived on `id`; anything put in `out` is
-    /// sent. An `Err` is a protocol error: counted, and the connection is dropped.
+    fn opened(&mut self, id: usize, handshake_ns: u64, out: &mut Out<'_>, now: u64);
+    /// A data frame (text, binary or continuation) arrived on `id`, its payload inflated if
+    /// it was compressed; anything put in `out` is sent. An `Err` is a protocol error:
+    /// counted, and the connection is dropped.
     fn data(
         &mut self,
         id: usize,
         frame: Frame<'_>,
-        out: &mut Vec<u8>,
+        out: &mut Out<'_>,
         now: u64,
     ) -> Result<(), BadReply>;
     /// Connection `id`, closed with [`Pool::close`], finished its close handshake and may be
@@ -82,6 +117,30 @@ struct Conn {
     carry: Vec<u8>,
     out: Vec<u8>,
     written: usize,
+    /// `--tls`: the connection's TLS state (`out` is plaintext then, written through it).
+    tls: Option<Box<ClientConnection>>,
+    /// The handshake agreed on permessage-deflate.
+    deflate: Option<Box<Deflating>>,
+}
+
+/// A connection's permessage-deflate state.
+struct Deflating {
+    agreed: Agreed,
+    /// Inflates the server's messages: kept across them, unless the server compresses each
+    /// on its own (then it goes back to the pool's spares at each message's end).
+    inflater: Option<Inflater>,
+    /// In the middle of a compressed message (its first frame had RSV1).
+    in_message: bool,
+}
+
+/// What the receiving side of every connection shares.
+#[derive(Default)]
+struct Shared {
+    /// Where a compressed frame is inflated to.
+    inflated: Vec<u8>,
+    /// Inflaters not held by any connection.
+    spare: Vec<Inflater>,
+    link: Link,
 }
 
 /// The connections of one process and their event loop.
@@ -105,6 +164,12 @@ pub struct Pool {
     pub errors: Errors,
     scratch: Vec<u8>,
     clock: Clock,
+    /// `--tls`: what every connection's TLS shares, and where plaintext is decrypted to.
+    tls: Option<super::tls::Client>,
+    plaintext: Vec<u8>,
+    /// `--deflate`: permessage-deflate is offered.
+    offer_deflate: bool,
+    shared: Shared,
 }
 
 /// The token of a source the caller registers itself (the coordinator's pipe).
@@ -122,6 +187,8 @@ impl Conn {
             carry: Vec::new(),
             out: Vec::new(),
             written: 0,
+            tls: None,
+            deflate: None,
         }
     }
 }
@@ -138,7 +205,12 @@ impl Pool {
             poll: Poll::new()?,
             events: Events::with_capacity(1024),
             addr: target.addr,
-            request: wire::upgrade_request(&target.host, target.addr.port(), &target.path),
+            request: wire::upgrade_request(
+                &target.host,
+                target.addr.port(),
+                &target.path,
+                target.deflate,
+            ),
             spread_sources: matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()),
             conns,
             next: 0,
@@ -151,7 +223,20 @@ impl Pool {
             errors: Errors::default(),
             scratch: vec![0; SCRATCH],
             clock,
+            tls: target.tls.clone(),
+            plaintext: if target.tls.is_some() {
+                vec![0; SCRATCH]
+            } else {
+                Vec::new()
+            },
+            offer_deflate: target.deflate,
+            shared: Shared::default(),
         })
+    }
+
+    /// What the connections agreed on and moved (TLS, permessage-deflate).
+    pub fn link(&self) -> &Link {
+        &self.shared.link
     }
 
     pub fn registry(&self) -> &mio::Registry {
@@ -199,9 +284,10 @@ impl Pool {
                 return;
             };
             match self.connect(id) {
-                Ok(sock) => {
+                Ok((sock, tls)) => {
                     let c = &mut self.conns[id];
                     c.sock = Some(sock);
+                    c.tls = tls;
                     c.phase = Phase::Connecting;
                     c.since = now;
                     self.in_flight += 1;
@@ -215,7 +301,11 @@ impl Pool {
         }
     }
 
-    fn connect(&mut self, id: usize) -> io::Result<TcpStream> {
+    fn connect(&mut self, id: usize) -> io::Result<(TcpStream, Option<Box<ClientConnection>>)> {
+        let tls = match &self.tls {
+            Some(client) => Some(Box::new(client.connect().map_err(io::Error::other)?)),
+            None => None,
+        };
         let sock = Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?;
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
@@ -237,7 +327,7 @@ impl Pool {
             Token(id),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        Ok(stream)
+        Ok((stream, tls))
     }
 
     /// Fails connections whose handshake (or close handshake) has taken longer than
@@ -289,6 +379,8 @@ impl Pool {
         c.carry.clear();
         c.out.clear();
         c.written = 0;
+        c.tls = None;
+        c.deflate = None;
         self.closing -= 1;
         driver.closed(id, self.clock.now());
     }
@@ -380,7 +472,14 @@ impl Pool {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return self.fail(id, kind, e),
             };
-            if let Err((kind, why)) = self.consume(id, n, driver) {
+            let scratch = std::mem::take(&mut self.scratch);
+            let handled = if c.tls.is_some() {
+                self.decrypt(id, &scratch[..n], driver)
+            } else {
+                self.consume(id, &scratch[..n], driver)
+            };
+            self.scratch = scratch;
+            if let Err((kind, why)) = handled {
                 return self.fail(id, kind, why);
             }
             if n < self.scratch.len() && !eof {
@@ -389,53 +488,125 @@ impl Pool {
         }
     }
 
-    /// Handles `n` fresh bytes in the scratch buffer: the upgrade answer, then frames.
+    /// Hands `ciphertext` to connection `id`'s TLS and what it decrypts to [`Pool::consume`].
+    /// A close_notify from the server changes nothing: its EOF is what ends the connection.
+    fn decrypt(
+        &mut self,
+        id: usize,
+        mut ciphertext: &[u8],
+        driver: &mut impl Driver,
+    ) -> Result<(), (ErrorKind, String)> {
+        let mut plaintext = std::mem::take(&mut self.plaintext);
+        let result = loop {
+            let c = &mut self.conns[id];
+            let kind = if c.phase == Phase::Handshaking {
+                ErrorKind::Handshake
+            } else {
+                ErrorKind::Protocol
+            };
+            let tls = c.tls.as_mut().expect("a TLS connection");
+            if ciphertext.is_empty() {
+                break Ok(());
+            }
+            match tls.read_tls(&mut ciphertext) {
+                Ok(0) => break Ok(()), // after close_notify: nothing more is taken
+                Ok(_) => {}
+                Err(e) => break Err((kind, format!("TLS: {e}"))),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // The alert rustls queued goes out with the flush that follows.
+                break Err((kind, format!("TLS: {e}")));
+            }
+            let got = loop {
+                let tls = self.conns[id].tls.as_mut().expect("a TLS connection");
+                match tls.reader().read(&mut plaintext) {
+                    Ok(0) => break Ok(()),
+                    Ok(m) => {
+                        if let Err(e) = self.consume(id, &plaintext[..m], driver) {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                    Err(e) => break Err((ErrorKind::Protocol, format!("TLS: {e}"))),
+                }
+            };
+            if got.is_err() {
+                break got;
+            }
+        };
+        self.plaintext = plaintext;
+        result
+    }
+
+    /// Handles `fresh` bytes of connection `id`: the upgrade answer, then frames.
     fn consume(
         &mut self,
         id: usize,
-        n: usize,
+        fresh: &[u8],
         driver: &mut impl Driver,
     ) -> Result<(), (ErrorKind, String)> {
         let now = self.clock.now();
         let c = &mut self.conns[id];
-        let fresh = &self.scratch[..n];
+        let shared = &mut self.shared;
         if c.phase == Phase::Handshaking {
             c.carry.extend_from_slice(fresh);
-            let Some(head) = wire::check_response(&c.carry)
-                .map_err(|e| (ErrorKind::Handshake, e.to_string()))?
-            else {
+            let handshake = |e: String| (ErrorKind::Handshake, e);
+            let Some(up) = wire::upgraded(&c.carry).map_err(|e| handshake(e.to_string()))? else {
                 return Ok(());
             };
-            c.carry.drain(..head);
+            let answer = up.extensions.map(|r| &c.carry[r]);
+            let agreed =
+                deflate::agree(answer, self.offer_deflate).map_err(|e| handshake(e.to_string()))?;
+            shared
+                .link
+                .opened(c.tls.as_deref(), answer, agreed.is_some());
+            c.deflate = agreed.map(|agreed| {
+                Box::new(Deflating {
+                    agreed,
+                    inflater: None,
+                    in_message: false,
+                })
+            });
+            c.carry.drain(..up.end);
             c.phase = Phase::Open;
             self.in_flight -= 1;
             self.open += 1;
-            driver.opened(id, now.saturating_sub(c.since), &mut c.out, now);
+            driver.opened(
+                id,
+                now.saturating_sub(c.since),
+                &mut c.out(&mut shared.link),
+                now,
+            );
             if c.carry.is_empty() {
                 return Ok(());
             }
-            let used = scan(&c.carry, id, &mut c.out, driver, now, false)?;
-            c.carry.drain(..used);
+            let carry = std::mem::take(&mut c.carry);
+            let used = scan(&carry, id, c, shared, driver, now, false);
+            c.carry = carry;
+            c.carry.drain(..used?);
             return Ok(());
         }
         let closing = c.phase == Phase::Closing;
         if c.carry.is_empty() {
-            let used = scan(fresh, id, &mut c.out, driver, now, closing)?;
+            let used = scan(fresh, id, c, shared, driver, now, closing)?;
             c.carry.extend_from_slice(&fresh[used..]);
         } else {
-            c.carry.extend_from_slice(fresh);
-            let used = scan(&c.carry, id, &mut c.out, driver, now, closing)?;
-            c.carry.drain(..used);
+            let mut carry = std::mem::take(&mut c.carry);
+            carry.extend_from_slice(fresh);
+            let used = scan(&carry, id, c, shared, driver, now, closing);
+            c.carry = carry;
+            c.carry.drain(..used?);
         }
         Ok(())
     }
 
     /// Appends to connection `id`'s send buffer with `fill` and writes it out.
-    pub fn send(&mut self, id: usize, fill: impl FnOnce(&mut Vec<u8>)) {
-        if self.conns[id].phase != Phase::Open {
+    pub fn send(&mut self, id: usize, fill: impl FnOnce(&mut Out<'_>)) {
+        let c = &mut self.conns[id];
+        if c.phase != Phase::Open {
             return;
         }
-        fill(&mut self.conns[id].out);
+        fill(&mut c.out(&mut self.shared.link));
         self.flush(id);
     }
 
@@ -443,19 +614,35 @@ impl Pool {
     fn flush(&mut self, id: usize) {
         let c = &mut self.conns[id];
         let Some(sock) = c.sock.as_mut() else { return };
+        let kind = if c.phase == Phase::Handshaking {
+            ErrorKind::Handshake
+        } else {
+            ErrorKind::Closed
+        };
+        if let Some(tls) = c.tls.as_mut() {
+            // No buffer limit (see `tls::Client::connect`): rustls takes all of it.
+            if !c.out.is_empty() {
+                if let Err(e) = tls.writer().write_all(&c.out) {
+                    return self.fail(id, kind, e);
+                }
+                c.out.clear();
+            }
+            while tls.wants_write() {
+                match tls.write_tls(sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return self.fail(id, kind, e),
+                }
+            }
+            return;
+        }
         while c.written < c.out.len() {
             match sock.write(&c.out[c.written..]) {
                 Ok(n) => c.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let kind = if c.phase == Phase::Handshaking {
-                        ErrorKind::Handshake
-                    } else {
-                        ErrorKind::Closed
-                    };
-                    return self.fail(id, kind, e);
-                }
+                Err(e) => return self.fail(id, kind, e),
             }
         }
         c.out.clear();
@@ -474,35 +661,51 @@ impl Pool {
         c.sock = None;
         c.carry = Vec::new();
         c.out = Vec::new();
+        c.tls = None;
+        c.deflate = None;
         self.failed += 1;
         self.errors.add(kind, why);
     }
 }
 
-/// Hands every whole frame at the start of `buf` to `driver`, answering pings; returns the
-/// bytes consumed. A Close from the server, or a frame no server may send, is an error,
-/// except that a `closing` connection (we sent Close) expects the Close and skips the rest.
+impl Conn {
+    /// Where a workload puts what this connection sends.
+    fn out<'a>(&'a mut self, link: &'a mut Link) -> Out<'a> {
+        Out {
+            buf: &mut self.out,
+            bits: self.deflate.as_ref().and_then(|d| d.agreed.send_bits()),
+            link,
+        }
+    }
+}
+
+/// Hands every whole frame at the start of `buf` to `driver` (inflated, if compressed),
+/// answering pings; returns the bytes consumed. A Close from the server, or a frame no server
+/// may send, is an error, except that a `closing` connection (we sent Close) expects the
+/// Close and skips the rest.
 fn scan(
     buf: &[u8],
     id: usize,
-    out: &mut Vec<u8>,
+    conn: &mut Conn,
+    shared: &mut Shared,
     driver: &mut impl Driver,
     now: u64,
     closing: bool,
 ) -> Result<usize, (ErrorKind, String)> {
+    let protocol = |why: String| (ErrorKind::Protocol, why);
     let mut used = 0;
     loop {
         let (frame, n) = match wire::next_frame(&buf[used..]) {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(used),
-            Err(e) => return Err((ErrorKind::Protocol, e.to_string())),
+            Err(e) => return Err(protocol(e.to_string())),
         };
         used += n;
         if closing {
             continue;
         }
         match frame.opcode {
-            PING => wire::put_frame(out, PONG, frame.payload),
+            PING => wire::put_frame(&mut conn.out, PONG, frame.payload),
             PONG => {}
             CLOSE => {
                 let code = frame
@@ -511,9 +714,60 @@ fn scan(
                     .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
                 return Err((ErrorKind::Closed, format!("the server sent Close {code}")));
             }
-            _ => driver
-                .data(id, frame, out, now)
-                .map_err(|why| (ErrorKind::Protocol, why.to_string()))?,
+            _ => {
+                let Shared {
+                    inflated,
+                    spare,
+                    link,
+                } = &mut *shared;
+                let wire_len = frame.payload.len();
+                let frame = match conn.deflate.as_deref_mut() {
+                    Some(d) if frame.compressed || d.in_message => {
+                        inflate(frame, d, inflated, spare).map_err(protocol)?
+                    }
+                    _ if frame.compressed => {
+                        return Err(protocol("RSV1 set without permessage-deflate".into()));
+                    }
+                    _ => frame,
+                };
+                link.received(wire_len, frame.payload.len());
+                driver
+                    .data(id, frame, &mut conn.out(link), now)
+                    .map_err(|why| protocol(why.to_string()))?;
+            }
         }
     }
+}
+
+/// One frame of a compressed message, inflated into `inflated`.
+fn inflate<'a>(
+    frame: Frame<'_>,
+    d: &mut Deflating,
+    inflated: &'a mut Vec<u8>,
+    spare: &mut Vec<Inflater>,
+) -> Result<Frame<'a>, String> {
+    if frame.compressed && (frame.opcode == CONTINUATION || d.in_message) {
+        return Err("RSV1 set on a frame that does not begin a message".into());
+    }
+    d.in_message = true;
+    let inflater = d
+        .inflater
+        .get_or_insert_with(|| spare.pop().unwrap_or_default());
+    inflated.clear();
+    inflater.inflate(frame.payload, frame.fin, inflated, wire::MAX_FRAME as usize)?;
+    if frame.fin {
+        d.in_message = false;
+        if d.agreed.server_no_context_takeover
+            && let Some(mut done) = d.inflater.take()
+        {
+            done.reset();
+            spare.push(done);
+        }
+    }
+    Ok(Frame {
+        fin: frame.fin,
+        opcode: frame.opcode,
+        compressed: false,
+        payload: inflated,
+    })
 }

@@ -18,7 +18,7 @@
 //! client's ephemeral ports do not run out either. No SO_LINGER 0: a reset would hide a
 //! server that does not close.
 
-use super::client::{Driver, Pool};
+use super::client::{Driver, Out, Pool};
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
 use super::wire::{BadReply, Frame};
@@ -65,7 +65,7 @@ impl Connect {
 }
 
 impl Driver for Connect {
-    fn opened(&mut self, id: usize, handshake_ns: u64, _out: &mut Vec<u8>, now: u64) {
+    fn opened(&mut self, id: usize, handshake_ns: u64, _out: &mut Out<'_>, now: u64) {
         if id < self.burst {
             self.burst_open += 1;
             self.burst_latency.saturating_record(handshake_ns);
@@ -78,7 +78,7 @@ impl Driver for Connect {
         self.to_close.push(id);
     }
 
-    fn data(&mut self, _: usize, _: Frame<'_>, _: &mut Vec<u8>, _: u64) -> Result<(), BadReply> {
+    fn data(&mut self, _: usize, _: Frame<'_>, _: &mut Out<'_>, _: u64) -> Result<(), BadReply> {
         Ok(()) // a greeting from the server (the relay app's `id ...`, say) is no error
     }
 

@@ -9,7 +9,7 @@
 //! keep each shard's loop as plain as the server's. Forking is safe here because the CLI is
 //! single-threaded.
 
-use super::report::{self, Counts, Errors, Span, Summary};
+use super::report::{self, Counts, Errors, Link, Span, Summary};
 use super::server::{Procs, ServerRun};
 use super::shard::{self, Lines, Progress, Report, Share};
 use super::{BenchError, Clock, Plan, SEC, Work};
@@ -75,14 +75,29 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
             }),
         }
     }
-    let result = coordinate(plan, clock, &mut shards, &mut server);
+    // The client's own CPU time, read the same way as the server's: a figure the client
+    // limited shows as a client near a whole core.
+    let procs = Procs::of(shards.iter().map(|s| s.pid.as_raw()).collect());
+    let mut client = ServerRun {
+        start: procs.sample(clock.now(), false),
+        procs,
+        go: None,
+        held: None,
+        end: None,
+        connections: None,
+    };
+    let result = coordinate(plan, clock, &mut shards, &mut server, &mut client);
     for s in &shards {
         if result.is_err() {
             let _ = kill(s.pid, Signal::SIGKILL);
         }
         let _ = nix::sys::wait::waitpid(s.pid, None);
     }
-    result.map(|summary| Summary { server, ..summary })
+    result.map(|summary| Summary {
+        server,
+        client: Some(client),
+        ..summary
+    })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one (the shards inherit it); returns the files
@@ -150,6 +165,7 @@ fn coordinate(
     clock: Clock,
     shards: &mut [Shard],
     server: &mut Option<ServerRun>,
+    client: &mut ServerRun,
 ) -> Result<Summary, BenchError> {
     let setup = |e| BenchError::Setup("poll the client processes".into(), e);
     let mut poll = Poll::new().map_err(setup)?;
@@ -178,6 +194,7 @@ fn coordinate(
                 if let Some(run) = server {
                     run.go = Some(run.procs.sample(now, false));
                 }
+                client.go = Some(client.procs.sample(now, false));
                 order(shards, &format!("go {now}"))?;
             } else if settled_at.is_none() && all_tried {
                 settled_at = Some(now);
@@ -200,6 +217,7 @@ fn coordinate(
             if let Some(run) = server {
                 run.end = Some(run.procs.sample(clock.now(), false));
             }
+            client.end = Some(client.procs.sample(clock.now(), false));
             return Ok(summary(shards, t0.unwrap_or(0)));
         }
         if t0.is_some_and(|t0| now > t0 + deadline_after_go) {
@@ -304,6 +322,8 @@ fn summary(shards: &[Shard], t0: u64) -> Summary {
         span: None,
         t0,
         server: None,
+        client: None,
+        link: Link::default(),
     };
     for shard in shards {
         if let Some(Report::Done {
@@ -315,8 +335,10 @@ fn summary(shards: &[Shard], t0: u64) -> Summary {
             connecting,
             span,
             burst_latency,
+            link,
         }) = &shard.done
         {
+            s.link.merge(link);
             s.ready += ready;
             s.open += open;
             s.counts.add(counts);
@@ -342,11 +364,13 @@ mod tests {
             secs: 1,
             json: false,
             server: Default::default(),
+            payload: crate::bench::payload::Kind::Text,
             work: if broadcast {
                 Work::Broadcast {
                     rate: 1,
                     app: App::Chat,
                     topic: "t".into(),
+                    size: 0,
                 }
             } else {
                 Work::Echo { size: 1, depth: 1 }

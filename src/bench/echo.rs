@@ -1,21 +1,25 @@
 //! `wsd bench echo`: every connection keeps `depth` text messages in flight and sends the next
 //! as each reply comes back (closed loop), like uWebSockets' load_test.
 //!
-//! The frame is built and masked once and copied into the send buffer for every message. An
-//! echo server answers in order, so a connection's send times fit a ring of `depth` slots:
-//! the reply pops the oldest, giving its round trip without any per-message allocation.
+//! The frames are built and masked once and copied into the send buffer for every message
+//! (with `--payload json`, the variants in turn). An echo server answers in order, so a
+//! connection's send times fit a ring of `depth` slots: the reply pops the oldest, giving its
+//! round trip without any per-message allocation.
 
-use super::client::{Driver, Pool};
+use super::client::{Driver, Out, Pool};
+use super::payload::Messages;
 use super::report::{self, Counts, Summary};
 use super::shard::Workload;
-use super::wire::{self, BadReply, Frame};
+use super::wire::{BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::collections::VecDeque;
 
 pub struct Echo {
-    frame: Vec<u8>,
+    messages: Messages,
+    /// The message sent next (of `messages`, in turn).
+    next: usize,
     size: usize,
     depth: usize,
     /// Send times of the messages in flight, per connection (capacity `depth`, never grown).
@@ -28,11 +32,11 @@ pub struct Echo {
 }
 
 impl Echo {
-    pub fn new(conns: usize, size: usize, depth: usize, secs: u64) -> Echo {
-        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    pub fn new(conns: usize, messages: Messages, depth: usize, secs: u64) -> Echo {
         Echo {
-            frame: wire::text_frame(&payload),
-            size,
+            size: messages.size(),
+            messages,
+            next: 0,
             depth,
             rings: (0..conns).map(|_| VecDeque::with_capacity(depth)).collect(),
             end: secs * 1_000_000_000,
@@ -45,13 +49,13 @@ impl Echo {
 
 impl Driver for Echo {
     /// Nothing is sent before `go`: connecting thousands of clients is not part of the figure.
-    fn opened(&mut self, _id: usize, _handshake_ns: u64, _out: &mut Vec<u8>, _now: u64) {}
+    fn opened(&mut self, _id: usize, _handshake_ns: u64, _out: &mut Out<'_>, _now: u64) {}
 
     fn data(
         &mut self,
         id: usize,
         frame: Frame<'_>,
-        out: &mut Vec<u8>,
+        out: &mut Out<'_>,
         now: u64,
     ) -> Result<(), BadReply> {
         if !frame.echo_of(self.size)? {
@@ -64,7 +68,8 @@ impl Driver for Echo {
         self.counts.messages += 1;
         self.counts.bytes += self.size as u64;
         self.latency.saturating_record(now.saturating_sub(sent));
-        out.extend_from_slice(&self.frame);
+        out.put(&self.messages, self.next);
+        self.next = (self.next + 1) % self.messages.len();
         self.rings[id].push_back(now);
         self.counts.sent += 1;
         Ok(())
@@ -83,10 +88,11 @@ impl Workload for Echo {
             if !pool.is_open(id) {
                 continue;
             }
-            let (frame, depth) = (&self.frame, self.depth);
+            let (messages, depth, next) = (&self.messages, self.depth, &mut self.next);
             pool.send(id, |out| {
                 for _ in 0..depth {
-                    out.extend_from_slice(frame);
+                    out.put(messages, *next);
+                    *next = (*next + 1) % messages.len();
                 }
             });
             self.rings[id].extend(std::iter::repeat_n(now, depth));

@@ -11,17 +11,18 @@
 //! Pss is the headline: forked workers share their pages with the master, and the pages a
 //! worker writes become its own; Rss would count a shared page in full in every worker.
 
-use super::client::{Driver, Pool};
+use super::client::{Driver, Out, Pool};
+use super::payload::Messages;
 use super::report::{self, Counts, Summary};
 use super::server::{Memory, ServerRun};
 use super::shard::Workload;
-use super::wire::{self, BadReply, Frame};
+use super::wire::{BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
 pub struct Idle {
-    frame: Vec<u8>,
+    messages: Messages,
     size: usize,
     /// When each connection sent its message (ns), `u64::MAX` once it is echoed.
     sent_at: Vec<u64>,
@@ -33,11 +34,10 @@ pub struct Idle {
 const ECHOED: u64 = u64::MAX;
 
 impl Idle {
-    pub fn new(conns: usize, size: usize) -> Idle {
-        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    pub fn new(conns: usize, messages: Messages) -> Idle {
         Idle {
-            frame: wire::text_frame(&payload),
-            size,
+            size: messages.size(),
+            messages,
             sent_at: vec![0; conns],
             echoed: 0,
             counts: Counts::default(),
@@ -47,8 +47,8 @@ impl Idle {
 }
 
 impl Driver for Idle {
-    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Vec<u8>, now: u64) {
-        out.extend_from_slice(&self.frame);
+    fn opened(&mut self, id: usize, _handshake_ns: u64, out: &mut Out<'_>, now: u64) {
+        out.put(&self.messages, id % self.messages.len());
         self.sent_at[id] = now;
         self.counts.sent += 1;
     }
@@ -57,7 +57,7 @@ impl Driver for Idle {
         &mut self,
         id: usize,
         frame: Frame<'_>,
-        _out: &mut Vec<u8>,
+        _out: &mut Out<'_>,
         now: u64,
     ) -> Result<(), BadReply> {
         if !frame.fin {
@@ -209,7 +209,7 @@ mod tests {
     fn memory_per_connection_is_the_growth_over_the_connections() {
         let mem = |rss_kib, pss_kib| Some(Memory { rss_kib, pss_kib });
         let run = ServerRun {
-            procs: Procs::for_test(vec![10, 11]),
+            procs: Procs::of(vec![10, 11]),
             start: Sample::for_test(vec![mem(1000, 600), mem(1000, 600)]),
             go: None,
             held: Some(Sample::for_test(vec![mem(3000, 2600), mem(5000, 4600)])),

@@ -15,13 +15,14 @@
 //!
 //! The schedule is global: with several client processes, each sends the messages whose
 //! connection it holds. An echo server answers a connection's messages in order, so their
-//! scheduled times wait in a per-connection ring, as in `echo`; the frame is built and
-//! masked once.
+//! scheduled times (and which of the payloads each carries) wait in a per-connection ring,
+//! as in `echo`; the frames are built and masked once.
 
-use super::client::{Driver, Pool};
+use super::client::{Driver, Out, Pool};
+use super::payload::Messages;
 use super::report::{self, Counts, Span, Summary};
 use super::shard::Workload;
-use super::wire::{self, BadReply, Frame};
+use super::wire::{BadReply, Frame};
 use super::{Plan, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -35,9 +36,8 @@ pub const LATE_NS: u64 = 1_000_000;
 const DRAIN_NS: u64 = super::broadcast::DRAIN_NS;
 
 pub struct Latency {
-    frame: Vec<u8>,
-    /// What each message carries; its echo must come back the same.
-    payload: Vec<u8>,
+    /// What the messages carry, in turn; each echo must come back the same.
+    messages: Messages,
     /// This process holds connections `first..first + conns` of `all`.
     first: usize,
     conns: usize,
@@ -47,8 +47,9 @@ pub struct Latency {
     t0: Option<u64>,
     /// The next message (global index) this process sends.
     next: u64,
-    /// Scheduled times of the messages in flight, per connection.
-    rings: Vec<VecDeque<u64>>,
+    /// Scheduled times of the messages in flight, and which payload each carries, per
+    /// connection.
+    rings: Vec<VecDeque<(u64, usize)>>,
     in_flight: u64,
     counts: Counts,
     latency: Histogram<u64>,
@@ -62,13 +63,11 @@ impl Latency {
         conns: usize,
         all: usize,
         rate: u64,
-        size: usize,
+        messages: Messages,
         secs: u64,
     ) -> Latency {
-        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
         Latency {
-            frame: wire::text_frame(&payload),
-            payload,
+            messages,
             first,
             conns,
             all,
@@ -105,27 +104,30 @@ impl Latency {
 
 impl Driver for Latency {
     /// Nothing is sent before `go`.
-    fn opened(&mut self, _id: usize, _handshake_ns: u64, _out: &mut Vec<u8>, _now: u64) {}
+    fn opened(&mut self, _id: usize, _handshake_ns: u64, _out: &mut Out<'_>, _now: u64) {}
 
     fn data(
         &mut self,
         id: usize,
         frame: Frame<'_>,
-        _out: &mut Vec<u8>,
+        _out: &mut Out<'_>,
         now: u64,
     ) -> Result<(), BadReply> {
         let whole_text = frame.opcode == crate::proto::frame::TEXT && frame.fin;
-        if whole_text && frame.payload != self.payload.as_slice() {
+        let expected = self.rings[id]
+            .front()
+            .map(|&(_, i)| self.messages.payload(i));
+        if whole_text && Some(frame.payload) != expected {
             self.counts.pushes += 1;
             return Ok(());
         }
-        if !frame.echo_of(self.payload.len())? {
+        if !frame.echo_of(self.messages.size())? {
             return Ok(());
         }
-        let due = self.rings[id].pop_front().ok_or(BadReply::Unasked)?;
+        let (due, _) = self.rings[id].pop_front().ok_or(BadReply::Unasked)?;
         self.in_flight -= 1;
         self.counts.messages += 1;
-        self.counts.bytes += self.payload.len() as u64;
+        self.counts.bytes += self.messages.size() as u64;
         self.latency.saturating_record(now.saturating_sub(due));
         Ok(())
     }
@@ -152,9 +154,9 @@ impl Workload for Latency {
             }
             let id = (self.next % self.all as u64) as usize - self.first;
             if pool.is_open(id) {
-                let frame = &self.frame;
-                pool.send(id, |out| out.extend_from_slice(frame));
-                self.rings[id].push_back(due);
+                let which = (self.next / self.all as u64) as usize % self.messages.len();
+                pool.send(id, |out| out.put(&self.messages, which));
+                self.rings[id].push_back((due, which));
                 self.in_flight += 1;
                 self.counts.sent += 1;
                 if now - due > LATE_NS {
@@ -245,8 +247,9 @@ mod tests {
     #[test]
     fn each_process_sends_the_messages_of_its_own_connections() {
         // 10 connections over two processes: 0..4 and 4..10.
-        let a = Latency::new(0, 4, 10, 100, 1, 1);
-        let b = Latency::new(4, 6, 10, 100, 1, 1);
+        let one = || Messages::new(vec![b"x".to_vec()]);
+        let a = Latency::new(0, 4, 10, 100, one(), 1);
+        let b = Latency::new(4, 6, 10, 100, one(), 1);
         let walk = |l: &Latency| {
             let mut i = l.next;
             std::iter::from_fn(move || {
@@ -263,7 +266,7 @@ mod tests {
 
     #[test]
     fn messages_are_due_on_a_fixed_schedule() {
-        let mut l = Latency::new(0, 1, 1, 4, 1, 1);
+        let mut l = Latency::new(0, 1, 1, 4, Messages::new(vec![b"x".to_vec()]), 1);
         l.t0 = Some(1_000);
         assert_eq!(l.due(0), 1_000);
         assert_eq!(l.due(3), 1_000 + 750_000_000);

@@ -17,18 +17,27 @@
 //!   and delivery latency.
 //!
 //! Given the server's pids (`--pid`, or `--config` to ask a wsd for them), every mode also
-//! reports the CPU time the server spent while it measured ([`server`]).
+//! reports the CPU time the server spent while it measured ([`server`]), and each mode
+//! reports the CPU time of its own client processes, so a figure the client limited shows.
+//!
+//! Every mode runs over TLS too (`--tls`, or a `wss://` URL; [`tls`]), and with
+//! permessage-deflate offered (`--deflate`; [`deflate`]), reporting what was agreed and the
+//! compression ratio. `--payload json` sends chat events in JSON instead of letters
+//! ([`payload`]).
 
 mod broadcast;
 mod client;
 mod connect;
 mod coordinator;
+mod deflate;
 mod echo;
 mod idle;
 mod latency;
+mod payload;
 mod report;
 mod server;
 mod shard;
+mod tls;
 pub(crate) mod wire;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -116,14 +125,33 @@ enum Mode {
         /// The pubsub topic
         #[arg(long, default_value = "bench")]
         topic: String,
+        /// Payload bytes of each message: 0 for the timestamp alone (`--payload text`), or a
+        /// JSON document of about this size around it (`--payload json`; 2048 if 0)
+        #[arg(long, default_value_t = 0)]
+        size: usize,
     },
 }
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// The server to load: ws://HOST:PORT/PATH
+    /// The server to load: ws://HOST:PORT/PATH, or wss:// (TLS)
     #[arg(long, default_value = "ws://127.0.0.1:2346/")]
     url: String,
+    /// Connect with TLS (a wss:// URL implies it; a ws:// URL's port is kept)
+    #[arg(long)]
+    tls: bool,
+    /// With TLS: accept any certificate and skip the handshake signature's check (for
+    /// self-signed test certificates; the server's work is the same)
+    #[arg(long)]
+    insecure: bool,
+    /// Offer permessage-deflate (`permessage-deflate; client_max_window_bits`, as browsers
+    /// do); send compressed frames and inflate compressed ones where it is agreed
+    #[arg(long)]
+    deflate: bool,
+    /// What messages carry: `text` (a-z repeated) or `json` (chat events, 128 variants of
+    /// exactly --size bytes, at least 160)
+    #[arg(long, value_enum, default_value_t = payload::Kind::Text)]
+    payload: payload::Kind,
     /// Connections (broadcast: subscribers, the publisher is one more; connect: the burst)
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     conns: u32,
@@ -158,21 +186,30 @@ impl fmt::Display for App {
     }
 }
 
-/// Where to connect: the address, plus what goes in the upgrade request.
+/// Where to connect: the address, plus what goes in the upgrade request, and how.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub host: String,
     pub path: String,
+    /// The URL was `wss://`.
+    pub wss: bool,
+    /// TLS, when the run connects with it.
+    pub tls: Option<tls::Client>,
+    /// permessage-deflate is offered.
+    pub deflate: bool,
 }
 
 impl Target {
-    /// Parses `ws://HOST[:PORT][/PATH]` (no TLS: a benchmark of wss would measure TLS).
+    /// Parses `ws://HOST[:PORT][/PATH]` or `wss://...` (port 80 or 443 when none is given);
+    /// TLS and compression are set by the caller.
     pub fn parse(url: &str) -> Result<Target, BenchError> {
         let bad = |why: &str| BenchError::Url(format!("{url}: {why}"));
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| bad("only ws:// URLs"))?;
+        let (wss, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(bad("only ws:// and wss:// URLs")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -186,7 +223,7 @@ impl Target {
         let with_port = if has_port {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if wss { 443 } else { 80 })
         };
         let addr = with_port
             .to_socket_addrs()
@@ -201,7 +238,16 @@ impl Target {
             addr,
             host,
             path: path.to_string(),
+            wss,
+            tls: None,
+            deflate: false,
         })
+    }
+
+    /// The URL as the report shows it.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.addr, self.path)
     }
 }
 
@@ -209,6 +255,10 @@ impl Target {
 #[derive(Debug)]
 pub enum BenchError {
     Url(String),
+    /// The client's TLS cannot be set up.
+    Tls(String),
+    /// Options that do not go together.
+    Usage(String),
     Setup(String, std::io::Error),
     /// The server's processes could not be found (`--config`).
     Server(String),
@@ -220,6 +270,8 @@ impl fmt::Display for BenchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BenchError::Url(why) => write!(f, "bad --url {why}"),
+            BenchError::Tls(why) => write!(f, "TLS: {why}"),
+            BenchError::Usage(why) => f.write_str(why),
             BenchError::Setup(what, e) => write!(f, "cannot {what}: {e}"),
             BenchError::Server(why) => write!(f, "the server's processes: {why}"),
             BenchError::Shard(i, why) => write!(f, "client process {i}: {why}"),
@@ -257,16 +309,34 @@ pub struct Plan {
     pub secs: u64,
     pub json: bool,
     pub server: ServerArgs,
+    /// What messages carry.
+    pub payload: payload::Kind,
     pub work: Work,
 }
 
 #[derive(Debug, Clone)]
 pub enum Work {
-    Echo { size: usize, depth: usize },
-    Connect { slots: usize },
-    Idle { size: usize },
-    Latency { rate: u64, size: usize, spin: bool },
-    Broadcast { rate: u64, app: App, topic: String },
+    Echo {
+        size: usize,
+        depth: usize,
+    },
+    Connect {
+        slots: usize,
+    },
+    Idle {
+        size: usize,
+    },
+    Latency {
+        rate: u64,
+        size: usize,
+        spin: bool,
+    },
+    Broadcast {
+        rate: u64,
+        app: App,
+        topic: String,
+        size: usize,
+    },
 }
 
 impl Plan {
@@ -310,14 +380,44 @@ impl Plan {
                 rate,
                 app,
                 topic,
-            } => (common, window.secs, Work::Broadcast { rate, app, topic }),
+                size,
+            } => (
+                common,
+                window.secs,
+                Work::Broadcast {
+                    rate,
+                    app,
+                    topic,
+                    size,
+                },
+            ),
         };
+        let mut target = Target::parse(&common.url)?;
+        if common.tls || target.wss {
+            target.tls = Some(tls::Client::new(&target.host, common.insecure)?);
+        }
+        target.deflate = common.deflate;
+        let sized = match work {
+            Work::Echo { size, .. } | Work::Idle { size } | Work::Latency { size, .. } => {
+                Some(size)
+            }
+            _ => None,
+        };
+        if common.payload == payload::Kind::Json
+            && let Some(size) = sized.filter(|&s| s < payload::MIN_JSON)
+        {
+            return Err(BenchError::Usage(format!(
+                "--payload json needs --size {} or more, not {size}",
+                payload::MIN_JSON
+            )));
+        }
         Ok(Plan {
-            target: Target::parse(&common.url)?,
+            target,
             conns: common.conns as usize,
             secs,
             json: common.json,
             server: common.server,
+            payload: common.payload,
             work,
         })
     }
@@ -387,7 +487,9 @@ mod tests {
         assert_eq!((t.addr.port(), t.path.as_str()), (80, "/"));
         let t = Target::parse("ws://[::1]:9/").unwrap();
         assert_eq!(t.addr, "[::1]:9".parse().unwrap());
-        assert!(Target::parse("wss://127.0.0.1/").is_err());
+        let t = Target::parse("wss://127.0.0.1/x").unwrap();
+        assert_eq!((t.addr.port(), t.wss, t.path.as_str()), (443, true, "/x"));
+        assert!(Target::parse("http://127.0.0.1/").is_err());
         assert!(Target::parse("ws:///x").is_err());
     }
 }

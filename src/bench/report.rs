@@ -109,6 +109,66 @@ impl Counts {
     }
 }
 
+/// What the connections agreed on in their handshakes, and the bytes they moved: for the
+/// TLS and compression figures. Summed over the client processes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Link {
+    /// The first connection's TLS version, cipher suite and key exchange.
+    pub tls: Option<String>,
+    /// The first `Sec-WebSocket-Extensions` answer.
+    pub extension: Option<String>,
+    /// Connections opened, and those of them that agreed on permessage-deflate.
+    pub opened: u64,
+    pub deflating: u64,
+    /// Payload bytes of the data frames sent, before and after compression.
+    pub sent_payload: u64,
+    pub sent_wire: u64,
+    /// Payload bytes of the data frames received, as they came and once inflated.
+    pub received_wire: u64,
+    pub received_payload: u64,
+}
+
+impl Link {
+    /// A connection's handshake is done: its TLS (if any), its extension answer, and whether
+    /// that answer agreed on permessage-deflate.
+    pub fn opened(
+        &mut self,
+        tls: Option<&rustls::ClientConnection>,
+        extension: Option<&[u8]>,
+        deflating: bool,
+    ) {
+        self.opened += 1;
+        self.deflating += u64::from(deflating);
+        if self.opened == 1 {
+            self.tls = tls.map(super::tls::describe);
+            self.extension = extension.map(|e| String::from_utf8_lossy(e).into_owned());
+        }
+    }
+
+    pub fn sent(&mut self, payload: usize, wire: usize) {
+        self.sent_payload += payload as u64;
+        self.sent_wire += wire as u64;
+    }
+
+    pub fn received(&mut self, wire: usize, payload: usize) {
+        self.received_wire += wire as u64;
+        self.received_payload += payload as u64;
+    }
+
+    pub fn merge(&mut self, other: &Link) {
+        if self.opened == 0 {
+            self.tls.clone_from(&other.tls);
+            self.extension.clone_from(&other.extension);
+        }
+        self.opened += other.opened;
+        self.deflating += other.deflating;
+        self.sent_payload += other.sent_payload;
+        self.sent_wire += other.sent_wire;
+        self.received_wire += other.received_wire;
+        self.received_payload += other.received_payload;
+    }
+}
+
 /// A stretch of time on the run's common clock (ns); over several client processes, from
 /// the earliest start to the latest end.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -169,6 +229,10 @@ pub struct Summary {
     /// When measuring began (ns on the common clock).
     pub t0: u64,
     pub server: Option<ServerRun>,
+    /// The client processes' own CPU time (`start` and `go` sampled as the server's).
+    pub client: Option<ServerRun>,
+    /// What the connections agreed on, and the bytes they moved.
+    pub link: Link,
 }
 
 /// A duration in nanoseconds, in the unit that reads best.
@@ -209,7 +273,8 @@ pub fn per(x: f64, n: u64) -> Option<f64> {
 pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
     let mut v = json!({
         "mode": plan.mode(),
-        "url": format!("ws://{}{}", plan.target.addr, plan.target.path),
+        "url": plan.target.url(),
+        "payload": plan.payload,
         "conns": plan.conns,
         "secs": plan.secs,
         "ready": s.ready,
@@ -238,7 +303,60 @@ pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
     if let Some(server) = server_json(plan, s) {
         v["server"] = server;
     }
+    if let Some(client) = &s.client {
+        let mut c = json!({ "processes": client.procs.workers.len() });
+        cpu_json(plan, s, client, &mut c);
+        v["client"] = c;
+        v["cores_busy"] = cores_json(plan, client);
+    }
+    if plan.target.tls.is_some() {
+        v["tls"] = json!(s.link.tls);
+    }
+    if plan.target.deflate {
+        v["deflate"] = deflate_json(&s.link);
+    }
     v
+}
+
+/// How busy each core of the machine was (0 to 1, whatever kept it so): over the measured
+/// window, and for `connect` over the burst. A core at 1.0 limited the figure.
+fn cores_json(plan: &Plan, run: &ServerRun) -> serde_json::Value {
+    let busy = |from: Option<&server::Sample>, to: Option<&server::Sample>| {
+        from.zip(to).map(|(a, b)| {
+            server::cores_busy(a, b)
+                .into_iter()
+                .map(|x| round(x, 2))
+                .collect::<Vec<_>>()
+        })
+    };
+    let (from, to) = match plan.work {
+        Work::Idle { .. } => (Some(&run.start), run.end.as_ref()),
+        _ => (run.go.as_ref(), run.end.as_ref()),
+    };
+    let mut v = json!({ "window": busy(from, to) });
+    if let Work::Connect { .. } = plan.work {
+        v["burst"] = json!(busy(Some(&run.start), run.go.as_ref()));
+    }
+    v
+}
+
+/// permessage-deflate: what was agreed, on how many connections, and the ratios (payload
+/// bytes before compression over bytes on the wire; 1.0 where nothing was compressed).
+pub fn deflate_json(link: &Link) -> serde_json::Value {
+    let ratio = |payload: u64, wire: u64| per(payload as f64, wire).map(|r| round(r, 2));
+    json!({
+        "offered": super::deflate::OFFER.trim_end()
+            .trim_start_matches("Sec-WebSocket-Extensions: "),
+        "agreed": link.extension,
+        "connections": link.deflating,
+        "of": link.opened,
+        "received_payload_bytes": link.received_payload,
+        "received_wire_bytes": link.received_wire,
+        "received_ratio": ratio(link.received_payload, link.received_wire),
+        "sent_payload_bytes": link.sent_payload,
+        "sent_wire_bytes": link.sent_wire,
+        "sent_ratio": ratio(link.sent_payload, link.sent_wire),
+    })
 }
 
 /// The server's processes and the CPU time they spent while the run measured. The window
@@ -248,6 +366,16 @@ pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
 pub fn server_json(plan: &Plan, s: &Summary) -> Option<serde_json::Value> {
     let run = s.server.as_ref()?;
     let mut v = json!({ "master": run.procs.master, "workers": run.procs.workers });
+    cpu_json(plan, s, run, &mut v);
+    if let Work::Idle { .. } = plan.work {
+        v["memory"] = super::idle::memory_json(run, plan.conns);
+    }
+    Some(v)
+}
+
+/// The CPU time `run`'s processes spent while the run measured, per message or handshake,
+/// into `v`.
+fn cpu_json(plan: &Plan, s: &Summary, run: &ServerRun, v: &mut serde_json::Value) {
     let (from, to) = match plan.work {
         Work::Idle { .. } => (Some(&run.start), run.held.as_ref()),
         _ => (run.go.as_ref(), run.end.as_ref()),
@@ -274,10 +402,6 @@ pub fn server_json(plan: &Plan, s: &Summary) -> Option<serde_json::Value> {
         let us = per(cpu, s.ready as u64).map(|x| round(x * 1e6, 1));
         v["burst_cpu_us_per_upgrade"] = json!(us);
     }
-    if let Work::Idle { .. } = plan.work {
-        v["memory"] = super::idle::memory_json(run, plan.conns);
-    }
-    Some(v)
 }
 
 /// The closing table, or the JSON object with `--json`, on stdout.
@@ -303,7 +427,7 @@ pub fn latency_row(label: &str, h: &Histogram<u64>) -> String {
 }
 
 fn table(plan: &Plan, s: &Summary) -> String {
-    let url = format!("ws://{}{}", plan.target.addr, plan.target.path);
+    let url = plan.target.url();
     let mut t = match &plan.work {
         Work::Echo { .. } => super::echo::rows(plan, s, &url),
         Work::Connect { .. } => super::connect::rows(plan, s, &url),
@@ -313,6 +437,38 @@ fn table(plan: &Plan, s: &Summary) -> String {
     };
     if let Some(v) = server_json(plan, s) {
         t += &server_rows(&v);
+    }
+    if let Some(client) = &s.client {
+        let mut v = json!({});
+        cpu_json(plan, s, client, &mut v);
+        t += &cpu_rows("client cpu", "burst client", &v);
+        let cores = cores_json(plan, client);
+        for (label, key) in [("cores busy", "window"), ("burst cores", "burst")] {
+            if let Some(busy) = cores[key].as_array() {
+                let each: Vec<String> = busy
+                    .iter()
+                    .map(|b| format!("{:.0} %", b.as_f64().unwrap_or(0.0) * 100.0))
+                    .collect();
+                t += &format!("{label:<12} {}\n", each.join(", "));
+            }
+        }
+    }
+    if let Some(tls) = &s.link.tls {
+        t += &format!("tls          {tls}\n");
+    }
+    if plan.target.deflate {
+        let d = deflate_json(&s.link);
+        let agreed = d["agreed"].as_str().unwrap_or("not agreed");
+        t += &format!(
+            "deflate      {agreed} ({} of {} connections)\n\
+             \x20 ratio      {} received ({} → {} bytes), {} sent\n",
+            d["connections"],
+            d["of"],
+            d["received_ratio"],
+            d["received_payload_bytes"],
+            d["received_wire_bytes"],
+            d["sent_ratio"],
+        );
     }
     let e = &s.errors;
     t += &format!(
@@ -338,9 +494,19 @@ fn server_rows(v: &serde_json::Value) -> String {
         " + master"
     };
     let mut t = format!("server       {workers} process(es){master}\n");
+    t += &cpu_rows("server cpu", "burst cpu", v);
+    if v["memory"].is_object() {
+        t += &super::idle::memory_rows(&v["memory"]);
+    }
+    t
+}
+
+/// The CPU rows of the table (server's or client's), from their JSON figures.
+fn cpu_rows(label: &str, burst_label: &str, v: &serde_json::Value) -> String {
+    let mut t = String::new();
     let f = |key: &str| v[key].as_f64();
     if let (Some(cpu), Some(window)) = (f("cpu_secs"), f("cpu_window_secs")) {
-        t += &format!("server cpu   {cpu:.2} s in {window:.2} s");
+        t += &format!("{label:<12} {cpu:.2} s in {window:.2} s");
         if let Some(m) = f("cpu_secs_per_million") {
             t += &format!(", {m:.2} s per million messages");
         }
@@ -350,14 +516,11 @@ fn server_rows(v: &serde_json::Value) -> String {
         t += "\n";
     }
     if let Some(cpu) = f("burst_cpu_secs") {
-        t += &format!("burst cpu    {cpu:.2} s");
+        t += &format!("{burst_label:<12} {cpu:.2} s");
         if let Some(us) = f("burst_cpu_us_per_upgrade") {
             t += &format!(", {us:.1} µs per upgrade");
         }
         t += "\n";
-    }
-    if v["memory"].is_object() {
-        t += &super::idle::memory_rows(&v["memory"]);
     }
     t
 }

@@ -52,6 +52,9 @@ pub struct Sample {
     cpu: Vec<Option<u64>>,
     /// Per worker, when memory was asked for.
     pub memory: Vec<Option<Memory>>,
+    /// Busy and total clock ticks of every core of the machine (`/proc/stat`), whoever
+    /// spent them: a core can be saturated by work no process is charged for (softirqs).
+    pub cores: Vec<(u64, u64)>,
 }
 
 /// A process's resident memory, in KiB.
@@ -104,6 +107,15 @@ impl Procs {
         }))
     }
 
+    /// Given processes, all counted as workers (`wsd bench`'s own client processes).
+    pub fn of(pids: Vec<i32>) -> Procs {
+        Procs {
+            master: None,
+            workers: pids,
+            config: None,
+        }
+    }
+
     /// Every process: the master (if known), then the workers.
     pub fn all(&self) -> impl Iterator<Item = i32> + '_ {
         self.master.into_iter().chain(self.workers.iter().copied())
@@ -119,6 +131,9 @@ impl Procs {
             at,
             cpu: self.all().map(cpu_ticks_of).collect(),
             memory,
+            cores: std::fs::read_to_string("/proc/stat")
+                .map(|t| core_ticks(&t))
+                .unwrap_or_default(),
         }
     }
 
@@ -137,23 +152,13 @@ impl Procs {
 }
 
 #[cfg(test)]
-impl Procs {
-    pub fn for_test(workers: Vec<i32>) -> Procs {
-        Procs {
-            master: None,
-            workers,
-            config: None,
-        }
-    }
-}
-
-#[cfg(test)]
 impl Sample {
     pub fn for_test(memory: Vec<Option<Memory>>) -> Sample {
         Sample {
             at: 0,
             cpu: Vec::new(),
             memory,
+            cores: Vec::new(),
         }
     }
 }
@@ -167,6 +172,42 @@ pub fn cpu_secs(from: &Sample, to: &Sample) -> f64 {
         .filter_map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
         .sum();
     ticks as f64 / crate::sys::clock_ticks_per_sec() as f64
+}
+
+/// How busy each core was between two samples, 0 to 1.
+pub fn cores_busy(from: &Sample, to: &Sample) -> Vec<f64> {
+    from.cores
+        .iter()
+        .zip(&to.cores)
+        .map(|(a, b)| {
+            let total = b.1.saturating_sub(a.1);
+            let busy = b.0.saturating_sub(a.0);
+            if total == 0 {
+                0.0
+            } else {
+                busy as f64 / total as f64
+            }
+        })
+        .collect()
+}
+
+/// Busy (user, nice, system, irq, softirq, steal) and total ticks of each `cpuN` line of
+/// `/proc/stat`.
+fn core_ticks(stat: &str) -> Vec<(u64, u64)> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let t: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            let at = |i: usize| t.get(i).copied().unwrap_or(0);
+            let idle = at(3) + at(4);
+            let total: u64 = t.iter().take(8).sum();
+            (total - idle, total)
+        })
+        .collect()
 }
 
 /// Seconds between two samples.
@@ -260,16 +301,27 @@ mod tests {
     }
 
     #[test]
+    fn core_ticks_are_busy_and_total_per_core() {
+        let stat = "cpu  10 0 10 100 0 0 0 0 0 0\ncpu0 5 0 5 50 0 0 0 0 0 0\n\
+                    cpu1 5 0 1 40 10 0 4 0 0 0\nintr 1 2\n";
+        assert_eq!(core_ticks(stat), vec![(10, 60), (10, 60)]);
+        let mine = std::fs::read_to_string("/proc/stat").unwrap();
+        assert!(!core_ticks(&mine).is_empty());
+    }
+
+    #[test]
     fn cpu_seconds_count_only_processes_read_both_times() {
         let a = Sample {
             at: 0,
             cpu: vec![Some(100), Some(50), None],
             memory: Vec::new(),
+            cores: Vec::new(),
         };
         let b = Sample {
             at: 2_000_000_000,
             cpu: vec![Some(300), None, Some(900)],
             memory: Vec::new(),
+            cores: Vec::new(),
         };
         let hz = crate::sys::clock_ticks_per_sec() as f64;
         assert_eq!(cpu_secs(&a, &b), 200.0 / hz);

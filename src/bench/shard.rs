@@ -14,7 +14,8 @@
 //! with `stop`.
 
 use super::client::{self, Driver, Pool};
-use super::report::{self, Counts, Errors, Span};
+use super::payload::{self, Messages};
+use super::report::{self, Counts, Errors, Link, Span};
 use super::{Clock, Plan, SEC, Work};
 use hdrhistogram::Histogram;
 use mio::Interest;
@@ -106,6 +107,8 @@ pub enum Report {
         span: Option<Span>,
         #[serde(default)]
         burst_latency: Vec<(u64, u64)>,
+        #[serde(default)]
+        link: Box<Link>,
     },
     /// The shard could not run at all.
     Failed {
@@ -136,9 +139,10 @@ pub fn main(
     let _ = up.set_nonblocking(false);
     let (up, down) = (&mut up, &mut down);
     let (n, first) = (share.conns, share.first);
+    let messages = |size| Messages::new(payload::payloads(plan.payload, size));
     let result = match &plan.work {
         Work::Echo { size, depth } => {
-            let echo = super::echo::Echo::new(n, *size, *depth, plan.secs);
+            let echo = super::echo::Echo::new(n, messages(*size), *depth, plan.secs);
             run(plan, n, first, echo, clock, up, down)
         }
         Work::Connect { .. } => {
@@ -146,17 +150,30 @@ pub fn main(
             run(plan, n, first, connect, clock, up, down)
         }
         Work::Idle { size } => {
-            let idle = super::idle::Idle::new(n, *size);
+            let idle = super::idle::Idle::new(n, messages(*size));
             run(plan, n, first, idle, clock, up, down)
         }
         Work::Latency { rate, size, .. } => {
-            let latency =
-                super::latency::Latency::new(first, n, plan.conns, *rate, *size, plan.secs);
+            let m = messages(*size);
+            let latency = super::latency::Latency::new(first, n, plan.conns, *rate, m, plan.secs);
             run(plan, n, first, latency, clock, up, down)
         }
-        Work::Broadcast { rate, app, topic } => {
-            let b =
-                super::broadcast::Broadcast::new(*app, topic, n, share.publisher, *rate, plan.secs);
+        Work::Broadcast {
+            rate,
+            app,
+            topic,
+            size,
+        } => {
+            let b = super::broadcast::Broadcast::new(
+                *app,
+                topic,
+                n,
+                share.publisher,
+                *rate,
+                plan.secs,
+                plan.payload,
+                *size,
+            );
             let sockets = n + usize::from(share.publisher);
             run(plan, sockets, first, b, clock, up, down)
         }
@@ -276,6 +293,7 @@ fn run(
             connecting: settled_at.map(|to| Span { from: began, to }),
             span: work.span(),
             burst_latency: work.burst_latency().map_or_else(Vec::new, report::to_pairs),
+            link: Box::new(pool.link().clone()),
         },
     )
 }

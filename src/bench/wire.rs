@@ -5,6 +5,8 @@
 //! frames must be masked; a frame whose payload never changes is built and masked once and
 //! copied into each send buffer. Server frames are scanned, not decoded: header, length and a
 //! borrowed payload slice, with no unmasking (servers do not mask), no UTF-8 check and no copy.
+//! With `--deflate` the request offers permessage-deflate (see [`super::deflate`]), and a
+//! server frame may have RSV1 set: the client's loop inflates it.
 
 use crate::proto::frame::{self, CLOSE, CONTINUATION, PING, PONG, TEXT};
 use std::fmt;
@@ -38,11 +40,14 @@ pub const MAX_RESPONSE_HEAD: usize = 8 << 10;
 /// A server frame longer than this is treated as a protocol error rather than buffered.
 pub const MAX_FRAME: u64 = 64 << 20;
 
-/// The upgrade request for `host:port` and `path`.
-pub fn upgrade_request(host: &str, port: u16, path: &str) -> Vec<u8> {
+/// The upgrade request for `host:port` and `path`; with `deflate`, offering
+/// permessage-deflate as a browser does.
+pub fn upgrade_request(host: &str, port: u16, path: &str, deflate: bool) -> Vec<u8> {
+    let offer = if deflate { super::deflate::OFFER } else { "" };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+         {offer}\r\n"
     )
     .into_bytes()
 }
@@ -71,9 +76,24 @@ impl fmt::Display for WireError {
     }
 }
 
+/// An upgrade answer that said yes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgraded {
+    /// Where its head ends (the first frame's byte, if any).
+    pub end: usize,
+    /// Where the value of its `Sec-WebSocket-Extensions` header is, if it has one.
+    pub extensions: Option<std::ops::Range<usize>>,
+}
+
 /// Checks an upgrade answer in `buf`: `Ok(Some(n))` when its head ends at byte `n` and says
-/// yes, `Ok(None)` when more bytes are needed.
+/// yes, `Ok(None)` when more bytes are needed. (The worker's loop tests read answers with it.)
+#[cfg(test)]
 pub fn check_response(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    Ok(upgraded(buf)?.map(|up| up.end))
+}
+
+/// [`check_response`], with where the answer's extensions are.
+pub fn upgraded(buf: &[u8]) -> Result<Option<Upgraded>, WireError> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return if buf.len() > MAX_RESPONSE_HEAD {
             Err(WireError::HeadTooLong)
@@ -89,7 +109,30 @@ pub fn check_response(buf: &[u8]) -> Result<Option<usize>, WireError> {
             String::from_utf8_lossy(first).into_owned(),
         ));
     }
-    Ok(Some(end + 4))
+    Ok(Some(Upgraded {
+        end: end + 4,
+        extensions: header(head, b"sec-websocket-extensions"),
+    }))
+}
+
+/// Where the value of header `name` (lowercase) is in an HTTP `head`, trimmed.
+fn header(head: &[u8], name: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut at = 0;
+    for line in head.split(|&b| b == b'\n') {
+        let start = at;
+        at += line.len() + 1;
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(name) {
+            continue;
+        }
+        let value = &line[colon + 1..];
+        let lead = value.len() - value.trim_ascii_start().len();
+        let from = start + colon + 1 + lead;
+        return Some(from..from + value.trim_ascii().len());
+    }
+    None
 }
 
 /// Appends a masked, final client frame.
@@ -102,11 +145,23 @@ pub fn text_frame(payload: &[u8]) -> Vec<u8> {
     frame::client_frame(0x80 | TEXT, payload, MASK)
 }
 
+/// A whole masked text frame carrying a compressed message (RSV1 set): `packed` is the
+/// deflate stream without its tail (see [`super::deflate::compress`]).
+pub fn compressed_text_frame(packed: &[u8]) -> Vec<u8> {
+    frame::client_frame(0x80 | RSV1 | TEXT, packed, MASK)
+}
+
+/// The frame header bit that marks a compressed message (permessage-deflate).
+pub const RSV1: u8 = 0x40;
+
 /// One server frame, borrowed from the read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
     pub fin: bool,
     pub opcode: u8,
+    /// RSV1: the first frame of a compressed message (what the client's loop hands a
+    /// workload is inflated, with this false).
+    pub compressed: bool,
     pub payload: &'a [u8],
 }
 
@@ -152,7 +207,8 @@ pub fn next_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's, checked by the caller, who knows what was agreed.
+    if b0 & 0x30 != 0 {
         return Err(WireError::BadFrame("reserved bits set"));
     }
     if b1 & 0x80 != 0 {
@@ -184,6 +240,7 @@ pub fn next_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
     let frame = Frame {
         fin,
         opcode,
+        compressed: b0 & RSV1 != 0,
         payload: &buf[head..end],
     };
     Ok(Some((frame, end)))
@@ -227,6 +284,15 @@ mod tests {
         let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                    Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
         assert_eq!(check_response(ok), Ok(Some(ok.len() - 2)));
+        assert_eq!(upgraded(ok).unwrap().unwrap().extensions, None);
+        let deflating = b"HTTP/1.1 101 Switching Protocols\r\n\
+                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+                   sec-websocket-extensions:  permessage-deflate; server_no_context_takeover \r\n\r\n";
+        let got = upgraded(deflating).unwrap().unwrap();
+        assert_eq!(
+            &deflating[got.extensions.unwrap()],
+            b"permessage-deflate; server_no_context_takeover"
+        );
         assert_eq!(check_response(&ok[..20]), Ok(None));
         let no = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
@@ -278,7 +344,10 @@ mod tests {
     #[test]
     fn frames_no_server_sends_are_errors() {
         assert!(next_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).is_err(), "masked");
-        assert!(next_frame(&[0xc1, 0x00]).is_err(), "rsv1");
+        assert!(next_frame(&[0xa1, 0x00]).is_err(), "rsv2");
+        assert!(next_frame(&[0x91, 0x00]).is_err(), "rsv3");
+        let (f, _) = next_frame(&[0xc1, 0x00]).unwrap().unwrap();
+        assert!(f.compressed, "rsv1 is the caller's to judge");
         assert!(next_frame(&[0x83, 0x00]).is_err(), "opcode 3");
         assert!(next_frame(&[0x09, 0x00]).is_err(), "fragmented ping");
         assert!(next_frame(&[0x89, 126, 0, 200]).is_err(), "long ping");

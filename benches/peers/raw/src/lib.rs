@@ -1,5 +1,6 @@
 //! What the raw ceilings of scripts/bench-peers.sh share: the WebSocket bytes. `raw-epoll` and
-//! `raw-uring` differ only in how they move bytes between sockets and these functions.
+//! `raw-uring` differ only in how they move bytes between sockets and these functions, and
+//! `raw-tls` is `raw-epoll` with rustls in between (the epoll and write helpers are theirs).
 //!
 //! The upgrade is answered with a fixed 101 whose only variable part is Sec-WebSocket-Accept,
 //! computed properly (SHA-1 + base64, below): `wsd bench` checks it, and a real client would
@@ -8,7 +9,11 @@
 //! and the socket closed (the server closes first, as RFC 6455 asks). No UTF-8 check, no size
 //! limit, no timeouts: not a server anyone should run, only a measure of the floor.
 
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::Error;
+use std::sync::Arc;
 
 /// One connection's protocol state.
 #[derive(Default)]
@@ -81,6 +86,168 @@ impl Wire {
         self.carry.extend_from_slice(buf);
         true
     }
+}
+
+/// An epoll instance.
+pub struct Epoll(i32);
+
+impl Epoll {
+    pub fn new() -> Epoll {
+        Epoll(check(unsafe { libc::epoll_create1(0) }, "epoll_create1"))
+    }
+
+    /// Watches `fd` for `flags`, with `fd` as the event's data.
+    pub fn add(&self, fd: i32, flags: u32) {
+        let mut ev = libc::epoll_event {
+            events: flags,
+            u64: fd as u64,
+        };
+        // SAFETY: `ev` outlives the call.
+        check(
+            unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut ev) },
+            "epoll_ctl",
+        );
+    }
+
+    /// Watches a client's socket, edge-triggered, for input and room to write.
+    pub fn add_client(&self, fd: i32) {
+        self.add(fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32);
+    }
+
+    /// Waits for events (no timeout); gives those of `events` it filled (none on EINTR).
+    pub fn wait<'a>(&self, events: &'a mut [libc::epoll_event]) -> &'a [libc::epoll_event] {
+        // SAFETY: the kernel writes at most `events.len()` entries.
+        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, -1) };
+        &events[..n.max(0) as usize]
+    }
+}
+
+impl Default for Epoll {
+    fn default() -> Epoll {
+        Epoll::new()
+    }
+}
+
+/// What the end-of-turn writes of `raw-epoll` and `raw-tls` look at in a connection.
+#[derive(Default)]
+pub struct Outbox {
+    /// What the socket has not taken yet (empty and unallocated nearly always: replies are
+    /// built in one buffer shared by all connections, and only a remainder is kept here).
+    pub out: Vec<u8>,
+    /// The socket failed or hung up this turn: closed once the turn's replies are handled.
+    pub dead: bool,
+    /// Close answered (or the request refused): the socket closes once `out` is written.
+    pub closing: bool,
+}
+
+/// The turn's replies, one write per connection (after what the socket did not take before,
+/// if anything); what it does not take now waits in the connection's `Outbox` for EPOLLOUT.
+/// `replies` says which range of `out` is whose; a connection that is done is closed and
+/// reset.
+pub fn write_replies<C: Default>(
+    conns: &mut [C],
+    replies: &mut Vec<(i32, std::ops::Range<usize>)>,
+    out: &[u8],
+    outbox: impl Fn(&mut C) -> &mut Outbox,
+) {
+    for (fd, reply) in replies.drain(..) {
+        let conn = &mut conns[fd as usize];
+        let o = outbox(conn);
+        let reply = &out[reply];
+        let mut dead = o.dead;
+        if !o.out.is_empty() {
+            o.out.extend_from_slice(reply);
+            let pending = std::mem::take(&mut o.out);
+            dead = dead || write_all(fd, &pending, &mut o.out);
+        } else if !reply.is_empty() {
+            dead = dead || write_all(fd, reply, &mut o.out);
+        }
+        if dead || o.closing && o.out.is_empty() {
+            *conn = C::default();
+            // SAFETY: the connection's descriptor, closed once, as its state is reset.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// The start of a server: SIGPIPE ignored, a non-blocking listener on 127.0.0.1:`port`, and
+/// an epoll watching it (the listener's descriptor is its events' data).
+pub fn serve(port: u16) -> (i32, Epoll) {
+    // SAFETY: ignoring a signal; a write to a closed socket then fails with EPIPE instead.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let lfd = listen(port, libc::SOCK_NONBLOCK);
+    let ep = Epoll::new();
+    ep.add(lfd, libc::EPOLLIN as u32);
+    (lfd, ep)
+}
+
+/// Connection `fd`'s place in `conns` (indexed by descriptor), made if need be.
+pub fn slot<C: Default>(conns: &mut Vec<C>, fd: i32) -> &mut C {
+    if conns.len() <= fd as usize {
+        conns.resize_with(fd as usize + 1, C::default);
+    }
+    &mut conns[fd as usize]
+}
+
+/// One client from the listener's queue (non-blocking, TCP_NODELAY), or `None` when it is
+/// empty (or out of descriptors: the backlog waits for the next event).
+pub fn accept_client(lfd: i32) -> Option<i32> {
+    // SAFETY: no address is asked for.
+    let c = unsafe {
+        libc::accept4(
+            lfd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK,
+        )
+    };
+    if c < 0 {
+        return None;
+    }
+    set_int(c, libc::IPPROTO_TCP, libc::TCP_NODELAY);
+    Some(c)
+}
+
+/// Writes `data`; what the socket does not take goes to `rest`. True if the socket failed.
+pub fn write_all(fd: i32, mut data: &[u8], rest: &mut Vec<u8>) -> bool {
+    while !data.is_empty() {
+        // SAFETY: `data` is valid for its length.
+        let w = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if w < 0 {
+            if Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                return true;
+            }
+            rest.extend_from_slice(data);
+            break;
+        }
+        data = &data[w as usize..];
+    }
+    false
+}
+
+/// wsd's TLS server configuration (src/tls.rs: rustls on ring, TLS 1.3 and 1.2, ALPN
+/// http/1.1, rustls's defaults otherwise) for the PEM certificate chain and key in these files;
+/// exits with the reason if they cannot be used. `raw-tls` and the tokio-tungstenite peer
+/// serve with it.
+pub fn server_config(cert: &str, key: &str) -> Arc<ServerConfig> {
+    let die = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        eprintln!("{what}: {e}");
+        std::process::exit(1)
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| die(cert, &e));
+    let key = PrivateKeyDer::from_pem_file(key).unwrap_or_else(|e| die(key, &e));
+    #[allow(deprecated)] // ring, as wsd's: no post-quantum key exchange
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap_or_else(|e| die("protocol versions", &e))
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap_or_else(|e| die("certificate and key", &e));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// Exits with what failed if `r` is negative.
