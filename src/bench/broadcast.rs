@@ -19,7 +19,7 @@
 
 use super::client::{Driver, Out, Pool};
 use super::payload::{self, Kind};
-use super::report::{self, Counts, Summary};
+use super::report::{self, Counts, Span, Summary};
 use super::shard::Workload;
 use super::wire::{self, BadReply, Frame};
 use super::{App, Plan, Work};
@@ -50,6 +50,8 @@ pub struct Broadcast {
     rate: u64,
     secs: u64,
     t0: Option<u64>,
+    /// When the last delivery arrived.
+    last_delivery: Option<u64>,
     seq: u64,
     /// Messages the publisher sent in all, once the coordinator has said.
     published: Option<u64>,
@@ -85,6 +87,7 @@ impl Broadcast {
             rate,
             secs,
             t0: None,
+            last_delivery: None,
             seq: 0,
             published: None,
             payload: Vec::with_capacity(128),
@@ -137,10 +140,18 @@ fn stamp_of(payload: &[u8]) -> Option<u64> {
     if let Some(ts) = wire::leading_decimal(payload) {
         return Some(ts);
     }
-    [&b"\"data\":\""[..], b"\"ts\":"].iter().find_map(|key| {
-        let at = payload.windows(key.len()).position(|w| w == *key)?;
-        wire::leading_decimal(&payload[at + key.len()..])
-    })
+    // The first of the two keys, in one pass: chat's JSON events put `"ts":` first, pubsub's
+    // envelope has `"data":"` early; neither needs the rest of a large message read.
+    (0..payload.len())
+        .filter(|&i| payload[i] == b'"')
+        .find_map(|i| {
+            let rest = &payload[i..];
+            [&b"\"data\":\""[..], b"\"ts\":"]
+                .iter()
+                .find(|key| rest.starts_with(key))
+                .map(|key| wire::leading_decimal(&rest[key.len()..]))
+        })
+        .flatten()
 }
 
 fn preview(payload: &[u8]) -> String {
@@ -194,6 +205,7 @@ impl Driver for Broadcast {
         if frame.fin {
             self.counts.messages += 1;
             self.counts.bytes += payload.len() as u64;
+            self.last_delivery = Some(now);
             self.latency
                 .saturating_record(now.saturating_sub(self.stamp[id]));
         }
@@ -275,6 +287,19 @@ impl Workload for Broadcast {
     fn latency(&self) -> &Histogram<u64> {
         &self.latency
     }
+
+    fn span(&self) -> Option<Span> {
+        Some(Span {
+            from: self.t0?,
+            to: self.last_delivery?,
+        })
+    }
+}
+
+/// Deliveries per second: over the time they really took when the server (or the client) fell
+/// behind and the last came after the scheduled window.
+fn achieved(plan: &Plan, s: &Summary) -> f64 {
+    report::per_sec(s.counts.messages, plan.secs, s)
 }
 
 /// Broadcast's own figures for `--json`.
@@ -294,7 +319,7 @@ pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
         "expected": expected,
         "delivered": s.counts.messages,
         "missing": expected.saturating_sub(s.counts.messages),
-        "deliveries_per_sec": (s.counts.messages as f64 / plan.secs as f64).round(),
+        "deliveries_per_sec": achieved(plan, s).round(),
     })
 }
 
@@ -317,7 +342,7 @@ pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
         s.open,
         s.counts.sent,
         s.counts.messages,
-        s.counts.messages as f64 / plan.secs as f64,
+        achieved(plan, s),
         expected.saturating_sub(s.counts.messages),
     ) + &report::latency_row("latency", &s.latency)
 }

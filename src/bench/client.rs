@@ -28,7 +28,7 @@
 //! What the frames mean is the [`Driver`]'s business; this file only moves bytes.
 
 use super::Clock;
-use super::deflate::{self, Agreed, Inflater};
+use super::deflate::{self, Agreed, InflateError, Inflater};
 use super::payload::{self, Messages};
 use super::report::{ErrorKind, Errors, Link};
 use super::wire::{self, BadReply, Frame};
@@ -37,7 +37,8 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::ClientConnection;
 use socket2::{Domain, Socket, Type};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -138,6 +139,8 @@ struct Deflating {
 struct Shared {
     /// Where a compressed frame is inflated to.
     inflated: Vec<u8>,
+    /// Recent whole messages compressed without context, as they came and inflated.
+    memo: Memo,
     /// Inflaters not held by any connection.
     spare: Vec<Inflater>,
     link: Link,
@@ -717,13 +720,15 @@ fn scan(
             _ => {
                 let Shared {
                     inflated,
+                    memo,
                     spare,
                     link,
                 } = &mut *shared;
                 let wire_len = frame.payload.len();
                 let frame = match conn.deflate.as_deref_mut() {
                     Some(d) if frame.compressed || d.in_message => {
-                        inflate(frame, d, inflated, spare).map_err(protocol)?
+                        inflate(frame, d, inflated, memo, spare)
+                            .map_err(|e| protocol(e.to_string()))?
                     }
                     _ if frame.compressed => {
                         return Err(protocol("RSV1 set without permessage-deflate".into()));
@@ -739,29 +744,96 @@ fn scan(
     }
 }
 
-/// One frame of a compressed message, inflated into `inflated`.
+/// The last [`Memo::ENTRIES`] whole messages that the server compressed without context, as
+/// they came and as they inflated.
+///
+/// Such a message inflates the same wherever it arrives: a broadcast that a shared compressor
+/// packed once reaches every subscriber of this client as the same bytes, and is inflated
+/// once. That keeps the client cheaper than the server it measures, as compressing what it
+/// sends once does. Subscribers are read one after another, each with a backlog of recent
+/// messages that grows with the load, so the memo holds thousands, found by a hash of their
+/// length and their first and last bytes, and then compared whole.
+#[derive(Default)]
+struct Memo {
+    /// Packed and inflated bytes, oldest first once full (`next` is the oldest).
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    next: usize,
+    index: HashMap<u64, usize>,
+}
+
+impl Memo {
+    const ENTRIES: usize = 4096;
+    /// How much of a message's start, and of its end, goes into its hash.
+    const KEY_BYTES: usize = 64;
+
+    fn key(packed: &[u8]) -> u64 {
+        let ends = Self::KEY_BYTES.min(packed.len());
+        let mut h = std::hash::DefaultHasher::new();
+        packed.len().hash(&mut h);
+        packed[..ends].hash(&mut h);
+        packed[packed.len() - ends..].hash(&mut h);
+        h.finish()
+    }
+
+    fn find(&self, packed: &[u8]) -> Option<&[u8]> {
+        let (p, plain) = &self.entries[*self.index.get(&Self::key(packed))?];
+        (p.as_slice() == packed).then_some(plain.as_slice())
+    }
+
+    fn keep(&mut self, packed: &[u8], plain: &[u8]) {
+        let slot = if self.entries.len() < Self::ENTRIES {
+            self.entries.push(Default::default());
+            self.entries.len() - 1
+        } else {
+            let slot = self.next;
+            self.next = (slot + 1) % Self::ENTRIES;
+            let old = Self::key(&self.entries[slot].0);
+            if self.index.get(&old) == Some(&slot) {
+                self.index.remove(&old);
+            }
+            slot
+        };
+        let (p, q) = &mut self.entries[slot];
+        p.clear();
+        p.extend_from_slice(packed);
+        q.clear();
+        q.extend_from_slice(plain);
+        self.index.insert(Self::key(packed), slot);
+    }
+}
+
+/// One frame of a compressed message, inflated into `inflated` (or found in `memo`).
 fn inflate<'a>(
     frame: Frame<'_>,
     d: &mut Deflating,
     inflated: &'a mut Vec<u8>,
+    memo: &mut Memo,
     spare: &mut Vec<Inflater>,
-) -> Result<Frame<'a>, String> {
+) -> Result<Frame<'a>, InflateError> {
     if frame.compressed && (frame.opcode == CONTINUATION || d.in_message) {
-        return Err("RSV1 set on a frame that does not begin a message".into());
+        return Err(InflateError::Misplaced);
     }
-    d.in_message = true;
-    let inflater = d
-        .inflater
-        .get_or_insert_with(|| spare.pop().unwrap_or_default());
+    let alone = frame.fin && !d.in_message && d.agreed.server_no_context_takeover;
     inflated.clear();
-    inflater.inflate(frame.payload, frame.fin, inflated, wire::MAX_FRAME as usize)?;
-    if frame.fin {
-        d.in_message = false;
-        if d.agreed.server_no_context_takeover
-            && let Some(mut done) = d.inflater.take()
-        {
-            done.reset();
-            spare.push(done);
+    if let Some(plain) = alone.then(|| memo.find(frame.payload)).flatten() {
+        inflated.extend_from_slice(plain);
+    } else {
+        d.in_message = true;
+        let inflater = d
+            .inflater
+            .get_or_insert_with(|| spare.pop().unwrap_or_default());
+        inflater.inflate(frame.payload, frame.fin, inflated, wire::MAX_FRAME as usize)?;
+        if frame.fin {
+            d.in_message = false;
+            if d.agreed.server_no_context_takeover
+                && let Some(mut done) = d.inflater.take()
+            {
+                done.reset();
+                spare.push(done);
+            }
+        }
+        if alone {
+            memo.keep(frame.payload, inflated);
         }
     }
     Ok(Frame {
@@ -770,4 +842,29 @@ fn inflate<'a>(
         compressed: false,
         payload: inflated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Memo;
+
+    #[test]
+    fn the_memo_finds_recent_messages_and_forgets_the_oldest() {
+        let mut memo = Memo::default();
+        let packed = |i: usize| format!("{i:>70}").into_bytes();
+        for i in 0..Memo::ENTRIES + 10 {
+            memo.keep(&packed(i), format!("plain {i}").as_bytes());
+        }
+        for i in 0..10 {
+            assert_eq!(memo.find(&packed(i)), None, "{i} was evicted");
+        }
+        for i in [10, 500, Memo::ENTRIES + 9] {
+            assert_eq!(memo.find(&packed(i)), Some(format!("plain {i}").as_bytes()));
+        }
+        // Same length, start and end, another middle: found by hash, refused when compared.
+        let long = |mid: u8| [vec![b'a'; 64], vec![mid; 8], vec![b'z'; 64]].concat();
+        memo.keep(&long(b'1'), b"one");
+        assert_eq!(memo.find(&long(b'1')), Some(&b"one"[..]));
+        assert_eq!(memo.find(&long(b'2')), None);
+    }
 }

@@ -136,6 +136,19 @@ pub fn compress(payload: &[u8], bits: u8) -> Vec<u8> {
     out
 }
 
+/// Why a compressed message from the server cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InflateError {
+    #[error("bad deflate data: {0}")]
+    Corrupt(#[from] flate2::DecompressError),
+    #[error("a message inflating past {0} bytes")]
+    TooBig(usize),
+    #[error("deflate data that inflates to nothing")]
+    Stalled,
+    #[error("RSV1 set on a frame that does not begin a message")]
+    Misplaced,
+}
+
 /// The receiving side of one connection: the server's messages, inflated.
 pub struct Inflater(Decompress);
 
@@ -158,7 +171,7 @@ impl Inflater {
         last: bool,
         out: &mut Vec<u8>,
         limit: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), InflateError> {
         self.feed(data, out, limit)?;
         if last {
             self.feed(&TAIL, out, limit)?;
@@ -166,26 +179,28 @@ impl Inflater {
         Ok(())
     }
 
-    fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), String> {
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+    ) -> Result<(), InflateError> {
         loop {
             if out.capacity() - out.len() < 1024 {
                 out.reserve(out.capacity().max(4096));
             }
             let (before, had) = (self.0.total_in(), out.len());
-            let status = self
-                .0
-                .decompress_vec(data, out, FlushDecompress::Sync)
-                .map_err(|e| format!("bad deflate data: {e}"))?;
+            let status = self.0.decompress_vec(data, out, FlushDecompress::Sync)?;
             let used = (self.0.total_in() - before) as usize;
             data = &data[used..];
             if out.len() > limit {
-                return Err(format!("a message inflating past {limit} bytes"));
+                return Err(InflateError::TooBig(limit));
             }
             if status == Status::StreamEnd {
                 // A final block (BFINAL) ends the stream: what follows starts a new one.
                 self.0.reset(false);
             } else if used == 0 && out.len() == had && out.len() < out.capacity() {
-                return Err("deflate data that inflates to nothing".into());
+                return Err(InflateError::Stalled);
             }
             // Done once the input is used up with room to spare: nothing is held back.
             if data.is_empty() && out.len() < out.capacity() {

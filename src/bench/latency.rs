@@ -192,10 +192,7 @@ impl Workload for Latency {
 /// Messages sent per second over the scheduled window, or over the time the sends really
 /// took if the client fell behind.
 fn achieved(plan: &Plan, s: &Summary) -> f64 {
-    let took = s
-        .span
-        .map_or(0.0, |sp| sp.to.saturating_sub(s.t0) as f64 / 1e9);
-    s.counts.sent as f64 / took.max(plan.secs as f64)
+    report::per_sec(s.counts.sent, plan.secs, s)
 }
 
 /// Latency's own figures for `--json`.

@@ -235,6 +235,15 @@ pub struct Summary {
     pub link: Link,
 }
 
+/// `count` per second over the scheduled `secs`, or over the workload's span (from `t0`) when
+/// it ran past them.
+pub fn per_sec(count: u64, secs: u64, s: &Summary) -> f64 {
+    let took = s
+        .span
+        .map_or(0.0, |sp| sp.to.saturating_sub(s.t0) as f64 / 1e9);
+    count as f64 / took.max(secs as f64)
+}
+
 /// A duration in nanoseconds, in the unit that reads best.
 pub fn human_ns(ns: u64) -> String {
     match ns {
