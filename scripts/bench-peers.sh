@@ -520,7 +520,12 @@ METRICS = {
     "idle": [("KiB Pss per connection", "server.memory.pss_kib_per_conn", False)],
     # Sustained cycles are bound by the client's core, not the server's: the server's CPU per
     # handshake is the comparison there.
+    # The burst's rate is bound by the client's core: on loopback the kernel runs both ends
+    # of each TCP handshake in the connecting process. Its CPU per upgrade shows that limit.
     "connect": [("burst upgrades/s", "burst.upgrades_per_sec", True),
+                ("burst: server CPU µs per upgrade", "server.burst_cpu_us_per_upgrade", False),
+                ("burst: client CPU µs per upgrade", "client.burst_cpu_us_per_upgrade", False),
+                ("burst: client core busy %", "client.burst_busy_pct", False),
                 ("sustained handshakes/s", "sustained.handshakes_per_sec", True),
                 ("server CPU µs per handshake", "server.cpu_us_per_handshake", False)],
     "broadcast": [("deliveries/s", "deliveries_per_sec", True),

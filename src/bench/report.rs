@@ -410,6 +410,10 @@ fn cpu_json(plan: &Plan, s: &Summary, run: &ServerRun, v: &mut serde_json::Value
         v["burst_cpu_secs"] = json!(round(cpu, 3));
         let us = per(cpu, s.ready as u64).map(|x| round(x * 1e6, 1));
         v["burst_cpu_us_per_upgrade"] = json!(us);
+        // How much of one core the burst kept busy, over the time from the first connect to
+        // the last upgrade: near 100 %, that side set the pace.
+        let busy = s.connecting.map(|c| c.secs()).filter(|&secs| secs > 0.0);
+        v["burst_busy_pct"] = json!(busy.map(|secs| round(cpu / secs * 100.0, 0)));
     }
 }
 
@@ -528,6 +532,9 @@ fn cpu_rows(label: &str, burst_label: &str, v: &serde_json::Value) -> String {
         t += &format!("{burst_label:<12} {cpu:.2} s");
         if let Some(us) = f("burst_cpu_us_per_upgrade") {
             t += &format!(", {us:.1} µs per upgrade");
+        }
+        if let Some(busy) = f("burst_busy_pct") {
+            t += &format!(", {busy:.0} % of a core");
         }
         t += "\n";
     }
