@@ -139,7 +139,9 @@ pub(crate) struct Decoder {
     head: [u8; MAX_HEADER],
     head_len: u8,
     frame: Option<InFrame>,
-    message: Option<Partial>,
+    /// Boxed: most messages are read whole from one read (`whole_message`), and an idle
+    /// connection should not carry room for one in its decoder.
+    message: Option<Box<Partial>>,
     control: Vec<u8>,
     /// A Close arrived: nothing after it is read.
     closed: bool,
@@ -293,12 +295,12 @@ impl Decoder {
         let reserve = len.min(RESERVE_MAX);
         match h.opcode {
             TEXT | BINARY => {
-                self.message = Some(Partial {
+                self.message = Some(Box::new(Partial {
                     text: h.opcode == TEXT,
                     compressed: h.compressed,
                     data: Vec::with_capacity(reserve),
                     checked: 0,
-                });
+                }));
             }
             CONTINUATION => {}
             _ => self.control.reserve_exact(reserve),

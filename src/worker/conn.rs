@@ -10,6 +10,7 @@
 //! and out; a plain one's go straight between the socket and the session.
 
 use super::admission::IpSlot;
+use super::moment::Moment;
 #[cfg(feature = "tls")]
 use super::tls::{TlsConn, TlsFailure};
 use crate::ConnId;
@@ -29,17 +30,18 @@ pub(crate) struct Conn {
     /// The client's address as hooks see it: the peer, or the address a trusted proxy
     /// forwarded (with port 0, as the proxy does not tell it).
     pub remote: SocketAddr,
-    /// Request path and query of the upgrade (`/` until it completes).
-    pub path: String,
+    /// Request path and query of the upgrade; `None` is `/` (also until the upgrade
+    /// completes), which most clients ask for and which then costs no allocation.
+    path: Option<Box<str>>,
     /// Accepted at.
-    pub since: Instant,
+    pub since: Moment,
     /// Last time the client sent anything.
-    pub last_input: Instant,
+    pub last_input: Moment,
     /// Last keepalive Ping we sent.
-    pub pinged_at: Option<Instant>,
+    pub pinged_at: Option<Moment>,
     /// First seen closing (Close or HTTP error sent) by the sweep; dropped `close_timeout`
     /// after it.
-    pub closing_since: Option<Instant>,
+    pub closing_since: Option<Moment>,
     /// Listed in the context's dirty list this turn (has output to flush; see `flush_dirty`).
     pub dirty: bool,
     /// Waiting in the loop's flush backlog (listed once however often it is sent to).
@@ -158,13 +160,13 @@ impl Conn {
         limits: Limits,
         max_header_bytes: usize,
     ) -> Conn {
-        let now = Instant::now();
+        let now = Moment::at(Instant::now());
         Conn {
             serial,
             socket,
             session: Session::new(limits, max_header_bytes),
             remote: peer,
-            path: String::from("/"),
+            path: None,
             since: now,
             last_input: now,
             pinged_at: None,
@@ -230,14 +232,26 @@ impl Conn {
         }
     }
 
+    /// Request path and query of the upgrade (`/` until it completes).
+    pub(crate) fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    /// The upgrade completed: what it asked for and agreed on.
+    pub(crate) fn opened(&mut self, path: String, agreed: Agreed, extra: Option<Box<Extra>>) {
+        self.path = (path != "/").then(|| path.into_boxed_str());
+        self.agreed = agreed;
+        self.extra = extra;
+    }
+
     /// This connection as a row of `wsd connections`, given the group's `subprotocols`; the
     /// master fills in `pid` and `worker`.
     pub(crate) fn info(&self, id: ConnId, now: Instant, listed: &[String]) -> ConnInfo {
         ConnInfo {
             id: id.to_string(),
             remote: self.remote.to_string(),
-            path: self.path.clone(),
-            age_secs: now.duration_since(self.since).as_millis() as f64 / 1000.0,
+            path: self.path().to_owned(),
+            age_secs: self.since.elapsed(now).as_millis() as f64 / 1000.0,
             bytes_in: self.traffic.bytes_in,
             bytes_out: self.traffic.bytes_out,
             messages_in: self.traffic.messages_in,

@@ -245,7 +245,7 @@ impl Context {
 
     /// The path (and query) the client asked for in its upgrade request.
     pub fn path(&self, conn: ConnId) -> Option<&str> {
-        self.conn(conn).map(|c| c.path.as_str())
+        self.conn(conn).map(|c| c.path())
     }
 
     /// The subprotocol agreed with `conn` at its upgrade (`Sec-WebSocket-Protocol`), if any:

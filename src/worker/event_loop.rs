@@ -22,6 +22,7 @@ use super::context::{BufferNotice, Leaving};
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::hooks::{Hook, WorkerHook};
+use super::moment::Moment;
 use super::read_buffers::ReadBuffers;
 use super::stop::Stopping;
 #[cfg(feature = "tls")]
@@ -93,7 +94,7 @@ pub(super) struct Loop {
     next_tick: Instant,
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
-    turn_start: Instant,
+    turn_start: Moment,
 }
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
@@ -176,7 +177,7 @@ impl Loop {
             bus_again: Vec::new(),
             stopping: Stopping::No,
             next_tick: Instant::now() + TICK,
-            turn_start: Instant::now(),
+            turn_start: Moment::at(Instant::now()),
         })
     }
 
@@ -205,7 +206,7 @@ impl Loop {
             log::error!("poll failed: {e}");
             return Some(1);
         }
-        self.turn_start = Instant::now();
+        self.turn_start = Moment::at(Instant::now());
         let accept_due = self.accepting.take_more();
         for ev in events.iter() {
             match ev.token() {
@@ -532,9 +533,7 @@ impl Loop {
         answer.extensions = self.ctx.agree_deflate(idx, &request.extensions);
         let conn = &mut self.ctx.conns[idx];
         conn.session.accept(&request, &answer, &mut self.steps);
-        conn.path = request.path;
-        conn.agreed = agreed;
-        conn.extra = extra;
+        conn.opened(request.path, agreed, extra);
         self.ctx.counters.connections += 1;
         self.ctx.mark_dirty(idx);
         self.call_hook(id, Hook::Connect);

@@ -21,6 +21,7 @@ mod hooks;
 // Its clients read the server with the load generator's wire reader.
 #[cfg(all(test, feature = "bench"))]
 mod loop_tests;
+mod moment;
 mod reach;
 mod read_buffers;
 mod static_files;

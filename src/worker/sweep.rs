@@ -6,6 +6,7 @@
 //! and the Pings and Closes queued here go out with the loop's next flush.
 
 use super::event_loop::Loop;
+use super::moment::Moment;
 use crate::proto::close;
 use std::time::Instant;
 
@@ -25,11 +26,11 @@ impl Loop {
         for (idx, c) in self.ctx.conns.iter_mut() {
             c.session.release_if_empty();
             if c.session.close_sent() && c.closing_since.is_none() {
-                c.closing_since = Some(now);
+                c.closing_since = Some(Moment::at(now));
             }
             let late = match c.closing_since {
-                Some(t) => now.duration_since(t) >= close,
-                None => !c.is_open() && (stopping_late || now.duration_since(c.since) >= handshake),
+                Some(t) => t.elapsed(now) >= close,
+                None => !c.is_open() && (stopping_late || c.since.elapsed(now) >= handshake),
             };
             if late {
                 self.ctx.gone.push((idx, c.serial));
@@ -38,17 +39,17 @@ impl Loop {
             if !c.session.can_send() {
                 continue;
             }
-            let quiet = now.duration_since(c.last_input);
+            let quiet = c.last_input.elapsed(now);
             if !idle.is_zero() && quiet >= idle {
                 log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
                 c.session.close(close::GOING_AWAY, "idle timeout");
             } else if !ping.is_zero()
                 && quiet >= ping
                 && c.pinged_at
-                    .is_none_or(|t| t < c.last_input || now.duration_since(t) >= ping)
+                    .is_none_or(|t| t < c.last_input || t.elapsed(now) >= ping)
             {
                 c.session.ping();
-                c.pinged_at = Some(now);
+                c.pinged_at = Some(Moment::at(now));
             } else {
                 continue;
             }
