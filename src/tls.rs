@@ -145,9 +145,9 @@ impl Identity {
         let Some(leaf) = chain.first() else {
             return Err(no_cert("the file has no CERTIFICATE block".into()));
         };
-        let (not_after, serial) = validity(leaf).map_err(|reason| TlsError::BadCertificate {
+        let (not_after, serial) = validity(leaf).map_err(|e| TlsError::BadCertificate {
             path: cert_path.to_path_buf(),
-            reason,
+            reason: e.to_string(),
         })?;
         let key =
             PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(|e| TlsError::NoKey {
@@ -230,8 +230,10 @@ impl Identity {
 }
 
 /// The leaf certificate's expiry and serial.
-fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, String), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+fn validity(
+    leaf: &CertificateDer<'_>,
+) -> Result<(SystemTime, String), x509_parser::nom::Err<x509_parser::error::X509Error>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)?;
     let secs = cert.validity().not_after.timestamp();
     let not_after = match u64::try_from(secs) {
         Ok(s) => UNIX_EPOCH + Duration::from_secs(s),

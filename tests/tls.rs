@@ -389,3 +389,43 @@ fn plain_http_garbage_and_silence_on_a_tls_port_cost_only_their_connection() {
     }
     echo(&mut steady, "still served");
 }
+
+/// Large messages go out sealed in batches of records, to a client whose small receive
+/// window keeps the server waiting on the socket again and again (a 6 MiB echo is more than
+/// the kernel's largest send buffer, 4 MiB): every byte arrives, in order, and the connection
+/// still echoes afterwards.
+#[test]
+fn large_messages_to_a_slow_reader_arrive_whole() {
+    let cert = Cert::new(Key::Ecdsa, 1, 30);
+    let limits =
+        "max_frame_size = 8388608\nmax_message_size = 8388608\nmax_send_buffer = 16777216\n";
+    let server = start("echo", 1, &cert, limits);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], server.port).into();
+    sock.connect(&addr.into()).unwrap();
+    let tcp: TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(client_config(&cert, &tls12_13()), name).unwrap();
+    let (mut ws, _) =
+        tungstenite::client("wss://localhost/", rustls::StreamOwned::new(conn, tcp)).unwrap();
+    for round in 0..3u32 {
+        // 6 MiB that no two rounds, and no two records of a round, share.
+        let payload: Vec<u8> = (0..6u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(round) >> 13) as u8)
+            .collect();
+        ws.send(Message::binary(payload.clone())).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Binary(b) => {
+                    assert!(b == payload, "round {round}: the echo differs");
+                    break;
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    echo(&mut ws, "still here");
+}

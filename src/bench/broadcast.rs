@@ -148,10 +148,9 @@ fn stamp_of(payload: &[u8]) -> Option<u64> {
             let rest = &payload[i..];
             [&b"\"data\":\""[..], b"\"ts\":"]
                 .iter()
-                .find(|key| rest.starts_with(key))
-                .map(|key| wire::leading_decimal(&rest[key.len()..]))
+                .filter(|key| rest.starts_with(key))
+                .find_map(|key| wire::leading_decimal(&rest[key.len()..]))
         })
-        .flatten()
 }
 
 fn preview(payload: &[u8]) -> String {

@@ -5,9 +5,10 @@
 //! record a previous read cut short, the only TLS input a connection keeps between reads),
 //! decrypted record by record, and each record's plaintext goes to the WebSocket session as
 //! plain bytes would. Writing: the session's send queue is written through [`Encrypting`],
-//! which seals up to one record (16 KiB) of queued frames at a time into a shared scratch
-//! buffer and writes it; only the part of a record the socket did not take is kept, until the
-//! socket is writable again. Handshake messages go the same way.
+//! which seals queued frames a record (16 KiB) at a time into a shared scratch buffer and
+//! writes up to four records with one system call, as a plain connection writes its queue;
+//! only what the socket did not take is kept, until the socket is writable again. Handshake
+//! messages go the same way.
 
 use crate::proto::Session;
 use crate::sys;
@@ -26,11 +27,14 @@ use std::sync::Arc;
 const MAX_RECORD: usize = 16 << 10;
 /// Room for one sealed record: the plaintext, its header, content type, tag and padding.
 const SEALED_MAX: usize = MAX_RECORD + 256;
+/// Sealed records written with one system call, at most.
+const BATCH: usize = 4 * SEALED_MAX;
 
 thread_local! {
-    /// The worker's scratch for sealing records and for gathering a record's plaintext from
-    /// the send queue's pieces. One per worker thread; nothing stays in it between writes.
-    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::new((vec![0; SEALED_MAX], Vec::new()));
+    /// The worker's scratch for sealed records on their way to the socket, and for gathering
+    /// a record's plaintext from the send queue's pieces. One per worker thread; nothing stays
+    /// in it between writes.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = RefCell::new((vec![0; BATCH], Vec::new()));
 }
 
 /// Why a TLS connection cannot go on.
@@ -228,8 +232,12 @@ impl TlsConn {
                         traffic: &mut traffic,
                         socket,
                         unsent,
+                        pending: 0,
                     };
-                    if !session.write_to(&mut sealer)? {
+                    let wrote = session.write_to(&mut sealer);
+                    // What was sealed goes out even when the queue could not all be taken.
+                    sealer.finish()?;
+                    if !wrote? {
                         return Ok(false);
                     }
                     if ending && !*notified {
@@ -309,13 +317,43 @@ fn write_out(socket: &mut impl Write, bytes: &mut Vec<u8>) -> io::Result<bool> {
 }
 
 /// The socket as the send queue sees it on a TLS connection: each write seals up to a record
-/// of the queue's pieces and writes it. The plaintext of a record counts as written once it
-/// is sealed; what the socket did not take of the record waits in `unsent`, and until it has
-/// gone every further write would block.
+/// of the queue's pieces into the worker's scratch, and the sealed records go to the socket
+/// together, when the scratch has no room for another and at [`Encrypting::finish`]. The
+/// plaintext of a record counts as written once it is sealed; what the socket did not take
+/// waits in `unsent`, and until it has gone every further write would block.
 struct Encrypting<'a, 'c, W> {
     traffic: &'a mut WriteTraffic<'c, ServerConnectionData>,
     socket: &'a mut W,
     unsent: &'a mut Vec<u8>,
+    /// Sealed bytes at the start of the scratch, not yet written.
+    pending: usize,
+}
+
+impl<W: Write> Encrypting<'_, '_, W> {
+    /// Writes the sealed records waiting in `sealed`; keeps what the socket does not take.
+    fn send_pending(&mut self, sealed: &[u8]) -> io::Result<()> {
+        let mut wrote = 0;
+        while wrote < self.pending {
+            match self.socket.write(&sealed[wrote..self.pending]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => wrote += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.unsent.extend_from_slice(&sealed[wrote..self.pending]);
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Writes what is still sealed and waiting.
+    fn finish(mut self) -> io::Result<()> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        SCRATCH.with(|scratch| self.send_pending(&scratch.borrow().0))
+    }
 }
 
 impl<W: Write> Write for Encrypting<'_, '_, W> {
@@ -329,6 +367,12 @@ impl<W: Write> Write for Encrypting<'_, '_, W> {
         }
         SCRATCH.with(|scratch| {
             let (sealed, gathered) = &mut *scratch.borrow_mut();
+            if self.pending + SEALED_MAX > sealed.len() {
+                self.send_pending(sealed)?;
+                if !self.unsent.is_empty() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+            }
             // One piece is sealed where it lies; several are gathered into one record first.
             let first = bufs
                 .iter()
@@ -348,27 +392,15 @@ impl<W: Write> Write for Encrypting<'_, '_, W> {
                 gathered
             };
             let len = loop {
-                match self.traffic.encrypt(plain, sealed) {
+                match self.traffic.encrypt(plain, &mut sealed[self.pending..]) {
                     Ok(n) => break n,
                     Err(EncryptError::InsufficientSize(InsufficientSizeError {
                         required_size,
-                    })) => sealed.resize(required_size, 0),
+                    })) => sealed.resize(self.pending + required_size, 0),
                     Err(e) => return Err(io::Error::other(format!("{e:?}"))),
                 }
             };
-            let mut wrote = 0;
-            while wrote < len {
-                match self.socket.write(&sealed[wrote..len]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => wrote += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            if wrote < len {
-                self.unsent.extend_from_slice(&sealed[wrote..len]);
-            }
+            self.pending += len;
             Ok(plain.len())
         })
     }
