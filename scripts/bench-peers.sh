@@ -52,7 +52,7 @@
 # Prints markdown: a table per family, each server's figure and its ratio to the family's
 # baseline (raw epoll, raw TLS, Bun), then wsd's ratio to each peer; writes the same plus every
 # round's figure and the machine to target/bench-peers.md, and each run's JSON to
-# target/bench-peers/. Takes ~60 minutes with the defaults. Not for CI.
+# target/bench-peers/. Takes ~50 minutes with the defaults. Not for CI.
 #
 # Usage: [SECS=5] [LATENCY_SECS=20] [ROUNDS=3] [WARMUP=1] [SERVERS=raw,wsd-1,...]
 #        [ONLY=echo-32B-d1,...] [FAMILIES=ws,wss,deflate] [WSD_BIN=path/to/wsd]
