@@ -3,9 +3,9 @@
 //! Each connection notes when it was accepted, when it was last heard from, when it was last
 //! pinged and when it was first seen closing. What reads these is the once-a-second sweep
 //! (deadlines, keepalive) and `wsd connections` (a connection's age), so tenths of a second
-//! are precise enough. Counted from the worker's first moment, tenths fit in a `u32` for 13
-//! years, where an `Instant` takes 16 bytes: four of them are 48 bytes less per connection,
-//! which is an eighth of what an idle one costs.
+//! are precise enough. Counted from the process's first moment, tenths fit in a `u32` for 13
+//! years (later moments all read as the last one), where an `Instant` takes 16 bytes: four of
+//! them are 48 bytes less per connection, about a tenth of what an idle one costs.
 
 use std::num::NonZeroU32;
 use std::sync::OnceLock;
