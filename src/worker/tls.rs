@@ -301,19 +301,28 @@ fn seal_close_notify(traffic: &mut WriteTraffic<'_, ServerConnectionData>, unsen
 
 /// Writes `bytes` as far as the socket takes them, dropping what it took. True when all are.
 fn write_out(socket: &mut impl Write, bytes: &mut Vec<u8>) -> io::Result<bool> {
-    while !bytes.is_empty() {
-        match socket.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                bytes.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
+    let wrote = write_some(socket, bytes)?;
+    if wrote < bytes.len() {
+        bytes.drain(..wrote);
+        return Ok(false);
     }
     *bytes = Vec::new();
     Ok(true)
+}
+
+/// Writes as much of `bytes` as the socket takes now; gives how much that was.
+fn write_some(socket: &mut impl Write, bytes: &[u8]) -> io::Result<usize> {
+    let mut wrote = 0;
+    while wrote < bytes.len() {
+        match socket.write(&bytes[wrote..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => wrote += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(wrote)
 }
 
 /// The socket as the send queue sees it on a TLS connection: each write seals up to a record
@@ -332,16 +341,7 @@ struct Encrypting<'a, 'c, W> {
 impl<W: Write> Encrypting<'_, '_, W> {
     /// Writes the sealed records waiting in `sealed`; keeps what the socket does not take.
     fn send_pending(&mut self, sealed: &[u8]) -> io::Result<()> {
-        let mut wrote = 0;
-        while wrote < self.pending {
-            match self.socket.write(&sealed[wrote..self.pending]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => wrote += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
+        let wrote = write_some(self.socket, &sealed[..self.pending])?;
         self.unsent.extend_from_slice(&sealed[wrote..self.pending]);
         self.pending = 0;
         Ok(())
