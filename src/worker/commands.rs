@@ -4,6 +4,7 @@
 //! `channel.rs` carries the lines and descriptors; this file gives them their meaning.
 
 use super::event_loop::Loop;
+use super::moment::Reading;
 use crate::ConnId;
 use crate::control::{FromWorker, StopMode, ToWorker};
 use crate::sys;
@@ -41,7 +42,7 @@ impl Loop {
 
     /// Every connection in the slab, handshaking and closing ones included.
     fn list_connections(&mut self, query: u64) {
-        let now = Instant::now();
+        let now = Reading::of(Instant::now());
         let rows = self.ctx.conns.iter().map(|(idx, c)| {
             let id = ConnId {
                 serial: c.serial,

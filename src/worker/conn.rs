@@ -10,7 +10,7 @@
 //! and out; a plain one's go straight between the socket and the session.
 
 use super::admission::IpSlot;
-use super::moment::Moment;
+use super::moment::{Moment, Reading};
 #[cfg(feature = "tls")]
 use super::tls::{TlsConn, TlsFailure};
 use crate::ConnId;
@@ -246,7 +246,7 @@ impl Conn {
 
     /// This connection as a row of `wsd connections`, given the group's `subprotocols`; the
     /// master fills in `pid` and `worker`.
-    pub(crate) fn info(&self, id: ConnId, now: Instant, listed: &[String]) -> ConnInfo {
+    pub(crate) fn info(&self, id: ConnId, now: Reading, listed: &[String]) -> ConnInfo {
         ConnInfo {
             id: id.to_string(),
             remote: self.remote.to_string(),

@@ -504,7 +504,13 @@ mod tests {
                 serial: serial as u32,
                 idx: idx as u32,
             };
-            let shown = conn.info(id, std::time::Instant::now(), &[]).extensions;
+            let shown = conn
+                .info(
+                    id,
+                    crate::worker::moment::Reading::of(std::time::Instant::now()),
+                    &[],
+                )
+                .extensions;
             assert_eq!(shown, answer.extensions.clone().unwrap_or_default());
             ids.push(id);
         }

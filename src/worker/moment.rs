@@ -21,31 +21,41 @@ const TENTH_MS: u64 = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Moment(NonZeroU32);
 
+/// The present, read once for all the connections a pass looks at, and rounded down to a
+/// tenth of a second, for the same reason.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading(u32);
+
 impl Moment {
     pub(crate) fn at(t: Instant) -> Moment {
-        Moment::tenths(t, true)
+        Moment(NonZeroU32::new(tenths(t, true)).unwrap_or(NonZeroU32::MAX))
     }
 
     /// The time from this moment to `now`, understated by less than two tenths (zero if
     /// `now` is earlier).
-    pub(crate) fn elapsed(self, now: Instant) -> Duration {
-        let now = Moment::tenths(now, false).0.get();
-        Duration::from_millis(u64::from(now.saturating_sub(self.0.get())) * TENTH_MS)
+    pub(crate) fn elapsed(self, now: Reading) -> Duration {
+        Duration::from_millis(u64::from(now.0.saturating_sub(self.0.get())) * TENTH_MS)
     }
+}
 
-    fn tenths(t: Instant, round_up: bool) -> Moment {
-        let epoch = *EPOCH.get_or_init(|| t);
-        let ms = t.saturating_duration_since(epoch).as_millis();
-        let tenth = u128::from(TENTH_MS);
-        let tenths = if round_up {
-            ms.div_ceil(tenth)
-        } else {
-            ms / tenth
-        };
-        // 1 is the epoch itself, so that `Option<Moment>` takes no more room.
-        let n = u32::try_from(tenths + 1).unwrap_or(u32::MAX);
-        Moment(NonZeroU32::new(n).unwrap_or(NonZeroU32::MAX))
+impl Reading {
+    pub(crate) fn of(now: Instant) -> Reading {
+        Reading(tenths(now, false))
     }
+}
+
+/// Tenths of a second from the epoch to `t`, plus 1 (the epoch itself is 1, so that
+/// `Option<Moment>` takes no more room).
+fn tenths(t: Instant, round_up: bool) -> u32 {
+    let epoch = *EPOCH.get_or_init(|| t);
+    let ms = t.saturating_duration_since(epoch).as_millis();
+    let tenth = u128::from(TENTH_MS);
+    let tenths = if round_up {
+        ms.div_ceil(tenth)
+    } else {
+        ms / tenth
+    };
+    u32::try_from(tenths + 1).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -58,7 +68,7 @@ mod tests {
         let m = Moment::at(t0);
         for ms in [0, 1, 99, 100, 101, 950, 1_000, 1_001, 60_000] {
             let now = t0 + Duration::from_millis(ms);
-            let e = m.elapsed(now);
+            let e = m.elapsed(Reading::of(now));
             assert!(e <= Duration::from_millis(ms), "{ms} ms: {e:?}");
             assert!(
                 e + Duration::from_millis(200) > Duration::from_millis(ms),
@@ -66,7 +76,7 @@ mod tests {
             );
         }
         assert_eq!(
-            Moment::at(t0 + Duration::from_secs(5)).elapsed(t0),
+            Moment::at(t0 + Duration::from_secs(5)).elapsed(Reading::of(t0)),
             Duration::ZERO
         );
         assert!(Moment::at(t0) <= Moment::at(t0 + Duration::from_millis(150)));

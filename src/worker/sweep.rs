@@ -6,7 +6,7 @@
 //! and the Pings and Closes queued here go out with the loop's next flush.
 
 use super::event_loop::Loop;
-use super::moment::Moment;
+use super::moment::{Moment, Reading};
 use crate::proto::close;
 use std::time::Instant;
 
@@ -23,14 +23,15 @@ impl Loop {
             .stopping
             .closing_since()
             .is_some_and(|t| now.duration_since(t) >= close);
+        let (stamp, reading) = (Moment::at(now), Reading::of(now));
         for (idx, c) in self.ctx.conns.iter_mut() {
             c.session.release_if_empty();
             if c.session.close_sent() && c.closing_since.is_none() {
-                c.closing_since = Some(Moment::at(now));
+                c.closing_since = Some(stamp);
             }
             let late = match c.closing_since {
-                Some(t) => t.elapsed(now) >= close,
-                None => !c.is_open() && (stopping_late || c.since.elapsed(now) >= handshake),
+                Some(t) => t.elapsed(reading) >= close,
+                None => !c.is_open() && (stopping_late || c.since.elapsed(reading) >= handshake),
             };
             if late {
                 self.ctx.gone.push((idx, c.serial));
@@ -39,17 +40,17 @@ impl Loop {
             if !c.session.can_send() {
                 continue;
             }
-            let quiet = c.last_input.elapsed(now);
+            let quiet = c.last_input.elapsed(reading);
             if !idle.is_zero() && quiet >= idle {
                 log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
                 c.session.close(close::GOING_AWAY, "idle timeout");
             } else if !ping.is_zero()
                 && quiet >= ping
                 && c.pinged_at
-                    .is_none_or(|t| t < c.last_input || t.elapsed(now) >= ping)
+                    .is_none_or(|t| t < c.last_input || t.elapsed(reading) >= ping)
             {
                 c.session.ping();
-                c.pinged_at = Some(Moment::at(now));
+                c.pinged_at = Some(stamp);
             } else {
                 continue;
             }
