@@ -70,48 +70,25 @@ pub fn agree(answer: Option<&[u8]>, offered: bool) -> Result<Option<Agreed>, Bad
     if text.contains(',') {
         return Err(bad("more than one extension"));
     }
-    let mut params = text.split(';').map(str::trim);
-    if params.next() != Some("permessage-deflate") {
-        return Err(bad("an extension that was not offered"));
-    }
+    let params = match crate::proto::deflate::parse_element(text) {
+        None => return Err(bad("an extension that was not offered")),
+        Some(params) => params.map_err(|why| bad(&why.to_string()))?,
+    };
     if !offered {
         return Err(bad("an extension answered to a request that offered none"));
     }
-    let mut agreed = Agreed {
-        server_no_context_takeover: false,
-        client_no_context_takeover: false,
-        client_max_window_bits: 15,
-        server_max_window_bits: 15,
+    // An answer's client_max_window_bits carries the window the server allows (§7.1.2.2).
+    let client_max_window_bits = match params.client_max_window_bits {
+        None => 15,
+        Some(Some(bits)) => bits,
+        Some(None) => return Err(bad("client_max_window_bits without a value")),
     };
-    let mut seen = Vec::new();
-    for param in params {
-        let (name, value) = match param.split_once('=') {
-            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-            None => (param, None),
-        };
-        if seen.contains(&name) {
-            return Err(bad("a parameter twice"));
-        }
-        seen.push(name);
-        let bits = || -> Result<u8, BadAnswer> {
-            value
-                .and_then(|v| v.parse().ok())
-                .filter(|b| (8..=15).contains(b))
-                .ok_or_else(|| bad("a window size that is not 8 to 15"))
-        };
-        match name {
-            "server_no_context_takeover" if value.is_none() => {
-                agreed.server_no_context_takeover = true
-            }
-            "client_no_context_takeover" if value.is_none() => {
-                agreed.client_no_context_takeover = true
-            }
-            "server_max_window_bits" => agreed.server_max_window_bits = bits()?,
-            "client_max_window_bits" => agreed.client_max_window_bits = bits()?,
-            _ => return Err(bad("an unknown parameter")),
-        }
-    }
-    Ok(Some(agreed))
+    Ok(Some(Agreed {
+        server_no_context_takeover: params.server_no_context_takeover,
+        client_no_context_takeover: params.client_no_context_takeover,
+        client_max_window_bits,
+        server_max_window_bits: params.server_max_window_bits.unwrap_or(15),
+    }))
 }
 
 /// `payload` compressed as one message on its own (no earlier context), with a window of

@@ -19,6 +19,7 @@
 //! shared with the connections through an `Rc<RefCell<_>>`; a worker is one thread.
 
 use super::error::ProtocolError;
+use super::handshake::is_token;
 use crate::config::{Compression, GroupConfig};
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 use std::cell::RefCell;
@@ -128,14 +129,15 @@ pub(crate) enum Decline {
     Malformed,
 }
 
-/// One permessage-deflate offer, parsed and checked.
+/// The parameters of one permessage-deflate element, parsed and checked: an offer, or (read
+/// by `wsd bench`) a server's answer, which has the same grammar.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Offer {
-    server_no_context_takeover: bool,
-    client_no_context_takeover: bool,
-    server_max_window_bits: Option<u8>,
-    /// Offered, with its value if it had one.
-    client_max_window_bits: Option<Option<u8>>,
+pub(crate) struct Offer {
+    pub server_no_context_takeover: bool,
+    pub client_no_context_takeover: bool,
+    pub server_max_window_bits: Option<u8>,
+    /// Named, with its value if it had one.
+    pub client_max_window_bits: Option<Option<u8>>,
 }
 
 /// What a connection agreed to.
@@ -176,17 +178,21 @@ impl Agreed {
 pub(crate) fn choose(headers: &[String], settings: &Settings) -> Result<Agreed, Vec<Decline>> {
     let mut declined = Vec::new();
     for element in headers.iter().flat_map(|h| split_outside_quotes(h, ',')) {
-        let mut parts = split_outside_quotes(element, ';');
-        let name = parts.next().unwrap_or("").trim();
-        if !name.eq_ignore_ascii_case(NAME) {
-            continue;
-        }
-        match parse_offer(parts).and_then(|offer| accept(&offer, settings)) {
-            Ok(agreed) => return Ok(agreed),
-            Err(why) => declined.push(why),
+        match parse_element(element).map(|p| p.and_then(|offer| accept(&offer, settings))) {
+            None => {}
+            Some(Ok(agreed)) => return Ok(agreed),
+            Some(Err(why)) => declined.push(why),
         }
     }
     Err(declined)
+}
+
+/// One element of a `Sec-WebSocket-Extensions` list, parsed if it is permessage-deflate
+/// (`None`: another extension).
+pub(crate) fn parse_element(element: &str) -> Option<Result<Offer, Decline>> {
+    let mut parts = split_outside_quotes(element, ';');
+    let name = parts.next().unwrap_or("").trim();
+    name.eq_ignore_ascii_case(NAME).then(|| parse_offer(parts))
 }
 
 /// Agrees on permessage-deflate for one connection, with the first offer in `headers` that
@@ -265,13 +271,6 @@ fn window_bits(v: &str) -> Option<u8> {
         [b'1', d @ b'0'..=b'5'] => Some(10 + d - b'0'),
         _ => None,
     }
-}
-
-/// RFC 9110 `token`.
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
 /// A parameter's value: a token as it is, or a quoted-string without its quotes and escapes.
