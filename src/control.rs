@@ -279,6 +279,9 @@ pub struct Counters {
     pub bus_state: BusState,
     /// Resident memory of the worker process in bytes.
     pub memory: u64,
+    /// Backend API requests answered (`[api]`), by this worker.
+    #[serde(default)]
+    pub api_requests: u64,
 }
 
 /// The master's view of everything, as `status --json` prints it.
@@ -290,6 +293,22 @@ pub struct Status {
     /// The cluster bus, when the server has one (`[server] bus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bus: Option<BusStatus>,
+    /// The backend API, when the server has one (`[api]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiStatus>,
+}
+
+/// The backend API as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiStatus {
+    /// `http://HOST:PORT`.
+    pub listen: String,
+    /// The group whose workers serve it.
+    pub group: String,
+    /// Requests answered by the running workers.
+    pub requests: u64,
+    /// Requests per second over the workers' last reports.
+    pub rate: f64,
 }
 
 /// The cluster bus as the workers last reported it.
@@ -339,6 +358,9 @@ pub struct WorkerStatus {
     pub status: WorkerState,
     pub uptime_secs: u64,
     pub qps: f64,
+    /// Backend API requests per second (`[api]`).
+    #[serde(default)]
+    pub api_rate: f64,
     /// Connections waiting in this slot's listen queue, and the queue's limit (backlog).
     #[serde(default)]
     pub accept_queue: u32,

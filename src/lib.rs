@@ -25,6 +25,7 @@
 //! `cli/` → `master/` is the control path, `config/` the `workers.toml` schema, `sys.rs` the
 //! only `unsafe`.
 
+mod api;
 pub mod apps;
 mod backoff;
 #[cfg(feature = "bench")]

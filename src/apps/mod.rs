@@ -14,7 +14,7 @@ pub use chat::chat;
 pub use clock::{clock, clock_echo};
 pub use echo::echo;
 pub use hello::hello;
-pub use pubsub::pubsub;
+pub use pubsub::{MAX_TOPIC_LEN, MAX_TOPICS, pubsub};
 
 /// Installs an app's hooks on a group.
 pub type Install = fn(&mut Worker);

@@ -203,10 +203,10 @@ impl Bus {
             .filter_map(|(slot, end)| end.as_ref().map(|e| (slot, e)))
     }
 
-    /// Sends to the worker in `slot` on this host.
-    pub fn send_to_slot(&mut self, slot: usize, msg: &BusMessage) {
+    /// Sends to the worker in `slot` on this host; false if it could not take it.
+    pub fn send_to_slot(&mut self, slot: usize, msg: &BusMessage) -> bool {
         let bytes = wire::encode(self.origin, msg);
-        self.send_bytes(slot, &bytes);
+        self.send_bytes(slot, &bytes)
     }
 
     /// A bus that reaches no other worker (a worker run outside a master, in tests).
@@ -228,10 +228,20 @@ impl Bus {
         log::debug!("bus: no cluster bus to reach host {host:016x} slot {slot}");
     }
 
-    /// Sends to every other worker of the group on this host.
-    pub fn send_to_peers(&mut self, msg: &BusMessage) {
+    /// Sends to every other worker of the group on this host; returns how many took it.
+    pub fn send_to_peers(&mut self, msg: &BusMessage) -> usize {
         let bytes = wire::encode(self.origin, msg);
-        self.send_bytes_to_peers(&bytes);
+        self.send_bytes_to_peers(&bytes)
+    }
+
+    /// Sends to every worker of the group on the other hosts of a cluster bus, if there is one.
+    pub fn send_to_other_hosts(&mut self, msg: &BusMessage) {
+        #[cfg(feature = "cluster")]
+        if matches!(self.remote, Remote::Running(_)) {
+            self.send_remote(Target::All, wire::encode(self.origin, msg));
+        }
+        #[cfg(not(feature = "cluster"))]
+        let _ = msg;
     }
 
     /// Sends to every other worker of the group: on this host over the mesh, and on the other
@@ -243,18 +253,22 @@ impl Bus {
         self.send_remote(Target::All, bytes);
     }
 
-    fn send_bytes_to_peers(&mut self, bytes: &[u8]) {
-        for slot in 0..self.peers.len() {
-            self.send_bytes(slot, bytes);
-        }
+    fn send_bytes_to_peers(&mut self, bytes: &[u8]) -> usize {
+        (0..self.peers.len())
+            .filter(|&slot| self.send_bytes(slot, bytes))
+            .count()
     }
 
-    fn send_bytes(&mut self, slot: usize, bytes: &[u8]) {
+    /// Whether the worker in `slot` has the message waiting for it.
+    fn send_bytes(&mut self, slot: usize, bytes: &[u8]) -> bool {
         let Some(end) = self.peers.get(slot).and_then(Option::as_ref) else {
-            return;
+            return false;
         };
         match mesh::send_on(end, bytes) {
-            mesh::Sent::Ok => self.stats.sent += 1,
+            mesh::Sent::Ok => {
+                self.stats.sent += 1;
+                return true;
+            }
             mesh::Sent::Full => {
                 self.stats.dropped += 1;
                 log::debug!("bus: worker slot {slot} is not keeping up; a message is dropped");
@@ -269,6 +283,7 @@ impl Bus {
             }
             mesh::Sent::Broken => self.stats.dropped += 1,
         }
+        false
     }
 
     /// Every message waiting from the worker in `slot`. A peer end that is closed for good

@@ -3,7 +3,13 @@
 //! ```text
 //! kind u8 | opcode u8 | origin host u64 LE | origin slot u16 LE | kind's fields | payload
 //!   send_to: conn idx u32 LE, serial u32 LE     publish: topic length u16 LE, topic
+//!   send_user: user length u16 LE, user         ask, answer: id u32 LE (payload: JSON)
 //! ```
+//!
+//! `Ask` and `Answer` are how one worker asks the others of its host something (how many
+//! subscribers a topic has, who is there, their counters) and gathers what they say: the
+//! payload is a JSON question or answer (`worker::asking`), which keeps the wire small while
+//! the questions grow.
 //!
 //! A frame's payload travels as is; each receiving worker encodes the WebSocket frame once and
 //! shares it among its clients. Text is checked for UTF-8 when decoded, so a message that came
@@ -16,6 +22,9 @@ const BROADCAST: u8 = 1;
 const SEND_TO: u8 = 2;
 const PUBLISH: u8 = 3;
 const APP: u8 = 4;
+const SEND_USER: u8 = 5;
+const ASK: u8 = 6;
+const ANSWER: u8 = 7;
 
 const TEXT: u8 = 1;
 const BINARY: u8 = 2;
@@ -38,6 +47,13 @@ pub enum BusMessage {
     Publish(String, Message),
     /// Hand to the app's `on_bus_message` hook.
     App(Bytes),
+    /// Send to every connection of a user held by the receiving worker.
+    SendUser(String, Message),
+    /// A question (JSON) for the receiving worker; a non-zero id wants an [`BusMessage::Answer`]
+    /// sent back to the asking worker.
+    Ask(u32, Bytes),
+    /// The answer (JSON) to the asking worker's question `id`.
+    Answer(u32, Bytes),
 }
 
 /// Why bytes are not a bus message.
@@ -66,6 +82,9 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
         BusMessage::SendTo(_, m) => (SEND_TO, Some(m)),
         BusMessage::Publish(_, m) => (PUBLISH, Some(m)),
         BusMessage::App(_) => (APP, None),
+        BusMessage::SendUser(_, m) => (SEND_USER, Some(m)),
+        BusMessage::Ask(..) => (ASK, None),
+        BusMessage::Answer(..) => (ANSWER, None),
     };
     let opcode = match body {
         Some(Message::Text(_)) => TEXT,
@@ -73,7 +92,7 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
         None => 0,
     };
     let payload: &[u8] = match msg {
-        BusMessage::App(b) => b,
+        BusMessage::App(b) | BusMessage::Ask(_, b) | BusMessage::Answer(_, b) => b,
         _ => body.map_or(&[], Message::as_bytes),
     };
     let mut out = Vec::with_capacity(16 + payload.len());
@@ -86,12 +105,15 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
             out.extend_from_slice(&conn.idx.to_le_bytes());
             out.extend_from_slice(&conn.serial.to_le_bytes());
         }
-        BusMessage::Publish(topic, _) => {
-            let topic = &topic.as_bytes()[..topic.len().min(u16::MAX as usize)];
-            out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
-            out.extend_from_slice(topic);
+        BusMessage::Publish(name, _) | BusMessage::SendUser(name, _) => {
+            let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name);
         }
-        _ => {}
+        BusMessage::Ask(id, _) | BusMessage::Answer(id, _) => {
+            out.extend_from_slice(&id.to_le_bytes())
+        }
+        BusMessage::Broadcast(_) | BusMessage::App(_) => {}
     }
     out.extend_from_slice(payload);
     out
@@ -122,12 +144,11 @@ pub fn decode(bytes: &[u8]) -> Result<(Origin, BusMessage), WireError> {
             let serial = r.u32()?;
             BusMessage::SendTo(ConnId { serial, idx }, r.message(opcode)?)
         }
-        PUBLISH => {
-            let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes")) as usize;
-            let topic = std::str::from_utf8(r.take(len)?).map_err(|_| WireError::InvalidUtf8)?;
-            BusMessage::Publish(topic.to_string(), r.message(opcode)?)
-        }
+        PUBLISH => BusMessage::Publish(r.name()?, r.message(opcode)?),
+        SEND_USER => BusMessage::SendUser(r.name()?, r.message(opcode)?),
         APP => BusMessage::App(Bytes::copy_from_slice(r.0)),
+        ASK => BusMessage::Ask(r.u32()?, Bytes::copy_from_slice(r.0)),
+        ANSWER => BusMessage::Answer(r.u32()?, Bytes::copy_from_slice(r.0)),
         other => return Err(WireError::UnknownKind(other)),
     };
     Ok((origin, msg))
@@ -151,6 +172,12 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
+    }
+    /// A topic or user name: its length (u16) and its UTF-8 bytes.
+    fn name(&mut self) -> Result<String, WireError> {
+        let len = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
+        let name = std::str::from_utf8(self.take(len)?).map_err(|_| WireError::InvalidUtf8)?;
+        Ok(name.to_string())
     }
     /// The rest as a message of `opcode`.
     fn message(&mut self, opcode: u8) -> Result<Message, WireError> {
@@ -183,6 +210,10 @@ mod tests {
             BusMessage::Publish("room/1".into(), Message::from("in the room")),
             BusMessage::Publish(String::new(), Message::from(Vec::new())),
             BusMessage::App(Bytes::from_static(b"\x00app data")),
+            BusMessage::SendUser("ada".into(), Message::from("hi ada")),
+            BusMessage::SendUser("bob".into(), Message::from(vec![1u8, 2])),
+            BusMessage::Ask(7, Bytes::from_static(b"{\"stats\":null}")),
+            BusMessage::Answer(u32::MAX, Bytes::from_static(b"[]")),
         ] {
             let bytes = encode(origin, &msg);
             assert_eq!(origin_of(&bytes), Ok(origin));

@@ -150,12 +150,13 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             let config = Config::load(&config_path, &runner.app_names())?;
             let code = runner.workers.iter().map(|w| (w.name(), &w.listen));
             let file = config.groups.iter().map(|g| (g.name(), &g.listen));
-            crate::config::check_runnable(&code.chain(file).collect::<Vec<_>>()).map_err(
-                |problem| Failed::Groups {
+            let groups: Vec<_> = code.chain(file).collect();
+            crate::config::check_runnable(&groups, config.api.as_ref()).map_err(|problem| {
+                Failed::Groups {
                     file: config_path.clone(),
                     problem,
-                },
-            )?;
+                }
+            })?;
             #[cfg(feature = "tls")]
             for g in &config.groups {
                 if let Some(warning) = g.tls.as_ref().and_then(|id| id.expiry_warning()) {

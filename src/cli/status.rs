@@ -34,6 +34,13 @@ pub fn render(st: &Status) -> String {
     if let Some(bus) = &st.bus {
         let _ = writeln!(out, "{}", bus_line(bus));
     }
+    if let Some(api) = &st.api {
+        let _ = writeln!(
+            out,
+            "api: {} (group {}) — {} requests, {:.1}/s",
+            api.listen, api.group, api.requests, api.rate
+        );
+    }
     let _ = writeln!(
         out,
         "{} group(s)   {processes} process(es)",

@@ -52,6 +52,9 @@ pub enum ConfigProblem {
     /// `[[worker]]` keys that contradict each other.
     #[error(transparent)]
     Group(#[from] GroupProblem),
+    /// `[api]` values that cannot be served.
+    #[error(transparent)]
+    Api(#[from] super::ApiProblem),
     /// `app` names no app this program knows.
     #[error("unknown app {app:?}: known apps are {}", known.join(", "))]
     UnknownApp {

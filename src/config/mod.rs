@@ -8,11 +8,13 @@
 //! The schema is split by concept: `[server]` (`server.rs`), `[[worker]]` (`group.rs`), the
 //! values written in wsd's own notation (`values.rs`), and what can be wrong (`error.rs`).
 
+mod api;
 mod error;
 mod group;
 mod server;
 mod values;
 
+pub use api::{ApiConfig, ApiKey, ApiProblem};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
 pub use group::{Compression, GroupConfig, SendBufferPolicy};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
@@ -30,16 +32,27 @@ pub struct Config {
     pub server: ServerConfig,
     /// The `[[worker]]` groups, in the file's order.
     pub groups: Vec<GroupConfig>,
+    /// `[api]`: the backend HTTP API, if configured.
+    pub api: Option<ApiConfig>,
 }
 
 /// What `start`, `check` and `reload` all ask of the groups they would run, code's and the
 /// file's together (the file's own were checked against each other with their lines): that
-/// there is one, and that no two take the same connections.
-pub fn check_runnable(groups: &[(&str, &Listen)]) -> Result<(), ConfigProblem> {
+/// there is one, that no two take the same connections, and that `[api]`, if any, serves one
+/// of them without taking their address. Returns the group the API serves.
+pub fn check_runnable(
+    groups: &[(&str, &Listen)],
+    api: Option<&ApiConfig>,
+) -> Result<Option<String>, ConfigProblem> {
     if groups.is_empty() {
         return Err(ConfigProblem::NoGroups);
     }
-    first_overlap(groups).map_or(Ok(()), Err)
+    if let Some(overlap) = first_overlap(groups) {
+        return Err(overlap);
+    }
+    api.map(|a| a.group_among(groups))
+        .transpose()
+        .map_err(ConfigProblem::Api)
 }
 
 /// The first group (by name) whose listen address overlaps an earlier one's, as an error.
@@ -60,6 +73,7 @@ struct FileSchema {
     server: Option<toml::Spanned<ServerConfig>>,
     #[serde(default, rename = "worker")]
     workers: Vec<toml::Spanned<GroupConfig>>,
+    api: Option<toml::Spanned<ApiConfig>>,
 }
 
 impl Config {
@@ -69,6 +83,7 @@ impl Config {
             file: None,
             server: ServerConfig::default(),
             groups: Vec::new(),
+            api: None,
         }
     }
 
@@ -159,10 +174,27 @@ impl Config {
             }
             groups.push(g);
         }
+        let api = match schema.api {
+            Some(a) => {
+                let span = a.span();
+                let api = a.into_inner();
+                api.check().map_err(|r| at(Some(span.clone()), r.into()))?;
+                if let Some(g) = groups.iter().find(|g| g.listen.overlaps(&api.listen)) {
+                    let taken = ApiProblem::ListenTaken {
+                        listen: api.listen.addr.to_string(),
+                        group: g.name().to_string(),
+                    };
+                    return Err(at(Some(span), taken.into()));
+                }
+                Some(api)
+            }
+            None => None,
+        };
         Ok(Config {
             file: Some(path.to_path_buf()),
             server,
             groups,
+            api,
         })
     }
 
@@ -505,9 +537,9 @@ mod tests {
     fn code_and_file_groups_are_checked_together() {
         let l = |s: &str| Listen::parse(s).unwrap();
         let (a, b, c) = (l("0.0.0.0:9"), l("127.0.0.1:8"), l("127.0.0.1:9"));
-        assert!(check_runnable(&[("a", &a), ("b", &b)]).is_ok());
+        assert!(check_runnable(&[("a", &a), ("b", &b)], None).is_ok());
         assert_eq!(
-            check_runnable(&[]).map_err(|e| e.to_string()),
+            check_runnable(&[], None).map_err(|e| e.to_string()),
             Err("no [[worker]] group: nothing would run".into())
         );
         assert_eq!(

@@ -142,6 +142,7 @@ mod tests {
             status,
             uptime_secs: 0,
             qps: 0.0,
+            api_rate: 0.0,
             accept_queue: 0,
             backlog: 0,
             counters: Counters {

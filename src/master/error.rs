@@ -21,6 +21,9 @@ pub enum GroupsError {
         /// Why.
         source: BindError,
     },
+    /// The backend API's sockets could not be bound.
+    #[error("[api]: {0}")]
+    ApiBind(#[source] BindError),
     /// The socket pairs between a group's workers could not be made.
     #[error("cannot wire the bus: {0}")]
     Bus(#[source] io::Error),
@@ -71,6 +74,16 @@ pub enum ReloadError {
         /// The key.
         key: &'static str,
         /// The running value, as shown to operators.
+        old: String,
+        /// The file's value.
+        new: String,
+    },
+    /// An `[api]` key changed that only a restart can apply (or the table came or went).
+    #[error("[api] {what} changed from {old} to {new}: that needs `wsd restart`")]
+    ApiNeedsRestart {
+        /// What changed.
+        what: &'static str,
+        /// The running value.
         old: String,
         /// The file's value.
         new: String,

@@ -260,7 +260,7 @@ impl Master {
         if all_ready {
             log::info!("all workers ready");
             notify::ready(&self.serving_line());
-            let banner = super::banner(&self.sup.groups, self.daemon);
+            let banner = super::banner(&self.sup.groups, self.sup.api.as_ref(), self.daemon);
             self.announce.ready(&banner);
         }
     }
@@ -411,13 +411,23 @@ impl Master {
         if let Some(r) = &self.reload {
             return Err(ReloadError::InProgress(r.started.elapsed()));
         }
-        let (server, file_groups) = self.source.reread(&self.server)?;
-        let prepared = reload::prepare(&self.sup, file_groups)?;
+        let again = self.source.reread(&self.server)?;
+        let (server, file_groups) = (again.server, again.groups);
+        let api = if again.from_file {
+            again.api
+        } else {
+            self.sup.api.as_ref().map(|a| a.config.clone())
+        };
+        let prepared = reload::prepare(&self.sup, file_groups, api.as_ref())?;
         log::info!("reloading ({why}): {}", prepared.summary.join("; "));
         notify::reloading();
         self.sup.creds = super::privileges::for_workers(&server);
         self.server = server;
         let mut r = reload::apply(&mut self.sup, prepared);
+        if let (Some(slots), Some(config)) = (self.sup.api.as_mut(), api) {
+            slots.config = config;
+        }
+        self.sup.fit_api();
         r.waiters.extend(waiter);
         self.reload = Some(r);
         self.advance_reload(registry);

@@ -8,6 +8,7 @@
 //! `requests.rs` dispatches → `event_loop.rs` begins the reload → `reload.rs` plans it and
 //! replaces workers slot by slot through `supervisor.rs`, which forks (`sys.rs`) and reaps.
 
+mod api;
 mod bus_watch;
 mod clients;
 mod control_socket;
@@ -69,9 +70,14 @@ impl Source {
 
     /// Reads the config file again for a reload: the new `[server]` settings and the file's
     /// groups. Settings that only a restart can change are refused with the reason.
-    fn reread(&self, running: &ServerConfig) -> Result<(ServerConfig, Vec<Worker>), ReloadError> {
+    fn reread(&self, running: &ServerConfig) -> Result<Reread, ReloadError> {
         let Some(file) = &self.file else {
-            return Ok((running.clone(), Vec::new()));
+            return Ok(Reread {
+                server: running.clone(),
+                groups: Vec::new(),
+                api: None,
+                from_file: false,
+            });
         };
         let names: Vec<&str> = self.apps.keys().map(String::as_str).collect();
         let config = Config::load(file, &names)?;
@@ -111,8 +117,24 @@ impl Source {
                 new: format!("{:?}", new.log_level),
             });
         }
-        Ok((config.server.clone(), self.groups(&config)))
+        Ok(Reread {
+            server: config.server.clone(),
+            groups: self.groups(&config),
+            api: config.api,
+            from_file: true,
+        })
     }
+}
+
+/// What a reload read again.
+struct Reread {
+    server: ServerConfig,
+    /// The file's groups.
+    groups: Vec<Worker>,
+    /// The file's `[api]`.
+    api: Option<crate::config::ApiConfig>,
+    /// There is a file (a program with groups in code only has none: its `[api]` stays).
+    from_file: bool,
 }
 
 /// Runs a master to the end. Returns the process exit code.
@@ -157,8 +179,19 @@ pub fn start(plan: Plan) -> i32 {
     };
     let defs: Vec<_> = defs.collect();
     let listens: Vec<_> = defs.iter().map(|(d, _)| (d.name(), &d.listen)).collect();
-    if let Err(e) = crate::config::check_runnable(&listens) {
-        return fail(pidfile, GroupsError::Invalid(e).into());
+    let api_group = match crate::config::check_runnable(&listens, plan.config.api.as_ref()) {
+        Ok(g) => g,
+        Err(e) => return fail(pidfile, GroupsError::Invalid(e).into()),
+    };
+    if let (Some(config), Some(group)) = (plan.config.api.clone(), api_group) {
+        let count = defs
+            .iter()
+            .find(|(d, _)| d.name() == group)
+            .map_or(1, |(d, _)| d.count);
+        match api::ApiSlots::bind(config, group, count) {
+            Ok(a) => sup.api = Some(a),
+            Err(e) => return fail(pidfile, GroupsError::ApiBind(e).into()),
+        }
     }
     #[cfg(feature = "tls")]
     for (def, _) in &defs {
@@ -207,7 +240,7 @@ pub fn start(plan: Plan) -> i32 {
 }
 
 /// The start banner, after Workerman's.
-fn banner(groups: &[supervisor::Group], daemon: bool) -> String {
+fn banner(groups: &[supervisor::Group], api: Option<&api::ApiSlots>, daemon: bool) -> String {
     let line = "-".repeat(72);
     let mut out = format!(
         "{:-^72}\nwsd version: {:<16} pid: {}\n{:-^72}\n{:<16} {:<36} {:<10} {}\n",
@@ -227,6 +260,9 @@ fn banner(groups: &[supervisor::Group], daemon: bool) -> String {
             g.listen,
             g.slots.len()
         );
+    }
+    if let Some(api) = api {
+        out += &format!("{:<16} {:<36} {:<10} [OK]\n", "api", api.url(), api.group);
     }
     out += &line;
     out += if daemon {

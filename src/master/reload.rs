@@ -59,13 +59,28 @@ pub struct Prepared {
 
 /// Checks the new file groups against the running ones and binds every new socket.
 /// Groups defined in code are carried over. Nothing running is touched.
-pub fn prepare(sup: &Supervisor, file_groups: Vec<Worker>) -> Result<Prepared, ReloadError> {
+pub fn prepare(
+    sup: &Supervisor,
+    file_groups: Vec<Worker>,
+    api: Option<&crate::config::ApiConfig>,
+) -> Result<Prepared, ReloadError> {
     let code = sup.groups.iter().filter(|g| !g.from_file);
     let listens: Vec<_> = code
         .map(|g| (g.name(), &g.def.listen))
         .chain(file_groups.iter().map(|d| (d.name(), &d.listen)))
         .collect();
-    crate::config::check_runnable(&listens).map_err(GroupsError::Invalid)?;
+    let api_group = crate::config::check_runnable(&listens, api).map_err(GroupsError::Invalid)?;
+    match &sup.api {
+        Some(running) => running.reloadable(api, api_group.as_deref())?,
+        None if api.is_some() => {
+            return Err(ReloadError::ApiNeedsRestart {
+                what: "table",
+                old: "absent".into(),
+                new: "present".into(),
+            });
+        }
+        None => {}
+    }
     let mut changes = Vec::new();
     let mut summary = Vec::new();
     let wire = |slots: usize| Mesh::new(slots).map_err(GroupsError::Bus);

@@ -195,6 +195,18 @@ impl Master {
                 .bus
                 .as_ref()
                 .map(|url| super::bus_watch::summary(url.redacted(), &workers)),
+            api: self.sup.api.as_ref().map(|a| {
+                let served = workers.iter().filter(|w| w.name == a.group);
+                let (requests, rate) = served.fold((0, 0.0), |(n, r), w| {
+                    (n + w.counters.api_requests, r + w.api_rate)
+                });
+                crate::control::ApiStatus {
+                    listen: a.url(),
+                    group: a.group.clone(),
+                    requests,
+                    rate: (rate * 10.0f64).round() / 10.0,
+                }
+            }),
             workers,
         }
     }

@@ -91,7 +91,8 @@ pub struct Proc {
     /// This process has sent `Ready`.
     pub ready: bool,
     report: Option<(Instant, Counters)>,
-    prev_report: Option<(Instant, u64)>,
+    /// The report before: when, and its message and API request counts.
+    prev_report: Option<(Instant, u64, u64)>,
     /// Told to stop while the master carries on (replaced by a reload, or its slot removed);
     /// SIGKILLed if still alive at this instant.
     pub retiring: Option<Instant>,
@@ -182,6 +183,8 @@ pub struct Supervisor {
     pub bus_url: Option<crate::config::RedisUrl>,
     /// The cluster bus's state as the workers report it.
     pub bus_watch: super::bus_watch::BusWatch,
+    /// `[api]`: the backend API's sockets, handed to the workers of the group it serves.
+    pub api: Option<super::api::ApiSlots>,
 }
 
 /// A worker process named across turns: its key in [`Supervisor::procs`] and its pid, since a
@@ -193,6 +196,19 @@ pub struct ProcRef {
 }
 
 impl Supervisor {
+    /// One API socket per slot of the group the API serves, after a reload changed its count.
+    pub fn fit_api(&mut self) {
+        let Some(api) = self.api.as_mut() else { return };
+        let count = self
+            .groups
+            .iter()
+            .find(|g| g.name() == api.group)
+            .map_or(0, |g| g.slots.len());
+        if let Err(e) = api.fit(count) {
+            log::error!("[api]: {e}; the new slots serve no API");
+        }
+    }
+
     pub fn group_index(&self, name: &str) -> Option<usize> {
         self.groups.iter().position(|g| g.name() == name)
     }
@@ -227,6 +243,15 @@ impl Supervisor {
                 let listener = group.listeners.swap_remove(slot);
                 let mut keep = vec![listener.as_raw_fd(), worker_end.as_raw_fd()];
                 keep.extend(group.mesh.fds_of(slot));
+                let api = self.api.as_mut().filter(|a| a.group == group.name());
+                let api = api.and_then(|a| {
+                    let listener = a.take(slot)?;
+                    keep.push(listener.as_raw_fd());
+                    Some(crate::worker::ApiSocket {
+                        listener,
+                        config: a.config.clone(),
+                    })
+                });
                 sys::close_fds_except(&keep);
                 let origin = Origin {
                     host: self.host_id,
@@ -254,7 +279,7 @@ impl Supervisor {
                 }
                 let placeholder = Worker::from_config(group.def.config().clone());
                 let def = std::mem::replace(&mut group.def, placeholder);
-                let code = crate::worker::run(def, slot, listener, worker_end, bus);
+                let code = crate::worker::run(def, slot, listener, worker_end, bus, api);
                 std::process::exit(code);
             }
             Fork::Parent(pid) => {
@@ -341,7 +366,7 @@ impl Supervisor {
                 Ok(FromWorker::Ready) => p.ready = true,
                 Ok(FromWorker::Report(c)) => {
                     if let Some((at, prev)) = &p.report {
-                        p.prev_report = Some((*at, prev.total_request));
+                        p.prev_report = Some((*at, prev.total_request, prev.api_requests));
                     }
                     p.report = Some((Instant::now(), c));
                     reported = true;
@@ -450,11 +475,15 @@ impl Supervisor {
             Some((at, _)) if now.duration_since(*at) > STALE_REPORT => WorkerState::Busy,
             _ => WorkerState::Idle,
         };
-        let qps = match (&p.report, p.prev_report) {
-            (Some((at, c)), Some((pat, prev))) if *at > pat => {
-                c.total_request.saturating_sub(prev) as f64 / at.duration_since(pat).as_secs_f64()
+        let (qps, api_rate) = match (&p.report, p.prev_report) {
+            (Some((at, c)), Some((pat, prev, prev_api))) if *at > pat => {
+                let secs = at.duration_since(pat).as_secs_f64();
+                (
+                    c.total_request.saturating_sub(prev) as f64 / secs,
+                    c.api_requests.saturating_sub(prev_api) as f64 / secs,
+                )
             }
-            _ => 0.0,
+            _ => (0.0, 0.0),
         };
         let group = self.group_index(&p.group).map(|g| &self.groups[g]);
         let (accept_queue, backlog) = group.map_or((0, 0), |g| g.accept_queue(p.slot));
@@ -466,6 +495,7 @@ impl Supervisor {
             status,
             uptime_secs: p.started_at.elapsed().as_secs(),
             qps: (qps * 10.0).round() / 10.0,
+            api_rate: (api_rate * 10.0).round() / 10.0,
             accept_queue,
             backlog,
             counters: p
@@ -487,6 +517,7 @@ impl Supervisor {
             status: WorkerState::Restarting,
             uptime_secs: 0,
             qps: 0.0,
+            api_rate: 0.0,
             accept_queue,
             backlog,
             counters: Counters::default(),

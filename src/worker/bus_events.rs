@@ -42,6 +42,11 @@ impl Loop {
             BusMessage::Publish(topic, m) => {
                 self.ctx.publish_local(&topic, m);
             }
+            BusMessage::SendUser(uid, m) => {
+                self.ctx.send_to_user_local(&uid, m);
+            }
+            BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
+            BusMessage::Answer(id, answer) => self.api_answer(id, &answer),
             BusMessage::App(data) => {
                 let Some(f) = self.hooks.on_bus_message.as_mut() else {
                     return;

@@ -55,6 +55,13 @@ impl Loop {
 
     /// Sends the master the worker's counters: at start, every tick, and on the way out.
     pub(super) fn report(&mut self) {
+        self.refresh_counters();
+        self.channel
+            .report(&FromWorker::Report(self.ctx.counters.clone()));
+    }
+
+    /// Brings the counters that are read rather than counted up to date.
+    pub(super) fn refresh_counters(&mut self) {
         self.ctx.counters.timers = self.ctx.timers.len() as u64;
         self.ctx.counters.memory = sys::rss_bytes();
         self.ctx.counters.send_queue = self
@@ -68,8 +75,6 @@ impl Loop {
         self.ctx.counters.bus_received = bus.received;
         self.ctx.counters.bus_dropped = bus.dropped;
         self.ctx.counters.bus_state = self.ctx.bus.state();
-        self.channel
-            .report(&FromWorker::Report(self.ctx.counters.clone()));
     }
 }
 

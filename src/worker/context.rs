@@ -54,6 +54,9 @@ pub struct Context {
     /// This worker's side of the group's bus.
     pub(crate) bus: Bus,
     pub(crate) topics: Topics,
+    /// Which user each connection is bound to: a user is the set of its connections, the same
+    /// table as a topic's subscribers.
+    pub(crate) users: Topics,
     /// The group's `subprotocols`, which connections name by place ([`Agreed`]).
     pub(crate) subprotocols: Vec<String>,
     /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
@@ -90,6 +93,7 @@ impl Context {
             send_buffer_policy: settings.send_buffer_policy,
             bus,
             topics: Topics::default(),
+            users: Topics::default(),
             subprotocols: settings.subprotocols.clone(),
             leaving: None,
             // permessage-deflate

@@ -16,6 +16,7 @@
 
 use super::admission::{Accepted, Acceptor, IpSlot};
 use super::alarm::Alarm;
+use super::api::{API_BASE, API_LISTENER, Api, ApiSocket};
 use super::channel::Channel;
 use super::conn::{Conn, Flushed, Received};
 use super::context::{BufferNotice, Leaving};
@@ -91,6 +92,8 @@ pub(super) struct Loop {
     /// Bus peers whose messages did not all fit in one turn's budget.
     pub(super) bus_again: Vec<usize>,
     pub(super) stopping: Stopping,
+    /// The backend API, if this worker's group serves it (`[api]`).
+    pub(super) api: Option<Api>,
     next_tick: Instant,
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
@@ -104,8 +107,9 @@ pub(crate) fn run(
     listener: std::net::TcpListener,
     channel: std::os::unix::net::UnixStream,
     bus: Bus,
+    api: Option<ApiSocket>,
 ) -> i32 {
-    match Loop::new(worker, slot, listener, channel, bus) {
+    match Loop::new(worker, slot, listener, channel, bus, api) {
         Ok(mut l) => l.run(),
         Err(e) => {
             log::error!("worker setup failed: {e}");
@@ -121,6 +125,7 @@ impl Loop {
         listener: std::net::TcpListener,
         channel: std::os::unix::net::UnixStream,
         mut bus: Bus,
+        api: Option<ApiSocket>,
     ) -> io::Result<Loop> {
         let Worker {
             config: settings,
@@ -155,6 +160,10 @@ impl Loop {
             )?;
         }
         bus.start_cluster(poll.registry(), CLUSTER)?;
+        let api = match api {
+            Some(socket) => Some(Api::new(socket, settings.name(), poll.registry())?),
+            None => None,
+        };
         let limits = Limits {
             max_frame: settings.max_frame_size,
             max_message: settings.max_message_size,
@@ -176,6 +185,7 @@ impl Loop {
             flushing: FlushSchedule::default(),
             bus_again: Vec::new(),
             stopping: Stopping::No,
+            api,
             next_tick: Instant::now() + TICK,
             turn_start: Moment::at(Instant::now()),
         })
@@ -215,7 +225,9 @@ impl Loop {
                 SIGNALS => self.read_signals(),
                 ALARM => self.alarm.fired(),
                 CLUSTER => self.cluster_ready(),
+                API_LISTENER => self.api_accept(),
                 Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
+                Token(t) if t >= API_BASE => self.api_ready(t - API_BASE),
                 Token(t) => self.conn_ready(
                     t - CONN_BASE,
                     ev.is_readable(),
@@ -251,6 +263,14 @@ impl Loop {
             self.sweep(now);
             self.report();
         }
+        if self
+            .api
+            .as_ref()
+            .and_then(Api::next_deadline)
+            .is_some_and(|at| now >= at)
+        {
+            self.api_sweep(now);
+        }
         if self.accepting.retry_at().is_some_and(|at| now >= at) {
             self.accept();
         }
@@ -278,6 +298,7 @@ impl Loop {
             self.ctx.timers.next_deadline(),
             self.accepting.retry_at(),
             self.stopping.next_due(),
+            self.api.as_ref().and_then(Api::next_deadline),
         ];
         let until = deadlines
             .into_iter()
@@ -641,6 +662,7 @@ impl Loop {
                     drop(conn);
                     self.call_hook(id, Hook::Close);
                     self.ctx.topics.forget(id);
+                    self.ctx.users.forget(id);
                     self.forget_leaving();
                 }
             }

@@ -51,6 +51,7 @@ fn start_app(app: fn(&mut Worker)) -> Master {
             workers_copy,
             workers_end,
             crate::bus::Bus::detached(),
+            None,
         )
     });
     let mut master = Master {

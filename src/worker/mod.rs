@@ -7,6 +7,8 @@
 
 mod admission;
 mod alarm;
+mod api;
+mod asking;
 mod bus_events;
 mod channel;
 mod commands;
@@ -39,6 +41,7 @@ pub use reach::WorkerAddr;
 pub use timers::TimerId;
 pub use upgrade::{Decision, UpgradeRequest};
 
+pub(crate) use api::ApiSocket;
 pub(crate) use event_loop::run;
 
 use crate::config::{GroupConfig, Listen, ValueError};

@@ -71,6 +71,43 @@ impl Context {
         self.publish_local(topic, msg)
     }
 
+    /// Binds `conn` to the user `uid` (a connection authenticated by a token is bound to its
+    /// `sub` already), replacing the user it had. False if `conn` is not open.
+    pub fn bind_user(&mut self, conn: ConnId, uid: &str) -> bool {
+        if !self.is_open(conn) {
+            return false;
+        }
+        if let Some(old) = self.users.of(conn).first().cloned() {
+            self.users.unsubscribe(conn, &old);
+        }
+        self.users.subscribe(conn, uid)
+    }
+
+    /// The user `conn` is bound to.
+    pub fn user_of(&self, conn: ConnId) -> Option<&str> {
+        self.users.of(conn).first().map(String::as_str)
+    }
+
+    /// This worker's connections of user `uid`.
+    pub fn user_connections_local(&self, uid: &str) -> Vec<ConnId> {
+        self.users.members(uid)
+    }
+
+    /// Sends `msg` to every connection of user `uid`, on every worker (and server: GatewayWorker's
+    /// `sendToUid`). Returns how many of this worker's connections got it.
+    pub fn send_to_user(&mut self, uid: &str, msg: impl Into<Message>) -> usize {
+        let msg = msg.into();
+        self.bus
+            .send_to_group(&BusMessage::SendUser(uid.to_string(), msg.clone()));
+        self.send_to_user_local(uid, msg)
+    }
+
+    /// Delivers a message for user `uid` to this worker's connections of that user.
+    pub(crate) fn send_to_user_local(&mut self, uid: &str, msg: Message) -> usize {
+        let members = self.users.members(uid);
+        self.send_many(members, msg)
+    }
+
     /// Hands `data` to the `on_bus_message` hook of the worker in `slot` on this server.
     pub fn bus_send(&mut self, slot: usize, data: impl Into<Bytes>) {
         self.bus.send_to_slot(slot, &BusMessage::App(data.into()));

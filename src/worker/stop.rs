@@ -95,6 +95,9 @@ impl Loop {
             if let Some(mut listener) = self.accepting.close() {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
+            if let Some(api) = self.api.as_mut() {
+                api.close_listener(self.poll.registry());
+            }
             self.call_worker_hook(WorkerHook::Stop);
         }
         // Connections still in their upgrade are left to finish it (see `upgrade`): a client

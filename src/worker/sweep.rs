@@ -61,5 +61,6 @@ impl Loop {
         }
         self.reap();
         self.inbox.trim();
+        self.api_sweep(now);
     }
 }

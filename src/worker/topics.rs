@@ -1,6 +1,9 @@
 //! Topic subscriptions of one worker's connections: rooms and channels without app-side
 //! bookkeeping. A publish reaches every worker over the bus; each delivers to its own
 //! subscribers, so this table only ever holds local connections.
+//!
+//! The same table keeps users (`Context::bind_user`): a user is the set of its connections,
+//! which a connection joins once.
 
 use crate::ConnId;
 use std::collections::{HashMap, HashSet};

@@ -1,0 +1,596 @@
+//! The backend API's connections in the worker's loop (see `crate::api`).
+//!
+//! A request is read (`api::http`), understood (`api::call`) and carried out here over the
+//! bus, as hooks' calls are: this worker's clients at once, the other workers of the host
+//! over the mesh, other hosts through Redis. What the answer needs from the host's other
+//! workers (how many they reached, who is there, their counters) is asked of them
+//! (`asking.rs`) and gathered; the answer goes out when all have said, or after
+//! [`GATHER_TIMEOUT`] with what came and how many workers did not answer.
+//!
+//! Nothing a client does here can hold the worker: every request is bounded in size and in
+//! time (`request_timeout`, from its first byte), and an idle keep-alive connection is closed
+//! after the same time.
+
+use super::asking::Question;
+use super::event_loop::Loop;
+use crate::api::call::{self, ApiError, Call, Target};
+use crate::api::http::{self, Method, Response};
+use crate::bus::GlobalId;
+use crate::config::ApiConfig;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use serde_json::{Value, json};
+use slab::Slab;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+/// The API's listening socket.
+pub(super) const API_LISTENER: Token = Token(4);
+/// Tokens of API connections: `API_BASE + index`, between WebSocket connections and the bus.
+pub(super) const API_BASE: usize = 1 << 39;
+/// How long an answer waits for the host's other workers.
+pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes read from an API connection per call.
+const READ_CHUNK: usize = 16 << 10;
+
+/// What the master hands a worker of the API's group: its slot's socket and the settings.
+pub(crate) struct ApiSocket {
+    pub listener: std::net::TcpListener,
+    pub config: ApiConfig,
+}
+
+/// Where an API connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request (or idle between two).
+    Reading,
+    /// Its answer is being gathered from the other workers.
+    Waiting,
+    /// Writing its last answer; closed once written.
+    Closing,
+}
+
+struct ApiConn {
+    serial: u32,
+    stream: TcpStream,
+    reader: http::Reader,
+    /// Answer bytes the socket has not taken yet.
+    out: Vec<u8>,
+    phase: Phase,
+    /// The current request (or idle wait) must be done by then.
+    deadline: Instant,
+}
+
+/// How a gathered answer is put together.
+enum Compose {
+    /// `{key: N}` (`delivered`, `disconnected`): this worker's count plus each answer's (a
+    /// number, or `true` for one).
+    Count(&'static str, usize),
+    /// `{"topic", "subscribers": [...]}`: this worker's rows plus each answer's.
+    Presence(String, Vec<Value>),
+    /// `{"workers": [...]}`: this worker's counters plus each answer.
+    Stats(Value),
+    /// 200 if this worker and every answer serve, else 503.
+    Health(bool),
+}
+
+/// An answer waiting for the other workers.
+struct Gathering {
+    conn: (usize, u32),
+    wanted: usize,
+    answers: Vec<Value>,
+    deadline: Instant,
+    compose: Compose,
+    keep_alive: bool,
+    head_only: bool,
+}
+
+/// The worker's API: its listener, connections, and the answers it is gathering.
+pub(super) struct Api {
+    listener: Option<TcpListener>,
+    config: ApiConfig,
+    /// The group the API serves: this worker's.
+    served: String,
+    conns: Slab<ApiConn>,
+    gathering: HashMap<u32, Gathering>,
+    next_ask: u32,
+    next_serial: u32,
+    /// At `max_connections`: accepting waits until one closes.
+    full: bool,
+}
+
+impl Api {
+    pub(super) fn new(socket: ApiSocket, served: &str, registry: &Registry) -> io::Result<Api> {
+        socket.listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(socket.listener);
+        registry.register(&mut listener, API_LISTENER, Interest::READABLE)?;
+        Ok(Api {
+            listener: Some(listener),
+            config: socket.config,
+            served: served.to_string(),
+            conns: Slab::new(),
+            gathering: HashMap::new(),
+            next_ask: 0,
+            next_serial: 0,
+            full: false,
+        })
+    }
+
+    /// The earliest deadline of an answer being gathered.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.gathering.values().map(|g| g.deadline).min()
+    }
+
+    /// Stops accepting for good (the worker is stopping); open connections finish their
+    /// current request and are closed.
+    pub(super) fn close_listener(&mut self, registry: &Registry) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = registry.deregister(&mut l);
+        }
+    }
+
+    fn ask_id(&mut self) -> u32 {
+        self.next_ask = self.next_ask.wrapping_add(1).max(1);
+        self.next_ask
+    }
+}
+
+/// What carrying out a call gives: the answer now, or a question for the other workers and
+/// how to put their answers together.
+enum Outcome {
+    Now(Response),
+    Ask {
+        question: Question,
+        /// Only this slot of the host, not every worker.
+        slot: Option<u16>,
+        compose: Compose,
+    },
+}
+
+impl Loop {
+    pub(super) fn api_accept(&mut self) {
+        let Some(api) = self.api.as_mut() else { return };
+        loop {
+            if api.conns.len() >= api.config.max_connections {
+                api.full = true;
+                return;
+            }
+            let Some(listener) = &api.listener else {
+                return;
+            };
+            let (mut stream, _) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("api: accept failed: {e}");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let entry = api.conns.vacant_entry();
+            let token = Token(API_BASE + entry.key());
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) = self.poll.registry().register(&mut stream, token, interest) {
+                log::warn!("api: cannot register a connection: {e}");
+                continue;
+            }
+            api.next_serial = api.next_serial.wrapping_add(1);
+            entry.insert(ApiConn {
+                serial: api.next_serial,
+                stream,
+                reader: http::Reader::new(api.config.max_body),
+                out: Vec::new(),
+                phase: Phase::Reading,
+                deadline: Instant::now() + api.config.request_timeout,
+            });
+        }
+    }
+
+    /// An API connection is readable or writable.
+    pub(super) fn api_ready(&mut self, idx: usize) {
+        if !self.api_write(idx) {
+            return;
+        }
+        self.api_read(idx);
+    }
+
+    /// Writes what waits for `idx`; false if the connection is gone (or must not be read).
+    fn api_write(&mut self, idx: usize) -> bool {
+        let Some(api) = self.api.as_mut() else {
+            return false;
+        };
+        let Some(c) = api.conns.get_mut(idx) else {
+            return false;
+        };
+        while !c.out.is_empty() {
+            match c.stream.write(&c.out) {
+                Ok(0) => return self.api_close(idx),
+                Ok(n) => {
+                    c.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.api_close(idx),
+            }
+        }
+        c.out = Vec::new();
+        match c.phase {
+            Phase::Closing => self.api_close(idx),
+            Phase::Waiting => false,
+            Phase::Reading => true,
+        }
+    }
+
+    /// Reads and serves requests on `idx` until it would block or waits for an answer.
+    fn api_read(&mut self, idx: usize) {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            let Some(api) = self.api.as_mut() else { return };
+            let Some(c) = api.conns.get_mut(idx) else {
+                return;
+            };
+            if c.phase != Phase::Reading {
+                return;
+            }
+            // A request already buffered (pipelined) is served before reading more.
+            match c.reader.next() {
+                Ok(Some(req)) => {
+                    self.api_serve(idx, req);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let r = Response::json(e.status(), &json!({ "error": e.to_string() }));
+                    self.api_respond(idx, "bad_request", &r, false, false);
+                    return;
+                }
+            }
+            let want = c.reader.room().min(READ_CHUNK);
+            match c.stream.read(&mut buf[..want]) {
+                Ok(0) => {
+                    self.api_close(idx);
+                    return;
+                }
+                Ok(n) => c.reader.feed(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.api_close(idx);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out one request and answers it, now or once the other workers have.
+    fn api_serve(&mut self, idx: usize, req: http::Request) {
+        let api = self.api.as_ref().expect("serving the API");
+        let (keep_alive, head_only) = (req.keep_alive, req.method == Method::Head);
+        let call = match call::understand(&req, &api.config.keys, &api.served) {
+            Ok(call) => call,
+            Err(e) => {
+                if matches!(e, ApiError::Unauthorized) {
+                    let path = crate::escaped(req.path.as_bytes());
+                    log::debug!("api: {path}: wrong or missing key");
+                }
+                return self.api_respond(idx, "invalid", &e.response(), keep_alive, head_only);
+            }
+        };
+        let endpoint = call.endpoint();
+        match self.api_carry_out(call) {
+            Outcome::Now(r) => self.api_respond(idx, endpoint, &r, keep_alive, head_only),
+            Outcome::Ask {
+                question,
+                slot,
+                compose,
+            } => {
+                let api = self.api.as_mut().expect("serving the API");
+                let id = api.ask_id();
+                let msg = question.ask(id);
+                let wanted = match slot {
+                    Some(s) => usize::from(self.ctx.bus.send_to_slot(s as usize, &msg)),
+                    None => self.ctx.bus.send_to_peers(&msg),
+                };
+                let api = self.api.as_mut().expect("serving the API");
+                let serial = api.conns[idx].serial;
+                api.conns[idx].phase = Phase::Waiting;
+                let g = Gathering {
+                    conn: (idx, serial),
+                    wanted,
+                    answers: Vec::with_capacity(wanted),
+                    deadline: Instant::now() + GATHER_TIMEOUT,
+                    compose,
+                    keep_alive,
+                    head_only,
+                };
+                if wanted == 0 {
+                    return self.api_gathered(g);
+                }
+                api.gathering.insert(id, g);
+            }
+        }
+    }
+
+    /// Does what `call` asks of this worker and the bus.
+    fn api_carry_out(&mut self, call: Call) -> Outcome {
+        let host = self.ctx.bus.origin.host;
+        let ask = |question, compose| Outcome::Ask {
+            question,
+            slot: None,
+            compose,
+        };
+        match call {
+            Call::Publish(items) => {
+                let mut local = 0;
+                let mut topics = Vec::with_capacity(items.len());
+                for (topic, msg) in items {
+                    local += self.ctx.publish(&topic, msg);
+                    topics.push(topic);
+                }
+                ask(
+                    Question::Subscribers(topics),
+                    Compose::Count("delivered", local),
+                )
+            }
+            Call::Broadcast(msg) => {
+                let local = self.ctx.broadcast(msg);
+                ask(Question::Connections, Compose::Count("delivered", local))
+            }
+            Call::Send(Target::User(uid), msg) => {
+                let local = self.ctx.send_to_user(&uid, msg);
+                ask(
+                    Question::UserConnections(uid),
+                    Compose::Count("delivered", local),
+                )
+            }
+            Call::Send(Target::Conn(to), msg) => {
+                let here = to.host == host && to.slot == self.ctx.bus.origin.slot;
+                let sent = self.ctx.send_to(to, msg).is_ok();
+                if here || to.host != host {
+                    // Another host's connection: Redis carries it, and only that host knows.
+                    let forwarded = to.host != host;
+                    let delivered = usize::from(here && sent);
+                    let body = json!({ "delivered": delivered, "forwarded": forwarded });
+                    return Outcome::Now(Response::json(200, &body));
+                }
+                Outcome::Ask {
+                    question: Question::IsOpen(to.conn().idx, to.conn().serial),
+                    slot: Some(to.slot),
+                    compose: Compose::Count("delivered", 0),
+                }
+            }
+            Call::Disconnect {
+                target,
+                code,
+                reason,
+            } => self.api_disconnect(target, code, reason),
+            Call::Presence(topic) => {
+                let Value::Array(rows) = self.answer(&Question::Presence(topic.clone())) else {
+                    unreachable!("presence answers a list")
+                };
+                ask(
+                    Question::Presence(topic.clone()),
+                    Compose::Presence(topic, rows),
+                )
+            }
+            Call::Stats => {
+                let local = self.answer(&Question::Stats);
+                ask(Question::Stats, Compose::Stats(local))
+            }
+            Call::Health => {
+                let serving = self.stopping.mode().is_none();
+                ask(Question::Health, Compose::Health(serving))
+            }
+        }
+    }
+
+    /// Closes a connection or a user's connections: here at once, on the host's other
+    /// workers by asking them, on other hosts through Redis (which answer nothing).
+    fn api_disconnect(&mut self, target: Target, code: u16, reason: String) -> Outcome {
+        let origin = self.ctx.bus.origin;
+        let (conn, user, to) = match target {
+            Target::User(uid) => (None, Some(uid), None),
+            Target::Conn(id) => {
+                let conn = id.conn();
+                (Some((conn.idx, conn.serial)), None, Some(id))
+            }
+        };
+        let question = Question::Disconnect {
+            conn,
+            user,
+            code,
+            reason,
+        };
+        match to {
+            Some(GlobalId { host, slot, .. }) if host != origin.host => {
+                self.ctx.bus.send_to_host(host, slot, &question.ask(0));
+                Outcome::Now(Response::json(
+                    200,
+                    &json!({ "disconnected": 0, "forwarded": true }),
+                ))
+            }
+            Some(GlobalId { slot, .. }) if slot != origin.slot => Outcome::Ask {
+                question,
+                slot: Some(slot),
+                compose: Compose::Count("disconnected", 0),
+            },
+            Some(_) => {
+                let n = self.answer(&question).as_u64().unwrap_or(0);
+                Outcome::Now(Response::json(200, &json!({ "disconnected": n })))
+            }
+            None => {
+                self.ctx.bus.send_to_other_hosts(&question.ask(0));
+                let n = self.answer(&question).as_u64().unwrap_or(0) as usize;
+                Outcome::Ask {
+                    question,
+                    slot: None,
+                    compose: Compose::Count("disconnected", n),
+                }
+            }
+        }
+    }
+
+    /// An answer from another worker to question `id`.
+    pub(super) fn api_answer(&mut self, id: u32, body: &[u8]) {
+        let Some(api) = self.api.as_mut() else { return };
+        let Some(g) = api.gathering.get_mut(&id) else {
+            return; // Late: its request was answered without it.
+        };
+        g.answers
+            .push(serde_json::from_slice(body).unwrap_or(Value::Null));
+        if g.answers.len() >= g.wanted {
+            let g = api.gathering.remove(&id).expect("found above");
+            self.api_gathered(g);
+        }
+    }
+
+    /// Answers a gathered request with what came.
+    fn api_gathered(&mut self, g: Gathering) {
+        let missing = g.wanted.saturating_sub(g.answers.len());
+        let (status, mut body) = match g.compose {
+            Compose::Count(key, local) => {
+                let total = local as u64
+                    + g.answers
+                        .iter()
+                        .map(|a| a.as_u64().unwrap_or(u64::from(a.as_bool() == Some(true))))
+                        .sum::<u64>();
+                (200, json!({ key: total }))
+            }
+            Compose::Presence(topic, mut rows) => {
+                for a in g.answers {
+                    if let Value::Array(more) = a {
+                        rows.extend(more);
+                    }
+                }
+                let users: std::collections::BTreeSet<&str> =
+                    rows.iter().filter_map(|r| r["user"].as_str()).collect();
+                let body = json!({
+                    "topic": topic,
+                    "count": rows.len(),
+                    "users": users,
+                    "subscribers": rows,
+                });
+                (200, body)
+            }
+            Compose::Stats(local) => {
+                let mut workers = vec![local];
+                workers.extend(g.answers);
+                workers.sort_by_key(|w| w["worker"].as_u64());
+                let sum = |k: &str| workers.iter().filter_map(|w| w[k].as_u64()).sum::<u64>();
+                let body = json!({
+                    "group": self.api.as_ref().map(|a| a.served.clone()),
+                    "host": format!("{:016x}", self.ctx.bus.origin.host),
+                    "connections": sum("connections"),
+                    "messages_in": sum("messages_in"),
+                    "messages_out": sum("messages_out"),
+                    "workers": workers,
+                });
+                (200, body)
+            }
+            Compose::Health(serving) => {
+                let all = serving
+                    && missing == 0
+                    && g.answers.iter().all(|a| a["serving"] == Value::Bool(true));
+                let workers = 1 + g.answers.len();
+                if all {
+                    (200, json!({ "status": "ok", "workers": workers }))
+                } else {
+                    (503, json!({ "status": "unavailable", "workers": workers }))
+                }
+            }
+        };
+        if missing > 0 {
+            body["unanswered_workers"] = missing.into();
+        }
+        let (idx, serial) = g.conn;
+        let live = self
+            .api
+            .as_ref()
+            .and_then(|a| a.conns.get(idx))
+            .is_some_and(|c| c.serial == serial);
+        if !live {
+            return;
+        }
+        let api = self.api.as_mut().expect("checked above");
+        api.conns[idx].phase = Phase::Reading;
+        let r = Response::json(status, &body);
+        self.api_respond(idx, "gathered", &r, g.keep_alive, g.head_only);
+        self.api_read(idx);
+    }
+
+    /// Queues `r` for `idx` and writes it; the connection closes after it unless kept alive.
+    fn api_respond(
+        &mut self,
+        idx: usize,
+        endpoint: &str,
+        r: &Response,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        let Some(api) = self.api.as_mut() else { return };
+        let Some(c) = api.conns.get_mut(idx) else {
+            return;
+        };
+        let keep_alive = keep_alive && self.stopping.mode().is_none();
+        log::debug!("api: {endpoint}: {}", r.status);
+        self.ctx.counters.api_requests += 1;
+        c.out.extend_from_slice(&r.encode(keep_alive, head_only));
+        c.phase = if keep_alive {
+            Phase::Reading
+        } else {
+            Phase::Closing
+        };
+        c.deadline = Instant::now() + api.config.request_timeout;
+        self.api_write(idx);
+    }
+
+    /// Closes API connection `idx`; returns false (nothing more to do with it).
+    fn api_close(&mut self, idx: usize) -> bool {
+        let Some(api) = self.api.as_mut() else {
+            return false;
+        };
+        if api.conns.contains(idx) {
+            let mut c = api.conns.remove(idx);
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+        if std::mem::take(&mut api.full) {
+            self.api_accept();
+        }
+        false
+    }
+
+    /// Once a second, and when an answer's deadline comes: requests past `request_timeout`
+    /// get 408 (idle keep-alive connections are closed quietly), and answers whose workers
+    /// did not all reply go out with what came.
+    pub(super) fn api_sweep(&mut self, now: Instant) {
+        let Some(api) = self.api.as_mut() else { return };
+        let late: Vec<u32> = api
+            .gathering
+            .iter()
+            .filter(|(_, g)| g.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            if let Some(g) = self.api.as_mut().and_then(|a| a.gathering.remove(&id)) {
+                self.api_gathered(g);
+            }
+        }
+        let Some(api) = self.api.as_mut() else { return };
+        let overdue: Vec<(usize, bool)> = api
+            .conns
+            .iter()
+            .filter(|(_, c)| c.phase == Phase::Reading && c.deadline <= now)
+            .map(|(idx, c)| (idx, c.reader.is_idle()))
+            .collect();
+        for (idx, idle) in overdue {
+            if idle {
+                self.api_close(idx);
+            } else {
+                let e = json!({ "error": "request not complete within request_timeout" });
+                self.api_respond(idx, "timeout", &Response::json(408, &e), false, false);
+            }
+        }
+    }
+}
