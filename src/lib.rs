@@ -27,6 +27,8 @@
 
 mod api;
 pub mod apps;
+#[cfg(feature = "jwt")]
+pub mod auth;
 mod backoff;
 #[cfg(feature = "bench")]
 mod bench;

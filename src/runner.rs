@@ -35,6 +35,15 @@ pub enum RunError {
         /// Why.
         source: crate::tls::TlsError,
     },
+    /// A group defined in code names a token key that cannot check tokens.
+    #[cfg(feature = "jwt")]
+    #[error("worker {group:?}: {source}")]
+    Jwt {
+        /// The group's name.
+        group: String,
+        /// Why.
+        source: crate::auth::KeyError,
+    },
 }
 
 impl Default for Runner {
@@ -89,6 +98,13 @@ impl Runner {
             #[cfg(feature = "tls")]
             if w.tls.is_none() {
                 w.load_tls().map_err(|source| RunError::Tls {
+                    group: w.name().to_string(),
+                    source,
+                })?;
+            }
+            #[cfg(feature = "jwt")]
+            if w.jwt.is_none() {
+                w.load_jwt().map_err(|source| RunError::Jwt {
                     group: w.name().to_string(),
                     source,
                 })?;

@@ -6,7 +6,7 @@ use super::http::{Method, Request, Response, query_value};
 use crate::apps::MAX_TOPIC_LEN;
 use crate::bus::GlobalId;
 use crate::close;
-use crate::config::ApiKey;
+use crate::config::Secret;
 use crate::{Bytes, Message};
 use base64::Engine;
 use serde::Deserialize;
@@ -140,7 +140,7 @@ impl ApiError {
 }
 
 /// Reads `req` as a call to the API of group `served`, checking its key against `keys`.
-pub fn understand(req: &Request, keys: &[ApiKey], served: &str) -> Result<Call, ApiError> {
+pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, ApiError> {
     let path = req.path.as_str();
     let (allow, needs_key) = match path {
         "/health" => ("GET, HEAD", false),
@@ -323,7 +323,7 @@ mod tests {
     }
 
     fn call(method: Method, target: &str, body: &str) -> Result<Call, ApiError> {
-        understand(&req(method, target, body), &[ApiKey::new(KEY)], "chat")
+        understand(&req(method, target, body), &[Secret::new(KEY)], "chat")
     }
 
     #[test]
@@ -407,12 +407,12 @@ mod tests {
         );
         let mut wrong = req(Method::Get, "/api/stats", "");
         wrong.bearer = Some(b"0123456789abcdeX".to_vec());
-        let e = understand(&wrong, &[ApiKey::new(KEY)], "chat").unwrap_err();
+        let e = understand(&wrong, &[Secret::new(KEY)], "chat").unwrap_err();
         assert_eq!(e.status(), 401);
         wrong.bearer = None;
         wrong.path = "/health".into();
         assert_eq!(
-            understand(&wrong, &[ApiKey::new(KEY)], "chat").unwrap(),
+            understand(&wrong, &[Secret::new(KEY)], "chat").unwrap(),
             Call::Health
         );
     }

@@ -7,6 +7,10 @@
 //! | `{"publish":"room","data":X}` | every subscriber of `room`, on any worker or server, gets `{"topic":"room","data":X}` |
 //! | anything else | `{"error":"why"}`; the connection stays open |
 //!
+//! In a group with `auth = "jwt"`, a subscription the client's token does not allow (its
+//! `topics` claim, or a private `$` topic it does not name) is refused with
+//! `{"error":"not allowed to subscribe to \"...\""}`.
+//!
 //! A connection holds at most [`MAX_TOPICS`] topics and a topic name is at most
 //! [`MAX_TOPIC_LEN`] bytes, so one client cannot grow a worker's memory without bound.
 
@@ -44,6 +48,8 @@ enum Refusal {
     NotACommand(serde_json::Error),
     #[error("a topic is at most {MAX_TOPIC_LEN} bytes")]
     TopicTooLong,
+    #[error("not allowed to subscribe to {0:?}")]
+    NotAllowed(String),
     #[error("at most {MAX_TOPICS} topics per connection")]
     TooManyTopics,
     #[error("publish needs \"data\"")]
@@ -68,6 +74,9 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal>
             publish: None,
             data: None,
         } => {
+            if !ctx.may_subscribe(conn, &topic) {
+                return Err(Refusal::NotAllowed(topic));
+            }
             let held = ctx.topics_of(conn);
             if held.len() >= MAX_TOPICS && !held.contains(&topic) {
                 return Err(Refusal::TooManyTopics);

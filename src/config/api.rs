@@ -22,7 +22,7 @@ pub struct ApiConfig {
     pub listen: Listen,
     /// Accepted keys, sent as `Authorization: Bearer <key>`. Several, so that a key can be
     /// rotated: add the new one, move the backends, remove the old one, each by `reload`.
-    pub keys: Vec<ApiKey>,
+    pub keys: Vec<Secret>,
     /// The group whose workers serve the API and whose clients it reaches. May be left out
     /// when there is one group.
     #[serde(default)]
@@ -52,15 +52,21 @@ mod d {
     }
 }
 
-/// An API key. It never appears in logs, `status` or errors: its `Debug` is redacted.
+/// A key or a secret (`[api] keys`, `jwt_hs256_secret`). It never appears in logs, `status`
+/// or errors: its `Debug` is redacted.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct ApiKey(String);
+pub struct Secret(String);
 
-impl ApiKey {
-    /// A key given in code.
-    pub fn new(key: impl Into<String>) -> ApiKey {
-        ApiKey(key.into())
+impl Secret {
+    /// A secret given in code.
+    pub fn new(key: impl Into<String>) -> Secret {
+        Secret(key.into())
+    }
+
+    /// The secret's bytes, for the code that needs them (a token verifier).
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 
     /// Whether `presented` is this key. Every byte is compared whatever the first difference,
@@ -75,9 +81,9 @@ impl ApiKey {
     }
 }
 
-impl fmt::Debug for ApiKey {
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(***)")
+        f.write_str("Secret(***)")
     }
 }
 
@@ -120,7 +126,7 @@ pub enum ApiProblem {
 
 impl ApiConfig {
     /// An API on `listen` accepting `keys`, every other key at its default.
-    pub fn new(listen: Listen, keys: Vec<ApiKey>) -> ApiConfig {
+    pub fn new(listen: Listen, keys: Vec<Secret>) -> ApiConfig {
         ApiConfig {
             listen,
             keys,
@@ -191,18 +197,18 @@ mod tests {
 
     #[test]
     fn keys_match_exactly_and_stay_out_of_debug() {
-        let k = ApiKey::new("0123456789abcdef");
+        let k = Secret::new("0123456789abcdef");
         assert!(k.matches(b"0123456789abcdef"));
         assert!(!k.matches(b"0123456789abcde"));
         assert!(!k.matches(b"0123456789abcdefg"));
         assert!(!k.matches(b"0123456789abcdeF"));
         assert!(!k.matches(b""));
-        assert_eq!(format!("{k:?}"), "ApiKey(***)");
+        assert_eq!(format!("{k:?}"), "Secret(***)");
     }
 
     #[test]
     fn the_group_is_the_only_one_or_named() {
-        let mut api = ApiConfig::new(listen("127.0.0.1:9502"), vec![ApiKey::new("k".repeat(16))]);
+        let mut api = ApiConfig::new(listen("127.0.0.1:9502"), vec![Secret::new("k".repeat(16))]);
         let (a, b) = (listen("0.0.0.0:1"), listen("0.0.0.0:2"));
         assert_eq!(api.group_among(&[("chat", &a)]), Ok("chat".into()));
         assert_eq!(
@@ -229,7 +235,7 @@ mod tests {
     fn short_keys_and_zero_limits_are_refused() {
         let mut api = ApiConfig::new(listen("127.0.0.1:0"), vec![]);
         assert_eq!(api.check(), Err(ApiProblem::NoKeys));
-        api.keys = vec![ApiKey::new("k".repeat(16)), ApiKey::new("short")];
+        api.keys = vec![Secret::new("k".repeat(16)), Secret::new("short")];
         assert_eq!(api.check(), Err(ApiProblem::ShortKey(1)));
         api.keys.pop();
         assert_eq!(api.check(), Ok(()));

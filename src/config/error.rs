@@ -63,6 +63,10 @@ pub enum ConfigProblem {
         /// The apps this program knows.
         known: Vec<String>,
     },
+    /// The token key cannot check tokens.
+    #[cfg(feature = "jwt")]
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::KeyError),
     /// The certificate or key cannot be served.
     #[cfg(feature = "tls")]
     #[error(transparent)]
@@ -173,6 +177,15 @@ pub enum GroupProblem {
     /// `compression_level` outside 1..=9.
     #[error("compression_level must be between 1 (fastest) and 9 (smallest), got {0}")]
     CompressionLevel(i64),
+    /// `auth = "jwt"` without exactly one key.
+    #[error("auth = \"jwt\" needs one of jwt_hs256_secret and jwt_public_key (not both)")]
+    JwtKey,
+    /// A token key or cookie without `auth = "jwt"`.
+    #[error("jwt_hs256_secret, jwt_public_key and token_cookie need auth = \"jwt\"")]
+    JwtWithoutAuth,
+    /// `auth = "jwt"` in a build without it.
+    #[error("this wsd was built without the jwt feature: it cannot check tokens")]
+    NoJwt,
 }
 
 /// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or

@@ -131,6 +131,37 @@ pub struct GroupConfig {
     /// zlib's compression level, 1 (fastest) to 9 (smallest).
     #[serde(default = "d::compression_level", deserialize_with = "level")]
     pub compression_level: u32,
+    // signed tokens
+    /// `"none"`, or `"jwt"`: an upgrade needs a valid signed token (401 otherwise), and the
+    /// connection is bound to its user, its allowed topics, and its expiry.
+    #[serde(default)]
+    pub auth: Auth,
+    /// The HS256 secret tokens are signed with (at least 32 bytes).
+    #[serde(default)]
+    pub jwt_hs256_secret: Option<super::Secret>,
+    /// A PEM public key (RSA or EC) whose private half signs the tokens: RS256 or ES256.
+    /// Relative to the config file.
+    #[serde(default)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// A cookie that may carry the token, besides `?token=` and `Authorization: Bearer`.
+    #[serde(default)]
+    pub token_cookie: Option<String>,
+    /// The key, read and checked: filled when the config is read (and, for a group defined
+    /// in code, when it starts).
+    #[cfg(feature = "jwt")]
+    #[serde(skip)]
+    pub jwt: Option<crate::auth::Verifier>,
+}
+
+/// Whether a group's clients must present a signed token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auth {
+    /// Anyone may connect (the app's `on_upgrade` may still decide).
+    #[default]
+    None,
+    /// A JWT signed with the group's key.
+    Jwt,
 }
 
 /// The defaults, one function per key (serde wants functions).
@@ -230,7 +261,25 @@ impl GroupConfig {
             compression_window_bits: d::compression_window_bits(),
             compression_min_size: d::compression_min_size(),
             compression_level: d::compression_level(),
+            auth: Auth::None,
+            jwt_hs256_secret: None,
+            jwt_public_key: None,
+            token_cookie: None,
+            #[cfg(feature = "jwt")]
+            jwt: None,
         }
+    }
+
+    /// Reads and checks the token key this group names, if it uses tokens.
+    #[cfg(feature = "jwt")]
+    pub fn load_jwt(&mut self) -> Result<(), crate::auth::KeyError> {
+        use crate::auth::Verifier;
+        self.jwt = match (self.auth, &self.jwt_hs256_secret, &self.jwt_public_key) {
+            (Auth::Jwt, Some(secret), None) => Some(Verifier::hs256(secret.expose())?),
+            (Auth::Jwt, None, Some(path)) => Some(Verifier::load_public_key(path)?),
+            _ => None,
+        };
+        Ok(())
     }
 
     /// Reads and checks the certificate and key this group names, if it names any.
@@ -319,6 +368,23 @@ impl GroupConfig {
             return Err(GroupProblem::CompressionLevel(
                 self.compression_level.into(),
             ));
+        }
+        // signed tokens
+        let keys = [
+            self.jwt_hs256_secret.is_some(),
+            self.jwt_public_key.is_some(),
+        ];
+        match self.auth {
+            Auth::Jwt if keys == [true, false] || keys == [false, true] => {}
+            Auth::Jwt => return Err(GroupProblem::JwtKey),
+            Auth::None if keys.contains(&true) || self.token_cookie.is_some() => {
+                return Err(GroupProblem::JwtWithoutAuth);
+            }
+            Auth::None => {}
+        }
+        #[cfg(not(feature = "jwt"))]
+        if self.auth == Auth::Jwt {
+            return Err(GroupProblem::NoJwt);
         }
         Ok(())
     }

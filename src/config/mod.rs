@@ -14,9 +14,9 @@ mod group;
 mod server;
 mod values;
 
-pub use api::{ApiConfig, ApiKey, ApiProblem};
+pub use api::{ApiConfig, ApiProblem, Secret};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
-pub use group::{Compression, GroupConfig, SendBufferPolicy};
+pub use group::{Auth, Compression, GroupConfig, SendBufferPolicy};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
 pub use values::{Bytes, Listen, Seconds};
 
@@ -148,13 +148,18 @@ impl Config {
                     return Err(at(Some(span), ConfigProblem::NoStaticDir(dir.clone())));
                 }
             }
-            for p in [&mut g.tls_cert, &mut g.tls_key].into_iter().flatten() {
+            for p in [&mut g.tls_cert, &mut g.tls_key, &mut g.jwt_public_key]
+                .into_iter()
+                .flatten()
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
             }
             #[cfg(feature = "tls")]
             g.load_tls().map_err(|e| at(Some(span.clone()), e.into()))?;
+            #[cfg(feature = "jwt")]
+            g.load_jwt().map_err(|e| at(Some(span.clone()), e.into()))?;
             if g.name.is_empty() {
                 g.name = g.app.clone();
             }

@@ -19,6 +19,9 @@ pub const INTERNAL_ERROR: u16 = 1011;
 /// The server is restarting; the client may reconnect at once (IANA registry).
 pub const SERVICE_RESTART: u16 = 1012;
 
+/// The client's signed token expired (IANA-registered 3000, "Unauthorized").
+pub const TOKEN_EXPIRED: u16 = 3000;
+
 /// Close codes a peer may put on the wire (RFC 6455 §7.4, plus the IANA-registered
 /// 1012–1014 and the 3000–4999 ranges for libraries and applications).
 pub(crate) fn allowed(code: u16) -> bool {

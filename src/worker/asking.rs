@@ -94,7 +94,8 @@ impl Loop {
                     .into_iter()
                     .filter_map(|id| {
                         let conn = ctx.global_id(id)?.to_string();
-                        Some(json!({ "conn": conn, "user": ctx.user_of(id) }))
+                        let (user, info) = (ctx.user_of(id), ctx.user_info(id));
+                        Some(json!({ "conn": conn, "user": user, "info": info }))
                     })
                     .collect();
                 Value::Array(rows)

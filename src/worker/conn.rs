@@ -112,6 +112,8 @@ pub(crate) struct Extra {
     pub protocol: Option<Box<str>>,
     /// The app's typed state (`Context::state`), dropped after `on_close`.
     pub state: Option<Box<dyn Any>>,
+    /// What the connection's signed token allows (`auth = "jwt"`).
+    pub grant: Option<super::tokens::Grant>,
 }
 
 /// Messages and their payload bytes one connection carried, counted where the worker counts

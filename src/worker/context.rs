@@ -291,7 +291,7 @@ impl Context {
     }
 
     /// What `id` carries: from the connection, or from the one `on_close` is being told about.
-    fn carried(&self, id: ConnId) -> Option<(Agreed, Option<&Extra>)> {
+    pub(crate) fn carried(&self, id: ConnId) -> Option<(Agreed, Option<&Extra>)> {
         match (self.conn(id), &self.leaving) {
             (Some(c), _) => Some((c.agreed, c.extra.as_deref())),
             (None, Some(l)) if l.id == id => Some((l.agreed, l.extra.as_deref())),

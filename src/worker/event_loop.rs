@@ -487,7 +487,10 @@ impl Loop {
                     traffic.bytes_in += msg.len() as u64;
                     self.ctx.counters.total_request += 1;
                     self.ctx.counters.bytes_in += msg.len() as u64;
-                    self.call_hook(id, Hook::Message(msg));
+                    // A renewed token is wsd's business, not the app's.
+                    if !self.renew_token(id, &msg) {
+                        self.call_hook(id, Hook::Message(msg));
+                    }
                 }
                 Step::Closed(frame) => {
                     log::debug!("connection {id} closed by the client: {frame:?}")
@@ -531,6 +534,13 @@ impl Loop {
             Ok(chosen) => chosen,
             Err(r) => return self.refuse(idx, &r, &[]),
         };
+        let token = match self.check_token(&request, remote) {
+            Ok(token) => token,
+            Err(r) => {
+                let challenge = [("WWW-Authenticate".to_string(), "Bearer".to_string())];
+                return self.refuse(idx, &r, &challenge);
+            }
+        };
         let decision = self.call_upgrade_hook(&UpgradeRequest::new(&request, remote));
         // The hook cannot end this connection (it has no id for it), but it ran app code.
         if self
@@ -556,6 +566,9 @@ impl Loop {
         conn.session.accept(&request, &answer, &mut self.steps);
         conn.opened(request.path, agreed, extra);
         self.ctx.counters.connections += 1;
+        if let Some((user, grant)) = token {
+            self.keep_grant(id, &user, grant);
+        }
         self.ctx.mark_dirty(idx);
         self.call_hook(id, Hook::Connect);
         // Upgraded during a stop that closes clients: the app met it like any other, and it

@@ -32,6 +32,7 @@ mod sweep;
 mod timers;
 #[cfg(feature = "tls")]
 mod tls;
+mod tokens;
 mod topics;
 mod upgrade;
 
@@ -43,6 +44,8 @@ pub use upgrade::{Decision, UpgradeRequest};
 
 pub(crate) use api::ApiSocket;
 pub(crate) use event_loop::run;
+#[cfg(feature = "jwt")]
+pub(crate) use tokens::unix_now;
 
 use crate::config::{GroupConfig, Listen, ValueError};
 use crate::{ConnId, Message};

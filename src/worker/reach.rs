@@ -47,9 +47,10 @@ impl Context {
         self.broadcast_local(msg)
     }
 
-    /// Subscribes `conn` to `topic`; false if it already was (or is not an open connection).
+    /// Subscribes `conn` to `topic`; false if it already was, is not an open connection, or
+    /// may not (its token does not allow the topic: [`Context::may_subscribe`]).
     pub fn subscribe(&mut self, conn: ConnId, topic: &str) -> bool {
-        self.is_open(conn) && self.topics.subscribe(conn, topic)
+        self.is_open(conn) && self.may_subscribe(conn, topic) && self.topics.subscribe(conn, topic)
     }
 
     /// Unsubscribes `conn` from `topic`; false if it was not subscribed.

@@ -59,6 +59,7 @@ impl Loop {
                 self.ctx.dirty.push(idx);
             }
         }
+        self.expire_tokens(super::tokens::unix_now());
         self.reap();
         self.inbox.trim();
         self.api_sweep(now);

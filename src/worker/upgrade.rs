@@ -400,6 +400,7 @@ impl Decision {
                     Box::new(Extra {
                         protocol: other,
                         state,
+                        grant: None,
                     })
                 });
                 let answer = Answer {
