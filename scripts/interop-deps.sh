@@ -2,7 +2,8 @@
 # Installs the third-party clients that tests/interop.rs runs against a real wsd, each only
 # when it is missing or not the pinned version, and prints nothing when all are there:
 # - Debian's curl, chromium, nodejs/npm and python3-venv, with apt-get;
-# - Python `websockets` (pinned) from PyPI into a venv, target/interop-venv;
+# - Python `websockets` and `prometheus_client` (pinned; the metrics test parses wsd's
+#   /metrics with the latter's text parser) from PyPI into a venv, target/interop-venv;
 # - Node `ws` and playwright-core (pinned) from npm into target/interop-node. playwright-core
 #   drives Debian's /usr/bin/chromium and never downloads a browser.
 # scripts/test.sh runs it before the tests; tests/interop.rs runs it too (once per run), so
@@ -11,6 +12,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WEBSOCKETS_VERSION=17.4
+PROMETHEUS_CLIENT_VERSION=0.26.0
 WS_VERSION=8.23.1
 PLAYWRIGHT_VERSION=1.64.1
 VENV="${INTEROP_VENV:-$ROOT/target/interop-venv}"
@@ -40,6 +42,10 @@ fi
 if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('websockets') != '$WEBSOCKETS_VERSION')" 2>/dev/null; then
     echo "interop deps: pip install websockets==$WEBSOCKETS_VERSION into ${VENV#"$ROOT"/}" >&2
     "$PY" -m pip install --quiet --disable-pip-version-check "websockets==$WEBSOCKETS_VERSION" >&2
+fi
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('prometheus_client') != '$PROMETHEUS_CLIENT_VERSION')" 2>/dev/null; then
+    echo "interop deps: pip install prometheus_client==$PROMETHEUS_CLIENT_VERSION into ${VENV#"$ROOT"/}" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check "prometheus_client==$PROMETHEUS_CLIENT_VERSION" >&2
 fi
 
 # 3. ws and playwright-core under one npm prefix.

@@ -9,6 +9,7 @@
 //! the master's [`Status`] printed as is.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Read};
 
@@ -282,6 +283,25 @@ pub struct Counters {
     /// Backend API requests answered (`[api]`), by this worker.
     #[serde(default)]
     pub api_requests: u64,
+    /// The same by endpoint and status: `"publish 200"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub api: BTreeMap<String, u64>,
+    /// WebSocket upgrades accepted (the `101`s).
+    #[serde(default)]
+    pub upgraded: u64,
+    /// Upgrades refused, by the HTTP status they got (`"401"`: a string, as the reports'
+    /// JSON keys must be).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected: BTreeMap<String, u64>,
+    /// Times a send queue reached half of `max_send_buffer` (`on_buffer_full`).
+    #[serde(default)]
+    pub buffer_full: u64,
+    /// From accept to the `101` or the refusal.
+    #[serde(default)]
+    pub handshake_seconds: crate::metrics::Histogram,
+    /// Time in the app's connection hooks.
+    #[serde(default)]
+    pub hook_seconds: crate::metrics::Histogram,
 }
 
 /// The master's view of everything, as `status --json` prints it.
@@ -296,6 +316,9 @@ pub struct Status {
     /// The backend API, when the server has one (`[api]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<ApiStatus>,
+    /// Where the master serves `/metrics` and `/health` (`[metrics]`): `http://HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// The backend API as `status` shows it.

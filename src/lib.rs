@@ -43,6 +43,7 @@ pub mod fuzzing;
 mod logging;
 mod master;
 mod message;
+mod metrics;
 mod proto;
 mod runner;
 mod sys;

@@ -12,6 +12,20 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+/// The endpoint `path` names, for logs and metrics: `publish`, ..., or `other`.
+pub fn endpoint_name(path: &str) -> &'static str {
+    match path {
+        "/api/publish" => "publish",
+        "/api/broadcast" => "broadcast",
+        "/api/send" => "send",
+        "/api/disconnect" => "disconnect",
+        "/api/presence" => "presence",
+        "/api/stats" => "stats",
+        "/health" => "health",
+        _ => "other",
+    }
+}
+
 /// Whom a `send` or `disconnect` is for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
@@ -45,21 +59,6 @@ pub enum Call {
     Stats,
     /// `GET /health` (no key needed).
     Health,
-}
-
-impl Call {
-    /// The endpoint's name, for logs and metrics.
-    pub fn endpoint(&self) -> &'static str {
-        match self {
-            Call::Publish(_) => "publish",
-            Call::Broadcast(_) => "broadcast",
-            Call::Send(..) => "send",
-            Call::Disconnect { .. } => "disconnect",
-            Call::Presence(_) => "presence",
-            Call::Stats => "stats",
-            Call::Health => "health",
-        }
-    }
 }
 
 /// Why a request gets a 4xx. Each answers `{"error": "..."}` with its status, and costs only

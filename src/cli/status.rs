@@ -41,6 +41,9 @@ pub fn render(st: &Status) -> String {
             api.listen, api.group, api.requests, api.rate
         );
     }
+    if let Some(url) = &st.metrics {
+        let _ = writeln!(out, "metrics: {url}/metrics, {url}/health");
+    }
     let _ = writeln!(
         out,
         "{} group(s)   {processes} process(es)",

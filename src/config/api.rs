@@ -18,7 +18,7 @@ pub const MIN_KEY_LEN: usize = 16;
 pub struct ApiConfig {
     /// `http://HOST:PORT` or `HOST:PORT`. Port 0 picks a free port (shown by the banner and
     /// `status`).
-    #[serde(deserialize_with = "api_listen")]
+    #[serde(deserialize_with = "http_listen")]
     pub listen: Listen,
     /// Accepted keys, sent as `Authorization: Bearer <key>`. Several, so that a key can be
     /// rotated: add the new one, move the backends, remove the old one, each by `reload`.
@@ -176,7 +176,19 @@ impl ApiConfig {
     }
 }
 
-fn api_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Listen, D::Error> {
+/// `[metrics]`: where the master serves the Prometheus metrics of every group and worker
+/// (`/metrics`) and whether every worker is ready (`/health`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `http://HOST:PORT` or `HOST:PORT`; keep it on a private address. Port 0 picks a free
+    /// port (shown by `status`).
+    #[serde(deserialize_with = "http_listen")]
+    pub listen: Listen,
+}
+
+/// `http://HOST:PORT` or `HOST:PORT`.
+pub(super) fn http_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Listen, D::Error> {
     let s = String::deserialize(d)?;
     let rest = s.strip_prefix("http://").unwrap_or(&s);
     if rest.contains("://") {

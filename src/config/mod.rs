@@ -14,7 +14,7 @@ mod group;
 mod server;
 mod values;
 
-pub use api::{ApiConfig, ApiProblem, Secret};
+pub use api::{ApiConfig, ApiProblem, MetricsConfig, Secret};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
 pub use group::{Auth, Compression, GroupConfig, SendBufferPolicy};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
@@ -34,6 +34,8 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// `[api]`: the backend HTTP API, if configured.
     pub api: Option<ApiConfig>,
+    /// `[metrics]`: the master's Prometheus endpoint, if configured.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// What `start`, `check` and `reload` all ask of the groups they would run, code's and the
@@ -74,6 +76,7 @@ struct FileSchema {
     #[serde(default, rename = "worker")]
     workers: Vec<toml::Spanned<GroupConfig>>,
     api: Option<toml::Spanned<ApiConfig>>,
+    metrics: Option<MetricsConfig>,
 }
 
 impl Config {
@@ -84,6 +87,7 @@ impl Config {
             server: ServerConfig::default(),
             groups: Vec::new(),
             api: None,
+            metrics: None,
         }
     }
 
@@ -200,6 +204,7 @@ impl Config {
             server,
             groups,
             api,
+            metrics: schema.metrics,
         })
     }
 

@@ -68,8 +68,12 @@ impl ApiSlots {
         new: Option<&ApiConfig>,
         group: Option<&str>,
     ) -> Result<(), ReloadError> {
-        let restart =
-            |what, old: String, new: String| ReloadError::ApiNeedsRestart { what, old, new };
+        let restart = |what, old: String, new: String| ReloadError::TableNeedsRestart {
+            table: "api",
+            what,
+            old,
+            new,
+        };
         let Some(new) = new else {
             return Err(restart("table", "present".into(), "removed".into()));
         };

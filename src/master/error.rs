@@ -51,6 +51,9 @@ pub enum StartError {
         /// Why.
         source: io::Error,
     },
+    /// The `[metrics]` listener could not be bound.
+    #[error("[metrics]: {0}")]
+    Metrics(#[source] BindError),
     /// `start -d` could not detach.
     #[error("cannot detach: {0}")]
     Detach(#[source] io::Error),
@@ -78,9 +81,12 @@ pub enum ReloadError {
         /// The file's value.
         new: String,
     },
-    /// An `[api]` key changed that only a restart can apply (or the table came or went).
-    #[error("[api] {what} changed from {old} to {new}: that needs `wsd restart`")]
-    ApiNeedsRestart {
+    /// An `[api]` or `[metrics]` key changed that only a restart can apply (or the table came
+    /// or went).
+    #[error("[{table}] {what} changed from {old} to {new}: that needs `wsd restart`")]
+    TableNeedsRestart {
+        /// The table.
+        table: &'static str,
         /// What changed.
         what: &'static str,
         /// The running value.

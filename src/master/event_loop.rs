@@ -9,6 +9,7 @@
 use super::ReloadError;
 use super::clients::{self, Clients};
 use super::daemon::Announce;
+use super::metrics_server::{self, Ask};
 use super::reload::{self, Reload};
 use super::supervisor::{self, Supervisor};
 use super::{Source, notify};
@@ -51,6 +52,8 @@ pub struct Master {
     pub(super) queries: Vec<super::requests::Query>,
     pub(super) next_query: u64,
     pub(super) exit_code: i32,
+    /// `[metrics]`: the Prometheus and health listener, if configured.
+    pub(super) metrics: Option<super::metrics_server::MetricsServer>,
 }
 
 impl Master {
@@ -60,6 +63,7 @@ impl Master {
         sup: Supervisor,
         control: std::os::unix::net::UnixListener,
         announce: Announce,
+        metrics: Option<super::metrics_server::MetricsServer>,
     ) -> Master {
         let daemon = matches!(announce, Announce::Pipe(_));
         let config_label = source
@@ -81,6 +85,7 @@ impl Master {
             queries: Vec::new(),
             next_query: 0,
             exit_code: 0,
+            metrics,
         }
     }
 }
@@ -116,6 +121,9 @@ impl Master {
             Interest::READABLE,
         )?;
         registry.register(self.clients.listener(), CONTROL, Interest::READABLE)?;
+        if let Some(m) = &mut self.metrics {
+            m.register(&registry)?;
+        }
         for g in 0..self.sup.groups.len() {
             for slot in 0..self.sup.groups[g].slots.len() {
                 self.sup.spawn(g, slot, &registry)?;
@@ -147,6 +155,14 @@ impl Master {
                 match ev.token() {
                     SIGNALS => self.read_signals(&signals, &registry),
                     CONTROL => self.clients.accept(&registry),
+                    metrics_server::LISTENER => {
+                        if let Some(m) = &mut self.metrics {
+                            m.accept(&registry);
+                        }
+                    }
+                    t if (metrics_server::CONN_BASE..supervisor::CHANNEL_BASE).contains(&t.0) => {
+                        self.scrape(t.0 - metrics_server::CONN_BASE, &registry);
+                    }
                     t if t.0 >= supervisor::CHANNEL_BASE => {
                         if let Some(key) = supervisor::token_proc(t) {
                             for rows in self.sup.read_channel(key) {
@@ -186,6 +202,7 @@ impl Master {
             .chain(reload)
             .chain(queries)
             .chain(self.clients.next_deadline())
+            .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .min()
     }
 
@@ -204,6 +221,9 @@ impl Master {
             }
         }
         self.clients.expire(now, registry);
+        if let Some(m) = &mut self.metrics {
+            m.expire(now, registry);
+        }
         while let Some(i) = self.queries.iter().position(|q| now >= q.deadline) {
             let q = self.queries.swap_remove(i);
             self.answer_query(q, registry);
@@ -243,6 +263,55 @@ impl Master {
                 }
             }
         }
+    }
+
+    /// Answers a scraper on metrics connection `key`, if its request is whole.
+    fn scrape(&mut self, key: usize, registry: &Registry) {
+        let Some(ask) = self.metrics.as_mut().and_then(|m| m.ready(key, registry)) else {
+            return;
+        };
+        let (response, head_only) = match ask {
+            Ask::Metrics { head_only } => {
+                let body = crate::metrics::exposition(&self.status()).into_bytes();
+                let r = crate::api::http::Response {
+                    status: 200,
+                    content_type: crate::metrics::CONTENT_TYPE,
+                    body,
+                    allow: None,
+                };
+                (r, head_only)
+            }
+            Ask::Health { head_only } => {
+                let (ready, slots) = self.readiness();
+                let body = serde_json::json!({
+                    "status": if ready { "ok" } else { "unavailable" },
+                    "ready_workers": slots.0,
+                    "workers": slots.1,
+                });
+                let status = if ready { 200 } else { 503 };
+                (crate::api::http::Response::json(status, &body), head_only)
+            }
+        };
+        if let Some(m) = &mut self.metrics {
+            m.answer(key, &response, head_only, registry);
+        }
+    }
+
+    /// Whether the server serves fully: not stopping, and every slot's worker ready (a
+    /// reload's replacement counts once it is); with (ready slots, slots).
+    fn readiness(&self) -> (bool, (usize, usize)) {
+        let procs = &self.sup.procs;
+        let slots = self.sup.groups.iter().flat_map(|g| g.slots.iter());
+        let (mut ready, mut all) = (0, 0);
+        for s in slots {
+            all += 1;
+            if s.proc
+                .is_some_and(|k| procs.get(k).is_some_and(|p| p.ready))
+            {
+                ready += 1;
+            }
+        }
+        (self.stopping.is_none() && ready == all, (ready, all))
     }
 
     /// Announces the start once every slot's worker has said it is ready.

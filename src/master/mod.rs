@@ -16,6 +16,7 @@ mod daemon;
 mod error;
 mod event_loop;
 mod listeners;
+mod metrics_server;
 mod notify;
 pub(crate) mod pidfile;
 mod privileges;
@@ -48,6 +49,8 @@ pub struct Plan {
 pub struct Source {
     pub file: Option<PathBuf>,
     apps: Apps,
+    /// `[metrics]` as started: a reload cannot move it.
+    metrics: Option<crate::config::MetricsConfig>,
 }
 
 impl Source {
@@ -117,6 +120,18 @@ impl Source {
                 new: format!("{:?}", new.log_level),
             });
         }
+        if config.metrics != self.metrics {
+            let shown = |m: &Option<crate::config::MetricsConfig>| {
+                m.as_ref()
+                    .map_or("none".into(), |m| m.listen.addr.to_string())
+            };
+            return Err(ReloadError::TableNeedsRestart {
+                table: "metrics",
+                what: "listen",
+                old: shown(&self.metrics),
+                new: shown(&config.metrics),
+            });
+        }
         Ok(Reread {
             server: config.server.clone(),
             groups: self.groups(&config),
@@ -165,6 +180,7 @@ pub fn start(plan: Plan) -> i32 {
     let source = Source {
         file: plan.config.file.clone(),
         apps: plan.apps,
+        metrics: plan.config.metrics.clone(),
     };
     let defs = plan
         .code_groups
@@ -211,6 +227,19 @@ pub fn start(plan: Plan) -> i32 {
             }
         }
     }
+    let metrics = match &plan.config.metrics {
+        Some(m) => match metrics_server::MetricsServer::bind(m.listen.addr) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                let source = listeners::BindError {
+                    addr: m.listen.addr,
+                    error: e,
+                };
+                return fail(pidfile, StartError::Metrics(source));
+            }
+        },
+        None => None,
+    };
     let (control, socket_file) = match control_socket::create(&server.control_socket) {
         Ok(c) => c,
         Err(e) => {
@@ -229,7 +258,7 @@ pub fn start(plan: Plan) -> i32 {
     if let Err(e) = pidfile.write_pid(std::process::id()) {
         log::warn!("cannot write pid file: {e}");
     }
-    let master = event_loop::Master::new(server.clone(), source, sup, control, announce);
+    let master = event_loop::Master::new(server.clone(), source, sup, control, announce, metrics);
     let (code, mut stop_waiters) = event_loop::run(master);
     socket_file.remove_if_ours();
     pidfile.remove();

@@ -73,7 +73,8 @@ pub fn prepare(
     match &sup.api {
         Some(running) => running.reloadable(api, api_group.as_deref())?,
         None if api.is_some() => {
-            return Err(ReloadError::ApiNeedsRestart {
+            return Err(ReloadError::TableNeedsRestart {
+                table: "api",
                 what: "table",
                 old: "absent".into(),
                 new: "present".into(),

@@ -207,6 +207,7 @@ impl Master {
                     rate: (rate * 10.0f64).round() / 10.0,
                 }
             }),
+            metrics: self.metrics.as_ref().map(|m| m.url.clone()),
             workers,
         }
     }

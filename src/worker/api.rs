@@ -78,6 +78,7 @@ enum Compose {
 /// An answer waiting for the other workers.
 struct Gathering {
     conn: (usize, u32),
+    endpoint: &'static str,
     wanted: usize,
     answers: Vec<Value>,
     deadline: Instant,
@@ -243,7 +244,7 @@ impl Loop {
                 Ok(None) => {}
                 Err(e) => {
                     let r = Response::json(e.status(), &json!({ "error": e.to_string() }));
-                    self.api_respond(idx, "bad_request", &r, false, false);
+                    self.api_respond(idx, "other", &r, false, false);
                     return;
                 }
             }
@@ -268,6 +269,7 @@ impl Loop {
     fn api_serve(&mut self, idx: usize, req: http::Request) {
         let api = self.api.as_ref().expect("serving the API");
         let (keep_alive, head_only) = (req.keep_alive, req.method == Method::Head);
+        let endpoint = call::endpoint_name(&req.path);
         let call = match call::understand(&req, &api.config.keys, &api.served) {
             Ok(call) => call,
             Err(e) => {
@@ -275,10 +277,9 @@ impl Loop {
                     let path = crate::escaped(req.path.as_bytes());
                     log::debug!("api: {path}: wrong or missing key");
                 }
-                return self.api_respond(idx, "invalid", &e.response(), keep_alive, head_only);
+                return self.api_respond(idx, endpoint, &e.response(), keep_alive, head_only);
             }
         };
-        let endpoint = call.endpoint();
         match self.api_carry_out(call) {
             Outcome::Now(r) => self.api_respond(idx, endpoint, &r, keep_alive, head_only),
             Outcome::Ask {
@@ -298,6 +299,7 @@ impl Loop {
                 api.conns[idx].phase = Phase::Waiting;
                 let g = Gathering {
                     conn: (idx, serial),
+                    endpoint,
                     wanted,
                     answers: Vec::with_capacity(wanted),
                     deadline: Instant::now() + GATHER_TIMEOUT,
@@ -516,7 +518,7 @@ impl Loop {
         let api = self.api.as_mut().expect("checked above");
         api.conns[idx].phase = Phase::Reading;
         let r = Response::json(status, &body);
-        self.api_respond(idx, "gathered", &r, g.keep_alive, g.head_only);
+        self.api_respond(idx, g.endpoint, &r, g.keep_alive, g.head_only);
         self.api_read(idx);
     }
 
@@ -535,7 +537,12 @@ impl Loop {
         };
         let keep_alive = keep_alive && self.stopping.mode().is_none();
         log::debug!("api: {endpoint}: {}", r.status);
-        self.ctx.counters.api_requests += 1;
+        let counters = &mut self.ctx.counters;
+        counters.api_requests += 1;
+        *counters
+            .api
+            .entry(format!("{endpoint} {}", r.status))
+            .or_default() += 1;
         c.out.extend_from_slice(&r.encode(keep_alive, head_only));
         c.phase = if keep_alive {
             Phase::Reading
@@ -589,7 +596,7 @@ impl Loop {
                 self.api_close(idx);
             } else {
                 let e = json!({ "error": "request not complete within request_timeout" });
-                self.api_respond(idx, "timeout", &Response::json(408, &e), false, false);
+                self.api_respond(idx, "other", &Response::json(408, &e), false, false);
             }
         }
     }

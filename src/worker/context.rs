@@ -372,6 +372,7 @@ impl Context {
             let newly_full = !std::mem::replace(&mut c.buffer_full, true);
             self.counters.send_fail += 1;
             if newly_full {
+                self.counters.buffer_full += 1;
                 self.notices.push(BufferNotice::Full(id));
             }
             if policy == SendBufferPolicy::Close {
@@ -386,6 +387,7 @@ impl Context {
         let newly_full = !c.buffer_full && c.session.queued() >= high_water(limit);
         if newly_full {
             c.buffer_full = true;
+            self.counters.buffer_full += 1;
             self.notices.push(BufferNotice::Full(id));
         }
         self.counters.messages_out += 1;

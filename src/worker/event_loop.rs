@@ -40,7 +40,7 @@ use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signalfd::SignalFd;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -98,6 +98,9 @@ pub(super) struct Loop {
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
     turn_start: Moment,
+    /// When each connection still in its handshake was accepted (slab index: serial and
+    /// instant), for the handshake duration metric; only handshakes are here.
+    handshaking: HashMap<usize, (u32, Instant)>,
 }
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
@@ -188,6 +191,7 @@ impl Loop {
             api,
             next_tick: Instant::now() + TICK,
             turn_start: Moment::at(Instant::now()),
+            handshaking: HashMap::new(),
         })
     }
 
@@ -370,6 +374,8 @@ impl Loop {
             self.limits,
             self.settings.max_header_bytes,
         );
+        self.handshaking
+            .insert(entry.key(), (serial, Instant::now()));
         entry.insert(conn);
         self.ctx.counters.accepted += 1;
     }
@@ -506,7 +512,8 @@ impl Loop {
                         conn.remote,
                         r.status,
                         r.why
-                    )
+                    );
+                    self.handshake_ended(id, Some(r.status));
                 }
             }
         }
@@ -566,6 +573,7 @@ impl Loop {
         conn.session.accept(&request, &answer, &mut self.steps);
         conn.opened(request.path, agreed, extra);
         self.ctx.counters.connections += 1;
+        self.handshake_ended(id, None);
         if let Some((user, grant)) = token {
             self.keep_grant(id, &user, grant);
         }
@@ -587,7 +595,28 @@ impl Loop {
             crate::escaped(r.why.as_bytes())
         );
         conn.session.respond(&r.response_with(headers));
+        let id = ConnId {
+            serial: conn.serial,
+            idx: idx as u32,
+        };
         self.ctx.mark_dirty(idx);
+        self.handshake_ended(id, Some(r.status));
+    }
+
+    /// A handshake ended: upgraded (`None`), or refused with `status`. Counted, and timed
+    /// from the accept.
+    pub(super) fn handshake_ended(&mut self, id: ConnId, refused: Option<u16>) {
+        let counters = &mut self.ctx.counters;
+        match refused {
+            None => counters.upgraded += 1,
+            Some(status) => *counters.rejected.entry(status.to_string()).or_default() += 1,
+        }
+        if let Some((serial, at)) = self.handshaking.remove(&(id.idx as usize))
+            && serial == id.serial
+        {
+            let bounds = &crate::metrics::HANDSHAKE_BOUNDS;
+            counters.handshake_seconds.observe(bounds, at.elapsed());
+        }
     }
 
     // ---- send and reap ------------------------------------------------------------------
@@ -659,6 +688,7 @@ impl Loop {
                     continue; // Already removed (listed twice).
                 }
                 let mut conn = self.ctx.conns.remove(idx);
+                self.handshaking.remove(&idx);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
                     let id = ConnId {
