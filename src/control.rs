@@ -83,7 +83,7 @@ impl Reply {
 pub enum FromWorker {
     /// `on_worker_start` has returned and the worker is accepting.
     Ready,
-    Report(Counters),
+    Report(Box<Counters>),
     /// A part of the answer to [`ToWorker::ListConnections`]; `last` ends it.
     Connections {
         query: u64,

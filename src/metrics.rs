@@ -76,6 +76,15 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 struct Snapshot(Status);
 
 type Labels = Vec<(&'static str, String)>;
+/// A counter or gauge family: name, help, and a worker's value.
+type Series = (&'static str, &'static str, fn(&WorkerStatus) -> u64);
+/// A histogram family: name, help, bucket bounds, and where a worker's report keeps it.
+type HistogramSeries = (
+    &'static str,
+    &'static str,
+    &'static [f64],
+    fn(&WorkerStatus) -> &Histogram,
+);
 
 fn labels(w: &WorkerStatus) -> Labels {
     vec![("group", w.name.clone()), ("worker", w.slot.to_string())]
@@ -90,7 +99,7 @@ impl Collector for Snapshot {
             .iter()
             .filter(|w| w.pid > 0 && w.status != WorkerState::Stopping)
             .collect();
-        let gauges: [(&str, &str, fn(&WorkerStatus) -> u64); 3] = [
+        let gauges: [Series; 3] = [
             ("wsd_connections", "Open WebSocket connections.", |w| {
                 w.counters.connections
             }),
@@ -111,7 +120,7 @@ impl Collector for Snapshot {
                 m.encode_family(&labels(w))?.encode_gauge(&value(w))?;
             }
         }
-        let counters: [(&str, &str, fn(&WorkerStatus) -> u64); 9] = [
+        let counters: [Series; 9] = [
             (
                 "wsd_upgrades_accepted",
                 "WebSocket upgrades accepted.",
@@ -203,7 +212,7 @@ impl Collector for Snapshot {
             };
             m.encode_family(&labels(w))?.encode_gauge(&up)?;
         }
-        let histograms: [(&str, &str, &[f64], fn(&WorkerStatus) -> &Histogram); 2] = [
+        let histograms: [HistogramSeries; 2] = [
             (
                 "wsd_handshake_duration_seconds",
                 "From accepting a connection to its 101 (or its refusal).",
@@ -243,9 +252,9 @@ mod tests {
         h.observe(&bounds, Duration::from_millis(5));
         h.observe(&bounds, Duration::from_secs(2));
         assert_eq!(h.counts, vec![2, 1, 1]);
-        let (count, cumulative) = h.cumulative(&bounds);
+        let (count, buckets) = h.buckets(&bounds);
         assert_eq!(count, 4);
-        assert_eq!(cumulative, vec![(0.001, 2), (0.01, 3), (f64::INFINITY, 4)]);
+        assert_eq!(buckets, vec![(0.001, 2), (0.01, 1), (f64::INFINITY, 1)]);
         assert!((h.sum - 2.0065).abs() < 1e-9);
         // Never observed: every bucket zero.
         let (count, buckets) = Histogram::default().buckets(&bounds);

@@ -368,7 +368,7 @@ impl Supervisor {
                     if let Some((at, prev)) = &p.report {
                         p.prev_report = Some((*at, prev.total_request, prev.api_requests));
                     }
-                    p.report = Some((Instant::now(), c));
+                    p.report = Some((Instant::now(), *c));
                     reported = true;
                 }
                 Ok(FromWorker::Connections { query, conns, last }) => {

@@ -57,7 +57,7 @@ impl Loop {
     pub(super) fn report(&mut self) {
         self.refresh_counters();
         self.channel
-            .report(&FromWorker::Report(self.ctx.counters.clone()));
+            .report(&FromWorker::Report(Box::new(self.ctx.counters.clone())));
     }
 
     /// Brings the counters that are read rather than counted up to date.
