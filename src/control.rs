@@ -302,6 +302,13 @@ pub struct Counters {
     /// Time in the app's connection hooks.
     #[serde(default)]
     pub hook_seconds: crate::metrics::Histogram,
+    /// Topics with subscribers on this worker.
+    #[serde(default)]
+    pub topics: u64,
+    /// Of those, the ones whose Redis channel the worker listens to (with `[server] bus`):
+    /// equal to `topics` once routing has caught up.
+    #[serde(default)]
+    pub routed_topics: u64,
 }
 
 /// The master's view of everything, as `status --json` prints it.

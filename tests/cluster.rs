@@ -4,6 +4,11 @@
 //! 2 s: local delivery goes on, `status` and the logs tell the outage once, and when Redis is
 //! back the cluster delivers again without restarting wsd.
 //!
+//! The backend API crosses hosts too: publishes through either host's API reach every
+//! subscriber exactly once and in order, a topic's publishes go only to the workers with
+//! subscribers to it (Redis `PUBSUB NUMSUB`), and through a Redis restart the API keeps
+//! answering and routing rebuilds itself.
+//!
 //! Needs `redis-server` on the PATH (`scripts/test.sh` installs it with apt-get).
 //!
 //! Like `tests/bus.rs`, this binary is itself a wsd program: with `WSD_LIBRARY_SERVER=1` it
@@ -101,6 +106,27 @@ impl Redis {
         String::from_utf8_lossy(&line).trim_end().to_string()
     }
 
+    /// `PUBSUB NUMSUB channel`: how many connections listen to `channel`.
+    fn numsub(&self, channel: &str) -> u64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("PUBSUB NUMSUB {channel}\r\n").as_bytes())
+            .unwrap();
+        // *2 / $len / channel / :count
+        let mut lines = Vec::new();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while lines.len() < 4 {
+            s.read_exact(&mut b).expect("redis answer");
+            line.push(b[0]);
+            if line.ends_with(b"\r\n") {
+                lines.push(String::from_utf8_lossy(&line).trim_end().to_string());
+                line.clear();
+            }
+        }
+        lines[3].trim_start_matches(':').parse().expect("a count")
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -112,10 +138,15 @@ impl Drop for Redis {
     }
 }
 
-/// One wsd master running every app of [`APPS`] on the cluster bus, and its groups' ports.
+/// The backend API's key on every host.
+const API_KEY: &str = "cluster-api-key-0123456789";
+
+/// One wsd master running every app of [`APPS`] on the cluster bus (the API serving
+/// `pubsub`), and its groups' ports.
 struct Host {
     server: Server,
     ports: Vec<u16>,
+    api: u16,
 }
 
 impl Host {
@@ -131,16 +162,51 @@ impl Host {
                 "\n[[worker]]\nlisten = \"websocket://127.0.0.1:0\"\ncount = {COUNT}\napp = \"{app}\"\n"
             );
         }
+        text += &format!(
+            "\n[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"{API_KEY}\"]\ngroup = \"pubsub\"\n"
+        );
         std::fs::write(&config, text).unwrap();
         let mut server = Server::start_with(this_program(), dir, config);
         let st = server.status();
+        let port = |listen: &str| listen.rsplit(':').next().unwrap().parse().unwrap();
         let ports = (0..APPS.len())
-            .map(|g| {
-                let listen = st["groups"][g]["listen"].as_str().unwrap();
-                listen.rsplit(':').next().unwrap().parse().unwrap()
-            })
+            .map(|g| port(st["groups"][g]["listen"].as_str().unwrap()))
             .collect();
-        Host { server, ports }
+        let api = port(st["api"]["listen"].as_str().unwrap());
+        Host { server, ports, api }
+    }
+
+    /// Publishes through this host's API; the status and the answer.
+    fn publish(&self, topic: &str, data: &str) -> (u16, Value) {
+        let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
+        let req = format!(
+            "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
+        (
+            a.status,
+            serde_json::from_str(&a.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// How many of this host's pubsub workers have subscribers to `topic`, from the API's
+    /// presence (whose connection ids name their worker).
+    fn holders(&self, topic: &str) -> u64 {
+        let req = format!(
+            "GET /api/presence?topic={topic} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
+        let p: Value = serde_json::from_str(&a.body).expect("presence");
+        let slots: std::collections::BTreeSet<&str> = p["subscribers"]
+            .as_array()
+            .expect("subscribers")
+            .iter()
+            .map(|s| s["conn"].as_str().unwrap().split('-').nth(1).unwrap())
+            .collect();
+        slots.len() as u64
     }
 
     fn connect(&self, app: &str) -> Client {
@@ -249,8 +315,20 @@ fn subscribe(c: &mut Client, topic: &str) {
     assert_eq!(c.recv_text(), format!("{{\"subscribed\":\"{topic}\"}}"));
 }
 
+/// Waits until Redis routes `topic` to exactly the workers, on every host, with subscribers
+/// to it: routing has caught up with the subscriptions just made.
+fn wait_routed(redis: &Redis, hosts: &[Host], topic: &str) -> u64 {
+    let want: u64 = hosts.iter().map(|h| h.holders(topic)).sum();
+    let channel = format!("wsd:pubsub:t:{topic}");
+    wait_for(
+        &format!("{topic} routed to {want} worker(s)"),
+        DEADLINE,
+        || (redis.numsub(&channel) == want).then_some(want),
+    )
+}
+
 /// A topic published on host 1 reaches its subscribers on host 0, and only them.
-fn topics_cross_hosts(hosts: &mut [Host; 2]) {
+fn topics_cross_hosts(redis: &Redis, hosts: &mut [Host; 2]) {
     let mut a_news: Vec<Client> = (0..3).map(|_| hosts[0].connect("pubsub")).collect();
     let mut a_other = hosts[0].connect("pubsub");
     let mut b_news = hosts[1].connect("pubsub");
@@ -260,6 +338,8 @@ fn topics_cross_hosts(hosts: &mut [Host; 2]) {
     }
     subscribe(&mut a_other, "other");
     subscribe(&mut b_news, "news");
+    wait_routed(redis, hosts, "news");
+    wait_routed(redis, hosts, "other");
     b_publisher.send_text("{\"publish\":\"news\",\"data\":\"from b\"}");
     let expect = "{\"topic\":\"news\",\"data\":\"from b\"}";
     for (i, c) in a_news.iter_mut().enumerate() {
@@ -322,7 +402,7 @@ fn cluster_delivers_and_survives_a_redis_outage() {
 
     chat_reaches_both_hosts(&mut hosts, "hello from host 0", 0);
     chat_reaches_both_hosts(&mut hosts, "hello from host 1", 1);
-    topics_cross_hosts(&mut hosts);
+    topics_cross_hosts(&redis, &mut hosts);
     send_to_crosses_hosts(&hosts, "before");
     assert_eq!(workers_sum(&hosts[0].server.status(), "bus_dropped"), 0);
     // To a host that is not there: nobody listens on its channel, and that is counted.
@@ -425,7 +505,7 @@ fn cluster_delivers_and_survives_a_redis_outage() {
     for c in a.iter_mut().chain(b.iter_mut()) {
         assert_silent(c, "after the outage");
     }
-    topics_cross_hosts(&mut hosts);
+    topics_cross_hosts(&redis, &mut hosts);
     send_to_crosses_hosts(&hosts, "after");
     for (i, h) in hosts.iter().enumerate() {
         let log = h.log();
@@ -469,6 +549,113 @@ fn a_server_starts_without_redis_and_joins_later() {
     );
 }
 
+/// Reads `n` text messages from `c` and checks that each publisher's (`{host}-{seq}`) came
+/// once each and in order.
+fn assert_in_order(c: &mut Client, who: &str, publishers: usize, each: usize) {
+    let mut next = vec![0usize; publishers];
+    for _ in 0..publishers * each {
+        let text = c.recv_text();
+        let (from, seq) = text.split_once('-').expect("host-seq");
+        let (from, seq): (usize, usize) = (from.parse().unwrap(), seq.parse().unwrap());
+        assert_eq!(seq, next[from], "{who}: from host {from}, got {text}");
+        next[from] += 1;
+    }
+}
+
+/// Publishes through the API of either host reach every subscriber on both, once each and in
+/// order per publisher; a topic's publishes reach only the workers with subscribers to it;
+/// through a Redis restart the API keeps answering, and routing rebuilds itself.
+fn the_api_publishes_across_hosts_routed_by_interest() {
+    const EACH: usize = 40;
+    let mut redis = Redis::start();
+    let mut hosts = [Host::start(&redis), Host::start(&redis)];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let mut subs: Vec<(String, Client)> = Vec::new();
+    for (h, host) in hosts.iter().enumerate() {
+        for i in 0..4 {
+            let mut c = host.connect("pubsub");
+            subscribe(&mut c, "feed");
+            subs.push((format!("host {h} subscriber {i}"), c));
+        }
+    }
+    let feed_workers = wait_routed(&redis, &hosts, "feed");
+    assert!(
+        (2..=2 * COUNT as u64).contains(&feed_workers),
+        "{feed_workers}"
+    );
+    for seq in 0..EACH {
+        for (h, host) in hosts.iter().enumerate() {
+            let (status, answer) = host.publish("feed", &format!("{h}-{seq}"));
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["delivered"], 4, "this host's subscribers: {answer}");
+        }
+    }
+    for (who, c) in subs.iter_mut() {
+        assert_in_order(c, who, 2, EACH);
+    }
+    std::thread::sleep(QUIET);
+    for (who, c) in subs.iter_mut() {
+        assert_silent(c, who);
+    }
+    // Only the workers with subscribers listen to a topic: `solo` has them on host 0 only.
+    let mut solo: Vec<Client> = (0..3).map(|_| hosts[0].connect("pubsub")).collect();
+    for c in solo.iter_mut() {
+        subscribe(c, "solo");
+    }
+    assert_eq!(hosts[1].holders("solo"), 0);
+    let solo_workers = wait_routed(&redis, &hosts, "solo");
+    assert_eq!(solo_workers, hosts[0].holders("solo"));
+    assert!(solo_workers >= 1);
+    let (_, answer) = hosts[1].publish("solo", "0-0");
+    assert_eq!(answer["delivered"], 0, "host 1 has no solo subscriber");
+    for (i, c) in solo.iter_mut().enumerate() {
+        assert_eq!(c.recv_text(), "0-0", "host 0 solo subscriber {i}");
+    }
+    drop(solo);
+    wait_for(
+        "the last solo subscriber to take its channel along",
+        DEADLINE,
+        || (redis.numsub("wsd:pubsub:t:solo") == 0).then_some(()),
+    );
+
+    // Redis restarts: the API answers throughout; what could not cross is counted as dropped.
+    redis.stop();
+    for h in hosts.iter_mut() {
+        h.wait_bus("down");
+    }
+    let dropped_before = workers_sum(&hosts[0].server.status(), "bus_dropped");
+    let (status, answer) = hosts[0].publish("feed", "outage");
+    assert_eq!(
+        (status, &answer["delivered"]),
+        (200, &Value::from(4)),
+        "{answer}"
+    );
+    for (who, c) in subs.iter_mut().take(4) {
+        assert_eq!(c.recv_text(), "outage", "{who}");
+    }
+    wait_for("the publish Redis could not take counted", DEADLINE, || {
+        let st = hosts[0].server.try_status()?;
+        (workers_sum(&st, "bus_dropped") > dropped_before).then_some(())
+    });
+    redis.restart();
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    assert_eq!(
+        wait_routed(&redis, &hosts, "feed"),
+        feed_workers,
+        "routing rebuilt"
+    );
+    let (status, _) = hosts[1].publish("feed", "1-0");
+    assert_eq!(status, 200);
+    for (who, c) in subs.iter_mut() {
+        // Host 1's subscribers never saw the outage's publish: this is their next message.
+        assert_eq!(c.recv_text(), "1-0", "{who}");
+    }
+}
+
 fn redis_available() -> bool {
     Command::new("redis-server")
         .arg("--version")
@@ -493,6 +680,10 @@ fn main() {
         (
             "a_server_starts_without_redis_and_joins_later",
             a_server_starts_without_redis_and_joins_later,
+        ),
+        (
+            "the_api_publishes_across_hosts_routed_by_interest",
+            the_api_publishes_across_hosts_routed_by_interest,
         ),
     ]);
 }

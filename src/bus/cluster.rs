@@ -4,13 +4,19 @@
 //! Channels, each message one [`wire::encode`]d payload (Redis payloads are binary-safe):
 //!
 //! ```text
-//! wsd:{group}:all                  broadcasts and topic publishes: every worker of every host
+//! wsd:{group}:all                  broadcasts, users, questions: every worker of every host
+//! wsd:{group}:t:{topic}            a topic's publishes: the workers with subscribers to it
 //! wsd:{group}:{host:016x}:{slot}   `send_to` a connection held by that host's worker `slot`
 //! ```
 //!
-//! Every worker subscribes to both of its channels. A worker skips what comes back from its own
-//! host: the local mesh has already carried it there. App messages (`bus_send`,
-//! `bus_send_all`) stay on the local mesh.
+//! Every worker subscribes to `all` and to its own channel, and to a topic's channel only while
+//! it has subscribers to that topic (interest-based routing): a publish costs Redis one copy
+//! per worker that delivers it, not one per worker of the cluster. A worker that gains its
+//! first subscriber to a topic tells its subscriber thread, which subscribes within
+//! [`SUBSCRIBE_DELAY`]; a publish on another host before then does not reach it. After an
+//! outage the thread subscribes to every channel it wants again. A worker skips what comes
+//! back from its own host: the local mesh has already carried it there. App messages
+//! (`bus_send`, `bus_send_all`) stay on the local mesh.
 //!
 //! Threads. The worker's loop never waits on Redis: a worker with a cluster bus runs two helper
 //! threads, each with its own connection and a plain blocking loop — a sync client can wait on
@@ -46,6 +52,9 @@ pub const QUEUE: usize = 4096;
 pub const QUEUE_BYTES: usize = 64 << 20;
 /// How often an idle helper thread looks at the link's state.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the subscriber thread, waiting for messages, takes the topics to subscribe to or
+/// leave: the longest a new subscription waits to be routed from other hosts.
+pub const SUBSCRIBE_DELAY: Duration = Duration::from_millis(20);
 /// A subscriber that has heard nothing for this long checks its connection with a `PING`.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Connecting, and waiting for an answer, before Redis counts as unavailable.
@@ -73,22 +82,39 @@ pub fn channel_of(group: &str, host: u64, slot: u16) -> String {
     format!("wsd:{group}:{host:016x}:{slot}")
 }
 
+/// The channel of a topic's publishes: the workers with subscribers to `topic` listen to it.
+pub fn channel_of_topic(group: &str, topic: &str) -> String {
+    format!("wsd:{group}:t:{topic}")
+}
+
 /// Where a message for Redis goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// Every worker of the group, on every host.
     All,
+    /// The workers, on every host, with subscribers to a topic.
+    Topic(String),
     /// One worker of another host.
     Worker { host: u64, slot: u16 },
 }
 
 impl Target {
-    fn channel(self, group: &str) -> String {
+    fn channel(&self, group: &str) -> String {
         match self {
             Target::All => channel_all(group),
-            Target::Worker { host, slot } => channel_of(group, host, slot),
+            Target::Topic(topic) => channel_of_topic(group, topic),
+            Target::Worker { host, slot } => channel_of(group, *host, *slot),
         }
     }
+}
+
+/// A change to the topics a worker has subscribers to, for its subscriber thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interest {
+    /// The first local subscriber of a topic.
+    Join(String),
+    /// The last one left.
+    Leave(String),
 }
 
 /// The state of a worker's bus, as its reports and `status` show it.
@@ -209,6 +235,9 @@ struct Shared {
     /// queue full, undecodable).
     sent: AtomicU64,
     dropped: AtomicU64,
+    /// Topic channels the subscriber is on, as Redis confirmed: equal to the worker's topics
+    /// once routing has caught up with its subscriptions.
+    routed: AtomicUsize,
     /// For logs, without a password.
     url: String,
     /// The subscriber's channels, for the log.
@@ -267,6 +296,9 @@ type Received = (Origin, BusMessage, usize);
 pub(crate) struct Cluster {
     out: SyncSender<Outgoing>,
     incoming: Receiver<Received>,
+    /// Topic channels to join or leave, for the subscriber thread. Unbounded: a change is one
+    /// per topic a worker gains or loses, and the thread takes them every few milliseconds.
+    interest: mpsc::Sender<Interest>,
     shared: Arc<Shared>,
 }
 
@@ -293,14 +325,19 @@ impl Cluster {
             in_bytes: Budget::default(),
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            routed: AtomicUsize::new(0),
             url: settings.url.redacted(),
             channels: channels.join(" and "),
         });
         let (out, out_rx) = mpsc::sync_channel(QUEUE);
         let (in_tx, incoming) = mpsc::sync_channel(QUEUE);
+        let (interest, interest_rx) = mpsc::channel();
         let subscriber = Subscriber {
             client: client.clone(),
             channels,
+            group: settings.group.clone(),
+            topics: std::collections::HashSet::new(),
+            interest: interest_rx,
             host: origin.host,
             shared: shared.clone(),
             to_loop: in_tx,
@@ -321,8 +358,15 @@ impl Cluster {
         Ok(Cluster {
             out,
             incoming,
+            interest,
             shared,
         })
+    }
+
+    /// The worker gained its first subscriber to a topic, or lost its last.
+    pub fn interest(&self, change: Interest) {
+        // Fails only when the thread is gone, with the worker.
+        let _ = self.interest.send(change);
     }
 
     /// Queues an encoded message for Redis. False when it is dropped: the link is not up, or
@@ -359,6 +403,11 @@ impl Cluster {
         self.shared.link.state()
     }
 
+    /// Topic channels this worker's subscriber is on in Redis.
+    pub fn routed_topics(&self) -> usize {
+        self.shared.routed.load(Ordering::Relaxed)
+    }
+
     /// Messages published to Redis, and dropped by the helper threads.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -371,7 +420,12 @@ impl Cluster {
 /// The thread that listens to the worker's channels.
 struct Subscriber {
     client: Client,
+    /// The channels it always listens to.
     channels: Vec<String>,
+    group: String,
+    /// The topics with local subscribers: their channels are listened to too.
+    topics: std::collections::HashSet<String>,
+    interest: mpsc::Receiver<Interest>,
     host: u64,
     shared: Arc<Shared>,
     to_loop: SyncSender<Received>,
@@ -386,13 +440,14 @@ enum Ended {
 }
 
 impl Subscriber {
-    fn run(self) {
+    fn run(mut self) {
         let mut backoff = retry_backoff();
         loop {
             let ended = match self.connect() {
                 Ok(mut con) => self.listen(&mut con, &mut backoff),
                 Err(e) => Ended::Failed(e),
             };
+            self.shared.routed.store(0, Ordering::Relaxed);
             match ended {
                 Ended::LoopGone => return,
                 Ended::Failed(e) => self.shared.failed(Side::Subscriber, &e),
@@ -410,19 +465,43 @@ impl Subscriber {
 
     /// Subscribes and carries messages to the loop until the connection fails. The backoff
     /// starts over once subscribed.
-    fn listen(&self, con: &mut Connection, backoff: &mut Backoff) -> Ended {
+    fn listen(&mut self, con: &mut Connection, backoff: &mut Backoff) -> Ended {
         let mut ps = con.as_pubsub();
+        // What came while disconnected is in the set: every channel is subscribed afresh.
+        self.take_interest();
+        let topics: Vec<String> = (self.topics.iter())
+            .map(|t| channel_of_topic(&self.group, t))
+            .collect();
         if let Err(e) = ps.subscribe(&self.channels[..]) {
             return Ended::Failed(e);
         }
-        // Short reads from here on, so the thread notices a failure seen by the publisher.
-        if let Err(e) = ps.set_read_timeout(Some(TICK)) {
+        if !topics.is_empty()
+            && let Err(e) = ps.subscribe(&topics[..])
+        {
+            return Ended::Failed(e);
+        }
+        self.shared.routed.store(topics.len(), Ordering::Relaxed);
+        // Short reads from here on, so the thread notices a failure seen by the publisher,
+        // and the topics to join or leave.
+        if let Err(e) = ps.set_read_timeout(Some(SUBSCRIBE_DELAY)) {
             return Ended::Failed(e);
         }
         backoff.reset();
         self.shared.verified(Side::Subscriber);
         let mut heard = Instant::now();
         loop {
+            for change in self.take_interest() {
+                let done = match change {
+                    Interest::Join(t) => ps.subscribe(channel_of_topic(&self.group, &t)),
+                    Interest::Leave(t) => ps.unsubscribe(channel_of_topic(&self.group, &t)),
+                };
+                if let Err(e) = done {
+                    return Ended::Failed(e);
+                }
+                self.shared
+                    .routed
+                    .store(self.topics.len(), Ordering::Relaxed);
+            }
             match ps.get_message() {
                 Ok(msg) => {
                     heard = Instant::now();
@@ -442,7 +521,7 @@ impl Subscriber {
                         if let Err(e) = ps.ping::<redis::Value>() {
                             return Ended::Failed(e);
                         }
-                        let _ = ps.set_read_timeout(Some(TICK));
+                        let _ = ps.set_read_timeout(Some(SUBSCRIBE_DELAY));
                         heard = Instant::now();
                         if suspect {
                             self.shared.verified(Side::Subscriber);
@@ -452,6 +531,23 @@ impl Subscriber {
                 Err(e) => return Ended::Failed(e),
             }
         }
+    }
+
+    /// The changes the loop sent, applied to the set of topics; returns those that change
+    /// the set (a join and a leave of one topic cancel out).
+    fn take_interest(&mut self) -> Vec<Interest> {
+        let topics = &mut self.topics;
+        let mut out = Vec::new();
+        while let Ok(change) = self.interest.try_recv() {
+            let changed = match &change {
+                Interest::Join(t) => topics.insert(t.clone()),
+                Interest::Leave(t) => topics.remove(t),
+            };
+            if changed {
+                out.push(change);
+            }
+        }
+        out
     }
 
     /// Hands one received payload to the loop. False when the loop is gone.
@@ -617,6 +713,10 @@ mod tests {
         );
         assert_eq!(channel_of("g", 1, 0), "wsd:g:0000000000000001:0");
         assert_eq!(Target::All.channel("g"), "wsd:g:all");
+        assert_eq!(
+            Target::Topic("room/1".into()).channel("g"),
+            "wsd:g:t:room/1"
+        );
         assert_eq!(
             Target::Worker { host: 255, slot: 7 }.channel("g"),
             "wsd:g:00000000000000ff:7"

@@ -16,7 +16,7 @@ pub mod wire;
 use crate::ConnId;
 use crate::control::BusState;
 #[cfg(feature = "cluster")]
-use cluster::{Cluster, ClusterSettings, Target};
+use cluster::{Cluster, ClusterSettings, Interest, Target};
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -157,6 +157,15 @@ impl Bus {
         }
     }
 
+    /// Topic channels this worker listens to in Redis (0 without a cluster bus).
+    pub fn routed_topics(&self) -> usize {
+        match &self.remote {
+            #[cfg(feature = "cluster")]
+            Remote::Running(c) => c.routed_topics(),
+            _ => 0,
+        }
+    }
+
     /// The counts of both the mesh and Redis.
     pub fn totals(&self) -> BusStats {
         let (sent, dropped) = match &self.remote {
@@ -245,12 +254,33 @@ impl Bus {
     }
 
     /// Sends to every other worker of the group: on this host over the mesh, and on the other
-    /// hosts of a cluster bus through Redis (the same bytes, encoded once).
+    /// hosts of a cluster bus through Redis (the same bytes, encoded once): a topic's publish
+    /// to the workers with subscribers to it, anything else to all.
     pub fn send_to_group(&mut self, msg: &BusMessage) {
         let bytes = wire::encode(self.origin, msg);
         self.send_bytes_to_peers(&bytes);
         #[cfg(feature = "cluster")]
-        self.send_remote(Target::All, bytes);
+        {
+            let to = match msg {
+                BusMessage::Publish(topic, _) => Target::Topic(topic.clone()),
+                _ => Target::All,
+            };
+            self.send_remote(to, bytes);
+        }
+    }
+
+    /// This worker now has subscribers to `topic` (`true`), or has none left: with a cluster
+    /// bus, it listens to the topic's Redis channel only meanwhile.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub fn interest(&mut self, topic: &str, wanted: bool) {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(c) = &self.remote {
+            c.interest(if wanted {
+                Interest::Join(topic.to_string())
+            } else {
+                Interest::Leave(topic.to_string())
+            });
+        }
     }
 
     fn send_bytes_to_peers(&mut self, bytes: &[u8]) -> usize {

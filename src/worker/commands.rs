@@ -75,6 +75,8 @@ impl Loop {
         self.ctx.counters.bus_received = bus.received;
         self.ctx.counters.bus_dropped = bus.dropped;
         self.ctx.counters.bus_state = self.ctx.bus.state();
+        self.ctx.counters.topics = self.ctx.topics.len() as u64;
+        self.ctx.counters.routed_topics = self.ctx.bus.routed_topics() as u64;
     }
 }
 

@@ -704,7 +704,7 @@ impl Loop {
                     });
                     drop(conn);
                     self.call_hook(id, Hook::Close);
-                    self.ctx.topics.forget(id);
+                    self.ctx.forget_topics(id);
                     self.ctx.users.forget(id);
                     self.forget_leaving();
                 }

@@ -50,12 +50,29 @@ impl Context {
     /// Subscribes `conn` to `topic`; false if it already was, is not an open connection, or
     /// may not (its token does not allow the topic: [`Context::may_subscribe`]).
     pub fn subscribe(&mut self, conn: ConnId, topic: &str) -> bool {
-        self.is_open(conn) && self.may_subscribe(conn, topic) && self.topics.subscribe(conn, topic)
+        let added = self.is_open(conn)
+            && self.may_subscribe(conn, topic)
+            && self.topics.subscribe(conn, topic);
+        if added && self.topics.count(topic) == 1 {
+            self.bus.interest(topic, true);
+        }
+        added
     }
 
     /// Unsubscribes `conn` from `topic`; false if it was not subscribed.
     pub fn unsubscribe(&mut self, conn: ConnId, topic: &str) -> bool {
-        self.topics.unsubscribe(conn, topic)
+        let removed = self.topics.unsubscribe(conn, topic);
+        if removed && self.topics.count(topic) == 0 {
+            self.bus.interest(topic, false);
+        }
+        removed
+    }
+
+    /// Drops the subscriptions of a connection that has gone.
+    pub(crate) fn forget_topics(&mut self, conn: ConnId) {
+        for topic in self.topics.forget(conn) {
+            self.bus.interest(&topic, false);
+        }
     }
 
     /// The topics `conn` is subscribed to.

@@ -51,16 +51,32 @@ impl Topics {
         true
     }
 
-    /// Drops every subscription of a connection that has gone.
-    pub fn forget(&mut self, conn: ConnId) {
+    /// Drops every subscription of a connection that has gone; returns the topics it was the
+    /// last subscriber of.
+    pub fn forget(&mut self, conn: ConnId) -> Vec<String> {
+        let mut emptied = Vec::new();
         for topic in self.of_conn.remove(&conn).unwrap_or_default() {
             if let Some(set) = self.members.get_mut(&topic) {
                 set.remove(&conn);
                 if set.is_empty() {
                     self.members.remove(&topic);
+                    emptied.push(topic);
                 }
             }
         }
+        emptied
+    }
+
+    /// How many topics have subscribers here.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+
+    /// How many of this worker's connections are in `topic`.
+    pub fn count(&self, topic: &str) -> usize {
+        self.members.get(topic).map_or(0, HashSet::len)
     }
 
     /// This worker's subscribers of `topic`.
