@@ -453,3 +453,64 @@ fn check_names_bad_api_settings_with_their_line() {
     ));
     assert!(ok, "{err}");
 }
+
+#[test]
+fn presence_events_and_questions_on_one_host() {
+    let extra = format!(
+        "presence = \"room/*\"\npresence_events = true\n\n[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"{KEY}\"]\n"
+    );
+    let mut server = Server::start_extra("pubsub", WORKERS, &extra);
+    let port = api_port(&mut server);
+    let next = |c: &mut Client| -> Value { serde_json::from_str(&c.recv_text()).unwrap() };
+    let mut a = server.connect();
+    a.send_text(r#"{"subscribe":"room/1"}"#);
+    assert_eq!(next(&mut a), json!({"subscribed": "room/1"}));
+    assert_eq!(next(&mut a)["event"], "join", "its own join");
+    // Enough others that some land on the other worker: each join reaches `a`.
+    let mut others: Vec<Client> = (0..6).map(|_| server.connect()).collect();
+    for c in others.iter_mut() {
+        c.send_text(r#"{"subscribe":"room/1"}"#);
+        assert_eq!(next(c), json!({"subscribed": "room/1"}));
+        let join = next(&mut a);
+        assert_eq!(join["event"], "join", "{join}");
+        assert_eq!(join["topic"], "room/1");
+    }
+    a.send_text(r#"{"presence":"room/1"}"#);
+    // Joins of later subscribers may still arrive at `a` first.
+    let here = loop {
+        let m = next(&mut a);
+        if m.get("presence").is_some() {
+            break m;
+        }
+    };
+    assert_eq!(here["count"], 7, "{here}");
+    assert_eq!(here["scope"], "host");
+    let p = get(port, "/api/presence?topic=room/1");
+    assert_eq!(p["count"], 7, "{p}");
+    // A topic without presence keeps no events; asking about it is refused.
+    a.send_text(r#"{"subscribe":"news"}"#);
+    assert_eq!(next(&mut a), json!({"subscribed": "news"}));
+    a.send_text(r#"{"presence":"news"}"#);
+    assert!(next(&mut a)["error"].is_string());
+    // A leave reaches the others, with the id presence showed.
+    let gone = others.pop().unwrap();
+    drop(gone);
+    let leave = loop {
+        let m = next(&mut a);
+        if m["event"] == "leave" {
+            break m;
+        }
+    };
+    let ids: Vec<&str> = p["subscribers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["conn"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&leave["conn"].as_str().unwrap()), "{leave}");
+    // /api/user, on one host: no user bound here.
+    assert_eq!(
+        get(port, "/api/user?user=ada"),
+        json!({"user": "ada", "scope": "host", "online": false, "connections": []})
+    );
+}

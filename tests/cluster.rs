@@ -151,6 +151,11 @@ struct Host {
 
 impl Host {
     fn start(redis: &Redis) -> Host {
+        Host::start_with(redis, "")
+    }
+
+    /// A host whose pubsub group has `pubsub` lines added.
+    fn start_with(redis: &Redis, pubsub: &str) -> Host {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("workers.toml");
         let mut text = format!(
@@ -161,6 +166,9 @@ impl Host {
             text += &format!(
                 "\n[[worker]]\nlisten = \"websocket://127.0.0.1:0\"\ncount = {COUNT}\napp = \"{app}\"\n"
             );
+            if app == "pubsub" {
+                text += pubsub;
+            }
         }
         text += &format!(
             "\n[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"{API_KEY}\"]\ngroup = \"pubsub\"\n"
@@ -191,22 +199,36 @@ impl Host {
         )
     }
 
-    /// How many of this host's pubsub workers have subscribers to `topic`, from the API's
-    /// presence (whose connection ids name their worker).
-    fn holders(&self, topic: &str) -> u64 {
+    /// `GET path` on this host's API, as JSON.
+    fn get(&self, path: &str) -> Value {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+        );
+        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+        serde_json::from_str(&a.body).expect("JSON")
+    }
+
+    /// The workers (`host-slot`) with subscribers to `topic` that this host's presence names
+    /// (connection ids name their host and worker): the host's own, or with presence kept in
+    /// Redis, the cluster's.
+    fn holders(&self, topic: &str) -> std::collections::BTreeSet<String> {
         let req = format!(
             "GET /api/presence?topic={topic} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\
              Connection: close\r\n\r\n"
         );
         let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
         let p: Value = serde_json::from_str(&a.body).expect("presence");
-        let slots: std::collections::BTreeSet<&str> = p["subscribers"]
+        p["subscribers"]
             .as_array()
-            .expect("subscribers")
+            .unwrap_or_else(|| panic!("presence: {a:?}"))
             .iter()
-            .map(|s| s["conn"].as_str().unwrap().split('-').nth(1).unwrap())
-            .collect();
-        slots.len() as u64
+            .map(|s| {
+                let id = s["conn"].as_str().unwrap();
+                let mut parts = id.split('-');
+                format!("{}-{}", parts.next().unwrap(), parts.next().unwrap())
+            })
+            .collect()
     }
 
     fn connect(&self, app: &str) -> Client {
@@ -318,7 +340,11 @@ fn subscribe(c: &mut Client, topic: &str) {
 /// Waits until Redis routes `topic` to exactly the workers, on every host, with subscribers
 /// to it: routing has caught up with the subscriptions just made.
 fn wait_routed(redis: &Redis, hosts: &[Host], topic: &str) -> u64 {
-    let want: u64 = hosts.iter().map(|h| h.holders(topic)).sum();
+    let want = hosts
+        .iter()
+        .flat_map(|h| h.holders(topic))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
     let channel = format!("wsd:pubsub:t:{topic}");
     wait_for(
         &format!("{topic} routed to {want} worker(s)"),
@@ -604,9 +630,9 @@ fn the_api_publishes_across_hosts_routed_by_interest() {
     for c in solo.iter_mut() {
         subscribe(c, "solo");
     }
-    assert_eq!(hosts[1].holders("solo"), 0);
+    assert!(hosts[1].holders("solo").is_empty());
     let solo_workers = wait_routed(&redis, &hosts, "solo");
-    assert_eq!(solo_workers, hosts[0].holders("solo"));
+    assert_eq!(solo_workers, hosts[0].holders("solo").len() as u64);
     assert!(solo_workers >= 1);
     let (_, answer) = hosts[1].publish("solo", "0-0");
     assert_eq!(answer["delivered"], 0, "host 1 has no solo subscriber");
@@ -656,6 +682,128 @@ fn the_api_publishes_across_hosts_routed_by_interest() {
     }
 }
 
+/// HS256 tokens for the presence test (the test signs them as a backend would).
+const SECRET: &str = "cluster-presence-secret-0123456789ab";
+
+fn token(user: &str, name: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"sub": user, "exp": exp, "info": {"name": name}});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A client of `host`'s pubsub group with a token for `user`.
+fn user_client(host: &Host, user: &str) -> Client {
+    let g = APPS.iter().position(|a| *a == "pubsub").unwrap();
+    let target = format!("/?token={}", token(user, &user.to_uppercase()));
+    Client::connect_with(host.ports[g], &target, &[]).unwrap().0
+}
+
+/// The next JSON message `c` gets.
+fn next_json(c: &mut Client) -> Value {
+    serde_json::from_str(&c.recv_text()).expect("JSON")
+}
+
+/// Presence and users across hosts, in Redis: join and leave events reach subscribers on both
+/// hosts, presence and `/api/user` answer for the cluster, a subscriber asks who is there, and
+/// a host that dies drops out of presence within the records' TTL.
+fn presence_and_users_span_hosts() {
+    let pubsub = format!(
+        "auth = \"jwt\"\njwt_hs256_secret = \"{SECRET}\"\npresence = \"room/*\"\npresence_events = true\n"
+    );
+    let redis = Redis::start();
+    let mut hosts = [
+        Host::start_with(&redis, &pubsub),
+        Host::start_with(&redis, &pubsub),
+    ];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let mut ada = user_client(&hosts[0], "ada");
+    subscribe(&mut ada, "room/1");
+    let own = next_json(&mut ada);
+    assert_eq!(
+        (own["event"].as_str(), own["user"].as_str()),
+        (Some("join"), Some("ada"))
+    );
+    wait_routed(&redis, &hosts, "room/1");
+    let mut bob = user_client(&hosts[1], "bob");
+    subscribe(&mut bob, "room/1");
+    // Ada, on the other host, hears Bob join; Bob hears himself.
+    let join = next_json(&mut ada);
+    assert_eq!(join["event"], "join", "{join}");
+    assert_eq!(join["user"], "bob");
+    assert_eq!(join["info"], serde_json::json!({"name": "BOB"}));
+    let bob_id = join["conn"].as_str().unwrap().to_string();
+    assert_eq!(next_json(&mut bob)["user"], "bob");
+
+    // Presence, from either host, is the cluster's.
+    for h in &hosts {
+        let p = wait_for("both hosts' subscribers in presence", DEADLINE, || {
+            let p = h.get("/api/presence?topic=room/1");
+            (p["count"] == 2).then_some(p)
+        });
+        assert_eq!(p["scope"], "cluster", "{p}");
+        assert_eq!(p["users"], serde_json::json!(["ada", "bob"]), "{p}");
+    }
+    let u = hosts[0].get("/api/user?user=bob");
+    assert_eq!(u["online"], true, "{u}");
+    assert_eq!(u["connections"], serde_json::json!([bob_id]), "{u}");
+    assert_eq!(hosts[1].get("/api/user?user=nobody")["online"], false);
+    // A subscriber asks who is there.
+    ada.send_text(r#"{"presence":"room/1"}"#);
+    let here = next_json(&mut ada);
+    assert_eq!(here["presence"], "room/1", "{here}");
+    assert_eq!(here["count"], 2, "{here}");
+    // A topic without presence, or one not subscribed to, is refused.
+    ada.send_text(r#"{"presence":"room/2"}"#);
+    assert!(next_json(&mut ada)["error"].is_string());
+
+    // Bob leaves: Ada hears it, and presence drops him.
+    bob.send_text(r#"{"unsubscribe":"room/1"}"#);
+    let leave = next_json(&mut ada);
+    assert_eq!(
+        (leave["event"].as_str(), leave["conn"].as_str()),
+        (Some("leave"), Some(bob_id.as_str()))
+    );
+    wait_for("presence without bob", DEADLINE, || {
+        (hosts[0].get("/api/presence?topic=room/1")["count"] == 1).then_some(())
+    });
+
+    // A host that dies without a word drops out within the TTL.
+    let mut carol = user_client(&hosts[1], "carol");
+    subscribe(&mut carol, "room/1");
+    assert_eq!(next_json(&mut ada)["user"], "carol");
+    wait_for("carol in presence", DEADLINE, || {
+        (hosts[0].get("/api/presence?topic=room/1")["count"] == 2).then_some(())
+    });
+    let dead = hosts[1].server.master_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dead),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone_at = Instant::now();
+    wait_for("the dead host to drop out of presence", DEADLINE, || {
+        let p = hosts[0].get("/api/presence?topic=room/1");
+        (p["count"] == 1 && p["users"] == serde_json::json!(["ada"])).then_some(())
+    });
+    assert!(
+        gone_at.elapsed() <= Duration::from_secs(16),
+        "{:?}",
+        gone_at.elapsed()
+    );
+    assert_eq!(hosts[0].get("/api/user?user=carol")["online"], false);
+}
+
 fn redis_available() -> bool {
     Command::new("redis-server")
         .arg("--version")
@@ -684,6 +832,10 @@ fn main() {
         (
             "the_api_publishes_across_hosts_routed_by_interest",
             the_api_publishes_across_hosts_routed_by_interest,
+        ),
+        (
+            "presence_and_users_span_hosts",
+            presence_and_users_span_hosts,
         ),
     ]);
 }

@@ -20,6 +20,7 @@ pub fn endpoint_name(path: &str) -> &'static str {
         "/api/send" => "send",
         "/api/disconnect" => "disconnect",
         "/api/presence" => "presence",
+        "/api/user" => "user",
         "/api/stats" => "stats",
         "/health" => "health",
         _ => "other",
@@ -55,6 +56,8 @@ pub enum Call {
     },
     /// `GET /api/presence?topic=`.
     Presence(String),
+    /// `GET /api/user?user=`: whether a user is online, and where.
+    User(String),
     /// `GET /api/stats`.
     Stats,
     /// `GET /health` (no key needed).
@@ -143,7 +146,7 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
     let path = req.path.as_str();
     let (allow, needs_key) = match path {
         "/health" => ("GET, HEAD", false),
-        "/api/presence" | "/api/stats" => ("GET, HEAD", true),
+        "/api/presence" | "/api/stats" | "/api/user" => ("GET, HEAD", true),
         "/api/publish" | "/api/broadcast" | "/api/send" | "/api/disconnect" => ("POST", true),
         _ => return Err(ApiError::NotFound(path.chars().take(200).collect())),
     };
@@ -183,6 +186,14 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
             group(query_value(query, "group"))?;
             let topic = query_value(query, "topic").ok_or(ApiError::MissingParameter("topic"))?;
             Ok(Call::Presence(checked_topic(topic)?))
+        }
+        "/api/user" => {
+            group(query_value(query, "group"))?;
+            let user = query_value(query, "user").ok_or(ApiError::MissingParameter("user"))?;
+            if user.is_empty() {
+                return Err(ApiError::MissingParameter("user"));
+            }
+            Ok(Call::User(user))
         }
         "/api/publish" => {
             let items: OneOrMany = serde_json::from_slice(&req.body)?;

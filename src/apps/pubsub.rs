@@ -5,6 +5,7 @@
 //! | `{"subscribe":"room"}` | `{"subscribed":"room"}` |
 //! | `{"unsubscribe":"room"}` | `{"unsubscribed":"room"}` |
 //! | `{"publish":"room","data":X}` | every subscriber of `room`, on any worker or server, gets `{"topic":"room","data":X}` |
+//! | `{"presence":"room"}` | `{"presence":"room","topic":"room","scope":"cluster","count":N,"users":[...],"subscribers":[{"conn","user","info"}]}`, for a subscriber of a topic that keeps presence |
 //! | anything else | `{"error":"why"}`; the connection stays open |
 //!
 //! In a group with `auth = "jwt"`, a subscription the client's token does not allow (its
@@ -29,6 +30,7 @@ struct Command {
     subscribe: Option<String>,
     unsubscribe: Option<String>,
     publish: Option<String>,
+    presence: Option<String>,
     data: Option<Value>,
 }
 
@@ -44,7 +46,9 @@ pub fn pubsub(worker: &mut Worker) {
 /// Why a client's command was refused; the client gets `{"error": "<this>"}`.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
-    #[error("expected {{\"subscribe\"|\"unsubscribe\"|\"publish\": TOPIC, \"data\": ...}}: {0}")]
+    #[error(
+        "expected {{\"subscribe\"|\"unsubscribe\"|\"publish\"|\"presence\": TOPIC, \"data\": ...}}: {0}"
+    )]
     NotACommand(serde_json::Error),
     #[error("a topic is at most {MAX_TOPIC_LEN} bytes")]
     TopicTooLong,
@@ -54,13 +58,20 @@ enum Refusal {
     TooManyTopics,
     #[error("publish needs \"data\"")]
     NoData,
-    #[error("one of subscribe, unsubscribe or publish, please")]
+    #[error("no presence for {0:?}: subscribe to it first, in a group with presence for it")]
+    NoPresence(String),
+    #[error("one of subscribe, unsubscribe, publish or presence, please")]
     Ambiguous,
 }
 
 fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal> {
     let cmd: Command = serde_json::from_slice(msg.as_bytes()).map_err(Refusal::NotACommand)?;
-    let named = [&cmd.subscribe, &cmd.unsubscribe, &cmd.publish];
+    let named = [
+        &cmd.subscribe,
+        &cmd.unsubscribe,
+        &cmd.publish,
+        &cmd.presence,
+    ];
     if named
         .iter()
         .any(|t| t.as_ref().is_some_and(|t| t.len() > MAX_TOPIC_LEN))
@@ -69,9 +80,22 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal>
     }
     match cmd {
         Command {
+            presence: Some(topic),
+            subscribe: None,
+            unsubscribe: None,
+            publish: None,
+            data: None,
+        } => {
+            // The answer comes once the other workers (or Redis) have said.
+            if !ctx.ask_presence(conn, &topic) {
+                return Err(Refusal::NoPresence(topic));
+            }
+        }
+        Command {
             subscribe: Some(topic),
             unsubscribe: None,
             publish: None,
+            presence: None,
             data: None,
         } => {
             if !ctx.may_subscribe(conn, &topic) {
@@ -81,13 +105,16 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal>
             if held.len() >= MAX_TOPICS && !held.contains(&topic) {
                 return Err(Refusal::TooManyTopics);
             }
-            ctx.subscribe(conn, &topic);
+            // The answer before the subscription, so it comes before the client's own join
+            // event (with presence_events).
             reply(ctx, conn, json!({ "subscribed": topic }));
+            ctx.subscribe(conn, &topic);
         }
         Command {
             subscribe: None,
             unsubscribe: Some(topic),
             publish: None,
+            presence: None,
             data: None,
         } => {
             ctx.unsubscribe(conn, &topic);
@@ -97,6 +124,7 @@ fn handle(ctx: &mut Context, conn: ConnId, msg: &Message) -> Result<(), Refusal>
             subscribe: None,
             unsubscribe: None,
             publish: Some(topic),
+            presence: None,
             data: Some(data),
         } => {
             // Written by hand so `topic` comes first, as documented (serde_json sorts keys).

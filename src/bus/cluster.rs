@@ -35,6 +35,7 @@
 //! saw it first, and its end once. While the link is not up, messages for Redis are dropped and
 //! counted; the local mesh carries on unaffected.
 
+use super::directory::{self, Kind, Record};
 use super::wire::{self, BusMessage, Origin};
 use crate::backoff::Backoff;
 use crate::config::RedisUrl;
@@ -244,7 +245,34 @@ struct Shared {
     channels: String,
 }
 
+/// What became of a message for the loop.
+enum HandedOver {
+    Yes,
+    /// The loop is not keeping up: its queue (or its byte budget) is full.
+    Full,
+    LoopGone,
+}
+
 impl Shared {
+    /// Queues `item` for the loop and wakes it, if it is not woken already.
+    fn hand_over(&self, to: &SyncSender<Received>, waker: &Waker, item: Received) -> HandedOver {
+        let n = item.2;
+        if !self.in_bytes.take(n) {
+            return HandedOver::Full;
+        }
+        if let Err(e) = to.try_send(item) {
+            self.in_bytes.give_back(n);
+            return match e {
+                TrySendError::Disconnected(_) => HandedOver::LoopGone,
+                TrySendError::Full(_) => HandedOver::Full,
+            };
+        }
+        if !self.pending.swap(true, Ordering::SeqCst) {
+            let _ = waker.wake();
+        }
+        HandedOver::Yes
+    }
+
     fn failed(&self, side: Side, e: &RedisError) {
         if self.link.fail() {
             log::warn!("bus: redis unavailable at {}: {e}; retrying", self.url);
@@ -283,10 +311,15 @@ impl Budget {
     }
 }
 
-/// One encoded message on its way to Redis.
-struct Outgoing {
-    to: Target,
-    bytes: Vec<u8>,
+/// What the loop hands the publisher thread.
+enum Outgoing {
+    /// An encoded bus message for a channel.
+    Publish { to: Target, bytes: Vec<u8> },
+    /// A change to the worker's presence and user records (`directory`).
+    Record(Record),
+    /// A question for the records: every live worker's entries for a topic or user. The
+    /// answer comes back to the loop as a [`BusMessage::Answer`] to `id`.
+    Lookup { id: u32, kind: Kind, name: String },
 }
 
 /// A message from another host for the loop, and its size on the wire.
@@ -313,7 +346,7 @@ impl Cluster {
     ) -> std::io::Result<Cluster> {
         let client = Client::open(settings.url.0.as_str())
             .map_err(|e| std::io::Error::other(format!("bus address: {e}")))?;
-        let waker = Waker::new(registry, token)?;
+        let waker = Arc::new(Waker::new(registry, token)?);
         let channels = vec![
             channel_all(&settings.group),
             channel_of(&settings.group, origin.host, origin.slot),
@@ -340,14 +373,17 @@ impl Cluster {
             interest: interest_rx,
             host: origin.host,
             shared: shared.clone(),
-            to_loop: in_tx,
-            waker,
+            to_loop: in_tx.clone(),
+            waker: waker.clone(),
         };
         let publisher = Publisher {
             client,
             group: settings.group,
+            origin,
             shared: shared.clone(),
             from_loop: out_rx,
+            to_loop: in_tx,
+            waker,
         };
         std::thread::Builder::new()
             .name("bus-subscriber".into())
@@ -376,13 +412,31 @@ impl Cluster {
         if !self.shared.link.is_up() || !self.shared.out_bytes.take(n) {
             return false;
         }
-        match self.out.try_send(Outgoing { to, bytes }) {
+        match self.out.try_send(Outgoing::Publish { to, bytes }) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.shared.out_bytes.give_back(n);
                 false
             }
         }
+    }
+
+    /// Queues a change to the worker's records. False when it is dropped (the link is not
+    /// up, or the publisher is that far behind): the worker writes everything again once the
+    /// link is back.
+    pub fn record(&self, rec: Record) -> bool {
+        self.shared.link.is_up() && self.out.try_send(Outgoing::Record(rec)).is_ok()
+    }
+
+    /// Asks the records for a topic's or user's entries, cluster-wide; the answer comes back
+    /// as an `Answer` to `id`. False when it cannot be asked now (the link is not up).
+    pub fn lookup(&self, id: u32, kind: Kind, name: &str) -> bool {
+        let ask = Outgoing::Lookup {
+            id,
+            kind,
+            name: name.to_string(),
+        };
+        self.shared.link.is_up() && self.out.try_send(ask).is_ok()
     }
 
     /// Every message the subscriber has handed over since the loop was last woken.
@@ -429,7 +483,7 @@ struct Subscriber {
     host: u64,
     shared: Arc<Shared>,
     to_loop: SyncSender<Received>,
-    waker: Waker,
+    waker: Arc<Waker>,
 }
 
 /// Why the subscriber's connection ended.
@@ -569,34 +623,30 @@ impl Subscriber {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             log::debug!("bus: the worker is not keeping up with redis; a message is dropped");
         };
-        if !self.shared.in_bytes.take(n) {
-            behind();
-            return true;
-        }
-        match self.to_loop.try_send((origin, msg, n)) {
-            Ok(()) => {}
-            Err(e) => {
-                self.shared.in_bytes.give_back(n);
-                if matches!(e, TrySendError::Disconnected(_)) {
-                    return false;
-                }
+        match self
+            .shared
+            .hand_over(&self.to_loop, &self.waker, (origin, msg, n))
+        {
+            HandedOver::Yes => true,
+            HandedOver::LoopGone => false,
+            HandedOver::Full => {
                 behind();
-                return true;
+                true
             }
         }
-        if !self.shared.pending.swap(true, Ordering::SeqCst) {
-            let _ = self.waker.wake();
-        }
-        true
     }
 }
 
-/// The thread that publishes what the loop queues.
+/// The thread that publishes what the loop queues, and writes and reads its records.
 struct Publisher {
     client: Client,
     group: String,
+    origin: Origin,
     shared: Arc<Shared>,
     from_loop: Receiver<Outgoing>,
+    /// For the answers to lookups.
+    to_loop: SyncSender<Received>,
+    waker: Arc<Waker>,
 }
 
 impl Publisher {
@@ -631,14 +681,24 @@ impl Publisher {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            let n = batch.len() as u64;
-            let bytes: usize = batch.iter().map(|m| m.bytes.len()).sum();
+            let n = batch
+                .iter()
+                .filter(|m| matches!(m, Outgoing::Publish { .. }))
+                .count() as u64;
+            let bytes: usize = batch
+                .iter()
+                .map(|m| match m {
+                    Outgoing::Publish { bytes, .. } => bytes.len(),
+                    _ => 0,
+                })
+                .sum();
             self.shared.out_bytes.give_back(bytes);
             let usable = con
                 .as_mut()
                 .filter(|_| !self.shared.link.needs(Side::Publisher));
             let Some(c) = usable else {
                 self.shared.dropped.fetch_add(n, Ordering::Relaxed);
+                self.answer_lookups(&batch, None);
                 continue;
             };
             let result = self.publish(c, &batch).or_else(|e| {
@@ -655,13 +715,38 @@ impl Publisher {
                 Ok(unheard) => {
                     self.shared.sent.fetch_add(n - unheard, Ordering::Relaxed);
                     self.shared.dropped.fetch_add(unheard, Ordering::Relaxed);
+                    self.answer_lookups(&batch, con.as_mut());
                 }
                 Err(e) => {
                     self.shared.dropped.fetch_add(n, Ordering::Relaxed);
                     con = None;
                     self.shared.failed(Side::Publisher, &e);
                     retry_at = Instant::now() + backoff.next_delay();
+                    self.answer_lookups(&batch, None);
                 }
+            }
+        }
+    }
+
+    /// Reads the records each lookup of the batch asks for, and hands the loop the answer:
+    /// the entries as a JSON list, or `{"error": ...}` when Redis cannot say (`con` none).
+    fn answer_lookups(&self, batch: &[Outgoing], mut con: Option<&mut Connection>) {
+        for m in batch {
+            let Outgoing::Lookup { id, kind, name } = m else {
+                continue;
+            };
+            let answer = match con.as_deref_mut() {
+                Some(c) => match directory::read(c, &self.group, *kind, name) {
+                    Ok(entries) => entries_json(entries),
+                    Err(e) => serde_json::json!({ "error": format!("redis: {e}") }),
+                },
+                None => serde_json::json!({ "error": "redis unavailable" }),
+            };
+            let body = bytes::Bytes::from(answer.to_string());
+            let n = body.len();
+            let item = (self.origin, BusMessage::Answer(*id, body), n);
+            if let HandedOver::Full = self.shared.hand_over(&self.to_loop, &self.waker, item) {
+                log::debug!("bus: the worker is not keeping up; a lookup's answer is dropped");
             }
         }
     }
@@ -682,22 +767,50 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes a batch in one round trip. Returns how many messages for one worker found
-    /// nobody listening (its host or worker has gone): those count as dropped.
+    /// Publishes a batch, and writes its records, in one round trip. Returns how many
+    /// messages for one worker found nobody listening (its host or worker has gone): those
+    /// count as dropped.
     fn publish(&self, con: &mut Connection, batch: &[Outgoing]) -> redis::RedisResult<u64> {
+        if batch.iter().all(|m| matches!(m, Outgoing::Lookup { .. })) {
+            return Ok(0); // Nothing to write: an empty pipeline is an error to Redis.
+        }
         let mut pipe = redis::pipe();
+        let mut to_one = Vec::new();
         for m in batch {
-            pipe.cmd("PUBLISH")
-                .arg(m.to.channel(&self.group))
-                .arg(&m.bytes[..]);
+            match m {
+                Outgoing::Publish { to, bytes } => {
+                    pipe.cmd("PUBLISH")
+                        .arg(to.channel(&self.group))
+                        .arg(&bytes[..]);
+                    to_one.push(matches!(to, Target::Worker { .. }));
+                }
+                Outgoing::Record(rec) => directory::write(&mut pipe, &self.group, self.origin, rec),
+                Outgoing::Lookup { .. } => {}
+            }
         }
         let listeners: Vec<i64> = pipe.query(con)?;
-        Ok(batch
+        Ok(to_one
             .iter()
             .zip(listeners)
-            .filter(|(m, n)| matches!(m.to, Target::Worker { .. }) && *n == 0)
+            .filter(|(one, n)| **one && *n == 0)
             .count() as u64)
     }
+}
+
+/// Directory entries as presence shows them: `[{"conn": id, ...the entry's fields}]`.
+fn entries_json(entries: Vec<(String, String)>) -> serde_json::Value {
+    let rows = entries
+        .into_iter()
+        .map(|(conn, value)| {
+            let mut row = match serde_json::from_str::<serde_json::Value>(&value) {
+                Ok(serde_json::Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            };
+            row.insert("conn".into(), conn.into());
+            serde_json::Value::Object(row)
+        })
+        .collect();
+    serde_json::Value::Array(rows)
 }
 
 #[cfg(test)]

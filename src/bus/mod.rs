@@ -10,6 +10,7 @@
 
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod directory;
 pub mod mesh;
 pub mod wire;
 
@@ -267,6 +268,27 @@ impl Bus {
             };
             self.send_remote(to, bytes);
         }
+    }
+
+    /// Queues a change to this worker's presence and user records in Redis, with a cluster
+    /// bus (without one, presence is asked of the host's workers instead).
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub fn record(&mut self, rec: directory::Record) {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(c) = &self.remote {
+            c.record(rec);
+        }
+    }
+
+    /// Asks Redis for every live worker's entries for a topic or user; the answer comes as an
+    /// `Answer` to `id`. False without a cluster bus, or while Redis is unreachable.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub fn lookup(&mut self, id: u32, kind: directory::Kind, name: &str) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(c) = &self.remote {
+            return c.lookup(id, kind, name);
+        }
+        false
     }
 
     /// This worker now has subscribers to `topic` (`true`), or has none left: with a cluster

@@ -183,6 +183,9 @@ pub enum GroupProblem {
     /// A token key or cookie without `auth = "jwt"`.
     #[error("jwt_hs256_secret, jwt_public_key and token_cookie need auth = \"jwt\"")]
     JwtWithoutAuth,
+    /// `presence_events` without `presence`.
+    #[error("presence_events = true needs presence (true, or topic patterns)")]
+    EventsWithoutPresence,
     /// `auth = "jwt"` in a build without it.
     #[error("this wsd was built without the jwt feature: it cannot check tokens")]
     NoJwt,

@@ -151,6 +151,58 @@ pub struct GroupConfig {
     #[cfg(feature = "jwt")]
     #[serde(skip)]
     pub jwt: Option<crate::auth::Verifier>,
+    // presence
+    /// Which topics keep presence (who is subscribed, shown by the API and to subscribers
+    /// that ask): `false`, `true` (every topic), or a pattern or list of patterns
+    /// (`"room/*"`). With `[server] bus` it is kept in Redis for the whole cluster.
+    #[serde(default, deserialize_with = "presence")]
+    pub presence: Presence,
+    /// Subscribers of a presence topic get `{"event": "join"|"leave", ...}` messages when a
+    /// client subscribes or leaves.
+    #[serde(default)]
+    pub presence_events: bool,
+}
+
+/// Which topics keep presence.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Presence {
+    /// None.
+    #[default]
+    Off,
+    /// Every topic.
+    All,
+    /// Topics that are one of these, or start with one ending in `*`.
+    Topics(Vec<String>),
+}
+
+impl Presence {
+    /// Whether `topic` keeps presence.
+    pub fn covers(&self, topic: &str) -> bool {
+        match self {
+            Presence::Off => false,
+            Presence::All => true,
+            Presence::Topics(ps) => ps.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => p == topic,
+            }),
+        }
+    }
+}
+
+fn presence<'de, D: Deserializer<'de>>(d: D) -> Result<Presence, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Flag(bool),
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Written::deserialize(d)? {
+        Written::Flag(false) => Presence::Off,
+        Written::Flag(true) => Presence::All,
+        Written::One(p) => Presence::Topics(vec![p]),
+        Written::Many(ps) => Presence::Topics(ps),
+    })
 }
 
 /// Whether a group's clients must present a signed token.
@@ -267,6 +319,8 @@ impl GroupConfig {
             token_cookie: None,
             #[cfg(feature = "jwt")]
             jwt: None,
+            presence: Presence::Off,
+            presence_events: false,
         }
     }
 
@@ -385,6 +439,9 @@ impl GroupConfig {
         #[cfg(not(feature = "jwt"))]
         if self.auth == Auth::Jwt {
             return Err(GroupProblem::NoJwt);
+        }
+        if self.presence_events && self.presence == Presence::Off {
+            return Err(GroupProblem::EventsWithoutPresence);
         }
         Ok(())
     }

@@ -4,8 +4,7 @@
 //! bus, as hooks' calls are: this worker's clients at once, the other workers of the host
 //! over the mesh, other hosts through Redis. What the answer needs from the host's other
 //! workers (how many they reached, who is there, their counters) is asked of them
-//! (`asking.rs`) and gathered; the answer goes out when all have said, or after
-//! [`GATHER_TIMEOUT`] with what came and how many workers did not answer.
+//! (`asking.rs`), or of Redis for the whole cluster, and gathered (`gather.rs`).
 //!
 //! Nothing a client does here can hold the worker: every request is bounded in size and in
 //! time (`request_timeout`, from its first byte), and an idle keep-alive connection is closed
@@ -13,24 +12,23 @@
 
 use super::asking::Question;
 use super::event_loop::Loop;
+use super::gather::{Compose, Outcome, ReplyTo};
 use crate::api::call::{self, ApiError, Call, Target};
 use crate::api::http::{self, Method, Response};
 use crate::bus::GlobalId;
+use crate::bus::directory::Kind;
 use crate::config::ApiConfig;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use serde_json::{Value, json};
 use slab::Slab;
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The API's listening socket.
 pub(super) const API_LISTENER: Token = Token(4);
 /// Tokens of API connections: `API_BASE + index`, between WebSocket connections and the bus.
 pub(super) const API_BASE: usize = 1 << 39;
-/// How long an answer waits for the host's other workers.
-pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes read from an API connection per call.
 const READ_CHUNK: usize = 16 << 10;
 
@@ -62,40 +60,13 @@ struct ApiConn {
     deadline: Instant,
 }
 
-/// How a gathered answer is put together.
-enum Compose {
-    /// `{key: N}` (`delivered`, `disconnected`): this worker's count plus each answer's (a
-    /// number, or `true` for one).
-    Count(&'static str, usize),
-    /// `{"topic", "subscribers": [...]}`: this worker's rows plus each answer's.
-    Presence(String, Vec<Value>),
-    /// `{"workers": [...]}`: this worker's counters plus each answer.
-    Stats(Value),
-    /// 200 if this worker and every answer serve, else 503.
-    Health(bool),
-}
-
-/// An answer waiting for the other workers.
-struct Gathering {
-    conn: (usize, u32),
-    endpoint: &'static str,
-    wanted: usize,
-    answers: Vec<Value>,
-    deadline: Instant,
-    compose: Compose,
-    keep_alive: bool,
-    head_only: bool,
-}
-
-/// The worker's API: its listener, connections, and the answers it is gathering.
+/// The worker's API: its listener and connections.
 pub(super) struct Api {
     listener: Option<TcpListener>,
     config: ApiConfig,
     /// The group the API serves: this worker's.
     served: String,
     conns: Slab<ApiConn>,
-    gathering: HashMap<u32, Gathering>,
-    next_ask: u32,
     next_serial: u32,
     /// At `max_connections`: accepting waits until one closes.
     full: bool,
@@ -111,16 +82,9 @@ impl Api {
             config: socket.config,
             served: served.to_string(),
             conns: Slab::new(),
-            gathering: HashMap::new(),
-            next_ask: 0,
             next_serial: 0,
             full: false,
         })
-    }
-
-    /// The earliest deadline of an answer being gathered.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.gathering.values().map(|g| g.deadline).min()
     }
 
     /// Stops accepting for good (the worker is stopping); open connections finish their
@@ -130,23 +94,6 @@ impl Api {
             let _ = registry.deregister(&mut l);
         }
     }
-
-    fn ask_id(&mut self) -> u32 {
-        self.next_ask = self.next_ask.wrapping_add(1).max(1);
-        self.next_ask
-    }
-}
-
-/// What carrying out a call gives: the answer now, or a question for the other workers and
-/// how to put their answers together.
-enum Outcome {
-    Now(Response),
-    Ask {
-        question: Question,
-        /// Only this slot of the host, not every worker.
-        slot: Option<u16>,
-        compose: Compose,
-    },
 }
 
 impl Loop {
@@ -282,35 +229,17 @@ impl Loop {
         };
         match self.api_carry_out(call) {
             Outcome::Now(r) => self.api_respond(idx, endpoint, &r, keep_alive, head_only),
-            Outcome::Ask {
-                question,
-                slot,
-                compose,
-            } => {
-                let api = self.api.as_mut().expect("serving the API");
-                let id = api.ask_id();
-                let msg = question.ask(id);
-                let wanted = match slot {
-                    Some(s) => usize::from(self.ctx.bus.send_to_slot(s as usize, &msg)),
-                    None => self.ctx.bus.send_to_peers(&msg),
-                };
+            outcome => {
                 let api = self.api.as_mut().expect("serving the API");
                 let serial = api.conns[idx].serial;
                 api.conns[idx].phase = Phase::Waiting;
-                let g = Gathering {
+                let reply_to = ReplyTo::Api {
                     conn: (idx, serial),
                     endpoint,
-                    wanted,
-                    answers: Vec::with_capacity(wanted),
-                    deadline: Instant::now() + GATHER_TIMEOUT,
-                    compose,
                     keep_alive,
                     head_only,
                 };
-                if wanted == 0 {
-                    return self.api_gathered(g);
-                }
-                api.gathering.insert(id, g);
+                self.ask_for(outcome, reply_to);
             }
         }
     }
@@ -368,14 +297,28 @@ impl Loop {
                 code,
                 reason,
             } => self.api_disconnect(target, code, reason),
-            Call::Presence(topic) => {
-                let Value::Array(rows) = self.answer(&Question::Presence(topic.clone())) else {
-                    unreachable!("presence answers a list")
+            Call::Presence(topic) => self.presence_outcome(topic),
+            Call::User(user) => {
+                let Value::Array(rows) = self.answer(&Question::UserConns(user.clone())) else {
+                    unreachable!("a user's connections are a list")
                 };
-                ask(
-                    Question::Presence(topic.clone()),
-                    Compose::Presence(topic, rows),
-                )
+                Outcome::Lookup {
+                    kind: Kind::User,
+                    name: user.clone(),
+                    compose: Compose::User {
+                        user: user.clone(),
+                        rows: Vec::new(),
+                        cluster: true,
+                    },
+                    host: (
+                        Question::UserConns(user.clone()),
+                        Compose::User {
+                            user,
+                            rows,
+                            cluster: false,
+                        },
+                    ),
+                }
             }
             Call::Stats => {
                 let local = self.answer(&Question::Stats);
@@ -434,91 +377,25 @@ impl Loop {
         }
     }
 
-    /// An answer from another worker to question `id`.
-    pub(super) fn api_answer(&mut self, id: u32, body: &[u8]) {
-        let Some(api) = self.api.as_mut() else { return };
-        let Some(g) = api.gathering.get_mut(&id) else {
-            return; // Late: its request was answered without it.
+    /// A gathered answer for API connection `conn`, if it is still there.
+    pub(super) fn api_gathered(
+        &mut self,
+        (idx, serial): (usize, u32),
+        endpoint: &'static str,
+        status: u16,
+        body: &Value,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        let Some(c) = self.api.as_mut().and_then(|a| a.conns.get_mut(idx)) else {
+            return;
         };
-        g.answers
-            .push(serde_json::from_slice(body).unwrap_or(Value::Null));
-        if g.answers.len() >= g.wanted {
-            let g = api.gathering.remove(&id).expect("found above");
-            self.api_gathered(g);
-        }
-    }
-
-    /// Answers a gathered request with what came.
-    fn api_gathered(&mut self, g: Gathering) {
-        let missing = g.wanted.saturating_sub(g.answers.len());
-        let (status, mut body) = match g.compose {
-            Compose::Count(key, local) => {
-                let total = local as u64
-                    + g.answers
-                        .iter()
-                        .map(|a| a.as_u64().unwrap_or(u64::from(a.as_bool() == Some(true))))
-                        .sum::<u64>();
-                (200, json!({ key: total }))
-            }
-            Compose::Presence(topic, mut rows) => {
-                for a in g.answers {
-                    if let Value::Array(more) = a {
-                        rows.extend(more);
-                    }
-                }
-                let users: std::collections::BTreeSet<&str> =
-                    rows.iter().filter_map(|r| r["user"].as_str()).collect();
-                let body = json!({
-                    "topic": topic,
-                    "count": rows.len(),
-                    "users": users,
-                    "subscribers": rows,
-                });
-                (200, body)
-            }
-            Compose::Stats(local) => {
-                let mut workers = vec![local];
-                workers.extend(g.answers);
-                workers.sort_by_key(|w| w["worker"].as_u64());
-                let sum = |k: &str| workers.iter().filter_map(|w| w[k].as_u64()).sum::<u64>();
-                let body = json!({
-                    "group": self.api.as_ref().map(|a| a.served.clone()),
-                    "host": format!("{:016x}", self.ctx.bus.origin.host),
-                    "connections": sum("connections"),
-                    "messages_in": sum("messages_in"),
-                    "messages_out": sum("messages_out"),
-                    "workers": workers,
-                });
-                (200, body)
-            }
-            Compose::Health(serving) => {
-                let all = serving
-                    && missing == 0
-                    && g.answers.iter().all(|a| a["serving"] == Value::Bool(true));
-                let workers = 1 + g.answers.len();
-                if all {
-                    (200, json!({ "status": "ok", "workers": workers }))
-                } else {
-                    (503, json!({ "status": "unavailable", "workers": workers }))
-                }
-            }
-        };
-        if missing > 0 {
-            body["unanswered_workers"] = missing.into();
-        }
-        let (idx, serial) = g.conn;
-        let live = self
-            .api
-            .as_ref()
-            .and_then(|a| a.conns.get(idx))
-            .is_some_and(|c| c.serial == serial);
-        if !live {
+        if c.serial != serial {
             return;
         }
-        let api = self.api.as_mut().expect("checked above");
-        api.conns[idx].phase = Phase::Reading;
-        let r = Response::json(status, &body);
-        self.api_respond(idx, g.endpoint, &r, g.keep_alive, g.head_only);
+        c.phase = Phase::Reading;
+        let r = Response::json(status, body);
+        self.api_respond(idx, endpoint, &r, keep_alive, head_only);
         self.api_read(idx);
     }
 
@@ -568,22 +445,9 @@ impl Loop {
         false
     }
 
-    /// Once a second, and when an answer's deadline comes: requests past `request_timeout`
-    /// get 408 (idle keep-alive connections are closed quietly), and answers whose workers
-    /// did not all reply go out with what came.
+    /// Once a second: requests past `request_timeout` get 408, and idle keep-alive
+    /// connections past it are closed quietly.
     pub(super) fn api_sweep(&mut self, now: Instant) {
-        let Some(api) = self.api.as_mut() else { return };
-        let late: Vec<u32> = api
-            .gathering
-            .iter()
-            .filter(|(_, g)| g.deadline <= now)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in late {
-            if let Some(g) = self.api.as_mut().and_then(|a| a.gathering.remove(&id)) {
-                self.api_gathered(g);
-            }
-        }
         let Some(api) = self.api.as_mut() else { return };
         let overdue: Vec<(usize, bool)> = api
             .conns

@@ -22,8 +22,10 @@ pub(crate) enum Question {
     Subscribers(Vec<String>),
     /// The open connections here.
     Connections,
-    /// The connections of a user here.
+    /// The number of connections of a user here.
     UserConnections(String),
+    /// The connections of a user here: `[{"conn": id}]`.
+    UserConns(String),
     /// Whether a connection (index, serial) is still open, after what was sent before.
     IsOpen(u32, u32),
     /// The subscribers of a topic here: connection ids and users.
@@ -82,6 +84,11 @@ impl Loop {
                 .into(),
             Question::Connections => ctx.connection_count().into(),
             Question::UserConnections(uid) => ctx.users.members(uid).len().into(),
+            Question::UserConns(uid) => {
+                let ids = ctx.users.members(uid);
+                let rows = ids.into_iter().filter_map(|id| ctx.global_id(id));
+                Value::Array(rows.map(|g| json!({ "conn": g.to_string() })).collect())
+            }
             Question::IsOpen(idx, serial) => ctx
                 .is_open(ConnId {
                     idx: *idx,

@@ -46,7 +46,7 @@ impl Loop {
                 self.ctx.send_to_user_local(&uid, m);
             }
             BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
-            BusMessage::Answer(id, answer) => self.api_answer(id, &answer),
+            BusMessage::Answer(id, answer) => self.on_answer(id, &answer),
             BusMessage::App(data) => {
                 let Some(f) = self.hooks.on_bus_message.as_mut() else {
                     return;

@@ -57,6 +57,10 @@ pub struct Context {
     /// Which user each connection is bound to: a user is the set of its connections, the same
     /// table as a topic's subscribers.
     pub(crate) users: Topics,
+    /// Which topics keep presence, and whether joins and leaves are announced.
+    pub(crate) presence: super::presence::PresencePolicy,
+    /// Subscribers' "who is here?" questions from this turn's hooks (`ask_presence`).
+    pub(crate) presence_asks: Vec<(ConnId, String)>,
     /// The group's `subprotocols`, which connections name by place ([`Agreed`]).
     pub(crate) subprotocols: Vec<String>,
     /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
@@ -94,6 +98,11 @@ impl Context {
             bus,
             topics: Topics::default(),
             users: Topics::default(),
+            presence: super::presence::PresencePolicy {
+                topics: settings.presence.clone(),
+                events: settings.presence_events,
+            },
+            presence_asks: Vec::new(),
             subprotocols: settings.subprotocols.clone(),
             leaving: None,
             // permessage-deflate

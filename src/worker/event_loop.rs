@@ -22,6 +22,7 @@ use super::conn::{Conn, Flushed, Received};
 use super::context::{BufferNotice, Leaving};
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
+use super::gather::Gatherings;
 use super::hooks::{Hook, WorkerHook};
 use super::moment::Moment;
 use super::read_buffers::ReadBuffers;
@@ -94,6 +95,10 @@ pub(super) struct Loop {
     pub(super) stopping: Stopping,
     /// The backend API, if this worker's group serves it (`[api]`).
     pub(super) api: Option<Api>,
+    /// Answers waiting for other workers or Redis.
+    pub(super) gatherings: Gatherings,
+    /// When this worker's presence and user records are refreshed in Redis next.
+    pub(super) refresh: super::presence::Refresh,
     next_tick: Instant,
     /// When this turn's poll returned: input is stamped with it, where a clock read per read
     /// would cost a vDSO call per message.
@@ -189,6 +194,8 @@ impl Loop {
             bus_again: Vec::new(),
             stopping: Stopping::No,
             api,
+            gatherings: Gatherings::default(),
+            refresh: Default::default(),
             next_tick: Instant::now() + TICK,
             turn_start: Moment::at(Instant::now()),
             handshaking: HashMap::new(),
@@ -257,6 +264,7 @@ impl Loop {
         self.again_spare = recycle(again);
         self.run_timers();
         self.deliver_notices();
+        self.answer_presence_asks();
         self.close_due();
         self.reap();
         self.flush_dirty();
@@ -267,13 +275,8 @@ impl Loop {
             self.sweep(now);
             self.report();
         }
-        if self
-            .api
-            .as_ref()
-            .and_then(Api::next_deadline)
-            .is_some_and(|at| now >= at)
-        {
-            self.api_sweep(now);
+        if self.gatherings.next_deadline().is_some_and(|at| now >= at) {
+            self.gather_sweep(now);
         }
         if self.accepting.retry_at().is_some_and(|at| now >= at) {
             self.accept();
@@ -290,6 +293,7 @@ impl Loop {
             || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
+            || !self.ctx.presence_asks.is_empty()
     }
 
     /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
@@ -302,7 +306,7 @@ impl Loop {
             self.ctx.timers.next_deadline(),
             self.accepting.retry_at(),
             self.stopping.next_due(),
-            self.api.as_ref().and_then(Api::next_deadline),
+            self.gatherings.next_deadline(),
         ];
         let until = deadlines
             .into_iter()
@@ -704,8 +708,7 @@ impl Loop {
                     });
                     drop(conn);
                     self.call_hook(id, Hook::Close);
-                    self.ctx.forget_topics(id);
-                    self.ctx.users.forget(id);
+                    self.ctx.forget_conn(id);
                     self.forget_leaving();
                 }
             }

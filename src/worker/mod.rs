@@ -19,11 +19,13 @@ mod event_loop;
 mod flush;
 #[doc(hidden)]
 pub mod fuzz;
+mod gather;
 mod hooks;
 // Its clients read the server with the load generator's wire reader.
 #[cfg(all(test, feature = "bench"))]
 mod loop_tests;
 mod moment;
+mod presence;
 mod reach;
 mod read_buffers;
 mod static_files;

@@ -56,6 +56,9 @@ impl Context {
         if added && self.topics.count(topic) == 1 {
             self.bus.interest(topic, true);
         }
+        if added {
+            self.presence_join(conn, topic);
+        }
         added
     }
 
@@ -65,14 +68,27 @@ impl Context {
         if removed && self.topics.count(topic) == 0 {
             self.bus.interest(topic, false);
         }
+        if removed {
+            self.presence_leave(conn, topic);
+        }
         removed
     }
 
-    /// Drops the subscriptions of a connection that has gone.
-    pub(crate) fn forget_topics(&mut self, conn: ConnId) {
+    /// Drops the subscriptions and the user of a connection that has gone (while what it
+    /// carried is still readable: presence shows its user and info in the leave).
+    pub(crate) fn forget_conn(&mut self, conn: ConnId) {
+        if self.presence.topics != crate::config::Presence::Off {
+            for topic in self.topics.of(conn).to_vec() {
+                self.presence_leave(conn, &topic);
+            }
+        }
         for topic in self.topics.forget(conn) {
             self.bus.interest(&topic, false);
         }
+        if let Some(user) = self.user_of(conn).map(str::to_string) {
+            self.record_user(conn, &user, false);
+        }
+        self.users.forget(conn);
     }
 
     /// The topics `conn` is subscribed to.
@@ -97,8 +113,13 @@ impl Context {
         }
         if let Some(old) = self.users.of(conn).first().cloned() {
             self.users.unsubscribe(conn, &old);
+            self.record_user(conn, &old, false);
         }
-        self.users.subscribe(conn, uid)
+        let bound = self.users.subscribe(conn, uid);
+        if bound {
+            self.record_user(conn, uid, true);
+        }
+        bound
     }
 
     /// The user `conn` is bound to.

@@ -60,6 +60,7 @@ impl Loop {
             }
         }
         self.expire_tokens(super::tokens::unix_now());
+        self.refresh_records(now);
         self.reap();
         self.inbox.trim();
         self.api_sweep(now);

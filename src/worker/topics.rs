@@ -67,12 +67,16 @@ impl Topics {
         emptied
     }
 
+    /// The topics with subscribers here.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.members.keys()
+    }
+
     /// How many topics have subscribers here.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.members.len()
     }
-
 
     /// How many of this worker's connections are in `topic`.
     pub fn count(&self, topic: &str) -> usize {

@@ -1,0 +1,299 @@
+//! Answers that need what other workers know: a question goes to the host's other workers
+//! (`asking.rs`) or to Redis (`bus::directory`), and the answers are gathered here until all
+//! have come or [`GATHER_TIMEOUT`] passes, then put together and sent to whoever asked: a
+//! backend's API request, or a client that asked who is on a topic.
+
+use super::asking::Question;
+use super::event_loop::Loop;
+use crate::ConnId;
+use crate::api::http::Response;
+use crate::bus::directory::Kind;
+use serde_json::{Value, json};
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// How long an answer waits for the other workers (or Redis).
+pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who gets the answer.
+pub(super) enum ReplyTo {
+    /// An API connection (index, serial) and how it asked.
+    Api {
+        conn: (usize, u32),
+        endpoint: &'static str,
+        keep_alive: bool,
+        head_only: bool,
+    },
+    /// A WebSocket client, as a text message.
+    Client(ConnId),
+}
+
+/// How the answers are put together.
+pub(super) enum Compose {
+    /// `{key: N}` (`delivered`, `disconnected`): this worker's count plus each answer's (a
+    /// number, or `true` for one).
+    Count(&'static str, usize),
+    /// `{"topic", "scope", "count", "users", "subscribers": [...]}`: the rows given plus each
+    /// answer's. `cluster`: the answer is Redis's, for every host.
+    Presence {
+        topic: String,
+        rows: Vec<Value>,
+        cluster: bool,
+    },
+    /// `{"user", "scope", "online", "connections": [...]}`, as presence.
+    User {
+        user: String,
+        rows: Vec<Value>,
+        cluster: bool,
+    },
+    /// `{"workers": [...]}`: this worker's counters plus each answer.
+    Stats(Value),
+    /// 200 if this worker and every answer serve, else 503.
+    Health(bool),
+}
+
+/// What carrying out a call gives: the answer now, or a question for the other workers (or
+/// for Redis) and how to put their answers together.
+pub(super) enum Outcome {
+    Now(Response),
+    Ask {
+        question: Question,
+        /// Only this slot of the host, not every worker.
+        slot: Option<u16>,
+        compose: Compose,
+    },
+    /// Redis's records for a topic or user, cluster-wide; the host's workers when Redis cannot
+    /// be asked (`host` says what to ask them, and how to put that together).
+    Lookup {
+        kind: Kind,
+        name: String,
+        compose: Compose,
+        host: (Question, Compose),
+    },
+}
+
+/// An answer waiting for others.
+pub(super) struct Gathering {
+    pub reply_to: ReplyTo,
+    pub wanted: usize,
+    pub answers: Vec<Value>,
+    pub deadline: Instant,
+    pub compose: Compose,
+}
+
+/// The answers being gathered, by question id.
+#[derive(Default)]
+pub(super) struct Gatherings {
+    waiting: HashMap<u32, Gathering>,
+    next_id: u32,
+}
+
+impl Gatherings {
+    /// A fresh question id (never 0: that means "no answer wanted").
+    pub fn id(&mut self) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+
+    pub fn wait(&mut self, id: u32, g: Gathering) {
+        self.waiting.insert(id, g);
+    }
+
+    /// An answer to `id`; the gathering if it is now complete.
+    pub fn answer(&mut self, id: u32, answer: Value) -> Option<Gathering> {
+        let g = self.waiting.get_mut(&id)?;
+        g.answers.push(answer);
+        if g.answers.len() < g.wanted {
+            return None;
+        }
+        self.waiting.remove(&id)
+    }
+
+    /// The gatherings whose time is up.
+    pub fn overdue(&mut self, now: Instant) -> Vec<Gathering> {
+        let late: Vec<u32> = (self.waiting.iter())
+            .filter(|(_, g)| g.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        late.iter()
+            .filter_map(|id| self.waiting.remove(id))
+            .collect()
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.values().map(|g| g.deadline).min()
+    }
+}
+
+impl Loop {
+    /// Starts gathering: answers now if nothing is awaited, else when they come.
+    pub(super) fn gather(&mut self, id: u32, reply_to: ReplyTo, wanted: usize, compose: Compose) {
+        let g = Gathering {
+            reply_to,
+            wanted,
+            answers: Vec::with_capacity(wanted),
+            deadline: Instant::now() + GATHER_TIMEOUT,
+            compose,
+        };
+        if wanted == 0 {
+            return self.gathered(g);
+        }
+        self.gatherings.wait(id, g);
+    }
+
+    /// Sends the question of `outcome` and gathers the answers for `reply_to`.
+    pub(super) fn ask_for(&mut self, outcome: Outcome, reply_to: ReplyTo) {
+        let id = self.gatherings.id();
+        let (question, slot, compose) = match outcome {
+            Outcome::Now(_) => unreachable!("answered at once"),
+            Outcome::Ask {
+                question,
+                slot,
+                compose,
+            } => (question, slot, compose),
+            Outcome::Lookup {
+                kind,
+                name,
+                compose,
+                host,
+            } => {
+                if self.ctx.bus.lookup(id, kind, &name) {
+                    return self.gather(id, reply_to, 1, compose);
+                }
+                (host.0, None, host.1)
+            }
+        };
+        let msg = question.ask(id);
+        let wanted = match slot {
+            Some(s) => usize::from(self.ctx.bus.send_to_slot(s as usize, &msg)),
+            None => self.ctx.bus.send_to_peers(&msg),
+        };
+        self.gather(id, reply_to, wanted, compose);
+    }
+
+    /// An answer from another worker, or from Redis, to question `id`.
+    pub(super) fn on_answer(&mut self, id: u32, body: &[u8]) {
+        let answer = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if let Some(g) = self.gatherings.answer(id, answer) {
+            self.gathered(g);
+        }
+    }
+
+    /// Answers what is overdue with what came.
+    pub(super) fn gather_sweep(&mut self, now: Instant) {
+        for g in self.gatherings.overdue(now) {
+            self.gathered(g);
+        }
+    }
+
+    /// Puts the answers together and sends the result.
+    fn gathered(&mut self, g: Gathering) {
+        let missing = g.wanted.saturating_sub(g.answers.len());
+        let (status, mut body) = self.compose(g.compose, g.answers, missing);
+        if missing > 0 {
+            body["unanswered_workers"] = missing.into();
+        }
+        match g.reply_to {
+            ReplyTo::Api {
+                conn,
+                endpoint,
+                keep_alive,
+                head_only,
+            } => self.api_gathered(conn, endpoint, status, &body, keep_alive, head_only),
+            ReplyTo::Client(id) => {
+                // A client tells this answer from a publish by its `presence` key.
+                if let Some(topic) = body.get("topic").cloned() {
+                    body["presence"] = topic;
+                }
+                let _ = self.ctx.send(id, body.to_string());
+            }
+        }
+    }
+
+    fn compose(&self, compose: Compose, answers: Vec<Value>, missing: usize) -> (u16, Value) {
+        match compose {
+            Compose::Count(key, local) => {
+                let count = |a: &Value| a.as_u64().unwrap_or(u64::from(a.as_bool() == Some(true)));
+                let total = local as u64 + answers.iter().map(count).sum::<u64>();
+                (200, json!({ key: total }))
+            }
+            Compose::Presence {
+                topic,
+                rows,
+                cluster,
+            } => match rows_of(rows, answers) {
+                Ok(rows) => {
+                    let users: BTreeSet<&str> =
+                        rows.iter().filter_map(|r| r["user"].as_str()).collect();
+                    let body = json!({
+                        "topic": topic,
+                        "scope": if cluster { "cluster" } else { "host" },
+                        "count": rows.len(),
+                        "users": users,
+                        "subscribers": rows,
+                    });
+                    (200, body)
+                }
+                Err(why) => (503, json!({ "error": why })),
+            },
+            Compose::User {
+                user,
+                rows,
+                cluster,
+            } => match rows_of(rows, answers) {
+                Ok(rows) => {
+                    let conns: Vec<&Value> = rows.iter().map(|r| &r["conn"]).collect();
+                    let body = json!({
+                        "user": user,
+                        "scope": if cluster { "cluster" } else { "host" },
+                        "online": !conns.is_empty(),
+                        "connections": conns,
+                    });
+                    (200, body)
+                }
+                Err(why) => (503, json!({ "error": why })),
+            },
+            Compose::Stats(local) => {
+                let mut workers = vec![local];
+                workers.extend(answers);
+                workers.sort_by_key(|w| w["worker"].as_u64());
+                let sum = |k: &str| workers.iter().filter_map(|w| w[k].as_u64()).sum::<u64>();
+                let body = json!({
+                    "group": self.ctx.worker_name(),
+                    "host": format!("{:016x}", self.ctx.bus.origin.host),
+                    "connections": sum("connections"),
+                    "messages_in": sum("messages_in"),
+                    "messages_out": sum("messages_out"),
+                    "workers": workers,
+                });
+                (200, body)
+            }
+            Compose::Health(serving) => {
+                let all = serving
+                    && missing == 0
+                    && answers.iter().all(|a| a["serving"] == Value::Bool(true));
+                let workers = 1 + answers.len();
+                if all {
+                    (200, json!({ "status": "ok", "workers": workers }))
+                } else {
+                    (503, json!({ "status": "unavailable", "workers": workers }))
+                }
+            }
+        }
+    }
+}
+
+/// `rows` plus the rows of each answer (lists); an answer that is `{"error": ...}` (Redis
+/// could not say) makes the whole an error.
+fn rows_of(mut rows: Vec<Value>, answers: Vec<Value>) -> Result<Vec<Value>, String> {
+    for a in answers {
+        match a {
+            Value::Array(more) => rows.extend(more),
+            Value::Object(o) if o.contains_key("error") => {
+                return Err(format!("presence unavailable: {}", o["error"]));
+            }
+            _ => {}
+        }
+    }
+    Ok(rows)
+}
