@@ -310,30 +310,9 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// The value of `key` in a query string (`a=1&b=x%20y`), percent-decoded.
+/// The value of `key` in a query string (`a=1&b=x%20y`), decoded as a form.
 pub fn query_value(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k)? == key).then(|| percent_decode(v))?
-    })
-}
-
-/// `%XX` and `+` decoded; `None` if the result is not UTF-8 or an escape is broken.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hex = [bytes.next()?, bytes.next()?];
-                let hex = std::str::from_utf8(&hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
+    crate::proto::query::value(query?, key).map(|v| v.into_owned())
 }
 
 #[cfg(test)]
@@ -401,7 +380,10 @@ mod tests {
             query_value(Some("a=1&topic=room%2F1+x"), "topic").as_deref(),
             Some("room/1 x")
         );
-        assert_eq!(query_value(Some("topic=%zz"), "topic"), None);
+        assert_eq!(
+            query_value(Some("topic=%zz"), "topic").as_deref(),
+            Some("%zz")
+        );
         assert_eq!(query_value(None, "topic"), None);
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod deflate;
 mod error;
 pub(crate) mod frame;
 pub(crate) mod handshake;
+pub(crate) mod query;
 pub(crate) mod send_queue;
 pub(crate) mod session;
 

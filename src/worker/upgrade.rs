@@ -57,7 +57,7 @@ impl<'a> UpgradeRequest<'a> {
     /// are not UTF-8 become U+FFFD. A `%` not followed by two hex digits stays as it is, and a
     /// pair without `=` has an empty value.
     pub fn query_pairs(&self) -> impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)> + 'a {
-        query_pairs(self.query_string().unwrap_or(""))
+        crate::proto::query::pairs(self.query_string().unwrap_or(""))
     }
 
     /// The first value of query parameter `name` (decoded, as in
@@ -135,46 +135,6 @@ impl fmt::Debug for UpgradeRequest<'_> {
             .field("remote", &self.remote)
             .field("protocols", &self.protocols())
             .finish_non_exhaustive()
-    }
-}
-
-/// The query's pairs, decoded.
-fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (form_decode(name), form_decode(value))
-    })
-}
-
-/// `+` as a space and `%XX` as a byte, then UTF-8 (lossy). Borrowed when there is nothing to
-/// decode.
-fn form_decode(s: &str) -> Cow<'_, str> {
-    if !s.contains(['+', '%']) {
-        return Cow::Borrowed(s);
-    }
-    let hex = |b: u8| (b as char).to_digit(16);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes[i..] {
-            [b'%', hi, lo, ..] => hex(hi).zip(hex(lo)).map(|(h, l)| (h << 4 | l) as u8),
-            _ => None,
-        };
-        match (bytes[i], escaped) {
-            (_, Some(byte)) => {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-            (b'+', None) => out.push(b' '),
-            (other, None) => out.push(other),
-        }
-        i += 1;
-    }
-    match String::from_utf8(out) {
-        Ok(text) => Cow::Owned(text),
-        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
     }
 }
 
