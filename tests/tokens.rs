@@ -79,8 +79,16 @@ fn api(port: u16, path: &str, body: &Value) -> Value {
 #[test]
 fn a_token_is_taken_from_the_query_a_header_or_the_cookie() {
     let (server, _) = start();
-    let mut q = connect(&server, &ada(60));
+    let secret_token = ada(60);
+    let mut q = connect(&server, &secret_token);
     assert_eq!(subscribe(&mut q, "room"), json!({"subscribed": "room"}));
+    // Operators see the path without the credential.
+    let rows = wait_for("the connection listed", DEADLINE, || {
+        let out = server.wsd(&["connections"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("token=***").then_some(text)
+    });
+    assert!(!rows.contains(&secret_token), "{rows}");
     let bearer = format!("Bearer {}", ada(60));
     let (mut h, _) = Client::connect_with(server.port, "/", &[("authorization", &bearer)]).unwrap();
     assert_eq!(subscribe(&mut h, "room"), json!({"subscribed": "room"}));

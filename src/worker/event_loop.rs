@@ -575,7 +575,11 @@ impl Loop {
         answer.extensions = self.ctx.agree_deflate(idx, &request.extensions);
         let conn = &mut self.ctx.conns[idx];
         conn.session.accept(&request, &answer, &mut self.steps);
-        conn.opened(request.path, agreed, extra);
+        let path = match token {
+            Some(_) => super::tokens::redact_token(request.path),
+            None => request.path,
+        };
+        conn.opened(path, agreed, extra);
         self.ctx.counters.connections += 1;
         self.handshake_ended(id, None);
         if let Some((user, grant)) = token {

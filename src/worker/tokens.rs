@@ -44,6 +44,29 @@ pub(crate) fn topic_allowed(patterns: Option<&[String]>, topic: &str) -> bool {
     }
 }
 
+/// `path` (path and query, as sent) with the value of a `token` query parameter replaced by
+/// `***`: what a connection keeps of its request for `ctx.path` and `wsd connections`, which
+/// must not show operators the client's credentials.
+pub(crate) fn redact_token(path: String) -> String {
+    let Some((base, query)) = path.split_once('?') else {
+        return path;
+    };
+    if !query.split('&').any(|p| p.starts_with("token=")) {
+        return path;
+    }
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|p| {
+            if p.starts_with("token=") {
+                "token=***"
+            } else {
+                p
+            }
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
 /// Unix seconds now.
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -222,6 +245,17 @@ impl Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_in_the_query_are_not_kept() {
+        assert_eq!(redact_token("/?token=abc.def.ghi".into()), "/?token=***");
+        assert_eq!(
+            redact_token("/chat?room=1&token=x&y=2".into()),
+            "/chat?room=1&token=***&y=2"
+        );
+        assert_eq!(redact_token("/chat?room=1".into()), "/chat?room=1");
+        assert_eq!(redact_token("/".into()), "/");
+    }
 
     #[test]
     fn topic_patterns_and_private_topics() {
