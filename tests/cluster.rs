@@ -719,7 +719,7 @@ fn presence_and_users_span_hosts() {
     let pubsub = format!(
         "auth = \"jwt\"\njwt_hs256_secret = \"{SECRET}\"\npresence = \"room/*\"\npresence_events = true\n"
     );
-    let redis = Redis::start();
+    let mut redis = Redis::start();
     let mut hosts = [
         Host::start_with(&redis, &pubsub),
         Host::start_with(&redis, &pubsub),
