@@ -802,6 +802,17 @@ fn presence_and_users_span_hosts() {
         gone_at.elapsed()
     );
     assert_eq!(hosts[0].get("/api/user?user=carol")["online"], false);
+
+    // Redis restarts empty: the live host writes its records again by itself.
+    redis.stop();
+    hosts[0].wait_bus("down");
+    redis.restart();
+    hosts[0].wait_bus("up");
+    wait_for("presence rebuilt after the restart", DEADLINE, || {
+        let p = hosts[0].get("/api/presence?topic=room/1");
+        (p["scope"] == "cluster" && p["users"] == serde_json::json!(["ada"])).then_some(())
+    });
+    assert_eq!(hosts[0].get("/api/user?user=ada")["online"], true);
 }
 
 fn redis_available() -> bool {
