@@ -514,3 +514,50 @@ fn presence_events_and_questions_on_one_host() {
         json!({"user": "ada", "scope": "host", "online": false, "connections": []})
     );
 }
+
+/// A worker alone answers every request at once (no other worker to ask): a thousand
+/// pipelined requests on one connection are answered in order, and the worker lives on.
+#[test]
+fn a_lone_worker_answers_a_thousand_pipelined_requests() {
+    let extra = format!("\n[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"{KEY}\"]\n");
+    let mut server = Server::start_extra("pubsub", 1, &extra);
+    let port = api_port(&mut server);
+    let pids = server.worker_pids();
+    let body = r#"{"topic":"t","data":"x"}"#;
+    let one = format!(
+        "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        let all = one.repeat(1000);
+        std::thread::spawn(move || s.write_all(all.as_bytes()))
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    while got
+        .windows(15)
+        .filter(|w| w == b"{\"delivered\":0}")
+        .count()
+        < 1000
+    {
+        let n = s.read(&mut buf).expect("answers");
+        assert!(
+            n > 0,
+            "closed after {} answers",
+            String::from_utf8_lossy(&got).matches("200 OK").count()
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    writer.join().unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got)
+            .matches("HTTP/1.1 200 OK")
+            .count(),
+        1000
+    );
+    assert_eq!(server.worker_pids(), pids, "the worker lives on");
+    assert_eq!(get(port, "/health")["status"], "ok");
+}

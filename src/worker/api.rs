@@ -67,6 +67,10 @@ pub(super) struct Api {
     /// The group the API serves: this worker's.
     served: String,
     conns: Slab<ApiConn>,
+    /// Connections whose answer went out after a wait, to read on (pipelined requests) later
+    /// in the turn, not from inside the call that answered: that call may itself come from
+    /// reading the connection.
+    resume: Vec<usize>,
     next_serial: u32,
     /// At `max_connections`: accepting waits until one closes.
     full: bool,
@@ -82,6 +86,7 @@ impl Api {
             config: socket.config,
             served: served.to_string(),
             conns: Slab::new(),
+            resume: Vec::new(),
             next_serial: 0,
             full: false,
         })
@@ -396,7 +401,22 @@ impl Loop {
         c.phase = Phase::Reading;
         let r = Response::json(status, body);
         self.api_respond(idx, endpoint, &r, keep_alive, head_only);
-        self.api_read(idx);
+        if let Some(api) = self.api.as_mut() {
+            api.resume.push(idx);
+        }
+    }
+
+    /// Reads on the connections whose answers went out after a wait.
+    pub(super) fn api_resume(&mut self) {
+        let Some(api) = self.api.as_mut() else { return };
+        for idx in std::mem::take(&mut api.resume) {
+            self.api_read(idx);
+        }
+    }
+
+    /// Connections wait to be read on this turn.
+    pub(super) fn api_has_work(&self) -> bool {
+        self.api.as_ref().is_some_and(|a| !a.resume.is_empty())
     }
 
     /// Queues `r` for `idx` and writes it; the connection closes after it unless kept alive.

@@ -257,6 +257,7 @@ impl Loop {
         for peer in std::mem::take(&mut self.bus_again) {
             self.bus_ready(peer);
         }
+        self.api_resume();
         let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
         for &idx in &again {
             self.read_conn(idx);
@@ -294,6 +295,7 @@ impl Loop {
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
             || !self.ctx.presence_asks.is_empty()
+            || self.api_has_work()
     }
 
     /// How long `poll` may sleep: not at all while work is pending; otherwise until an event,
