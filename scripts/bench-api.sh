@@ -11,7 +11,8 @@
 # `wsd bench api` opens CONNS subscribers split evenly over the two hosts (for socket.io it
 # speaks Engine.IO v4 over WebSocket itself, see src/bench/socketio.rs), subscriber i in
 # topic/room i % T, and publishes on HTTP_CONNS keep-alive connections. Scenarios, each run
-# for wsd, then for socket.io, on servers started fresh for the run:
+# for wsd, then for socket.io, on servers started fresh for the run, in ROUNDS rounds (every
+# run once per round, so the machine's drift spreads over all of them):
 #   - for each T in RATE_TOPICS: RATE publishes a second for SECS s, open loop (each publish
 #     reaches CONNS/T subscribers);
 #   - flat out for FLAT_SECS s with T = FLAT_TOPICS, DEPTH requests in flight per connection;
@@ -19,8 +20,8 @@
 # For each run it prints publishes/s, deliveries/s, publish→delivery latency p50/p99/p99.9,
 # missing deliveries, the servers' CPU seconds (wsd: both masters and their workers;
 # socket.io: both Node servers), deliveries per server-CPU-second, the CPU of Redis and of
-# socket.io's emitting backend apart, and wsd's ratio to socket.io. Targets (reported, not
-# enforced): wsd's p99 at most 10 ms at 1,000 publishes/s, and wsd's deliveries per
+# socket.io's emitting backend apart, and wsd's ratio to socket.io: each the median over the
+# rounds, with the rounds' range where it matters. Targets (reported, not enforced): wsd's p99 at most 10 ms at 1,000 publishes/s, and wsd's deliveries per
 # server-CPU-second at least 5× socket.io's.
 #
 # FLAT_WORKERS is 2 because a wsd worker alone in its group (count = 1) serves an API
@@ -30,10 +31,11 @@
 #
 # Everything runs on this box's cores, unpinned: servers, Redis and client share them, and
 # the client's own CPU is shown. Every process is started by this script and stopped by pid
-# on exit, failure included. Takes ~4 minutes (plus an npm install the first time). Not for CI.
+# on exit, failure included. Takes ~90 s a round, ~5 minutes with the defaults (plus an npm
+# install the first time). Not for CI.
 #
 # Usage: [CONNS=10000] [RATE=1000] [SECS=10] [RATE_TOPICS="1000 100"] [FLAT_SECS=5]
-#        [FLAT_TOPICS=100] [WORKERS=1] [FLAT_WORKERS=2] [HTTP_CONNS=2] [DEPTH=16]
+#        [FLAT_TOPICS=100] [WORKERS=1] [FLAT_WORKERS=2] [HTTP_CONNS=2] [DEPTH=16] [ROUNDS=3]
 #        [WSD_BIN=path/to/wsd] scripts/bench-api.sh [--wsd-only]
 # Needs python3; redis-server (installed with apt-get if missing and root); node and npm for
 # socket.io (npm ci of benches/peers/socketio's lock into target/bench-api/node).
@@ -49,6 +51,7 @@ WORKERS=${WORKERS:-1}
 FLAT_WORKERS=${FLAT_WORKERS:-2}
 HTTP_CONNS=${HTTP_CONNS:-2}
 DEPTH=${DEPTH:-16}
+ROUNDS=${ROUNDS:-3}
 KEY=bench-api-key-0123456789
 wsd_only=0
 for arg in "$@"; do
@@ -59,7 +62,7 @@ for arg in "$@"; do
     esac
 done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-for v in CONNS RATE SECS FLAT_SECS FLAT_TOPICS WORKERS FLAT_WORKERS HTTP_CONNS DEPTH; do
+for v in CONNS RATE SECS FLAT_SECS FLAT_TOPICS WORKERS FLAT_WORKERS HTTP_CONNS DEPTH ROUNDS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "bench-api: $v must be a positive integer, got '${!v}'" >&2; exit 2; }
 done
 read -r -a rate_topics <<<"$RATE_TOPICS"
@@ -114,21 +117,21 @@ redis_url=redis://127.0.0.1:$rport/0
 
 # --- The client ----------------------------------------------------------------------------
 # bench NAME TOPICS ARGS...: `wsd bench api` with the runs' common arguments, at RATE (flat out
-# if NAME ends in -flat); its JSON to $out/NAME.json, its progress to $tmp/NAME.err.
+# if NAME ends in -flat); its JSON to $out/NAME.ROUND.json, its progress to $tmp/NAME.err.
 bench() {
     local name=$1 topics=$2 secs=$SECS pace=(--rate "$RATE") what="$RATE publishes/s"
     shift 2
     if [[ $name == *-flat ]]; then
         secs=$FLAT_SECS pace=(--flat --depth "$DEPTH") what="flat out"
     fi
-    say "$name: $CONNS subscribers over 2 hosts, $topics topics, $what for $secs s (load $(cut -d' ' -f1 /proc/loadavg))"
+    say "$name, round $round/$ROUNDS: $CONNS subscribers over 2 hosts, $topics topics, $what for $secs s (load $(cut -d' ' -f1 /proc/loadavg))"
     timeout -k 10 $((secs + 120)) "$WSD_BIN" bench api --conns "$CONNS" --topics "$topics" \
         --http-conns "$HTTP_CONNS" --secs "$secs" --redis-pid "$redis_pid" --json "${pace[@]}" "$@" \
-        >"$out/$name.json" 2>"$tmp/$name.err" ||
+        >"$out/$name.$round.json" 2>"$tmp/$name.err" ||
         say "$name: the run counted errors or failed ($(tail -n 2 "$tmp/$name.err" | tr '\n' ' '))"
-    if ! python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$out/$name.json" 2>/dev/null; then
+    if ! python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$out/$name.$round.json" 2>/dev/null; then
         say "$name: no result"
-        rm -f "$out/$name.json"
+        rm -f "$out/$name.$round.json"
     fi
 }
 
@@ -162,8 +165,6 @@ wsd_run() {
     fi
     wsd_stop
 }
-for t in "${rate_topics[@]}"; do wsd_run "wsd-$t" "$t" "$WORKERS"; done
-wsd_run wsd-flat "$FLAT_TOPICS" "$FLAT_WORKERS"
 
 # --- socket.io -----------------------------------------------------------------------------
 node_dir=$out/node
@@ -216,33 +217,43 @@ sio_run() {
     fi
     stop "${started[@]}"
 }
-if [[ -z $sio_note ]]; then
-    for t in "${rate_topics[@]}"; do sio_run "sio-$t" "$t"; done
-    sio_run sio-flat "$FLAT_TOPICS"
-fi
 [[ -z $sio_note ]] || say "socket.io: $sio_note"
+
+# --- The runs ------------------------------------------------------------------------------
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in "${rate_topics[@]}"; do wsd_run "wsd-$t" "$t" "$WORKERS"; done
+    wsd_run wsd-flat "$FLAT_TOPICS" "$FLAT_WORKERS"
+    if [[ -z $sio_note ]]; then
+        for t in "${rate_topics[@]}"; do sio_run "sio-$t" "$t"; done
+        sio_run sio-flat "$FLAT_TOPICS"
+    fi
+done
 
 # --- The tables ----------------------------------------------------------------------------
 version() { node -p 'require(process.argv[1]).version' "$node_dir/node_modules/$1/package.json" 2>/dev/null || echo '-'; }
 echo
 echo "Publishing through an API to $CONNS subscribers on 2 hosts; wsd: $WORKERS worker(s) per host" \
-    "($FLAT_WORKERS flat out); $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    "($FLAT_WORKERS flat out); medians of $ROUNDS round(s); $(nproc) cores, load at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "wsd $(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo '?'), Redis" \
     "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2), node $(node --version 2>/dev/null || echo '-')," \
     "socket.io $(version socket.io), @socket.io/redis-adapter $(version @socket.io/redis-adapter)," \
     "@socket.io/redis-emitter $(version @socket.io/redis-emitter)"
 echo
 python3 - "$out" "$RATE" "$SECS" "$FLAT_SECS" "$CONNS" "$FLAT_TOPICS" "$sio_note" "${rate_topics[@]}" <<'EOF'
-import json, os, sys
+import glob, json, statistics, sys
 out, rate, secs, flat_secs, conns, flat_topics, sio_note = sys.argv[1:8]
 rate_topics = sys.argv[8:]
 
 def load(name):
-    try:
-        with open(os.path.join(out, name + ".json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    """Every round's result of run NAME."""
+    runs = []
+    for p in sorted(glob.glob(f"{out}/{name}.*.json")):
+        try:
+            with open(p) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError):
+            pass
+    return runs
 
 def get(r, *path):
     for k in path:
@@ -286,9 +297,14 @@ ROWS = [
 
 def value(r, f):
     try:
-        return None if r is None else f(r)
+        return f(r)
     except (TypeError, KeyError, ZeroDivisionError):
         return None
+
+def median(runs, f):
+    """The median over the rounds, and every round's value."""
+    vals = [v for v in (value(r, f) for r in runs) if v is not None]
+    return (statistics.median(vals) if vals else None), vals
 
 scenarios = [(t, f"{rate} publishes/s for {secs} s, {int(conns) // int(t):,} subscribers per publish ({t} topics)")
              for t in rate_topics]
@@ -300,26 +316,36 @@ for key, title in scenarios:
     print("| | wsd | socket.io | wsd ÷ socket.io |")
     print("|---|---:|---:|---:|")
     for name, f, fmt, ratio in ROWS:
-        a, b = value(w, f), value(s, f)
-        cell = lambda r, v: "n/a" if r is None else ("–" if v is None else fmt(v))
+        (a, aa), (b, bb) = median(w, f), median(s, f)
+        def cell(runs, v, each):
+            if not runs:
+                return "n/a"
+            if v is None:
+                return "–"
+            lo, hi = (fmt(x).replace(" ms", "").replace(" %", "") for x in (min(each), max(each)))
+            spread = f" ({lo}–{hi})" if lo != hi else ""
+            return fmt(v) + spread
         q = f"{a / b:.2f}" if ratio and a is not None and b else ""
-        print(f"| {name} | {cell(w, a)} | {cell(s, b)} | {q} |")
+        print(f"| {name} | {cell(w, a, aa)} | {cell(s, b, bb)} | {q} |")
     notes = []
-    p99 = get(w, "latency_us", "p99")
+    p99, each = median(w, lambda r: get(r, "latency_us", "p99"))
     if key != "flat" and p99 is not None:
-        notes.append(f"wsd's p99 at {rate} publishes/s: {p99 / 1000:.2f} ms (target at most 10 ms: "
-                     f"{'met' if p99 <= 10_000 else 'not met'}).")
-    a, b = get(w, "deliveries_per_cpu_sec"), get(s, "deliveries_per_cpu_sec")
+        met = sum(v <= 10_000 for v in each)
+        notes.append(f"wsd's p99 at {rate} publishes/s: {p99 / 1000:.2f} ms, at most 10 ms in {met} of {len(each)} "
+                     "round(s).")
+    (a, _), (b, _) = (median(w, lambda r: get(r, "deliveries_per_cpu_sec")),
+                      median(s, lambda r: get(r, "deliveries_per_cpu_sec")))
     if a and b:
         notes.append(f"wsd's deliveries per server-CPU-second: {a / b:.2f}× socket.io's (target at least 5×: "
                      f"{'met' if a >= 5 * b else 'not met'}).")
     print("\n" + " ".join(notes) if notes else "")
-    for n, r in ((f"wsd-{key}", w), (f"sio-{key}", s)):
-        for e in get(r, "errors", "samples") or []:
-            print(f"  {n}: e.g. {e}")
-        if get(r, "server", "processes_gone"):
-            print(f"  {n}: {r['server']['processes_gone']} server process(es) ended during the run: "
-                  "their CPU is not counted")
+    for n, runs in ((f"wsd-{key}", w), (f"sio-{key}", s)):
+        for r in runs:
+            for e in get(r, "errors", "samples") or []:
+                print(f"  {n}: e.g. {e}")
+            if get(r, "server", "processes_gone"):
+                print(f"  {n}: {r['server']['processes_gone']} server process(es) ended during a run: "
+                      "their CPU is not counted")
     print()
 if sio_note:
     print(f"socket.io: {sio_note}")
