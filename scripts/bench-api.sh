@@ -80,6 +80,13 @@ out=${CARGO_TARGET_DIR:-$root/target}/bench-api
 mkdir -p "$out"
 rm -f "$out"/*.json
 
+# forget PID: PID has been waited for; the exit trap must not signal it (it may be reused).
+forget() {
+    local p kept=()
+    for p in "${pids[@]}"; do [[ $p == "$1" ]] || kept+=("$p"); done
+    pids=("${kept[@]}")
+}
+
 # stop PID...: TERM, then KILL after 10 s; waits for each.
 stop() {
     local p deadline=$((SECONDS + 10))
@@ -91,6 +98,7 @@ stop() {
             sleep 0.05
         done
         wait "$p" 2>/dev/null || true
+        forget "$p"
     done
 }
 
@@ -125,10 +133,15 @@ bench() {
         secs=$FLAT_SECS pace=(--flat --depth "$DEPTH") what="flat out"
     fi
     say "$name, round $round/$ROUNDS: $CONNS subscribers over 2 hosts, $topics topics, $what for $secs s (load $(cut -d' ' -f1 /proc/loadavg))"
+    # In the background and waited for, so that a signal stops the script (and, through the
+    # trap, the client) at once rather than after the run.
     timeout -k 10 $((secs + 120)) "$WSD_BIN" bench api --conns "$CONNS" --topics "$topics" \
         --http-conns "$HTTP_CONNS" --secs "$secs" --redis-pid "$redis_pid" --json "${pace[@]}" "$@" \
-        >"$out/$name.$round.json" 2>"$tmp/$name.err" ||
-        say "$name: the run counted errors or failed ($(tail -n 2 "$tmp/$name.err" | tr '\n' ' '))"
+        >"$out/$name.$round.json" 2>"$tmp/$name.err" &
+    local client=$!
+    pids+=("$client")
+    wait "$client" || say "$name: the run counted errors or failed ($(tail -n 2 "$tmp/$name.err" | tr '\n' ' '))"
+    forget "$client"
     if ! python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$out/$name.$round.json" 2>/dev/null; then
         say "$name: no result"
         rm -f "$out/$name.$round.json"
@@ -137,29 +150,31 @@ bench() {
 
 # --- wsd -----------------------------------------------------------------------------------
 # wsd_host N COUNT: a master with its own config in $tmp/wsd-N (COUNT workers, pubsub, the
-# Redis bus, the API on a free port); sets wsd_master_N, wsd_config_N, wsd_port_N, wsd_api_N.
+# Redis bus, the API on a free port); sets wsd_master[N], wsd_config[N], wsd_port[N] and
+# wsd_api[N].
+wsd_master=() wsd_config=() wsd_port=() wsd_api=()
 wsd_host() {
-    local n=$1 dir=$tmp/wsd-$1 api
+    local n=$1 dir=$tmp/wsd-$1
     rm -rf "$dir"
     write_config "$dir" pubsub "$2" $((CONNS + 1000)) "bus = \"$redis_url\""
     printf '\n[api]\nlisten = "http://127.0.0.1:0"\nkeys = ["%s"]\n' "$KEY" >>"$dir/workers.toml"
-    start_wsd "$dir" || return 1
-    printf -v "wsd_master_$n" %s "$master"
-    api=$("$WSD_BIN" -c "$config" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["api"]["listen"])')
-    printf -v "wsd_config_$n" %s "$config"
-    printf -v "wsd_port_$n" %s "$port"
-    printf -v "wsd_api_$n" %s "$api"
+    local started=0
+    start_wsd "$dir" || started=$?
+    wsd_master[n]=$master # stopped by wsd_stop even if it did not get ready
+    ((started == 0)) || return 1
+    wsd_config[n]=$config wsd_port[n]=$port
+    wsd_api[n]=$("$WSD_BIN" -c "$config" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["api"]["listen"])')
 }
 wsd_stop() {
-    stop "${wsd_master_1:-}" "${wsd_master_2:-}"
-    wsd_master_1='' wsd_master_2=''
+    stop "${wsd_master[@]}"
+    wsd_master=()
 }
 # wsd_run NAME TOPICS COUNT: both hosts started fresh with COUNT workers each, one run, both
 # stopped.
 wsd_run() {
     if wsd_host 1 "$3" && wsd_host 2 "$3"; then
-        bench "$1" "$2" --url "ws://127.0.0.1:$wsd_port_1/" --url "ws://127.0.0.1:$wsd_port_2/" \
-            --api "$wsd_api_1" --key "$KEY" --config "$wsd_config_1" --host-config "$wsd_config_2"
+        bench "$1" "$2" --url "ws://127.0.0.1:${wsd_port[1]}/" --url "ws://127.0.0.1:${wsd_port[2]}/" \
+            --api "${wsd_api[1]}" --key "$KEY" --config "${wsd_config[1]}" --host-config "${wsd_config[2]}"
     else
         say "$1: wsd did not start (see above)"
     fi
