@@ -475,3 +475,125 @@ fn deflate_is_offered_agreed_and_measured() {
         "{v}"
     );
 }
+
+const API_KEY: &str = "bench-smoke-key-0123456789";
+
+/// A pubsub group of 2 workers with the backend API on a port of the OS's choice, and the
+/// API's URL.
+fn api_server() -> (Server, String) {
+    let extra = format!("\n[api]\nlisten = \"http://127.0.0.1:0\"\nkeys = [\"{API_KEY}\"]\n");
+    let mut server = Server::start_extra("pubsub", 2, &extra);
+    let api = server.status()["api"]["listen"]
+        .as_str()
+        .expect("status shows the API")
+        .to_string();
+    (server, api)
+}
+
+#[test]
+fn api_publishes_reach_every_subscriber_of_their_topic() {
+    let (server, api) = api_server();
+    let url = server.url();
+    let config = server.config.to_str().unwrap().to_string();
+    // The same server twice: the subscribers are split over two "hosts" as over two masters.
+    let (v, out) = bench(&[
+        "api", "--url", &url, "--url", &url, "--api", &api, "--key", API_KEY, "--conns", "40",
+        "--topics", "4", "--rate", "50", "--secs", "1", "--config", &config,
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(
+        (v["mode"].as_str(), v["protocol"].as_str()),
+        (Some("api"), Some("wsd"))
+    );
+    assert_eq!(v["hosts"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["ready"], 40, "{v}");
+    assert_eq!(
+        (v["sent"].as_u64(), v["published"].as_u64()),
+        (Some(50), Some(50)),
+        "{v}"
+    );
+    // 10 subscribers on each of the 4 topics.
+    assert_eq!(v["expected"], 50 * 10, "{v}");
+    assert_eq!(v["delivered"], v["expected"], "{v}");
+    assert_eq!(
+        (v["missing"].as_u64(), v["unexpected"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["latency_us"]["samples"], 500, "{v}");
+    assert_eq!(v["answer_latency_us"]["samples"], 50, "{v}");
+    assert!(v["publishes_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert!(v["deliveries_per_sec"].as_f64() > Some(0.0), "{v}");
+    assert_latency(&v);
+    assert_server_cpu(&v, 2, true);
+    assert!(v["server"]["cpu_system_secs"].as_f64() >= Some(0.0), "{v}");
+}
+
+#[test]
+fn api_flat_out_expects_a_delivery_per_subscriber_of_each_accepted_publish() {
+    let (server, api) = api_server();
+    let url = server.url();
+    let (v, out) = bench(&[
+        "api",
+        "--url",
+        &url,
+        "--api",
+        &api,
+        "--key",
+        API_KEY,
+        "--conns",
+        "30",
+        "--topics",
+        "3",
+        "--flat",
+        "--depth",
+        "4",
+        "--http-conns",
+        "2",
+        "--secs",
+        "1",
+    ]);
+    assert_no_errors(&v, &out);
+    assert_eq!(v["flat"], true, "{v}");
+    let published = v["published"].as_u64().unwrap();
+    assert!(published > 0, "{v}");
+    assert_eq!(v["sent"].as_u64(), Some(published), "{v}");
+    assert_eq!(v["expected"].as_u64(), Some(published * 10), "{v}");
+    assert_eq!(v["delivered"], v["expected"], "{v}");
+    assert_eq!(v["missing"], 0, "{v}");
+}
+
+#[test]
+fn api_refusals_are_counted_as_errors() {
+    let (server, api) = api_server();
+    let url = server.url();
+    let (v, out) = bench(&[
+        "api",
+        "--url",
+        &url,
+        "--api",
+        &api,
+        "--key",
+        "not-the-key-0123456789",
+        "--conns",
+        "5",
+        "--rate",
+        "10",
+        "--secs",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(v["errors"]["protocol"], 10, "{v}");
+    assert!(
+        v["errors"]["samples"][0]
+            .as_str()
+            .is_some_and(|s| s.contains("HTTP 401")),
+        "{v}"
+    );
+    assert_eq!(
+        (v["published"].as_u64(), v["expected"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["delivered"], 0, "{v}");
+}

@@ -35,6 +35,11 @@ struct Shard {
     lines: Lines,
     progress: Option<Progress>,
     done: Option<Report>,
+    /// It holds no connection (`api`'s publisher): once it has published it ends, and takes
+    /// no more orders.
+    publisher_only: bool,
+    /// It takes no more orders: it is ending.
+    finishing: bool,
 }
 
 /// Runs the whole benchmark and returns its figures.
@@ -43,14 +48,27 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
     let shares = split(plan, sockets_per_process(files));
     let clock = Clock::new();
     let memory = matches!(plan.work, Work::Idle { .. });
-    let mut server = Procs::discover(&plan.server)?.map(|procs| ServerRun {
+    let more_hosts = match &plan.work {
+        Work::Api(a) => a.host_configs.as_slice(),
+        _ => &[],
+    };
+    let watch = |procs: Procs| ServerRun {
         start: procs.sample(clock.now(), memory),
         procs,
         go: None,
         held: None,
         end: None,
         connections: None,
-    });
+    };
+    let mut server = Procs::discover(&plan.server, more_hosts)?.map(watch);
+    let mut others: Vec<(String, ServerRun)> = match &plan.work {
+        Work::Api(a) => [("redis", &a.redis_pids), ("backend", &a.backend_pids)]
+            .into_iter()
+            .filter(|(_, pids)| !pids.is_empty())
+            .map(|(name, pids)| (name.to_string(), watch(Procs::of(pids.clone()))))
+            .collect(),
+        _ => Vec::new(),
+    };
     let me = nix::unistd::getpid();
     let mut shards: Vec<Shard> = Vec::with_capacity(shares.len());
     for share in &shares {
@@ -72,6 +90,8 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
                 lines: Lines::default(),
                 progress: None,
                 done: None,
+                publisher_only: share.publisher && share.conns == 0,
+                finishing: false,
             }),
         }
     }
@@ -86,7 +106,14 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
         end: None,
         connections: None,
     };
-    let result = coordinate(plan, clock, &mut shards, &mut server, &mut client);
+    let result = coordinate(
+        plan,
+        clock,
+        &mut shards,
+        &mut server,
+        &mut client,
+        &mut others,
+    );
     for s in &shards {
         if result.is_err() {
             let _ = kill(s.pid, Signal::SIGKILL);
@@ -96,6 +123,7 @@ pub fn run(plan: &Plan) -> Result<Summary, BenchError> {
     result.map(|summary| Summary {
         server,
         client: Some(client),
+        others,
         ..summary
     })
 }
@@ -118,8 +146,11 @@ fn sockets_per_process(files: u64) -> usize {
 }
 
 /// Shares of the connections (and of `connect`'s slots), as even as possible, each within
-/// `per_process` sockets; the first also runs the broadcast publisher.
+/// `per_process` sockets; the first also runs the broadcast publisher. `api` has its own.
 fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
+    if let Work::Api(a) = &plan.work {
+        return split_api(plan.conns, a.hosts.len(), per_process);
+    }
     let publisher = matches!(plan.work, Work::Broadcast { .. });
     let slots = match plan.work {
         Work::Connect { .. } => plan.extra_sockets(),
@@ -138,11 +169,43 @@ fn split(plan: &Plan, per_process: usize) -> Vec<Share> {
                 conns,
                 publisher: publisher && i == 0,
                 slots: slots / k + usize::from(i < slots % k),
+                host: 0,
             };
             first += conns;
             share
         })
         .collect()
+}
+
+/// `api`: the subscribers split evenly over `hosts`, each host's over as many processes as
+/// its share needs, numbered in order (host 0's first); then the publisher, a process of its
+/// own with no WebSocket connection.
+fn split_api(conns: usize, hosts: usize, per_process: usize) -> Vec<Share> {
+    let mut shares = Vec::new();
+    let mut first = 0;
+    for host in 0..hosts {
+        let here = conns / hosts + usize::from(host < conns % hosts);
+        let k = here.div_ceil(per_process).max(1);
+        for i in 0..k {
+            let n = here / k + usize::from(i < here % k);
+            shares.push(Share {
+                first,
+                conns: n,
+                publisher: false,
+                slots: 0,
+                host,
+            });
+            first += n;
+        }
+    }
+    shares.push(Share {
+        first,
+        conns: 0,
+        publisher: true,
+        slots: 0,
+        host: 0,
+    });
+    shares
 }
 
 /// The sum of the shards' latest progress reports; not prepared until every shard has sent one.
@@ -166,6 +229,7 @@ fn coordinate(
     shards: &mut [Shard],
     server: &mut Option<ServerRun>,
     client: &mut ServerRun,
+    others: &mut [(String, ServerRun)],
 ) -> Result<Summary, BenchError> {
     let setup = |e| BenchError::Setup("poll the client processes".into(), e);
     let mut poll = Poll::new().map_err(setup)?;
@@ -191,7 +255,7 @@ fn coordinate(
             if sum.prepared || settled_at.is_some_and(|at| now > at + READY_GRACE_NS) {
                 t0 = Some(now);
                 next_print = now + SEC + SEC / 10;
-                if let Some(run) = server {
+                for run in server.iter_mut().chain(others.iter_mut().map(|(_, r)| r)) {
                     run.go = Some(run.procs.sample(now, false));
                 }
                 client.go = Some(client.procs.sample(now, false));
@@ -214,7 +278,7 @@ fn coordinate(
             next_print += SEC;
         }
         if shards.iter().all(|s| s.done.is_some()) {
-            if let Some(run) = server {
+            for run in server.iter_mut().chain(others.iter_mut().map(|(_, r)| r)) {
                 run.end = Some(run.procs.sample(clock.now(), false));
             }
             client.end = Some(client.procs.sample(clock.now(), false));
@@ -249,7 +313,12 @@ fn coordinate(
             for report in reports {
                 match report {
                     Report::Progress(p) => shards[i].progress = Some(p),
-                    Report::Published { sent } => order(shards, &format!("sent {sent}"))?,
+                    Report::Published { sent } => {
+                        // A publisher with no connection ends right after: it has no
+                        // subscriber to tell, and may be gone before the order would reach it.
+                        shards[i].finishing = shards[i].publisher_only;
+                        order(shards, &format!("sent {sent}"))?;
+                    }
                     Report::Done { .. } => shards[i].done = Some(report),
                     Report::Failed { why } => return Err(BenchError::Shard(i, why)),
                 }
@@ -264,7 +333,7 @@ fn coordinate(
 /// Sends one order line to every shard still running.
 fn order(shards: &mut [Shard], line: &str) -> Result<(), BenchError> {
     for (i, s) in shards.iter_mut().enumerate() {
-        if s.done.is_none() {
+        if s.done.is_none() && !s.finishing {
             s.down
                 .write_all(format!("{line}\n").as_bytes())
                 .map_err(|e| BenchError::Shard(i, format!("cannot send orders: {e}")))?;
@@ -307,6 +376,11 @@ fn progress_line(plan: &Plan, t0: Option<u64>, now: u64, sum: &Progress, last: &
             "[{secs}s] {messages} deliveries/s, {} sent, {open} open, {errors} errors",
             sum.counts.sent
         ),
+        Work::Api(_) => eprintln!(
+            "[{secs}s] {sent} published/s, {messages} deliveries/s, {} accepted, {open} open, \
+             {errors} errors",
+            sum.counts.answered
+        ),
     }
 }
 
@@ -324,6 +398,9 @@ fn summary(shards: &[Shard], t0: u64) -> Summary {
         server: None,
         client: None,
         link: Link::default(),
+        answer_latency: report::histogram(),
+        publishing: None,
+        others: Vec::new(),
     };
     for shard in shards {
         if let Some(Report::Done {
@@ -336,8 +413,12 @@ fn summary(shards: &[Shard], t0: u64) -> Summary {
             span,
             burst_latency,
             link,
+            answers,
+            publishing,
         }) = &shard.done
         {
+            report::add_pairs(&mut s.answer_latency, answers);
+            s.publishing = Span::merge(s.publishing, *publishing);
             s.link.merge(link);
             s.ready += ready;
             s.open += open;
@@ -405,6 +486,21 @@ mod tests {
         // Exactly full: the publisher still fits.
         let shares = split(&plan(19_743, true), 19_744);
         assert!(shares[0].conns < 19_744, "{}", shares[0].conns);
+    }
+
+    #[test]
+    fn api_subscribers_are_split_per_host_and_the_publisher_runs_alone() {
+        let shares = split_api(10_001, 2, 19_744);
+        assert_eq!(shares.len(), 3);
+        let hosts: Vec<(usize, usize, usize)> =
+            shares.iter().map(|s| (s.host, s.first, s.conns)).collect();
+        assert_eq!(hosts, [(0, 0, 5_001), (1, 5_001, 5_000), (0, 10_001, 0)]);
+        assert!(shares[2].publisher && !shares[0].publisher && !shares[1].publisher);
+        // A host's share larger than a process may hold takes several processes.
+        let shares = split_api(50_000, 2, 19_744);
+        assert_eq!(shares.iter().filter(|s| s.host == 1).count(), 2);
+        assert!(shares.iter().all(|s| s.conns <= 19_744));
+        assert_eq!(shares.iter().map(|s| s.conns).sum::<usize>(), 50_000);
     }
 
     #[test]

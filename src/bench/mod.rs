@@ -15,6 +15,9 @@
 //! - `latency`: open loop at a fixed rate, timed from the schedule; latency percentiles.
 //! - `broadcast`: N subscribers and one open-loop publisher; deliveries/s, missing deliveries
 //!   and delivery latency.
+//! - `api`: N subscribers on one or two hosts and a backend publishing through an HTTP API
+//!   (wsd's, or socket.io's emitter behind one); publishes/s, deliveries/s, missing deliveries
+//!   and publish→delivery latency.
 //!
 //! Given the server's pids (`--pid`, or `--config` to ask a wsd for them), every mode also
 //! reports the CPU time the server spent while it measured ([`server`]), and each mode
@@ -25,18 +28,22 @@
 //! compression ratio. `--payload json` sends chat events in JSON instead of letters
 //! ([`payload`]).
 
+mod api;
 mod broadcast;
 mod client;
 mod connect;
 mod coordinator;
 mod deflate;
 mod echo;
+mod http;
 mod idle;
 mod latency;
 mod payload;
+mod publisher;
 mod report;
 mod server;
 mod shard;
+mod socketio;
 mod tls;
 pub(crate) mod wire;
 
@@ -130,6 +137,70 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         size: usize,
     },
+    /// Backend publishes: N subscribers on one or more hosts, a publisher calling an HTTP API
+    Api(Box<ApiArgs>),
+}
+
+/// `wsd bench api ...`
+#[derive(Args, Debug, Clone)]
+struct ApiArgs {
+    /// A host's WebSocket URL; once per host (subscribers are split evenly). A socket.io URL
+    /// without a path gets /socket.io/?EIO=4&transport=websocket
+    #[arg(long = "url", required = true, value_name = "URL")]
+    urls: Vec<String>,
+    /// Subscribers, over all hosts
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    conns: u32,
+    /// The HTTP API to publish to: http://HOST:PORT (one host's)
+    #[arg(long, value_name = "URL")]
+    api: String,
+    /// The API's path for a publish
+    #[arg(long, default_value = "/api/publish")]
+    api_path: String,
+    /// The API key, sent as `Authorization: Bearer KEY`
+    #[arg(long, env = "WSD_API_KEY", default_value = "", hide_env_values = true)]
+    key: String,
+    /// Publishes per second (open loop, on a fixed schedule)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    rate: u64,
+    /// Publish as fast as the API takes them (--depth in flight per connection), not at --rate
+    #[arg(long)]
+    flat: bool,
+    /// Flat out: requests in flight per HTTP connection
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    depth: u32,
+    /// Keep-alive HTTP connections the publisher uses
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    http_conns: u32,
+    /// Topics: subscriber i joins topic i % T, publish j goes to topic j % T (each publish
+    /// reaches about conns/T subscribers)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    topics: u32,
+    /// Topics are named PREFIX-0, PREFIX-1, ...
+    #[arg(long, default_value = "bench")]
+    topic_prefix: String,
+    /// The subscribers' protocol: wsd's pubsub app, or socket.io (Engine.IO v4 over
+    /// WebSocket, rooms joined with a `join` event, publishes as `m` events)
+    #[arg(long, value_enum, default_value_t = api::Protocol::Wsd)]
+    protocol: api::Protocol,
+    /// Another host's wsd config: its master and workers count in the server's CPU too
+    /// (with --config for the first host)
+    #[arg(long = "host-config", value_name = "FILE")]
+    host_configs: Vec<std::path::PathBuf>,
+    /// Redis's pid: its CPU time is reported apart from the server's
+    #[arg(long, value_name = "PID[,PID...]", value_delimiter = ',')]
+    redis_pid: Vec<i32>,
+    /// A backend that publishes for the server (socket.io's emitter): its CPU time is
+    /// reported apart
+    #[arg(long, value_name = "PID[,PID...]", value_delimiter = ',')]
+    backend_pid: Vec<i32>,
+    #[command(flatten)]
+    window: Window,
+    /// Print one JSON object at the end instead of the table
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -337,11 +408,13 @@ pub enum Work {
         topic: String,
         size: usize,
     },
+    Api(Box<api::Settings>),
 }
 
 impl Plan {
     fn from_args(args: BenchArgs) -> Result<Plan, BenchError> {
         let (common, secs, work) = match args.mode {
+            Mode::Api(a) => return Plan::api(*a),
             Mode::Echo {
                 common,
                 window,
@@ -422,22 +495,71 @@ impl Plan {
         })
     }
 
+    /// `wsd bench api`'s plan.
+    fn api(a: ApiArgs) -> Result<Plan, BenchError> {
+        let hosts = a
+            .urls
+            .iter()
+            .map(|url| {
+                let mut t = Target::parse(url)?;
+                if t.wss {
+                    return Err(BenchError::Usage(format!(
+                        "{url}: the api mode runs over ws:// only"
+                    )));
+                }
+                if a.protocol == api::Protocol::Socketio && t.path == "/" {
+                    t.path = socketio::PATH.to_string();
+                }
+                Ok(t)
+            })
+            .collect::<Result<Vec<Target>, BenchError>>()?;
+        let settings = api::Settings {
+            hosts,
+            api: http::Endpoint::parse(&a.api)?,
+            path: a.api_path,
+            key: a.key,
+            rate: (!a.flat).then_some(a.rate),
+            topics: a.topics as usize,
+            prefix: a.topic_prefix,
+            http_conns: a.http_conns as usize,
+            depth: a.depth as usize,
+            protocol: a.protocol,
+            host_configs: a.host_configs,
+            redis_pids: a.redis_pid,
+            backend_pids: a.backend_pid,
+        };
+        Ok(Plan {
+            target: settings.hosts[0].clone(),
+            conns: a.conns as usize,
+            secs: a.window.secs,
+            json: a.json,
+            server: a.server,
+            payload: payload::Kind::Text,
+            work: Work::Api(Box::new(settings)),
+        })
+    }
+
     /// Sockets the run opens at most at once: broadcast adds the publisher, connect the
     /// cycling slots.
     pub fn sockets(&self) -> usize {
         self.conns + self.extra_sockets()
     }
 
-    /// Sockets opened before measuring begins: broadcast's publisher is one of them,
-    /// connect's slots are not.
+    /// Sockets opened before measuring begins: broadcast's publisher is one of them, and
+    /// api's HTTP connections; connect's slots are not.
     pub fn upfront(&self) -> usize {
-        self.conns + usize::from(matches!(self.work, Work::Broadcast { .. }))
+        match &self.work {
+            Work::Broadcast { .. } => self.conns + 1,
+            Work::Api(a) => self.conns + a.http_conns,
+            _ => self.conns,
+        }
     }
 
     /// Sockets besides the `conns` connections.
     pub fn extra_sockets(&self) -> usize {
         match self.work {
             Work::Broadcast { .. } => 1,
+            Work::Api(ref a) => a.http_conns,
             Work::Connect { slots } if self.secs > 0 => slots,
             _ => 0,
         }
@@ -450,6 +572,7 @@ impl Plan {
             Work::Idle { .. } => "idle",
             Work::Latency { .. } => "latency",
             Work::Broadcast { .. } => "broadcast",
+            Work::Api(_) => "api",
         }
     }
 }

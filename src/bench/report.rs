@@ -83,8 +83,9 @@ impl Errors {
 }
 
 /// Messages counted in the measured window. Echo and latency: `messages` are replies, `sent`
-/// requests. Broadcast: `messages` are deliveries to subscribers, `sent` what the publisher
-/// sent. Connect: `messages` are handshakes done, `sent` connects begun. Idle: the one echo.
+/// requests. Broadcast and api: `messages` are deliveries to subscribers, `sent` what the
+/// publisher sent. Connect: `messages` are handshakes done, `sent` connects begun. Idle: the
+/// one echo.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counts {
     pub messages: u64,
@@ -97,6 +98,12 @@ pub struct Counts {
     /// Latency: text messages the server sent on its own (a timer's push), not echoes.
     #[serde(default)]
     pub pushes: u64,
+    /// Api: publishes the API accepted (answered 200).
+    #[serde(default)]
+    pub answered: u64,
+    /// Api: deliveries expected for the publishes accepted, by the subscribers' topics.
+    #[serde(default)]
+    pub expected: u64,
 }
 
 impl Counts {
@@ -106,6 +113,8 @@ impl Counts {
         self.sent += other.sent;
         self.late += other.late;
         self.pushes += other.pushes;
+        self.answered += other.answered;
+        self.expected += other.expected;
     }
 }
 
@@ -233,6 +242,13 @@ pub struct Summary {
     pub client: Option<ServerRun>,
     /// What the connections agreed on, and the bytes they moved.
     pub link: Link,
+    /// `api`: how long the API took to answer each publish.
+    pub answer_latency: Histogram<u64>,
+    /// `api`: from `go` to the publisher's last answer.
+    pub publishing: Option<Span>,
+    /// Processes that are neither server nor client, sampled as the server is, by name
+    /// (`api`: `redis`, `backend`).
+    pub others: Vec<(String, ServerRun)>,
 }
 
 /// `count` per second over the scheduled `secs`, or over the workload's span (from `t0`) when
@@ -305,6 +321,7 @@ pub fn to_json(plan: &Plan, s: &Summary) -> serde_json::Value {
         Work::Idle { .. } => super::idle::json(plan, s),
         Work::Latency { .. } => super::latency::json(plan, s),
         Work::Broadcast { .. } => super::broadcast::json(plan, s),
+        Work::Api(_) => super::api::json(plan, s),
     };
     if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
         v.extend(extra);
@@ -374,7 +391,11 @@ pub fn deflate_json(link: &Link) -> serde_json::Value {
 /// before the first connect to the end of the hold.
 pub fn server_json(plan: &Plan, s: &Summary) -> Option<serde_json::Value> {
     let run = s.server.as_ref()?;
-    let mut v = json!({ "master": run.procs.master, "workers": run.procs.workers });
+    let mut v = json!({
+        "master": run.procs.masters.first(),
+        "masters": run.procs.masters,
+        "workers": run.procs.workers,
+    });
     cpu_json(plan, s, run, &mut v);
     if let Work::Idle { .. } = plan.work {
         v["memory"] = super::idle::memory_json(run, plan.conns);
@@ -392,9 +413,15 @@ fn cpu_json(plan: &Plan, s: &Summary, run: &ServerRun, v: &mut serde_json::Value
     if let (Some(from), Some(to)) = (from, to) {
         let cpu = server::cpu_secs(from, to);
         v["cpu_secs"] = json!(round(cpu, 3));
+        let (_, system) = server::cpu_split(from, to);
+        v["cpu_system_secs"] = json!(round(system, 3));
+        let gone = server::gone(from, to);
+        if gone > 0 {
+            v["processes_gone"] = json!(gone);
+        }
         v["cpu_window_secs"] = json!(round(server::window_secs(from, to), 3));
         match plan.work {
-            Work::Echo { .. } | Work::Latency { .. } | Work::Broadcast { .. } => {
+            Work::Echo { .. } | Work::Latency { .. } | Work::Broadcast { .. } | Work::Api(_) => {
                 let m = per(cpu, s.counts.messages).map(|x| round(x * 1e6, 3));
                 v["cpu_secs_per_million"] = json!(m);
             }
@@ -447,6 +474,7 @@ fn table(plan: &Plan, s: &Summary) -> String {
         Work::Idle { .. } => super::idle::rows(plan, s, &url),
         Work::Latency { .. } => super::latency::rows(plan, s, &url),
         Work::Broadcast { .. } => super::broadcast::rows(plan, s, &url),
+        Work::Api(_) => super::api::rows(plan, s, &url),
     };
     if let Some(v) = server_json(plan, s) {
         t += &server_rows(&v);
@@ -501,10 +529,10 @@ fn table(plan: &Plan, s: &Summary) -> String {
 /// The server's rows of the table, from its JSON figures.
 fn server_rows(v: &serde_json::Value) -> String {
     let workers = v["workers"].as_array().map_or(0, Vec::len);
-    let master = if v["master"].is_null() {
-        ""
-    } else {
-        " + master"
+    let master = match v["masters"].as_array().map_or(0, Vec::len) {
+        0 => String::new(),
+        1 => " + master".to_string(),
+        n => format!(" + {n} masters"),
     };
     let mut t = format!("server       {workers} process(es){master}\n");
     t += &cpu_rows("server cpu", "burst cpu", v);
@@ -520,6 +548,9 @@ fn cpu_rows(label: &str, burst_label: &str, v: &serde_json::Value) -> String {
     let f = |key: &str| v[key].as_f64();
     if let (Some(cpu), Some(window)) = (f("cpu_secs"), f("cpu_window_secs")) {
         t += &format!("{label:<12} {cpu:.2} s in {window:.2} s");
+        if let Some(system) = f("cpu_system_secs").filter(|_| cpu > 0.0) {
+            t += &format!(" ({:.0} % in the kernel)", system / cpu * 100.0);
+        }
         if let Some(m) = f("cpu_secs_per_million") {
             t += &format!(", {m:.2} s per million messages");
         }
@@ -527,6 +558,12 @@ fn cpu_rows(label: &str, burst_label: &str, v: &serde_json::Value) -> String {
             t += &format!(", {us:.1} µs per handshake");
         }
         t += "\n";
+        if let Some(gone) = v["processes_gone"].as_u64() {
+            t += &format!(
+                "{:<12} {gone} process(es) ended during the run: their CPU is not counted\n",
+                ""
+            );
+        }
     }
     if let Some(cpu) = f("burst_cpu_secs") {
         t += &format!("{burst_label:<12} {cpu:.2} s");

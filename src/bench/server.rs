@@ -8,8 +8,9 @@
 //! makes private by writing to it costs memory that Rss does not show.
 //!
 //! The pids come from `--pid` (any server) or from the wsd control socket, by running this
-//! same program as `-c FILE status --json` (the master's pid and every worker's). Without
-//! either, the server's figures are left out.
+//! same program as `-c FILE status --json` (the master's pid and every worker's), once per
+//! host when a run spans several (`api`'s `--host-config`). Without either, the server's
+//! figures are left out.
 
 use super::BenchError;
 use crate::control::Status;
@@ -36,10 +37,12 @@ pub struct ServerArgs {
 /// The server's processes.
 #[derive(Debug, Clone)]
 pub struct Procs {
-    /// wsd's master, when the pids came from its status (it holds no connections).
-    pub master: Option<i32>,
-    /// Processes holding connections: wsd's workers, or every `--pid`.
+    /// wsd's masters (one per host), when the pids came from their status (they hold no
+    /// connections).
+    pub masters: Vec<i32>,
+    /// Processes holding connections: wsd's workers (of every host), or every `--pid`.
     pub workers: Vec<i32>,
+    /// The first host's config, for `idle`'s connection counts.
     config: Option<PathBuf>,
 }
 
@@ -48,13 +51,20 @@ pub struct Procs {
 pub struct Sample {
     /// ns on the run's common clock.
     pub at: u64,
-    /// utime + stime in clock ticks, per process of [`Procs::all`] (`None`: unreadable).
-    cpu: Vec<Option<u64>>,
+    /// utime and stime in clock ticks, per process of [`Procs::all`] (`None`: unreadable).
+    cpu: Vec<Option<Ticks>>,
     /// Per worker, when memory was asked for.
     pub memory: Vec<Option<Memory>>,
     /// Busy and total clock ticks of every core of the machine (`/proc/stat`), whoever
     /// spent them: a core can be saturated by work no process is charged for (softirqs).
     pub cores: Vec<(u64, u64)>,
+}
+
+/// A process's CPU time so far, in clock ticks: in user space and in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ticks {
+    pub user: u64,
+    pub system: u64,
 }
 
 /// A process's resident memory, in KiB.
@@ -81,44 +91,48 @@ pub struct ServerRun {
 }
 
 impl Procs {
-    /// The server's processes from `--pid` or `--config`; `None` if neither was given.
-    pub fn discover(args: &ServerArgs) -> Result<Option<Procs>, BenchError> {
+    /// The server's processes from `--pid` or `--config` (and the configs of more hosts,
+    /// `more`); `None` if none was given.
+    pub fn discover(args: &ServerArgs, more: &[PathBuf]) -> Result<Option<Procs>, BenchError> {
         if !args.pid.is_empty() {
-            return Ok(Some(Procs {
-                master: None,
-                workers: args.pid.clone(),
-                config: None,
-            }));
+            return Ok(Some(Procs::of(args.pid.clone())));
         }
-        let Some(config) = &args.config else {
+        let configs: Vec<&PathBuf> = args.config.iter().chain(more).collect();
+        let Some(&first) = configs.first() else {
             return Ok(None);
         };
-        let st = status(config)?;
-        if st.workers.is_empty() {
-            return Err(BenchError::Server(format!(
-                "{} runs no workers",
-                config.display()
-            )));
+        let mut procs = Procs {
+            masters: Vec::new(),
+            workers: Vec::new(),
+            config: Some(first.clone()),
+        };
+        for config in configs {
+            let st = status(config)?;
+            if st.workers.is_empty() {
+                return Err(BenchError::Server(format!(
+                    "{} runs no workers",
+                    config.display()
+                )));
+            }
+            procs.masters.push(st.master.pid);
+            procs.workers.extend(st.workers.iter().map(|w| w.pid));
         }
-        Ok(Some(Procs {
-            master: Some(st.master.pid),
-            workers: st.workers.iter().map(|w| w.pid).collect(),
-            config: Some(config.clone()),
-        }))
+        Ok(Some(procs))
     }
 
-    /// Given processes, all counted as workers (`wsd bench`'s own client processes).
+    /// Given processes, all counted as workers (`wsd bench`'s own client processes, or any
+    /// server's `--pid`).
     pub fn of(pids: Vec<i32>) -> Procs {
         Procs {
-            master: None,
+            masters: Vec::new(),
             workers: pids,
             config: None,
         }
     }
 
-    /// Every process: the master (if known), then the workers.
+    /// Every process: the masters (if known), then the workers.
     pub fn all(&self) -> impl Iterator<Item = i32> + '_ {
-        self.master.into_iter().chain(self.workers.iter().copied())
+        self.masters.iter().chain(&self.workers).copied()
     }
 
     pub fn sample(&self, at: u64, with_memory: bool) -> Sample {
@@ -165,13 +179,32 @@ impl Sample {
 
 /// Server CPU seconds between two samples, over the processes readable in both.
 pub fn cpu_secs(from: &Sample, to: &Sample) -> f64 {
-    let ticks: u64 = from
-        .cpu
+    let (user, system) = cpu_split(from, to);
+    user + system
+}
+
+/// Server CPU seconds between two samples in user space and in the kernel, over the processes
+/// readable in both.
+pub fn cpu_split(from: &Sample, to: &Sample) -> (f64, f64) {
+    let (mut user, mut system) = (0, 0);
+    for (a, b) in from.cpu.iter().zip(&to.cpu) {
+        if let (Some(a), Some(b)) = (a, b) {
+            user += b.user.saturating_sub(a.user);
+            system += b.system.saturating_sub(a.system);
+        }
+    }
+    let hz = crate::sys::clock_ticks_per_sec() as f64;
+    (user as f64 / hz, system as f64 / hz)
+}
+
+/// Processes readable in the first sample but not in the second: they ended (a worker was
+/// replaced), and the CPU they spent in between is missing from [`cpu_secs`].
+pub fn gone(from: &Sample, to: &Sample) -> usize {
+    from.cpu
         .iter()
         .zip(&to.cpu)
-        .filter_map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
-        .sum();
-    ticks as f64 / crate::sys::clock_ticks_per_sec() as f64
+        .filter(|(a, b)| a.is_some() && b.is_none())
+        .count()
 }
 
 /// How busy each core was between two samples, 0 to 1.
@@ -238,7 +271,7 @@ fn status(config: &Path) -> Result<Status, BenchError> {
         .map_err(|e| BenchError::Server(format!("wsd -c {} status --json: {e}", config.display())))
 }
 
-fn cpu_ticks_of(pid: i32) -> Option<u64> {
+fn cpu_ticks_of(pid: i32) -> Option<Ticks> {
     cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
@@ -246,14 +279,14 @@ fn memory_of(pid: i32) -> Option<Memory> {
     rollup(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2)
-/// is in parentheses and may hold spaces, so fields are counted after its last `)`.
-fn cpu_ticks(stat: &str) -> Option<u64> {
+/// utime and stime (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field
+/// 2) is in parentheses and may hold spaces, so fields are counted after its last `)`.
+fn cpu_ticks(stat: &str) -> Option<Ticks> {
     let (_, rest) = stat.rsplit_once(')')?;
     let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Ticks { user, system })
 }
 
 /// `Rss:` and `Pss:` of a `/proc/<pid>/smaps_rollup`.
@@ -278,7 +311,13 @@ mod tests {
     fn cpu_ticks_are_fields_14_and_15_whatever_the_command_name() {
         let stat = "4242 (wsd: worker (echo) #1) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
                     250 75 0 0 20 0 1 0 12345 1000000 500 18446744073709551615";
-        assert_eq!(cpu_ticks(stat), Some(325));
+        assert_eq!(
+            cpu_ticks(stat),
+            Some(Ticks {
+                user: 250,
+                system: 75
+            })
+        );
         assert_eq!(cpu_ticks("4242 (x) S 1"), None);
         let mine = std::fs::read_to_string("/proc/self/stat").unwrap();
         assert!(cpu_ticks(&mine).is_some());
@@ -311,20 +350,23 @@ mod tests {
 
     #[test]
     fn cpu_seconds_count_only_processes_read_both_times() {
+        let t = |user, system| Some(Ticks { user, system });
         let a = Sample {
             at: 0,
-            cpu: vec![Some(100), Some(50), None],
+            cpu: vec![t(60, 40), t(50, 0), None],
             memory: Vec::new(),
             cores: Vec::new(),
         };
         let b = Sample {
             at: 2_000_000_000,
-            cpu: vec![Some(300), None, Some(900)],
+            cpu: vec![t(110, 190), None, t(900, 0)],
             memory: Vec::new(),
             cores: Vec::new(),
         };
         let hz = crate::sys::clock_ticks_per_sec() as f64;
         assert_eq!(cpu_secs(&a, &b), 200.0 / hz);
+        assert_eq!(cpu_split(&a, &b), (50.0 / hz, 150.0 / hz));
+        assert_eq!(gone(&a, &b), 1, "the second ended");
         assert_eq!(window_secs(&a, &b), 2.0);
     }
 }

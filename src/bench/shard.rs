@@ -11,7 +11,8 @@
 //! publisher reports `Published` when it has sent everything, and the coordinator passes the
 //! total on (`sent <n>`) so subscribers can stop as soon as they have every message. A run
 //! whose end the coordinator decides (`idle`: after it has read the server's memory) ends
-//! with `stop`.
+//! with `stop`. An `api` run's publisher is a process of its own with no WebSocket
+//! connection ([`super::publisher`]); it holds the same conversation.
 
 use super::client::{self, Driver, Pool};
 use super::payload::{self, Messages};
@@ -109,6 +110,12 @@ pub enum Report {
         burst_latency: Vec<(u64, u64)>,
         #[serde(default)]
         link: Box<Link>,
+        /// `api`'s publisher: how long the API took to answer each publish.
+        #[serde(default)]
+        answers: Vec<(u64, u64)>,
+        /// `api`'s publisher: from `go` to the last answer.
+        #[serde(default)]
+        publishing: Option<Span>,
     },
     /// The shard could not run at all.
     Failed {
@@ -126,6 +133,8 @@ pub struct Share {
     pub publisher: bool,
     /// `connect`: the connections it cycles in the sustained phase.
     pub slots: usize,
+    /// `api`: the host (index into its URLs) its connections go to.
+    pub host: usize,
 }
 
 /// Runs a shard to the end; the exit code for its process.
@@ -177,6 +186,20 @@ pub fn main(
             let sockets = n + usize::from(share.publisher);
             run(plan, sockets, first, b, clock, up, down)
         }
+        Work::Api(a) if share.publisher => super::publisher::run(a, plan.secs, clock, up, down),
+        Work::Api(a) => {
+            let subscribers = super::api::Subscribers::new(a, first, n, plan.secs);
+            run_on(
+                &a.hosts[share.host],
+                plan,
+                n,
+                first,
+                subscribers,
+                clock,
+                up,
+                down,
+            )
+        }
     };
     match result {
         Ok(()) => 0,
@@ -187,7 +210,8 @@ pub fn main(
     }
 }
 
-fn send(up: &mut pipe::Sender, report: &Report) -> io::Result<()> {
+/// Sends one report line to the coordinator.
+pub fn send(up: &mut pipe::Sender, report: &Report) -> io::Result<()> {
     let mut line = serde_json::to_vec(report).map_err(io::Error::other)?;
     line.push(b'\n');
     up.write_all(&line)
@@ -197,12 +221,27 @@ fn run(
     plan: &Plan,
     sockets: usize,
     first: usize,
+    work: impl Workload,
+    clock: Clock,
+    up: &mut pipe::Sender,
+    down: &mut pipe::Receiver,
+) -> io::Result<()> {
+    run_on(&plan.target, plan, sockets, first, work, clock, up, down)
+}
+
+/// [`run`] with connections to `target` rather than the plan's.
+#[allow(clippy::too_many_arguments)]
+fn run_on(
+    target: &super::Target,
+    plan: &Plan,
+    sockets: usize,
+    first: usize,
     mut work: impl Workload,
     clock: Clock,
     up: &mut pipe::Sender,
     down: &mut pipe::Receiver,
 ) -> io::Result<()> {
-    let mut pool = Pool::new(&plan.target, first, sockets, clock)?;
+    let mut pool = Pool::new(target, first, sockets, clock)?;
     pool.registry()
         .register(down, client::EXTRA, Interest::READABLE)?;
     // Scheduled sends (latency, the broadcast publisher) wake on a timerfd: a poll timeout
@@ -294,6 +333,8 @@ fn run(
             span: work.span(),
             burst_latency: work.burst_latency().map_or_else(Vec::new, report::to_pairs),
             link: Box::new(pool.link().clone()),
+            answers: Vec::new(),
+            publishing: None,
         },
     )
 }
