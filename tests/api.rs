@@ -350,6 +350,25 @@ fn keep_alive_serves_many_requests_on_one_connection() {
     let text = String::from_utf8_lossy(&got);
     assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 10, "{text}");
     assert!(!text.contains("Connection: close"));
+
+    // Pipelined answers come in request order, those gathered from the other worker and
+    // those answered at once alike.
+    let not_found =
+        "GET /api/nothing HTTP/1.1\r\nAuthorization: Bearer KEY\r\n\r\n".replace("KEY", KEY);
+    let mixed = [one.as_str(), &not_found, &one, &not_found, &one].concat();
+    s.write_all(mixed.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    while String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() < 5 || !got.ends_with(b"}\n") {
+        let n = s.read(&mut buf).expect("answers");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "404", "200", "404", "200"], "{text}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 use serde_json::{Value, json};
 use slab::Slab;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
@@ -38,15 +39,24 @@ pub(crate) struct ApiSocket {
     pub config: ApiConfig,
 }
 
+/// Requests one connection may have in flight (pipelined) before it is read no further.
+const MAX_PIPELINE: usize = 64;
+
 /// Where an API connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading a request (or idle between two).
+    /// Reading requests (or idle between two).
     Reading,
-    /// Its answer is being gathered from the other workers.
-    Waiting,
-    /// Writing its last answer; closed once written.
+    /// Its last answer is queued; closed once written.
     Closing,
+}
+
+/// One request's answer, in the connection's order.
+enum Answer {
+    /// Being gathered from other workers or Redis.
+    Due,
+    /// Encoded; `last` closes the connection after it.
+    Ready { bytes: Vec<u8>, last: bool },
 }
 
 struct ApiConn {
@@ -56,6 +66,10 @@ struct ApiConn {
     /// Answer bytes the socket has not taken yet.
     out: Vec<u8>,
     phase: Phase,
+    /// Answers not yet written, in request order (HTTP/1.1 pipelining): an answer that is
+    /// ready waits for those before it. `first` is the sequence number of the front one.
+    answers: VecDeque<Answer>,
+    first: u64,
     /// The current request (or idle wait) must be done by then.
     deadline: Instant,
 }
@@ -136,6 +150,8 @@ impl Loop {
                 reader: http::Reader::new(api.config.max_body),
                 out: Vec::new(),
                 phase: Phase::Reading,
+                answers: VecDeque::new(),
+                first: 0,
                 deadline: Instant::now() + api.config.request_timeout,
             });
         }
@@ -171,12 +187,12 @@ impl Loop {
         c.out = Vec::new();
         match c.phase {
             Phase::Closing => self.api_close(idx),
-            Phase::Waiting => false,
             Phase::Reading => true,
         }
     }
 
-    /// Reads and serves requests on `idx` until it would block or waits for an answer.
+    /// Reads and serves requests on `idx` until it would block, or has [`MAX_PIPELINE`]
+    /// requests in flight.
     fn api_read(&mut self, idx: usize) {
         let mut buf = [0u8; READ_CHUNK];
         loop {
@@ -184,7 +200,7 @@ impl Loop {
             let Some(c) = api.conns.get_mut(idx) else {
                 return;
             };
-            if c.phase != Phase::Reading {
+            if c.phase != Phase::Reading || c.answers.len() >= MAX_PIPELINE {
                 return;
             }
             // A request already buffered (pipelined) is served before reading more.
@@ -196,7 +212,7 @@ impl Loop {
                 Ok(None) => {}
                 Err(e) => {
                     let r = Response::json(e.status(), &json!({ "error": e.to_string() }));
-                    self.api_respond(idx, "other", &r, false, false);
+                    self.api_reply_now(idx, "other", &r, false, false);
                     return;
                 }
             }
@@ -229,17 +245,16 @@ impl Loop {
                     let path = crate::escaped(req.path.as_bytes());
                     log::debug!("api: {path}: wrong or missing key");
                 }
-                return self.api_respond(idx, endpoint, &e.response(), keep_alive, head_only);
+                return self.api_reply_now(idx, endpoint, &e.response(), keep_alive, head_only);
             }
         };
         match self.api_carry_out(call) {
-            Outcome::Now(r) => self.api_respond(idx, endpoint, &r, keep_alive, head_only),
+            Outcome::Now(r) => self.api_reply_now(idx, endpoint, &r, keep_alive, head_only),
             outcome => {
-                let api = self.api.as_mut().expect("serving the API");
-                let serial = api.conns[idx].serial;
-                api.conns[idx].phase = Phase::Waiting;
+                let (serial, seq) = self.api_due(idx);
                 let reply_to = ReplyTo::Api {
                     conn: (idx, serial),
+                    seq,
                     endpoint,
                     keep_alive,
                     head_only,
@@ -247,6 +262,27 @@ impl Loop {
                 self.ask_for(outcome, reply_to);
             }
         }
+    }
+
+    /// A place in `idx`'s answers for the request just read: its serial and the sequence
+    /// number of the answer.
+    fn api_due(&mut self, idx: usize) -> (u32, u64) {
+        let c = &mut self.api.as_mut().expect("serving the API").conns[idx];
+        c.answers.push_back(Answer::Due);
+        (c.serial, c.first + c.answers.len() as u64 - 1)
+    }
+
+    /// Answers the request just read on `idx` at once (after those before it).
+    fn api_reply_now(
+        &mut self,
+        idx: usize,
+        endpoint: &str,
+        r: &Response,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        let (_, seq) = self.api_due(idx);
+        self.api_respond(idx, seq, endpoint, r, keep_alive, head_only);
     }
 
     /// Does what `call` asks of this worker and the bus.
@@ -382,10 +418,12 @@ impl Loop {
         }
     }
 
-    /// A gathered answer for API connection `conn`, if it is still there.
+    /// A gathered answer for answer `seq` of API connection `conn`, if it is still there.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn api_gathered(
         &mut self,
         (idx, serial): (usize, u32),
+        seq: u64,
         endpoint: &'static str,
         status: u16,
         body: &Value,
@@ -398,9 +436,8 @@ impl Loop {
         if c.serial != serial {
             return;
         }
-        c.phase = Phase::Reading;
         let r = Response::json(status, body);
-        self.api_respond(idx, endpoint, &r, keep_alive, head_only);
+        self.api_respond(idx, seq, endpoint, &r, keep_alive, head_only);
         if let Some(api) = self.api.as_mut() {
             api.resume.push(idx);
         }
@@ -419,10 +456,12 @@ impl Loop {
         self.api.as_ref().is_some_and(|a| !a.resume.is_empty())
     }
 
-    /// Queues `r` for `idx` and writes it; the connection closes after it unless kept alive.
+    /// Makes `r` answer `seq` of `idx`, and writes what is ready in order; the connection
+    /// closes after an answer that does not keep it alive.
     fn api_respond(
         &mut self,
         idx: usize,
+        seq: u64,
         endpoint: &str,
         r: &Response,
         keep_alive: bool,
@@ -432,6 +471,12 @@ impl Loop {
         let Some(c) = api.conns.get_mut(idx) else {
             return;
         };
+        let Some(slot) = seq
+            .checked_sub(c.first)
+            .and_then(|i| c.answers.get_mut(i as usize))
+        else {
+            return; // The connection is closing: answers after its last are not sent.
+        };
         let keep_alive = keep_alive && self.stopping.mode().is_none();
         log::debug!("api: {endpoint}: {}", r.status);
         let counters = &mut self.ctx.counters;
@@ -440,12 +485,22 @@ impl Loop {
             .api
             .entry(format!("{endpoint} {}", r.status))
             .or_default() += 1;
-        c.out.extend_from_slice(&r.encode(keep_alive, head_only));
-        c.phase = if keep_alive {
-            Phase::Reading
-        } else {
-            Phase::Closing
+        *slot = Answer::Ready {
+            bytes: r.encode(keep_alive, head_only),
+            last: !keep_alive,
         };
+        while let Some(Answer::Ready { .. }) = c.answers.front() {
+            let Some(Answer::Ready { bytes, last }) = c.answers.pop_front() else {
+                unreachable!("matched above")
+            };
+            c.first += 1;
+            c.out.extend_from_slice(&bytes);
+            if last {
+                c.phase = Phase::Closing;
+                c.answers.clear();
+                break;
+            }
+        }
         c.deadline = Instant::now() + api.config.request_timeout;
         self.api_write(idx);
     }
@@ -472,7 +527,7 @@ impl Loop {
         let overdue: Vec<(usize, bool)> = api
             .conns
             .iter()
-            .filter(|(_, c)| c.phase == Phase::Reading && c.deadline <= now)
+            .filter(|(_, c)| c.phase == Phase::Reading && c.answers.is_empty() && c.deadline <= now)
             .map(|(idx, c)| (idx, c.reader.is_idle()))
             .collect();
         for (idx, idle) in overdue {
@@ -480,7 +535,7 @@ impl Loop {
                 self.api_close(idx);
             } else {
                 let e = json!({ "error": "request not complete within request_timeout" });
-                self.api_respond(idx, "other", &Response::json(408, &e), false, false);
+                self.api_reply_now(idx, "other", &Response::json(408, &e), false, false);
             }
         }
     }

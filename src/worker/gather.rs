@@ -17,9 +17,11 @@ pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who gets the answer.
 pub(super) enum ReplyTo {
-    /// An API connection (index, serial) and how it asked.
+    /// An API connection (index, serial), the place of the answer among its pipelined ones,
+    /// and how it asked.
     Api {
         conn: (usize, u32),
+        seq: u64,
         endpoint: &'static str,
         keep_alive: bool,
         head_only: bool,
@@ -196,10 +198,11 @@ impl Loop {
         match g.reply_to {
             ReplyTo::Api {
                 conn,
+                seq,
                 endpoint,
                 keep_alive,
                 head_only,
-            } => self.api_gathered(conn, endpoint, status, &body, keep_alive, head_only),
+            } => self.api_gathered(conn, seq, endpoint, status, &body, keep_alive, head_only),
             ReplyTo::Client(id) => {
                 // A client tells this answer from a publish by its `presence` key.
                 if let Some(topic) = body.get("topic").cloned() {
