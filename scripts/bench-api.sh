@@ -16,7 +16,7 @@
 #   - for each T in RATE_TOPICS: RATE publishes a second for SECS s, open loop (each publish
 #     reaches CONNS/T subscribers);
 #   - flat out for FLAT_SECS s with T = FLAT_TOPICS, DEPTH requests in flight per connection;
-#     wsd with FLAT_WORKERS workers per host (see below).
+#     wsd with FLAT_WORKERS workers per host.
 # For each run it prints publishes/s, deliveries/s, publish→delivery latency p50/p99/p99.9,
 # missing deliveries, the servers' CPU seconds (wsd: both masters and their workers;
 # socket.io: both Node servers), deliveries per server-CPU-second, the CPU of Redis and of
@@ -24,10 +24,8 @@
 # rounds, with the rounds' range where it matters. Targets (reported, not enforced): wsd's p99 at most 10 ms at 1,000 publishes/s, and wsd's deliveries per
 # server-CPU-second at least 5× socket.io's.
 #
-# FLAT_WORKERS is 2 because a wsd worker alone in its group (count = 1) serves an API
-# connection's next waiting request from inside the previous one's answer: a connection that
-# always has a request waiting (flat out, or an overloaded worker) deepens the worker's stack
-# until it overflows and the worker is killed.
+# SERVER_BIN runs the wsd servers with another build than the client's (WSD_BIN), to compare
+# builds; GROUP_EXTRA adds lines to their [[worker]] table (`presence = true`, say).
 #
 # Everything runs on this box's cores, unpinned: servers, Redis and client share them, and
 # the client's own CPU is shown. Every process is started by this script and stopped by pid
@@ -35,8 +33,9 @@
 # install the first time). Not for CI.
 #
 # Usage: [CONNS=10000] [RATE=1000] [SECS=10] [RATE_TOPICS="1000 100"] [FLAT_SECS=5]
-#        [FLAT_TOPICS=100] [WORKERS=1] [FLAT_WORKERS=2] [HTTP_CONNS=2] [DEPTH=16] [ROUNDS=3]
-#        [WSD_BIN=path/to/wsd] scripts/bench-api.sh [--wsd-only]
+#        [FLAT_TOPICS=100] [WORKERS=1] [FLAT_WORKERS=WORKERS] [HTTP_CONNS=2] [DEPTH=16]
+#        [ROUNDS=3] [WSD_BIN=path/to/wsd] [SERVER_BIN=path/to/wsd] [GROUP_EXTRA=lines]
+#        scripts/bench-api.sh [--wsd-only]
 # Needs python3; redis-server (installed with apt-get if missing and root); node and npm for
 # socket.io (npm ci of benches/peers/socketio's lock into target/bench-api/node).
 set -euo pipefail
@@ -48,7 +47,7 @@ RATE_TOPICS=${RATE_TOPICS:-1000 100}
 FLAT_SECS=${FLAT_SECS:-5}
 FLAT_TOPICS=${FLAT_TOPICS:-100}
 WORKERS=${WORKERS:-1}
-FLAT_WORKERS=${FLAT_WORKERS:-2}
+FLAT_WORKERS=${FLAT_WORKERS:-$WORKERS}
 HTTP_CONNS=${HTTP_CONNS:-2}
 DEPTH=${DEPTH:-16}
 ROUNDS=${ROUNDS:-3}
@@ -157,13 +156,14 @@ wsd_host() {
     local n=$1 dir=$tmp/wsd-$1
     rm -rf "$dir"
     write_config "$dir" pubsub "$2" $((CONNS + 1000)) "bus = \"$redis_url\""
+    [[ -z ${GROUP_EXTRA:-} ]] || printf '%s\n' "$GROUP_EXTRA" >>"$dir/workers.toml"
     printf '\n[api]\nlisten = "http://127.0.0.1:0"\nkeys = ["%s"]\n' "$KEY" >>"$dir/workers.toml"
     local started=0
-    start_wsd "$dir" || started=$?
+    WSD_BIN=${SERVER_BIN:-$WSD_BIN} start_wsd "$dir" || started=$?
     wsd_master[n]=$master # stopped by wsd_stop even if it did not get ready
     ((started == 0)) || return 1
     wsd_config[n]=$config wsd_port[n]=$port
-    wsd_api[n]=$("$WSD_BIN" -c "$config" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["api"]["listen"])')
+    wsd_api[n]=$("${SERVER_BIN:-$WSD_BIN}" -c "$config" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["api"]["listen"])')
 }
 wsd_stop() {
     stop "${wsd_master[@]}"
