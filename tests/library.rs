@@ -66,6 +66,20 @@ fn server_program() -> ! {
             let seen = std::env::var("NOTIFY_SOCKET").unwrap_or_else(|_| "unset".into());
             let _ = ctx.send(conn, seen);
         }
+        Some(text) if text.starts_with("me ") => {
+            let bound = ctx.bind_user(conn, &text[3..]);
+            let _ = ctx.send(conn, format!("bound {bound}"));
+        }
+        Some(text) if text.starts_with("where ") => {
+            // Answered once every worker has said: by then this connection may be gone.
+            let who = text[6..].to_string();
+            ctx.user_connections(&who.clone(), move |ctx, ids| {
+                let n = ids.len();
+                ctx.is_online(&who.clone(), move |ctx, online| {
+                    let _ = ctx.send(conn, format!("{who}: {n} online {online}"));
+                });
+            });
+        }
         Some("later") => {
             ctx.add_timer_once(Duration::from_millis(20), move |ctx| {
                 let _ = ctx.send(conn, "later");
@@ -230,6 +244,28 @@ fn a_stuck_worker_shows_busy_and_status_does_not_hang() {
     server.wait_ready();
 }
 
+/// `user_connections` and `is_online` answer for every worker, through the app's callback.
+fn users_are_found_on_every_worker() {
+    let server = start();
+    let mut clients: Vec<Client> = (0..8).map(|_| server.connect()).collect();
+    let mut workers = std::collections::BTreeSet::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        workers.insert(slot_of(&c.recv_text()));
+        assert_eq!(c.recv_text(), "once");
+        if i % 2 == 0 {
+            c.send_text("me ada");
+            assert_eq!(c.recv_text(), "bound true");
+        }
+    }
+    for c in clients.iter_mut() {
+        c.send_text("where ada");
+        assert_eq!(c.recv_text(), "ada: 4 online true");
+    }
+    clients[1].send_text("where nobody");
+    assert_eq!(clients[1].recv_text(), "nobody: 0 online false");
+    assert!(!workers.is_empty());
+}
+
 fn main() {
     if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
         server_program();
@@ -254,6 +290,10 @@ fn main() {
         (
             "workers_do_not_inherit_notify_socket",
             workers_do_not_inherit_notify_socket,
+        ),
+        (
+            "users_are_found_on_every_worker",
+            users_are_found_on_every_worker,
         ),
     ]);
 }

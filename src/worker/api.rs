@@ -16,7 +16,6 @@ use super::gather::{Compose, Outcome, ReplyTo};
 use crate::api::call::{self, ApiError, Call, Target};
 use crate::api::http::{self, Method, Response};
 use crate::bus::GlobalId;
-use crate::bus::directory::Kind;
 use crate::config::ApiConfig;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
@@ -339,28 +338,7 @@ impl Loop {
                 reason,
             } => self.api_disconnect(target, code, reason),
             Call::Presence(topic) => self.presence_outcome(topic),
-            Call::User(user) => {
-                let Value::Array(rows) = self.answer(&Question::UserConns(user.clone())) else {
-                    unreachable!("a user's connections are a list")
-                };
-                Outcome::Lookup {
-                    kind: Kind::User,
-                    name: user.clone(),
-                    compose: Compose::User {
-                        user: user.clone(),
-                        rows: Vec::new(),
-                        cluster: true,
-                    },
-                    host: (
-                        Question::UserConns(user.clone()),
-                        Compose::User {
-                            user,
-                            rows,
-                            cluster: false,
-                        },
-                    ),
-                }
-            }
+            Call::User(user) => self.user_outcome(user),
             Call::Stats => {
                 let local = self.answer(&Question::Stats);
                 ask(Question::Stats, Compose::Stats(local))

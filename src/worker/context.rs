@@ -59,8 +59,9 @@ pub struct Context {
     pub(crate) users: Topics,
     /// Which topics keep presence, and whether joins and leaves are announced.
     pub(crate) presence: super::presence::PresencePolicy,
-    /// Subscribers' "who is here?" questions from this turn's hooks (`ask_presence`).
-    pub(crate) presence_asks: Vec<(ConnId, String)>,
+    /// Questions for other workers or Redis that this turn's hooks asked (`ask_presence`,
+    /// `user_connections`, `is_online`), started after the hooks.
+    pub(crate) asks: Vec<super::gather::Pending>,
     /// The group's `subprotocols`, which connections name by place ([`Agreed`]).
     pub(crate) subprotocols: Vec<String>,
     /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
@@ -102,7 +103,7 @@ impl Context {
                 topics: settings.presence.clone(),
                 events: settings.presence_events,
             },
-            presence_asks: Vec::new(),
+            asks: Vec::new(),
             subprotocols: settings.subprotocols.clone(),
             leaving: None,
             // permessage-deflate

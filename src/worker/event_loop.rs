@@ -265,7 +265,7 @@ impl Loop {
         self.again_spare = recycle(again);
         self.run_timers();
         self.deliver_notices();
-        self.answer_presence_asks();
+        self.start_asks();
         self.close_due();
         self.reap();
         self.flush_dirty();
@@ -294,7 +294,7 @@ impl Loop {
             || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()
             || !self.ctx.notices.is_empty()
-            || !self.ctx.presence_asks.is_empty()
+            || !self.ctx.asks.is_empty()
             || self.api_has_work()
     }
 

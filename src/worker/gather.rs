@@ -15,8 +15,25 @@ use std::time::{Duration, Instant};
 /// How long an answer waits for the other workers (or Redis).
 pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A question a hook asked, to start after the hook: what, and who gets the answer.
+pub(crate) struct Pending {
+    pub what: Wanted,
+    pub reply_to: ReplyTo,
+}
+
+/// What a hook asked.
+pub(crate) enum Wanted {
+    /// Who is subscribed to a topic.
+    Presence(String),
+    /// Where a user is connected.
+    User(String),
+}
+
+/// Code to run with an answer: the app's callback.
+pub(crate) type Then = Box<dyn FnOnce(&mut crate::Context, &Value)>;
+
 /// Who gets the answer.
-pub(super) enum ReplyTo {
+pub(crate) enum ReplyTo {
     /// An API connection (index, serial), the place of the answer among its pipelined ones,
     /// and how it asked.
     Api {
@@ -28,6 +45,8 @@ pub(super) enum ReplyTo {
     },
     /// A WebSocket client, as a text message.
     Client(ConnId),
+    /// The app, through a callback it gave (`Context::user_connections`).
+    Hook(Then),
 }
 
 /// How the answers are put together.
@@ -210,6 +229,49 @@ impl Loop {
                 }
                 let _ = self.ctx.send(id, body.to_string());
             }
+            ReplyTo::Hook(then) => {
+                let ctx = &mut self.ctx;
+                let run = std::panic::AssertUnwindSafe(|| then(ctx, &body));
+                if std::panic::catch_unwind(run).is_err() {
+                    log::error!("a callback given to user_connections or is_online panicked");
+                }
+            }
+        }
+    }
+
+    /// Starts the questions this turn's hooks asked.
+    pub(super) fn start_asks(&mut self) {
+        for Pending { what, reply_to } in std::mem::take(&mut self.ctx.asks) {
+            let outcome = match what {
+                Wanted::Presence(topic) => self.presence_outcome(topic),
+                Wanted::User(user) => self.user_outcome(user),
+            };
+            self.ask_for(outcome, reply_to);
+        }
+    }
+
+    /// Where `user` is connected: Redis's records for the cluster, or the host's workers.
+    pub(super) fn user_outcome(&mut self, user: String) -> Outcome {
+        let question = Question::UserConns(user.clone());
+        let Value::Array(rows) = self.answer(&question) else {
+            unreachable!("a user's connections are a list")
+        };
+        Outcome::Lookup {
+            kind: Kind::User,
+            name: user.clone(),
+            compose: Compose::User {
+                user: user.clone(),
+                rows: Vec::new(),
+                cluster: true,
+            },
+            host: (
+                question,
+                Compose::User {
+                    user,
+                    rows,
+                    cluster: false,
+                },
+            ),
         }
     }
 

@@ -8,7 +8,7 @@
 
 use super::context::Context;
 use super::event_loop::Loop;
-use super::gather::{Compose, Outcome, ReplyTo};
+use super::gather::{Compose, Outcome, Pending, ReplyTo, Wanted};
 use crate::ConnId;
 use crate::bus::GlobalId;
 use crate::bus::directory::{Kind, REFRESH, Record};
@@ -129,21 +129,16 @@ impl Context {
         let allowed =
             self.presence.topics.covers(topic) && self.topics.of(conn).iter().any(|t| t == topic);
         if allowed {
-            self.presence_asks.push((conn, topic.to_string()));
+            self.asks.push(Pending {
+                what: Wanted::Presence(topic.to_string()),
+                reply_to: ReplyTo::Client(conn),
+            });
         }
         allowed
     }
 }
 
 impl Loop {
-    /// Starts the presence questions subscribers asked during this turn's hooks.
-    pub(super) fn answer_presence_asks(&mut self) {
-        for (conn, topic) in std::mem::take(&mut self.ctx.presence_asks) {
-            let outcome = self.presence_outcome(topic);
-            self.ask_for(outcome, ReplyTo::Client(conn));
-        }
-    }
-
     /// Who is on `topic`: Redis's records for the cluster when the topic keeps presence (and
     /// there is a cluster bus), else the host's workers, which know their own subscribers.
     pub(super) fn presence_outcome(&mut self, topic: String) -> Outcome {

@@ -127,6 +127,44 @@ impl Context {
         self.users.of(conn).first().map(String::as_str)
     }
 
+    /// Asks where user `uid` is connected: on every worker of the host, and with `[server]
+    /// bus` on every host (from the records in Redis). `then` runs, in this worker, with the
+    /// connections' ids once the answers are in (within 2 seconds, with what came).
+    ///
+    /// ```no_run
+    /// # let mut worker = wsd::Worker::new("websocket://0.0.0.0:2346");
+    /// worker.on_message(|ctx, conn, msg| {
+    ///     let who = msg.to_string();
+    ///     ctx.user_connections(&who, move |ctx, ids| {
+    ///         let _ = ctx.send(conn, format!("{who}: {} connection(s)", ids.len()));
+    ///     });
+    /// });
+    /// ```
+    pub fn user_connections(
+        &mut self,
+        uid: &str,
+        then: impl FnOnce(&mut Context, Vec<GlobalId>) + 'static,
+    ) {
+        let then: super::gather::Then = Box::new(move |ctx, answer| {
+            let ids = answer["connections"].as_array().map_or(Vec::new(), |a| {
+                a.iter()
+                    .filter_map(|id| id.as_str()?.parse().ok())
+                    .collect()
+            });
+            then(ctx, ids)
+        });
+        self.asks.push(super::gather::Pending {
+            what: super::gather::Wanted::User(uid.to_string()),
+            reply_to: super::gather::ReplyTo::Hook(then),
+        });
+    }
+
+    /// Asks whether user `uid` has a connection anywhere (see [`Context::user_connections`]);
+    /// `then` runs with the answer.
+    pub fn is_online(&mut self, uid: &str, then: impl FnOnce(&mut Context, bool) + 'static) {
+        self.user_connections(uid, move |ctx, ids| then(ctx, !ids.is_empty()));
+    }
+
     /// This worker's connections of user `uid`.
     pub fn user_connections_local(&self, uid: &str) -> Vec<ConnId> {
         self.users.members(uid)
