@@ -437,17 +437,7 @@ fn check_names_bad_api_settings_with_their_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("workers.toml");
     let base = "[[worker]]\nlisten = \"127.0.0.1:0\"\napp = \"pubsub\"\n\n";
-    let check = |api: &str| {
-        std::fs::write(&file, format!("{base}{api}")).unwrap();
-        let out = std::process::Command::new(wsd_bin())
-            .args(["-c", file.to_str().unwrap(), "check"])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let check = |api: &str| check_config(&file, &format!("{base}{api}"));
     let (ok, err) = check("[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"short\"]\n");
     assert!(
         !ok && err.contains("workers.toml:5:") && err.contains("keys[0] is shorter"),

@@ -280,18 +280,8 @@ fn es256_tokens_verify_with_a_public_key_file() {
 fn check_refuses_auth_without_a_usable_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("workers.toml");
-    let check = |group: &str| {
-        let text = format!("[[worker]]\nlisten = \"127.0.0.1:0\"\napp = \"pubsub\"\n{group}");
-        std::fs::write(&file, text).unwrap();
-        let out = std::process::Command::new(wsd_bin())
-            .args(["-c", file.to_str().unwrap(), "check"])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let base = "[[worker]]\nlisten = \"127.0.0.1:0\"\napp = \"pubsub\"\n";
+    let check = |group: &str| check_config(&file, &format!("{base}{group}"));
     let (ok, err) = check("auth = \"jwt\"\n");
     assert!(
         !ok && err.contains("workers.toml:1:") && err.contains("needs one of"),

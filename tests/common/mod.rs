@@ -408,6 +408,21 @@ pub fn refused_start(config: &Path) -> (String, String) {
     (stdout, stderr)
 }
 
+/// Writes `text` to `file` and runs `wsd -c file check`: whether it passed, and its stderr.
+pub fn check_config(file: &Path, text: &str) -> (bool, String) {
+    std::fs::write(file, text).unwrap();
+    let out = Command::new(wsd_bin())
+        .arg("-c")
+        .arg(file)
+        .arg("check")
+        .output()
+        .expect("run wsd check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
