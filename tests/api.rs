@@ -430,6 +430,26 @@ fn reload_applies_new_keys_and_refuses_a_new_address() {
         call(port, "POST", "/api/publish", Some(new_key), body).status,
         200
     );
+
+    // A reload that changes the group's count gives every new slot its API socket, and
+    // takes the removed ones' away: every request is answered, by 3 workers, then by 1.
+    let rotated = config.replace(KEY, new_key);
+    for count in [3, 1] {
+        let text = rotated.replace(&format!("count = {WORKERS}"), &format!("count = {count}"));
+        std::fs::write(&server.config, text).unwrap();
+        let out = server.wsd(&["reload"]);
+        assert!(out.status.success(), "{out:?}");
+        server.wait_ready();
+        wait_for("the API answered by the new workers", DEADLINE, || {
+            let a = call(port, "GET", "/api/stats", Some(new_key), "");
+            let stats: Value = serde_json::from_str(&a.body).ok()?;
+            (stats["workers"].as_array()?.len() == count).then_some(())
+        });
+        for _ in 0..30 {
+            let a = call(port, "POST", "/api/publish", Some(new_key), body);
+            assert_eq!(a.status, 200, "{a:?}");
+        }
+    }
 }
 
 #[test]
