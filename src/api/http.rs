@@ -214,10 +214,7 @@ impl Reader {
                     keep_alive = true;
                 }
             } else if name.eq_ignore_ascii_case("authorization") {
-                let v = h.value;
-                if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                    bearer = Some(v[7..].trim_ascii().to_vec());
-                }
+                bearer = self::bearer(h.value).map(<[u8]>::to_vec);
             }
         }
         if len > self.max_body {
@@ -236,6 +233,14 @@ impl Reader {
         };
         Ok(Some((request, used, len)))
     }
+}
+
+/// The credential of an `Authorization: Bearer <credential>` header value.
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let scheme = value.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| value[7..].trim_ascii())
 }
 
 /// An answer: a status and a JSON body.

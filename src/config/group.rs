@@ -181,11 +181,17 @@ impl Presence {
         match self {
             Presence::Off => false,
             Presence::All => true,
-            Presence::Topics(ps) => ps.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix),
-                None => p == topic,
-            }),
+            Presence::Topics(ps) => ps.iter().any(|p| topic_matches(p, topic)),
         }
+    }
+}
+
+/// Whether `topic` is `pattern`, or starts with it when it ends in `*` (`room/*`): the topic
+/// patterns of `presence` and of a token's `topics` claim.
+pub(crate) fn topic_matches(pattern: &str, topic: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => pattern == topic,
     }
 }
 

@@ -16,6 +16,7 @@ mod values;
 
 pub use api::{ApiConfig, ApiProblem, MetricsConfig, Secret};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
+pub(crate) use group::topic_matches;
 pub use group::{Auth, Compression, GroupConfig, Presence, SendBufferPolicy};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
 pub use values::{Bytes, Listen, Seconds};

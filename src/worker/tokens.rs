@@ -36,11 +36,10 @@ pub(crate) fn topic_allowed(patterns: Option<&[String]>, topic: &str) -> bool {
     let private = topic.starts_with('$');
     match patterns {
         None => !private,
-        Some(ps) => ps.iter().any(|p| match p.strip_suffix('*') {
-            Some("") => !private,
-            Some(prefix) => topic.starts_with(prefix),
-            None => p == topic,
-        }),
+        // `*` alone does not open private topics.
+        Some(ps) => ps
+            .iter()
+            .any(|p| crate::config::topic_matches(p, topic) && !(p == "*" && private)),
     }
 }
 
@@ -116,11 +115,10 @@ impl Loop {
         #[cfg(feature = "jwt")]
         if let Some(verifier) = &self.settings.jwt {
             let req = super::UpgradeRequest::new(request, remote);
-            let bearer = req.header("authorization").and_then(|v| {
-                v.get(..7)
-                    .filter(|p| p.eq_ignore_ascii_case("bearer "))
-                    .map(|_| &v[7..])
-            });
+            let bearer = req
+                .header("authorization")
+                .and_then(|v| crate::api::http::bearer(v.as_bytes()))
+                .and_then(|b| std::str::from_utf8(b).ok());
             let cookie = self
                 .settings
                 .token_cookie
