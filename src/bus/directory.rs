@@ -28,6 +28,7 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How long a worker's records outlive its last refresh: the most a dead host stays present.
+#[cfg(feature = "cluster")]
 pub const TTL: Duration = Duration::from_secs(15);
 /// How often a worker refreshes its records.
 pub const REFRESH: Duration = Duration::from_secs(5);

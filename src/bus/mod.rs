@@ -270,6 +270,11 @@ impl Bus {
         }
     }
 
+    /// The server has a cluster bus (`[server] bus`), up or not: records are kept in Redis.
+    pub fn has_cluster(&self) -> bool {
+        !matches!(self.remote, Remote::None)
+    }
+
     /// Queues a change to this worker's presence and user records in Redis, with a cluster
     /// bus (without one, presence is asked of the host's workers instead).
     #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]

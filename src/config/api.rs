@@ -94,7 +94,7 @@ pub enum ApiProblem {
     /// No key: an API without one would let anyone publish.
     #[error("[api] needs at least one key in keys = [...]")]
     NoKeys,
-    /// A key shorter than [`MIN_KEY_LEN`] (which one is said by position, not by value).
+    /// A key shorter than `MIN_KEY_LEN` (which one is said by position, not by value).
     #[error("[api] keys[{0}] is shorter than {MIN_KEY_LEN} characters: use a long random key")]
     ShortKey(usize),
     /// `max_connections` is 0.

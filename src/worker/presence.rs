@@ -60,14 +60,19 @@ impl Context {
         if !self.presence.topics.covers(topic) {
             return;
         }
+        if !self.bus.has_cluster() && !self.presence.events {
+            return;
+        }
         let row = self.presence_row(conn);
         let id = self.bus_id(conn);
-        self.bus.record(Record::Put {
-            kind: Kind::Topic,
-            name: topic.to_string(),
-            conn: id.clone(),
-            value: row.to_string(),
-        });
+        if self.bus.has_cluster() {
+            self.bus.record(Record::Put {
+                kind: Kind::Topic,
+                name: topic.to_string(),
+                conn: id.clone(),
+                value: row.to_string(),
+            });
+        }
         if self.presence.events {
             self.announce("join", topic, &id, row);
         }
@@ -79,20 +84,28 @@ impl Context {
         if !self.presence.topics.covers(topic) {
             return;
         }
-        let row = self.presence_row(conn);
+        if !self.bus.has_cluster() && !self.presence.events {
+            return;
+        }
         let id = self.bus_id(conn);
-        self.bus.record(Record::Delete {
-            kind: Kind::Topic,
-            name: topic.to_string(),
-            conn: id.clone(),
-        });
+        if self.bus.has_cluster() {
+            self.bus.record(Record::Delete {
+                kind: Kind::Topic,
+                name: topic.to_string(),
+                conn: id.clone(),
+            });
+        }
         if self.presence.events {
+            let row = self.presence_row(conn);
             self.announce("leave", topic, &id, row);
         }
     }
 
-    /// `conn` is bound to `user` now (`Put`), or no longer (`Delete`).
+    /// `conn` is bound to `user` now (`Put`), or no longer (`Delete`): recorded in Redis.
     pub(crate) fn record_user(&mut self, conn: ConnId, user: &str, bound: bool) {
+        if !self.bus.has_cluster() {
+            return; // Without Redis, users are asked of the host's workers.
+        }
         let (name, conn) = (user.to_string(), self.bus_id(conn));
         self.bus.record(if bound {
             Record::Put {

@@ -85,7 +85,9 @@ impl Context {
         for topic in self.topics.forget(conn) {
             self.bus.interest(&topic, false);
         }
-        if let Some(user) = self.user_of(conn).map(str::to_string) {
+        if self.bus.has_cluster()
+            && let Some(user) = self.user_of(conn).map(str::to_string)
+        {
             self.record_user(conn, &user, false);
         }
         self.users.forget(conn);
