@@ -30,25 +30,14 @@ fn api_port(server: &mut Server) -> u16 {
     listen.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// One request on its own connection (`Connection: close`); `key` None sends none.
-fn call(port: u16, method: &str, target: &str, key: Option<&str>, body: &str) -> HttpAnswer {
-    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    http_exchange(port, request.as_bytes(), DEADLINE)
-}
-
 fn post(port: u16, path: &str, body: &Value) -> Value {
-    let a = call(port, "POST", path, Some(KEY), &body.to_string());
+    let a = api_call(port, "POST", path, Some(KEY), &body.to_string());
     assert_eq!(a.status, 200, "{path}: {a:?}");
     serde_json::from_str(&a.body).expect("a JSON answer")
 }
 
 fn get(port: u16, target: &str) -> Value {
-    let a = call(port, "GET", target, Some(KEY), "");
+    let a = api_call(port, "GET", target, Some(KEY), "");
     assert_eq!(a.status, 200, "{target}: {a:?}");
     serde_json::from_str(&a.body).expect("a JSON answer")
 }
@@ -216,11 +205,11 @@ fn bad_requests_get_their_4xx_and_disturb_nothing() {
     let cases: Vec<(u16, HttpAnswer)> = vec![
         (
             400,
-            call(port, "POST", "/api/publish", Some(KEY), "{not json"),
+            api_call(port, "POST", "/api/publish", Some(KEY), "{not json"),
         ),
         (
             404,
-            call(
+            api_call(
                 port,
                 "POST",
                 "/api/publish",
@@ -230,7 +219,7 @@ fn bad_requests_get_their_4xx_and_disturb_nothing() {
         ),
         (
             422,
-            call(
+            api_call(
                 port,
                 "POST",
                 "/api/publish",
@@ -240,7 +229,7 @@ fn bad_requests_get_their_4xx_and_disturb_nothing() {
         ),
         (
             413,
-            call(
+            api_call(
                 port,
                 "POST",
                 "/api/publish",
@@ -248,10 +237,10 @@ fn bad_requests_get_their_4xx_and_disturb_nothing() {
                 &format!(r#"{{"topic":"a","data":"{}"}}"#, "x".repeat(2000)),
             ),
         ),
-        (401, call(port, "POST", "/api/publish", None, publish)),
+        (401, api_call(port, "POST", "/api/publish", None, publish)),
         (
             401,
-            call(
+            api_call(
                 port,
                 "POST",
                 "/api/publish",
@@ -259,10 +248,10 @@ fn bad_requests_get_their_4xx_and_disturb_nothing() {
                 publish,
             ),
         ),
-        (405, call(port, "GET", "/api/publish", Some(KEY), "")),
-        (405, call(port, "DELETE", "/api/stats", Some(KEY), "")),
-        (404, call(port, "GET", "/api/nothing", Some(KEY), "")),
-        (400, call(port, "GET", "/api/presence", Some(KEY), "")),
+        (405, api_call(port, "GET", "/api/publish", Some(KEY), "")),
+        (405, api_call(port, "DELETE", "/api/stats", Some(KEY), "")),
+        (404, api_call(port, "GET", "/api/nothing", Some(KEY), "")),
+        (400, api_call(port, "GET", "/api/presence", Some(KEY), "")),
         (
             411,
             http_exchange(
@@ -374,11 +363,11 @@ fn keep_alive_serves_many_requests_on_one_connection() {
 #[test]
 fn health_and_stats_answer_for_every_worker() {
     let (mut server, port) = start("");
-    let health = call(port, "GET", "/health", None, "");
+    let health = api_call(port, "GET", "/health", None, "");
     assert_eq!(health.status, 200, "{health:?}");
     let body: Value = serde_json::from_str(&health.body).unwrap();
     assert_eq!(body, json!({"status": "ok", "workers": WORKERS}));
-    let head = call(port, "HEAD", "/health", None, "");
+    let head = api_call(port, "HEAD", "/health", None, "");
     assert_eq!((head.status, head.body.as_str()), (200, ""));
 
     let clients = subscribers(&server, port, "room", 4);
@@ -410,10 +399,10 @@ fn reload_applies_new_keys_and_refuses_a_new_address() {
     server.wait_ready();
     let body = r#"{"topic":"t","data":"x"}"#;
     wait_for("the new workers to take the new key", DEADLINE, || {
-        (call(port, "POST", "/api/publish", Some(new_key), body).status == 200).then_some(())
+        (api_call(port, "POST", "/api/publish", Some(new_key), body).status == 200).then_some(())
     });
     assert_eq!(
-        call(port, "POST", "/api/publish", Some(KEY), body).status,
+        api_call(port, "POST", "/api/publish", Some(KEY), body).status,
         401
     );
 
@@ -427,7 +416,7 @@ fn reload_applies_new_keys_and_refuses_a_new_address() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[api] listen changed"), "{err}");
     assert_eq!(
-        call(port, "POST", "/api/publish", Some(new_key), body).status,
+        api_call(port, "POST", "/api/publish", Some(new_key), body).status,
         200
     );
 
@@ -441,12 +430,12 @@ fn reload_applies_new_keys_and_refuses_a_new_address() {
         assert!(out.status.success(), "{out:?}");
         server.wait_ready();
         wait_for("the API answered by the new workers", DEADLINE, || {
-            let a = call(port, "GET", "/api/stats", Some(new_key), "");
+            let a = api_call(port, "GET", "/api/stats", Some(new_key), "");
             let stats: Value = serde_json::from_str(&a.body).ok()?;
             (stats["workers"].as_array()?.len() == count).then_some(())
         });
         for _ in 0..30 {
-            let a = call(port, "POST", "/api/publish", Some(new_key), body);
+            let a = api_call(port, "POST", "/api/publish", Some(new_key), body);
             assert_eq!(a.status, 200, "{a:?}");
         }
     }

@@ -187,12 +187,7 @@ impl Host {
     /// Publishes through this host's API; the status and the answer.
     fn publish(&self, topic: &str, data: &str) -> (u16, Value) {
         let body = serde_json::json!({ "topic": topic, "data": data }).to_string();
-        let req = format!(
-            "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
+        let a = api_call(self.api, "POST", "/api/publish", Some(API_KEY), &body);
         (
             a.status,
             serde_json::from_str(&a.body).unwrap_or(Value::Null),
@@ -201,10 +196,7 @@ impl Host {
 
     /// `GET path` on this host's API, as JSON.
     fn get(&self, path: &str) -> Value {
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
-        );
-        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
+        let a = api_call(self.api, "GET", path, Some(API_KEY), "");
         assert_eq!(a.status, 200, "{path}: {a:?}");
         serde_json::from_str(&a.body).expect("JSON")
     }
@@ -213,15 +205,10 @@ impl Host {
     /// (connection ids name their host and worker): the host's own, or with presence kept in
     /// Redis, the cluster's.
     fn holders(&self, topic: &str) -> std::collections::BTreeSet<String> {
-        let req = format!(
-            "GET /api/presence?topic={topic} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\n\
-             Connection: close\r\n\r\n"
-        );
-        let a = http_exchange(self.api, req.as_bytes(), DEADLINE);
-        let p: Value = serde_json::from_str(&a.body).expect("presence");
+        let p = self.get(&format!("/api/presence?topic={topic}"));
         p["subscribers"]
             .as_array()
-            .unwrap_or_else(|| panic!("presence: {a:?}"))
+            .unwrap_or_else(|| panic!("presence: {p}"))
             .iter()
             .map(|s| {
                 let id = s["conn"].as_str().unwrap();

@@ -101,14 +101,8 @@ fn metrics_count_what_clients_and_backends_did_per_group_and_worker() {
         let a = http_exchange(server.port, bad.as_bytes(), DEADLINE);
         assert_eq!(a.status, 426, "{a:?}");
     }
-    let publish = |body: &str, key: &str| {
-        let req = format!(
-            "POST /api/publish HTTP/1.1\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        );
-        http_exchange(api, req.as_bytes(), DEADLINE).status
-    };
+    let publish =
+        |body: &str, key: &str| api_call(api, "POST", "/api/publish", Some(key), body).status;
     assert_eq!(publish(r#"{"topic":"room","data":"x"}"#, KEY), 200);
     assert_eq!(publish(r#"{"topic":"room","data":"y"}"#, KEY), 200);
     assert_eq!(

@@ -65,13 +65,7 @@ fn subscribe(c: &mut Client, topic: &str) -> Value {
 }
 
 fn api(port: u16, path: &str, body: &Value) -> Value {
-    let body = body.to_string();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let a = http_exchange(port, req.as_bytes(), DEADLINE);
+    let a = api_call(port, "POST", path, Some(KEY), &body.to_string());
     assert_eq!(a.status, 200, "{a:?}");
     serde_json::from_str(&a.body).unwrap()
 }

@@ -589,6 +589,24 @@ pub fn http_exchange(port: u16, request: &[u8], deadline: Duration) -> HttpAnswe
     HttpAnswer::parse(&raw, closed)
 }
 
+/// One backend API request on its own connection (`Connection: close`), with `key` as its
+/// bearer key if given.
+pub fn api_call(
+    port: u16,
+    method: &str,
+    target: &str,
+    key: Option<&str>,
+    body: &str,
+) -> HttpAnswer {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_exchange(port, request.as_bytes(), DEADLINE)
+}
+
 /// Reads until EOF or reset; false in the second place if `deadline` passed first.
 pub fn read_to_end_within(stream: &mut TcpStream, deadline: Duration) -> (Vec<u8>, bool) {
     let end = Instant::now() + deadline;
