@@ -107,6 +107,16 @@ pub enum ToWorker {
     ReopenLogs,
     /// Serve new connections with this certificate chain and key (PEM), renewed by a reload.
     Certificate { chain: String, key: Secret },
+    /// The descriptor sent with this line is a bridge to this worker of another group
+    /// (`bus::bridges`).
+    Bridge(crate::bus::bridges::Peer),
+}
+
+impl ToWorker {
+    /// A descriptor rides along with this line.
+    pub fn carries_fd(&self) -> bool {
+        matches!(self, ToWorker::ReopenLogs | ToWorker::Bridge(_))
+    }
 }
 
 /// Text that must not be shown: its `Debug` is `"<secret>"`, so no log line can carry it.

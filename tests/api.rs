@@ -579,3 +579,149 @@ fn a_lone_worker_answers_a_thousand_pipelined_requests() {
     assert_eq!(server.worker_pids(), pids, "the worker lives on");
     assert_eq!(get(port, "/health")["status"], "ok");
 }
+
+/// `pubsub` (serving the API) and `feed`, two workers each: the pids of one group's workers.
+fn group_pids(server: &mut Server, group: &str) -> Vec<i32> {
+    let st = server.status();
+    (st["workers"].as_array().unwrap().iter())
+        .filter(|w| w["name"] == group && w["pid"].as_i64().unwrap_or(0) > 0)
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect()
+}
+
+/// At least 4 clients of the `feed` group on `topic`, on both its workers.
+fn feed_subscribers(port: u16, feed_port: u16, topic: &str) -> Vec<Client> {
+    let mut clients = Vec::new();
+    loop {
+        let mut c = Client::connect(feed_port);
+        c.send_text(&json!({ "subscribe": topic }).to_string());
+        assert_eq!(c.recv_text(), json!({ "subscribed": topic }).to_string());
+        clients.push(c);
+        if clients.len() < 4 {
+            continue;
+        }
+        let p = get(port, &format!("/api/presence?group=feed&topic={topic}"));
+        let subs = p["subscribers"].as_array().unwrap();
+        assert_eq!(subs.len(), clients.len(), "{p}");
+        let slots: std::collections::BTreeSet<&str> = (subs.iter())
+            .map(|s| s["conn"].as_str().unwrap().split('-').nth(1).unwrap())
+            .collect();
+        if slots.len() == WORKERS {
+            return clients;
+        }
+        assert!(clients.len() < 200, "the kernel never picked every worker");
+    }
+}
+
+/// Publishes `text` to `topic` of `feed` through the API, which `clients` all get.
+fn publish_to_feed(port: u16, clients: &mut [Client], topic: &str, text: &str) {
+    let body = json!({"group": "feed", "topic": topic, "data": text});
+    assert_eq!(
+        post(port, "/api/publish", &body),
+        json!({"delivered": clients.len()})
+    );
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv_text(), text);
+    }
+}
+
+#[test]
+fn one_api_reaches_every_group_through_its_workers() {
+    let extra = format!(
+        "\n[[worker]]\nname = \"feed\"\nlisten = \"websocket://127.0.0.1:0\"\ncount = {WORKERS}\n\
+         app = \"pubsub\"\n\n[api]\nlisten = \"http://127.0.0.1:0\"\nkeys = [\"{KEY}\"]\n\
+         group = \"pubsub\"\n"
+    );
+    let (dir, config) = Server::config("pubsub", WORKERS, &extra);
+    let mut server = Server::start_with(wsd_bin(), dir, config);
+    let port = api_port(&mut server);
+    let st = server.status();
+    let feed_listen = st["groups"][1]["listen"].as_str().unwrap().to_string();
+    let feed_port: u16 = feed_listen.rsplit(':').next().unwrap().parse().unwrap();
+
+    // A request for `feed` is carried out by feed's workers: its subscribers get it, the
+    // API's own group's subscribers of the same topic do not.
+    let mut news = feed_subscribers(port, feed_port, "news");
+    let mut own = server.connect();
+    own.send_text(r#"{"subscribe":"news"}"#);
+    own.recv_text();
+    publish_to_feed(port, &mut news, "news", "to the feed");
+    let answer = post(
+        port,
+        "/api/publish",
+        &json!({"topic": "news", "data": "own"}),
+    );
+    assert_eq!(answer, json!({"delivered": 1}));
+    assert_eq!(own.recv_text(), "own");
+
+    let stats = get(port, "/api/stats?group=feed");
+    assert_eq!(stats["group"], "feed");
+    assert_eq!(stats["connections"], news.len(), "{stats}");
+    assert_eq!(get(port, "/api/stats")["group"], "pubsub");
+    let answer = post(
+        port,
+        "/api/broadcast",
+        &json!({"group": "feed", "data": "all of feed"}),
+    );
+    assert_eq!(answer, json!({"delivered": news.len()}));
+    for c in &mut news {
+        assert_eq!(c.recv_text(), "all of feed");
+    }
+
+    // Every worker of both groups answers /health; a group that does not exist is a 404
+    // that names those that do, and a batch for two groups a 422.
+    let health: Value = serde_json::from_str(&api_call(port, "GET", "/health", None, "").body)
+        .expect("a JSON health");
+    assert_eq!(health, json!({"status": "ok", "workers": 2 * WORKERS}));
+    let nope = api_call(port, "GET", "/api/stats?group=nope", Some(KEY), "");
+    assert_eq!(nope.status, 404, "{nope:?}");
+    assert!(nope.body.contains("pubsub, feed") || nope.body.contains("feed, pubsub"));
+    let mixed = json!([
+        {"group": "feed", "topic": "news", "data": "1"},
+        {"group": "pubsub", "topic": "news", "data": "2"},
+    ]);
+    let a = api_call(port, "POST", "/api/publish", Some(KEY), &mixed.to_string());
+    assert_eq!(a.status, 422, "{a:?}");
+
+    // Every worker of both groups dies and is replaced: the new ones are bridged (the API's
+    // new workers to feed's, feed's new workers to the API's), and the API reaches feed again.
+    let victims: Vec<i32> = group_pids(&mut server, "pubsub")
+        .into_iter()
+        .chain(group_pids(&mut server, "feed"))
+        .collect();
+    for &pid in &victims {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    wait_for("every slot to have a new worker", DEADLINE, || {
+        let st = server.try_status()?;
+        let pids = worker_pids_in(&st);
+        let fresh = pids.len() == 2 * WORKERS
+            && pids.iter().all(|p| *p > 0 && !victims.contains(p))
+            && st["workers"]
+                .as_array()?
+                .iter()
+                .all(|w| w["status"] == "idle");
+        fresh.then_some(())
+    });
+    let mut news = feed_subscribers(port, feed_port, "news");
+    publish_to_feed(port, &mut news, "news", "after the restart");
+
+    // A reload replaces them all again, bridged the same way.
+    let before: Vec<i32> = worker_pids_in(&server.status());
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the reload to replace every worker", DEADLINE, || {
+        let st = server.try_status()?;
+        let pids = worker_pids_in(&st);
+        let done = pids.len() == 2 * WORKERS && pids.iter().all(|p| !before.contains(p));
+        done.then_some(())
+    });
+    let mut news = feed_subscribers(port, feed_port, "news");
+    publish_to_feed(port, &mut news, "news", "after the reload");
+    let health = api_call(port, "GET", "/health", None, "");
+    assert_eq!(health.status, 200, "{health:?}");
+}

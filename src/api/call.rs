@@ -1,6 +1,7 @@
-//! What an API request asks, read from its method, path, query and JSON body into a [`Call`],
-//! or the [`ApiError`] that answers it instead. Nothing here touches a connection: the
-//! worker carries a `Call` out over the bus, as a hook's `publish` or `send_to` would be.
+//! What an API request asks, read from its method, path, query and JSON body into a [`Call`]
+//! for a group, or the [`ApiError`] that answers it instead. Nothing here touches a
+//! connection: the worker carries a `Call` out over the bus, as a hook's `publish` or
+//! `send_to` would be, or relays the request to a worker of the group it names.
 
 use super::http::{Method, Request, Response, query_value};
 use crate::apps::MAX_TOPIC_LEN;
@@ -64,6 +65,13 @@ pub enum Call {
     Health,
 }
 
+/// A call and the group it is for: `None` when the request names none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Addressed {
+    pub group: Option<String>,
+    pub call: Call,
+}
+
 /// Why a request gets a 4xx. Each answers `{"error": "..."}` with its status, and costs only
 /// that request.
 #[derive(Debug, thiserror::Error)]
@@ -85,14 +93,17 @@ pub enum ApiError {
     /// The body is not the JSON the endpoint takes.
     #[error("bad JSON body: {0}")]
     BadJson(#[from] serde_json::Error),
-    /// `group` names a group this API does not serve.
-    #[error("unknown group {given:?}: this API serves group {served:?}")]
+    /// `group` names no group of this server.
+    #[error("unknown group {given:?}: the groups are {}", known.join(", "))]
     UnknownGroup {
         /// The name given.
         given: String,
-        /// The group it serves.
-        served: String,
+        /// The groups there are.
+        known: Vec<String>,
     },
+    /// A batch whose messages name different groups.
+    #[error("a batch publishes to one group: its messages name {0:?} and {1:?}")]
+    MixedGroups(String, String),
     /// A topic that cannot exist: empty, or longer than a topic may be.
     #[error("bad topic {0:?}: a topic is 1 to {MAX_TOPIC_LEN} bytes")]
     BadTopic(String),
@@ -141,8 +152,8 @@ impl ApiError {
     }
 }
 
-/// Reads `req` as a call to the API of group `served`, checking its key against `keys`.
-pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, ApiError> {
+/// Reads `req` as a call, checking its key against `keys` and its method.
+pub fn understand(req: &Request, keys: &[Secret]) -> Result<Addressed, ApiError> {
     let path = req.path.as_str();
     let (allow, needs_key) = match path {
         "/health" => ("GET, HEAD", false),
@@ -168,16 +179,37 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
             allow,
         });
     }
-    let query = req.query.as_deref();
-    let group = |given: Option<String>| match given {
-        Some(g) if g != served => Err(ApiError::UnknownGroup {
-            given: g,
-            served: served.to_string(),
-        }),
-        _ => Ok(()),
+    read(path, req.query.as_deref(), &req.body)
+}
+
+/// Reads an endpoint's query and body as a call, whose key and method have been checked (by
+/// [`understand`], or by the worker that relayed it).
+pub fn read(path: &str, query: Option<&str>, body: &[u8]) -> Result<Addressed, ApiError> {
+    let mut named: Option<String> = None;
+    // The messages of a batch that name a group must all name the same one.
+    let mut group = |given: Option<String>| match (&named, given) {
+        (Some(before), Some(g)) if *before != g => Err(ApiError::MixedGroups(before.clone(), g)),
+        (_, Some(g)) => {
+            named = Some(g);
+            Ok(())
+        }
+        (_, None) => Ok(()),
     };
+    let call = read_call(path, query, body, &mut group)?;
+    Ok(Addressed { group: named, call })
+}
+
+fn read_call(
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+    group: &mut impl FnMut(Option<String>) -> Result<(), ApiError>,
+) -> Result<Call, ApiError> {
     match path {
-        "/health" => Ok(Call::Health),
+        "/health" => {
+            group(query_value(query, "group"))?;
+            Ok(Call::Health)
+        }
         "/api/stats" => {
             group(query_value(query, "group"))?;
             Ok(Call::Stats)
@@ -196,7 +228,7 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
             Ok(Call::User(user))
         }
         "/api/publish" => {
-            let items: OneOrMany = serde_json::from_slice(&req.body)?;
+            let items: OneOrMany = serde_json::from_slice(body)?;
             let items = match items {
                 OneOrMany::One(p) => vec![p],
                 OneOrMany::Many(ps) if ps.is_empty() => return Err(ApiError::EmptyBatch),
@@ -210,17 +242,17 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
             Ok(Call::Publish(out))
         }
         "/api/broadcast" => {
-            let b: Broadcast = serde_json::from_slice(&req.body)?;
+            let b: Broadcast = serde_json::from_slice(body)?;
             group(b.group)?;
             Ok(Call::Broadcast(message(b.data)?))
         }
         "/api/send" => {
-            let s: Send = serde_json::from_slice(&req.body)?;
+            let s: Send = serde_json::from_slice(body)?;
             group(s.group)?;
             Ok(Call::Send(target(s.user, s.conn)?, message(s.data)?))
         }
         "/api/disconnect" => {
-            let d: Disconnect = serde_json::from_slice(&req.body)?;
+            let d: Disconnect = serde_json::from_slice(body)?;
             group(d.group)?;
             let code = d.code.unwrap_or(close::NORMAL);
             if !close::allowed(code) {
@@ -236,7 +268,7 @@ pub fn understand(req: &Request, keys: &[Secret], served: &str) -> Result<Call, 
                 reason,
             })
         }
-        _ => unreachable!("paths are matched above"),
+        _ => Err(ApiError::NotFound(path.chars().take(200).collect())),
     }
 }
 
@@ -333,7 +365,39 @@ mod tests {
     }
 
     fn call(method: Method, target: &str, body: &str) -> Result<Call, ApiError> {
-        understand(&req(method, target, body), &[Secret::new(KEY)], "chat")
+        understand(&req(method, target, body), &[Secret::new(KEY)]).map(|a| a.call)
+    }
+
+    #[test]
+    fn the_group_named_is_read_and_a_batch_names_one() {
+        let group = |target: &str, body: &str| {
+            let m = if body.is_empty() {
+                Method::Get
+            } else {
+                Method::Post
+            };
+            understand(&req(m, target, body), &[Secret::new(KEY)]).map(|a| a.group)
+        };
+        assert_eq!(group("/api/stats", "").unwrap(), None);
+        assert_eq!(
+            group("/api/stats?group=feed", "").unwrap(),
+            Some("feed".into())
+        );
+        assert_eq!(
+            group("/health?group=feed", "").unwrap(),
+            Some("feed".into())
+        );
+        let one = r#"{"group":"feed","topic":"a","data":"1"}"#;
+        assert_eq!(group("/api/publish", one).unwrap(), Some("feed".into()));
+        let same = r#"[{"topic":"a","data":"1"},{"group":"feed","topic":"b","data":"2"}]"#;
+        assert_eq!(group("/api/publish", same).unwrap(), Some("feed".into()));
+        let mixed =
+            r#"[{"group":"chat","topic":"a","data":"1"},{"group":"feed","topic":"b","data":"2"}]"#;
+        let e = group("/api/publish", mixed).unwrap_err();
+        assert!(
+            matches!(e, ApiError::MixedGroups(..)) && e.status() == 422,
+            "{e}"
+        );
     }
 
     #[test]
@@ -363,14 +427,6 @@ mod tests {
         let status = |m, t, b| call(m, t, b).unwrap_err().status();
         assert_eq!(status(Method::Post, "/api/publish", "{nope"), 400);
         assert_eq!(status(Method::Post, "/api/publish", "[]"), 422);
-        assert_eq!(
-            status(
-                Method::Post,
-                "/api/publish",
-                r#"{"group":"x","topic":"a","data":"1"}"#
-            ),
-            404
-        );
         assert_eq!(
             status(Method::Post, "/api/publish", r#"{"topic":"","data":"1"}"#),
             422
@@ -417,12 +473,12 @@ mod tests {
         );
         let mut wrong = req(Method::Get, "/api/stats", "");
         wrong.bearer = Some(b"0123456789abcdeX".to_vec());
-        let e = understand(&wrong, &[Secret::new(KEY)], "chat").unwrap_err();
+        let e = understand(&wrong, &[Secret::new(KEY)]).unwrap_err();
         assert_eq!(e.status(), 401);
         wrong.bearer = None;
         wrong.path = "/health".into();
         assert_eq!(
-            understand(&wrong, &[Secret::new(KEY)], "chat").unwrap(),
+            understand(&wrong, &[Secret::new(KEY)]).unwrap().call,
             Call::Health
         );
     }

@@ -63,7 +63,9 @@ impl Mesh {
     }
 }
 
-fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+/// One non-blocking seqpacket pair with [`SEND_BUFFER`] each way: a mesh wire, or a bridge
+/// between groups (`bridges.rs`).
+pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let (a, b) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,

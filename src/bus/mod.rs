@@ -8,6 +8,7 @@
 //! subscribers, or hand it to the app — and each receiving worker encodes the WebSocket frame
 //! once for all of its clients.
 
+pub mod bridges;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod directory;

@@ -23,8 +23,8 @@ pub struct ApiConfig {
     /// Accepted keys, sent as `Authorization: Bearer <key>`. Several, so that a key can be
     /// rotated: add the new one, move the backends, remove the old one, each by `reload`.
     pub keys: Vec<Secret>,
-    /// The group whose workers serve the API and whose clients it reaches. May be left out
-    /// when there is one group.
+    /// The group whose workers serve the API, and that a request naming no group is for
+    /// (other groups are reached through them). May be left out when there is one group.
     #[serde(default)]
     pub group: Option<String>,
     /// The largest request body; larger gets 413 before it is read.

@@ -11,6 +11,7 @@ use super::bus_watch::BusChange;
 use super::listeners;
 use crate::backoff::Backoff;
 use crate::bus::Bus;
+use crate::bus::bridges::Peer;
 #[cfg(feature = "cluster")]
 use crate::bus::cluster::ClusterSettings;
 use crate::bus::mesh::Mesh;
@@ -235,6 +236,12 @@ impl Supervisor {
             return Err(io::Error::other("the group's listening sockets are closed"));
         }
         let (master_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
+        let partners = self.bridge_partners(g);
+        let mut pairs = Vec::with_capacity(partners.len());
+        for _ in &partners {
+            pairs.push(crate::bus::mesh::pair()?);
+        }
+        let names: Vec<String> = self.groups.iter().map(|g| g.name().to_string()).collect();
         let master_pid = nix::unistd::getpid();
         let _ = io::stdout().flush();
         let group = &mut self.groups[g];
@@ -243,6 +250,11 @@ impl Supervisor {
                 let listener = group.listeners.swap_remove(slot);
                 let mut keep = vec![listener.as_raw_fd(), worker_end.as_raw_fd()];
                 keep.extend(group.mesh.fds_of(slot));
+                // Its ends of the bridges; the partners' ends are theirs alone.
+                let bridges: Vec<_> = (partners.into_iter().zip(pairs))
+                    .map(|((_, peer), (mine, _theirs))| (peer, mine))
+                    .collect();
+                keep.extend(bridges.iter().map(|(_, end)| end.as_raw_fd()));
                 let api = self.api.as_mut().filter(|a| a.group == group.name());
                 let api = api.and_then(|a| {
                     let listener = a.take(slot)?;
@@ -250,6 +262,7 @@ impl Supervisor {
                     Some(crate::worker::ApiSocket {
                         listener,
                         config: a.config.clone(),
+                        others: names.into_iter().filter(|g| *g != a.group).collect(),
                     })
                 });
                 sys::close_fds_except(&keep);
@@ -279,7 +292,7 @@ impl Supervisor {
                 }
                 let placeholder = Worker::from_config(group.def.config().clone());
                 let def = std::mem::replace(&mut group.def, placeholder);
-                let code = crate::worker::run(def, slot, listener, worker_end, bus, api);
+                let code = crate::worker::run(def, slot, listener, worker_end, bus, api, bridges);
                 std::process::exit(code);
             }
             Fork::Parent(pid) => {
@@ -305,9 +318,53 @@ impl Supervisor {
                 s.proc = Some(key);
                 s.respawn_at = None;
                 log::info!("worker {}#{slot} started, pid {pid}", group.name());
+                let me = Peer {
+                    group: group.name().to_string(),
+                    slot,
+                    pid: pid.as_raw(),
+                };
+                for ((partner, _), (_mine, theirs)) in partners.into_iter().zip(pairs) {
+                    let msg = ToWorker::Bridge(me.clone());
+                    if !self.tell_with_fd(partner, &msg, theirs.as_raw_fd()) {
+                        log::warn!("could not hand a bridge to {}", self.describe_proc(partner));
+                    }
+                }
                 Ok(key)
             }
         }
+    }
+
+    /// The current workers a new worker of group `g` is bridged to (`bus::bridges`): with an
+    /// `[api]`, a worker of its group gets one to every other group's, and any other worker
+    /// one to each of its group's. Their keys, and who each is.
+    fn bridge_partners(&self, g: usize) -> Vec<(usize, Peer)> {
+        let Some(api) = &self.api else {
+            return Vec::new();
+        };
+        let serves = self.groups[g].name() == api.group;
+        let current = |key: usize, p: &Proc| {
+            let group = self.group_index(&p.group).map(|i| &self.groups[i]);
+            let slot = group.and_then(|g| g.slots.get(p.slot));
+            slot.is_some_and(|s| s.proc == Some(key)) && p.retiring.is_none()
+        };
+        (self.procs.iter())
+            .filter(|&(key, p)| (p.group == api.group) != serves && current(key, p))
+            .map(|(key, p)| {
+                let peer = Peer {
+                    group: p.group.clone(),
+                    slot: p.slot,
+                    pid: p.pid.as_raw(),
+                };
+                (key, peer)
+            })
+            .collect()
+    }
+
+    fn describe_proc(&self, key: usize) -> String {
+        self.procs.get(key).map_or_else(
+            || "a gone worker".into(),
+            |p| format!("worker {}#{} pid {}", p.group, p.slot, p.pid),
+        )
     }
 
     /// Forgets a worker that has exited and records how. `None` if `pid` is not a worker.

@@ -2,7 +2,8 @@
 //!
 //! A request is read (`api::http`), understood (`api::call`) and carried out here over the
 //! bus, as hooks' calls are: this worker's clients at once, the other workers of the host
-//! over the mesh, other hosts through Redis. What the answer needs from the host's other
+//! over the mesh, other hosts through Redis. A request for another group is relayed to one of
+//! that group's workers (`relay.rs`). What the answer needs from the host's other
 //! workers (how many they reached, who is there, their counters) is asked of them
 //! (`asking.rs`), or of Redis for the whole cluster, and gathered (`gather.rs`).
 //!
@@ -32,10 +33,12 @@ pub(super) const API_BASE: usize = 1 << 39;
 /// Bytes read from an API connection per call.
 const READ_CHUNK: usize = 16 << 10;
 
-/// What the master hands a worker of the API's group: its slot's socket and the settings.
+/// What the master hands a worker of the API's group: its slot's socket, the settings, and
+/// the names of the other groups, which its requests may name.
 pub(crate) struct ApiSocket {
     pub listener: std::net::TcpListener,
     pub config: ApiConfig,
+    pub others: Vec<String>,
 }
 
 /// Requests one connection may have in flight (pipelined) before it is read no further.
@@ -77,8 +80,11 @@ struct ApiConn {
 pub(super) struct Api {
     listener: Option<TcpListener>,
     config: ApiConfig,
-    /// The group the API serves: this worker's.
+    /// The group whose workers serve the API, this worker's, which a request naming none is
+    /// for.
     served: String,
+    /// The other groups, reached over bridges.
+    others: Vec<String>,
     conns: Slab<ApiConn>,
     /// Connections whose answer went out after a wait, to read on (pipelined requests) later
     /// in the turn, not from inside the call that answered: that call may itself come from
@@ -98,6 +104,7 @@ impl Api {
             listener: Some(listener),
             config: socket.config,
             served: served.to_string(),
+            others: socket.others,
             conns: Slab::new(),
             resume: Vec::new(),
             next_serial: 0,
@@ -237,8 +244,8 @@ impl Loop {
         let api = self.api.as_ref().expect("serving the API");
         let (keep_alive, head_only) = (req.keep_alive, req.method == Method::Head);
         let endpoint = call::endpoint_name(&req.path);
-        let call = match call::understand(&req, &api.config.keys, &api.served) {
-            Ok(call) => call,
+        let addressed = match call::understand(&req, &api.config.keys) {
+            Ok(a) => a,
             Err(e) => {
                 if matches!(e, ApiError::Unauthorized) {
                     let path = crate::escaped(req.path.as_bytes());
@@ -247,20 +254,59 @@ impl Loop {
                 return self.api_reply_now(idx, endpoint, &e.response(), keep_alive, head_only);
             }
         };
-        match self.api_carry_out(call) {
+        let everywhere = addressed.group.is_none() && addressed.call == Call::Health;
+        let foreign = addressed.group.filter(|g| *g != api.served);
+        let reply_to = |l: &mut Loop| {
+            let (serial, seq) = l.api_due(idx);
+            ReplyTo::Api {
+                conn: (idx, serial),
+                seq,
+                endpoint,
+                keep_alive,
+                head_only,
+            }
+        };
+        if let Some(group) = foreign {
+            if let Err(e) = self.api_known(group.clone()) {
+                return self.api_reply_now(idx, endpoint, &e.response(), keep_alive, head_only);
+            }
+            let to = reply_to(self);
+            return self.relay(&group, super::relay::Relayed::of(&req), to);
+        }
+        if everywhere {
+            let others = self
+                .api
+                .as_ref()
+                .map(|a| a.others.clone())
+                .unwrap_or_default();
+            let to = reply_to(self);
+            return self.health_everywhere(&others, to);
+        }
+        match self.api_carry_out(addressed.call) {
             Outcome::Now(r) => self.api_reply_now(idx, endpoint, &r, keep_alive, head_only),
             outcome => {
-                let (serial, seq) = self.api_due(idx);
-                let reply_to = ReplyTo::Api {
-                    conn: (idx, serial),
-                    seq,
-                    endpoint,
-                    keep_alive,
-                    head_only,
-                };
-                self.ask_for(outcome, reply_to);
+                let to = reply_to(self);
+                self.ask_for(outcome, to);
             }
         }
+    }
+
+    /// `Ok` if `group` is one of the server's groups: named at the worker's start, or reached
+    /// by a bridge since (a reload added it).
+    fn api_known(&self, group: String) -> Result<(), ApiError> {
+        let api = self.api.as_ref().expect("serving the API");
+        if api.others.contains(&group) || self.bridges.reaches(&group) {
+            return Ok(());
+        }
+        let mut known = vec![api.served.clone()];
+        known.extend(api.others.iter().cloned());
+        known.extend(self.bridges.groups().into_iter().map(String::from));
+        known.sort_unstable();
+        known.dedup();
+        Err(ApiError::UnknownGroup {
+            given: group,
+            known,
+        })
     }
 
     /// A place in `idx`'s answers for the request just read: its serial and the sequence
@@ -284,8 +330,9 @@ impl Loop {
         self.api_respond(idx, seq, endpoint, r, keep_alive, head_only);
     }
 
-    /// Does what `call` asks of this worker and the bus.
-    fn api_carry_out(&mut self, call: Call) -> Outcome {
+    /// Does what `call` asks of this worker and the bus: for this worker's own API, or for
+    /// another group's, relayed.
+    pub(super) fn api_carry_out(&mut self, call: Call) -> Outcome {
         let host = self.ctx.bus.origin.host;
         let ask = |question, compose| Outcome::Ask {
             question,

@@ -70,7 +70,8 @@ impl Channel {
         }
     }
 
-    /// Reads the master's commands, each `reopen_logs` with the descriptor that came with it.
+    /// Reads the master's commands, each that carries one (`reopen_logs`, `bridge`) with the
+    /// descriptor that came with it.
     /// The flag is false once the master has gone.
     pub(crate) fn read(&mut self) -> (Vec<(ToWorker, Option<OwnedFd>)>, bool) {
         let mut socket = RecvWithFds {
@@ -82,7 +83,7 @@ impl Channel {
         let mut commands = Vec::new();
         for line in lines {
             match serde_json::from_str::<ToWorker>(&line) {
-                Ok(cmd @ ToWorker::ReopenLogs) => {
+                Ok(cmd) if cmd.carries_fd() => {
                     let fd = (!self.fds.is_empty()).then(|| self.fds.remove(0));
                     commands.push((cmd, fd));
                 }
@@ -100,7 +101,9 @@ impl Channel {
         let waiting = usize::from(self.mid_line).min(self.fds.len());
         let unclaimed = self.fds.len() - waiting;
         if unclaimed > 0 {
-            log::warn!("closing {unclaimed} descriptor(s) the master sent without reopen_logs");
+            log::warn!(
+                "closing {unclaimed} descriptor(s) the master sent with no line to claim them"
+            );
             self.fds.drain(..unclaimed);
         }
     }

@@ -35,9 +35,21 @@ impl Loop {
                 ToWorker::ListConnections { query } => self.list_connections(query),
                 ToWorker::ReopenLogs => reopen_logs(fd),
                 ToWorker::Certificate { chain, key } => self.renew_certificate(&chain, &key.0),
+                ToWorker::Bridge(peer) => self.add_bridge(peer, fd),
             }
         }
         open
+    }
+
+    /// A bridge to a worker of another group, just forked (`bus::bridges`).
+    fn add_bridge(&mut self, peer: crate::bus::bridges::Peer, fd: Option<OwnedFd>) {
+        let Some(end) = fd else {
+            log::warn!("the master sent a bridge without its descriptor");
+            return;
+        };
+        if let Err(e) = self.bridges.add(peer, end, self.poll.registry()) {
+            log::warn!("cannot take a bridge: {e}");
+        }
     }
 
     /// Every connection in the slab, handshaking and closing ones included.

@@ -33,6 +33,7 @@ use super::upgrade::{self, UpgradeRequest, Verdict};
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
+use crate::bus::bridges::{Bridges, Peer};
 use crate::control::FromWorker;
 use crate::proto::handshake::{self, Reject, Request};
 use crate::proto::{Limits, Step};
@@ -44,7 +45,7 @@ use nix::sys::signalfd::SignalFd;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
@@ -56,6 +57,9 @@ const CONN_BASE: usize = 16;
 pub(super) const BUS_BASE: usize = 1 << 40;
 /// The cluster bus's waker: messages from other hosts are waiting (`bus_events.rs`).
 const CLUSTER: Token = Token(BUS_BASE - 1);
+/// Tokens of the bridges to other groups' workers: `BRIDGE_BASE + index`, between API
+/// connections and the bus.
+const BRIDGE_BASE: usize = 1 << 39 | 1 << 38;
 
 /// Reads from one connection before others get a turn.
 const READ_BUDGET: usize = 16;
@@ -95,6 +99,10 @@ pub(super) struct Loop {
     pub(super) stopping: Stopping,
     /// The backend API, if this worker's group serves it (`[api]`).
     pub(super) api: Option<Api>,
+    /// The bridges between the API's workers and the other groups' (`bus::bridges`).
+    pub(super) bridges: Bridges,
+    /// Bridges whose messages did not all fit in one turn's budget.
+    pub(super) bridges_again: Vec<usize>,
     /// Answers waiting for other workers or Redis.
     pub(super) gatherings: Gatherings,
     /// When this worker's presence and user records are refreshed in Redis next.
@@ -116,8 +124,9 @@ pub(crate) fn run(
     channel: std::os::unix::net::UnixStream,
     bus: Bus,
     api: Option<ApiSocket>,
+    bridges: Vec<(Peer, OwnedFd)>,
 ) -> i32 {
-    match Loop::new(worker, slot, listener, channel, bus, api) {
+    match Loop::new(worker, slot, listener, channel, bus, api, bridges) {
         Ok(mut l) => l.run(),
         Err(e) => {
             log::error!("worker setup failed: {e}");
@@ -134,6 +143,7 @@ impl Loop {
         channel: std::os::unix::net::UnixStream,
         mut bus: Bus,
         api: Option<ApiSocket>,
+        inherited: Vec<(Peer, OwnedFd)>,
     ) -> io::Result<Loop> {
         let Worker {
             config: settings,
@@ -172,6 +182,10 @@ impl Loop {
             Some(socket) => Some(Api::new(socket, settings.name(), poll.registry())?),
             None => None,
         };
+        let mut bridges = Bridges::new(BRIDGE_BASE);
+        for (peer, end) in inherited {
+            bridges.add(peer, end, poll.registry())?;
+        }
         let limits = Limits {
             max_frame: settings.max_frame_size,
             max_message: settings.max_message_size,
@@ -194,6 +208,8 @@ impl Loop {
             bus_again: Vec::new(),
             stopping: Stopping::No,
             api,
+            bridges,
+            bridges_again: Vec::new(),
             gatherings: Gatherings::default(),
             refresh: Default::default(),
             next_tick: Instant::now() + TICK,
@@ -238,6 +254,7 @@ impl Loop {
                 CLUSTER => self.cluster_ready(),
                 API_LISTENER => self.api_accept(),
                 Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
+                Token(t) if t >= BRIDGE_BASE => self.bridge_ready(t - BRIDGE_BASE),
                 Token(t) if t >= API_BASE => self.api_ready(t - API_BASE),
                 Token(t) => self.conn_ready(
                     t - CONN_BASE,
@@ -256,6 +273,9 @@ impl Loop {
         }
         for peer in std::mem::take(&mut self.bus_again) {
             self.bus_ready(peer);
+        }
+        for idx in std::mem::take(&mut self.bridges_again) {
+            self.bridge_ready(idx);
         }
         self.api_resume();
         let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
@@ -290,6 +310,7 @@ impl Loop {
         self.accepting.has_more()
             || !self.again.is_empty()
             || !self.bus_again.is_empty()
+            || !self.bridges_again.is_empty()
             || !self.ctx.dirty.is_empty()
             || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()

@@ -108,7 +108,8 @@ impl Harness {
             match never {}
         }
         let bus = Bus::new(Origin { host: 0, slot: 0 }, Vec::new());
-        let worker = Loop::new(w, 0, listener, channel, bus, None).expect("a worker loop");
+        let worker =
+            Loop::new(w, 0, listener, channel, bus, None, Vec::new()).expect("a worker loop");
         Harness {
             worker,
             events: Events::with_capacity(64),

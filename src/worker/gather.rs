@@ -1,7 +1,8 @@
 //! Answers that need what other workers know: a question goes to the host's other workers
 //! (`asking.rs`) or to Redis (`bus::directory`), and the answers are gathered here until all
 //! have come or [`GATHER_TIMEOUT`] passes, then put together and sent to whoever asked: a
-//! backend's API request, or a client that asked who is on a topic.
+//! backend's API request (here, or relayed from another group's worker), or a client that
+//! asked who is on a topic.
 
 use super::asking::Question;
 use super::event_loop::Loop;
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 
 /// How long an answer waits for the other workers (or Redis).
 pub const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer an answer relayed from another group waits: that group's worker gathers
+/// for up to [`GATHER_TIMEOUT`] itself, and its answer must still be taken.
+const RELAY_MARGIN: Duration = Duration::from_secs(1);
 
 /// A question a hook asked, to start after the hook: what, and who gets the answer.
 pub(crate) struct Pending {
@@ -47,6 +51,11 @@ pub(crate) enum ReplyTo {
     Client(ConnId),
     /// The app, through a callback it gave (`Context::user_connections`).
     Hook(Then),
+    /// The API's worker of another group, which relayed the request over a bridge.
+    Relay {
+        bridge: crate::bus::bridges::BridgeRef,
+        id: u32,
+    },
 }
 
 /// How the answers are put together.
@@ -69,8 +78,21 @@ pub(super) enum Compose {
     },
     /// `{"workers": [...]}`: this worker's counters plus each answer.
     Stats(Value),
-    /// 200 if this worker and every answer serve, else 503.
+    /// 200 if this worker and every answer serve (a peer's, or a relayed group's), else
+    /// 503.
     Health(bool),
+    /// Another group's answer to a relayed request, as it is; 503 if none came.
+    Relayed(String),
+}
+
+impl Compose {
+    /// How long its answers may take.
+    fn patience(&self) -> Duration {
+        match self {
+            Compose::Relayed(_) | Compose::Health(_) => GATHER_TIMEOUT + RELAY_MARGIN,
+            _ => GATHER_TIMEOUT,
+        }
+    }
 }
 
 /// What carrying out a call gives: the answer now, or a question for the other workers (or
@@ -153,7 +175,7 @@ impl Loop {
             reply_to,
             wanted,
             answers: Vec::with_capacity(wanted),
-            deadline: Instant::now() + GATHER_TIMEOUT,
+            deadline: Instant::now() + compose.patience(),
             compose,
         };
         if wanted == 0 {
@@ -229,6 +251,7 @@ impl Loop {
                 }
                 let _ = self.ctx.send(id, body.to_string());
             }
+            ReplyTo::Relay { bridge, id } => self.relay_answer(bridge, id, status, &body),
             ReplyTo::Hook(then) => {
                 let ctx = &mut self.ctx;
                 let run = std::panic::AssertUnwindSafe(|| then(ctx, &body));
@@ -334,16 +357,29 @@ impl Loop {
                 (200, body)
             }
             Compose::Health(serving) => {
-                let all = serving
-                    && missing == 0
-                    && answers.iter().all(|a| a["serving"] == Value::Bool(true));
-                let workers = 1 + answers.len();
+                // A peer answers `{"serving"}`, a relayed group `{"status", "body"}`.
+                let serves = |a: &Value| a["serving"] == Value::Bool(true) || a["status"] == 200;
+                let all = serving && missing == 0 && answers.iter().all(serves);
+                let workers = 1
+                    + (answers.iter())
+                        .map(|a| a["body"]["workers"].as_u64().unwrap_or(1))
+                        .sum::<u64>();
                 if all {
                     (200, json!({ "status": "ok", "workers": workers }))
                 } else {
                     (503, json!({ "status": "unavailable", "workers": workers }))
                 }
             }
+            Compose::Relayed(group) => match answers.into_iter().next() {
+                Some(mut a) if a["status"].is_u64() => {
+                    let status = a["status"].as_u64().unwrap_or(503) as u16;
+                    (status, a["body"].take())
+                }
+                _ => {
+                    let why = format!("no worker of group {group:?} answered");
+                    (503, json!({ "error": why }))
+                }
+            },
         }
     }
 }

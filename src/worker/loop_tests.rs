@@ -52,6 +52,7 @@ fn start_app(app: fn(&mut Worker)) -> Master {
             workers_end,
             crate::bus::Bus::detached(),
             None,
+            Vec::new(),
         )
     });
     let mut master = Master {

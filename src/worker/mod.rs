@@ -28,6 +28,7 @@ mod moment;
 mod presence;
 mod reach;
 mod read_buffers;
+mod relay;
 mod static_files;
 mod stop;
 mod sweep;
