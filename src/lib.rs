@@ -38,8 +38,10 @@ mod cli;
 pub mod config;
 mod conn_id;
 mod control;
+mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
+mod json_data;
 mod logging;
 mod master;
 mod message;

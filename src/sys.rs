@@ -73,6 +73,27 @@ pub fn die_with_parent(master: Pid) -> io::Result<()> {
     Ok(())
 }
 
+/// Has the kernel SIGKILL the process `cmd` starts when the thread that starts it (the
+/// worker's loop) dies: a worker's handler never outlives it.
+pub fn kill_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls
+    // are allowed; prctl(PR_SET_PDEATHSIG) is a plain system call and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from));
+    }
+}
+
+/// Makes a descriptor (a pipe to a handler) non-blocking.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    // SAFETY: `fd` is open for the duration of the call: the caller holds its owner.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    Ok(())
+}
+
 /// Takes an exclusive, non-blocking `flock` on `file`. `Ok(false)` means another process holds it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we own; no memory is involved.

@@ -4,12 +4,11 @@
 //! `send_to` would be, or relays the request to a worker of the group it names.
 
 use super::http::{Method, Request, Response, query_value};
+use crate::Message;
 use crate::apps::MAX_TOPIC_LEN;
 use crate::bus::GlobalId;
 use crate::close;
 use crate::config::Secret;
-use crate::{Bytes, Message};
-use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -118,7 +117,7 @@ pub enum ApiError {
     WhichTarget,
     /// `data` is neither a string nor `{"b64": "..."}` with valid base64.
     #[error("data must be a string, or {{\"b64\": \"...\"}} for binary: {0}")]
-    BadData(&'static str),
+    BadData(#[from] crate::json_data::BadData),
     /// A close code a server may not send.
     #[error("close code {0} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")]
     BadCode(u16),
@@ -328,19 +327,8 @@ fn target(user: Option<String>, conn: Option<String>) -> Result<Target, ApiError
     }
 }
 
-/// `"text"` is a text message, `{"b64": "..."}` a binary one.
 fn message(data: Value) -> Result<Message, ApiError> {
-    match data {
-        Value::String(s) => Ok(Message::from(s)),
-        Value::Object(mut o) if o.len() == 1 => match o.remove("b64") {
-            Some(Value::String(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b.as_bytes())
-                .map(|v| Message::Binary(Bytes::from(v)))
-                .map_err(|_| ApiError::BadData("b64 is not valid base64")),
-            _ => Err(ApiError::BadData("an object must be {\"b64\": \"...\"}")),
-        },
-        _ => Err(ApiError::BadData("got another JSON type")),
-    }
+    Ok(crate::json_data::message_of(data)?)
 }
 
 #[cfg(test)]

@@ -28,5 +28,7 @@ pub fn builtin() -> Vec<(&'static str, Install)> {
         ("clock-echo", clock_echo),
         ("chat", chat),
         ("pubsub", pubsub),
+        // The worker's loop runs the handler itself (`worker/handler.rs`): no hooks to add.
+        (crate::config::EXEC_APP, |_| {}),
     ]
 }

@@ -189,6 +189,26 @@ pub enum GroupProblem {
     /// `auth = "jwt"` in a build without it.
     #[error("this wsd was built without the jwt feature: it cannot check tokens")]
     NoJwt,
+    /// `app = "exec"` without `command`.
+    #[error("app = \"exec\" needs command = [\"program\", \"arg\", ...]")]
+    NoCommand,
+    /// Handler keys on a group that runs no handler.
+    #[error("{0} is for app = \"exec\"")]
+    HandlerKeyWithoutExec(&'static str),
+    /// The handler's program cannot be run.
+    #[error("command {program:?}: {why}")]
+    NotExecutable {
+        /// The program as written.
+        program: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// `handler_queue` too small to hold one message's event.
+    #[error("handler_queue must be at least max_message_size ({0} bytes)")]
+    HandlerQueueSmall(usize),
+    /// `connect_timeout` is 0.
+    #[error("connect_timeout must be longer than 0")]
+    NoConnectTime,
 }
 
 /// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or

@@ -161,6 +161,28 @@ pub struct GroupConfig {
     /// client subscribes or leaves.
     #[serde(default)]
     pub presence_events: bool,
+    // handlers (`app = "exec"`, see `handler.rs`)
+    /// The handler's argv (no shell): each worker runs one, for all its connections.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// The handler's working directory, relative to the config file. Unset: the config
+    /// file's directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Environment variables added to the handler's (wsd's own are kept).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The handler decides each upgrade: it answers `connect` with `accept` or `reject`, and
+    /// the 101 waits for it (at most `connect_timeout`).
+    #[serde(default)]
+    pub authorize: bool,
+    /// How long an upgrade waits for the handler's decision; then it is refused with 503.
+    #[serde(default = "d::connect_timeout", deserialize_with = "seconds")]
+    pub connect_timeout: Duration,
+    /// Event bytes that may wait for a slow handler; past it the worker stops reading its
+    /// clients until the handler catches up.
+    #[serde(default = "d::handler_queue", deserialize_with = "bytes")]
+    pub handler_queue: usize,
 }
 
 /// Which topics keep presence.
@@ -280,6 +302,13 @@ mod d {
     pub fn compression_level() -> u32 {
         1
     }
+    // handlers
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn handler_queue() -> usize {
+        1 << 20
+    }
 }
 
 impl GroupConfig {
@@ -327,6 +356,12 @@ impl GroupConfig {
             jwt: None,
             presence: Presence::Off,
             presence_events: false,
+            command: Vec::new(),
+            cwd: None,
+            env: Default::default(),
+            authorize: false,
+            connect_timeout: d::connect_timeout(),
+            handler_queue: d::handler_queue(),
         }
     }
 

@@ -11,6 +11,7 @@
 mod api;
 mod error;
 mod group;
+mod handler;
 mod server;
 mod values;
 
@@ -18,6 +19,7 @@ pub use api::{ApiConfig, ApiProblem, MetricsConfig, Secret};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
 pub(crate) use group::topic_matches;
 pub use group::{Auth, Compression, GroupConfig, Presence, SendBufferPolicy};
+pub use handler::{EXEC_APP, find_program};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
 pub use values::{Bytes, Listen, Seconds};
 
@@ -145,6 +147,8 @@ impl Config {
                 ));
             }
             g.check().map_err(|r| at(Some(span.clone()), r.into()))?;
+            g.check_handler(&base)
+                .map_err(|r| at(Some(span.clone()), r.into()))?;
             if let Some(dir) = &mut g.static_dir {
                 if dir.is_relative() {
                     *dir = base.join(&*dir);

@@ -62,6 +62,8 @@ pub struct Context {
     /// Questions for other workers or Redis that this turn's hooks asked (`ask_presence`,
     /// `user_connections`, `is_online`), started after the hooks.
     pub(crate) asks: Vec<super::gather::Pending>,
+    /// The handler's timers that came due (`app = "exec"`), by its names for them.
+    pub(crate) handler_timers: Vec<String>,
     /// The group's `subprotocols`, which connections name by place ([`Agreed`]).
     pub(crate) subprotocols: Vec<String>,
     /// The connection `on_close` is being told about: gone from `conns`, what it carried kept
@@ -104,6 +106,7 @@ impl Context {
                 events: settings.presence_events,
             },
             asks: Vec::new(),
+            handler_timers: Vec::new(),
             subprotocols: settings.subprotocols.clone(),
             leaving: None,
             // permessage-deflate

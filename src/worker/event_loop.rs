@@ -23,6 +23,7 @@ use super::context::{BufferNotice, Leaving};
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::gather::Gatherings;
+use super::handler::{HANDLER_ERR, HANDLER_IN, HANDLER_OUT, Handler, Told};
 use super::hooks::{Hook, WorkerHook};
 use super::moment::Moment;
 use super::read_buffers::ReadBuffers;
@@ -90,7 +91,7 @@ pub(super) struct Loop {
     /// What the protocol asked of the loop for the connection being read.
     steps: VecDeque<Step>,
     /// Connections whose read budget ran out with data still buffered.
-    again: Vec<usize>,
+    pub(super) again: Vec<usize>,
     /// An empty list with capacity, swapped with `again` while it is worked through.
     again_spare: Vec<usize>,
     flushing: FlushSchedule,
@@ -103,6 +104,8 @@ pub(super) struct Loop {
     pub(super) bridges: Bridges,
     /// Bridges whose messages did not all fit in one turn's budget.
     pub(super) bridges_again: Vec<usize>,
+    /// The handler process, with `app = "exec"` (`handler.rs`).
+    pub(super) handler: Option<Handler>,
     /// Answers waiting for other workers or Redis.
     pub(super) gatherings: Gatherings,
     /// When this worker's presence and user records are refreshed in Redis next.
@@ -182,6 +185,7 @@ impl Loop {
             Some(socket) => Some(Api::new(socket, settings.name(), poll.registry())?),
             None => None,
         };
+        let handler = (settings.app == crate::config::EXEC_APP).then(|| Handler::new(&settings));
         let mut bridges = Bridges::new(BRIDGE_BASE);
         for (peer, end) in inherited {
             bridges.add(peer, end, poll.registry())?;
@@ -210,6 +214,7 @@ impl Loop {
             api,
             bridges,
             bridges_again: Vec::new(),
+            handler,
             gatherings: Gatherings::default(),
             refresh: Default::default(),
             next_tick: Instant::now() + TICK,
@@ -253,6 +258,9 @@ impl Loop {
                 ALARM => self.alarm.fired(),
                 CLUSTER => self.cluster_ready(),
                 API_LISTENER => self.api_accept(),
+                HANDLER_OUT => self.handler_readable(),
+                HANDLER_ERR => self.handler_stderr(),
+                HANDLER_IN => {}
                 Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                 Token(t) if t >= BRIDGE_BASE => self.bridge_ready(t - BRIDGE_BASE),
                 Token(t) if t >= API_BASE => self.api_ready(t - API_BASE),
@@ -277,6 +285,9 @@ impl Loop {
         for idx in std::mem::take(&mut self.bridges_again) {
             self.bridge_ready(idx);
         }
+        if self.handler.as_ref().is_some_and(|h| h.again) {
+            self.handler_readable();
+        }
         self.api_resume();
         let again = std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
         for &idx in &again {
@@ -284,13 +295,16 @@ impl Loop {
         }
         self.again_spare = recycle(again);
         self.run_timers();
+        self.handler_timers_fired();
         self.deliver_notices();
         self.start_asks();
         self.close_due();
         self.reap();
         self.flush_dirty();
         self.reap();
+        self.handler_flush();
         let now = Instant::now();
+        self.handler_due(now);
         if now >= self.next_tick {
             self.next_tick = now + TICK;
             self.sweep(now);
@@ -311,6 +325,7 @@ impl Loop {
             || !self.again.is_empty()
             || !self.bus_again.is_empty()
             || !self.bridges_again.is_empty()
+            || self.handler.as_ref().is_some_and(|h| h.again)
             || !self.ctx.dirty.is_empty()
             || self.flushing.has_backlog()
             || !self.ctx.gone.is_empty()
@@ -330,6 +345,7 @@ impl Loop {
             self.accepting.retry_at(),
             self.stopping.next_due(),
             self.gatherings.next_deadline(),
+            self.handler.as_ref().and_then(|h| h.restart_at()),
         ];
         let until = deadlines
             .into_iter()
@@ -430,6 +446,10 @@ impl Loop {
     /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
     /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
+        if let Some(h) = self.handler.as_mut().filter(|h| h.congested()) {
+            h.hold(idx);
+            return;
+        }
         let high_water = super::context::high_water(self.settings.max_send_buffer);
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.ctx.conns.get_mut(idx) else {
@@ -602,6 +622,7 @@ impl Loop {
             Some(_) => super::tokens::redact_token(request.path),
             None => request.path,
         };
+        let headers = request.headers;
         conn.opened(path, agreed, extra);
         self.ctx.counters.connections += 1;
         self.handshake_ended(id, None);
@@ -609,6 +630,9 @@ impl Loop {
             self.keep_grant(id, &user, grant);
         }
         self.ctx.mark_dirty(idx);
+        if self.handler.is_some() {
+            self.handler_tell(id, Told::Connect(&headers));
+        }
         self.call_hook(id, Hook::Connect);
         // Upgraded during a stop that closes clients: the app met it like any other, and it
         // is closed like the others.

@@ -9,6 +9,7 @@
 use super::context::BufferNotice;
 use super::errors::ConnError;
 use super::event_loop::Loop;
+use super::handler::Told;
 use super::upgrade::{Decision, UpgradeRequest};
 use crate::proto::close;
 use crate::{ConnId, Message};
@@ -60,6 +61,13 @@ impl Loop {
     /// Calls the app's connection hook, if it set one; a panic is logged and fails that
     /// connection only.
     pub(super) fn call_hook(&mut self, id: ConnId, hook: Hook<'_>) {
+        if self.handler.is_some() {
+            match &hook {
+                Hook::Message(m) => self.handler_tell(id, Told::Message(m)),
+                Hook::Close => self.handler_tell(id, Told::Close),
+                _ => {}
+            }
+        }
         let name = hook.name();
         let on_panic = match hook {
             Hook::Close => OnPanic::Nothing,

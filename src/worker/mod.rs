@@ -20,6 +20,7 @@ mod flush;
 #[doc(hidden)]
 pub mod fuzz;
 mod gather;
+mod handler;
 mod hooks;
 // Its clients read the server with the load generator's wire reader.
 #[cfg(all(test, feature = "bench"))]

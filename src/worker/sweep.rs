@@ -64,5 +64,6 @@ impl Loop {
         self.reap();
         self.inbox.trim();
         self.api_sweep(now);
+        self.handler_check();
     }
 }
