@@ -31,7 +31,14 @@ while True:
             continue
         ev = json.loads(line)
         kind = ev.get("event")
-        if kind == "connect":
+        if kind == "connect" and ev.get("decide"):
+            q = ev["query"] or ""
+            if "let=me" in q:
+                cmds.append({"cmd": "accept", "conn": ev["conn"], "user": "ada", "subscribe": ["news"]})
+                conns.add(ev["conn"])
+            elif "slow" not in q:
+                cmds.append({"cmd": "reject", "conn": ev["conn"], "status": 401, "reason": "no " + ev["headers"].get("x-who", "?")})
+        elif kind == "connect":
             conns.add(ev["conn"])
         elif kind == "close":
             conns.discard(ev["conn"])
@@ -45,6 +52,9 @@ while True:
                 cmds.append({"cmd": "send", "conn": c, "data": str(len(conns))})
             elif d == "version":
                 cmds.append({"cmd": "send", "conn": c, "data": (sys.argv[1:] or ["v1"])[0]})
+            elif d == "news":
+                cmds.append({"cmd": "publish", "topic": "news", "data": "news!"})
+                cmds.append({"cmd": "send_user", "user": "ada", "data": "hi ada"})
             elif d == "timer":
                 cmds.append({"cmd": "add_timer", "timer": "t1", "after": 0.05})
             elif d == "garbage":
@@ -267,4 +277,28 @@ fn a_command_that_cannot_run_is_refused_or_backed_off() {
     }
     assert_eq!(server.worker_pids(), vec![worker]);
     assert!(Path::new(&format!("/proc/{worker}")).exists());
+}
+
+#[test]
+fn the_handler_decides_upgrades() {
+    let server = start(1, "", "authorize = true\nconnect_timeout = 1");
+    let port = server.port;
+    // Accepted: bound to the user and subscribed to the topics the handler named.
+    let (mut ada, _) = Client::connect_with(port, "/?let=me", &[]).expect("accepted");
+    ada.send_text("news");
+    assert_eq!(ada.recv_text(), "news!");
+    assert_eq!(ada.recv_text(), "hi ada");
+    // Refused with the handler's status and reason, which saw the request's headers.
+    let no = http_exchange(
+        port,
+        upgrade_request_to("/?who", "X-Who: bob\r\n").as_bytes(),
+        DEADLINE,
+    );
+    assert_eq!(no.status, 401, "{no:?}");
+    assert!(no.body.contains("no bob"), "{no:?}");
+    // Undecided: 503 after connect_timeout, and the worker serves on.
+    let slow = http_exchange(port, upgrade_request_to("/?slow", "").as_bytes(), DEADLINE);
+    assert_eq!(slow.status, 503, "{slow:?}");
+    ada.send_text("still here");
+    assert_eq!(ada.recv_text(), "still here");
 }

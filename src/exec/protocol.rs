@@ -33,7 +33,8 @@ pub enum Event<'a> {
         conn: String,
         path: &'a str,
         query: Option<&'a str>,
-        headers: BTreeMap<&'a str, &'a str>,
+        /// Names in lower case.
+        headers: BTreeMap<String, &'a str>,
         remote: String,
         user: Option<&'a str>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]

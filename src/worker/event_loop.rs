@@ -30,7 +30,7 @@ use super::read_buffers::ReadBuffers;
 use super::stop::Stopping;
 #[cfg(feature = "tls")]
 use super::tls::TlsConn;
-use super::upgrade::{self, UpgradeRequest, Verdict};
+use super::upgrade::{self, Decision, UpgradeRequest, Verdict};
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
@@ -117,6 +117,15 @@ pub(super) struct Loop {
     /// When each connection still in its handshake was accepted (slab index: serial and
     /// instant), for the handshake duration metric; only handshakes are here.
     handshaking: HashMap<usize, (u32, Instant)>,
+}
+
+/// A valid upgrade request, checked up to the app's (or handler's) decision.
+pub(super) struct Upgrade {
+    pub request: Request,
+    /// The signed token's user and grant, with `auth = "jwt"`.
+    pub token: Option<(String, super::tokens::Grant)>,
+    /// The subprotocol chosen from `subprotocols`, by index.
+    pub chosen: Option<usize>,
 }
 
 /// Runs worker `slot` of `worker` until it is told to stop. Returns the exit code.
@@ -345,7 +354,7 @@ impl Loop {
             self.accepting.retry_at(),
             self.stopping.next_due(),
             self.gatherings.next_deadline(),
-            self.handler.as_ref().and_then(|h| h.restart_at()),
+            self.handler.as_ref().and_then(|h| h.due_at()),
         ];
         let until = deadlines
             .into_iter()
@@ -595,8 +604,23 @@ impl Loop {
                 return self.refuse(idx, &r, &challenge);
             }
         };
-        let decision = self.call_upgrade_hook(&UpgradeRequest::new(&request, remote));
-        // The hook cannot end this connection (it has no id for it), but it ran app code.
+        let upgrade = Upgrade {
+            request,
+            token,
+            chosen,
+        };
+        if self.handler.as_ref().is_some_and(|h| h.decides()) {
+            return self.ask_handler(id, upgrade);
+        }
+        let decision = self.call_upgrade_hook(&UpgradeRequest::new(&upgrade.request, remote));
+        self.settle_upgrade(id, upgrade, decision);
+    }
+
+    /// Upgrades `id` or refuses it, as `decision` (the app's, or its handler's) says.
+    pub(super) fn settle_upgrade(&mut self, id: ConnId, upgrade: Upgrade, decision: Decision) {
+        let idx = id.idx as usize;
+        // The hook cannot end this connection (it has no id for it), but it ran app code; and
+        // a client may leave while its handler decides.
         if self
             .ctx
             .conns
@@ -605,6 +629,11 @@ impl Loop {
         {
             return;
         }
+        let Upgrade {
+            request,
+            token,
+            chosen,
+        } = upgrade;
         let listed = &self.settings.subprotocols;
         let (mut answer, agreed, extra) = match decision.settle(id, &request, listed, chosen) {
             Verdict::Accept {

@@ -18,6 +18,7 @@
 //!   handler reads `worker_start`, then a `connect` with `"replay": true` for every open
 //!   connection, then the held events.
 
+use super::decisions::{Decided, Decisions};
 use super::event_loop::Loop;
 use super::timers::TimerId;
 use crate::backoff::Backoff;
@@ -83,6 +84,10 @@ pub(super) struct Handler {
     pub(super) timers: HashMap<String, (TimerId, bool)>,
     /// stdout had more than a turn's reads.
     pub(super) again: bool,
+    /// Decides upgrades (`authorize`).
+    authorize: bool,
+    /// Upgrades waiting for its decision.
+    pub(super) decisions: Decisions,
 }
 
 impl Handler {
@@ -103,7 +108,14 @@ impl Handler {
             held: Vec::new(),
             timers: HashMap::new(),
             again: false,
+            authorize: settings.authorize,
+            decisions: Decisions::new(settings.connect_timeout),
         }
+    }
+
+    /// The handler decides upgrades.
+    pub(super) fn decides(&self) -> bool {
+        self.authorize
     }
 
     pub(super) fn is_running(&self) -> bool {
@@ -135,8 +147,20 @@ impl Handler {
         std::mem::take(&mut self.held)
     }
 
-    /// When a stopped handler is due to start.
-    pub(super) fn restart_at(&self) -> Option<Instant> {
+    /// When the handler needs the loop next: a stopped handler's start, or an undecided
+    /// upgrade's deadline.
+    pub(super) fn due_at(&self) -> Option<Instant> {
+        let restart = match self.life {
+            Life::Down { restart_at } => Some(restart_at),
+            Life::Running(_) => None,
+        };
+        [restart, self.decisions.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn restart_at(&self) -> Option<Instant> {
         match self.life {
             Life::Down { restart_at } => Some(restart_at),
             Life::Running(_) => None,
@@ -314,6 +338,7 @@ impl Handler {
 impl Loop {
     /// Starts the handler if it is due (first start, or after a death and its backoff).
     pub(super) fn handler_due(&mut self, now: Instant) {
+        self.decisions_overdue(now);
         let Some(h) = self.handler.as_mut() else {
             return;
         };
@@ -328,9 +353,12 @@ impl Loop {
     fn handler_prologue(&self) -> impl FnOnce(u64) -> Vec<u8> + use<> {
         let group = self.ctx.worker_name().to_string();
         let worker = self.ctx.worker_id;
-        let open: Vec<Vec<u8>> = (self.ctx.connections().into_iter())
+        let mut open: Vec<Vec<u8>> = (self.ctx.connections().into_iter())
             .filter_map(|id| self.connect_line(id, None, true))
             .collect();
+        if let Some(h) = &self.handler {
+            open.push(h.decisions.lines());
+        }
         move |generation| {
             let mut out = protocol::line(&Event::WorkerStart {
                 protocol: protocol::VERSION,
@@ -342,6 +370,15 @@ impl Loop {
                 out.extend_from_slice(&line);
             }
             out
+        }
+    }
+
+    /// `id` as the handler knows it, whether it is open, handshaking or just gone.
+    pub(super) fn named(&self, id: ConnId) -> crate::GlobalId {
+        crate::GlobalId {
+            host: self.ctx.bus.origin.host,
+            slot: self.ctx.bus.origin.slot,
+            conn: id,
         }
     }
 
@@ -358,17 +395,9 @@ impl Loop {
             Some((p, q)) => (p, Some(q)),
             None => (full, None),
         };
-        let mechanics = [
-            "host",
-            "connection",
-            "upgrade",
-            "sec-websocket-key",
-            "sec-websocket-version",
-            "sec-websocket-extensions",
-        ];
         let headers = (headers.unwrap_or_default().iter())
-            .filter(|(n, _)| !mechanics.iter().any(|m| n.eq_ignore_ascii_case(m)))
-            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .filter(|(n, _)| !is_mechanics(n))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
             .collect();
         let remote = self.ctx.remote_addr(id)?.to_string();
         Some(protocol::line(&Event::Connect {
@@ -402,12 +431,7 @@ impl Loop {
             }),
             // The connection is out of the slab already.
             Told::Close => Some(protocol::line(&Event::Close {
-                conn: crate::GlobalId {
-                    host: self.ctx.bus.origin.host,
-                    slot: self.ctx.bus.origin.slot,
-                    conn: id,
-                }
-                .to_string(),
+                conn: self.named(id).to_string(),
             })),
         };
         if let (Some(line), Some(h)) = (line, self.handler.as_mut()) {
@@ -559,9 +583,16 @@ impl Loop {
                     Err(format!("no timer {timer:?}"))
                 }
             }
-            Command::Accept { conn, .. } | Command::Reject { conn, .. } => {
-                Err(format!("no upgrade of {conn} waits for a decision"))
-            }
+            Command::Accept {
+                conn,
+                user,
+                subscribe,
+            } => self.handler_decided(local(conn)?, Decided::Accept { user, subscribe }),
+            Command::Reject {
+                conn,
+                status,
+                reason,
+            } => self.handler_decided(local(conn)?, Decided::Reject { status, reason }),
         }
     }
 
@@ -582,6 +613,20 @@ impl Loop {
             h.died(self.poll.registry(), "exited");
         }
     }
+}
+
+/// Whether a request header is the upgrade's mechanics, which the handler is not given.
+pub(super) fn is_mechanics(name: &str) -> bool {
+    [
+        "host",
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+    ]
+    .iter()
+    .any(|m| name.eq_ignore_ascii_case(m))
 }
 
 /// What a connection did, for [`Loop::handler_tell`].

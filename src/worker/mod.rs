@@ -14,6 +14,7 @@ mod channel;
 mod commands;
 mod conn;
 mod context;
+mod decisions;
 mod errors;
 mod event_loop;
 mod flush;
