@@ -17,6 +17,8 @@ command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install
 [[ -x /usr/bin/chromium ]] || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 # tests/cluster.rs runs a real Redis on loopback for the cluster bus.
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+# tests/handler_examples.rs runs examples/handlers/chat.php in Debian's php-cli.
+command -v php >/dev/null || { apt-get update -qq && apt-get install -y -qq php-cli >/dev/null; }
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # A library user's build: `default-features = false` leaves out clap, hdrhistogram and redis.
