@@ -463,7 +463,7 @@ impl Loop {
             return;
         };
         if !h.write_out() {
-            h.died(self.poll.registry(), "stopped reading its stdin");
+            return self.handler_died("stopped reading its stdin");
         }
         let released = h.release();
         self.again.extend(released);
@@ -475,7 +475,7 @@ impl Loop {
             return;
         };
         let Some(lines) = h.read_lines() else {
-            return h.died(self.poll.registry(), "closed its stdout");
+            return self.handler_died("closed its stdout");
         };
         for line in lines {
             self.handler_line(&line);
@@ -610,7 +610,19 @@ impl Loop {
         if let Life::Running(r) = &mut h.life
             && let Ok(Some(_)) = r.child.try_wait()
         {
-            h.died(self.poll.registry(), "exited");
+            self.handler_died("exited");
+        }
+    }
+
+    /// The handler is gone: reaped, its timers cancelled (a new one adds its own), and
+    /// started again after a backoff.
+    fn handler_died(&mut self, why: &str) {
+        let Some(h) = self.handler.as_mut() else {
+            return;
+        };
+        h.died(self.poll.registry(), why);
+        for (_, (id, _)) in std::mem::take(&mut h.timers) {
+            self.ctx.del_timer(id);
         }
     }
 }
