@@ -284,6 +284,9 @@ pub struct Counters {
     pub bus_received: u64,
     #[serde(default)]
     pub bus_dropped: u64,
+    /// Webhook requests that got no 2xx (or no answer).
+    #[serde(default)]
+    pub webhook_failures: u64,
     /// `local` (no cluster bus), or the worker's link to Redis: `redis connecting`,
     /// `redis up`, `redis down`.
     #[serde(default)]

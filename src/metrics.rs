@@ -120,7 +120,7 @@ impl Collector for Snapshot {
                 m.encode_family(&labels(w))?.encode_gauge(&value(w))?;
             }
         }
-        let counters: [Series; 9] = [
+        let counters: [Series; 10] = [
             (
                 "wsd_upgrades_accepted",
                 "WebSocket upgrades accepted.",
@@ -158,6 +158,11 @@ impl Collector for Snapshot {
             ("wsd_bus_sent", "Bus messages sent.", |w| {
                 w.counters.bus_sent
             }),
+            (
+                "wsd_webhook_failures",
+                "Webhook requests that got an error status or no answer.",
+                |w| w.counters.webhook_failures,
+            ),
         ];
         for (name, help, value) in counters {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;

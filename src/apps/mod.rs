@@ -28,7 +28,9 @@ pub fn builtin() -> Vec<(&'static str, Install)> {
         ("clock-echo", clock_echo),
         ("chat", chat),
         ("pubsub", pubsub),
-        // The worker's loop runs the handler itself (`worker/handler.rs`): no hooks to add.
+        // The worker's loop runs the handler, or posts to the webhook, itself
+        // (`worker/handler.rs`, `worker/webhook.rs`): no hooks to add.
         (crate::config::EXEC_APP, |_| {}),
+        (crate::config::WEBHOOK_APP, |_| {}),
     ]
 }

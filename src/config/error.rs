@@ -209,6 +209,25 @@ pub enum GroupProblem {
     /// `connect_timeout` is 0.
     #[error("connect_timeout must be longer than 0")]
     NoConnectTime,
+    /// `app = "webhook"` without a URL for every event.
+    #[error(
+        "app = \"webhook\" needs url = \"http://...\" (or connect_url, message_url and close_url)"
+    )]
+    NoUrl,
+    /// A webhook URL that is not `http://host[:port][/path]`.
+    #[error("{key} {url:?} is not an http:// URL with a host")]
+    BadUrl {
+        /// The key.
+        key: &'static str,
+        /// The value.
+        url: String,
+    },
+    /// Webhook keys on a group that posts no events.
+    #[error("{0} is for app = \"webhook\"")]
+    WebhookKeyWithoutWebhook(&'static str),
+    /// `webhook_connections` outside 1..=64, or `webhook_timeout` 0.
+    #[error("webhook_connections must be 1 to 64, and webhook_timeout longer than 0")]
+    WebhookLimits,
 }
 
 /// A value that does not parse: a size, a duration or a listen address, in `workers.toml` or

@@ -183,6 +183,25 @@ pub struct GroupConfig {
     /// clients until the handler catches up.
     #[serde(default = "d::handler_queue", deserialize_with = "bytes")]
     pub handler_queue: usize,
+    // webhooks (`app = "webhook"`)
+    /// Where events are POSTed: `http://host:port/path`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Where `connect` events go instead of `url`.
+    #[serde(default)]
+    pub connect_url: Option<String>,
+    /// Where `message` events go instead of `url`.
+    #[serde(default)]
+    pub message_url: Option<String>,
+    /// Where `close` events go instead of `url`.
+    #[serde(default)]
+    pub close_url: Option<String>,
+    /// How long one POST may take, connecting included.
+    #[serde(default = "d::webhook_timeout", deserialize_with = "seconds")]
+    pub webhook_timeout: Duration,
+    /// Keep-alive connections (and requests in flight) to the backend per worker.
+    #[serde(default = "d::webhook_connections")]
+    pub webhook_connections: usize,
 }
 
 /// Which topics keep presence.
@@ -309,6 +328,12 @@ mod d {
     pub fn handler_queue() -> usize {
         1 << 20
     }
+    pub fn webhook_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn webhook_connections() -> usize {
+        4
+    }
 }
 
 impl GroupConfig {
@@ -362,6 +387,12 @@ impl GroupConfig {
             authorize: false,
             connect_timeout: d::connect_timeout(),
             handler_queue: d::handler_queue(),
+            url: None,
+            connect_url: None,
+            message_url: None,
+            close_url: None,
+            webhook_timeout: d::webhook_timeout(),
+            webhook_connections: d::webhook_connections(),
         }
     }
 

@@ -9,18 +9,21 @@ use std::path::{Path, PathBuf};
 
 /// The app that runs a handler.
 pub const EXEC_APP: &str = "exec";
+/// The app that POSTs events to a backend.
+pub const WEBHOOK_APP: &str = "webhook";
 
 impl GroupConfig {
     /// Checks the handler keys, and makes `cwd` absolute (relative to `base`, the config
     /// file's folder). The program must be an executable file: a path (relative to `cwd`), or
     /// a name found in `PATH`.
     pub fn check_handler(&mut self, base: &Path) -> Result<(), GroupProblem> {
+        self.check_webhook()?;
         if self.app != EXEC_APP {
             let stray = [
                 ("command", !self.command.is_empty()),
                 ("cwd", self.cwd.is_some()),
                 ("env", !self.env.is_empty()),
-                ("authorize", self.authorize),
+                ("authorize", self.authorize && self.app != WEBHOOK_APP),
             ];
             return match stray.iter().find(|(_, set)| *set) {
                 Some((key, _)) => Err(GroupProblem::HandlerKeyWithoutExec(key)),
@@ -55,6 +58,60 @@ impl GroupConfig {
         log::debug!("handler program {program:?} is {}", found.display());
         Ok(())
     }
+}
+
+impl GroupConfig {
+    /// Checks the webhook keys: every event has an `http://` URL.
+    fn check_webhook(&self) -> Result<(), GroupProblem> {
+        let urls = [
+            ("url", &self.url),
+            ("connect_url", &self.connect_url),
+            ("message_url", &self.message_url),
+            ("close_url", &self.close_url),
+        ];
+        if self.app != WEBHOOK_APP {
+            return match urls.iter().find(|(_, u)| u.is_some()) {
+                Some((key, _)) => Err(GroupProblem::WebhookKeyWithoutWebhook(key)),
+                None => Ok(()),
+            };
+        }
+        for (key, url) in urls {
+            if let Some(url) = url
+                && !is_http_url(url)
+            {
+                return Err(GroupProblem::BadUrl {
+                    key,
+                    url: url.clone(),
+                });
+            }
+        }
+        let every = [&self.connect_url, &self.message_url, &self.close_url];
+        if self.url.is_none() && every.iter().any(|u| u.is_none()) {
+            return Err(GroupProblem::NoUrl);
+        }
+        if !(1..=64).contains(&self.webhook_connections) || self.webhook_timeout.is_zero() {
+            return Err(GroupProblem::WebhookLimits);
+        }
+        Ok(())
+    }
+
+    /// The URL each event is POSTed to: connect, message, close.
+    pub fn webhook_urls(&self) -> [String; 3] {
+        let or_url =
+            |u: &Option<String>| u.clone().or_else(|| self.url.clone()).unwrap_or_default();
+        [
+            or_url(&self.connect_url),
+            or_url(&self.message_url),
+            or_url(&self.close_url),
+        ]
+    }
+}
+
+/// `http://` and a host.
+fn is_http_url(url: &str) -> bool {
+    url.strip_prefix("http://")
+        .and_then(|rest| rest.split(['/', '?']).next())
+        .is_some_and(|host| !host.is_empty() && !host.contains(char::is_whitespace))
 }
 
 /// Where `program` is: a path with a `/` (relative to `cwd`), or the first executable of

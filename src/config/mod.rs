@@ -19,7 +19,7 @@ pub use api::{ApiConfig, ApiProblem, MetricsConfig, Secret};
 pub use error::{ConfigError, ConfigProblem, GroupProblem, ServerProblem, ValueError};
 pub(crate) use group::topic_matches;
 pub use group::{Auth, Compression, GroupConfig, Presence, SendBufferPolicy};
-pub use handler::{EXEC_APP, find_program};
+pub use handler::{EXEC_APP, WEBHOOK_APP, find_program};
 pub use server::{RedisUrl, ServerConfig, SystemGroup, SystemUser};
 pub use values::{Bytes, Listen, Seconds};
 

@@ -1,14 +1,15 @@
-//! Upgrades that wait for the handler's decision (`authorize = true`): the handshake
-//! authentication flow, in any language.
+//! Upgrades that wait for the handler's decision (`authorize = true`, and always with a
+//! webhook): the handshake authentication flow, in any language.
 //!
 //! A valid upgrade request (origin, limits, subprotocol and token checked) is held here instead
 //! of being answered, and the handler gets a `connect` event with `"decide": true`. Its
 //! `accept` (with a user to bind and topics to subscribe) or `reject` (with a status) settles
-//! it; after `connect_timeout` it is refused with 503. A handler that dies while upgrades wait
+//! it, as does a webhook's answer; after `connect_timeout` it is refused with 503. A handler that dies while upgrades wait
 //! gets them again after the replay of its restart.
 
 use super::event_loop::{Loop, Upgrade};
 use super::upgrade::Decision;
+use super::webhook::Kind;
 use crate::ConnId;
 use crate::exec::protocol::{self, Event};
 use std::collections::{BTreeMap, HashMap};
@@ -101,28 +102,22 @@ impl Loop {
             decide: true,
             replay: false,
         });
-        let Some(h) = self.handler.as_mut() else {
-            return;
-        };
-        // A stopped handler gets it after its restart's replay.
-        if h.is_running() {
-            h.queue(&line);
+        if !self.tell_backend(Kind::Connect, id, &line) {
+            let decision = Decision::reject(503, "the backend cannot take it");
+            return self.settle_upgrade(id, upgrade, decision);
         }
-        let deadline = Instant::now() + h.decisions.timeout;
+        let deadline = Instant::now() + self.decisions.timeout;
         let waiting = Waiting {
             upgrade,
             line,
             deadline,
         };
-        h.decisions.waiting.insert(id, waiting);
+        self.decisions.waiting.insert(id, waiting);
     }
 
     /// The handler's `accept` or `reject` of `id`. `Err` if no upgrade of it waits.
     pub(super) fn handler_decided(&mut self, id: ConnId, decided: Decided) -> Result<(), String> {
-        let waiting = self
-            .handler
-            .as_mut()
-            .and_then(|h| h.decisions.waiting.remove(&id));
+        let waiting = self.decisions.waiting.remove(&id);
         let Some(Waiting { upgrade, .. }) = waiting else {
             return Err(format!(
                 "no upgrade of connection {id} waits for a decision"
@@ -150,13 +145,10 @@ impl Loop {
 
     /// Refuses, with 503, the upgrades the handler did not decide in time.
     pub(super) fn decisions_overdue(&mut self, now: Instant) {
-        let Some(h) = self.handler.as_mut() else {
-            return;
-        };
-        if h.decisions.next_deadline().is_none_or(|at| at > now) {
+        if self.decisions.next_deadline().is_none_or(|at| at > now) {
             return;
         }
-        for (id, upgrade) in h.decisions.overdue(now) {
+        for (id, upgrade) in self.decisions.overdue(now) {
             log::warn!("the handler did not decide on connection {id} in time; refused with 503");
             let decision = Decision::reject(503, "the handler did not decide in time");
             self.settle_upgrade(id, upgrade, decision);

@@ -20,6 +20,7 @@ use super::api::{API_BASE, API_LISTENER, Api, ApiSocket};
 use super::channel::Channel;
 use super::conn::{Conn, Flushed, Received};
 use super::context::{BufferNotice, Leaving};
+use super::decisions::Decisions;
 use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::gather::Gatherings;
@@ -31,6 +32,7 @@ use super::stop::Stopping;
 #[cfg(feature = "tls")]
 use super::tls::TlsConn;
 use super::upgrade::{self, Decision, UpgradeRequest, Verdict};
+use super::webhook::{WEBHOOK_WAKE, Webhook};
 use super::{Context, Hooks, Worker};
 use crate::ConnId;
 use crate::bus::Bus;
@@ -106,6 +108,10 @@ pub(super) struct Loop {
     pub(super) bridges_again: Vec<usize>,
     /// The handler process, with `app = "exec"` (`handler.rs`).
     pub(super) handler: Option<Handler>,
+    /// The backend events are POSTed to, with `app = "webhook"` (`webhook.rs`).
+    pub(super) webhook: Option<Webhook>,
+    /// Upgrades waiting for the handler's or the webhook's decision (`decisions.rs`).
+    pub(super) decisions: Decisions,
     /// Answers waiting for other workers or Redis.
     pub(super) gatherings: Gatherings,
     /// When this worker's presence and user records are refreshed in Redis next.
@@ -195,6 +201,11 @@ impl Loop {
             None => None,
         };
         let handler = (settings.app == crate::config::EXEC_APP).then(|| Handler::new(&settings));
+        let webhook = match settings.app == crate::config::WEBHOOK_APP {
+            true => Some(Webhook::start(&settings, poll.registry())?),
+            false => None,
+        };
+        let decisions = Decisions::new(settings.connect_timeout);
         let mut bridges = Bridges::new(BRIDGE_BASE);
         for (peer, end) in inherited {
             bridges.add(peer, end, poll.registry())?;
@@ -224,6 +235,8 @@ impl Loop {
             bridges,
             bridges_again: Vec::new(),
             handler,
+            webhook,
+            decisions,
             gatherings: Gatherings::default(),
             refresh: Default::default(),
             next_tick: Instant::now() + TICK,
@@ -270,6 +283,7 @@ impl Loop {
                 HANDLER_OUT => self.handler_readable(),
                 HANDLER_ERR => self.handler_stderr(),
                 HANDLER_IN => {}
+                WEBHOOK_WAKE => self.webhook_ready(),
                 Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                 Token(t) if t >= BRIDGE_BASE => self.bridge_ready(t - BRIDGE_BASE),
                 Token(t) if t >= API_BASE => self.api_ready(t - API_BASE),
@@ -354,7 +368,8 @@ impl Loop {
             self.accepting.retry_at(),
             self.stopping.next_due(),
             self.gatherings.next_deadline(),
-            self.handler.as_ref().and_then(|h| h.due_at()),
+            self.handler.as_ref().and_then(|h| h.restart_at()),
+            self.decisions.next_deadline(),
         ];
         let until = deadlines
             .into_iter()
@@ -455,8 +470,7 @@ impl Loop {
     /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
     /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
-        if let Some(h) = self.handler.as_mut().filter(|h| h.congested()) {
-            h.hold(idx);
+        if self.backend_holds(idx) {
             return;
         }
         let high_water = super::context::high_water(self.settings.max_send_buffer);
@@ -609,7 +623,7 @@ impl Loop {
             token,
             chosen,
         };
-        if self.handler.as_ref().is_some_and(|h| h.decides()) {
+        if self.backend_decides() {
             return self.ask_handler(id, upgrade);
         }
         let decision = self.call_upgrade_hook(&UpgradeRequest::new(&upgrade.request, remote));

@@ -18,9 +18,10 @@
 //!   handler reads `worker_start`, then a `connect` with `"replay": true` for every open
 //!   connection, then the held events.
 
-use super::decisions::{Decided, Decisions};
+use super::decisions::Decided;
 use super::event_loop::Loop;
 use super::timers::TimerId;
+use super::webhook::Kind;
 use crate::backoff::Backoff;
 use crate::config::GroupConfig;
 use crate::exec::lines::{Lines, Piece};
@@ -86,8 +87,6 @@ pub(super) struct Handler {
     pub(super) again: bool,
     /// Decides upgrades (`authorize`).
     authorize: bool,
-    /// Upgrades waiting for its decision.
-    pub(super) decisions: Decisions,
 }
 
 impl Handler {
@@ -109,7 +108,6 @@ impl Handler {
             timers: HashMap::new(),
             again: false,
             authorize: settings.authorize,
-            decisions: Decisions::new(settings.connect_timeout),
         }
     }
 
@@ -147,20 +145,8 @@ impl Handler {
         std::mem::take(&mut self.held)
     }
 
-    /// When the handler needs the loop next: a stopped handler's start, or an undecided
-    /// upgrade's deadline.
-    pub(super) fn due_at(&self) -> Option<Instant> {
-        let restart = match self.life {
-            Life::Down { restart_at } => Some(restart_at),
-            Life::Running(_) => None,
-        };
-        [restart, self.decisions.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    fn restart_at(&self) -> Option<Instant> {
+    /// When a stopped handler is due to start.
+    pub(super) fn restart_at(&self) -> Option<Instant> {
         match self.life {
             Life::Down { restart_at } => Some(restart_at),
             Life::Running(_) => None,
@@ -356,9 +342,7 @@ impl Loop {
         let mut open: Vec<Vec<u8>> = (self.ctx.connections().into_iter())
             .filter_map(|id| self.connect_line(id, None, true))
             .collect();
-        if let Some(h) = &self.handler {
-            open.push(h.decisions.lines());
-        }
+        open.push(self.decisions.lines());
         move |generation| {
             let mut out = protocol::line(&Event::WorkerStart {
                 protocol: protocol::VERSION,
@@ -415,12 +399,15 @@ impl Loop {
     /// Tells the handler of a connection's message or close; held while it is down, except a
     /// connect, which the replay will bring.
     pub(super) fn handler_tell(&mut self, id: ConnId, what: Told<'_>) {
-        let Some(h) = self.handler.as_ref() else {
-            return;
-        };
-        if !h.is_running() && matches!(what, Told::Connect(_)) {
+        // A backend that decided on the upgrade has had its connect already.
+        if matches!(what, Told::Connect(_)) && self.backend_decides() {
             return;
         }
+        let kind = match what {
+            Told::Connect(_) => Kind::Connect,
+            Told::Message(_) => Kind::Message,
+            Told::Close => Kind::Close,
+        };
         let line = match what {
             Told::Connect(headers) => self.connect_line(id, Some(headers), false),
             Told::Message(msg) => self.ctx.global_id(id).map(|g| {
@@ -434,9 +421,45 @@ impl Loop {
                 conn: self.named(id).to_string(),
             })),
         };
-        if let (Some(line), Some(h)) = (line, self.handler.as_mut()) {
-            h.queue(&line);
+        if let Some(line) = line
+            && !self.tell_backend(kind, id, &line)
+        {
+            log::debug!("the webhook's queue is full: a {kind:?} event of {id} is dropped");
         }
+    }
+
+    /// Whether upgrades wait for the backend's decision: an exec handler with `authorize`,
+    /// or a webhook.
+    pub(super) fn backend_decides(&self) -> bool {
+        self.handler.as_ref().is_some_and(|h| h.decides()) || self.webhook.is_some()
+    }
+
+    /// Hands an event to the backend: queued for the exec handler (a `connect` only while it
+    /// runs: its restart's replay brings the rest), or POSTed. False if it cannot take it.
+    pub(super) fn tell_backend(&mut self, kind: Kind, id: ConnId, line: &[u8]) -> bool {
+        if let Some(h) = self.handler.as_mut() {
+            if kind != Kind::Connect || h.is_running() {
+                h.queue(line);
+            }
+            return true;
+        }
+        match self.webhook.as_mut() {
+            Some(w) => w.post(kind, id, line.to_vec()),
+            None => true,
+        }
+    }
+
+    /// The backend cannot keep up: client `idx` is not read until it does.
+    pub(super) fn backend_holds(&mut self, idx: usize) -> bool {
+        if let Some(h) = self.handler.as_mut().filter(|h| h.congested()) {
+            h.hold(idx);
+            return true;
+        }
+        if let Some(w) = self.webhook.as_mut().filter(|w| w.congested()) {
+            w.hold(idx);
+            return true;
+        }
+        false
     }
 
     /// Timers of the handler that came due in this turn's timers.
@@ -504,8 +527,9 @@ impl Loop {
         }
     }
 
-    /// Carries out a command; `Err` says why it could not be.
-    fn handler_command(&mut self, cmd: Command) -> Result<(), String> {
+    /// Carries out a command (an exec handler's, or from a webhook's answer); `Err` says why
+    /// it could not be.
+    pub(super) fn handler_command(&mut self, cmd: Command) -> Result<(), String> {
         let here = self.ctx.bus.origin;
         let local = |g: crate::GlobalId| {
             (g.host == here.host && usize::from(g.slot) == self.ctx.worker_id)
@@ -563,6 +587,9 @@ impl Loop {
                 after,
                 repeat,
             } => {
+                if self.handler.is_none() {
+                    return Err("timers are for app = \"exec\"".into());
+                }
                 self.handler_del_timer(&timer);
                 let name = timer.clone();
                 let fire = move |ctx: &mut crate::Context| ctx.handler_timers.push(name.clone());

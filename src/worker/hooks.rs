@@ -61,7 +61,7 @@ impl Loop {
     /// Calls the app's connection hook, if it set one; a panic is logged and fails that
     /// connection only.
     pub(super) fn call_hook(&mut self, id: ConnId, hook: Hook<'_>) {
-        if self.handler.is_some() {
+        if self.handler.is_some() || self.webhook.is_some() {
             match &hook {
                 Hook::Message(m) => self.handler_tell(id, Told::Message(m)),
                 Hook::Close => self.handler_tell(id, Told::Close),

@@ -40,6 +40,7 @@ mod tls;
 mod tokens;
 mod topics;
 mod upgrade;
+mod webhook;
 
 pub use context::Context;
 pub use errors::{ConnError, SendError};
