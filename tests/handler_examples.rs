@@ -1,6 +1,7 @@
 //! The example handlers in examples/handlers/, run by a real master (`app = "exec"`, two
 //! workers) for real WebSocket clients: the PHP chat relays every text message to every client
-//! on both workers, and the Node rooms publish to a room's members on both workers only.
+//! on both workers, the Node rooms publish to a room's members on both workers only, and the
+//! Python echo sends each message back to its sender alone.
 //! `php` and `node` must be installed (scripts/test.sh and scripts/interop-deps.sh do): a
 //! missing interpreter fails the test, it is not skipped.
 
@@ -181,4 +182,22 @@ fn rooms_js_publishes_to_the_rooms_members_on_every_worker_only() {
     let still = json!({ "room": "lobby", "text": "still here", "from": a_id });
     assert_eq!(recv_json(&mut b), still);
     assert_eq!(recv_json(&mut a), still);
+}
+
+#[test]
+fn echo_py_sends_text_and_binary_back_to_their_sender() {
+    let server = start("python3", "echo.py");
+    let mut clients: Vec<Client> = (0..4).map(|_| server.connect()).collect();
+    for round in 0..3 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.send_text(&format!("{i}: hé \"quoted\" {round}"));
+            c.ws.send(Message::binary(vec![i as u8, 0, 255, round]))
+                .unwrap();
+        }
+        // Each client gets its own two messages back, in order, and nobody else's.
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.recv_text(), format!("{i}: hé \"quoted\" {round}"));
+            assert_eq!(c.recv(), Message::binary(vec![i as u8, 0, 255, round]));
+        }
+    }
 }

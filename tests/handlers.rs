@@ -16,6 +16,8 @@ use tungstenite::Message;
 /// `version` (its first argument), `timer`, `garbage`, `stall`.
 const PROBE: &str = r#"
 import json, os, sys, time
+sys.stderr.write("probe starting\n")
+sys.stderr.flush()
 conns = set()
 pending = b""
 def write(cmds):
@@ -90,6 +92,12 @@ fn handler_pid(c: &mut Client) -> i32 {
 #[test]
 fn messages_and_binary_round_trip_and_timers_fire() {
     let server = start(2, "", "");
+    // The handler's stderr is in the log, tagged with its worker.
+    wait_for("the handler's stderr in the log", DEADLINE, || {
+        let log = server.master_output();
+        let tagged = |l: &&str| l.contains("exec#") && l.contains("] handler: probe starting");
+        (log.lines().filter(tagged).count() == 2).then_some(())
+    });
     let mut clients: Vec<Client> = (0..4).map(|_| server.connect()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.send_text(&format!("hello {i}\nwith a newline"));
