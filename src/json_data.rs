@@ -6,7 +6,7 @@ use crate::Message;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Why a JSON value is not a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,16 +35,34 @@ pub fn message_of(data: Value) -> Result<Message, BadData> {
 }
 
 /// `msg` in that form.
+#[cfg(test)]
 pub fn data_of(msg: &Message) -> Value {
-    match msg {
-        Message::Text(t) => Value::String(t.to_string()),
-        Message::Binary(b) => json!({ "b64": STANDARD.encode(b) }),
+    serde_json::to_value(Data(msg)).expect("a message serializes")
+}
+
+/// A message written in that form straight from its bytes, with no `Value` between.
+#[derive(Debug)]
+pub struct Data<'a>(pub &'a Message);
+
+impl serde::Serialize for Data<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0 {
+            Message::Text(t) => s.serialize_str(t),
+            Message::Binary(b) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("b64", &STANDARD.encode(b))?;
+                m.end()
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use serde_json::json;
 
     #[test]
     fn text_and_binary_round_trip() {

@@ -43,7 +43,10 @@ pub enum Event<'a> {
         replay: bool,
     },
     /// A message from a client.
-    Message { conn: String, data: Value },
+    Message {
+        conn: String,
+        data: json_data::Data<'a>,
+    },
     /// A client is gone.
     Close { conn: String },
     /// A timer the handler added is due.
@@ -376,7 +379,7 @@ mod tests {
     fn events_are_one_line_each() {
         let text = line(&Event::Message {
             conn: CONN.into(),
-            data: json_data::data_of(&Message::from("a\nb")),
+            data: json_data::Data(&Message::from("a\nb")),
         });
         assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 1);
         let v: Value = serde_json::from_slice(&text).unwrap();

@@ -85,6 +85,8 @@ pub(super) struct Handler {
     pub(super) timers: HashMap<String, (TimerId, bool)>,
     /// stdout had more than a turn's reads.
     pub(super) again: bool,
+    /// Where stdout is read into: one per worker, kept.
+    chunk: Box<[u8]>,
     /// Decides upgrades (`authorize`).
     authorize: bool,
 }
@@ -107,6 +109,7 @@ impl Handler {
             held: Vec::new(),
             timers: HashMap::new(),
             again: false,
+            chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
             authorize: settings.authorize,
         }
     }
@@ -272,12 +275,11 @@ impl Handler {
             return Some(Vec::new());
         };
         let mut lines = Vec::new();
-        let mut buf = vec![0u8; READ_CHUNK];
         self.again = false;
         for _ in 0..READS_PER_TURN {
-            match r.stdout.read(&mut buf) {
+            match r.stdout.read(&mut self.chunk) {
                 Ok(0) => return None,
-                Ok(n) => self.stdout.feed(&buf[..n], |p| match p {
+                Ok(n) => self.stdout.feed(&self.chunk[..n], |p| match p {
                     Piece::Line(l) if l.iter().all(u8::is_ascii_whitespace) => {}
                     Piece::Line(l) => lines.push(l.to_vec()),
                     Piece::TooLong(n) => {
@@ -413,7 +415,7 @@ impl Loop {
             Told::Message(msg) => self.ctx.global_id(id).map(|g| {
                 protocol::line(&Event::Message {
                     conn: g.to_string(),
-                    data: crate::json_data::data_of(msg),
+                    data: crate::json_data::Data(msg),
                 })
             }),
             // The connection is out of the slab already.
