@@ -2,13 +2,31 @@
 """A wsd exec handler in Python, standard library only: every message goes back to its sender.
 
 Run by wsd with `app = "exec"` and `command = ["python3", "examples/handlers/echo.py"]`. The
-protocol is one JSON object per line each way (docs/handlers.md). This reads whatever stdin
-has, carries out every line, and answers in one write: a busy handler costs one read and one
-write per batch, not per message.
+protocol is one JSON object per line each way (docs/handlers.md).
+
+It is written for throughput, as a busy handler should be: it reads whatever stdin has, parses
+all of those lines with one `json.loads` (CPython spends more on a call than on a short line),
+and writes every answer with one `os.write`.
 """
 import json
 import os
 import sys
+
+encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def events(lines):
+    """The events in a batch of lines: all at once, or one by one if one is not JSON."""
+    try:
+        return json.loads(b"[" + b",".join(lines) + b"]")
+    except ValueError:
+        good = []
+        for line in lines:
+            try:
+                good.append(json.loads(line))
+            except ValueError:
+                sys.stderr.write("echo.py: skipped a line that is not JSON\n")
+        return good
 
 
 def handle(event, out):
@@ -24,11 +42,12 @@ def main():
             return  # wsd closed our stdin: the worker is stopping
         *lines, pending = (pending + chunk).split(b"\n")
         out = []
-        for line in lines:
-            if line.strip():
-                handle(json.loads(line), out)
+        for event in events([line for line in lines if line.strip()]):
+            handle(event, out)
         if out:
-            os.write(1, "".join(json.dumps(c) + "\n" for c in out).encode())
+            data = ("\n".join(map(encode, out)) + "\n").encode()
+            while data:
+                data = data[os.write(1, data):]
 
 
 if __name__ == "__main__":
