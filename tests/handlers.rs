@@ -19,6 +19,7 @@ import json, os, sys, time
 sys.stderr.write("probe starting\n")
 sys.stderr.flush()
 conns = set()
+closes = 0
 pending = b""
 def write(cmds):
     os.write(1, "".join(json.dumps(c) + "\n" for c in cmds).encode())
@@ -44,6 +45,7 @@ while True:
             conns.add(ev["conn"])
         elif kind == "close":
             conns.discard(ev["conn"])
+            closes += 1
         elif kind == "timer":
             cmds.append({"cmd": "broadcast", "data": "tick " + ev["timer"]})
         elif kind == "message":
@@ -69,6 +71,10 @@ while True:
                 cmds.append({"cmd": "send", "conn": c, "data": d})
     if cmds:
         write(cmds)
+# Cleaning up takes a while: the worker waits for it.
+time.sleep(0.2)
+with open("bye.txt", "w") as f:
+    f.write("%d closes\n" % closes)
 "#;
 
 /// One `exec` worker running [`PROBE`] (argv `args` after the script), with `extra` keys.
@@ -309,4 +315,27 @@ fn the_handler_decides_upgrades() {
     assert_eq!(slow.status, 503, "{slow:?}");
     ada.send_text("still here");
     assert_eq!(ada.recv_text(), "still here");
+}
+
+#[test]
+fn a_stopping_worker_tells_its_handler_every_close_then_eof() {
+    let mut server = start(1, "", "");
+    let mut clients: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    for c in &mut clients {
+        c.send_text("ready");
+        assert_eq!(c.recv_text(), "ready");
+    }
+    // Each client answers the Close 1001 of the stop.
+    let closers: Vec<_> = (clients.into_iter())
+        .map(|mut c| std::thread::spawn(move || c.expect_close()))
+        .collect();
+    let out = server.wsd(&["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    for t in closers {
+        assert_eq!(t.join().unwrap(), 1001);
+    }
+    assert_eq!(server.wait_exit(DEADLINE), 0);
+    // The handler read every close, then EOF, and finished by itself before its worker exited.
+    let bye = std::fs::read_to_string(server.dir.path().join("bye.txt")).expect("bye.txt");
+    assert_eq!(bye, "3 closes\n");
 }

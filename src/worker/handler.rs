@@ -47,6 +47,8 @@ const READ_CHUNK: usize = 64 << 10;
 /// Longest stderr line logged whole.
 const ERR_LINE: usize = 4 << 10;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// How long an exiting worker gives its handler to finish after its stdin closes.
+const HANDLER_GRACE: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Where the handler is.
@@ -245,6 +247,36 @@ impl Handler {
         self.life = Life::Down {
             restart_at: Instant::now() + delay,
         };
+    }
+
+    /// The worker is exiting: what waits is written (for up to `grace`), stdin is closed, the
+    /// handler's cue to finish, and it has what is left of `grace` to exit before `SIGKILL`.
+    fn shut_down(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while !self.out.is_empty() && Instant::now() < deadline && self.write_out() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let Life::Running(r) = std::mem::replace(
+            &mut self.life,
+            Life::Down {
+                restart_at: deadline,
+            },
+        ) else {
+            return;
+        };
+        let Running {
+            mut child, stdin, ..
+        } = r;
+        drop(stdin);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        log::warn!("handler did not exit within {grace:?} of its stdin closing; killed");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Writes what waits, as much as the pipe takes. False if the handler is gone.
@@ -628,6 +660,14 @@ impl Loop {
     fn handler_del_timer(&mut self, name: &str) -> bool {
         let id = self.handler.as_mut().and_then(|h| h.timers.remove(name));
         id.is_some_and(|(id, _)| self.ctx.del_timer(id))
+    }
+
+    /// The worker is exiting: the handler gets the events still waiting, then EOF, and up to
+    /// [`HANDLER_GRACE`] to exit by itself.
+    pub(super) fn handler_stop(&mut self) {
+        if let Some(h) = self.handler.as_mut() {
+            h.shut_down(HANDLER_GRACE);
+        }
     }
 
     /// From the sweep: a handler that exited without closing its stdout (a child of its

@@ -165,6 +165,7 @@ impl Loop {
             0 => log::info!("no connections left; exiting"),
             n => log::info!("exiting with {n} connections not closed yet (fast stop)"),
         }
+        self.handler_stop();
         self.report();
         self.channel.flush();
         0
