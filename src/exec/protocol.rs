@@ -53,6 +53,56 @@ pub enum Event<'a> {
     Timer { timer: &'a str },
 }
 
+/// Who a `connect` event is about.
+pub struct Connecting<'a> {
+    pub conn: String,
+    /// The request target: path and query.
+    pub target: &'a str,
+    /// The request's headers (none for a replay: they are not kept).
+    pub headers: &'a [(String, String)],
+    pub remote: String,
+    pub user: Option<&'a str>,
+}
+
+impl<'a> Connecting<'a> {
+    /// Its `connect` event: the target split into path and query, and the headers the
+    /// handler is given, named in lower case.
+    pub fn event(self, decide: bool, replay: bool) -> Event<'a> {
+        let (path, query) = match self.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.target, None),
+        };
+        let headers = (self.headers.iter())
+            .filter(|(n, _)| !is_mechanics(n))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        Event::Connect {
+            conn: self.conn,
+            path,
+            query,
+            headers,
+            remote: self.remote,
+            user: self.user,
+            decide,
+            replay,
+        }
+    }
+}
+
+/// Whether a request header is the upgrade's mechanics, which the handler is not given.
+fn is_mechanics(name: &str) -> bool {
+    [
+        "host",
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+    ]
+    .iter()
+    .any(|m| name.eq_ignore_ascii_case(m))
+}
+
 /// `event` as a line, newline included.
 pub fn line(event: &Event<'_>) -> Vec<u8> {
     let mut out = serde_json::to_vec(event).expect("an event serializes");

@@ -4,15 +4,15 @@
 //! A valid upgrade request (origin, limits, subprotocol and token checked) is held here instead
 //! of being answered, and the handler gets a `connect` event with `"decide": true`. Its
 //! `accept` (with a user to bind and topics to subscribe) or `reject` (with a status) settles
-//! it, as does a webhook's answer; after `connect_timeout` it is refused with 503. A handler that dies while upgrades wait
-//! gets them again after the replay of its restart.
+//! it, as does a webhook's answer; after `connect_timeout` it is refused with 503. A handler
+//! that dies while upgrades wait gets them again after the replay of its restart.
 
 use super::event_loop::{Loop, Upgrade};
 use super::upgrade::Decision;
 use super::webhook::Kind;
 use crate::ConnId;
-use crate::exec::protocol::{self, Event};
-use std::collections::{BTreeMap, HashMap};
+use crate::exec::protocol::{self, Connecting};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 struct Waiting {
@@ -84,24 +84,14 @@ impl Loop {
             Some(_) => super::tokens::redact_token(req.path.clone()),
             None => req.path.clone(),
         };
-        let (path, query) = match full.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (full.as_str(), None),
-        };
-        let headers: BTreeMap<String, &str> = (req.headers.iter())
-            .filter(|(n, _)| !super::handler::is_mechanics(n))
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
-            .collect();
-        let line = protocol::line(&Event::Connect {
+        let connecting = Connecting {
             conn: conn.to_string(),
-            path,
-            query,
-            headers,
+            target: &full,
+            headers: &req.headers,
             remote,
             user: upgrade.token.as_ref().map(|(u, _)| u.as_str()),
-            decide: true,
-            replay: false,
-        });
+        };
+        let line = protocol::line(&connecting.event(true, false));
         if !self.tell_backend(Kind::Connect, id, &line) {
             let decision = Decision::reject(503, "the backend cannot take it");
             return self.settle_upgrade(id, upgrade, decision);

@@ -25,7 +25,7 @@ use super::webhook::Kind;
 use crate::backoff::Backoff;
 use crate::config::GroupConfig;
 use crate::exec::lines::{Lines, Piece};
-use crate::exec::protocol::{self, Command, Event};
+use crate::exec::protocol::{self, Command, Connecting, Event};
 use crate::{ConnId, Message};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -407,27 +407,14 @@ impl Loop {
         headers: Option<&[(String, String)]>,
         replay: bool,
     ) -> Option<Vec<u8>> {
-        let conn = self.ctx.global_id(id)?.to_string();
-        let full = self.ctx.path(id)?;
-        let (path, query) = match full.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (full, None),
-        };
-        let headers = (headers.unwrap_or_default().iter())
-            .filter(|(n, _)| !is_mechanics(n))
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_str()))
-            .collect();
-        let remote = self.ctx.remote_addr(id)?.to_string();
-        Some(protocol::line(&Event::Connect {
-            conn,
-            path,
-            query,
-            headers,
-            remote,
+        let connecting = Connecting {
+            conn: self.ctx.global_id(id)?.to_string(),
+            target: self.ctx.path(id)?,
+            headers: headers.unwrap_or_default(),
+            remote: self.ctx.remote_addr(id)?.to_string(),
             user: self.ctx.user_of(id),
-            decide: false,
-            replay,
-        }))
+        };
+        Some(protocol::line(&connecting.event(false, replay)))
     }
 
     /// Tells the handler of a connection's message or close; held while it is down, except a
@@ -437,23 +424,22 @@ impl Loop {
         if matches!(what, Told::Connect(_)) && self.backend_decides() {
             return;
         }
-        let kind = match what {
-            Told::Connect(_) => Kind::Connect,
-            Told::Message(_) => Kind::Message,
-            Told::Close => Kind::Close,
-        };
-        let line = match what {
-            Told::Connect(headers) => self.connect_line(id, Some(headers), false),
-            Told::Message(msg) => self.ctx.global_id(id).map(|g| {
-                protocol::line(&Event::Message {
-                    conn: g.to_string(),
-                    data: crate::json_data::Data(msg),
-                })
-            }),
+        let (kind, line) = match what {
+            Told::Connect(headers) => (Kind::Connect, self.connect_line(id, Some(headers), false)),
+            Told::Message(msg) => {
+                let line = self.ctx.global_id(id).map(|g| {
+                    protocol::line(&Event::Message {
+                        conn: g.to_string(),
+                        data: crate::json_data::Data(msg),
+                    })
+                });
+                (Kind::Message, line)
+            }
             // The connection is out of the slab already.
-            Told::Close => Some(protocol::line(&Event::Close {
-                conn: self.named(id).to_string(),
-            })),
+            Told::Close => {
+                let conn = self.named(id).to_string();
+                (Kind::Close, Some(protocol::line(&Event::Close { conn })))
+            }
         };
         if let Some(line) = line
             && !self.tell_backend(kind, id, &line)
@@ -566,7 +552,7 @@ impl Loop {
     pub(super) fn handler_command(&mut self, cmd: Command) -> Result<(), String> {
         let here = self.ctx.bus.origin;
         let local = |g: crate::GlobalId| {
-            (g.host == here.host && usize::from(g.slot) == self.ctx.worker_id)
+            (g.host == here.host && g.slot == here.slot)
                 .then(|| g.conn())
                 .ok_or_else(|| format!("connection {g} is not this worker's"))
         };
@@ -694,20 +680,6 @@ impl Loop {
             self.ctx.del_timer(id);
         }
     }
-}
-
-/// Whether a request header is the upgrade's mechanics, which the handler is not given.
-pub(super) fn is_mechanics(name: &str) -> bool {
-    [
-        "host",
-        "connection",
-        "upgrade",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-    ]
-    .iter()
-    .any(|m| name.eq_ignore_ascii_case(m))
 }
 
 /// What a connection did, for [`Loop::handler_tell`].
