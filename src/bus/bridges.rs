@@ -47,8 +47,6 @@ pub struct Received {
     pub messages: Vec<BusMessage>,
     /// The budget ran out with more waiting.
     pub more: bool,
-    /// The other end has gone; the bridge is removed.
-    pub closed: bool,
 }
 
 /// A worker's bridges, registered with its loop as `base + index`.
@@ -153,7 +151,6 @@ impl Bridges {
         let mut got = Received {
             messages: Vec::new(),
             more: false,
-            closed: false,
         };
         let Some(b) = self.ends.get(idx) else {
             return got;
@@ -169,7 +166,6 @@ impl Bridges {
                     let b = self.ends.remove(idx);
                     let _ = registry.deregister(&mut SourceFd(&b.end.as_raw_fd()));
                     log::debug!("bridge to {}#{} closed", b.peer.group, b.peer.slot);
-                    got.closed = true;
                     return got;
                 }
             }
@@ -229,7 +225,8 @@ mod tests {
         // The newer worker of slot 0 exits: its bridge closes, and the older one serves again.
         drop(others.remove(2));
         let r = bridges.receive(2, 64, poll.registry());
-        assert!(r.closed && r.messages.is_empty());
+        assert!(r.messages.is_empty());
+        assert_eq!(bridges.serial_of(2), None, "the closed bridge is removed");
         assert!(!bridges.send((2, to.1), origin, &BusMessage::Answer(1, "{}".into())));
         let picks: Vec<usize> = (0..2).map(|_| bridges.pick("feed").unwrap().0).collect();
         assert_eq!(
