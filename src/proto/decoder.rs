@@ -19,6 +19,7 @@ use super::error::ProtocolError;
 use super::frame::{self, BINARY, CLOSE, CONTINUATION, MAX_CONTROL_PAYLOAD, PING, PONG, TEXT};
 use crate::{Message, Utf8Bytes};
 use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
 
 /// The largest client frame header: 2 bytes, a 64-bit length and the mask.
 const MAX_HEADER: usize = 14;
@@ -158,6 +159,11 @@ impl Decoder {
             control: Vec::new(),
             closed: false,
         }
+    }
+
+    /// A Close has been read.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// Bytes held for an unfinished message or frame (0 when idle).
@@ -384,6 +390,103 @@ impl Decoder {
     }
 }
 
+/// A decoder's state between two reads, for carrying a connection to another worker
+/// (`handoff`): the bytes of a header that has not all arrived, the frame whose payload is
+/// arriving, the data message assembled so far and a control frame's payload. Whatever it
+/// holds, the new decoder goes on exactly where this one stopped.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DecoderState {
+    head: Vec<u8>,
+    frame: Option<FrameState>,
+    message: Option<MessageState>,
+    control: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FrameState {
+    opcode: u8,
+    fin: bool,
+    mask: [u8; 4],
+    left: u64,
+    done: usize,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct MessageState {
+    text: bool,
+    compressed: bool,
+    data: Bytes,
+    checked: usize,
+}
+
+impl Decoder {
+    /// Its state, taken out (it is left as new). `None` once a Close has been read: such a
+    /// connection is closing and stays where it is.
+    pub(crate) fn hand_off(&mut self) -> Option<DecoderState> {
+        if self.closed {
+            return None;
+        }
+        let frame = self.frame.take().map(|f| FrameState {
+            opcode: f.opcode,
+            fin: f.fin,
+            mask: f.mask,
+            left: f.left,
+            done: f.done,
+        });
+        let message = self.message.take().map(|m| MessageState {
+            text: m.text,
+            compressed: m.compressed,
+            data: Bytes::from(m.data),
+            checked: m.checked,
+        });
+        let head = self.head[..self.head_len as usize].to_vec();
+        self.head_len = 0;
+        Some(DecoderState {
+            head,
+            frame,
+            message,
+            control: std::mem::take(&mut self.control),
+        })
+    }
+
+    /// A decoder that goes on from `state` (taken from another worker's decoder), under this
+    /// worker's `limits`. `None` for a state that no decoder could have been in.
+    pub(crate) fn adopt(limits: Limits, state: DecoderState) -> Option<Decoder> {
+        let DecoderState {
+            head,
+            frame,
+            message,
+            control,
+        } = state;
+        let mut d = Decoder::new(limits);
+        if head.len() >= MAX_HEADER
+            || (frame.is_some() && !head.is_empty())
+            || control.len() > MAX_CONTROL_PAYLOAD
+        {
+            return None;
+        }
+        d.head[..head.len()].copy_from_slice(&head);
+        d.head_len = head.len() as u8;
+        d.frame = frame.map(|f| InFrame {
+            opcode: f.opcode,
+            fin: f.fin,
+            mask: f.mask,
+            left: f.left,
+            done: f.done,
+        });
+        d.message = message.map(|m| {
+            Box::new(Partial {
+                text: m.text,
+                compressed: m.compressed,
+                checked: m.checked.min(m.data.len()),
+                data: Vec::from(m.data),
+            })
+        });
+        d.control = control;
+        Some(d)
+    }
+}
+
 /// A compressed message's payload, decompressed by the connection's deflate state (which
 /// exists: RSV1 without it failed on the header).
 fn decompress(
@@ -542,6 +645,37 @@ mod tests {
             assert_eq!(result, Ok(()), "step {step}");
             assert_eq!(events, want, "step {step}");
         }
+    }
+
+    #[test]
+    fn a_decoder_handed_off_at_any_byte_goes_on_where_it_stopped() {
+        let mut wire = client_frame(0x01, "héllo ".as_bytes());
+        wire.extend(client_frame(0x89, b"ping"));
+        wire.extend(client_frame(0x80, "wörld".as_bytes()));
+        wire.extend(client_frame(0x82, &[9u8; 200]));
+        wire.extend(client_frame(0x88, &[0x03, 0xe8]));
+        let (want, _) = run(&wire, wire.len());
+        assert_eq!(want.len(), 4);
+        for cut in 0..wire.len() {
+            let mut events = Vec::new();
+            let mut d = decoder();
+            d.feed(&wire[..cut], &mut |e| events.push(e)).unwrap();
+            let state = d.hand_off().expect("no Close read yet");
+            // The state crosses as bytes, as it does between workers.
+            let bytes = postcard::to_stdvec(&state).unwrap();
+            let state: DecoderState = postcard::from_bytes(&bytes).unwrap();
+            let mut d = Decoder::adopt(d.limits, state).expect("a real decoder's state");
+            d.feed(&wire[cut..], &mut |e| events.push(e)).unwrap();
+            assert_eq!(events, want, "handed off after {cut} bytes");
+        }
+        let mut closed = decoder();
+        closed.feed(&wire[..], &mut |_| {}).unwrap();
+        assert!(closed.hand_off().is_none(), "a closing connection stays");
+        let impossible = DecoderState {
+            head: vec![0; MAX_HEADER],
+            ..DecoderState::default()
+        };
+        assert!(Decoder::adopt(decoder().limits, impossible).is_none());
     }
 
     #[test]

@@ -70,6 +70,18 @@ impl Settings {
             level: group.compression_level.clamp(1, 9),
         })
     }
+
+    /// For connections that agreed to compression in a worker whose group had it on, when
+    /// this worker's group has it off (a reload turned it off): they keep it, with the
+    /// defaults, until they close.
+    pub(crate) fn carried_over(group: &GroupConfig) -> Settings {
+        Settings {
+            dedicated: true,
+            window_bits: MAX_WINDOW_BITS,
+            min_size: group.compression_min_size,
+            level: group.compression_level.clamp(1, 9),
+        }
+    }
 }
 
 /// A parameter RFC 7692 defines for an offer.
@@ -141,7 +153,7 @@ pub(crate) struct Offer {
 }
 
 /// What a connection agreed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Agreed {
     /// The server resets its compressor for each message.
     pub server_no_context_takeover: bool,
@@ -398,6 +410,35 @@ pub(crate) struct Stream {
     min_size: usize,
     compressor: Option<Box<Compress>>,
     inflater: Option<Box<Decompress>>,
+    /// With the client's context takeover, the last 32 KiB it sent (decompressed), which its
+    /// later messages may refer to: the decompressor holds them too, but cannot give them
+    /// up, and a connection handed to another worker needs them there.
+    window: Option<Box<Window>>,
+}
+
+/// The last [`WINDOW`] bytes of a decompressed stream.
+#[derive(Default)]
+struct Window(std::collections::VecDeque<u8>);
+
+/// The largest LZ77 window in bytes: what a client's compressor may refer back into.
+const WINDOW: usize = 1 << MAX_WINDOW_BITS;
+
+impl Window {
+    fn push(&mut self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(WINDOW)..];
+        let over = (self.0.len() + tail.len()).saturating_sub(WINDOW);
+        self.0.drain(..over);
+        self.0.extend(tail);
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn contents(&self) -> bytes::Bytes {
+        let (a, b) = self.0.as_slices();
+        [a, b].concat().into()
+    }
 }
 
 /// How a message goes out on a connection.
@@ -420,6 +461,7 @@ impl Stream {
             codec: Rc::clone(codec),
             compressor: None,
             inflater: None,
+            window: None,
         }
     }
 
@@ -491,9 +533,45 @@ impl Stream {
             let d = self
                 .inflater
                 .get_or_insert_with(|| Box::new(Decompress::new(false)));
-            inflate(d, compressed, limit, &mut out)?;
+            let ended = inflate(d, compressed, limit, &mut out)?;
+            let window = self.window.get_or_insert_with(Box::default);
+            if ended {
+                window.clear();
+            } else {
+                window.push(&out);
+            }
         }
         Ok(out)
+    }
+
+    /// What another worker needs to go on decompressing this client's messages: the window
+    /// its next messages may refer back into, when it has one (see [`Stream::adopt`]).
+    pub(crate) fn window(&self) -> Option<bytes::Bytes> {
+        self.window.as_ref().map(|w| w.contents())
+    }
+
+    /// A connection's deflate state in a new worker: what it agreed, and the window the
+    /// client's compressor may still refer to (`window`, from [`Stream::window`]), which
+    /// primes a new decompressor as a preset dictionary. Our side starts a new compressor:
+    /// the client's decompressor keeps its window, and new output simply does not refer back
+    /// into it. `None` if the window is not one zlib takes.
+    pub(crate) fn adopt(
+        agreed: Agreed,
+        codec: &SharedCodec,
+        window: Option<&[u8]>,
+    ) -> Option<Stream> {
+        let mut stream = Stream::new(agreed, codec);
+        if let Some(window) = window.filter(|_| !agreed.client_no_context_takeover) {
+            let mut d = Decompress::new(false);
+            if !window.is_empty() {
+                d.set_dictionary(window).ok()?;
+            }
+            stream.inflater = Some(Box::new(d));
+            let mut kept = Box::<Window>::default();
+            kept.push(window);
+            stream.window = Some(kept);
+        }
+        Some(stream)
     }
 }
 
@@ -541,12 +619,12 @@ fn inflate(
     compressed: &[u8],
     limit: usize,
     out: &mut Vec<u8>,
-) -> Result<(), ProtocolError> {
+) -> Result<bool, ProtocolError> {
     let ended = inflate_part(d, compressed, limit, out)? || inflate_part(d, &TAIL, limit, out)?;
     if ended {
         d.reset(false);
     }
-    Ok(())
+    Ok(ended)
 }
 
 /// Feeds `input` to `d`; true if the deflate stream ended (a final block).
@@ -872,6 +950,65 @@ mod tests {
                 !agreed.client_no_context_takeover,
                 "{offer}"
             );
+        }
+    }
+
+    /// A stream taken up by another worker from what it agreed and its window goes on with
+    /// the same client: the client's compressor still refers back into the old window, and
+    /// what the new server side compresses, the client's decompressor still reads.
+    #[test]
+    fn a_stream_goes_on_in_another_worker_from_its_window() {
+        for offer in [
+            "permessage-deflate",
+            "permessage-deflate; client_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover",
+        ] {
+            let mut old = stream(DEDICATED, offer);
+            let agreed = *old.agreed();
+            let mut client = Client::new();
+            // Over 32 KiB in all, so the window has slid.
+            for i in 0..12 {
+                let msg = text(5000, i);
+                if agreed.client_no_context_takeover {
+                    client.c.reset();
+                }
+                let up = client.compress(&msg);
+                assert_eq!(old.decompress(&up, 1 << 20).unwrap(), msg);
+                let mut sent = None;
+                assert!(old.compress(&msg, |b| sent = Some(b.to_vec())));
+                if agreed.server_no_context_takeover {
+                    client.d.reset(false);
+                }
+                assert_eq!(client.decompress(&sent.unwrap()), msg);
+            }
+            let window = old.window();
+            assert_eq!(
+                window.is_some(),
+                !agreed.client_no_context_takeover,
+                "{offer}"
+            );
+            assert!(window.as_ref().is_none_or(|w| w.len() == WINDOW));
+            let codec = Codec::new(DEDICATED);
+            let mut new = Stream::adopt(agreed, &codec, window.as_deref()).unwrap();
+            for i in 10..14 {
+                // Repeats of earlier messages: mostly references into the window.
+                let msg = text(5000, i);
+                if agreed.client_no_context_takeover {
+                    client.c.reset();
+                }
+                let up = client.compress(&msg);
+                assert_eq!(
+                    new.decompress(&up, 1 << 20).unwrap(),
+                    msg,
+                    "{offer}: up {i}"
+                );
+                let mut sent = None;
+                assert!(new.compress(&msg, |b| sent = Some(b.to_vec())));
+                if agreed.server_no_context_takeover {
+                    client.d.reset(false);
+                }
+                assert_eq!(client.decompress(&sent.unwrap()), msg, "{offer}: down {i}");
+            }
         }
     }
 

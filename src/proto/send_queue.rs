@@ -188,6 +188,16 @@ impl SendQueue {
         }
     }
 
+    /// Takes every byte not yet written, in one piece, and leaves the queue empty (for a
+    /// connection carried to another worker).
+    pub(crate) fn take_all(&mut self) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.len);
+        self.write_to(&mut all)
+            .expect("a Vec takes every byte it is given");
+        self.release_if_empty();
+        all
+    }
+
     /// Memory the queue holds (capacity, not just queued bytes).
     pub(crate) fn footprint(&self) -> usize {
         self.segments

@@ -8,7 +8,7 @@
 //! code when the client breaks the rules — are queued here, so the owner cannot get them
 //! wrong.
 
-use super::decoder::{Decoder, Event, Input, Lent, Limits};
+use super::decoder::{Decoder, DecoderState, Event, Input, Lent, Limits};
 use super::deflate::{Route, Stream};
 use super::error::ProtocolError;
 use super::frame::{self, CLOSE, PONG, RSV1};
@@ -16,6 +16,7 @@ use super::handshake::{self, Answer, FileRequest, Parsed, Reject, Request};
 use super::send_queue::SendQueue;
 use crate::Message;
 use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Where a connection is in its life. Each state says what may still be read and sent.
@@ -72,6 +73,18 @@ pub(crate) enum Step {
     /// A plain `GET`/`HEAD`, not an upgrade. Nothing more is read; answer with
     /// [`Session::respond`] (a file) or [`Session::reject`] (`FileRequest::refusal`).
     Fetch(Box<FileRequest>),
+}
+
+/// An open connection's protocol state as it travels to another worker (`handoff`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct SessionState {
+    pub decoder: DecoderState,
+    /// The permessage-deflate the upgrade agreed to, if any.
+    pub deflate: Option<super::deflate::Agreed>,
+    /// With the client's context takeover, the window its messages may refer to.
+    pub window: Option<bytes::Bytes>,
+    /// Bytes for the client not yet written: whole frames, and maybe the rest of one.
+    pub queued: bytes::Bytes,
 }
 
 pub(crate) struct Session {
@@ -215,6 +228,50 @@ impl Session {
     /// Frees the send queue's memory if it is empty (the idle sweep).
     pub(crate) fn release_if_empty(&mut self) {
         self.out.release_if_empty();
+    }
+
+    /// Takes what another worker needs to go on with this connection, and leaves it with
+    /// nothing to send: the decoder's state, the agreed permessage-deflate and the bytes not
+    /// yet written. Only an open connection can go (not one in its upgrade or closing, which
+    /// end where they are). `None` leaves the session as it was.
+    pub(crate) fn hand_off(&mut self) -> Option<SessionState> {
+        if !self.can_hand_off() {
+            return None;
+        }
+        let decoder = self.decoder.hand_off()?;
+        Some(SessionState {
+            decoder,
+            deflate: self.deflate.as_ref().map(|d| *d.agreed()),
+            window: self.deflate.as_ref().and_then(|d| d.window()),
+            queued: self.out.take_all().into(),
+        })
+    }
+
+    /// Whether [`Session::hand_off`] would take this connection.
+    pub(crate) fn can_hand_off(&self) -> bool {
+        matches!(self.phase, Phase::Open) && !self.decoder.is_closed()
+    }
+
+    /// An open connection that goes on from `state` (taken by [`Session::hand_off`] in another
+    /// worker), with this worker's limits and `deflate` (made from `state.deflate`); `None`
+    /// if the state is not one a session could have been in.
+    pub(crate) fn adopt(
+        limits: Limits,
+        max_header_bytes: usize,
+        state: SessionState,
+        deflate: Option<Stream>,
+    ) -> Option<Session> {
+        let mut out = SendQueue::default();
+        if !state.queued.is_empty() {
+            out.push_encoded(&state.queued);
+        }
+        Some(Session {
+            phase: Phase::Open,
+            decoder: Decoder::adopt(limits, state.decoder)?,
+            deflate: deflate.map(Box::new),
+            max_header_bytes,
+            out,
+        })
     }
 
     /// Memory this connection holds for protocol state beyond its fixed size.
