@@ -41,6 +41,7 @@ mod control;
 mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
+mod handoff;
 mod json_data;
 mod logging;
 mod master;

@@ -210,7 +210,14 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
     let iov = [io::IoSlice::new(data)];
     let fds = [fd];
     let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_DONTWAIT, None).map_err(io::Error::from)
+    sendmsg::<()>(
+        sock,
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
 }
 
 /// Reads from a Unix stream socket like `read`, keeping any descriptors that arrive with the

@@ -1,0 +1,261 @@
+//! The wire one worker hands its connections to another over: a Unix stream socket pair made
+//! by the master, one end given to each worker over its channel.
+//!
+//! A stream, not a seqpacket like the bus: a connection's state may be larger than any
+//! datagram (its send queue can hold `max_send_buffer`). Each record is framed as a
+//! little-endian `u32` length, a flag byte that says whether a descriptor rides with it, and
+//! the record. The descriptor is sent (`SCM_RIGHTS`) with the record's first bytes, so the
+//! receiver always holds it by the time the whole record has arrived, and descriptors arrive in
+//! the order of their records.
+//!
+//! Both sides are non-blocking and live in their worker's poll. Records waiting to go keep their
+//! descriptor until it is sent, so a sender whose peer has gone gets back every record that had
+//! not started ([`Line::take_unsent`]) and can keep those connections.
+
+use crate::sys;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+/// Framing before each record: its length and whether a descriptor rides with it.
+const FRAME_HEAD: usize = 5;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 64 << 10;
+
+/// A record as it left or arrived, with the descriptor that rode with it.
+pub(crate) type Record = (Vec<u8>, Option<OwnedFd>);
+
+/// Why a line cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LineError {
+    #[error("the other worker closed the handoff line")]
+    Closed,
+    #[error("handoff line: {0}")]
+    Io(#[from] io::Error),
+    #[error("a handoff record of {0} bytes is over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("a handoff record names a descriptor that did not come with it")]
+    NoDescriptor,
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// Until the record's first bytes are sent.
+    fd: Option<OwnedFd>,
+}
+
+/// One end of a handoff line.
+pub(crate) struct Line {
+    sock: UnixStream,
+    out: VecDeque<Outgoing>,
+    input: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    /// The other side has closed it (read as end of stream).
+    ended: bool,
+}
+
+impl Line {
+    /// Takes an end the master sent; it is made non-blocking.
+    pub(crate) fn new(end: OwnedFd) -> io::Result<Line> {
+        let sock = UnixStream::from(end);
+        sock.set_nonblocking(true)?;
+        Ok(Line {
+            sock,
+            out: VecDeque::new(),
+            input: Vec::new(),
+            fds: VecDeque::new(),
+            ended: false,
+        })
+    }
+
+    pub(crate) fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Queues `record`, with `fd` if given; [`Line::flush`] sends it.
+    pub(crate) fn push(&mut self, record: &[u8], fd: Option<OwnedFd>) {
+        let mut bytes = Vec::with_capacity(FRAME_HEAD + record.len());
+        bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        bytes.push(u8::from(fd.is_some()));
+        bytes.extend_from_slice(record);
+        self.out.push_back(Outgoing { bytes, sent: 0, fd });
+    }
+
+    /// The other side has closed the line: whatever [`Line::receive`] returned was the last.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Nothing waits to be sent.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Sends what the socket takes. `Ok(true)`: everything is out.
+    pub(crate) fn flush(&mut self) -> Result<bool, LineError> {
+        while let Some(o) = self.out.front_mut() {
+            let rest = &o.bytes[o.sent..];
+            let wrote = match &o.fd {
+                Some(fd) => sys::send_with_fd(self.sock.as_raw_fd(), rest, fd.as_raw_fd()),
+                None => (&self.sock).write(rest),
+            };
+            match wrote {
+                Ok(0) => return Err(LineError::Closed),
+                Ok(n) => {
+                    // The descriptor went with the first of these bytes.
+                    o.fd = None;
+                    o.sent += n;
+                    if o.sent == o.bytes.len() {
+                        self.out.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(LineError::Closed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The records none of whose bytes went out, with their descriptors: what a sender whose
+    /// line broke still holds.
+    pub(crate) fn take_unsent(&mut self) -> Vec<Record> {
+        let mut unsent = Vec::new();
+        for o in std::mem::take(&mut self.out) {
+            if o.sent == 0 {
+                unsent.push((o.bytes[FRAME_HEAD..].to_vec(), o.fd));
+            }
+        }
+        unsent
+    }
+
+    /// Reads what has arrived and returns the whole records among it, each with its descriptor.
+    /// A record longer than `max` breaks the line. `Err(Closed)` once the other side has gone
+    /// and every record it sent has been returned (see also [`Line::is_ended`]).
+    pub(crate) fn receive(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<Record>, LineError> {
+        let mut ended = self.ended;
+        let mut chunk = vec![0u8; READ_CHUNK];
+        while !ended {
+            let mut fds = Vec::new();
+            match sys::recv_with_fds(self.sock.as_raw_fd(), &mut chunk, &mut fds) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    ended = true;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut records = Vec::new();
+        let mut at = 0;
+        while let Some(head) = self.input.get(at..at + FRAME_HEAD) {
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            if len > max {
+                return Err(LineError::TooLarge(len, max));
+            }
+            let with_fd = head[4] != 0;
+            let Some(body) = self.input.get(at + FRAME_HEAD..at + FRAME_HEAD + len) else {
+                break;
+            };
+            let fd = match with_fd {
+                true => Some(self.fds.pop_front().ok_or(LineError::NoDescriptor)?),
+                false => None,
+            };
+            records.push((body.to_vec(), fd));
+            at += FRAME_HEAD + len;
+        }
+        self.input.drain(..at);
+        self.ended = ended;
+        if ended && records.is_empty() {
+            return Err(LineError::Closed);
+        }
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (Line, Line) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Line::new(a.into()).unwrap(), Line::new(b.into()).unwrap())
+    }
+
+    #[test]
+    fn records_arrive_whole_in_order_with_their_descriptors() {
+        let (mut tx, mut rx) = pair();
+        let big = vec![7u8; 1 << 20]; // more than the socket holds at once
+        let files: Vec<OwnedFd> = (0..3).map(|_| descriptor()).collect();
+        tx.push(b"first", Some(files[0].try_clone().unwrap()));
+        tx.push(&big, Some(files[1].try_clone().unwrap()));
+        tx.push(b"no fd", None);
+        tx.push(b"last", Some(files[2].try_clone().unwrap()));
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let done = tx.flush().unwrap();
+            got.extend(rx.receive(2 << 20).unwrap());
+            assert!(done || got.len() < 4);
+        }
+        assert_eq!(got[0].0, b"first");
+        assert_eq!(got[1].0, big);
+        assert_eq!(got[2].0, b"no fd");
+        assert!(got[2].1.is_none());
+        assert_eq!(got[3].0, b"last");
+        // Each descriptor is the file sent with its record.
+        for (i, n) in [(0, 0), (1, 1), (3, 2)] {
+            let fd = got[i].1.as_ref().unwrap();
+            assert_eq!(inode(fd), inode(&files[n]), "record {i}");
+        }
+        drop(tx);
+        assert!(matches!(rx.receive(1 << 20), Err(LineError::Closed)));
+    }
+
+    #[test]
+    fn a_sender_whose_peer_went_keeps_what_had_not_started() {
+        let (mut tx, rx) = pair();
+        drop(rx);
+        tx.push(b"kept", Some(descriptor()));
+        assert!(tx.flush().is_err());
+        let unsent = tx.take_unsent();
+        assert_eq!(unsent.len(), 1);
+        assert_eq!(unsent[0].0, b"kept");
+        assert!(unsent[0].1.is_some());
+    }
+
+    #[test]
+    fn an_oversized_record_breaks_the_line() {
+        let (mut tx, mut rx) = pair();
+        tx.push(&[0u8; 100], None);
+        tx.flush().unwrap();
+        assert!(matches!(rx.receive(99), Err(LineError::TooLarge(100, 99))));
+    }
+
+    /// A descriptor to send: one end of a socket pair (its inode names it).
+    fn descriptor() -> OwnedFd {
+        let (a, _) = UnixStream::pair().unwrap();
+        a.into()
+    }
+
+    fn inode(fd: &OwnedFd) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        file.metadata().unwrap().ino()
+    }
+}

@@ -1,0 +1,97 @@
+//! Connection handoff: a worker that is being replaced gives its open connections to the
+//! worker that replaces it, so a deploy closes none of them.
+//!
+//! The master joins the slot's old and new worker with a [`line`] once the new one is ready.
+//! The old worker stops accepting, then moves each open connection across in one record: the
+//! socket itself (`SCM_RIGHTS`) and a [`Handed`], taken between two loop turns. Nothing is lost
+//! in between, because nothing is in between: bytes the old worker has not read stay in the
+//! socket for the new one, bytes it had read but not yet made into a message travel in the
+//! decoder's state, and replies it had not yet written travel as its send queue. The new worker
+//! registers the socket and goes on as if it had been there all along.
+//!
+//! What a connection does not carry is the app's state: the app gives it with `on_handoff`
+//! (bytes) and takes it back with `on_adopt`. An app without `on_handoff` keeps the old
+//! behaviour: its clients get Close 1001 as the old worker stops. So do connections that are
+//! still in their upgrade or closing, and `wss://` ones.
+//!
+//! permessage-deflate travels as what was agreed plus, under the client's context takeover,
+//! the last 32 KiB the client sent: the new worker's decompressor starts from them as a preset
+//! dictionary, so the client's next message may still refer back into them. Our own side just
+//! starts a new compressor, which refers to nothing the client's window does not hold.
+//!
+//! The record is [`VERSION`] (two bytes, little-endian) followed by the `Handed`, in postcard.
+//! A worker refuses a version it does not know, and a record over [`max_record`].
+
+pub(crate) mod line;
+
+use crate::proto::session::SessionState;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// The version of [`Handed`] this build writes and reads.
+pub(crate) const VERSION: u16 = 1;
+
+/// One connection, as it travels.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Handed {
+    /// Its id in the worker that handed it (`conn` in that worker's events and API).
+    pub from: String,
+    /// The client's address as hooks saw it.
+    pub remote: SocketAddr,
+    /// Request path and query of the upgrade.
+    pub path: String,
+    /// Milliseconds since it was accepted.
+    pub age_ms: u64,
+    /// Bytes in and out, messages in and out.
+    pub traffic: [u64; 4],
+    /// The subprotocol the upgrade agreed to.
+    pub protocol: Option<String>,
+    pub session: SessionState,
+    /// The user it was bound to.
+    pub user: Option<String>,
+    /// The topics it was subscribed to.
+    pub topics: Vec<String>,
+    /// What its token allowed (`auth = "jwt"`).
+    pub grant: Option<crate::worker::Grant>,
+    /// What the app's `on_handoff` gave for it.
+    pub app: Option<Bytes>,
+}
+
+/// Why a record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error("handoff record version {0}, this build reads {VERSION}")]
+    Version(u16),
+    #[error("a handoff record too short for its version")]
+    Short,
+    #[error("a handoff record that does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+impl Handed {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = VERSION.to_le_bytes().to_vec();
+        postcard::to_io(self, &mut out).expect("a Vec takes every byte and Handed serializes");
+        out
+    }
+
+    pub(crate) fn decode(record: &[u8]) -> Result<Handed, RecordError> {
+        let [a, b, rest @ ..] = record else {
+            return Err(RecordError::Short);
+        };
+        match u16::from_le_bytes([*a, *b]) {
+            VERSION => Ok(postcard::from_bytes(rest)?),
+            other => Err(RecordError::Version(other)),
+        }
+    }
+}
+
+/// The largest record a worker takes: a whole send queue and a whole message, with room for
+/// the rest.
+pub(crate) fn max_record(max_send_buffer: usize, max_message: usize) -> usize {
+    max_send_buffer
+        .saturating_mul(2)
+        .saturating_add(max_message)
+        .saturating_add(1 << 20)
+}
