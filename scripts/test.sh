@@ -29,6 +29,8 @@ cargo build --release --all-targets
 # pinned and installed under target/ when missing; installed here, before the tests run.
 scripts/interop-deps.sh
 cargo test --release --all-targets -- --test-threads=2
+# The examples in the API docs compile (and run, unless marked no_run).
+cargo test --release --doc
 WSD_BIN=target/release/wsd scripts/autobahn.sh
 WSD_BIN=target/release/wsd scripts/deflate-test.sh
 WSD_BIN=target/release/wsd scripts/browser-test.sh

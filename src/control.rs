@@ -110,12 +110,28 @@ pub enum ToWorker {
     /// The descriptor sent with this line is a bridge to this worker of another group
     /// (`bus::bridges`).
     Bridge(crate::bus::bridges::Peer),
+    /// Stop as `Stop { mode: Close }` does, but first hand every open connection that can go
+    /// to the worker `to`, over the handoff line sent with this line (`handoff`). `wss://`
+    /// clients are served on for `drain_ms`, then closed with 1012.
+    HandOff {
+        spread_ms: u64,
+        drain_ms: u64,
+        to: crate::bus::bridges::Peer,
+    },
+    /// Take the connections the worker `from` hands over the line sent with this line.
+    Adopt { from: crate::bus::bridges::Peer },
 }
 
 impl ToWorker {
     /// A descriptor rides along with this line.
     pub fn carries_fd(&self) -> bool {
-        matches!(self, ToWorker::ReopenLogs | ToWorker::Bridge(_))
+        matches!(
+            self,
+            ToWorker::ReopenLogs
+                | ToWorker::Bridge(_)
+                | ToWorker::HandOff { .. }
+                | ToWorker::Adopt { .. }
+        )
     }
 }
 

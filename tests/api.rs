@@ -710,17 +710,19 @@ fn one_api_reaches_every_group_through_its_workers() {
     let mut news = feed_subscribers(port, feed_port, "news");
     publish_to_feed(port, &mut news, "news", "after the restart");
 
-    // A reload replaces them all again, bridged the same way.
+    // A reload replaces them all again, bridged the same way. The subscribers are handed to
+    // the new workers with their topics, and the API reaches them there.
     let before: Vec<i32> = worker_pids_in(&server.status());
     let out = server.wsd(&["reload"]);
     assert!(out.status.success(), "{out:?}");
     wait_for("the reload to replace every worker", DEADLINE, || {
         let st = server.try_status()?;
         let pids = worker_pids_in(&st);
-        let done = pids.len() == 2 * WORKERS && pids.iter().all(|p| !before.contains(p));
+        let done = pids.len() == 2 * WORKERS
+            && pids.iter().all(|p| !before.contains(p))
+            && before.iter().all(|&p| exited(p));
         done.then_some(())
     });
-    let mut news = feed_subscribers(port, feed_port, "news");
     publish_to_feed(port, &mut news, "news", "after the reload");
     let health = api_call(port, "GET", "/health", None, "");
     assert_eq!(health.status, 200, "{health:?}");

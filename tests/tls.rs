@@ -334,6 +334,67 @@ fn reload_renews_the_certificate_without_touching_open_connections() {
     }
 }
 
+/// A TLS session does not travel: in a reload that hands the plain clients over, a replaced
+/// worker serves its wss:// clients on through `drain_timeout`, then closes them with 1012
+/// (Service Restart). New clients go to the new worker from the start.
+#[test]
+fn a_reload_serves_wss_clients_through_the_drain_then_tells_them_1012() {
+    let cert = Cert::new(Key::Ecdsa, 11, 30);
+    let (dir, config) = Server::config("echo", 1, TLS_KEYS);
+    cert.write(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("[server]\n", "[server]\ndrain_timeout = \"2s\"\n");
+    std::fs::write(&config, &text).unwrap();
+    let mut server = Server::start_with(wsd_bin(), dir, config.clone());
+    let trust = client_config(&cert, &tls12_13());
+    let old_pid = server.worker_pid(0);
+    let mut kept: Vec<_> = (0..2).map(|_| wss(server.port, trust.clone())).collect();
+    for (i, ws) in kept.iter_mut().enumerate() {
+        echo(ws, &format!("before {i}"));
+    }
+
+    // A changed setting, so the worker is replaced.
+    std::fs::write(&config, format!("{text}handshake_timeout = \"9s\"\n")).unwrap();
+    let bin = server.bin.clone();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(bin)
+            .args(["-c", config.to_str().unwrap(), "reload"])
+            .output()
+            .unwrap()
+    });
+    let new_pid = wait_for("the new worker", DEADLINE, || {
+        let st = server.try_status()?;
+        let pids = worker_pids_in(&st);
+        pids.into_iter().find(|&p| p > 0 && p != old_pid)
+    });
+    // Served on by the old worker meanwhile; a new client goes to the new one.
+    for (i, ws) in kept.iter_mut().enumerate() {
+        echo(ws, &format!("during {i}"));
+    }
+    let mut fresh = wss(server.port, trust.clone());
+    echo(&mut fresh, "fresh");
+    let local = fresh.get_ref().sock.local_addr().unwrap().port();
+    assert_eq!(connection_owners(&server)[&local], new_pid);
+    assert!(alive(old_pid), "the old worker is draining");
+    // Then 1012, and the reload is done once the old worker has gone.
+    for ws in &mut kept {
+        let code = loop {
+            match ws.read() {
+                Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(e) => panic!("ended without a close frame: {e}"),
+            }
+        };
+        assert_eq!(code, Some(1012));
+    }
+    let out = reload.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the old worker to exit", DEADLINE, || {
+        exited(old_pid).then_some(())
+    });
+    echo(&mut fresh, "still served");
+}
+
 #[test]
 fn plain_http_garbage_and_silence_on_a_tls_port_cost_only_their_connection() {
     let cert = Cert::new(Key::Ecdsa, 10, 30);

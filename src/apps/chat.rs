@@ -6,6 +6,8 @@ use crate::Worker;
 
 /// Installs the chat room on `worker`.
 pub fn chat(worker: &mut Worker) {
+    // Nothing of its own per connection: a reload moves its clients as they are.
+    worker.on_handoff(|_, _| Vec::new());
     worker.on_message(|ctx, _conn, msg| {
         if msg.is_text() {
             ctx.broadcast(msg);

@@ -27,6 +27,8 @@ pub fn clock_echo(worker: &mut Worker) {
 }
 
 fn push_the_time(worker: &mut Worker) {
+    // Nothing of its own per connection: a reload moves its clients as they are.
+    worker.on_handoff(|_, _| Vec::new());
     worker.on_worker_start(|ctx| {
         ctx.add_timer(INTERVAL, |ctx| {
             let now = chrono::Local::now().format("%H:%M:%S");

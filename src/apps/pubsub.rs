@@ -36,6 +36,8 @@ struct Command {
 
 /// Installs the topic protocol on `worker`.
 pub fn pubsub(worker: &mut Worker) {
+    // Nothing of its own per connection: a reload moves its clients as they are.
+    worker.on_handoff(|_, _| Vec::new());
     worker.on_message(|ctx, conn, msg| {
         if let Err(why) = handle(ctx, conn, &msg) {
             let _ = ctx.send(conn, json!({ "error": why.to_string() }).to_string());

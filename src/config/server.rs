@@ -29,6 +29,12 @@ pub struct ServerConfig {
     /// finish its clients before it is SIGKILLed.
     #[serde(deserialize_with = "seconds")]
     pub reload_timeout: Duration,
+    /// In a reload, a replaced worker hands its open connections to the new one, except its
+    /// `wss://` clients (a TLS session does not travel): it serves those on for up to this
+    /// long, then closes them with 1012 (Service Restart) so they reconnect to the new one.
+    /// The reload waits for them, as for any replaced worker, `reload_timeout` past it at most.
+    #[serde(deserialize_with = "seconds")]
+    pub drain_timeout: Duration,
     /// Log filter in `RUST_LOG` syntax (`info`, `wsd=debug`); `RUST_LOG` overrides it.
     pub log_level: String,
     /// User the workers switch to when the master runs as root: a name (`"nobody"`) or a uid.
@@ -112,6 +118,7 @@ impl Default for ServerConfig {
             stop_timeout: Duration::from_secs(10),
             close_spread: Duration::from_secs(1),
             reload_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
             log_level: "info".into(),
             user: None,
             group: None,

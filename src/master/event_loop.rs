@@ -11,7 +11,7 @@ use super::clients::{self, Clients};
 use super::daemon::Announce;
 use super::metrics_server::{self, Ask};
 use super::reload::{self, Reload};
-use super::supervisor::{self, Supervisor};
+use super::supervisor::{self, Handover, Supervisor};
 use super::{Source, notify};
 use crate::config::ServerConfig;
 use crate::control::{Reply, StopMode};
@@ -505,8 +505,12 @@ impl Master {
 
     fn advance_reload(&mut self, registry: &Registry) {
         let Some(r) = &mut self.reload else { return };
-        let (spread, timeout) = (self.server.close_spread, self.server.reload_timeout);
-        r.advance(&mut self.sup, registry, spread, timeout);
+        let times = Handover {
+            spread: self.server.close_spread,
+            drain: self.server.drain_timeout,
+            timeout: self.server.reload_timeout,
+        };
+        r.advance(&mut self.sup, registry, times);
         if !r.is_done(&self.sup) {
             return;
         }

@@ -16,14 +16,14 @@
 //! crashed worker. The reload reports the failure either way.
 
 use super::listeners;
-use super::supervisor::{Exit, Group, ProcRef, Slot, Supervisor};
+use super::supervisor::{Exit, Group, Handover, ProcRef, Slot, Supervisor};
 use super::{GroupsError, ReloadError};
 use crate::bus::mesh::Mesh;
 use crate::worker::Worker;
 use mio::Registry;
 use std::collections::VecDeque;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What becomes of one group of the new configuration.
 ///
@@ -250,7 +250,11 @@ enum Step {
     Replace { group: String, slot: usize },
     /// Retire a worker whose slot or group is gone, or an old worker that must not stay on
     /// its group's old bus mesh.
-    Retire { proc: ProcRef },
+    /// `hand_to`: the group whose new workers take its connections (`handoff`), if one does.
+    Retire {
+        proc: ProcRef,
+        hand_to: Option<String>,
+    },
 }
 
 /// The new worker a slot is waiting for.
@@ -322,8 +326,10 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 g.def = def;
                 g.listeners.extend(more);
                 g.slots.resize_with(want.max(g.slots.len()), Slot::default);
+                let name = g.name().to_string();
                 let surplus = g.slots.drain(want..).filter_map(|s| s.proc);
-                retire.extend(surplus.filter_map(|k| sup.proc_ref(k)));
+                let surplus = surplus.filter_map(|k| sup.proc_ref(k));
+                retire.extend(surplus.map(|proc| (proc, Some(name.clone()))));
                 g.listeners.truncate(want);
                 replace.extend((0..want).map(|s| (g.name().to_string(), s)));
                 g
@@ -337,12 +343,16 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
     }
     for g in old.into_iter().flatten() {
         let procs = g.slots.iter().filter_map(|s| s.proc);
-        retire.extend(procs.filter_map(|k| sup.proc_ref(k)));
+        retire.extend(
+            procs
+                .filter_map(|k| sup.proc_ref(k))
+                .map(|proc| (proc, None)),
+        );
     }
     let steps = replace
         .into_iter()
         .map(|(group, slot)| Step::Replace { group, slot })
-        .chain(retire.into_iter().map(|proc| Step::Retire { proc }))
+        .chain((retire.into_iter()).map(|(proc, hand_to)| Step::Retire { proc, hand_to }))
         .collect();
     Reload {
         steps,
@@ -382,13 +392,8 @@ fn renew(_: &mut Supervisor, _: &mut Group, tls: Renewed) {
 
 impl Reload {
     /// Carries the reload forward as far as it can go now.
-    pub fn advance(
-        &mut self,
-        sup: &mut Supervisor,
-        registry: &Registry,
-        spread: Duration,
-        timeout: Duration,
-    ) {
+    pub fn advance(&mut self, sup: &mut Supervisor, registry: &Registry, times: Handover) {
+        let timeout = times.timeout;
         let now = Instant::now();
         loop {
             if let Some(w) = &self.waiting {
@@ -400,7 +405,7 @@ impl Reload {
                     let w = self.waiting.take().expect("checked above");
                     self.on_new_mesh(&w.group);
                     if let Some(old) = w.old.and_then(|r| sup.live(r)) {
-                        sup.retire(old, spread, now + timeout);
+                        sup.hand_over(old, new, times, now);
                     }
                 } else if now >= w.deadline {
                     let why = format!(
@@ -415,9 +420,13 @@ impl Reload {
             }
             match self.steps.pop_front() {
                 None => return,
-                Some(Step::Retire { proc }) => {
-                    if let Some(key) = sup.live(proc) {
-                        sup.retire(key, spread, now + timeout);
+                Some(Step::Retire { proc, hand_to }) => {
+                    let Some(key) = sup.live(proc) else {
+                        continue;
+                    };
+                    match hand_to.and_then(|g| sup.successor(&g, sup.procs[key].slot)) {
+                        Some(new) => sup.hand_over(key, new, times, now),
+                        None => sup.retire(key, times.spread, now + times.timeout),
                     }
                 }
                 Some(Step::Replace { group, slot }) => {
@@ -498,7 +507,8 @@ impl Reload {
         let keep = self.restore.iter().any(|(name, _)| name == group);
         sup.groups[g].slots[slot].proc = old.filter(|_| keep).map(|r| r.key);
         if let Some(proc) = old.filter(|_| !keep) {
-            self.steps.push_front(Step::Retire { proc });
+            let hand_to = Some(group.to_string());
+            self.steps.push_front(Step::Retire { proc, hand_to });
         }
     }
 

@@ -196,6 +196,15 @@ pub struct ProcRef {
     pub pid: Pid,
 }
 
+/// The times a handover runs on: Close 1001 spread over `spread` for clients that cannot go,
+/// `drain` for `wss://` ones, and `timeout` (past the drain) before SIGKILL.
+#[derive(Debug, Clone, Copy)]
+pub struct Handover {
+    pub spread: Duration,
+    pub drain: Duration,
+    pub timeout: Duration,
+}
+
 impl Supervisor {
     /// One API socket per slot of the group the API serves, after a reload changed its count.
     pub fn fit_api(&mut self) {
@@ -497,6 +506,69 @@ impl Supervisor {
             p.retiring = Some(deadline);
             self.stop(key, control::StopMode::Close, spread);
         }
+    }
+
+    /// Retires worker `old` as [`Supervisor::retire`] does, but has it hand its connections
+    /// to worker `new` first (`handoff`): the master makes the line between them and sends
+    /// each its end, keeping no copy, so the line closes when either exits. Without a line
+    /// the old worker is retired plainly.
+    pub fn hand_over(&mut self, old: usize, new: usize, times: Handover, now: Instant) {
+        let Handover {
+            spread,
+            drain,
+            timeout,
+        } = times;
+        let deadline = now + timeout;
+        let peer = |p: &Proc| Peer {
+            group: p.group.clone(),
+            slot: p.slot,
+            pid: p.pid.as_raw(),
+        };
+        let (Some(from), Some(to)) = (self.procs.get(old).map(peer), self.procs.get(new).map(peer))
+        else {
+            return self.retire(old, spread, deadline);
+        };
+        let (give, take) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                log::warn!("cannot make a handoff line ({e}); closing the clients instead");
+                return self.retire(old, spread, deadline);
+            }
+        };
+        if !self.tell_with_fd(new, &ToWorker::Adopt { from }, take.as_raw_fd()) {
+            log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
+            return self.retire(old, spread, deadline);
+        }
+        let Some(p) = self.procs.get_mut(old) else {
+            return;
+        };
+        log::info!(
+            "retiring worker {}#{} pid {}, handing its connections to pid {}",
+            p.group,
+            p.slot,
+            p.pid,
+            to.pid
+        );
+        // Its wss:// clients may be kept for the drain first.
+        p.retiring = Some(deadline + drain);
+        let msg = ToWorker::HandOff {
+            spread_ms: spread.as_millis() as u64,
+            drain_ms: drain.as_millis() as u64,
+            to,
+        };
+        if !self.tell_with_fd(old, &msg, give.as_raw_fd()) {
+            self.stop(old, control::StopMode::Close, spread);
+        }
+    }
+
+    /// The worker that takes over the connections of a retiring worker of `group`'s slot
+    /// `slot`: the current worker of that slot, or of `slot % count` when the group shrank,
+    /// if it is ready.
+    pub fn successor(&self, group: &str, slot: usize) -> Option<usize> {
+        let g = &self.groups[self.group_index(group)?];
+        let key = g.slots.get(slot % g.slots.len().max(1))?.proc?;
+        let p = self.procs.get(key)?;
+        (p.ready && p.retiring.is_none()).then_some(key)
     }
 
     pub fn live_pids(&self) -> impl Iterator<Item = Pid> + '_ {

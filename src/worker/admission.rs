@@ -162,6 +162,22 @@ impl Acceptor {
         Accepted::Stop
     }
 
+    /// A serial and a place in `max_connections_per_ip` for a connection handed over by
+    /// another worker: it is counted, but never refused (it was admitted already).
+    pub(super) fn adopt(
+        &mut self,
+        settings: &GroupConfig,
+        remote: IpAddr,
+    ) -> (u32, Option<IpSlot>) {
+        self.next_serial = self.next_serial.wrapping_add(1).max(1);
+        let limit = match settings.max_connections_per_ip {
+            0 => 0,
+            _ => usize::MAX,
+        };
+        let slot = self.per_ip.admit(remote, limit).flatten();
+        (self.next_serial, slot)
+    }
+
     /// Counts a new peer against `max_connections_per_ip`. `Some(Some(slot))`: counted;
     /// `Some(None)`: not counted (no limit, or a trusted proxy whose clients are counted
     /// once their forwarded address is known); `None`: over the limit.

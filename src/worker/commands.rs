@@ -36,6 +36,16 @@ impl Loop {
                 ToWorker::ReopenLogs => reopen_logs(fd),
                 ToWorker::Certificate { chain, key } => self.renew_certificate(&chain, &key.0),
                 ToWorker::Bridge(peer) => self.add_bridge(peer, fd),
+                ToWorker::HandOff {
+                    spread_ms,
+                    drain_ms,
+                    to,
+                } => {
+                    let spread = Duration::from_millis(spread_ms);
+                    let drain = Duration::from_millis(drain_ms);
+                    self.hand_off_and_stop(to, fd, spread, drain)
+                }
+                ToWorker::Adopt { from } => self.adopt_from(from, fd),
             }
         }
         open

@@ -15,13 +15,15 @@ use super::moment::{Moment, Reading};
 use super::tls::{TlsConn, TlsFailure};
 use crate::ConnId;
 use crate::control::{ConnInfo, ConnStage};
+use crate::handoff::Handed;
+use crate::proto::session::SessionState;
 use crate::proto::{Limits, Session, Stage};
 use mio::net::TcpStream;
 use std::any::Any;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub(crate) struct Conn {
     pub serial: u32,
@@ -186,6 +188,108 @@ impl Conn {
             agreed: Agreed::NONE,
             extra: None,
         }
+    }
+
+    /// The connection as it travels to another worker, with its socket; `session` is what
+    /// [`Session::hand_off`] took of it. The app's state (`extra.state`) stays here: the app
+    /// gave its own account of it in `app`.
+    pub(crate) fn into_handed(
+        self,
+        session: SessionState,
+        listed: &[String],
+        reach: (String, Option<String>, Vec<String>),
+        app: Option<Vec<u8>>,
+    ) -> (Handed, TcpStream) {
+        let (from, user, topics) = reach;
+        let age = self.since.elapsed(Reading::of(Instant::now()));
+        let protocol = (self.agreed)
+            .name(listed, self.extra.as_deref())
+            .map(str::to_string);
+        let t = &self.traffic;
+        let handed = Handed {
+            from,
+            remote: self.remote,
+            path: self.path().to_string(),
+            age_ms: age.as_millis() as u64,
+            traffic: [t.bytes_in, t.bytes_out, t.messages_in, t.messages_out],
+            protocol,
+            session,
+            user,
+            topics,
+            grant: self.extra.and_then(|e| e.grant),
+            app: app.map(Into::into),
+        };
+        (handed, self.socket)
+    }
+
+    /// A connection another worker handed over, open from the start: `handed` less its
+    /// session, which is `session` now.
+    pub(crate) fn adopted(
+        serial: u32,
+        socket: TcpStream,
+        ip_slot: Option<IpSlot>,
+        session: Session,
+        handed: &mut Handed,
+        listed: &[String],
+    ) -> Conn {
+        let now = Instant::now();
+        let since = now
+            .checked_sub(Duration::from_millis(handed.age_ms))
+            .unwrap_or(now);
+        let [bytes_in, bytes_out, messages_in, messages_out] = handed.traffic;
+        let protocol = handed.protocol.take();
+        let agreed = match &protocol {
+            None => Agreed::NONE,
+            Some(name) => (listed.iter().position(|p| p == name))
+                .and_then(Agreed::listed)
+                .unwrap_or(Agreed::OTHER),
+        };
+        let extra = Extra {
+            protocol: protocol.filter(|_| agreed == Agreed::OTHER).map(Into::into),
+            state: None,
+            grant: handed.grant.take(),
+        };
+        let has_extra = extra.protocol.is_some() || extra.grant.is_some();
+        let mut conn = Conn {
+            serial,
+            socket,
+            session,
+            remote: handed.remote,
+            path: None,
+            since: Moment::at(since),
+            last_input: Moment::at(now),
+            pinged_at: None,
+            closing_since: None,
+            dirty: false,
+            backlogged: false,
+            write_shut: false,
+            buffer_full: false,
+            input_ended: false,
+            reads_paused: false,
+            ip_slot,
+            #[cfg(feature = "tls")]
+            tls: None,
+            traffic: Traffic {
+                bytes_in,
+                bytes_out,
+                messages_in,
+                messages_out,
+            },
+            agreed: Agreed::NONE,
+            extra: None,
+        };
+        let path = std::mem::take(&mut handed.path);
+        conn.opened(path, agreed, has_extra.then(|| Box::new(extra)));
+        conn
+    }
+
+    /// A `wss://` connection: its TLS session does not travel.
+    pub(crate) fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return true;
+        }
+        false
     }
 
     /// Memory this connection holds beyond its fixed size: protocol state, TLS input and

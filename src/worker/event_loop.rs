@@ -25,6 +25,7 @@ use super::errors::ConnError;
 use super::flush::{FlushSchedule, recycle};
 use super::gather::Gatherings;
 use super::handler::{HANDLER_ERR, HANDLER_IN, HANDLER_OUT, Handler, Told};
+use super::handoff::{ADOPT_BASE, HANDOFF_OUT, Handoffs};
 use super::hooks::{Hook, WorkerHook};
 use super::moment::Moment;
 use super::read_buffers::ReadBuffers;
@@ -55,7 +56,7 @@ const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const ALARM: Token = Token(3);
-const CONN_BASE: usize = 16;
+pub(super) const CONN_BASE: usize = 16;
 /// Tokens of the bus ends to the other workers: `BUS_BASE + peer slot`, above any connection.
 pub(super) const BUS_BASE: usize = 1 << 40;
 /// The cluster bus's waker: messages from other hosts are waiting (`bus_events.rs`).
@@ -86,7 +87,7 @@ pub(super) struct Loop {
     pub(super) hooks: Hooks,
     pub(super) ctx: Context,
     pub(super) settings: crate::config::GroupConfig,
-    limits: Limits,
+    pub(super) limits: Limits,
     /// The read buffers every connection shares: bytes go from here into the protocol state
     /// at once, so no connection keeps a buffer of its own.
     pub(super) inbox: ReadBuffers,
@@ -112,6 +113,8 @@ pub(super) struct Loop {
     pub(super) webhook: Option<Webhook>,
     /// Upgrades waiting for the handler's or the webhook's decision (`decisions.rs`).
     pub(super) decisions: Decisions,
+    /// Connections handed to the worker replacing this one, or from the one it replaces.
+    pub(super) handoffs: Handoffs,
     /// Answers waiting for other workers or Redis.
     pub(super) gatherings: Gatherings,
     /// When this worker's presence and user records are refreshed in Redis next.
@@ -122,7 +125,7 @@ pub(super) struct Loop {
     turn_start: Moment,
     /// When each connection still in its handshake was accepted (slab index: serial and
     /// instant), for the handshake duration metric; only handshakes are here.
-    handshaking: HashMap<usize, (u32, Instant)>,
+    pub(super) handshaking: HashMap<usize, (u32, Instant)>,
 }
 
 /// A valid upgrade request, checked up to the app's (or handler's) decision.
@@ -237,6 +240,7 @@ impl Loop {
             handler,
             webhook,
             decisions,
+            handoffs: Handoffs::default(),
             gatherings: Gatherings::default(),
             refresh: Default::default(),
             next_tick: Instant::now() + TICK,
@@ -284,9 +288,11 @@ impl Loop {
                 HANDLER_ERR => self.handler_stderr(),
                 HANDLER_IN => {}
                 WEBHOOK_WAKE => self.webhook_ready(),
+                HANDOFF_OUT => self.handoff_out_ready(),
                 Token(t) if t >= BUS_BASE => self.bus_ready(t - BUS_BASE),
                 Token(t) if t >= BRIDGE_BASE => self.bridge_ready(t - BRIDGE_BASE),
                 Token(t) if t >= API_BASE => self.api_ready(t - API_BASE),
+                Token(t) if t >= ADOPT_BASE => self.adopt_ready(t - ADOPT_BASE),
                 Token(t) => self.conn_ready(
                     t - CONN_BASE,
                     ev.is_readable(),
@@ -322,6 +328,7 @@ impl Loop {
         self.deliver_notices();
         self.start_asks();
         self.close_due();
+        self.drain_ended(Instant::now());
         self.reap();
         self.flush_dirty();
         self.reap();
@@ -370,6 +377,7 @@ impl Loop {
             self.gatherings.next_deadline(),
             self.handler.as_ref().and_then(|h| h.restart_at()),
             self.decisions.next_deadline(),
+            self.handoffs.drain_due(),
         ];
         let until = deadlines
             .into_iter()

@@ -107,7 +107,7 @@ impl Loop {
     }
 
     /// A hook panicked on `id`: close it with 1011. False if it was gone already.
-    fn fail(&mut self, id: ConnId, err: &ConnError) -> bool {
+    pub(super) fn fail(&mut self, id: ConnId, err: &ConnError) -> bool {
         let idx = id.idx as usize;
         let Some(conn) = self
             .ctx

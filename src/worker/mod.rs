@@ -22,6 +22,7 @@ mod flush;
 pub mod fuzz;
 mod gather;
 mod handler;
+mod handoff;
 mod hooks;
 // Its clients read the server with the load generator's wire reader.
 #[cfg(all(test, feature = "bench"))]
@@ -50,6 +51,7 @@ pub use upgrade::{Decision, UpgradeRequest};
 
 pub(crate) use api::ApiSocket;
 pub(crate) use event_loop::run;
+pub(crate) use tokens::Grant;
 #[cfg(feature = "jwt")]
 pub(crate) use tokens::unix_now;
 
@@ -64,6 +66,8 @@ type MessageHook = Box<dyn FnMut(&mut Context, ConnId, Message)>;
 type ErrorHook = Box<dyn FnMut(&mut Context, ConnId, &ConnError)>;
 type BusHook = Box<dyn FnMut(&mut Context, WorkerAddr, Bytes)>;
 type UpgradeHook = Box<dyn FnMut(&mut Context, &UpgradeRequest<'_>) -> Decision>;
+type HandoffHook = Box<dyn FnMut(&mut Context, ConnId) -> Vec<u8>>;
+type AdoptHook = Box<dyn FnMut(&mut Context, ConnId, &[u8])>;
 
 #[derive(Default)]
 pub(crate) struct Hooks {
@@ -77,6 +81,8 @@ pub(crate) struct Hooks {
     pub on_worker_stop: Option<WorkerHook>,
     pub on_bus_message: Option<BusHook>,
     pub on_upgrade: Option<UpgradeHook>,
+    pub on_handoff: Option<HandoffHook>,
+    pub on_adopt: Option<AdoptHook>,
 }
 
 /// A group of worker processes: where they listen, how many, their limits, and the hooks
@@ -209,6 +215,41 @@ impl Worker {
     /// Runs when the worker is told to stop, before clients are closed.
     pub fn on_worker_stop(&mut self, f: impl FnMut(&mut Context) + 'static) -> &mut Self {
         self.hooks.on_worker_stop = Some(Box::new(f));
+        self
+    }
+
+    /// Lets a reload (or a binary upgrade) move this group's open connections to the new
+    /// workers instead of closing them: the socket, its protocol state, its user and topics
+    /// travel, and this hook gives the bytes that stand for the app's own state of `conn`
+    /// (empty when it keeps none). The new worker's [`Worker::on_adopt`] gets them back. A group
+    /// without this hook closes its clients with 1001 on a reload, as Workerman does.
+    ///
+    /// ```no_run
+    /// struct Name(String);
+    /// let mut worker = wsd::Worker::new("websocket://0.0.0.0:2346");
+    /// worker.on_handoff(|ctx, conn| {
+    ///     ctx.state::<Name>(conn).map(|n| n.0.clone().into_bytes()).unwrap_or_default()
+    /// });
+    /// worker.on_adopt(|ctx, conn, bytes| {
+    ///     ctx.set_state(conn, Name(String::from_utf8_lossy(bytes).into_owned()));
+    /// });
+    /// ```
+    ///
+    /// It runs between two loop turns, after the connection's last message here. A panic in it
+    /// keeps the connection in this worker, closed with 1001 like the others.
+    pub fn on_handoff(
+        &mut self,
+        f: impl FnMut(&mut Context, ConnId) -> Vec<u8> + 'static,
+    ) -> &mut Self {
+        self.hooks.on_handoff = Some(Box::new(f));
+        self
+    }
+
+    /// A connection handed over by the worker this one replaces, with the bytes its
+    /// [`Worker::on_handoff`] gave. Called instead of `on_connect`, before the connection's
+    /// next message; `conn` is its id in this worker.
+    pub fn on_adopt(&mut self, f: impl FnMut(&mut Context, ConnId, &[u8]) + 'static) -> &mut Self {
+        self.hooks.on_adopt = Some(Box::new(f));
         self
     }
 

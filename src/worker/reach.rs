@@ -137,7 +137,7 @@ impl Context {
     /// # let mut worker = wsd::Worker::new("websocket://0.0.0.0:2346");
     /// worker.on_message(|ctx, conn, msg| {
     ///     let who = msg.to_string();
-    ///     ctx.user_connections(&who, move |ctx, ids| {
+    ///     ctx.user_connections(&who.clone(), move |ctx, ids| {
     ///         let _ = ctx.send(conn, format!("{who}: {} connection(s)", ids.len()));
     ///     });
     /// });

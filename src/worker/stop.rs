@@ -78,6 +78,19 @@ impl Loop {
             log::debug!("already stopping ({current:?}); {mode:?} ignored");
             return;
         }
+        if current.is_none() {
+            // Only our copy of the listening socket goes, and it is not shut down: the master
+            // keeps the socket, and in a rolling reload the new worker accepts from it.
+            if let Some(mut listener) = self.accepting.close() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+            if let Some(api) = self.api.as_mut() {
+                api.close_listener(self.poll.registry());
+            }
+            self.call_worker_hook(WorkerHook::Stop);
+            // A reload's handoff: what can go to the new worker goes before any is closed.
+            self.hand_off_all();
+        }
         let clients = self.ctx.connections().len();
         match mode {
             StopMode::Drain => {
@@ -89,22 +102,13 @@ impl Loop {
             ),
             StopMode::Fast => log::info!("stopping fast (closing {clients} clients, no waiting)"),
         }
-        if current.is_none() {
-            // Only our copy of the listening socket goes, and it is not shut down: the master
-            // keeps the socket, and in a rolling reload the new worker accepts from it.
-            if let Some(mut listener) = self.accepting.close() {
-                let _ = self.poll.registry().deregister(&mut listener);
-            }
-            if let Some(api) = self.api.as_mut() {
-                api.close_listener(self.poll.registry());
-            }
-            self.call_worker_hook(WorkerHook::Stop);
-        }
         // Connections still in their upgrade are left to finish it (see `upgrade`): a client
         // caught mid-handshake by a reload gets a Close, not a reset. They have `close_timeout`
         // from the stop to do so (`sweep`), not all of `handshake_timeout`: a silent connect
         // (a health check, a port scan) must not hold the stop until it is killed.
-        let open = self.ctx.connections();
+        let mut open = self.ctx.connections();
+        // wss:// clients kept through a handoff's drain are closed when it ends.
+        open.retain(|&id| !self.handoffs.draining(id));
         match mode {
             StopMode::Drain => self.stopping = Stopping::Drain,
             StopMode::Close => {
@@ -140,6 +144,9 @@ impl Loop {
     /// Closes a connection that completed its upgrade during a stop that closes clients, in
     /// its turn of the spread (or at once, past the window). Other stops leave it be.
     pub(super) fn close_if_stopping(&mut self, id: ConnId) {
+        if matches!(self.stopping, Stopping::Close { .. }) && self.handed_when_stopping(id) {
+            return;
+        }
         match &mut self.stopping {
             Stopping::No | Stopping::Drain => {}
             Stopping::Close { spread, .. } => {
@@ -155,7 +162,9 @@ impl Loop {
         match self.stopping {
             Stopping::No => false,
             Stopping::Fast => true,
-            Stopping::Drain | Stopping::Close { .. } => self.ctx.conns.is_empty(),
+            Stopping::Drain | Stopping::Close { .. } => {
+                self.ctx.conns.is_empty() && !self.handoff_pending()
+            }
         }
     }
 

@@ -17,8 +17,9 @@ use crate::proto::handshake::{Reject, Request};
 use serde_json::Value;
 use std::net::SocketAddr;
 
-/// What a connection's token allows, kept while it is open.
-#[derive(Debug, Clone, PartialEq)]
+/// What a connection's token allows, kept while it is open (and carried when it is handed
+/// to another worker).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Grant {
     /// Expiry, in Unix seconds.
     pub exp: u64,

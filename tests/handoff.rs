@@ -1,0 +1,388 @@
+//! Connection handoff: a reload moves open connections to the new workers, with their
+//! protocol state and the app's, instead of closing them. Real wsd processes, real clients.
+//!
+//! This test binary is itself the wsd program (`harness = false`): it defines the `named` app,
+//! whose per-connection state (a name) crosses with `on_handoff` and `on_adopt`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tungstenite::Message;
+
+struct Name(String);
+
+/// `name X` sets the connection's name (answered `hi X`); anything else comes back prefixed
+/// with the name (`X text`, `? text` before one is set). The name is the app's own state: it
+/// reaches a new worker only through the handoff hooks.
+fn named(worker: &mut wsd::Worker) {
+    worker.on_message(|ctx, conn, msg| {
+        let text = msg.as_text().unwrap_or("").to_string();
+        if let Some(name) = text.strip_prefix("name ") {
+            ctx.set_state(conn, Name(name.to_string()));
+            let _ = ctx.send(conn, format!("hi {name}"));
+            return;
+        }
+        let name = ctx.state::<Name>(conn).map_or("?", |n| n.0.as_str());
+        let reply = format!("{name} {text}");
+        let _ = ctx.send(conn, reply);
+    });
+    worker.on_handoff(|ctx, conn| {
+        (ctx.state::<Name>(conn))
+            .map(|n| n.0.clone().into_bytes())
+            .unwrap_or_default()
+    });
+    worker.on_adopt(|ctx, conn, bytes| {
+        if !bytes.is_empty() {
+            ctx.set_state(conn, Name(String::from_utf8_lossy(bytes).into_owned()));
+        }
+    });
+}
+
+fn server_program() -> ! {
+    wsd::Runner::new().app("named", named).run()
+}
+
+fn start(count: usize) -> Server {
+    Server::start_program(std::env::current_exe().unwrap(), "named", count, "")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Reloads with `count` workers; waits until the new ones serve and the old ones are gone.
+fn reload_to(server: &mut Server, count: usize) {
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    let mut lines: Vec<String> = config.lines().map(str::to_string).collect();
+    for l in &mut lines {
+        if l.starts_with("count = ") {
+            *l = format!("count = {count}");
+        }
+    }
+    std::fs::write(&server.config, lines.join("\n") + "\n").unwrap();
+    let before = server.worker_pids();
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "reload: {}", text(&out));
+    for pid in before {
+        wait_for("the old worker to exit", DEADLINE, || {
+            exited(pid).then_some(())
+        });
+    }
+    let st = server.wait_ready();
+    assert_eq!(worker_pids_in(&st).len(), count, "{st}");
+}
+
+fn open_connections(server: &mut Server) -> u64 {
+    workers_sum(&server.status(), "connections")
+}
+
+/// What the clients of the main test saw.
+#[derive(Default)]
+struct Seen {
+    rounds: AtomicU64,
+    failures: Mutex<Vec<String>>,
+}
+
+fn assert_no_failures(seen: &Seen) {
+    let failures = seen.failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} clients failed, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+/// One client: named `c{i}`, then rounds of 4 pipelined messages, each answered in order with
+/// its name. Any other answer, a close or an error is a failure.
+fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
+    let fail = |why: String| {
+        seen.failures
+            .lock()
+            .unwrap()
+            .push(format!("client {i}: {why}"))
+    };
+    let mut c = match Client::try_connect(port) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("connect: {e}")),
+    };
+    let name = format!("c{i}");
+    if let Err(e) = c.ws.send(Message::text(format!("name {name}"))) {
+        return fail(format!("send name: {e}"));
+    }
+    match c.ws.read() {
+        Ok(Message::Text(t)) if t.as_str() == format!("hi {name}") => {}
+        other => return fail(format!("named: {other:?}")),
+    }
+    let mut seq = 0u64;
+    while !done.load(Ordering::Relaxed) {
+        for k in 0..4 {
+            if let Err(e) = c.ws.send(Message::text((seq + k).to_string())) {
+                return fail(format!("send {}: {e}", seq + k));
+            }
+        }
+        for k in 0..4 {
+            let want = format!("{name} {}", seq + k);
+            match c.ws.read() {
+                Ok(Message::Text(t)) if t.as_str() == want => {}
+                other => return fail(format!("wanted {want:?}, got {other:?}")),
+            }
+        }
+        seq += 4;
+        seen.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = c.ws.close(None);
+}
+
+fn a_reload_moves_every_connection_with_its_state_and_loses_nothing() {
+    let mut server = start(4);
+    let port = server.port;
+    const CLIENTS: usize = 60;
+    let seen = Arc::new(Seen::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (seen, done) = (seen.clone(), done.clone());
+            std::thread::spawn(move || client(port, i, &seen, &done))
+        })
+        .collect();
+    let progress = |seen: &Seen, more: u64| {
+        let from = seen.rounds.load(Ordering::Relaxed);
+        wait_for("the clients to go on", DEADLINE, || {
+            let failed = !seen.failures.lock().unwrap().is_empty();
+            (failed || seen.rounds.load(Ordering::Relaxed) >= from + more).then_some(())
+        });
+    };
+    wait_for("every client connected", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    progress(&seen, 200);
+    // The same count, fewer workers (one worker's clients go to another slot), then more.
+    for count in [4, 3, 4] {
+        reload_to(&mut server, count);
+        progress(&seen, 200);
+    }
+    assert_no_failures(&seen);
+    // Every client is still on its first connection, now held by the new workers (as their
+    // next report says).
+    wait_for("the new workers to count every client", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    let out = server.wsd(&["connections", "--json"]);
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = view["conns"].as_array().unwrap();
+    assert_eq!(rows.len(), CLIENTS);
+    let pids = server.worker_pids();
+    assert!(
+        rows.iter()
+            .all(|r| pids.contains(&(r["pid"].as_i64().unwrap() as i32)))
+    );
+    // Their age and traffic came with them.
+    assert!(rows.iter().all(|r| r["messages_in"].as_u64().unwrap() > 4));
+    done.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_no_failures(&seen);
+}
+
+fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
+    let mut server = start(1);
+    let port = server.port;
+
+    // A message in two fragments, the second cut inside its header: the first fragment is in
+    // the old worker's decoder when the reload comes, the rest arrives at the new worker.
+    let mut split = RawClient::upgrade(port);
+    split.frame(true, 0x1, b"name split");
+    assert_eq!(split.read_frame().2, b"hi split");
+    split.frame(false, 0x1, b"part one, ");
+    let second = masked_frame(true, 0x0, b"part two");
+    split.stream.write_all(&second[..3]).unwrap();
+
+    // A client that does not read: its replies pile up in the worker's send queue.
+    let stream = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stream.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    stream.connect(&addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = stream.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream.write_all(upgrade_request("").as_bytes()).unwrap();
+    let mut slow = RawClient::finish_upgrade(stream).expect("upgraded");
+    slow.frame(true, 0x1, b"name slow");
+    let chunk = "x".repeat(16 << 10);
+    let mut sent = 0;
+    let queued = |server: &Server| -> u64 {
+        let out = server.wsd(&["connections", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = view["conns"].as_array().unwrap().clone();
+        rows.iter()
+            .map(|r| r["send_queue"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    while queued(&server) < 64 << 10 {
+        assert!(sent < 256, "the send queue never filled");
+        slow.frame(true, 0x1, format!("{sent:04}{chunk}").as_bytes());
+        sent += 1;
+    }
+
+    reload_to(&mut server, 1);
+
+    split.stream.write_all(&second[3..]).unwrap();
+    assert_eq!(split.read_frame().2, b"split part one, part two");
+
+    assert_eq!(slow.read_frame().2, b"hi slow");
+    for n in 0..sent {
+        let (fin, opcode, payload) = slow.read_frame();
+        assert!(fin && opcode == 0x1);
+        let want = format!("slow {n:04}{chunk}");
+        assert!(payload == want.as_bytes(), "reply {n} of {sent} differs");
+    }
+    // Both go on as usual.
+    slow.frame(true, 0x1, b"still here");
+    assert_eq!(slow.read_frame().2, b"slow still here");
+    split.frame(true, 0x1, b"and here");
+    assert_eq!(split.read_frame().2, b"split and here");
+    wait_for("the new worker to count both clients", DEADLINE, || {
+        (open_connections(&mut server) == 2).then_some(())
+    });
+}
+
+/// A client speaking permessage-deflate with context takeover both ways: its compressor and
+/// decompressor each keep their window across messages.
+struct DeflateClient {
+    raw: RawClient,
+    compress: flate2::Compress,
+    decompress: flate2::Decompress,
+}
+
+impl DeflateClient {
+    fn connect(port: u16) -> DeflateClient {
+        let raw = RawClient::try_upgrade(port, "Sec-WebSocket-Extensions: permessage-deflate\r\n")
+            .expect("upgraded");
+        DeflateClient {
+            raw,
+            compress: flate2::Compress::new(flate2::Compression::default(), false),
+            decompress: flate2::Decompress::new(false),
+        }
+    }
+
+    /// Sends `text` compressed (RSV1), its sync flush's tail stripped (RFC 7692 §7.2.1).
+    fn send(&mut self, text: &str) -> usize {
+        let mut out = Vec::with_capacity(text.len() + 64);
+        self.compress
+            .compress_vec(text.as_bytes(), &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        let mut frame = masked_frame(true, 0x1, &out);
+        frame[0] |= 0x40;
+        self.raw.stream.write_all(&frame).unwrap();
+        out.len()
+    }
+
+    /// The next text message, decompressed if it came with RSV1.
+    fn recv(&mut self) -> String {
+        use std::io::Read;
+        let s = &mut self.raw.stream;
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).unwrap();
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                s.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        assert_eq!(h[0] & 0x8f, 0x81, "a whole text frame");
+        if h[0] & 0x40 == 0 {
+            return String::from_utf8(payload).unwrap();
+        }
+        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(64 << 10);
+        self.decompress
+            .decompress_vec(&payload, &mut out, flate2::FlushDecompress::Sync)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+}
+
+fn a_compressed_stream_with_context_takeover_survives_a_reload() {
+    let extra = "compression = \"dedicated\"\ncompression_min_size = 16\n";
+    let mut server = Server::start_program(std::env::current_exe().unwrap(), "named", 1, extra);
+    let mut c = DeflateClient::connect(server.port);
+    c.send("name deflated");
+    assert_eq!(c.recv(), "hi deflated");
+    let long: String = (0..40)
+        .map(|i| format!("line {i} of a long and repetitive message. "))
+        .collect();
+    let first = c.send(&long);
+    assert_eq!(c.recv(), format!("deflated {long}"));
+    // Sent again, the message is mostly a reference into the window both sides keep.
+    let again = c.send(&long);
+    assert!(again * 4 < first, "{again} bytes against {first}");
+    assert_eq!(c.recv(), format!("deflated {long}"));
+
+    reload_to(&mut server, 1);
+
+    // The new worker's decompressor starts from the window the old one had: the client's
+    // compressor refers back into it, and the new worker still reads it.
+    let after = c.send(&long);
+    assert!(after * 4 < first, "{after} bytes against {first}");
+    assert_eq!(c.recv(), format!("deflated {long}"));
+    // Its compressor is new, which the client's decompressor follows without noticing.
+    c.send("and more");
+    assert_eq!(c.recv(), "deflated and more");
+    let out = server.wsd(&["connections", "--json"]);
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &view["conns"][0];
+    assert!(
+        row["extensions"]
+            .as_str()
+            .unwrap()
+            .starts_with("permessage-deflate"),
+        "{row}"
+    );
+}
+
+fn main() {
+    if std::env::var_os(LIBRARY_SERVER_ENV).is_some() {
+        server_program();
+    }
+    run_suite(&[
+        (
+            "a_reload_moves_every_connection_with_its_state_and_loses_nothing",
+            a_reload_moves_every_connection_with_its_state_and_loses_nothing,
+        ),
+        (
+            "a_half_received_message_and_a_full_send_queue_survive_a_reload",
+            a_half_received_message_and_a_full_send_queue_survive_a_reload,
+        ),
+        (
+            "a_compressed_stream_with_context_takeover_survives_a_reload",
+            a_compressed_stream_with_context_takeover_survives_a_reload,
+        ),
+    ]);
+}
