@@ -118,8 +118,12 @@ pub enum ToWorker {
         drain_ms: u64,
         to: crate::bus::bridges::Peer,
     },
-    /// Take the connections the worker `from` hands over the line sent with this line.
-    Adopt { from: crate::bus::bridges::Peer },
+    /// Take the connections the worker `from` hands over the line sent with this line. `None`:
+    /// no handoff will come (the worker this one replaces is gone), so this worker reads the
+    /// bus ends it inherited from now on.
+    Adopt {
+        from: Option<crate::bus::bridges::Peer>,
+    },
 }
 
 impl ToWorker {
@@ -130,7 +134,7 @@ impl ToWorker {
             ToWorker::ReopenLogs
                 | ToWorker::Bridge(_)
                 | ToWorker::HandOff { .. }
-                | ToWorker::Adopt { .. }
+                | ToWorker::Adopt { from: Some(_) }
         )
     }
 }

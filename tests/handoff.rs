@@ -16,8 +16,9 @@ use tungstenite::Message;
 
 struct Name(String);
 
-/// `name X` sets the connection's name (answered `hi X`); anything else comes back prefixed
-/// with the name (`X text`, `? text` before one is set). The name is the app's own state: it
+/// `name X` sets the connection's name (answered `hi X`); `say T` goes to every client of
+/// the group as `X: T`; anything else comes back prefixed with the name (`X text`, `? text`
+/// before one is set). The name is the app's own state: it
 /// reaches a new worker only through the handoff hooks.
 fn named(worker: &mut wsd::Worker) {
     worker.on_message(|ctx, conn, msg| {
@@ -28,6 +29,11 @@ fn named(worker: &mut wsd::Worker) {
             return;
         }
         let name = ctx.state::<Name>(conn).map_or("?", |n| n.0.as_str());
+        if let Some(said) = text.strip_prefix("say ") {
+            let all = format!("{name}: {said}");
+            ctx.broadcast(all);
+            return;
+        }
         let reply = format!("{name} {text}");
         let _ = ctx.send(conn, reply);
     });
@@ -193,6 +199,72 @@ fn a_reload_moves_every_connection_with_its_state_and_loses_nothing() {
         t.join().unwrap();
     }
     assert_no_failures(&seen);
+}
+
+/// Broadcasts sent through a reload (the count unchanged, so the new workers take over the
+/// old ones' bus ends) reach every client once, in order: none is lost between the old worker
+/// and the new, none comes twice.
+fn broadcasts_reach_every_client_exactly_once_through_a_reload() {
+    let mut server = start(4);
+    let port = server.port;
+    const LISTENERS: usize = 24;
+    let mut listeners: Vec<Client> = (0..LISTENERS).map(|_| Client::connect(port)).collect();
+    for (i, c) in listeners.iter_mut().enumerate() {
+        c.send_text(&format!("name l{i}"));
+        assert_eq!(c.recv_text(), format!("hi l{i}"));
+    }
+    wait_for("every listener on a worker", DEADLINE, || {
+        let owners = connection_owners(&server);
+        (owners
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            == 4)
+            .then_some(())
+    });
+    // A publisher says a numbered line every 2 ms while the workers are replaced.
+    let done = Arc::new(AtomicBool::new(false));
+    let said = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (done, said) = (done.clone(), said.clone());
+        std::thread::spawn(move || {
+            let mut p = Client::connect(port);
+            p.send_text("name pub");
+            assert_eq!(p.recv_text(), "hi pub");
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                p.send_text(&format!("say {n}"));
+                n += 1;
+                said.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            p.send_text("say end");
+            n
+        })
+    };
+    let past = |n: u64| {
+        wait_for("the publisher to go on", DEADLINE, || {
+            (said.load(Ordering::Relaxed) >= n).then_some(())
+        })
+    };
+    past(50);
+    reload_to(&mut server, 4);
+    let now = said.load(Ordering::Relaxed);
+    past(now + 50);
+    done.store(true, Ordering::Relaxed);
+    let last = publisher.join().unwrap();
+    for (i, c) in listeners.iter_mut().enumerate() {
+        let mut want = 0u64;
+        loop {
+            let got = c.recv_text();
+            if got == "pub: end" {
+                break;
+            }
+            assert_eq!(got, format!("pub: {want}"), "listener {i}");
+            want += 1;
+        }
+        assert_eq!(want, last, "listener {i} got every line");
+    }
 }
 
 fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
@@ -379,6 +451,10 @@ fn main() {
         (
             "a_half_received_message_and_a_full_send_queue_survive_a_reload",
             a_half_received_message_and_a_full_send_queue_survive_a_reload,
+        ),
+        (
+            "broadcasts_reach_every_client_exactly_once_through_a_reload",
+            broadcasts_reach_every_client_exactly_once_through_a_reload,
         ),
         (
             "a_compressed_stream_with_context_takeover_survives_a_reload",

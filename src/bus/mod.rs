@@ -117,6 +117,9 @@ pub(crate) struct Bus {
     peers: Vec<Option<OwnedFd>>,
     remote: Remote,
     pub stats: BusStats,
+    /// The ends were the slot's previous worker's, which reads them until it has handed its
+    /// connections over (`handoff`): this worker reads them only from then on.
+    inherited: bool,
 }
 
 impl Bus {
@@ -126,7 +129,19 @@ impl Bus {
             peers,
             remote: Remote::None,
             stats: BusStats::default(),
+            inherited: false,
         }
+    }
+
+    /// Marks the ends as taken over from the slot's previous worker, still running.
+    pub fn inherited(mut self) -> Bus {
+        self.inherited = true;
+        self
+    }
+
+    /// The ends were taken over from a worker that still reads them.
+    pub fn is_inherited(&self) -> bool {
+        self.inherited
     }
 
     /// Joins the cluster bus too, once [`Bus::start_cluster`] runs in the worker.

@@ -135,10 +135,7 @@ impl Line {
     /// Reads what has arrived and returns the whole records among it, each with its descriptor.
     /// A record longer than `max` breaks the line. `Err(Closed)` once the other side has gone
     /// and every record it sent has been returned (see also [`Line::is_ended`]).
-    pub(crate) fn receive(
-        &mut self,
-        max: usize,
-    ) -> Result<Vec<Record>, LineError> {
+    pub(crate) fn receive(&mut self, max: usize) -> Result<Vec<Record>, LineError> {
         let mut ended = self.ended;
         let mut chunk = vec![0u8; READ_CHUNK];
         while !ended {

@@ -250,11 +250,7 @@ impl Master {
                     s.respawn_at = None;
                     let name = self.sup.groups[g].name().to_string();
                     match self.sup.spawn(g, slot, registry) {
-                        Ok(_) => {
-                            if let Some(r) = &mut self.reload {
-                                r.on_new_mesh(&name);
-                            }
-                        }
+                        Ok(_) => {}
                         Err(e) => {
                             log::error!("cannot fork worker {name}#{slot}: {e}");
                             self.sup.groups[g].schedule_respawn(slot);

@@ -16,7 +16,7 @@
 //! crashed worker. The reload reports the failure either way.
 
 use super::listeners;
-use super::supervisor::{Exit, Group, Handover, ProcRef, Slot, Supervisor};
+use super::supervisor::{BusEnds, Exit, Group, Handover, ProcRef, Slot, Supervisor};
 use super::{GroupsError, ReloadError};
 use crate::bus::mesh::Mesh;
 use crate::worker::Worker;
@@ -36,7 +36,7 @@ pub enum Change {
     /// a renewed certificate, handed to the workers that stay and used by any that start.
     Keep {
         old: usize,
-        mesh: Option<Mesh>,
+        bus: Wiring,
         tls: Option<Renewed>,
     },
     /// Same name and address: new settings, maybe a new count (`more` sockets for new slots).
@@ -44,10 +44,22 @@ pub enum Change {
         old: usize,
         def: Worker,
         more: Vec<TcpListener>,
-        mesh: Mesh,
+        bus: Wiring,
     },
     /// A new group, or one whose address changed.
     Fresh(Group),
+}
+
+/// How a group's workers are on its bus after a reload.
+pub enum Wiring {
+    /// Its workers stay.
+    Stays,
+    /// Its workers are replaced, the count unchanged: each new worker takes over its slot's
+    /// ends of the running mesh once the old worker has handed its connections over, so no
+    /// bus message is read by both or by neither, and the group is never split in two.
+    Inherited,
+    /// Its workers are replaced and its count changes: the new ones talk on a new mesh.
+    New(Mesh),
 }
 
 /// A reload that can go ahead.
@@ -87,14 +99,14 @@ pub fn prepare(
     let wire = |slots: usize| Mesh::new(slots).map_err(GroupsError::Bus);
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
         let replace = g.def.reloadable;
-        let mesh = if replace {
-            Some(wire(g.slots.len())?)
+        let bus = if replace {
+            Wiring::Inherited
         } else {
-            None
+            Wiring::Stays
         };
         let tls = reread_tls(g)?;
         summary.push(kept(g, replace) + &renewed_note(&tls));
-        changes.push(Change::Keep { old, mesh, tls });
+        changes.push(Change::Keep { old, bus, tls });
     }
     for def in file_groups {
         let name = def.name().to_string();
@@ -109,7 +121,7 @@ pub fn prepare(
                 summary.push(line);
                 Change::Keep {
                     old,
-                    mesh: None,
+                    bus: Wiring::Stays,
                     tls,
                 }
             }
@@ -119,7 +131,7 @@ pub fn prepare(
                 summary.push(format!("{name}: kept (settings unchanged)") + &renewed_note(&tls));
                 Change::Keep {
                     old,
-                    mesh: None,
+                    bus: Wiring::Stays,
                     tls,
                 }
             }
@@ -142,12 +154,15 @@ pub fn prepare(
                 } else {
                     format!("{name}: {have} -> {want} worker(s)")
                 });
-                let mesh = wire(want)?;
+                let bus = match have == want {
+                    true => Wiring::Inherited,
+                    false => Wiring::New(wire(want)?),
+                };
                 Change::Update {
                     old,
                     def,
                     more,
-                    mesh,
+                    bus,
                 }
             }
             other => {
@@ -247,7 +262,11 @@ fn kept(g: &Group, replace: bool) -> String {
 
 enum Step {
     /// Start the slot's new worker; once it is ready, retire the one it replaces (if any).
-    Replace { group: String, slot: usize },
+    Replace {
+        group: String,
+        slot: usize,
+        ends: BusEnds,
+    },
     /// Retire a worker whose slot or group is gone, or an old worker that must not stay on
     /// its group's old bus mesh.
     /// `hand_to`: the group whose new workers take its connections (`handoff`), if one does.
@@ -263,6 +282,7 @@ struct Waiting {
     slot: usize,
     new: ProcRef,
     old: Option<ProcRef>,
+    ends: BusEnds,
     deadline: Instant,
 }
 
@@ -270,11 +290,12 @@ struct Waiting {
 pub struct Reload {
     steps: VecDeque<Step>,
     waiting: Option<Waiting>,
-    /// The old bus meshes of groups that run only old workers so far (same slots). A failed
-    /// reload puts such a group back on its mesh, whole; a group with a new worker ready is
-    /// replaced whole even if the reload fails. Either way no group is split over two meshes,
-    /// whose workers would not hear each other.
-    restore: Vec<(String, Mesh)>,
+    /// Groups whose new workers inherit their slot's bus ends ([`Wiring::Inherited`]): old
+    /// and new workers share one mesh, so a failed reload may stop halfway and keep them
+    /// both. A group that got a new mesh (its count changed) is replaced whole even if the
+    /// reload fails, so that it is never split over two meshes, whose workers would not hear
+    /// each other.
+    inherited: Vec<String>,
     /// Control clients waiting for the outcome.
     pub waiters: Vec<usize>,
     pub summary: Vec<String>,
@@ -290,17 +311,18 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
         .collect();
     let mut replace = Vec::new();
     let mut retire = Vec::new();
-    let mut restore = Vec::new();
+    let mut inherited = Vec::new();
     for change in prepared.changes {
         let group = match change {
-            Change::Keep { old: i, mesh, tls } => {
+            Change::Keep { old: i, bus, tls } => {
                 let mut g = old[i].take().expect("each old group is used once");
                 if let Some(tls) = tls {
                     renew(sup, &mut g, tls);
                 }
-                if let Some(mesh) = mesh {
-                    restore.push((g.name().to_string(), std::mem::replace(&mut g.mesh, mesh)));
-                    replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
+                if let Wiring::Inherited = bus {
+                    inherited.push(g.name().to_string());
+                    let slots = 0..g.slots.len();
+                    replace.extend(slots.map(|s| (g.name().to_string(), s, BusEnds::Inherited)));
                 }
                 g
             }
@@ -308,7 +330,7 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 old: i,
                 def,
                 more,
-                mesh,
+                bus,
             } => {
                 let mut g = old[i].take().expect("each old group is used once");
                 if def.backlog != g.def.backlog {
@@ -319,10 +341,16 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                     }
                 }
                 let want = def.count;
-                let old_mesh = std::mem::replace(&mut g.mesh, mesh);
-                if want == g.slots.len() {
-                    restore.push((g.name().to_string(), old_mesh));
-                }
+                let ends = match bus {
+                    Wiring::New(mesh) => {
+                        g.mesh = mesh;
+                        BusEnds::Own
+                    }
+                    Wiring::Inherited | Wiring::Stays => {
+                        inherited.push(g.name().to_string());
+                        BusEnds::Inherited
+                    }
+                };
                 g.def = def;
                 g.listeners.extend(more);
                 g.slots.resize_with(want.max(g.slots.len()), Slot::default);
@@ -331,11 +359,12 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 let surplus = surplus.filter_map(|k| sup.proc_ref(k));
                 retire.extend(surplus.map(|proc| (proc, Some(name.clone()))));
                 g.listeners.truncate(want);
-                replace.extend((0..want).map(|s| (g.name().to_string(), s)));
+                replace.extend((0..want).map(|s| (g.name().to_string(), s, ends)));
                 g
             }
             Change::Fresh(g) => {
-                replace.extend((0..g.slots.len()).map(|s| (g.name().to_string(), s)));
+                let slots = 0..g.slots.len();
+                replace.extend(slots.map(|s| (g.name().to_string(), s, BusEnds::Own)));
                 g
             }
         };
@@ -351,13 +380,13 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
     }
     let steps = replace
         .into_iter()
-        .map(|(group, slot)| Step::Replace { group, slot })
+        .map(|(group, slot, ends)| Step::Replace { group, slot, ends })
         .chain((retire.into_iter()).map(|(proc, hand_to)| Step::Retire { proc, hand_to }))
         .collect();
     Reload {
         steps,
         waiting: None,
-        restore,
+        inherited,
         waiters: Vec::new(),
         summary: prepared.summary,
         failure: None,
@@ -403,9 +432,11 @@ impl Reload {
                 let p = &sup.procs[new];
                 if p.ready {
                     let w = self.waiting.take().expect("checked above");
-                    self.on_new_mesh(&w.group);
-                    if let Some(old) = w.old.and_then(|r| sup.live(r)) {
-                        sup.hand_over(old, new, times, now);
+                    match w.old.and_then(|r| sup.live(r)) {
+                        Some(old) => sup.hand_over(old, new, times, now),
+                        // Its predecessor is gone: the bus ends it waits for are free.
+                        None if w.ends == BusEnds::Inherited => sup.release(new),
+                        None => {}
                     }
                 } else if now >= w.deadline {
                     let why = format!(
@@ -429,19 +460,22 @@ impl Reload {
                         None => sup.retire(key, times.spread, now + times.timeout),
                     }
                 }
-                Some(Step::Replace { group, slot }) => {
+                Some(Step::Replace { group, slot, ends }) => {
                     let Some(g) = sup.group_index(&group) else {
                         continue;
                     };
                     let old = sup.groups[g].slots[slot].proc;
                     let old = old.and_then(|k| sup.proc_ref(k));
-                    match sup.spawn(g, slot, registry) {
+                    // A slot with no worker (restarting) has nobody to inherit from.
+                    let ends = if old.is_some() { ends } else { BusEnds::Own };
+                    match sup.spawn_on(g, slot, registry, ends) {
                         Ok(new) => {
                             self.waiting = Some(Waiting {
                                 group,
                                 slot,
                                 new: sup.proc_ref(new).expect("just spawned"),
                                 old,
+                                ends,
                                 deadline: now + timeout,
                             })
                         }
@@ -453,12 +487,6 @@ impl Reload {
                 }
             }
         }
-    }
-
-    /// A worker of `group` now serves on the group's new mesh (its new worker is ready, or a
-    /// slot was respawned during the reload): the group cannot go back to its old one.
-    pub fn on_new_mesh(&mut self, group: &str) {
-        self.restore.retain(|(name, _)| name != group);
     }
 
     /// A worker exited; true if it was the new worker this reload was waiting for (the reload
@@ -495,16 +523,15 @@ impl Reload {
         self.fail(sup, why);
     }
 
-    /// A slot's new worker did not come up. A group of old workers only keeps the slot's old
-    /// one (`fail` puts the group back on its old mesh). A group already partly new must not
-    /// keep a worker on the old mesh: that one is retired and the slot restarts like a
-    /// crashed worker's.
+    /// A slot's new worker did not come up. A group whose workers share their mesh keeps the
+    /// slot's old worker. A group on a new mesh must not keep a worker on the old one: that
+    /// one is retired and the slot restarts like a crashed worker's.
     fn give_up(&mut self, sup: &mut Supervisor, group: &str, slot: usize, old: Option<ProcRef>) {
         let Some(g) = sup.group_index(group) else {
             return;
         };
         let old = old.filter(|&r| sup.live(r).is_some());
-        let keep = self.restore.iter().any(|(name, _)| name == group);
+        let keep = self.inherited.iter().any(|name| name == group);
         sup.groups[g].slots[slot].proc = old.filter(|_| keep).map(|r| r.key);
         if let Some(proc) = old.filter(|_| !keep) {
             let hand_to = Some(group.to_string());
@@ -512,21 +539,23 @@ impl Reload {
         }
     }
 
-    /// Stops replacing the workers of groups that still run only old ones (they go back to
-    /// their old mesh, and new slots not reached start later through the usual respawn).
-    /// Groups already partly new are replaced to the end; retirements still happen.
+    /// Stops replacing the workers of groups that share their mesh (their old workers go on
+    /// serving beside any new ones). Groups on a new mesh are replaced to the end; new slots
+    /// not reached start later through the usual respawn; retirements still happen.
     fn fail(&mut self, sup: &mut Supervisor, why: String) {
         log::error!("reload failed: {why}");
         self.failure.get_or_insert(why);
-        let restore = std::mem::take(&mut self.restore);
-        let untouched = |group: &str| restore.iter().any(|(name, _)| name == group);
-        self.steps.retain(|s| match s {
-            Step::Retire { .. } => true,
-            Step::Replace { group, .. } => !untouched(group),
-        });
+        let shared = |group: &str| self.inherited.iter().any(|name| name == group);
+        let steps = std::mem::take(&mut self.steps);
+        self.steps = (steps.into_iter())
+            .filter(|s| match s {
+                Step::Retire { .. } => true,
+                Step::Replace { group, .. } => !shared(group),
+            })
+            .collect();
         let pending = |group: &str, slot: usize| {
             self.steps.iter().any(
-                |s| matches!(s, Step::Replace { group: g, slot: n } if g == group && *n == slot),
+                |s| matches!(s, Step::Replace { group: g, slot: n, .. } if g == group && *n == slot),
             )
         };
         for g in &mut sup.groups {
@@ -535,11 +564,6 @@ impl Reload {
                 if s.proc.is_none() && s.respawn_at.is_none() && !pending(g.name(), slot) {
                     g.schedule_respawn(slot);
                 }
-            }
-        }
-        for (name, mesh) in restore {
-            if let Some(g) = sup.group_index(&name) {
-                sup.groups[g].mesh = mesh;
             }
         }
     }

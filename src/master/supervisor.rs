@@ -196,6 +196,13 @@ pub struct ProcRef {
     pub pid: Pid,
 }
 
+/// Whether a new worker's bus ends are its own, or still read by the worker it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusEnds {
+    Own,
+    Inherited,
+}
+
 /// The times a handover runs on: Close 1001 spread over `spread` for clients that cannot go,
 /// `drain` for `wss://` ones, and `timeout` (past the drain) before SIGKILL.
 #[derive(Debug, Clone, Copy)]
@@ -240,6 +247,19 @@ impl Supervisor {
     /// (whatever process the slot had is left running: the caller decides its fate).
     /// In the child this never returns.
     pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<usize> {
+        self.spawn_on(g, slot, registry, BusEnds::Own)
+    }
+
+    /// [`Supervisor::spawn`], saying whether the slot's worker being replaced still reads the
+    /// bus ends the new one gets (a reload that keeps the group's mesh): then the new worker
+    /// leaves them unread until the old one has handed its connections over.
+    pub fn spawn_on(
+        &mut self,
+        g: usize,
+        slot: usize,
+        registry: &Registry,
+        ends: BusEnds,
+    ) -> io::Result<usize> {
         if slot >= self.groups[g].listeners.len() {
             // A stop has closed the group's sockets: nothing to serve on.
             return Err(io::Error::other("the group's listening sockets are closed"));
@@ -280,6 +300,10 @@ impl Supervisor {
                     slot: slot as u16,
                 };
                 let bus = Bus::new(origin, group.mesh.take_ends(slot));
+                let bus = match ends {
+                    BusEnds::Own => bus,
+                    BusEnds::Inherited => bus.inherited(),
+                };
                 // Its helper threads start in the worker's loop, never here in the master.
                 #[cfg(feature = "cluster")]
                 let bus = bus.with_cluster(self.bus_url.clone().map(|url| ClusterSettings {
@@ -532,10 +556,12 @@ impl Supervisor {
             Ok(pair) => pair,
             Err(e) => {
                 log::warn!("cannot make a handoff line ({e}); closing the clients instead");
+                self.release(new);
                 return self.retire(old, spread, deadline);
             }
         };
-        if !self.tell_with_fd(new, &ToWorker::Adopt { from }, take.as_raw_fd()) {
+        let adopt = ToWorker::Adopt { from: Some(from) };
+        if !self.tell_with_fd(new, &adopt, take.as_raw_fd()) {
             log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
             return self.retire(old, spread, deadline);
         }
@@ -558,6 +584,14 @@ impl Supervisor {
         };
         if !self.tell_with_fd(old, &msg, give.as_raw_fd()) {
             self.stop(old, control::StopMode::Close, spread);
+        }
+    }
+
+    /// Tells a new worker that waits for a handoff that none will come: it reads its bus
+    /// ends from now on (the worker it replaced is gone).
+    pub fn release(&mut self, new: usize) {
+        if !self.tell(new, &ToWorker::Adopt { from: None }) {
+            log::warn!("cannot release the bus of {}", self.describe_proc(new));
         }
     }
 

@@ -15,6 +15,9 @@ impl Loop {
     /// The bus end to the worker in `peer` is readable. A peer with more waiting than one
     /// turn's budget is read again next turn, after the clients have had theirs.
     pub(super) fn bus_ready(&mut self, peer: usize) {
+        if !self.handoffs.reads_bus() {
+            return; // Another worker's turn (`handoff.rs`).
+        }
         let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
         for (from, msg) in messages {
             self.carry_out(from, msg);

@@ -199,6 +199,10 @@ impl Loop {
             )?;
         }
         bus.start_cluster(poll.registry(), CLUSTER)?;
+        let mut handoffs = Handoffs::default();
+        if bus.is_inherited() {
+            handoffs.await_predecessor();
+        }
         let api = match api {
             Some(socket) => Some(Api::new(socket, settings.name(), poll.registry())?),
             None => None,
@@ -240,7 +244,7 @@ impl Loop {
             handler,
             webhook,
             decisions,
-            handoffs: Handoffs::default(),
+            handoffs,
             gatherings: Gatherings::default(),
             refresh: Default::default(),
             next_tick: Instant::now() + TICK,

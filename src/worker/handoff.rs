@@ -26,7 +26,7 @@ use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use slab::Slab;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,22 @@ pub(super) const ADOPT_BASE: usize = 1 << 38;
 pub(super) struct Handoffs {
     out: Option<Outgoing>,
     incoming: Slab<Incoming>,
+    bus: BusTurn,
+}
+
+/// Whose turn it is to read this worker's bus ends, when they are shared with the worker
+/// of the same slot in the other generation (`bus::Bus::is_inherited`). Every message on them
+/// is read by exactly one of the two: the old worker up to the moment it hands its connections
+/// over (what it did with a message travels in their send queues), the new one from then on.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BusTurn {
+    /// Ours.
+    #[default]
+    Reading,
+    /// Still the worker this one replaces: its handoff ends the wait.
+    Awaiting,
+    /// The new worker's: this one has handed its connections over.
+    Given,
 }
 
 struct Outgoing {
@@ -73,6 +89,16 @@ impl Handoffs {
     /// Connections go out on a line that works.
     fn giving(&self) -> bool {
         self.out.as_ref().is_some_and(|o| !o.broken)
+    }
+
+    /// Whether this worker reads its bus ends now.
+    pub(super) fn reads_bus(&self) -> bool {
+        self.bus == BusTurn::Reading
+    }
+
+    /// The ends were the previous worker's: they wait for its handoff.
+    pub(super) fn await_predecessor(&mut self) {
+        self.bus = BusTurn::Awaiting;
     }
 
     /// `wss://` clients kept until the drain ends: the stop does not close them before.
@@ -137,6 +163,17 @@ impl Loop {
             if !self.hand_off(idx) {
                 self.keep_tls(idx);
             }
+        }
+        // From here on the bus ends are the new worker's: the end of the records says so.
+        if self.handoffs.bus == BusTurn::Reading {
+            self.handoffs.bus = BusTurn::Given;
+            for (_, end) in self.ctx.bus.ends() {
+                let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
+            }
+            self.bus_again.clear();
+        }
+        if let Some(o) = &mut self.handoffs.out {
+            o.line.push(&[], None);
         }
         if let Some(o) = &mut self.handoffs.out {
             log::info!("{} connections handed over", o.handed);
@@ -259,7 +296,7 @@ impl Loop {
             "handoff to {to} failed ({err}); keeping {} connections not yet handed, closing them",
             unsent.len()
         );
-        for (record, fd) in unsent {
+        for (record, fd) in unsent.into_iter().filter(|(r, _)| !r.is_empty()) {
             if let Some(id) = self.adopt(&record, fd) {
                 self.close_if_stopping(id);
             }
@@ -274,14 +311,20 @@ impl Loop {
 
     // ---- the taking side ----------------------------------------------------------------
 
-    /// The master's word that `from` will hand its connections over the line `fd`.
-    pub(super) fn adopt_from(&mut self, from: Peer, fd: Option<OwnedFd>) {
+    /// The master's word that `from` will hand its connections over the line `fd`; `None`:
+    /// the worker this one replaces is gone, and its bus ends are this one's to read.
+    pub(super) fn adopt_from(&mut self, from: Option<Peer>, fd: Option<OwnedFd>) {
+        let Some(from) = from else {
+            self.take_the_bus();
+            return;
+        };
         let Some(line) = fd.map(Line::new).transpose().ok().flatten() else {
             log::warn!(
                 "cannot take the handoff line from {}#{}",
                 from.group,
                 from.slot
             );
+            self.take_the_bus();
             return;
         };
         let entry = self.handoffs.incoming.vacant_entry();
@@ -295,6 +338,7 @@ impl Loop {
                 from.group,
                 from.slot
             );
+            self.take_the_bus();
             return;
         }
         entry.insert(Incoming {
@@ -317,6 +361,8 @@ impl Loop {
             Err(e) => {
                 let incoming = self.handoffs.incoming.remove(key);
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+                // However the line ended, its sender reads the bus no more.
+                self.take_the_bus();
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
@@ -336,6 +382,11 @@ impl Loop {
             }
         };
         for (record, fd) in records {
+            if record.is_empty() {
+                // The last record: the sender has stopped reading the bus ends.
+                self.take_the_bus();
+                continue;
+            }
             if self.adopt(&record, fd).is_some()
                 && let Some(incoming) = self.handoffs.incoming.get_mut(key)
             {
@@ -345,6 +396,20 @@ impl Loop {
         if ended {
             // Its end was read with these records: no event will say so again.
             self.adopt_ready(key);
+        }
+    }
+
+    /// Starts reading the bus ends taken over from the previous worker, which has stopped:
+    /// what waits on them now is read here, and applied to the connections it handed over.
+    fn take_the_bus(&mut self) {
+        if self.handoffs.bus != BusTurn::Awaiting {
+            return;
+        }
+        self.handoffs.bus = BusTurn::Reading;
+        let peers: Vec<usize> = self.ctx.bus.ends().map(|(peer, _)| peer).collect();
+        log::debug!("reading the bus ends of the worker replaced");
+        for peer in peers {
+            self.bus_ready(peer);
         }
     }
 
