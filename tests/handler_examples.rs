@@ -184,6 +184,48 @@ fn rooms_js_publishes_to_the_rooms_members_on_every_worker_only() {
     assert_eq!(recv_json(&mut a), still);
 }
 
+/// A reload hands the clients to the new workers, whose handlers learn them from `adopt`: they
+/// stay connected, in their rooms, and are answered by the new handlers.
+#[test]
+fn rooms_js_clients_keep_their_rooms_through_a_reload() {
+    require("node", "apt-get install nodejs");
+    let mut server = start("node", "rooms.js");
+    let (mut a, a_id) = client_with_id(&server, 0);
+    let (mut b, b_id) = (1..200)
+        .map(|n| client_with_id(&server, n))
+        .find(|(_, id)| worker_of(id) != worker_of(&a_id))
+        .expect("the kernel never picked the other worker");
+    join(&mut a, "lobby");
+    join(&mut b, "lobby");
+    let before = server.worker_pids();
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    for pid in &before {
+        wait_for("the old worker to exit", DEADLINE, || {
+            exited(*pid).then_some(())
+        });
+    }
+    let after = server.wait_ready();
+    assert!(worker_pids_in(&after).iter().all(|p| !before.contains(p)));
+
+    // Still in the lobby, on the new workers: what a says reaches both, from a's new id.
+    say(&mut a, "lobby", "after the reload");
+    let got = recv_json(&mut b);
+    assert_eq!(got["text"], "after the reload", "{got}");
+    assert_eq!(got["from"].as_str().map(worker_of), Some(worker_of(&a_id)));
+    assert_eq!(recv_json(&mut a), got);
+    // The new handlers answer them.
+    say(&mut b, "lobby", "me too");
+    assert_eq!(recv_json(&mut a)["text"], "me too");
+    let echoed = recv_json(&mut b);
+    assert_eq!(
+        echoed["from"].as_str().map(worker_of),
+        Some(worker_of(&b_id))
+    );
+    a.send_text("hello");
+    assert!(recv_json(&mut a)["error"].is_string());
+}
+
 #[test]
 fn echo_py_sends_text_and_binary_back_to_their_sender() {
     let server = start("python3", "echo.py");

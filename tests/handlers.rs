@@ -20,6 +20,8 @@ sys.stderr.write("probe starting\n")
 sys.stderr.flush()
 conns = set()
 closes = 0
+handoffs = 0
+adopted = []
 pending = b""
 def write(cmds):
     os.write(1, "".join(json.dumps(c) + "\n" for c in cmds).encode())
@@ -43,9 +45,15 @@ while True:
                 cmds.append({"cmd": "reject", "conn": ev["conn"], "status": 401, "reason": "no " + ev["headers"].get("x-who", "?")})
         elif kind == "connect":
             conns.add(ev["conn"])
+        elif kind == "adopt":
+            conns.add(ev["conn"])
+            adopted.append(ev)
         elif kind == "close":
             conns.discard(ev["conn"])
             closes += 1
+        elif kind == "handoff":
+            conns.discard(ev["conn"])
+            handoffs += 1
         elif kind == "timer":
             cmds.append({"cmd": "broadcast", "data": "tick " + ev["timer"]})
         elif kind == "message":
@@ -54,6 +62,8 @@ while True:
                 cmds.append({"cmd": "send", "conn": c, "data": str(os.getpid())})
             elif d == "count":
                 cmds.append({"cmd": "send", "conn": c, "data": str(len(conns))})
+            elif d == "adopted":
+                cmds.append({"cmd": "send", "conn": c, "data": json.dumps(adopted)})
             elif d == "version":
                 cmds.append({"cmd": "send", "conn": c, "data": (sys.argv[1:] or ["v1"])[0]})
             elif d == "news":
@@ -74,7 +84,7 @@ while True:
 # Cleaning up takes a while: the worker waits for it.
 time.sleep(0.2)
 with open("bye.txt", "w") as f:
-    f.write("%d closes\n" % closes)
+    f.write("%d closes\n" % closes + "%d handoffs\n" % handoffs * (handoffs > 0))
 "#;
 
 /// One `exec` worker running [`PROBE`] (argv `args` after the script), with `extra` keys.
@@ -231,22 +241,42 @@ fn a_handler_that_stops_reading_holds_the_clients_not_the_memory() {
     assert_eq!(st["workers"][0]["pid"], worker, "the worker is alive");
 }
 
+/// A reload with a new command: the new workers run it, and the open connection is handed to
+/// them. The old handler hears `handoff` (not `close`), the new one `adopt`, with the topics.
 #[test]
 fn reload_with_a_new_command_starts_it_on_the_new_workers() {
-    let server = start(1, "", "");
+    let mut server = start(1, "", "");
     let mut c = server.connect();
     c.send_text("version");
     assert_eq!(c.recv_text(), "v1");
+    let old = server.worker_pid(0);
     let text = std::fs::read_to_string(&server.config).unwrap();
     let text = text.replace("\"probe.py\"]", "\"probe.py\", \"v2\"]");
     std::fs::write(&server.config, text).unwrap();
     let out = server.wsd(&["reload"]);
     assert!(out.status.success(), "{out:?}");
-    wait_for("a new worker with the new handler", DEADLINE, || {
-        let mut c = Client::try_connect(server.port).ok()?;
-        c.send_text("version");
-        (c.recv_text() == "v2").then_some(())
+    wait_for("the old worker to exit", DEADLINE, || {
+        exited(old).then_some(())
     });
+    // The same connection, served by the new handler.
+    c.send_text("version");
+    assert_eq!(c.recv_text(), "v2");
+    c.send_text("count");
+    assert_eq!(c.recv_text(), "1");
+    c.send_text("adopted");
+    let adopted: serde_json::Value = serde_json::from_str(&c.recv_text()).unwrap();
+    let a = &adopted[0];
+    assert_eq!(a["event"], "adopt", "{adopted}");
+    assert!(
+        a["from"]
+            .as_str()
+            .is_some_and(|f| f.split('-').count() == 4),
+        "{a}"
+    );
+    assert_eq!(a["path"], "/", "{a}");
+    assert_eq!(a["topics"], serde_json::json!([]), "{a}");
+    let bye = std::fs::read_to_string(server.dir.path().join("bye.txt")).expect("bye.txt");
+    assert_eq!(bye, "0 closes\n1 handoffs\n");
 }
 
 #[test]

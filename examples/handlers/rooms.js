@@ -16,7 +16,9 @@
  * Rooms are wsd topics, so wsd does the fan-out; this process only keeps, for the connections of
  * its worker, which rooms each joined (from `connect` and `close` events). After a restart the
  * map is rebuilt from the replayed connects; their rooms start empty here, while their
- * subscriptions stay in wsd.
+ * subscriptions stay in wsd. A reload hands open connections to the new workers: this handler
+ * forgets those it is told of with `handoff`, and the new one learns them, rooms included, from
+ * `adopt`.
  *
  * Each chunk read from stdin is handled whole and answered in one write: a busy handler costs
  * one read and one write per batch, not per message. It exits when stdin ends (the worker is
@@ -72,7 +74,11 @@ function handle(event, out) {
     case 'connect':
       rooms.set(event.conn, new Set());
       break;
+    case 'adopt':
+      rooms.set(event.conn, new Set(event.topics));
+      break;
     case 'close':
+    case 'handoff':
       rooms.delete(event.conn);
       break;
     case 'message':

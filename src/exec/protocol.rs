@@ -49,6 +49,21 @@ pub enum Event<'a> {
     },
     /// A client is gone.
     Close { conn: String },
+    /// A connection handed over by the worker this one replaces (a reload or an upgrade),
+    /// open all along: `from` is its id there, `conn` here. Like a replayed `connect`, with
+    /// the topics it is subscribed to.
+    Adopt {
+        conn: String,
+        from: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        remote: String,
+        user: Option<&'a str>,
+        topics: &'a [String],
+    },
+    /// The connection now lives in another worker (this one is being replaced): forget it.
+    /// No `close` follows; the other worker's handler gets an `adopt`.
+    Handoff { conn: String },
     /// A timer the handler added is due.
     Timer { timer: &'a str },
 }

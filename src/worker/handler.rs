@@ -417,6 +417,24 @@ impl Loop {
         Some(protocol::line(&connecting.event(false, replay)))
     }
 
+    /// The `adopt` event of `id`, handed over as `from` with `topics`.
+    fn adopt_line(&self, id: ConnId, from: &str, topics: &[String]) -> Option<Vec<u8>> {
+        let target = self.ctx.path(id)?;
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        Some(protocol::line(&Event::Adopt {
+            conn: self.ctx.global_id(id)?.to_string(),
+            from,
+            path,
+            query,
+            remote: self.ctx.remote_addr(id)?.to_string(),
+            user: self.ctx.user_of(id),
+            topics,
+        }))
+    }
+
     /// Tells the handler of a connection's message or close; held while it is down, except a
     /// connect, which the replay will bring.
     pub(super) fn handler_tell(&mut self, id: ConnId, what: Told<'_>) {
@@ -439,6 +457,11 @@ impl Loop {
             Told::Close => {
                 let conn = self.named(id).to_string();
                 (Kind::Close, Some(protocol::line(&Event::Close { conn })))
+            }
+            Told::Adopt { from, topics } => (Kind::Message, self.adopt_line(id, from, topics)),
+            Told::Handoff => {
+                let conn = self.named(id).to_string();
+                (Kind::Close, Some(protocol::line(&Event::Handoff { conn })))
             }
         };
         if let Some(line) = line
@@ -688,4 +711,11 @@ pub(super) enum Told<'a> {
     Connect(&'a [(String, String)]),
     Message(&'a Message),
     Close,
+    /// Handed over by the worker this one replaces: its id there, and its topics.
+    Adopt {
+        from: &'a str,
+        topics: &'a [String],
+    },
+    /// Handed to the worker replacing this one (out of the slab already).
+    Handoff,
 }

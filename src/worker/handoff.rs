@@ -16,6 +16,7 @@
 use super::conn::Conn;
 use super::errors::ConnError;
 use super::event_loop::{CONN_BASE, Loop};
+use super::handler::Told;
 use crate::ConnId;
 use crate::bus::bridges::Peer;
 use crate::handoff::line::{Line, LineError};
@@ -228,7 +229,9 @@ impl Loop {
     /// Hands connection `idx` over if it can go: it is open and plain, its protocol state can
     /// travel, and the app gave its state (`on_handoff`). False if it stays.
     pub(super) fn hand_off(&mut self, idx: usize) -> bool {
-        if !self.handoffs.giving() || self.hooks.on_handoff.is_none() {
+        // An app hands its connections over if it can give its state: with `on_handoff`, or
+        // through its exec handler's `handoff` and `adopt` events.
+        if !self.handoffs.giving() || (self.hooks.on_handoff.is_none() && self.handler.is_none()) {
             return false;
         }
         let Some(conn) = self.ctx.conns.get(idx) else {
@@ -241,8 +244,12 @@ impl Loop {
             serial: conn.serial,
             idx: idx as u32,
         };
-        let Some(app) = self.call_handoff_hook(id) else {
-            return false;
+        let app = match self.hooks.on_handoff.is_some() {
+            true => match self.call_handoff_hook(id) {
+                Some(bytes) => Some(bytes),
+                None => return false,
+            },
+            false => None,
         };
         // The hook may have closed it, or queued a last message (which travels).
         let Some(session) = self.ctx.conns[idx].session.hand_off() else {
@@ -258,10 +265,13 @@ impl Loop {
         // Its topics and user leave this worker; the new one takes them up.
         self.ctx.forget_conn(id);
         let listed = &self.ctx.subprotocols;
-        let (handed, socket) = conn.into_handed(session, listed, (from, user, topics), Some(app));
+        let (handed, socket) = conn.into_handed(session, listed, (from, user, topics), app);
         let out = self.handoffs.out.as_mut().expect("giving, checked above");
         out.line.push(&handed.encode(), Some(OwnedFd::from(socket)));
         out.handed += 1;
+        if self.handler.is_some() {
+            self.handler_tell(id, Told::Handoff);
+        }
         true
     }
 
@@ -486,6 +496,13 @@ impl Loop {
             self.ctx.subscribe(id, topic);
         }
         self.call_adopt_hook(id, handed.app.as_deref().unwrap_or_default());
+        if self.handler.is_some() {
+            let told = Told::Adopt {
+                from: &handed.from,
+                topics: &handed.topics,
+            };
+            self.handler_tell(id, told);
+        }
         if queued {
             self.ctx.mark_dirty(idx);
         }
