@@ -43,10 +43,31 @@ fn named(worker: &mut wsd::Worker) {
             .unwrap_or_default()
     });
     worker.on_adopt(|ctx, conn, bytes| {
+        crash_if_marked();
         if !bytes.is_empty() {
             ctx.set_state(conn, Name(String::from_utf8_lossy(bytes).into_owned()));
         }
     });
+}
+
+/// Names a file holding N: the worker that adopts its N-th connection deletes the file and
+/// aborts, as a new build that crashes on its first clients would.
+const CRASH_ENV: &str = "WSD_TEST_CRASH_ON_ADOPT";
+
+fn crash_if_marked() {
+    use std::sync::atomic::AtomicUsize;
+    static ADOPTED: AtomicUsize = AtomicUsize::new(0);
+    let n = ADOPTED.fetch_add(1, Ordering::Relaxed) + 1;
+    let Some(marker) = std::env::var_os(CRASH_ENV) else {
+        return;
+    };
+    let at = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok());
+    if at == Some(n) {
+        let _ = std::fs::remove_file(&marker);
+        std::process::abort();
+    }
 }
 
 fn server_program() -> ! {
@@ -267,6 +288,64 @@ fn broadcasts_reach_every_client_exactly_once_through_a_reload() {
     }
 }
 
+/// The new worker dies halfway through taking the connections: the old worker takes back what
+/// it had not acknowledged (the sockets it never read), serves them, and hands them to the
+/// slot's next worker. The reload reports the failure; the clients notice nothing.
+fn a_new_worker_dying_mid_handoff_loses_no_connection() {
+    let (dir, config) = Server::config("named", 1, "");
+    let marker = dir.path().join("crash-on-adopt");
+    let env = [(CRASH_ENV, marker.as_path())];
+    let mut server = Server::start_with_env(std::env::current_exe().unwrap(), dir, config, &env);
+    let port = server.port;
+    const CLIENTS: usize = 30;
+    let seen = Arc::new(Seen::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (seen, done) = (seen.clone(), done.clone());
+            std::thread::spawn(move || client(port, i, &seen, &done))
+        })
+        .collect();
+    wait_for("every client connected", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    let from = seen.rounds.load(Ordering::Relaxed);
+    wait_for("the clients to talk", DEADLINE, || {
+        (seen.rounds.load(Ordering::Relaxed) > from + 100).then_some(())
+    });
+    std::fs::write(&marker, "10").unwrap();
+    let old = server.worker_pid(0);
+    let out = server.wsd(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("was handing it connections"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !marker.exists(),
+        "the new worker crashed on its 10th connection"
+    );
+    wait_for("the old worker to hand over and exit", DEADLINE, || {
+        exited(old).then_some(())
+    });
+    let from = seen.rounds.load(Ordering::Relaxed);
+    wait_for("the clients to go on", DEADLINE, || {
+        let failed = !seen.failures.lock().unwrap().is_empty();
+        (failed || seen.rounds.load(Ordering::Relaxed) > from + 100).then_some(())
+    });
+    assert_no_failures(&seen);
+    wait_for("the next worker to hold every client", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    assert!(server.master_output().contains("took all 30 connections"));
+    done.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_no_failures(&seen);
+}
+
 fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
     let mut server = start(1);
     let port = server.port;
@@ -447,6 +526,10 @@ fn main() {
         (
             "a_reload_moves_every_connection_with_its_state_and_loses_nothing",
             a_reload_moves_every_connection_with_its_state_and_loses_nothing,
+        ),
+        (
+            "a_new_worker_dying_mid_handoff_loses_no_connection",
+            a_new_worker_dying_mid_handoff_loses_no_connection,
         ),
         (
             "a_half_received_message_and_a_full_send_queue_survive_a_reload",

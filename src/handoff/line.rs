@@ -8,13 +8,14 @@
 //! receiver always holds it by the time the whole record has arrived, and descriptors arrive in
 //! the order of their records.
 //!
-//! Both sides are non-blocking and live in their worker's poll. Records waiting to go keep their
-//! descriptor until it is sent, so a sender whose peer has gone gets back every record that had
-//! not started ([`Line::take_unsent`]) and can keep those connections.
+//! The taker answers with the count of records it has taken so far ([`Line::acknowledge`]),
+//! four bytes at a time; the giver keeps each record until then (see `worker::handoff`).
+//!
+//! Both sides are non-blocking and live in their worker's poll.
 
 use crate::sys;
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -120,16 +121,52 @@ impl Line {
         Ok(true)
     }
 
-    /// The records none of whose bytes went out, with their descriptors: what a sender whose
-    /// line broke still holds.
-    pub(crate) fn take_unsent(&mut self) -> Vec<Record> {
-        let mut unsent = Vec::new();
-        for o in std::mem::take(&mut self.out) {
-            if o.sent == 0 {
-                unsent.push((o.bytes[FRAME_HEAD..].to_vec(), o.fd));
+    /// Acknowledges records (the taker's side): `count` taken so far, in all. Four bytes, no
+    /// framing: acknowledgements are all that goes this way.
+    pub(crate) fn acknowledge(&mut self, count: u32) {
+        let bytes = count.to_le_bytes().to_vec();
+        self.out.push_back(Outgoing {
+            bytes,
+            sent: 0,
+            fd: None,
+        });
+    }
+
+    /// Reads the taker's acknowledgements (the giver's side): the latest count, if any came.
+    /// When the taker has gone (or the line failed), the error comes with any count read
+    /// before it.
+    pub(crate) fn acknowledged(&mut self) -> Result<Option<u32>, (Option<u32>, LineError)> {
+        let mut chunk = [0u8; 4096];
+        let mut failure = None;
+        loop {
+            match (&self.sock).read(&mut chunk) {
+                Ok(0) => {
+                    failure = Some(LineError::Closed);
+                    break;
+                }
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    failure = Some(LineError::Closed);
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e.into());
+                    break;
+                }
             }
         }
-        unsent
+        let whole = self.input.len() / 4 * 4;
+        let latest = self.input[..whole]
+            .rchunks_exact(4)
+            .next()
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        self.input.drain(..whole);
+        match failure {
+            None => Ok(latest),
+            Some(e) => Err((latest, e)),
+        }
     }
 
     /// Reads what has arrived and returns the whole records among it, each with its descriptor.
@@ -225,15 +262,21 @@ mod tests {
     }
 
     #[test]
-    fn a_sender_whose_peer_went_keeps_what_had_not_started() {
-        let (mut tx, rx) = pair();
-        drop(rx);
-        tx.push(b"kept", Some(descriptor()));
-        assert!(tx.flush().is_err());
-        let unsent = tx.take_unsent();
-        assert_eq!(unsent.len(), 1);
-        assert_eq!(unsent[0].0, b"kept");
-        assert!(unsent[0].1.is_some());
+    fn the_taker_acknowledges_counts_and_the_giver_sees_it_go() {
+        let (mut giver, mut taker) = pair();
+        assert!(matches!(giver.acknowledged(), Ok(None)));
+        taker.acknowledge(2);
+        taker.acknowledge(5);
+        taker.flush().unwrap();
+        assert!(matches!(giver.acknowledged(), Ok(Some(5))));
+        assert!(matches!(giver.acknowledged(), Ok(None)));
+        taker.acknowledge(6);
+        taker.flush().unwrap();
+        drop(taker);
+        assert!(matches!(
+            giver.acknowledged(),
+            Err((Some(6), LineError::Closed))
+        ));
     }
 
     #[test]

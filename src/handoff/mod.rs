@@ -12,7 +12,8 @@
 //! What a connection does not carry is the app's state: the app gives it with `on_handoff`
 //! (bytes) and takes it back with `on_adopt`. An app without `on_handoff` keeps the old
 //! behaviour: its clients get Close 1001 as the old worker stops. So do connections that are
-//! still in their upgrade or closing, and `wss://` ones.
+//! still in their upgrade or closing; `wss://` ones are served on through a drain, then told
+//! 1012.
 //!
 //! permessage-deflate travels as what was agreed plus, under the client's context takeover,
 //! the last 32 KiB the client sent: the new worker's decompressor starts from them as a preset

@@ -377,6 +377,21 @@ impl Master {
                 continue;
             };
             self.forget_in_queries(exit.proc, registry);
+            let dead = supervisor::ProcRef {
+                key: exit.proc,
+                pid: exit.pid,
+            };
+            if let Some(giver) = self.sup.handoff_target_died(dead, &exit.group, exit.slot) {
+                let why = format!(
+                    "the new worker {}#{} (pid {}) {} while {giver} was handing it connections; \
+                     {giver} serves those it had not taken until the slot's next worker",
+                    exit.group, exit.slot, exit.pid, exit.how
+                );
+                log::error!("{why}");
+                if let Some(r) = &mut self.reload {
+                    r.note_failure(why);
+                }
+            }
             if let Some(r) = &mut self.reload
                 && r.worker_exited(&mut self.sup, &exit)
             {

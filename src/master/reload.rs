@@ -568,6 +568,12 @@ impl Reload {
         }
     }
 
+    /// Something went wrong that does not change the steps (a handoff's taker died): the
+    /// reload goes on, and reports it.
+    pub fn note_failure(&mut self, why: String) {
+        self.failure.get_or_insert(why);
+    }
+
     /// Every step is done and every replaced worker has exited.
     pub fn is_done(&self, sup: &Supervisor) -> bool {
         self.steps.is_empty()

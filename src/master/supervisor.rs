@@ -97,6 +97,22 @@ pub struct Proc {
     /// Told to stop while the master carries on (replaced by a reload, or its slot removed);
     /// SIGKILLed if still alive at this instant.
     pub retiring: Option<Instant>,
+    /// A retiring worker's handoff (`handoff`): to whom it hands its connections.
+    pub handing: Option<Handing>,
+}
+
+/// Whom a retiring worker hands its connections to.
+#[derive(Debug, Clone)]
+pub enum Handing {
+    /// This worker, over the line the master made between them.
+    To(ProcRef, Handover),
+    /// That one died before taking everything: the retiring worker took the rest back and
+    /// serves them until the next worker of its successor's slot is ready.
+    Awaiting {
+        group: String,
+        slot: usize,
+        times: Handover,
+    },
 }
 
 /// How a worker ended, as [`Supervisor::reaped`] found it.
@@ -205,7 +221,7 @@ pub enum BusEnds {
 
 /// The times a handover runs on: Close 1001 spread over `spread` for clients that cannot go,
 /// `drain` for `wss://` ones, and `timeout` (past the drain) before SIGKILL.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handover {
     pub spread: Duration,
     pub drain: Duration,
@@ -247,7 +263,63 @@ impl Supervisor {
     /// (whatever process the slot had is left running: the caller decides its fate).
     /// In the child this never returns.
     pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<usize> {
-        self.spawn_on(g, slot, registry, BusEnds::Own)
+        // A retiring worker still holding connections for this slot reads the bus ends until
+        // it has handed them to the worker started here.
+        let ends = match self.awaiting(self.groups[g].name(), slot) {
+            Some(_) => BusEnds::Inherited,
+            None => BusEnds::Own,
+        };
+        self.spawn_on(g, slot, registry, ends)
+    }
+
+    /// The retiring worker that waits for the next worker of `group`'s slot `slot`.
+    fn awaiting(&self, group: &str, slot: usize) -> Option<usize> {
+        self.procs.iter().find_map(|(key, p)| match &p.handing {
+            Some(Handing::Awaiting {
+                group: g, slot: s, ..
+            }) if g == group && *s == slot => Some(key),
+            _ => None,
+        })
+    }
+
+    /// Worker `new` has become ready: a retiring worker waiting for its slot's next worker
+    /// hands it the connections it took back.
+    fn hand_to_awaiting(&mut self, new: usize) {
+        let Some(p) = self.procs.get(new) else {
+            return;
+        };
+        let Some(old) = self.awaiting(&p.group.clone(), p.slot) else {
+            return;
+        };
+        let Some(Handing::Awaiting { times, .. }) = self.procs[old].handing.clone() else {
+            return;
+        };
+        self.hand_over(old, new, times, Instant::now());
+    }
+
+    /// Worker `dead` (key and pid) has exited: a retiring worker that was handing it its
+    /// connections now waits for the slot's next worker. Its name, if there was one.
+    pub fn handoff_target_died(
+        &mut self,
+        dead: ProcRef,
+        group: &str,
+        slot: usize,
+    ) -> Option<String> {
+        for (_, p) in self.procs.iter_mut() {
+            if let Some(Handing::To(to, times)) = &p.handing
+                && *to == dead
+            {
+                let times = *times;
+                let who = format!("{}#{} (pid {})", p.group, p.slot, p.pid);
+                p.handing = Some(Handing::Awaiting {
+                    group: group.to_string(),
+                    slot,
+                    times,
+                });
+                return Some(who);
+            }
+        }
+        None
     }
 
     /// [`Supervisor::spawn`], saying whether the slot's worker being replaced still reads the
@@ -346,6 +418,7 @@ impl Supervisor {
                     report: None,
                     prev_report: None,
                     retiring: None,
+                    handing: None,
                 });
                 let s = &mut group.slots[slot];
                 s.proc = Some(key);
@@ -451,9 +524,13 @@ impl Supervisor {
         let (lines, _closed) = p.channel_in.read_from(&mut p.channel);
         let mut rows = Vec::new();
         let mut reported = false;
+        let mut became_ready = false;
         for line in lines {
             match serde_json::from_str::<FromWorker>(&line) {
-                Ok(FromWorker::Ready) => p.ready = true,
+                Ok(FromWorker::Ready) => {
+                    p.ready = true;
+                    became_ready = true;
+                }
                 Ok(FromWorker::Report(c)) => {
                     if let Some((at, prev)) = &p.report {
                         p.prev_report = Some((*at, prev.total_request, prev.api_requests));
@@ -469,6 +546,9 @@ impl Supervisor {
         }
         if reported && self.bus_url.is_some() {
             self.watch_bus(key);
+        }
+        if became_ready {
+            self.hand_to_awaiting(key);
         }
         rows
     }
@@ -565,6 +645,7 @@ impl Supervisor {
             log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
             return self.retire(old, spread, deadline);
         }
+        let handing = self.proc_ref(new).map(|r| Handing::To(r, times));
         let Some(p) = self.procs.get_mut(old) else {
             return;
         };
@@ -576,7 +657,8 @@ impl Supervisor {
             to.pid
         );
         // Its wss:// clients may be kept for the drain first.
-        p.retiring = Some(deadline + drain);
+        p.retiring.get_or_insert(deadline + drain);
+        p.handing = handing;
         let msg = ToWorker::HandOff {
             spread_ms: spread.as_millis() as u64,
             drain_ms: drain.as_millis() as u64,

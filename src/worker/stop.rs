@@ -163,7 +163,7 @@ impl Loop {
             Stopping::No => false,
             Stopping::Fast => true,
             Stopping::Drain | Stopping::Close { .. } => {
-                self.ctx.conns.is_empty() && !self.handoff_pending()
+                self.ctx.conns.is_empty() && self.handoffs.settled()
             }
         }
     }

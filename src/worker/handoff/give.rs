@@ -1,0 +1,298 @@
+//! The giving side: a worker being replaced hands its open connections over, inside its stop.
+//!
+//! Once the worker has stopped accepting and run `on_worker_stop`, every connection that can
+//! go is moved onto the line; `wss://` ones are kept for the drain; the rest are closed as any
+//! stop closes them. A connection that completes its upgrade during the stop goes the same way.
+//! The worker exits once every record has been acknowledged. If the line breaks first, the
+//! connections not acknowledged come back here, whole, and are served until the master sends
+//! another handoff (to the slot's next worker).
+
+use super::{BusTurn, HANDOFF_OUT, Outgoing};
+use crate::ConnId;
+use crate::bus::bridges::Peer;
+use crate::handoff::line::{Line, LineError};
+use crate::proto::close;
+use crate::worker::event_loop::Loop;
+use crate::worker::handler::Told;
+use mio::Interest;
+use mio::unix::SourceFd;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
+
+impl Loop {
+    /// The master's word to hand this worker's connections to `to` over the line `fd`, and
+    /// stop (or, stopping already after a handoff that broke, to hand them over again).
+    /// Without a usable line, this is a plain stop that closes the clients.
+    pub(in crate::worker) fn hand_off_and_stop(
+        &mut self,
+        to: Peer,
+        fd: Option<OwnedFd>,
+        spread: Duration,
+        drain: Duration,
+    ) {
+        self.handoffs.drain = drain;
+        let line = match fd.map(Line::new) {
+            Some(Ok(line)) => Some(line),
+            Some(Err(e)) => {
+                log::warn!("cannot use the handoff line ({e}); closing clients");
+                None
+            }
+            None => {
+                log::warn!("the master sent a handoff without its line; closing clients");
+                None
+            }
+        };
+        if let Some(line) = line {
+            let fd = line.fd();
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            match (self.poll.registry()).register(&mut SourceFd(&fd), HANDOFF_OUT, interest) {
+                Ok(()) => {
+                    let (group, slot, pid) = (&to.group, to.slot, to.pid);
+                    log::info!("handing connections to {group}#{slot} (pid {pid})");
+                    self.handoffs.out = Some(Outgoing {
+                        line,
+                        to,
+                        unacked: VecDeque::new(),
+                        acked: 0,
+                        handed: 0,
+                    });
+                }
+                Err(e) => log::warn!("cannot watch the handoff line ({e}); closing clients"),
+            }
+        }
+        if self.stopping.mode().is_some() {
+            // A second attempt: the stop has run; only the handing over is left to do.
+            self.hand_off_all();
+            return;
+        }
+        // The stop hands over what it can before it closes the rest (`hand_off_all`).
+        self.stop(crate::control::StopMode::Close, spread);
+    }
+
+    /// Hands over every connection that can go (called by the stop, before it closes the rest),
+    /// then ends the records with an empty one: from here on the shared bus ends are the
+    /// taker's.
+    pub(in crate::worker) fn hand_off_all(&mut self) {
+        if !self.handoffs.giving() {
+            return;
+        }
+        let all: Vec<usize> = self.ctx.conns.iter().map(|(idx, _)| idx).collect();
+        for idx in all {
+            if !self.hand_off(idx) {
+                self.keep_tls(idx);
+            }
+        }
+        if self.handoffs.bus == BusTurn::Reading {
+            self.handoffs.bus = BusTurn::Given;
+            for (_, end) in self.ctx.bus.ends() {
+                let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
+            }
+            self.bus_again.clear();
+        }
+        let Some(out) = &mut self.handoffs.out else {
+            return;
+        };
+        out.line.push(&[], None);
+        out.unacked.push_back(None);
+        log::info!("{} connections handed over", out.handed);
+        let h = &mut self.handoffs;
+        if !h.draining.is_empty() && h.drain_until.is_none() {
+            h.drain_until = Some(Instant::now() + h.drain);
+            let (n, ms) = (h.draining.len(), h.drain.as_millis());
+            log::info!("serving {n} wss:// clients for up to {ms} ms, then Close 1012");
+        }
+        self.handoff_flush();
+    }
+
+    /// Keeps an open `wss://` connection of an app that hands its connections over: its TLS
+    /// session cannot travel, so it is served here until the drain ends (or it closes), and
+    /// then told 1012 (Service Restart) to reconnect. True if it is kept.
+    fn keep_tls(&mut self, idx: usize) -> bool {
+        let Some(conn) = self.ctx.conns.get(idx) else {
+            return false;
+        };
+        let app_hands_off = self.hooks.on_handoff.is_some() || self.handler.is_some();
+        if !(conn.is_tls() && conn.session.can_hand_off() && app_hands_off) {
+            return false;
+        }
+        let id = ConnId {
+            serial: conn.serial,
+            idx: idx as u32,
+        };
+        if !self.handoffs.draining.contains(&id) {
+            self.handoffs.draining.push(id);
+        }
+        true
+    }
+
+    /// Closes the kept `wss://` clients with 1012 once their drain has ended.
+    pub(in crate::worker) fn drain_ended(&mut self, now: Instant) {
+        let h = &mut self.handoffs;
+        if h.drain_until.is_none_or(|at| now < at) {
+            return;
+        }
+        h.drain_until = None;
+        for id in std::mem::take(&mut h.draining) {
+            self.ctx
+                .close_with(id, close::SERVICE_RESTART, "service restart: reconnect");
+        }
+    }
+
+    /// Hands connection `idx` over if it can go: it is open and plain, and the app can give its
+    /// state (`on_handoff`, or an exec handler's `handoff` and `adopt` events). False if it
+    /// stays.
+    pub(in crate::worker) fn hand_off(&mut self, idx: usize) -> bool {
+        if !self.handoffs.giving() || (self.hooks.on_handoff.is_none() && self.handler.is_none()) {
+            return false;
+        }
+        let Some(conn) = self.ctx.conns.get(idx) else {
+            return false;
+        };
+        if conn.is_tls() || !conn.session.can_hand_off() {
+            return false;
+        }
+        let id = ConnId {
+            serial: conn.serial,
+            idx: idx as u32,
+        };
+        // Our copy of the socket, kept until the taker acknowledges it.
+        let Ok(kept) = conn.socket.as_fd().try_clone_to_owned() else {
+            return false;
+        };
+        let app = match self.hooks.on_handoff.is_some() {
+            true => match self.call_handoff_hook(id) {
+                Some(bytes) => Some(bytes),
+                None => return false,
+            },
+            false => None,
+        };
+        // The hook may have closed it, or queued a last message (which travels).
+        let Some(session) = self.ctx.conns[idx].session.hand_off() else {
+            return false;
+        };
+        let from = self.named(id).to_string();
+        let user = self.ctx.user_of(id).map(str::to_string);
+        let topics = self.ctx.topics_of(id);
+        let mut conn = self.ctx.conns.remove(idx);
+        self.handshaking.remove(&idx);
+        self.ctx.counters.connections -= 1;
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        // Its topics and user leave this worker; the taker takes them up.
+        self.ctx.forget_conn(id);
+        let listed = &self.ctx.subprotocols;
+        let (handed, socket) = conn.into_handed(session, listed, (from, user, topics), app);
+        let record = handed.encode();
+        let out = self.handoffs.out.as_mut().expect("giving, checked above");
+        out.line.push(&record, Some(OwnedFd::from(socket)));
+        out.unacked.push_back(Some((record, kept)));
+        out.handed += 1;
+        if self.handler.is_some() {
+            self.handler_tell(id, Told::Handoff);
+        }
+        true
+    }
+
+    /// Calls `on_handoff` for `id`: the app's state of it, or `None` if the hook panicked
+    /// (the connection then stays, and is closed like those that cannot go).
+    fn call_handoff_hook(&mut self, id: ConnId) -> Option<Vec<u8>> {
+        let f = self.hooks.on_handoff.as_mut()?;
+        let ctx = &mut self.ctx;
+        match catch_unwind(AssertUnwindSafe(|| f(ctx, id))) {
+            Ok(bytes) => Some(bytes),
+            Err(_) => {
+                log::error!("on_handoff hook panicked on connection {id}; it is closed instead");
+                None
+            }
+        }
+    }
+
+    /// Sends what the outgoing line takes.
+    pub(in crate::worker) fn handoff_flush(&mut self) {
+        let Some(out) = self.handoffs.out.as_mut() else {
+            return;
+        };
+        if let Err(e) = out.line.flush() {
+            self.handoff_broke(e);
+        }
+    }
+
+    /// The outgoing line became writable, or readable: the taker acknowledged records, or went.
+    pub(in crate::worker) fn handoff_out_ready(&mut self) {
+        let Some(out) = self.handoffs.out.as_mut() else {
+            return;
+        };
+        let acked = out.line.acknowledged();
+        if let Ok(Some(n)) | Err((Some(n), _)) = acked {
+            let done = n.saturating_sub(out.acked);
+            out.acked = n;
+            for _ in 0..done {
+                // The taker holds it now: our copy of the socket goes.
+                out.unacked.pop_front();
+            }
+        }
+        if out.unacked.is_empty() && out.line.is_flushed() {
+            let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
+            let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
+            log::info!("{taker} took all {} connections", out.handed);
+            self.handoffs.out = None;
+            return;
+        }
+        match acked {
+            Err((_, e)) => self.handoff_broke(e),
+            Ok(_) => self.handoff_flush(),
+        }
+    }
+
+    /// The taker went (or the line failed) before acknowledging everything: the connections
+    /// it had not taken come back, whole (it never read their sockets), and are served here
+    /// until the master names another taker; the bus ends are read here again.
+    fn handoff_broke(&mut self, why: LineError) {
+        let Some(out) = self.handoffs.out.take() else {
+            return;
+        };
+        let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
+        let back: Vec<(Vec<u8>, OwnedFd)> = out.unacked.into_iter().flatten().collect();
+        let to = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
+        log::error!(
+            "handoff to {to} broke ({why}); {} connections it had not taken are served here",
+            back.len()
+        );
+        for (record, fd) in back {
+            self.adopt(&record, Some(fd));
+        }
+        if self.handoffs.bus == BusTurn::Given {
+            self.handoffs.bus = BusTurn::Reading;
+            let ends: Vec<(usize, i32)> = (self.ctx.bus.ends())
+                .map(|(peer, end)| (peer, end.as_raw_fd()))
+                .collect();
+            for (peer, fd) in ends {
+                let token = mio::Token(crate::worker::event_loop::BUS_BASE + peer);
+                let registry = self.poll.registry();
+                let _ = registry.register(&mut SourceFd(&fd), token, Interest::READABLE);
+                self.bus_ready(peer);
+            }
+        }
+    }
+
+    /// Whether a connection that just completed its upgrade during the stop went to the new
+    /// worker, or is kept until the drain ends (instead of being closed now).
+    pub(in crate::worker) fn handed_when_stopping(&mut self, id: ConnId) -> bool {
+        if !self.handoffs.giving() {
+            return false;
+        }
+        let idx = id.idx as usize;
+        if self.hand_off(idx) {
+            self.handoff_flush();
+            return true;
+        }
+        if self.keep_tls(idx) {
+            let h = &mut self.handoffs;
+            h.drain_until
+                .get_or_insert_with(|| Instant::now() + h.drain);
+            return true;
+        }
+        false
+    }
+}

@@ -1,0 +1,110 @@
+//! Both sides of a connection handoff (`crate::handoff`): the retiring worker that gives its
+//! open connections away (`give.rs`), and the new worker that takes them (`take.rs`).
+//!
+//! A handoff is acknowledged record by record. The giver keeps each record and its own copy of
+//! the socket until the taker says it has registered the connection, which it does before it
+//! ever reads the socket. So if the taker dies halfway, every connection it had not taken is
+//! still whole in the giver, which takes it back and serves it until the master names the
+//! slot's next worker: a failed handoff loses no connection.
+//!
+//! When the two workers share their slot's bus ends, exactly one of them reads them at a time
+//! ([`BusTurn`]): the giver until it has put its last connection on the line (an empty record
+//! says so), the taker from then on; the giver reads them again if the line breaks first.
+
+mod give;
+mod take;
+
+use crate::ConnId;
+use crate::bus::bridges::Peer;
+use crate::handoff::line::Line;
+use mio::Token;
+use slab::Slab;
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+/// The line to the worker this one hands its connections to.
+pub(super) const HANDOFF_OUT: Token = Token(9);
+/// Lines from the workers this one takes connections from: `ADOPT_BASE + index`.
+pub(super) const ADOPT_BASE: usize = 1 << 38;
+
+/// The handoff state of a worker: at most one line out (it is being replaced), any number in
+/// (it replaces one worker, or several when a reload lowered `count`).
+#[derive(Default)]
+pub(super) struct Handoffs {
+    out: Option<Outgoing>,
+    incoming: Slab<Incoming>,
+    bus: BusTurn,
+    /// `wss://` clients, whose TLS session cannot travel, served here until `drain_until`.
+    draining: Vec<ConnId>,
+    drain_until: Option<Instant>,
+    drain: Duration,
+}
+
+/// Whose turn it is to read this worker's bus ends, when they are shared with the worker of the
+/// same slot in the other generation (`bus::Bus::is_inherited`). Every message on them is read
+/// by exactly one of the two: the old worker up to the moment it hands its connections over
+/// (what it did with a message travels in their send queues), the new one from then on.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BusTurn {
+    /// Ours.
+    #[default]
+    Reading,
+    /// Still the worker this one replaces: its handoff ends the wait.
+    Awaiting,
+    /// The new worker's: this one has handed its connections over.
+    Given,
+}
+
+/// A line to the worker taking this one's connections.
+struct Outgoing {
+    line: Line,
+    to: Peer,
+    /// Every record put on the line and not yet acknowledged, in order: a connection's record
+    /// and this worker's copy of its socket, or `None` for the closing empty record.
+    unacked: VecDeque<Option<(Vec<u8>, OwnedFd)>>,
+    /// Records acknowledged so far.
+    acked: u32,
+    handed: usize,
+}
+
+/// A line from a worker giving this one its connections.
+struct Incoming {
+    line: Line,
+    from: Peer,
+    /// Records taken so far (the count acknowledged).
+    taken: u32,
+    adopted: usize,
+}
+
+impl Handoffs {
+    /// Nothing handed over waits for the taker: the worker may exit.
+    pub(super) fn settled(&self) -> bool {
+        self.out.is_none()
+    }
+
+    /// Connections go out on a line.
+    fn giving(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Whether this worker reads its bus ends now.
+    pub(super) fn reads_bus(&self) -> bool {
+        self.bus == BusTurn::Reading
+    }
+
+    /// The ends were the previous worker's: they wait for its handoff.
+    pub(super) fn await_predecessor(&mut self) {
+        self.bus = BusTurn::Awaiting;
+    }
+
+    /// `wss://` clients kept until the drain ends: the stop does not close them before.
+    pub(super) fn draining(&self, id: ConnId) -> bool {
+        self.draining.contains(&id)
+    }
+
+    /// When the kept `wss://` clients are to be closed.
+    pub(super) fn drain_due(&self) -> Option<Instant> {
+        self.drain_until
+    }
+}

@@ -1,0 +1,240 @@
+//! The taking side: a new worker registers the connections its predecessor hands over.
+//!
+//! It reads records as they come and makes each socket one of its own connections: subscribed
+//! to its topics, bound to its user, its send queue ready to flush. It acknowledges them before
+//! it reads any of their sockets (the giver keeps its copy until then), and reads each at once
+//! in case the client's next bytes are already waiting.
+
+use super::{ADOPT_BASE, BusTurn, Incoming};
+use crate::ConnId;
+use crate::bus::bridges::Peer;
+use crate::handoff::line::{Line, LineError};
+use crate::handoff::{self, Handed};
+use crate::proto::Session;
+use crate::proto::deflate::{Codec, Settings, Stream};
+use crate::worker::conn::Conn;
+use crate::worker::errors::ConnError;
+use crate::worker::event_loop::{CONN_BASE, Loop};
+use crate::worker::handler::Told;
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use std::os::fd::OwnedFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+impl Loop {
+    /// The master's word that `from` will hand its connections over the line `fd`; `None`:
+    /// the worker this one replaces is gone, and its bus ends are this one's to read.
+    pub(in crate::worker) fn adopt_from(&mut self, from: Option<Peer>, fd: Option<OwnedFd>) {
+        let Some(from) = from else {
+            self.take_the_bus();
+            return;
+        };
+        let Some(line) = fd.map(Line::new).transpose().ok().flatten() else {
+            log::warn!(
+                "cannot take the handoff line from {}#{}",
+                from.group,
+                from.slot
+            );
+            self.take_the_bus();
+            return;
+        };
+        let entry = self.handoffs.incoming.vacant_entry();
+        let token = Token(ADOPT_BASE + entry.key());
+        let fd = line.fd();
+        if let Err(e) =
+            (self.poll.registry()).register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            log::warn!(
+                "cannot watch the handoff line from {}#{}: {e}",
+                from.group,
+                from.slot
+            );
+            self.take_the_bus();
+            return;
+        }
+        entry.insert(Incoming {
+            line,
+            from,
+            taken: 0,
+            adopted: 0,
+        });
+    }
+
+    /// Records arrived on incoming line `key` (or it closed).
+    pub(in crate::worker) fn adopt_ready(&mut self, key: usize) {
+        let max = handoff::max_record(self.settings.max_send_buffer, self.limits.max_message);
+        let Some(incoming) = self.handoffs.incoming.get_mut(key) else {
+            return;
+        };
+        let received = incoming.line.receive(max);
+        let ended = incoming.line.is_ended();
+        let records = match received {
+            Ok(records) => records,
+            Err(e) => {
+                let incoming = self.handoffs.incoming.remove(key);
+                let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+                // However the line ended, its sender reads the bus no more.
+                self.take_the_bus();
+                let from = &incoming.from;
+                let took = incoming.adopted;
+                match e {
+                    LineError::Closed => log::info!(
+                        "took {took} connections from {}#{} (pid {})",
+                        from.group,
+                        from.slot,
+                        from.pid
+                    ),
+                    e => log::error!(
+                        "handoff from {}#{} broken after {took} connections: {e}",
+                        from.group,
+                        from.slot
+                    ),
+                }
+                return;
+            }
+        };
+        let count = records.len() as u32;
+        let mut adopted = 0;
+        let mut last = false;
+        for (record, fd) in records {
+            if record.is_empty() {
+                last = true;
+                continue;
+            }
+            adopted += usize::from(self.adopt(&record, fd).is_some());
+        }
+        if let Some(incoming) = self.handoffs.incoming.get_mut(key) {
+            // Registered, not yet read: the giver may let its copies go.
+            incoming.taken += count;
+            incoming.adopted += adopted;
+            incoming.line.acknowledge(incoming.taken);
+            let _ = incoming.line.flush();
+        }
+        if last {
+            // The giver has stopped reading the bus ends it shares with this worker.
+            self.take_the_bus();
+        }
+        if ended {
+            // Its end was read with these records: no event will say so again.
+            self.adopt_ready(key);
+        }
+    }
+
+    /// Starts reading the bus ends taken over from the previous worker, which has stopped:
+    /// what waits on them now is read here, and applied to the connections it handed over.
+    fn take_the_bus(&mut self) {
+        if self.handoffs.bus != BusTurn::Awaiting {
+            return;
+        }
+        self.handoffs.bus = BusTurn::Reading;
+        let peers: Vec<usize> = self.ctx.bus.ends().map(|(peer, _)| peer).collect();
+        log::debug!("reading the bus ends of the worker replaced");
+        for peer in peers {
+            self.bus_ready(peer);
+        }
+    }
+
+    /// Takes one handed connection into this worker. `None` if the record cannot be read (the
+    /// socket is then closed: that client reconnects).
+    pub(in crate::worker) fn adopt(
+        &mut self,
+        record: &[u8],
+        fd: Option<OwnedFd>,
+    ) -> Option<ConnId> {
+        let mut handed = match Handed::decode(record) {
+            Ok(handed) => handed,
+            Err(e) => {
+                log::error!("a handed connection is lost: {e}");
+                return None;
+            }
+        };
+        let Some(fd) = fd else {
+            log::error!("a handed connection came without its socket");
+            return None;
+        };
+        let socket = TcpStream::from_std(std::net::TcpStream::from(fd));
+        let deflate = match handed.session.deflate {
+            None => None,
+            Some(agreed) => {
+                let carried = || Codec::new(Settings::carried_over(&self.settings));
+                let codec = self.ctx.deflate.clone().unwrap_or_else(carried);
+                let window = handed.session.window.as_deref();
+                let Some(stream) = Stream::adopt(agreed, &codec, window) else {
+                    log::error!(
+                        "a handed connection from {} is lost: bad deflate window",
+                        handed.remote
+                    );
+                    return None;
+                };
+                Some(stream)
+            }
+        };
+        let state = std::mem::take(&mut handed.session);
+        let max_header = self.settings.max_header_bytes;
+        let Some(session) = Session::adopt(self.limits, max_header, state, deflate) else {
+            log::error!(
+                "a handed connection from {} is lost: its state is not valid",
+                handed.remote
+            );
+            return None;
+        };
+        let (serial, ip_slot) = self.accepting.adopt(&self.settings, handed.remote.ip());
+        let listed = &self.ctx.subprotocols;
+        let conn = Conn::adopted(serial, socket, ip_slot, session, &mut handed, listed);
+        let entry = self.ctx.conns.vacant_entry();
+        let idx = entry.key();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        let mut conn = conn;
+        let token = Token(CONN_BASE + idx);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut conn.socket, token, interest)
+        {
+            log::error!(
+                "cannot register a handed connection from {}: {e}",
+                handed.remote
+            );
+            return None;
+        }
+        let queued = conn.wants_flush();
+        entry.insert(conn);
+        self.ctx.counters.connections += 1;
+        let id = ConnId {
+            serial,
+            idx: idx as u32,
+        };
+        if let Some(user) = &handed.user {
+            self.ctx.bind_user(id, user);
+        }
+        for topic in &handed.topics {
+            self.ctx.subscribe(id, topic);
+        }
+        self.call_adopt_hook(id, handed.app.as_deref().unwrap_or_default());
+        if self.handler.is_some() {
+            let told = Told::Adopt {
+                from: &handed.from,
+                topics: &handed.topics,
+            };
+            self.handler_tell(id, told);
+        }
+        if queued {
+            self.ctx.mark_dirty(idx);
+        }
+        self.again.push(idx);
+        Some(id)
+    }
+
+    /// Calls `on_adopt`; a panic fails that connection only, as in any connection hook.
+    fn call_adopt_hook(&mut self, id: ConnId, bytes: &[u8]) {
+        let Some(f) = self.hooks.on_adopt.as_mut() else {
+            return;
+        };
+        let ctx = &mut self.ctx;
+        if catch_unwind(AssertUnwindSafe(|| f(ctx, id, bytes))).is_err() {
+            log::error!("on_adopt hook panicked on connection {id}; closing it with 1011");
+            self.fail(id, &ConnError::HookPanicked);
+        }
+    }
+}
