@@ -347,12 +347,15 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
 }
 
 fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
-    let mut server = start(1);
+    let extra = "subprotocols = [\"chat.v1\"]\n";
+    let mut server = Server::start_program(std::env::current_exe().unwrap(), "named", 1, extra);
     let port = server.port;
 
     // A message in two fragments, the second cut inside its header: the first fragment is in
-    // the old worker's decoder when the reload comes, the rest arrives at the new worker.
-    let mut split = RawClient::upgrade(port);
+    // the old worker's decoder when the reload comes, the rest arrives at the new worker. This
+    // client also agreed on a subprotocol, which travels with it.
+    let mut split =
+        RawClient::try_upgrade(port, "Sec-WebSocket-Protocol: chat.v1\r\n").expect("upgraded");
     split.frame(true, 0x1, b"name split");
     assert_eq!(split.read_frame().2, b"hi split");
     split.frame(false, 0x1, b"part one, ");
@@ -411,6 +414,19 @@ fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
     wait_for("the new worker to count both clients", DEADLINE, || {
         (open_connections(&mut server) == 2).then_some(())
     });
+    let local = split.stream.local_addr().unwrap().port();
+    let out = server.wsd(&["connections", "--json"]);
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = (view["conns"].as_array().unwrap().iter())
+        .find(|r| {
+            r["remote"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!(":{local}"))
+        })
+        .expect("the split client's row");
+    assert_eq!(row["protocol"], "chat.v1", "{row}");
+    assert_eq!(row["path"], "/", "{row}");
 }
 
 /// A client speaking permessage-deflate with context takeover both ways: its compressor and
