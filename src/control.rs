@@ -28,6 +28,13 @@ pub enum Request {
     ReopenLogs,
     /// Every live connection of every worker.
     Connections,
+    /// Start `binary` (or the running one's path again) as the next master, which takes over
+    /// the listeners and the connections (`master::upgrade`); the reply comes when the old
+    /// master is about to exit, or with why the new one did not take over.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// How a worker stops.
@@ -392,6 +399,9 @@ pub struct BusStatus {
 pub struct MasterStatus {
     pub pid: i32,
     pub version: String,
+    /// The binary the master runs (what `wsd upgrade` starts again by default).
+    #[serde(default)]
+    pub binary: String,
     pub config: String,
     /// Unix seconds.
     pub started_at: i64,

@@ -42,6 +42,14 @@ pub fn forget_notify_socket() {
     unsafe { std::env::remove_var("NOTIFY_SOCKET") };
 }
 
+/// Drops `name` from the environment: a new master reads the descriptors a binary upgrade left
+/// it, then forgets them.
+pub fn forget_upgrade_env(name: &str) {
+    // SAFETY: called by the master at start, before it forks a worker or starts anything:
+    // the process has one thread, so no other thread can be reading the environment.
+    unsafe { std::env::remove_var(name) };
+}
+
 /// In a freshly forked child: closes every inherited descriptor above stderr except `keep`.
 ///
 /// Sweeping `/proc/self/fd` rather than listing what the master owns means nothing can leak
@@ -245,6 +253,36 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
         }
     }
     Ok(msg.bytes)
+}
+
+/// Takes ownership of a descriptor this process inherited by number (a binary upgrade names
+/// them in its environment: `master::upgrade`).
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 || nix::fcntl::fcntl(borrowed(fd), nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} was not inherited"
+        )));
+    }
+    // SAFETY: the descriptor is open (checked just above) and was passed to this process by
+    // the master it replaces, for it alone: nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets whether `fd` survives an `exec` (clears or sets `FD_CLOEXEC`).
+pub fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flags = match inheritable {
+        true => FdFlag::empty(),
+        false => FdFlag::FD_CLOEXEC,
+    };
+    fcntl(borrowed(fd), FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: used only for the duration of one fcntl call on a descriptor the caller names as
+    // open; fcntl on a closed one fails with EBADF, which the callers report.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Points stdout and stderr at `fd` (a reopened log file).

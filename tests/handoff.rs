@@ -223,8 +223,8 @@ fn a_reload_moves_every_connection_with_its_state_and_loses_nothing() {
 }
 
 /// Broadcasts sent through a reload (the count unchanged, so the new workers take over the
-/// old ones' bus ends) reach every client once, in order: none is lost between the old worker
-/// and the new, none comes twice.
+/// old ones' bus ends) and then through a binary upgrade reach every client once, in order:
+/// none is lost between the old worker and the new, none comes twice.
 fn broadcasts_reach_every_client_exactly_once_through_a_reload() {
     let mut server = start(4);
     let port = server.port;
@@ -272,6 +272,17 @@ fn broadcasts_reach_every_client_exactly_once_through_a_reload() {
     reload_to(&mut server, 4);
     let now = said.load(Ordering::Relaxed);
     past(now + 50);
+    // And through a binary upgrade, whose new workers take over the same bus ends.
+    let next = server.dir.path().join("named-next");
+    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
+    let old_master = server.master_pid();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the old master to exit", DEADLINE, || {
+        exited(old_master).then_some(())
+    });
+    let now = said.load(Ordering::Relaxed);
+    past(now + 50);
     done.store(true, Ordering::Relaxed);
     let last = publisher.join().unwrap();
     for (i, c) in listeners.iter_mut().enumerate() {
@@ -288,9 +299,9 @@ fn broadcasts_reach_every_client_exactly_once_through_a_reload() {
     }
 }
 
-/// The new worker dies halfway through taking the connections: the old worker takes back what
-/// it had not acknowledged (the sockets it never read), serves them, and hands them to the
-/// slot's next worker. The reload reports the failure; the clients notice nothing.
+/// The new worker dies while taking the connections: the old worker takes back what it had not
+/// acknowledged (the sockets it never read), serves them, and hands them to the slot's next
+/// worker. The reload reports the failure; the clients notice nothing.
 fn a_new_worker_dying_mid_handoff_loses_no_connection() {
     let (dir, config) = Server::config("named", 1, "");
     let marker = dir.path().join("crash-on-adopt");
@@ -313,7 +324,9 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
     wait_for("the clients to talk", DEADLINE, || {
         (seen.rounds.load(Ordering::Relaxed) > from + 100).then_some(())
     });
-    std::fs::write(&marker, "10").unwrap();
+    // On its first: a connection it had acknowledged would be its own, and lost with it like
+    // any worker's that crashes; one it had not is still the old worker's.
+    std::fs::write(&marker, "1").unwrap();
     let old = server.worker_pid(0);
     let out = server.wsd(&["reload"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -344,6 +357,109 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
         t.join().unwrap();
     }
     assert_no_failures(&seen);
+}
+
+/// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
+/// takes over the sockets, its workers take over every connection, with the app's state, and
+/// the old master leaves it the pid file and the control socket. A binary that fails `check`,
+/// or dies before it is ready, changes nothing.
+fn an_upgrade_to_a_new_binary_moves_every_connection() {
+    let mut server = start(2);
+    let port = server.port;
+    const CLIENTS: usize = 40;
+    let seen = Arc::new(Seen::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (seen, done) = (seen.clone(), done.clone());
+            std::thread::spawn(move || client(port, i, &seen, &done))
+        })
+        .collect();
+    let progress = |seen: &Seen, more: u64| {
+        let from = seen.rounds.load(Ordering::Relaxed);
+        wait_for("the clients to go on", DEADLINE, || {
+            let failed = !seen.failures.lock().unwrap().is_empty();
+            (failed || seen.rounds.load(Ordering::Relaxed) >= from + more).then_some(())
+        });
+    };
+    wait_for("every client connected", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    progress(&seen, 100);
+
+    // A binary that is not a wsd, and one that passes `check` but exits at start.
+    let dir = server.dir.path().to_path_buf();
+    let old_master = server.master_pid();
+    let out = server.wsd(&["upgrade", "--binary", "/bin/false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("check exited with status 1"),
+        "{}",
+        text(&out)
+    );
+    let dies = dir.join("dies-at-start.sh");
+    let me = std::env::current_exe().unwrap();
+    let script = format!(
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = check ] && exec {} \"$@\"; done\nexit 3\n",
+        me.display()
+    );
+    std::fs::write(&dies, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dies, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = server.wsd(&["upgrade", "--binary", dies.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("exited with status 3"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(server.status()["master"]["pid"], old_master);
+    progress(&seen, 100);
+
+    // The new binary.
+    let next = dir.join("named-next");
+    std::fs::copy(&me, &next).unwrap();
+    let before = server.worker_pids();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("serves now"), "{}", text(&out));
+    wait_for("the old master to exit", DEADLINE, || {
+        exited(old_master).then_some(())
+    });
+    let st = server.wait_ready();
+    let new_master = st["master"]["pid"].as_i64().unwrap() as i32;
+    assert_ne!(new_master, old_master);
+    assert_eq!(st["master"]["binary"], next.to_str().unwrap(), "{st}");
+    let pid_file = std::fs::read_to_string(dir.join("wsd.pid")).unwrap();
+    assert_eq!(pid_file.trim(), new_master.to_string());
+    let workers = worker_pids_in(&st);
+    assert!(
+        workers.iter().all(|p| !before.contains(p)),
+        "{before:?} -> {workers:?}"
+    );
+    progress(&seen, 200);
+    wait_for("the new workers to count every client", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    assert_no_failures(&seen);
+    // The new master answers the control socket: a reload, then a stop.
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    progress(&seen, 100);
+    done.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_no_failures(&seen);
+    let out = server.wsd(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the new master to exit", DEADLINE, || {
+        exited(new_master).then_some(())
+    });
+    assert!(
+        !dir.join("wsd.pid").exists(),
+        "the new master removed its pid file"
+    );
 }
 
 fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
@@ -546,6 +662,10 @@ fn main() {
         (
             "a_new_worker_dying_mid_handoff_loses_no_connection",
             a_new_worker_dying_mid_handoff_loses_no_connection,
+        ),
+        (
+            "an_upgrade_to_a_new_binary_moves_every_connection",
+            an_upgrade_to_a_new_binary_moves_every_connection,
         ),
         (
             "a_half_received_message_and_a_full_send_queue_survive_a_reload",

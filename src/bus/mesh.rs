@@ -46,6 +46,23 @@ impl Mesh {
         Ok(Mesh { ends })
     }
 
+    /// A mesh made of ends another master held (`wsd upgrade`): `ends[i][j]` as in
+    /// [`Mesh::new`].
+    pub fn from_ends(ends: Vec<Vec<Option<OwnedFd>>>) -> Mesh {
+        Mesh { ends }
+    }
+
+    /// Every end, for the master that replaces this one.
+    pub fn all_fds(&self) -> Vec<Vec<Option<RawFd>>> {
+        (self.ends.iter())
+            .map(|row| {
+                row.iter()
+                    .map(|e| e.as_ref().map(AsRawFd::as_raw_fd))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The descriptors worker `slot` keeps after the fork.
     pub fn fds_of(&self, slot: usize) -> Vec<RawFd> {
         self.ends

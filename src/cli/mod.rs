@@ -58,6 +58,12 @@ enum Command {
     Reload,
     /// Reopen the log file (for logrotate; a daemon's output goes there)
     ReopenLogs,
+    /// Replace the master and its workers with a new binary, keeping every connection
+    Upgrade {
+        /// The new binary (default: the path the running one was started from)
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// List every live connection of every worker
     Connections {
         /// Print one JSON object instead of the table
@@ -208,6 +214,13 @@ fn run(runner: Runner, cli: Cli) -> Result<i32, Failed> {
             let server = locate(have_file.then_some(&config_path));
             let reply = request(&server, &Request::Reload, None)?;
             println!("wsd {}", reply.message.unwrap_or_else(|| "reloaded".into()));
+            Ok(0)
+        }
+        Command::Upgrade { binary } => {
+            let server = locate(have_file.then_some(&config_path));
+            let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            let reply = request(&server, &Request::Upgrade { binary }, None)?;
+            println!("wsd {}", reply.message.unwrap_or_else(|| "upgraded".into()));
             Ok(0)
         }
         Command::ReopenLogs => {

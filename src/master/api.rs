@@ -38,6 +38,33 @@ impl ApiSlots {
         })
     }
 
+    /// The sockets of the master this one replaces (`wsd upgrade`).
+    pub fn inherited(
+        config: ApiConfig,
+        group: String,
+        listeners: Vec<TcpListener>,
+    ) -> Result<ApiSlots, BindError> {
+        let addr = (listeners.first())
+            .map(TcpListener::local_addr)
+            .unwrap_or_else(|| Err(std::io::Error::other("no API socket was inherited")))
+            .map_err(|error| BindError {
+                addr: config.listen.addr,
+                error,
+            })?;
+        Ok(ApiSlots {
+            config,
+            group,
+            addr,
+            listeners,
+        })
+    }
+
+    /// The sockets, for the master that replaces this one.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.listeners.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
     /// `http://HOST:PORT`, for the banner, logs and `status`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

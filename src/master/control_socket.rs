@@ -27,6 +27,14 @@ pub fn create(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     Ok((listener, file))
 }
 
+/// The socket file a replaced master created (`wsd upgrade`), now this master's.
+pub fn inherited(path: &Path) -> SocketFile {
+    SocketFile {
+        path: path.to_path_buf(),
+        id: identity(path),
+    }
+}
+
 fn identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

@@ -27,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 const SIGNALS: Token = Token(0);
-const CONTROL: Token = Token(1);
+pub(super) const CONTROL: Token = Token(1);
 
 pub(super) struct Stopping {
     mode: StopMode,
@@ -54,6 +54,18 @@ pub struct Master {
     pub(super) exit_code: i32,
     /// `[metrics]`: the Prometheus and health listener, if configured.
     pub(super) metrics: Option<super::metrics_server::MetricsServer>,
+    /// The binary this master runs, for `wsd upgrade` without `--binary`.
+    pub(super) exe: std::path::PathBuf,
+    /// The pid file's locked descriptors, for the master an upgrade starts.
+    pub(super) pid_file_fds: Vec<std::os::fd::RawFd>,
+    /// `wsd upgrade` under way: the next master.
+    pub(super) successor: Option<super::upgrade::Successor>,
+    /// `wsd upgrade` under way: the new binary's `check`, before it starts.
+    pub(super) checking: Option<super::upgrade::Checking>,
+    /// Started by `wsd upgrade`: the master this one replaces, until it has gone.
+    pub(super) predecessor: Option<super::upgrade::Predecessor>,
+    /// The next master is in charge: exit leaving the pid file and the control socket to it.
+    pub(super) handed_over: bool,
 }
 
 impl Master {
@@ -86,6 +98,12 @@ impl Master {
             next_query: 0,
             exit_code: 0,
             metrics,
+            exe: std::env::current_exe().unwrap_or_default(),
+            pid_file_fds: Vec::new(),
+            successor: None,
+            checking: None,
+            predecessor: None,
+            handed_over: false,
         }
     }
 }
@@ -93,7 +111,7 @@ impl Master {
 /// Runs the master to the end. Returns the exit code and the CLI clients waiting for the stop
 /// to finish: the caller answers them once the pid file and socket are gone, so a `restart`
 /// that starts right after cannot find the old master's lock still held.
-pub fn run(mut m: Master) -> (i32, Vec<UnixStream>) {
+pub fn run(mut m: Master) -> (i32, Vec<UnixStream>, bool) {
     crate::logging::set_role("master");
     let code = match m.serve() {
         Ok(()) => m.exit_code,
@@ -107,7 +125,7 @@ pub fn run(mut m: Master) -> (i32, Vec<UnixStream>) {
         }
     };
     let waiters = m.stopping.take().map(|s| s.waiters).unwrap_or_default();
-    (code, waiters)
+    (code, waiters, m.handed_over)
 }
 
 impl Master {
@@ -120,7 +138,11 @@ impl Master {
             SIGNALS,
             Interest::READABLE,
         )?;
-        registry.register(self.clients.listener(), CONTROL, Interest::READABLE)?;
+        match &mut self.predecessor {
+            // The old master answers on the control socket until it has gone.
+            Some(pre) => pre.register(&registry)?,
+            None => registry.register(self.clients.listener(), CONTROL, Interest::READABLE)?,
+        }
         if let Some(m) = &mut self.metrics {
             m.register(&registry)?;
         }
@@ -136,6 +158,10 @@ impl Master {
         );
         let mut events = Events::with_capacity(256);
         loop {
+            if self.upgrade_done() {
+                self.hand_over_to_successor(&registry);
+                return Ok(());
+            }
             if self.stopping.is_some() && self.sup.procs.is_empty() {
                 log::info!("all workers stopped; master exits");
                 self.announce
@@ -155,6 +181,10 @@ impl Master {
                 match ev.token() {
                     SIGNALS => self.read_signals(&signals, &registry),
                     CONTROL => self.clients.accept(&registry),
+                    super::upgrade::LINK if self.successor.is_some() => {
+                        self.successor_says(&registry)
+                    }
+                    super::upgrade::LINK => self.predecessor_gone(&registry)?,
                     metrics_server::LISTENER => {
                         if let Some(m) = &mut self.metrics {
                             m.accept(&registry);
@@ -179,6 +209,7 @@ impl Master {
                     }
                 }
             }
+            self.hand_from_predecessor();
             self.check_ready();
             self.run_deadlines(&registry);
             self.advance_reload(&registry);
@@ -331,7 +362,7 @@ impl Master {
     }
 
     /// "serving: echo x4 on websocket://127.0.0.1:2346, …" for systemd's status line.
-    fn serving_line(&self) -> String {
+    pub(super) fn serving_line(&self) -> String {
         let groups: Vec<String> = self
             .sup
             .groups
@@ -373,6 +404,14 @@ impl Master {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(s) => s,
             };
+            if self.checking.as_ref().map(|c| c.pid()) == status.pid() {
+                self.check_done(status, registry);
+                continue;
+            }
+            if self.successor.as_ref().map(|s| s.pid) == status.pid() {
+                self.successor_exited(&supervisor::describe(status), registry);
+                continue;
+            }
             let Some(exit) = self.sup.reaped(status, self.stopping.is_some(), registry) else {
                 continue;
             };

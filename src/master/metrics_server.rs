@@ -49,7 +49,11 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (before any fork: the workers close their copy).
     pub fn bind(addr: std::net::SocketAddr) -> io::Result<MetricsServer> {
-        let std = std::net::TcpListener::bind(addr)?;
+        MetricsServer::serve(std::net::TcpListener::bind(addr)?)
+    }
+
+    /// Serves on a bound socket (one the master this one replaces had: `wsd upgrade`).
+    pub fn serve(std: std::net::TcpListener) -> io::Result<MetricsServer> {
         std.set_nonblocking(true)?;
         let url = format!("http://{}", std.local_addr()?);
         Ok(MetricsServer {
@@ -57,6 +61,12 @@ impl MetricsServer {
             url,
             conns: Slab::new(),
         })
+    }
+
+    /// The listening socket, for the master that replaces this one.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
     }
 
     pub fn register(&mut self, registry: &Registry) -> io::Result<()> {

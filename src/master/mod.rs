@@ -23,6 +23,7 @@ mod privileges;
 mod reload;
 mod requests;
 mod supervisor;
+mod upgrade;
 
 pub use error::{GroupsError, ReloadError, ReopenError, StartError};
 
@@ -155,7 +156,23 @@ struct Reread {
 /// Runs a master to the end. Returns the process exit code.
 pub fn start(plan: Plan) -> i32 {
     let server = plan.config.server.clone();
-    let mut pidfile = match pidfile::PidFile::lock(&server.pid_file) {
+    // Started by `wsd upgrade`: the old master's sockets, locks and bus ends, by number.
+    let mut inherited = match upgrade::Inheritance::from_env() {
+        None => None,
+        Some(Ok(i)) => Some(Inherited::take(i)),
+        Some(Err(e)) => {
+            eprintln!("wsd: {e}");
+            return 1;
+        }
+    };
+    let locked = match inherited.as_mut() {
+        Some(i) => Ok(pidfile::PidFile::inherited(
+            &server.pid_file,
+            std::mem::take(&mut i.pid_file),
+        )),
+        None => pidfile::PidFile::lock(&server.pid_file),
+    };
+    let mut pidfile = match locked {
         Ok(p) => p,
         Err(e) => {
             eprintln!("wsd: {e}");
@@ -171,7 +188,9 @@ pub fn start(plan: Plan) -> i32 {
     // master answers on it (one with another pid file, or whose pid file was removed): then
     // taking it over would leave that one unreachable. Asked before binding, so the answer
     // is this, not "address in use" from that master's own ports.
-    if std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok() {
+    if inherited.is_none()
+        && std::os::unix::net::UnixStream::connect(&server.control_socket).is_ok()
+    {
         return fail(
             pidfile,
             StartError::AlreadyAnswering(server.control_socket.clone()),
@@ -189,7 +208,7 @@ pub fn start(plan: Plan) -> i32 {
         .chain(source.groups(&plan.config).into_iter().map(|w| (w, true)));
     let mut sup = supervisor::Supervisor {
         creds: privileges::for_workers(&server),
-        host_id: host_id(),
+        host_id: inherited.as_ref().map_or_else(host_id, |i| i.host_id),
         bus_url: server.bus.clone(),
         ..Default::default()
     };
@@ -204,7 +223,12 @@ pub fn start(plan: Plan) -> i32 {
             .iter()
             .find(|(d, _)| d.name() == group)
             .map_or(1, |(d, _)| d.count);
-        match api::ApiSlots::bind(config, group, count) {
+        let kept = inherited.as_mut().map(|i| std::mem::take(&mut i.api));
+        let slots = match kept.filter(|l| l.len() == count) {
+            Some(listeners) => api::ApiSlots::inherited(config, group, listeners),
+            None => api::ApiSlots::bind(config, group, count),
+        };
+        match slots {
             Ok(a) => sup.api = Some(a),
             Err(e) => return fail(pidfile, GroupsError::ApiBind(e).into()),
         }
@@ -216,6 +240,31 @@ pub fn start(plan: Plan) -> i32 {
         }
     }
     for (def, from_file) in defs {
+        if let Some(taken) = inherited.as_mut().and_then(|i| i.group(&def)) {
+            match taken {
+                Ok((listeners, mesh)) => {
+                    if mesh.is_some() {
+                        let slots = (0..def.count).map(|s| (def.name().to_string(), s));
+                        sup.upgrade_pending.extend(slots);
+                    }
+                    let g = match mesh {
+                        Some(mesh) => Ok(supervisor::Group::with_mesh(
+                            def, listeners, from_file, mesh,
+                        )),
+                        None => supervisor::Group::new(def, listeners, from_file),
+                    };
+                    match g {
+                        Ok(g) => sup.groups.push(g),
+                        Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
+                    }
+                }
+                Err(source) => {
+                    let group = def.name().to_string();
+                    return fail(pidfile, GroupsError::Bind { group, source }.into());
+                }
+            }
+            continue;
+        }
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {
             Ok(ls) => match supervisor::Group::new(def, ls, from_file) {
                 Ok(g) => sup.groups.push(g),
@@ -227,8 +276,12 @@ pub fn start(plan: Plan) -> i32 {
             }
         }
     }
+    let kept_metrics = inherited.as_mut().and_then(|i| i.metrics.take());
     let metrics = match &plan.config.metrics {
-        Some(m) => match metrics_server::MetricsServer::bind(m.listen.addr) {
+        Some(m) => match kept_metrics.map_or_else(
+            || metrics_server::MetricsServer::bind(m.listen.addr),
+            |l| metrics_server::MetricsServer::serve(l.into()),
+        ) {
             Ok(server) => Some(server),
             Err(e) => {
                 let source = listeners::BindError {
@@ -240,7 +293,11 @@ pub fn start(plan: Plan) -> i32 {
         },
         None => None,
     };
-    let (control, socket_file) = match control_socket::create(&server.control_socket) {
+    let control = match inherited.as_mut().and_then(|i| i.control.take()) {
+        Some(fd) => Ok((fd.into(), control_socket::inherited(&server.control_socket))),
+        None => control_socket::create(&server.control_socket),
+    };
+    let (control, socket_file) = match control {
         Ok(c) => c,
         Err(e) => {
             let path = server.control_socket.clone();
@@ -258,14 +315,118 @@ pub fn start(plan: Plan) -> i32 {
     if let Err(e) = pidfile.write_pid(std::process::id()) {
         log::warn!("cannot write pid file: {e}");
     }
-    let master = event_loop::Master::new(server.clone(), source, sup, control, announce, metrics);
-    let (code, mut stop_waiters) = event_loop::run(master);
-    socket_file.remove_if_ours();
-    pidfile.remove();
+    let mut master =
+        event_loop::Master::new(server.clone(), source, sup, control, announce, metrics);
+    master.pid_file_fds = pidfile.fds();
+    if let Some((old_pid, link)) = inherited.and_then(|i| Some((i.old_pid, i.link?))) {
+        match upgrade::Predecessor::new(old_pid, link) {
+            Ok(p) => master.predecessor = Some(p),
+            Err(e) => log::warn!("the link to the old master is unusable ({e}); serving alone"),
+        }
+    }
+    let (code, mut stop_waiters, handed_over) = event_loop::run(master);
+    if !handed_over {
+        socket_file.remove_if_ours();
+        pidfile.remove();
+    }
     for w in &mut stop_waiters {
         clients::send_reply(w, &crate::control::Reply::ok());
     }
     code
+}
+
+/// One group's sockets from the master an upgrade replaces: as named, its listeners, its bus
+/// mesh's ends.
+type InheritedGroup = (
+    upgrade::GroupFds,
+    Vec<std::net::TcpListener>,
+    Vec<Vec<Option<std::os::fd::OwnedFd>>>,
+);
+
+/// What a master started by `wsd upgrade` inherited, taken out as it is used; what is left
+/// when the start is done (a group the new configuration has no more) is closed.
+struct Inherited {
+    old_pid: i32,
+    host_id: u64,
+    pid_file: Vec<std::fs::File>,
+    control: Option<std::os::fd::OwnedFd>,
+    metrics: Option<std::os::fd::OwnedFd>,
+    api: Vec<std::net::TcpListener>,
+    groups: Vec<InheritedGroup>,
+    link: Option<std::os::fd::OwnedFd>,
+}
+
+impl Inherited {
+    /// Owns every descriptor `i` names; one that is not open is left out (and logged).
+    fn take(i: upgrade::Inheritance) -> Inherited {
+        let own = |fd: std::os::fd::RawFd| match crate::sys::inherited_fd(fd) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("{e}");
+                None
+            }
+        };
+        let groups = (i.groups.into_iter())
+            .map(|mut g| {
+                let listeners = (std::mem::take(&mut g.listeners).into_iter())
+                    .filter_map(own)
+                    .map(std::net::TcpListener::from)
+                    .collect();
+                let mesh = (std::mem::take(&mut g.mesh).into_iter())
+                    .map(|row| row.into_iter().map(|fd| fd.and_then(own)).collect())
+                    .collect();
+                (g, listeners, mesh)
+            })
+            .collect();
+        Inherited {
+            old_pid: i.old_pid,
+            host_id: i.host_id,
+            pid_file: i
+                .pid_file
+                .into_iter()
+                .filter_map(own)
+                .map(std::fs::File::from)
+                .collect(),
+            control: own(i.control),
+            metrics: i.metrics.and_then(own),
+            api: i
+                .api
+                .into_iter()
+                .filter_map(own)
+                .map(std::net::TcpListener::from)
+                .collect(),
+            groups,
+            link: own(i.link),
+        }
+    }
+
+    /// The old master's sockets for `def`, if it ran a group of that name on the same
+    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), and its
+    /// bus mesh if `count` did not change.
+    #[allow(clippy::type_complexity)]
+    fn group(
+        &mut self,
+        def: &Worker,
+    ) -> Option<
+        Result<(Vec<std::net::TcpListener>, Option<crate::bus::mesh::Mesh>), listeners::BindError>,
+    > {
+        let at = self
+            .groups
+            .iter()
+            .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
+        let (_, mut listeners, mesh) = self.groups.swap_remove(at);
+        let same = listeners.len() == def.count && mesh.len() == def.count;
+        if listeners.len() < def.count {
+            let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
+            match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
+                Ok(more) => listeners.extend(more),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        listeners.truncate(def.count);
+        let mesh = same.then(|| crate::bus::mesh::Mesh::from_ends(mesh));
+        Some(Ok((listeners, mesh)))
+    }
 }
 
 /// The start banner, after Workerman's.

@@ -39,6 +39,12 @@ pub(crate) fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
+/// A binary upgrade hands the service to another process: `MAINPID=`, sent by the main
+/// process (the old master) so that `NotifyAccess=main` accepts it.
+pub(crate) fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
 /// A one-line status for `systemctl status`.
 pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);

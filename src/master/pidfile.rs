@@ -92,6 +92,21 @@ impl PidFile {
         )))
     }
 
+    /// The pid file of the master this one replaces (`wsd upgrade`): the same open, locked
+    /// files, so the lock never lapses between the two.
+    pub fn inherited(path: &Path, held: Vec<File>) -> PidFile {
+        PidFile {
+            path: path.to_path_buf(),
+            held,
+        }
+    }
+
+    /// The locked files, for the master that replaces this one.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.held.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
     /// Records `pid` (the master's, after any daemonizing): writes `PID\n` to a locked
     /// temporary file next to the pid file and renames it over the pid file.
     pub fn write_pid(&mut self, pid: u32) -> io::Result<()> {

@@ -88,6 +88,10 @@ impl Master {
                 Err(e) => Reply::error(e.to_string()),
             },
             Request::Connections => return self.ask_connections(key, registry),
+            Request::Upgrade { binary } => match self.begin_upgrade(key, binary) {
+                Ok(()) => return,
+                Err(e) => Reply::error(format!("upgrade refused: {e}")),
+            },
         };
         self.clients.reply(key, &reply, registry);
     }
@@ -173,6 +177,7 @@ impl Master {
             master: MasterStatus {
                 pid: std::process::id() as i32,
                 version: crate::VERSION.into(),
+                binary: self.exe.display().to_string(),
                 config: self.config_label.clone(),
                 started_at,
                 uptime_secs: self.started_at.elapsed().as_secs(),

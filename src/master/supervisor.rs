@@ -106,6 +106,8 @@ pub struct Proc {
 pub enum Handing {
     /// This worker, over the line the master made between them.
     To(ProcRef, Handover),
+    /// A worker of the next master (`wsd upgrade`), over a line that master made.
+    Away,
     /// That one died before taking everything: the retiring worker took the rest back and
     /// serves them until the next worker of its successor's slot is ready.
     Awaiting {
@@ -145,21 +147,32 @@ pub fn token_proc(token: Token) -> Option<usize> {
 
 impl Group {
     pub fn new(def: Worker, listeners: Vec<TcpListener>, from_file: bool) -> io::Result<Group> {
+        let mesh = Mesh::new(listeners.len())?;
+        Ok(Group::with_mesh(def, listeners, from_file, mesh))
+    }
+
+    /// A group on a mesh made already (one a replaced master held: `wsd upgrade`).
+    pub fn with_mesh(
+        def: Worker,
+        listeners: Vec<TcpListener>,
+        from_file: bool,
+        mesh: Mesh,
+    ) -> Group {
         let listen = listeners
             .first()
             .and_then(|l| l.local_addr().ok())
             .map(|a| format!("{}{a}", def.scheme()))
             .unwrap_or_else(|| format!("{}{}", def.scheme(), def.listen.addr));
         let slots = (0..listeners.len()).map(|_| Slot::default()).collect();
-        Ok(Group {
-            mesh: Mesh::new(listeners.len())?,
+        Group {
+            mesh,
             def,
             listen,
             listeners,
             slots,
             exits: BTreeMap::new(),
             from_file,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -202,6 +215,12 @@ pub struct Supervisor {
     pub bus_watch: super::bus_watch::BusWatch,
     /// `[api]`: the backend API's sockets, handed to the workers of the group it serves.
     pub api: Option<super::api::ApiSlots>,
+    /// Workers that became ready, for the master to act on (`take_newly_ready`).
+    pub newly_ready: Vec<usize>,
+    /// After `wsd upgrade`, the slots whose old worker (the previous master's) still reads the
+    /// bus ends and has not been given a handoff line yet: their workers start on inherited
+    /// ends.
+    pub upgrade_pending: std::collections::BTreeSet<(String, usize)>,
 }
 
 /// A worker process named across turns: its key in [`Supervisor::procs`] and its pid, since a
@@ -265,8 +284,11 @@ impl Supervisor {
     pub fn spawn(&mut self, g: usize, slot: usize, registry: &Registry) -> io::Result<usize> {
         // A retiring worker still holding connections for this slot reads the bus ends until
         // it has handed them to the worker started here.
-        let ends = match self.awaiting(self.groups[g].name(), slot) {
+        let name = self.groups[g].name();
+        let upgrading = self.upgrade_pending.contains(&(name.to_string(), slot));
+        let ends = match self.awaiting(name, slot) {
             Some(_) => BusEnds::Inherited,
+            None if upgrading => BusEnds::Inherited,
             None => BusEnds::Own,
         };
         self.spawn_on(g, slot, registry, ends)
@@ -530,6 +552,7 @@ impl Supervisor {
                 Ok(FromWorker::Ready) => {
                     p.ready = true;
                     became_ready = true;
+                    self.newly_ready.push(key);
                 }
                 Ok(FromWorker::Report(c)) => {
                     if let Some((at, prev)) = &p.report {
@@ -666,6 +689,53 @@ impl Supervisor {
         };
         if !self.tell_with_fd(old, &msg, give.as_raw_fd()) {
             self.stop(old, control::StopMode::Close, spread);
+        }
+    }
+
+    /// Workers that became ready since the last call.
+    pub fn take_newly_ready(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.newly_ready)
+    }
+
+    /// Retires worker `old`, handing its connections to the next master's worker `to` over
+    /// `line` (`wsd upgrade`). Its slot has no worker of this master's any more.
+    pub fn hand_over_remote(
+        &mut self,
+        old: usize,
+        line: std::os::fd::OwnedFd,
+        to: i32,
+        times: Handover,
+        now: Instant,
+    ) {
+        let Some(p) = self.procs.get_mut(old) else {
+            return;
+        };
+        log::info!(
+            "worker {}#{} pid {} hands its connections to the new master's pid {to}",
+            p.group,
+            p.slot,
+            p.pid
+        );
+        p.retiring = Some(now + times.drain + times.timeout);
+        p.handing = Some(Handing::Away);
+        let to = Peer {
+            group: p.group.clone(),
+            slot: p.slot,
+            pid: to,
+        };
+        if let Some(g) = self.group_index(&to.group)
+            && let Some(s) = self.groups[g].slots.get_mut(to.slot)
+            && s.proc == Some(old)
+        {
+            s.proc = None;
+        }
+        let msg = ToWorker::HandOff {
+            spread_ms: times.spread.as_millis() as u64,
+            drain_ms: times.drain.as_millis() as u64,
+            to,
+        };
+        if !self.tell_with_fd(old, &msg, line.as_raw_fd()) {
+            self.stop(old, control::StopMode::Close, times.spread);
         }
     }
 
