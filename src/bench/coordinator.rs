@@ -2,7 +2,8 @@
 //! together once every connection is up, prints a progress line each second and adds up
 //! their final reports. It also reads the server's CPU time (and, for `idle`, its memory)
 //! before the clients start, at `go` and at the end ([`super::server`]), and decides when an
-//! `idle` run ends: once it has read the server's memory with every connection still open.
+//! `idle` run ends: once it has read the server's memory with every connection still open
+//! (with `--again-when`, it then waits for the file and has every connection echo again).
 //!
 //! Why fork, and not threads: RLIMIT_NOFILE caps open files per process, not per thread, so
 //! more connections than its hard limit allows need more processes; and separate processes
@@ -12,7 +13,7 @@
 use super::report::{self, Counts, Errors, Link, Span, Summary};
 use super::server::{Procs, ServerRun};
 use super::shard::{self, Lines, Progress, Report, Share};
-use super::{BenchError, Clock, Plan, SEC, Work};
+use super::{BenchError, Clock, Plan, SEC, Work, idle};
 use crate::sys::{self, Fork};
 use mio::unix::pipe;
 use mio::{Events, Interest, Poll, Token};
@@ -244,9 +245,15 @@ fn coordinate(
     let mut settled_at: Option<u64> = None;
     let mut next_print = clock.now() + SEC;
     let mut last = Counts::default();
-    let deadline_after_go = (plan.secs + 30) * SEC + super::broadcast::DRAIN_NS;
     let memory = matches!(plan.work, Work::Idle { .. });
-    let mut stopped = false;
+    let again = match &plan.work {
+        Work::Idle { again, .. } => again.as_deref(),
+        _ => None,
+    };
+    let again_ns = again.map_or(0, |_| idle::AGAIN_WAIT_NS + idle::AGAIN_TIMEOUT_NS);
+    let deadline_after_go = (plan.secs + 30) * SEC + super::broadcast::DRAIN_NS + again_ns;
+    let mut held = false;
+    let mut asked_again = false;
     loop {
         let now = clock.now();
         let sum = totals(shards);
@@ -264,14 +271,21 @@ fn coordinate(
                 settled_at = Some(now);
             }
         }
-        if memory && !stopped && t0.is_some_and(|t0| now >= t0 + plan.secs * SEC) {
+        if memory && !held && t0.is_some_and(|t0| now >= t0 + plan.secs * SEC) {
             // The end of an idle run's hold: every connection is still open.
             if let Some(run) = server {
                 run.held = Some(run.procs.sample(now, true));
                 run.connections = run.procs.connections();
             }
-            order(shards, "stop")?;
-            stopped = true;
+            if again.is_none() {
+                order(shards, "stop")?;
+            }
+            held = true;
+        }
+        if held && !asked_again && again.is_some_and(|file| file.exists()) {
+            // The shards end by themselves once their connections have echoed again.
+            order(shards, "again")?;
+            asked_again = true;
         }
         if now >= next_print {
             progress_line(plan, t0, now, &sum, &mut last);

@@ -10,6 +10,14 @@
 //!
 //! Pss is the headline: forked workers share their pages with the master, and the pages a
 //! worker writes become its own; Rss would count a shared page in full in every worker.
+//!
+//! With `--again-when FILE` the run goes on after the hold: every connection stays open until
+//! FILE exists, then each that is still open echoes once more. Whatever was done to the
+//! server in between (`scripts/bench-handoff.sh` reloads it, and the new workers must take
+//! the connections over) shows as connections the server closed and echoes that never came
+//! back; a connection that is open but silent could not be told apart from a good one
+//! without this second echo. The file, not a timer, says when, so that the script decides
+//! how long the connections are held and the run waits for it however long that takes.
 
 use super::client::{Driver, Out, Pool};
 use super::payload::Messages;
@@ -17,7 +25,7 @@ use super::report::{self, Counts, Summary};
 use super::server::{Memory, ServerRun};
 use super::shard::Workload;
 use super::wire::{BadReply, Frame};
-use super::{Plan, Work};
+use super::{Plan, SEC, Work};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -29,9 +37,19 @@ pub struct Idle {
     echoed: usize,
     counts: Counts,
     latency: Histogram<u64>,
+    /// When the connections were asked to echo again (`--again-when`).
+    again_at: Option<u64>,
 }
 
 const ECHOED: u64 = u64::MAX;
+
+/// How long `--again-when` waits for its file once the hold is over (the script that makes
+/// it is stuck, or gone, past that).
+pub const AGAIN_WAIT_NS: u64 = 600 * SEC;
+
+/// How long the connections have to echo again: an echo that has not come back by then is
+/// counted as missing.
+pub const AGAIN_TIMEOUT_NS: u64 = 10 * SEC;
 
 impl Idle {
     pub fn new(conns: usize, messages: Messages) -> Idle {
@@ -42,7 +60,47 @@ impl Idle {
             echoed: 0,
             counts: Counts::default(),
             latency: report::histogram(),
+            again_at: None,
         }
+    }
+
+    /// Connection `id`'s echo, `len` bytes, came back at `now`.
+    fn echoed(&mut self, id: usize, len: usize, now: u64) -> Result<(), BadReply> {
+        if self.sent_at[id] == ECHOED {
+            return Err(BadReply::Twice);
+        }
+        if len != self.size {
+            return Err(BadReply::Size {
+                got: len,
+                sent: self.size,
+            });
+        }
+        if self.again_at.is_some() {
+            self.sent_at[id] = ECHOED;
+            self.counts.again_echoed += 1;
+            return Ok(());
+        }
+        self.latency
+            .saturating_record(now.saturating_sub(self.sent_at[id]));
+        self.sent_at[id] = ECHOED;
+        self.echoed += 1;
+        self.counts.messages += 1;
+        self.counts.bytes += self.size as u64;
+        Ok(())
+    }
+
+    /// Connection `id` (echoed once, open) is asked to echo again at `now`.
+    fn asked_again(&mut self, id: usize, now: u64) {
+        self.sent_at[id] = now;
+        self.counts.again_asked += 1;
+    }
+
+    /// After `again`, with `open` connections still open: every one of them has echoed again
+    /// (the rest were closed), or the time for it is up.
+    fn again_over(&self, open: usize, now: u64) -> bool {
+        self.again_at.is_some_and(|at| {
+            self.counts.again_echoed >= open as u64 || now >= at + AGAIN_TIMEOUT_NS
+        })
     }
 }
 
@@ -63,22 +121,7 @@ impl Driver for Idle {
         if !frame.fin {
             return Ok(());
         }
-        if self.sent_at[id] == ECHOED {
-            return Err(BadReply::Twice);
-        }
-        if frame.payload.len() != self.size {
-            return Err(BadReply::Size {
-                got: frame.payload.len(),
-                sent: self.size,
-            });
-        }
-        self.latency
-            .saturating_record(now.saturating_sub(self.sent_at[id]));
-        self.sent_at[id] = ECHOED;
-        self.echoed += 1;
-        self.counts.messages += 1;
-        self.counts.bytes += self.size as u64;
-        Ok(())
+        self.echoed(id, frame.payload.len(), now)
     }
 }
 
@@ -90,9 +133,22 @@ impl Workload for Idle {
 
     fn go(&mut self, _t0: u64, _now: u64, _pool: &mut Pool) {}
 
-    /// Never by itself: the coordinator says `stop` once it has read the server's memory.
-    fn done(&self, _now: u64, _pool: &Pool) -> bool {
-        false
+    /// One more echo on every connection that is open and has echoed once.
+    fn again(&mut self, now: u64, pool: &mut Pool) {
+        self.again_at = Some(now);
+        for id in 0..self.sent_at.len() {
+            if pool.is_open(id) && self.sent_at[id] == ECHOED {
+                let which = id % self.messages.len();
+                pool.send(id, |out| out.put(&self.messages, which));
+                self.asked_again(id, now);
+            }
+        }
+    }
+
+    /// Not by itself, unless asked to echo again: the coordinator says `stop` once it has
+    /// read the server's memory.
+    fn done(&self, now: u64, pool: &Pool) -> bool {
+        self.again_over(pool.open(), now)
     }
 
     fn counts(&self) -> Counts {
@@ -176,15 +232,25 @@ pub fn memory_rows(m: &serde_json::Value) -> String {
 
 /// Idle's own figures for `--json` (the memory is in `server`).
 pub fn json(plan: &Plan, s: &Summary) -> serde_json::Value {
-    let Work::Idle { size } = plan.work else {
+    let Work::Idle { size, ref again } = plan.work else {
         return json!({});
     };
-    json!({ "size": size, "hold": plan.secs, "echoed": s.counts.messages })
+    let mut v = json!({ "size": size, "hold": plan.secs, "echoed": s.counts.messages });
+    if again.is_some() {
+        let (asked, echoed) = (s.counts.again_asked, s.counts.again_echoed);
+        v["again"] = json!({
+            "asked": asked,
+            "echoed": echoed,
+            "missing": asked.saturating_sub(echoed),
+            "closed": s.ready.saturating_sub(s.open),
+        });
+    }
+    v
 }
 
 /// Idle's rows of the table.
 pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
-    let Work::Idle { size } = plan.work else {
+    let Work::Idle { size, ref again } = plan.work else {
         return String::new();
     };
     let secs = s.connecting.map_or(0.0, |c| c.secs());
@@ -194,6 +260,16 @@ pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
         plan.conns, plan.secs, s.ready, s.open,
     );
     t += &report::latency_row("first echo", &s.latency);
+    if let Some(file) = again {
+        let (asked, echoed) = (s.counts.again_asked, s.counts.again_echoed);
+        t += &format!(
+            "again        {echoed} of {asked} echoed again once {} appeared, {} missing; \
+             {} closed since their first echo\n",
+            file.display(),
+            asked.saturating_sub(echoed),
+            s.ready.saturating_sub(s.open),
+        );
+    }
     if s.server.is_none() {
         t += "memory       (give --config or --pid to read the server's)\n";
     }
@@ -204,6 +280,33 @@ pub fn rows(plan: &Plan, s: &Summary, url: &str) -> String {
 mod tests {
     use super::*;
     use crate::bench::server::{Procs, Sample};
+
+    #[test]
+    fn after_again_each_connection_echoes_once_more_and_the_run_ends() {
+        let mut idle = Idle::new(3, Messages::new(vec![b"abc".to_vec()]));
+        for id in 0..3 {
+            idle.echoed(id, 3, 10).unwrap();
+        }
+        assert!(matches!(idle.echoed(0, 3, 11), Err(BadReply::Twice)));
+        assert!(!idle.again_over(3, u64::MAX), "not before again");
+        // Connection 2 was closed in between: two asked, and two open.
+        idle.again_at = Some(100);
+        idle.asked_again(0, 100);
+        idle.asked_again(1, 100);
+        idle.echoed(0, 3, 150).unwrap();
+        assert!(!idle.again_over(2, 200), "connection 1 has not echoed yet");
+        assert!(idle.again_over(2, 100 + AGAIN_TIMEOUT_NS), "the time is up");
+        idle.echoed(1, 3, 160).unwrap();
+        assert!(idle.again_over(2, 200));
+        assert!(matches!(idle.echoed(1, 3, 170), Err(BadReply::Twice)));
+        let c = idle.counts;
+        assert_eq!((c.messages, c.again_asked, c.again_echoed), (3, 2, 2));
+        assert_eq!(
+            idle.latency.len(),
+            3,
+            "the second echoes are not first echoes"
+        );
+    }
 
     #[test]
     fn memory_per_connection_is_the_growth_over_the_connections() {

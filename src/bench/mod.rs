@@ -11,7 +11,8 @@
 //!
 //! - `echo`: K messages in flight per connection; msgs/s, MB/s and round-trip latency.
 //! - `connect`: a burst of N upgrades, then connect/upgrade/close cycles; handshakes/s.
-//! - `idle`: N connections that echo once and sit; the server's memory per connection.
+//! - `idle`: N connections that echo once and sit; the server's memory per connection (and,
+//!   with `--again-when`, whether they still echo after whatever was done to the server).
 //! - `latency`: open loop at a fixed rate, timed from the schedule; latency percentiles.
 //! - `broadcast`: N subscribers and one open-loop publisher; deliveries/s, missing deliveries
 //!   and delivery latency.
@@ -51,6 +52,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use server::ServerArgs;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// `wsd bench ...`
@@ -96,6 +98,11 @@ enum Mode {
         /// Payload bytes of the one echo message
         #[arg(long, default_value_t = 32)]
         size: usize,
+        /// After the hold, keep every connection until FILE exists, then have each echo once
+        /// more: how many answer, and how many the server closed in between, show whether
+        /// connections survive what was done to the server meanwhile (a reload, say)
+        #[arg(long, value_name = "FILE")]
+        again_when: Option<PathBuf>,
     },
     /// Open-loop latency: R messages a second over N connections, timed from the schedule
     Latency {
@@ -396,6 +403,8 @@ pub enum Work {
     },
     Idle {
         size: usize,
+        /// `--again-when`: the file whose appearance has every connection echo once more.
+        again: Option<PathBuf>,
     },
     Latency {
         rate: u64,
@@ -439,7 +448,19 @@ impl Plan {
                     slots: slots as usize,
                 },
             ),
-            Mode::Idle { common, hold, size } => (common, hold, Work::Idle { size }),
+            Mode::Idle {
+                common,
+                hold,
+                size,
+                again_when,
+            } => (
+                common,
+                hold,
+                Work::Idle {
+                    size,
+                    again: again_when,
+                },
+            ),
             Mode::Latency {
                 common,
                 window,
@@ -471,7 +492,7 @@ impl Plan {
         }
         target.deflate = common.deflate;
         let sized = match work {
-            Work::Echo { size, .. } | Work::Idle { size } | Work::Latency { size, .. } => {
+            Work::Echo { size, .. } | Work::Idle { size, .. } | Work::Latency { size, .. } => {
                 Some(size)
             }
             _ => None,

@@ -85,7 +85,7 @@ impl Errors {
 /// Messages counted in the measured window. Echo and latency: `messages` are replies, `sent`
 /// requests. Broadcast and api: `messages` are deliveries to subscribers, `sent` what the
 /// publisher sent. Connect: `messages` are handshakes done, `sent` connects begun. Idle: the
-/// one echo.
+/// one echo (and, apart, the echoes asked for again).
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counts {
     pub messages: u64,
@@ -104,6 +104,11 @@ pub struct Counts {
     /// Api: deliveries expected for the publishes accepted, by the subscribers' topics.
     #[serde(default)]
     pub expected: u64,
+    /// Idle with `--again-when`: connections asked to echo once more, and those that did.
+    #[serde(default)]
+    pub again_asked: u64,
+    #[serde(default)]
+    pub again_echoed: u64,
 }
 
 impl Counts {
@@ -115,6 +120,8 @@ impl Counts {
         self.pushes += other.pushes;
         self.answered += other.answered;
         self.expected += other.expected;
+        self.again_asked += other.again_asked;
+        self.again_echoed += other.again_echoed;
     }
 }
 

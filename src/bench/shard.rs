@@ -11,8 +11,9 @@
 //! publisher reports `Published` when it has sent everything, and the coordinator passes the
 //! total on (`sent <n>`) so subscribers can stop as soon as they have every message. A run
 //! whose end the coordinator decides (`idle`: after it has read the server's memory) ends
-//! with `stop`. An `api` run's publisher is a process of its own with no WebSocket
-//! connection ([`super::publisher`]); it holds the same conversation.
+//! with `stop`, or with `again` (`idle --again-when`): one more echo on every connection,
+//! after which the shard ends by itself. An `api` run's publisher is a process of its own
+//! with no WebSocket connection ([`super::publisher`]); it holds the same conversation.
 
 use super::client::{self, Driver, Pool};
 use super::payload::{self, Messages};
@@ -45,6 +46,8 @@ pub trait Workload: Driver {
     }
     /// The coordinator says how many messages the publisher sent in all.
     fn published(&mut self, _total: u64) {}
+    /// The coordinator says `again` (`idle --again-when`): every connection echoes once more.
+    fn again(&mut self, _now: u64, _pool: &mut Pool) {}
     fn done(&self, now: u64, pool: &Pool) -> bool;
     /// For the final report: connections that were measured (broadcast: subscribers that
     /// were ready), and how many of them are still open.
@@ -158,7 +161,7 @@ pub fn main(
             let connect = super::connect::Connect::new(n, share.slots, plan.secs);
             run(plan, n, first, connect, clock, up, down)
         }
-        Work::Idle { size } => {
+        Work::Idle { size, .. } => {
             let idle = super::idle::Idle::new(n, messages(*size));
             run(plan, n, first, idle, clock, up, down)
         }
@@ -313,6 +316,7 @@ fn run_on(
                 }
                 Some(("sent", n)) => work.published(n.parse().map_err(io::Error::other)?),
                 None if order == "stop" => stopped = true,
+                None if order == "again" => work.again(clock.now(), &mut pool),
                 _ => return Err(io::Error::other(format!("unknown order {order:?}"))),
             }
         }
