@@ -462,6 +462,35 @@ fn an_upgrade_to_a_new_binary_moves_every_connection() {
     );
 }
 
+/// A worker may hold nearly as many connections as it may open files: handing them over must
+/// not need a second descriptor for each at once (the giver keeps one per connection only
+/// until the taker acknowledges it, a window at a time).
+fn a_worker_near_its_file_limit_hands_over_every_connection() {
+    const CLIENTS: usize = 300;
+    raise_fd_limit(4 * CLIENTS as u64);
+    let (dir, config) = Server::config("named", 1, "");
+    let wrapper = dir.path().join("limited.sh");
+    let script = format!(
+        "#!/bin/sh\nulimit -n {}\nexec {} \"$@\"\n",
+        CLIENTS + 100,
+        std::env::current_exe().unwrap().display()
+    );
+    std::fs::write(&wrapper, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut server = Server::start_with(wrapper, dir, config);
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|_| server.connect()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text(&format!("name n{i}"));
+        assert_eq!(c.recv_text(), format!("hi n{i}"));
+    }
+    reload_to(&mut server, 1);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text("still");
+        assert_eq!(c.recv_text(), format!("n{i} still"), "client {i}");
+    }
+}
+
 fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
     let extra = "subprotocols = [\"chat.v1\"]\n";
     let mut server = Server::start_program(std::env::current_exe().unwrap(), "named", 1, extra);
@@ -666,6 +695,10 @@ fn main() {
         (
             "an_upgrade_to_a_new_binary_moves_every_connection",
             an_upgrade_to_a_new_binary_moves_every_connection,
+        ),
+        (
+            "a_worker_near_its_file_limit_hands_over_every_connection",
+            a_worker_near_its_file_limit_hands_over_every_connection,
         ),
         (
             "a_half_received_message_and_a_full_send_queue_survive_a_reload",

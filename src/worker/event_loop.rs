@@ -482,7 +482,7 @@ impl Loop {
     /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
     /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
-        if self.backend_holds(idx) {
+        if self.backend_holds(idx) || self.handoffs.holds(idx) {
             return;
         }
         let high_water = super::context::high_water(self.settings.max_send_buffer);

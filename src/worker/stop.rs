@@ -108,7 +108,7 @@ impl Loop {
         // (a health check, a port scan) must not hold the stop until it is killed.
         let mut open = self.ctx.connections();
         // wss:// clients kept through a handoff's drain are closed when it ends.
-        open.retain(|&id| !self.handoffs.draining(id));
+        open.retain(|&id| !self.handoffs.draining(id) && !self.handoffs.queued(id));
         match mode {
             StopMode::Drain => self.stopping = Stopping::Drain,
             StopMode::Close => {

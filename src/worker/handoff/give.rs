@@ -21,6 +21,16 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
+/// What became of a connection put forward for the line.
+enum Gave {
+    /// It is on the line.
+    Yes,
+    /// It stays (it cannot go, or the app's hook panicked).
+    No,
+    /// Not now: no descriptor to spare until the taker acknowledges some.
+    Later,
+}
+
 impl Loop {
     /// The master's word to hand this worker's connections to `to` over the line `fd`, and
     /// stop (or, stopping already after a handoff that broke, to hand them over again).
@@ -57,6 +67,7 @@ impl Loop {
                         unacked: VecDeque::new(),
                         acked: 0,
                         handed: 0,
+                        ended: false,
                     });
                 }
                 Err(e) => log::warn!("cannot watch the handoff line ({e}); closing clients"),
@@ -71,16 +82,17 @@ impl Loop {
         self.stop(crate::control::StopMode::Close, spread);
     }
 
-    /// Hands over every connection that can go (called by the stop, before it closes the rest),
-    /// then ends the records with an empty one: from here on the shared bus ends are the
-    /// taker's.
+    /// Queues every connection that can go for the line (called by the stop, before it closes
+    /// the rest); they go as the window opens ([`Loop::handoff_pump`]), and an empty record
+    /// ends them. From here on the shared bus ends are the taker's, and the queued clients are
+    /// not read: what they send waits in their sockets for the taker.
     pub(in crate::worker) fn hand_off_all(&mut self) {
         if !self.handoffs.giving() {
             return;
         }
         let all: Vec<usize> = self.ctx.conns.iter().map(|(idx, _)| idx).collect();
         for idx in all {
-            if !self.hand_off(idx) {
+            if !self.queue_for_handoff(idx) {
                 self.keep_tls(idx);
             }
         }
@@ -91,17 +103,80 @@ impl Loop {
             }
             self.bus_again.clear();
         }
-        let Some(out) = &mut self.handoffs.out else {
-            return;
-        };
-        out.line.push(&[], None);
-        out.unacked.push_back(None);
-        log::info!("{} connections handed over", out.handed);
         let h = &mut self.handoffs;
+        log::info!("handing {} connections over", h.queue.len());
         if !h.draining.is_empty() && h.drain_until.is_none() {
             h.drain_until = Some(Instant::now() + h.drain);
             let (n, ms) = (h.draining.len(), h.drain.as_millis());
             log::info!("serving {n} wss:// clients for up to {ms} ms, then Close 1012");
+        }
+        self.handoff_pump();
+    }
+
+    /// Queues connection `idx` for the line if it can go: it is open and plain, and the app can
+    /// give its state (`on_handoff`, or an exec handler's `handoff` and `adopt` events).
+    fn queue_for_handoff(&mut self, idx: usize) -> bool {
+        let app_hands_off = self.hooks.on_handoff.is_some() || self.handler.is_some();
+        let Some(conn) = self.ctx.conns.get(idx) else {
+            return false;
+        };
+        if !app_hands_off || conn.is_tls() || !conn.session.can_hand_off() {
+            return false;
+        }
+        let id = ConnId {
+            serial: conn.serial,
+            idx: idx as u32,
+        };
+        self.handoffs.queue.push_back(id);
+        self.handoffs.waiting.insert(idx);
+        true
+    }
+
+    /// Puts queued connections on the line while the window has room, and the closing empty
+    /// record after the last. One that cannot go after all is closed as the stop closes the
+    /// rest.
+    pub(in crate::worker) fn handoff_pump(&mut self) {
+        loop {
+            let Some(out) = &mut self.handoffs.out else {
+                return;
+            };
+            if out.unacked.len() >= super::WINDOW {
+                break;
+            }
+            let Some(id) = self.handoffs.queue.pop_front() else {
+                if !out.ended {
+                    out.ended = true;
+                    out.line.push(&[], None);
+                    out.unacked.push_back(None);
+                    log::info!("{} connections handed over", out.handed);
+                }
+                break;
+            };
+            let idx = id.idx as usize;
+            if self
+                .ctx
+                .conns
+                .get(idx)
+                .is_none_or(|c| c.serial != id.serial)
+            {
+                self.handoffs.waiting.remove(&idx);
+                continue; // Gone meanwhile.
+            }
+            match self.hand_off(idx) {
+                Gave::Yes => {
+                    self.handoffs.waiting.remove(&idx);
+                }
+                Gave::Later => {
+                    // No descriptor to spare: acknowledgements will free some.
+                    self.handoffs.queue.push_front(id);
+                    break;
+                }
+                Gave::No => {
+                    self.handoffs.waiting.remove(&idx);
+                    self.ctx
+                        .close_with(id, close::GOING_AWAY, "server shutting down");
+                }
+            }
         }
         self.handoff_flush();
     }
@@ -140,37 +215,42 @@ impl Loop {
         }
     }
 
-    /// Hands connection `idx` over if it can go: it is open and plain, and the app can give its
-    /// state (`on_handoff`, or an exec handler's `handoff` and `adopt` events). False if it
-    /// stays.
-    pub(in crate::worker) fn hand_off(&mut self, idx: usize) -> bool {
+    /// Puts connection `idx` on the line if it can go: it is open and plain, and the app can
+    /// give its state (`on_handoff`, or an exec handler's `handoff` and `adopt` events).
+    fn hand_off(&mut self, idx: usize) -> Gave {
         if !self.handoffs.giving() || (self.hooks.on_handoff.is_none() && self.handler.is_none()) {
-            return false;
+            return Gave::No;
         }
         let Some(conn) = self.ctx.conns.get(idx) else {
-            return false;
+            return Gave::No;
         };
         if conn.is_tls() || !conn.session.can_hand_off() {
-            return false;
+            return Gave::No;
         }
         let id = ConnId {
             serial: conn.serial,
             idx: idx as u32,
         };
-        // Our copy of the socket, kept until the taker acknowledges it.
-        let Ok(kept) = conn.socket.as_fd().try_clone_to_owned() else {
-            return false;
+        // Our copy of the socket, kept until the taker acknowledges it. At the file limit,
+        // wait for acknowledgements to free some; with none to wait for, go without it.
+        let kept = match conn.socket.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(_) if self.copies_held() => return Gave::Later,
+            Err(e) => {
+                log::warn!("connection {id} goes without a spare descriptor ({e})");
+                None
+            }
         };
         let app = match self.hooks.on_handoff.is_some() {
             true => match self.call_handoff_hook(id) {
                 Some(bytes) => Some(bytes),
-                None => return false,
+                None => return Gave::No,
             },
             false => None,
         };
         // The hook may have closed it, or queued a last message (which travels).
         let Some(session) = self.ctx.conns[idx].session.hand_off() else {
-            return false;
+            return Gave::No;
         };
         let from = self.named(id).to_string();
         let user = self.ctx.user_of(id).map(str::to_string);
@@ -191,7 +271,13 @@ impl Loop {
         if self.handler.is_some() {
             self.handler_tell(id, Told::Handoff);
         }
-        true
+        Gave::Yes
+    }
+
+    /// Copies of sockets are held for records not yet acknowledged.
+    fn copies_held(&self) -> bool {
+        (self.handoffs.out.as_ref())
+            .is_some_and(|o| o.unacked.iter().flatten().any(|(_, fd)| fd.is_some()))
     }
 
     /// Calls `on_handoff` for `id`: the app's state of it, or `None` if the hook panicked
@@ -232,7 +318,8 @@ impl Loop {
                 out.unacked.pop_front();
             }
         }
-        if out.unacked.is_empty() && out.line.is_flushed() {
+        let all_taken = out.ended && out.unacked.is_empty() && out.line.is_flushed();
+        if all_taken && self.handoffs.queue.is_empty() {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
             log::info!("{taker} took all {} connections", out.handed);
@@ -241,7 +328,7 @@ impl Loop {
         }
         match acked {
             Err((_, e)) => self.handoff_broke(e),
-            Ok(_) => self.handoff_flush(),
+            Ok(_) => self.handoff_pump(),
         }
     }
 
@@ -253,14 +340,26 @@ impl Loop {
             return;
         };
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
-        let back: Vec<(Vec<u8>, OwnedFd)> = out.unacked.into_iter().flatten().collect();
+        let (back, lost): (Vec<_>, Vec<_>) =
+            (out.unacked.into_iter().flatten()).partition(|(_, fd)| fd.is_some());
+        if !lost.is_empty() {
+            log::error!(
+                "{} connections handed without a spare descriptor are lost",
+                lost.len()
+            );
+        }
         let to = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
         log::error!(
             "handoff to {to} broke ({why}); {} connections it had not taken are served here",
             back.len()
         );
         for (record, fd) in back {
-            self.adopt(&record, Some(fd));
+            self.adopt(&record, fd);
+        }
+        // Those still waiting for their turn never left: they are read here again.
+        self.handoffs.waiting.clear();
+        for id in std::mem::take(&mut self.handoffs.queue) {
+            self.again.push(id.idx as usize);
         }
         if self.handoffs.bus == BusTurn::Given {
             self.handoffs.bus = BusTurn::Reading;
@@ -283,8 +382,12 @@ impl Loop {
             return false;
         }
         let idx = id.idx as usize;
-        if self.hand_off(idx) {
-            self.handoff_flush();
+        if self.queue_for_handoff(idx) {
+            if let Some(out) = &mut self.handoffs.out {
+                // The empty record went already: this one follows it.
+                out.ended = false;
+            }
+            self.handoff_pump();
             return true;
         }
         if self.keep_tls(idx) {

@@ -27,6 +27,10 @@ use std::time::{Duration, Instant};
 pub(super) const HANDOFF_OUT: Token = Token(9);
 /// Lines from the workers this one takes connections from: `ADOPT_BASE + index`.
 pub(super) const ADOPT_BASE: usize = 1 << 38;
+/// Records on the line not yet acknowledged, at most. The giver holds a second descriptor for
+/// each until then, so a worker near its file limit (`RLIMIT_NOFILE`) must not hold one per
+/// connection at once; and records are built as the window opens, not all up front.
+const WINDOW: usize = 256;
 
 /// The handoff state of a worker: at most one line out (it is being replaced), any number in
 /// (it replaces one worker, or several when a reload lowered `count`).
@@ -35,6 +39,10 @@ pub(super) struct Handoffs {
     out: Option<Outgoing>,
     incoming: Slab<Incoming>,
     bus: BusTurn,
+    /// Connections waiting for their turn on the line, in order; not read meanwhile (their
+    /// input waits in the socket for the taker).
+    queue: VecDeque<ConnId>,
+    waiting: std::collections::HashSet<usize>,
     /// `wss://` clients, whose TLS session cannot travel, served here until `drain_until`.
     draining: Vec<ConnId>,
     drain_until: Option<Instant>,
@@ -61,11 +69,14 @@ struct Outgoing {
     line: Line,
     to: Peer,
     /// Every record put on the line and not yet acknowledged, in order: a connection's record
-    /// and this worker's copy of its socket, or `None` for the closing empty record.
-    unacked: VecDeque<Option<(Vec<u8>, OwnedFd)>>,
+    /// and this worker's copy of its socket (none if no descriptor could be spared), or `None`
+    /// for the closing empty record.
+    unacked: VecDeque<Option<(Vec<u8>, Option<OwnedFd>)>>,
     /// Records acknowledged so far.
     acked: u32,
     handed: usize,
+    /// The closing empty record is on the line.
+    ended: bool,
 }
 
 /// A line from a worker giving this one its connections.
@@ -86,6 +97,16 @@ impl Handoffs {
     /// Connections go out on a line.
     fn giving(&self) -> bool {
         self.out.is_some()
+    }
+
+    /// Connection `idx` waits for its turn on the line: it is not read here.
+    pub(super) fn holds(&self, idx: usize) -> bool {
+        !self.waiting.is_empty() && self.waiting.contains(&idx)
+    }
+
+    /// Connection `id` is to be handed over: the stop does not close it.
+    pub(super) fn queued(&self, id: ConnId) -> bool {
+        self.holds(id.idx as usize)
     }
 
     /// Whether this worker reads its bus ends now.
