@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `wsd reload` with connections open: each retiring worker hands its plain ws:// connections
-# to its slot's new worker. For each N of CONNS, on wsd's echo app with count = WORKERS:
+# `wsd reload` (or, with ACTION=upgrade, `wsd upgrade`: a new master on the same binary) with
+# connections open: each retiring worker hands its plain ws:// connections to its slot's new
+# worker. For each N of CONNS, on wsd's echo app with count = WORKERS:
 #   reload time  the wall time of `wsd reload` with N idle connections open (and what wsd
 #                prints, and reloading → done in the master's log)
 #   survived     how many of the N are still open after the reload and echo once more
@@ -12,12 +13,14 @@
 # Each N gets a wsd of its own (temp dir, config, a port the OS picks, 127.0.0.1 only). Not
 # part of CI: each N takes the time to open its connections and 2 × WINDOW s more.
 #
-# Usage: [CONNS="10000 100000"] [WORKERS=8] [RATE=1000] [LAT_CONNS=100] [WINDOW=10] [PSS=1]
-#        [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
+# Usage: [ACTION=reload|upgrade] [CONNS="10000 100000"] [WORKERS=8] [RATE=1000] [LAT_CONNS=100]
+#        [WINDOW=10] [PSS=1] [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
 #   PSS=0 reads only RSS while sampling (Pss walks the page tables: /proc/PID/smaps_rollup).
 # Exits non-zero if a run could not be made, or if any connection was lost or did not echo.
 set -euo pipefail
 
+ACTION=${ACTION:-reload}
+[[ $ACTION == reload || $ACTION == upgrade ]] || { echo "bench-handoff: ACTION is reload or upgrade, got '$ACTION'" >&2; exit 2; }
 CONNS=${CONNS:-10000 100000}
 WORKERS=${WORKERS:-8}
 RATE=${RATE:-1000}
@@ -187,10 +190,10 @@ for w in json.load(open(sys.argv[1]))["workers"]:
     wait_until 60 "the latency run to start" lat_going
     # Its window began 1.1 s before that line.
     lat_from=$(python3 -c "print(round(${EPOCHREALTIME/,/.} - 1.1, 3))")
-    say "N=$n: reloading $WORKERS workers with $((n + LAT_CONNS)) connections open"
+    say "N=$n: $ACTION of $WORKERS workers with $((n + LAT_CONNS)) connections open"
     reload_rc=0
     t0=$EPOCHREALTIME
-    timeout 600 "$WSD_BIN" -c "$config" reload >"$dir/reload.out" 2>&1 || reload_rc=$?
+    timeout 600 "$WSD_BIN" -c "$config" "$ACTION" >"$dir/reload.out" 2>&1 || reload_rc=$?
     t1=$EPOCHREALTIME
     say "N=$n: $(head -n 1 "$dir/reload.out")"
     # Done means every old worker has exited; make sure of it (bounded), then a few more samples.
@@ -211,7 +214,22 @@ for w in json.load(open(sys.argv[1]))["workers"]:
     touch "$dir/again"
     finish "$idle" 60
     ((rc <= 1)) || die "wsd bench idle failed ($rc): $(tail -n 3 "$dir/idle.err" | tr '\n' ' ')"
-    stop_wsd
+    if [[ $ACTION == upgrade ]]; then
+        # The new master serves now: it is the one to stop, and it is not our child.
+        local new
+        new=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["master"]["pid"])' \
+            "$dir/status-after.json")
+        pids+=("$new")
+        kill -TERM "$new" 2>/dev/null || true
+        wait "$master" 2>/dev/null || true
+        local until=$((SECONDS + 30))
+        while kill -0 "$new" 2>/dev/null; do
+            ((SECONDS < until)) || die "the new master (pid $new) did not stop"
+            sleep 0.1
+        done
+    else
+        stop_wsd
+    fi
     printf '{"n": %d, "reload_rc": %d, "reload_from": %s, "reload_to": %s, "window_from": %s}\n' \
         "$n" "$reload_rc" "${t0/,/.}" "${t1/,/.}" "$lat_from" >"$dir/times.json"
 }
@@ -224,12 +242,12 @@ say "done in $((SECONDS - started)) s"
 
 # The report: a column per N (or one JSON object); the exit status says whether every
 # connection came through.
-python3 - "$tmp" "$json" "$WORKERS" "$RATE" "$LAT_CONNS" "$WINDOW" "${conns_list[@]}" <<'EOF'
+python3 - "$tmp" "$json" "$WORKERS" "$RATE" "$LAT_CONNS" "$WINDOW" "$ACTION" "${conns_list[@]}" <<'EOF'
 import json, re, sys
 from datetime import datetime
 
-tmp, as_json, workers, rate, lat_conns, window = sys.argv[1:7]
-ns = [int(n) for n in sys.argv[7:]]
+tmp, as_json, workers, rate, lat_conns, window, action = sys.argv[1:8]
+ns = [int(n) for n in sys.argv[8:]]
 
 def load(path):
     try:
@@ -291,14 +309,16 @@ for n in ns:
     again = idle.get("again", {})
     log = list(log_lines(read(f"{d}/wsd.log")))
     said = read(f"{d}/reload.out").strip()
-    says = re.search(r"reloaded in ([\d.]+)s", said)
-    reloading = [at for at, _, who, msg in log if who.startswith("master") and msg.startswith("reloading")]
-    done = [at for at, _, who, msg in log if who.startswith("master") and msg.startswith("reload done")]
+    says = re.search(r"(?:reloaded|upgraded) in ([\d.]+)s", said)
+    begin, end = {"reload": ("reloading", "reload done"), "upgrade": ("upgrading", "upgraded in")}[action]
+    reloading = [at for at, _, who, msg in log if who.startswith("master") and msg.startswith(begin)]
+    done = [at for at, _, who, msg in log if who.startswith("master") and msg.startswith(end)]
     handed = [int(x[1]) for x in (re.match(r"(\d+) connections handed over", msg) for _, _, _, msg in log) if x]
     took = [int(x[1]) for x in (re.match(r"took (\d+) connections from", msg) for _, _, _, msg in log) if x]
     # Per slot: the master retires the old worker → the new one has taken everything.
     retiring = {r[1]: at for at, _, who, msg in log
-                if (r := re.match(r"retiring worker (\S+) pid", msg))}
+                if (r := re.match(r"(?:retiring worker|worker) (\S+) pid \d+,? hands? ", msg)
+                    or re.match(r"retiring worker (\S+) pid", msg))}
     slot_secs = [at - retiring[k[1]] for at, _, _, msg in log
                  if (k := re.match(r"took \d+ connections from (\S+) \(pid", msg)) and k[1] in retiring]
     trouble = [f"{lvl} {who} {msg}" for _, lvl, who, msg in log if lvl in ("WARN", "ERROR")]
@@ -369,9 +389,9 @@ def opt(v, fmt="{}"):
     return "n/a" if v is None else fmt.format(v)
 
 rows = [
-    ("reload: wall time", lambda r: opt(r["reload"]["wall_secs"], "{:.3f} s")),
-    ("reload: wsd says", lambda r: r["reload"]["wsd_says"].replace("|", "/") or "nothing"),
-    ("reload: master log", lambda r: opt(r["reload"]["log_secs"], "{:.3f} s reloading → done")),
+    (f"{action}: wall time", lambda r: opt(r["reload"]["wall_secs"], "{:.3f} s")),
+    (f"{action}: wsd says", lambda r: r["reload"]["wsd_says"].replace("|", "/") or "nothing"),
+    (f"{action}: master log", lambda r: opt(r["reload"]["log_secs"], "{:.3f} s begun → done")),
     ("slowest slot", lambda r: opt(r["reload"]["slowest_slot_secs"], "{:.3f} s retiring → taken")),
     ("handed over / taken", lambda r: f"{r['reload']['handed_over']} / {r['reload']['taken']} "
                                       f"({r['reload']['workers_handing']} workers)"),
@@ -395,8 +415,8 @@ rows += [
     ("all came through", lambda r: "yes" if r["all_came_through"] else "NO"),
 ]
 print()
-print(f"wsd reload with connections open: echo app, {workers} workers; latency {rate} msgs/s "
-      f"over {lat_conns} more connections for {window} s, without and across the reload")
+print(f"wsd {action} with connections open: echo app, {workers} workers; latency {rate} msgs/s "
+      f"over {lat_conns} more connections for {window} s, without and across the {action}")
 print()
 print("| | " + " | ".join(f"{r['conns']:,} conns" for r in runs) + " |")
 print("|---|" + "---:|" * len(runs))
@@ -409,6 +429,9 @@ for r in runs:
     if r["memory"]:
         notes.append(f"memory sampled {r['memory']['samples']} times; RSS peak "
                      f"{r['memory']['peak_rss_at_secs']} s after the reload began")
+        if action == "upgrade":
+            notes.append("memory after: the new master left the old one's process tree when it "
+                         "exited, so the samples stop counting it")
         if (r["reload"]["wall_secs"] or 0) < 0.1:
             notes.append("the reload took less than two 50 ms samples: the overlap of old and "
                          "new workers may have been missed")
