@@ -97,6 +97,9 @@ pub enum FromWorker {
         conns: Vec<ConnInfo>,
         last: bool,
     },
+    /// This worker has taken every connection a handoff gave it (the giver's last record came,
+    /// or its line ended): the next slot's handoff may begin.
+    Taken,
 }
 
 /// Master → worker.

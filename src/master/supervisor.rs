@@ -99,6 +99,8 @@ pub struct Proc {
     pub retiring: Option<Instant>,
     /// A retiring worker's handoff (`handoff`): to whom it hands its connections.
     pub handing: Option<Handing>,
+    /// This worker has taken everything the last handoff to it gave (`FromWorker::Taken`).
+    pub taken: bool,
 }
 
 /// Whom a retiring worker hands its connections to.
@@ -441,6 +443,7 @@ impl Supervisor {
                     prev_report: None,
                     retiring: None,
                     handing: None,
+                    taken: false,
                 });
                 let s = &mut group.slots[slot];
                 s.proc = Some(key);
@@ -561,6 +564,7 @@ impl Supervisor {
                     p.report = Some((Instant::now(), *c));
                     reported = true;
                 }
+                Ok(FromWorker::Taken) => p.taken = true,
                 Ok(FromWorker::Connections { query, conns, last }) => {
                     rows.push(ConnRows { query, conns, last })
                 }
@@ -639,7 +643,7 @@ impl Supervisor {
     /// to worker `new` first (`handoff`): the master makes the line between them and sends
     /// each its end, keeping no copy, so the line closes when either exits. Without a line
     /// the old worker is retired plainly.
-    pub fn hand_over(&mut self, old: usize, new: usize, times: Handover, now: Instant) {
+    pub fn hand_over(&mut self, old: usize, new: usize, times: Handover, now: Instant) -> bool {
         let Handover {
             spread,
             drain,
@@ -653,24 +657,28 @@ impl Supervisor {
         };
         let (Some(from), Some(to)) = (self.procs.get(old).map(peer), self.procs.get(new).map(peer))
         else {
-            return self.retire(old, spread, deadline);
+            self.retire(old, spread, deadline);
+            return false;
         };
         let (give, take) = match std::os::unix::net::UnixStream::pair() {
             Ok(pair) => pair,
             Err(e) => {
                 log::warn!("cannot make a handoff line ({e}); closing the clients instead");
                 self.release(new);
-                return self.retire(old, spread, deadline);
+                self.retire(old, spread, deadline);
+                return false;
             }
         };
         let adopt = ToWorker::Adopt { from: Some(from) };
         if !self.tell_with_fd(new, &adopt, take.as_raw_fd()) {
             log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
-            return self.retire(old, spread, deadline);
+            self.retire(old, spread, deadline);
+            return false;
         }
+        self.procs[new].taken = false;
         let handing = self.proc_ref(new).map(|r| Handing::To(r, times));
         let Some(p) = self.procs.get_mut(old) else {
-            return;
+            return true;
         };
         log::info!(
             "retiring worker {}#{} pid {}, handing its connections to pid {}",
@@ -690,6 +698,7 @@ impl Supervisor {
         if !self.tell_with_fd(old, &msg, give.as_raw_fd()) {
             self.stop(old, control::StopMode::Close, spread);
         }
+        true
     }
 
     /// Workers that became ready since the last call.

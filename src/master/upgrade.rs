@@ -131,6 +131,10 @@ pub(super) struct Predecessor {
     pub pid: i32,
     link: UnixStream,
     ready_sent: bool,
+    /// Ready workers whose slots wait for their turn to be handed over.
+    ready: VecDeque<usize>,
+    /// The worker taking its slot's connections now.
+    current: Option<usize>,
 }
 
 impl Predecessor {
@@ -146,6 +150,8 @@ impl Predecessor {
             pid,
             link: UnixStream::from_std(link),
             ready_sent: false,
+            ready: VecDeque::new(),
+            current: None,
         })
     }
 }
@@ -484,13 +490,25 @@ impl Master {
             return;
         };
         for key in self.sup.take_newly_ready() {
-            let Some(p) = self.sup.procs.get(key) else {
+            pre.ready.push_back(key);
+        }
+        // One slot at a time, as in a reload: the next once this one's worker has taken all.
+        if let Some(k) = pre.current
+            && self.sup.procs.get(k).is_some_and(|p| !p.taken)
+        {
+            return;
+        }
+        pre.current = None;
+        while let Some(key) = pre.ready.pop_front() {
+            let Some(p) = self.sup.procs.get_mut(key) else {
                 continue;
             };
             let slot = (p.group.clone(), p.slot);
             if !self.sup.upgrade_pending.remove(&slot) {
                 continue;
             }
+            p.taken = false;
+            pre.current = Some(key);
             let (group, slot) = slot;
             let to = p.pid.as_raw();
             let from = crate::bus::bridges::Peer {
@@ -510,7 +528,10 @@ impl Master {
             if let Err(e) = sent {
                 log::warn!("cannot pass a handoff line to the old master: {e}");
                 self.sup.release(key);
+                pre.current = None;
+                continue;
             }
+            break;
         }
         let all_ready = (self.sup.groups.iter()).all(|g| {
             g.slots

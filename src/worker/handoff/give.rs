@@ -91,6 +91,7 @@ impl Loop {
             return;
         }
         let all: Vec<usize> = self.ctx.conns.iter().map(|(idx, _)| idx).collect();
+        self.handoffs.taken_back.clear();
         for idx in all {
             if !self.queue_for_handoff(idx) {
                 self.keep_tls(idx);
@@ -354,11 +355,14 @@ impl Loop {
             back.len()
         );
         for (record, fd) in back {
-            self.adopt(&record, fd);
+            if let Some(id) = self.adopt(&record, fd) {
+                self.handoffs.taken_back.insert(id);
+            }
         }
         // Those still waiting for their turn never left: they are read here again.
         self.handoffs.waiting.clear();
         for id in std::mem::take(&mut self.handoffs.queue) {
+            self.handoffs.taken_back.insert(id);
             self.again.push(id.idx as usize);
         }
         if self.handoffs.bus == BusTurn::Given {

@@ -43,6 +43,8 @@ pub(super) struct Handoffs {
     /// input waits in the socket for the taker).
     queue: VecDeque<ConnId>,
     waiting: std::collections::HashSet<usize>,
+    /// Connections a broken handoff gave back, served here until the next handoff.
+    taken_back: std::collections::HashSet<ConnId>,
     /// `wss://` clients, whose TLS session cannot travel, served here until `drain_until`.
     draining: Vec<ConnId>,
     drain_until: Option<Instant>,
@@ -104,9 +106,10 @@ impl Handoffs {
         !self.waiting.is_empty() && self.waiting.contains(&idx)
     }
 
-    /// Connection `id` is to be handed over: the stop does not close it.
+    /// Connection `id` is to be handed over (now, or by the next handoff after one broke):
+    /// the stop does not close it.
     pub(super) fn queued(&self, id: ConnId) -> bool {
-        self.holds(id.idx as usize)
+        self.holds(id.idx as usize) || self.taken_back.contains(&id)
     }
 
     /// Whether this worker reads its bus ends now.

@@ -76,6 +76,7 @@ impl Loop {
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
                 // However the line ended, its sender reads the bus no more.
                 self.take_the_bus();
+                self.channel.answer(&crate::control::FromWorker::Taken);
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
@@ -114,6 +115,7 @@ impl Loop {
         if last {
             // The giver has stopped reading the bus ends it shares with this worker.
             self.take_the_bus();
+            self.channel.answer(&crate::control::FromWorker::Taken);
         }
         if ended {
             // Its end was read with these records: no event will say so again.
