@@ -228,6 +228,16 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> io::Result<usize> {
     .map_err(io::Error::from)
 }
 
+/// Sends `data` (gathered) with the descriptors `fds` (`SCM_RIGHTS`, at most 253), without
+/// blocking; like `send_with_fd`, but many at once.
+pub fn send_with_fds(sock: RawFd, data: &[io::IoSlice<'_>], fds: &[RawFd]) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    sendmsg::<()>(sock, data, cmsgs, flags, None).map_err(io::Error::from)
+}
+
 /// Reads from a Unix stream socket like `read`, keeping any descriptors that arrive with the
 /// bytes (`SCM_RIGHTS`) in `fds`.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
@@ -235,7 +245,9 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io:
     let mut iov = [io::IoSliceMut::new(buf)];
     // Room for more descriptors than the master ever sends with one line (one), so a
     // truncated control message cannot happen in practice.
-    let mut space = nix::cmsg_space!([RawFd; 16]);
+    // Room for the most the kernel passes in one message (SCM_MAX_FD, 253): a handoff line
+    // sends that many at once, and a truncated control message would lose descriptors.
+    let mut space = nix::cmsg_space!([RawFd; 256]);
     let msg = recvmsg::<()>(
         sock,
         &mut iov,

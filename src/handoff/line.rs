@@ -15,7 +15,7 @@
 
 use crate::sys;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -23,6 +23,11 @@ use std::os::unix::net::UnixStream;
 const FRAME_HEAD: usize = 5;
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 << 10;
+/// Descriptors sent with one `sendmsg` at most (the kernel's `SCM_MAX_FD`): records go out
+/// many to a system call, on both sides.
+const BATCH_FDS: usize = 253;
+/// Bytes gathered into one `sendmsg` at most.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// A record as it left or arrived, with the descriptor that rode with it.
 pub(crate) type Record = (Vec<u8>, Option<OwnedFd>);
@@ -96,20 +101,37 @@ impl Line {
 
     /// Sends what the socket takes. `Ok(true)`: everything is out.
     pub(crate) fn flush(&mut self) -> Result<bool, LineError> {
-        while let Some(o) = self.out.front_mut() {
-            let rest = &o.bytes[o.sent..];
-            let wrote = match &o.fd {
-                Some(fd) => sys::send_with_fd(self.sock.as_raw_fd(), rest, fd.as_raw_fd()),
-                None => (&self.sock).write(rest),
-            };
+        while !self.out.is_empty() {
+            // The front record's rest and the records after it, as many as one message takes.
+            let (mut slices, mut fds, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for o in &self.out {
+                let rest = &o.bytes[o.sent..];
+                let full = fds.len() + usize::from(o.fd.is_some()) > BATCH_FDS
+                    || (bytes > 0 && bytes + rest.len() > BATCH_BYTES);
+                if full {
+                    break;
+                }
+                fds.extend(o.fd.as_ref().map(|fd| fd.as_raw_fd()));
+                slices.push(std::io::IoSlice::new(rest));
+                bytes += rest.len();
+            }
+            let gathered = slices.len();
+            let wrote = sys::send_with_fds(self.sock.as_raw_fd(), &slices, &fds);
             match wrote {
                 Ok(0) => return Err(LineError::Closed),
-                Ok(n) => {
-                    // The descriptor went with the first of these bytes.
-                    o.fd = None;
-                    o.sent += n;
-                    if o.sent == o.bytes.len() {
-                        self.out.pop_front();
+                Ok(mut n) => {
+                    // Every descriptor went with the first of these bytes.
+                    for o in self.out.iter_mut().take(gathered) {
+                        o.fd = None;
+                    }
+                    while n > 0 {
+                        let o = self.out.front_mut().expect("as many bytes as were queued");
+                        let took = n.min(o.bytes.len() - o.sent);
+                        o.sent += took;
+                        n -= took;
+                        if o.sent == o.bytes.len() {
+                            self.out.pop_front();
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -259,6 +281,28 @@ mod tests {
         }
         drop(tx);
         assert!(matches!(rx.receive(1 << 20), Err(LineError::Closed)));
+    }
+
+    #[test]
+    fn many_records_with_descriptors_go_many_to_a_message_and_pair_up() {
+        let (mut tx, mut rx) = pair();
+        let sent: Vec<OwnedFd> = (0..600).map(|_| descriptor()).collect();
+        for (i, fd) in sent.iter().enumerate() {
+            let fd = (i % 3 != 0).then(|| fd.try_clone().unwrap());
+            tx.push(format!("record {i}").as_bytes(), fd);
+        }
+        let mut got = Vec::new();
+        while got.len() < 600 {
+            tx.flush().unwrap();
+            got.extend(rx.receive(1 << 20).unwrap());
+        }
+        for (i, (record, fd)) in got.iter().enumerate() {
+            assert_eq!(record, format!("record {i}").as_bytes());
+            match fd {
+                Some(fd) => assert_eq!(inode(fd), inode(&sent[i]), "record {i}"),
+                None => assert_eq!(i % 3, 0, "record {i} lost its descriptor"),
+            }
+        }
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! It reads records as they come and makes each socket one of its own connections: subscribed
 //! to its topics, bound to its user, its send queue ready to flush. It acknowledges them before
-//! it reads any of their sockets (the giver keeps its copy until then), and reads each at once
-//! in case the client's next bytes are already waiting.
+//! it reads any of their sockets (the giver keeps its copy until then); a client whose next
+//! bytes are already waiting is read in the next turn, as its registration reports it ready.
 
 use super::{ADOPT_BASE, BusTurn, Incoming};
 use crate::ConnId;
@@ -224,7 +224,9 @@ impl Loop {
         if queued {
             self.ctx.mark_dirty(idx);
         }
-        self.again.push(idx);
+        // No read now: registering a socket whose client has already sent something raises
+        // its readiness event at once (epoll checks at `EPOLL_CTL_ADD`), and an idle one would
+        // cost a read that only says "would block".
         Some(id)
     }
 
