@@ -159,7 +159,7 @@ pub fn start(plan: Plan) -> i32 {
     // Started by `wsd upgrade`: the old master's sockets, locks and bus ends, by number.
     let mut inherited = match upgrade::Inheritance::from_env() {
         None => None,
-        Some(Ok(i)) => Some(Inherited::take(i)),
+        Some(Ok(i)) => Some(upgrade::Inherited::take(i)),
         Some(Err(e)) => {
             eprintln!("wsd: {e}");
             return 1;
@@ -333,100 +333,6 @@ pub fn start(plan: Plan) -> i32 {
         clients::send_reply(w, &crate::control::Reply::ok());
     }
     code
-}
-
-/// One group's sockets from the master an upgrade replaces: as named, its listeners, its bus
-/// mesh's ends.
-type InheritedGroup = (
-    upgrade::GroupFds,
-    Vec<std::net::TcpListener>,
-    Vec<Vec<Option<std::os::fd::OwnedFd>>>,
-);
-
-/// What a master started by `wsd upgrade` inherited, taken out as it is used; what is left
-/// when the start is done (a group the new configuration has no more) is closed.
-struct Inherited {
-    old_pid: i32,
-    host_id: u64,
-    pid_file: Vec<std::fs::File>,
-    control: Option<std::os::fd::OwnedFd>,
-    metrics: Option<std::os::fd::OwnedFd>,
-    api: Vec<std::net::TcpListener>,
-    groups: Vec<InheritedGroup>,
-    link: Option<std::os::fd::OwnedFd>,
-}
-
-impl Inherited {
-    /// Owns every descriptor `i` names; one that is not open is left out (and logged).
-    fn take(i: upgrade::Inheritance) -> Inherited {
-        let own = |fd: std::os::fd::RawFd| match crate::sys::inherited_fd(fd) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                log::warn!("{e}");
-                None
-            }
-        };
-        let groups = (i.groups.into_iter())
-            .map(|mut g| {
-                let listeners = (std::mem::take(&mut g.listeners).into_iter())
-                    .filter_map(own)
-                    .map(std::net::TcpListener::from)
-                    .collect();
-                let mesh = (std::mem::take(&mut g.mesh).into_iter())
-                    .map(|row| row.into_iter().map(|fd| fd.and_then(own)).collect())
-                    .collect();
-                (g, listeners, mesh)
-            })
-            .collect();
-        Inherited {
-            old_pid: i.old_pid,
-            host_id: i.host_id,
-            pid_file: i
-                .pid_file
-                .into_iter()
-                .filter_map(own)
-                .map(std::fs::File::from)
-                .collect(),
-            control: own(i.control),
-            metrics: i.metrics.and_then(own),
-            api: i
-                .api
-                .into_iter()
-                .filter_map(own)
-                .map(std::net::TcpListener::from)
-                .collect(),
-            groups,
-            link: own(i.link),
-        }
-    }
-
-    /// The old master's sockets for `def`, if it ran a group of that name on the same
-    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), and its
-    /// bus mesh if `count` did not change.
-    #[allow(clippy::type_complexity)]
-    fn group(
-        &mut self,
-        def: &Worker,
-    ) -> Option<
-        Result<(Vec<std::net::TcpListener>, Option<crate::bus::mesh::Mesh>), listeners::BindError>,
-    > {
-        let at = self
-            .groups
-            .iter()
-            .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
-        let (_, mut listeners, mesh) = self.groups.swap_remove(at);
-        let same = listeners.len() == def.count && mesh.len() == def.count;
-        if listeners.len() < def.count {
-            let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
-            match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
-                Ok(more) => listeners.extend(more),
-                Err(e) => return Some(Err(e)),
-            }
-        }
-        listeners.truncate(def.count);
-        let mesh = same.then(|| crate::bus::mesh::Mesh::from_ends(mesh));
-        Some(Ok((listeners, mesh)))
-    }
 }
 
 /// The start banner, after Workerman's.

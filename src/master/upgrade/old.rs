@@ -1,168 +1,26 @@
-//! `wsd upgrade`: a new binary takes over from the running one, and no connection is dropped.
-//!
-//! nginx's binary upgrade, with the connections moved too. The running (old) master checks the
-//! new binary (`check` on the same file), then starts it as its child with everything a master
-//! holds left open across the `exec` and named in [`ENV`]: the pid file's locked descriptors,
-//! the control socket, the listeners of every slot, the API's and the metrics' sockets, and the
-//! bus ends of every group. A socket pair, the *link*, joins the two masters.
-//!
-//! The new master starts its workers on those sockets (a group whose count did not change on
-//! the same bus ends, [`crate::master::supervisor::BusEnds::Inherited`]), and as each becomes
-//! ready it makes a handoff line: one end to its worker, the other over the link to the old
-//! master, which gives it to the old worker of that slot ([`LinkMsg::Handoff`]). The old
-//! workers hand their connections over exactly as in a reload. Once every new worker is ready
-//! ([`LinkMsg::Ready`]), the old master retires the workers nobody replaces, waits until all of
-//! its workers have exited, tells systemd the new main pid, answers `wsd upgrade`, and exits
-//! leaving the pid file and the control socket to the new master, which starts answering on
-//! the socket when the link closes.
-//!
-//! If the new master exits before that, the old one keeps serving: its workers that had begun
-//! handing over take back what was not acknowledged, and hand it to workers the old master
-//! starts again on their slots (as after a taker's death in a reload). `wsd upgrade` exits 1
-//! with the reason.
+//! The old master's side of `wsd upgrade`: check the new binary, start it with what it
+//! inherits, pass the handoff lines it sends on to the old workers, and leave once it is ready
+//! and every old worker has gone; or serve on if it exits first.
 
-use super::event_loop::Master;
-use super::supervisor::Handing;
-use crate::control::{Reply, ToWorker};
+use super::{Checking, ENV, GroupFds, Inheritance, LINK, LinkMsg, Successor};
+use crate::control::Reply;
+use crate::master::event_loop::Master;
+use crate::master::supervisor::Handing;
 use crate::sys;
 use mio::net::UnixStream;
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The environment variable that names the descriptors a new master inherits.
-pub(super) const ENV: &str = "WSD_UPGRADE";
-/// The link to the other master, in either master's poll.
-pub(super) const LINK: Token = Token(3);
-
-/// What the old master leaves open for the new one, by descriptor number.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Inheritance {
-    pub old_pid: i32,
-    /// The server's name on a cluster bus, kept so global connection ids stay valid.
-    pub host_id: u64,
-    pub pid_file: Vec<RawFd>,
-    pub control: RawFd,
-    pub metrics: Option<RawFd>,
-    pub api: Vec<RawFd>,
-    pub groups: Vec<GroupFds>,
-    pub link: RawFd,
-}
-
-/// One group's sockets.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct GroupFds {
-    pub name: String,
-    /// Its `listen` as configured, to match the new configuration's.
-    pub listen: String,
-    pub listeners: Vec<RawFd>,
-    /// `mesh[i][j]`: slot `i`'s end to slot `j`.
-    pub mesh: Vec<Vec<Option<RawFd>>>,
-}
-
-impl Inheritance {
-    /// Every descriptor it names.
-    fn fds(&self) -> Vec<RawFd> {
-        let mut all = vec![self.control, self.link];
-        all.extend(&self.pid_file);
-        all.extend(self.metrics);
-        all.extend(&self.api);
-        for g in &self.groups {
-            all.extend(&g.listeners);
-            all.extend(g.mesh.iter().flatten().flatten());
-        }
-        all
-    }
-
-    /// In the new master: what the old one left, if this start is an upgrade.
-    pub(super) fn from_env() -> Option<Result<Inheritance, String>> {
-        let text = std::env::var(ENV).ok()?;
-        // Workers forked from here, and a later upgrade's master, must not take it for theirs.
-        sys::forget_upgrade_env(ENV);
-        Some(serde_json::from_str(&text).map_err(|e| format!("bad {ENV}: {e}")))
-    }
-}
-
-/// Messages between the two masters, one JSON line each way on the link.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "link", rename_all = "snake_case")]
-pub(super) enum LinkMsg {
-    /// New → old: the new worker `to` of `group`'s `slot` is ready; the descriptor sent with
-    /// this line is a handoff line's end for that slot's old worker.
-    Handoff { group: String, slot: usize, to: i32 },
-    /// New → old: every new worker is ready.
-    Ready,
-}
-
-/// The old master's side, first: the new binary's `check`, running.
-pub(super) struct Checking {
-    child: std::process::Child,
-    binary: PathBuf,
-    /// Control clients waiting for the outcome.
-    waiters: Vec<usize>,
-}
-
-impl Checking {
-    pub(super) fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-}
-
-/// The old master's side: the next master, started and not yet in charge.
-pub(super) struct Successor {
-    pub pid: Pid,
-    link: UnixStream,
-    input: Vec<u8>,
-    fds: VecDeque<OwnedFd>,
-    /// Control clients waiting for the outcome.
-    waiters: Vec<usize>,
-    /// It said every new worker is ready.
-    ready: bool,
-    started: Instant,
-}
-
-/// The new master's side: the master it replaces, until that one exits.
-pub(super) struct Predecessor {
-    pub pid: i32,
-    link: UnixStream,
-    ready_sent: bool,
-    /// Ready workers whose slots wait for their turn to be handed over.
-    ready: VecDeque<usize>,
-    /// The worker taking its slot's connections now.
-    current: Option<usize>,
-}
-
-impl Predecessor {
-    /// Watches the link: it ends when the old master exits.
-    pub(super) fn register(&mut self, registry: &Registry) -> io::Result<()> {
-        registry.register(&mut self.link, LINK, Interest::READABLE)
-    }
-
-    pub(super) fn new(pid: i32, link: OwnedFd) -> io::Result<Predecessor> {
-        let link = std::os::unix::net::UnixStream::from(link);
-        link.set_nonblocking(true)?;
-        Ok(Predecessor {
-            pid,
-            link: UnixStream::from_std(link),
-            ready_sent: false,
-            ready: VecDeque::new(),
-            current: None,
-        })
-    }
-}
-
 impl Master {
-    // ---- the old master ----------------------------------------------------------------
-
     /// `wsd upgrade`: runs the new binary's `check` on this master's configuration; when it
     /// passes (`check_done`), the binary starts as the next master. `Err` says why nothing
     /// happened.
-    pub(super) fn begin_upgrade(
+    pub(in crate::master) fn begin_upgrade(
         &mut self,
         key: usize,
         binary: Option<PathBuf>,
@@ -195,7 +53,11 @@ impl Master {
 
     /// The new binary's `check` has exited with `status`: on success it starts as the next
     /// master; otherwise `wsd upgrade` hears what it said.
-    pub(super) fn check_done(&mut self, status: nix::sys::wait::WaitStatus, registry: &Registry) {
+    pub(in crate::master) fn check_done(
+        &mut self,
+        status: nix::sys::wait::WaitStatus,
+        registry: &Registry,
+    ) {
         let Some(mut c) = self.checking.take() else {
             return;
         };
@@ -223,7 +85,7 @@ impl Master {
                         said = text;
                     }
                 }
-                let how = super::supervisor::describe(status);
+                let how = crate::master::supervisor::describe(status);
                 Err(format!(
                     "{} check {how}: {}",
                     c.binary.display(),
@@ -315,7 +177,7 @@ impl Master {
 
     /// The link from the next master is readable: handoffs to pass on, its readiness, or its
     /// end.
-    pub(super) fn successor_says(&mut self, registry: &Registry) {
+    pub(in crate::master) fn successor_says(&mut self, registry: &Registry) {
         let Some(s) = self.successor.as_mut() else {
             return;
         };
@@ -406,14 +268,14 @@ impl Master {
     }
 
     /// The old master is done once the new one is ready and every old worker has exited.
-    pub(super) fn upgrade_done(&self) -> bool {
+    pub(in crate::master) fn upgrade_done(&self) -> bool {
         self.successor
             .as_ref()
             .is_some_and(|s| s.ready && self.sup.procs.is_empty())
     }
 
     /// Hands the server to the new master: systemd's main pid, the answer to `wsd upgrade`.
-    pub(super) fn hand_over_to_successor(&mut self, registry: &Registry) {
+    pub(in crate::master) fn hand_over_to_successor(&mut self, registry: &Registry) {
         let Some(s) = self.successor.take() else {
             return;
         };
@@ -436,7 +298,7 @@ impl Master {
     /// The next master exited before it took over: this one keeps serving. Its workers that
     /// were handing their connections over took back what was not acknowledged; they hand it
     /// to workers started again on their slots.
-    pub(super) fn successor_exited(&mut self, how: &str, registry: &Registry) {
+    pub(in crate::master) fn successor_exited(&mut self, how: &str, registry: &Registry) {
         let Some(mut s) = self.successor.take() else {
             return;
         };
@@ -478,121 +340,6 @@ impl Master {
         for key in s.waiters {
             self.clients
                 .reply(key, &Reply::error(why.clone()), registry);
-        }
-    }
-
-    // ---- the new master ----------------------------------------------------------------
-
-    /// Makes a handoff line for each newly ready worker whose slot's old worker waits to hand
-    /// over, and tells the old master once every worker is ready.
-    pub(super) fn hand_from_predecessor(&mut self) {
-        let Some(pre) = self.predecessor.as_mut() else {
-            return;
-        };
-        for key in self.sup.take_newly_ready() {
-            pre.ready.push_back(key);
-        }
-        // One slot at a time, as in a reload: the next once this one's worker has taken all.
-        if let Some(k) = pre.current
-            && self.sup.procs.get(k).is_some_and(|p| !p.taken)
-        {
-            return;
-        }
-        pre.current = None;
-        while let Some(key) = pre.ready.pop_front() {
-            let Some(p) = self.sup.procs.get_mut(key) else {
-                continue;
-            };
-            let slot = (p.group.clone(), p.slot);
-            if !self.sup.upgrade_pending.remove(&slot) {
-                continue;
-            }
-            p.taken = false;
-            pre.current = Some(key);
-            let (group, slot) = slot;
-            let to = p.pid.as_raw();
-            let from = crate::bus::bridges::Peer {
-                group: group.clone(),
-                slot,
-                pid: pre.pid,
-            };
-            let sent = std::os::unix::net::UnixStream::pair().and_then(|(give, take)| {
-                let adopt = ToWorker::Adopt { from: Some(from) };
-                if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
-                    return Err(io::Error::other("its channel did not take the line"));
-                }
-                let msg = LinkMsg::Handoff { group, slot, to };
-                let line = crate::control::line(&msg);
-                sys::send_with_fd(pre.link.as_raw_fd(), &line, give.as_raw_fd()).map(|_| ())
-            });
-            if let Err(e) = sent {
-                log::warn!("cannot pass a handoff line to the old master: {e}");
-                self.sup.release(key);
-                pre.current = None;
-                continue;
-            }
-            break;
-        }
-        let all_ready = (self.sup.groups.iter()).all(|g| {
-            g.slots
-                .iter()
-                .all(|s| s.proc.is_some_and(|k| self.sup.procs[k].ready))
-        });
-        if all_ready && self.sup.upgrade_pending.is_empty() && !pre.ready_sent {
-            pre.ready_sent = true;
-            let line = crate::control::line(&LinkMsg::Ready);
-            if let Err(e) = (&pre.link).write_all(&line) {
-                log::warn!("cannot tell the old master we are ready: {e}");
-            }
-        }
-    }
-
-    /// The link to the old master ended: it has exited (or died). This master takes over
-    /// the control socket.
-    pub(super) fn predecessor_gone(&mut self, registry: &Registry) -> io::Result<()> {
-        let Some(mut pre) = self.predecessor.take() else {
-            return Ok(());
-        };
-        let mut buf = [0u8; 64];
-        loop {
-            match io::Read::read(&mut pre.link, &mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.predecessor = Some(pre);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        let _ = registry.deregister(&mut pre.link);
-        registry.register(
-            self.clients.listener(),
-            super::event_loop::CONTROL,
-            Interest::READABLE,
-        )?;
-        log::info!(
-            "the old master (pid {}) has gone: this one is in charge",
-            pre.pid
-        );
-        // Slots still waiting for an old worker that never came read their bus ends now.
-        for slot in std::mem::take(&mut self.sup.upgrade_pending) {
-            if let Some(g) = self.sup.group_index(&slot.0)
-                && let Some(key) = self.sup.groups[g].slots.get(slot.1).and_then(|s| s.proc)
-            {
-                self.sup.release(key);
-            }
-        }
-        crate::master::notify::ready(&self.serving_line());
-        Ok(())
-    }
-
-    fn handover_times(&self) -> super::supervisor::Handover {
-        super::supervisor::Handover {
-            spread: self.server.close_spread,
-            drain: self.server.drain_timeout,
-            timeout: self.server.reload_timeout,
         }
     }
 }

@@ -1,0 +1,214 @@
+//! The new master's side of `wsd upgrade`: take what the old master left open, hand each
+//! ready worker's slot a line to the old worker, one slot at a time, and take over the control
+//! socket once the old master has gone.
+
+use super::{GroupFds, Inheritance, LinkMsg};
+use crate::control::ToWorker;
+use crate::master::event_loop::Master;
+use crate::master::listeners;
+use crate::sys;
+use crate::worker::Worker;
+use mio::{Interest, Registry};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// One group's sockets from the master an upgrade replaces: as named, its listeners, its bus
+/// mesh's ends.
+type InheritedGroup = (
+    GroupFds,
+    Vec<std::net::TcpListener>,
+    Vec<Vec<Option<std::os::fd::OwnedFd>>>,
+);
+
+/// What a master started by `wsd upgrade` inherited, taken out as it is used; what is left
+/// when the start is done (a group the new configuration has no more) is closed.
+pub(in crate::master) struct Inherited {
+    pub old_pid: i32,
+    pub host_id: u64,
+    pub pid_file: Vec<std::fs::File>,
+    pub control: Option<OwnedFd>,
+    pub metrics: Option<OwnedFd>,
+    pub api: Vec<std::net::TcpListener>,
+    groups: Vec<InheritedGroup>,
+    pub link: Option<OwnedFd>,
+}
+
+impl Inherited {
+    /// Owns every descriptor `i` names; one that is not open is left out (and logged).
+    pub fn take(i: Inheritance) -> Inherited {
+        let own = |fd: RawFd| match sys::inherited_fd(fd) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("{e}");
+                None
+            }
+        };
+        let groups = (i.groups.into_iter())
+            .map(|mut g| {
+                let listeners = (std::mem::take(&mut g.listeners).into_iter())
+                    .filter_map(own)
+                    .map(std::net::TcpListener::from)
+                    .collect();
+                let mesh = (std::mem::take(&mut g.mesh).into_iter())
+                    .map(|row| row.into_iter().map(|fd| fd.and_then(own)).collect())
+                    .collect();
+                (g, listeners, mesh)
+            })
+            .collect();
+        Inherited {
+            old_pid: i.old_pid,
+            host_id: i.host_id,
+            pid_file: i
+                .pid_file
+                .into_iter()
+                .filter_map(own)
+                .map(std::fs::File::from)
+                .collect(),
+            control: own(i.control),
+            metrics: i.metrics.and_then(own),
+            api: i
+                .api
+                .into_iter()
+                .filter_map(own)
+                .map(std::net::TcpListener::from)
+                .collect(),
+            groups,
+            link: own(i.link),
+        }
+    }
+
+    /// The old master's sockets for `def`, if it ran a group of that name on the same
+    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), and its
+    /// bus mesh if `count` did not change.
+    #[allow(clippy::type_complexity)]
+    pub fn group(
+        &mut self,
+        def: &Worker,
+    ) -> Option<
+        Result<(Vec<std::net::TcpListener>, Option<crate::bus::mesh::Mesh>), listeners::BindError>,
+    > {
+        let at = self
+            .groups
+            .iter()
+            .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
+        let (_, mut listeners, mesh) = self.groups.swap_remove(at);
+        let same = listeners.len() == def.count && mesh.len() == def.count;
+        if listeners.len() < def.count {
+            let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
+            match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
+                Ok(more) => listeners.extend(more),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        listeners.truncate(def.count);
+        let mesh = same.then(|| crate::bus::mesh::Mesh::from_ends(mesh));
+        Some(Ok((listeners, mesh)))
+    }
+}
+
+impl Master {
+    /// Makes a handoff line for each newly ready worker whose slot's old worker waits to hand
+    /// over, and tells the old master once every worker is ready.
+    pub(in crate::master) fn hand_from_predecessor(&mut self) {
+        let Some(pre) = self.predecessor.as_mut() else {
+            return;
+        };
+        for key in self.sup.take_newly_ready() {
+            pre.ready.push_back(key);
+        }
+        // One slot at a time, as in a reload: the next once this one's worker has taken all.
+        if let Some(k) = pre.current
+            && self.sup.procs.get(k).is_some_and(|p| !p.taken)
+        {
+            return;
+        }
+        pre.current = None;
+        while let Some(key) = pre.ready.pop_front() {
+            let Some(p) = self.sup.procs.get_mut(key) else {
+                continue;
+            };
+            let slot = (p.group.clone(), p.slot);
+            if !self.sup.upgrade_pending.remove(&slot) {
+                continue;
+            }
+            p.taken = false;
+            pre.current = Some(key);
+            let (group, slot) = slot;
+            let to = p.pid.as_raw();
+            let from = crate::bus::bridges::Peer {
+                group: group.clone(),
+                slot,
+                pid: pre.pid,
+            };
+            let sent = std::os::unix::net::UnixStream::pair().and_then(|(give, take)| {
+                let adopt = ToWorker::Adopt { from: Some(from) };
+                if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
+                    return Err(io::Error::other("its channel did not take the line"));
+                }
+                let msg = LinkMsg::Handoff { group, slot, to };
+                let line = crate::control::line(&msg);
+                sys::send_with_fd(pre.link.as_raw_fd(), &line, give.as_raw_fd()).map(|_| ())
+            });
+            if let Err(e) = sent {
+                log::warn!("cannot pass a handoff line to the old master: {e}");
+                self.sup.release(key);
+                pre.current = None;
+                continue;
+            }
+            break;
+        }
+        let all_ready = (self.sup.groups.iter()).all(|g| {
+            g.slots
+                .iter()
+                .all(|s| s.proc.is_some_and(|k| self.sup.procs[k].ready))
+        });
+        if all_ready && self.sup.upgrade_pending.is_empty() && !pre.ready_sent {
+            pre.ready_sent = true;
+            let line = crate::control::line(&LinkMsg::Ready);
+            if let Err(e) = (&pre.link).write_all(&line) {
+                log::warn!("cannot tell the old master we are ready: {e}");
+            }
+        }
+    }
+
+    /// The link to the old master ended: it has exited (or died). This master takes over
+    /// the control socket.
+    pub(in crate::master) fn predecessor_gone(&mut self, registry: &Registry) -> io::Result<()> {
+        let Some(mut pre) = self.predecessor.take() else {
+            return Ok(());
+        };
+        let mut buf = [0u8; 64];
+        loop {
+            match io::Read::read(&mut pre.link, &mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.predecessor = Some(pre);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = registry.deregister(&mut pre.link);
+        registry.register(
+            self.clients.listener(),
+            crate::master::event_loop::CONTROL,
+            Interest::READABLE,
+        )?;
+        log::info!(
+            "the old master (pid {}) has gone: this one is in charge",
+            pre.pid
+        );
+        // Slots still waiting for an old worker that never came read their bus ends now.
+        for slot in std::mem::take(&mut self.sup.upgrade_pending) {
+            if let Some(g) = self.sup.group_index(&slot.0)
+                && let Some(key) = self.sup.groups[g].slots.get(slot.1).and_then(|s| s.proc)
+            {
+                self.sup.release(key);
+            }
+        }
+        crate::master::notify::ready(&self.serving_line());
+        Ok(())
+    }
+}
