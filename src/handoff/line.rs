@@ -15,7 +15,7 @@
 
 use crate::sys;
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -60,6 +60,31 @@ pub(crate) struct Line {
     fds: VecDeque<OwnedFd>,
     /// The other side has closed it (read as end of stream).
     ended: bool,
+}
+
+/// Reads everything a non-blocking Unix stream socket has now into `input`, and the
+/// descriptors that came with it into `fds`, in order. `Ok(true)`: the other side has closed it
+/// (end of stream, or reset).
+pub(crate) fn read_available(
+    sock: RawFd,
+    input: &mut Vec<u8>,
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<bool> {
+    let mut chunk = vec![0u8; READ_CHUNK];
+    loop {
+        let mut came = Vec::new();
+        match sys::recv_with_fds(sock, &mut chunk, &mut came) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                input.extend_from_slice(&chunk[..n]);
+                fds.extend(came);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Line {
@@ -158,27 +183,11 @@ impl Line {
     /// When the taker has gone (or the line failed), the error comes with any count read
     /// before it.
     pub(crate) fn acknowledged(&mut self) -> Result<Option<u32>, (Option<u32>, LineError)> {
-        let mut chunk = [0u8; 4096];
-        let mut failure = None;
-        loop {
-            match (&self.sock).read(&mut chunk) {
-                Ok(0) => {
-                    failure = Some(LineError::Closed);
-                    break;
-                }
-                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    failure = Some(LineError::Closed);
-                    break;
-                }
-                Err(e) => {
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-        }
+        let failure = match read_available(self.sock.as_raw_fd(), &mut self.input, &mut self.fds) {
+            Ok(false) => None,
+            Ok(true) => Some(LineError::Closed),
+            Err(e) => Some(e.into()),
+        };
         let whole = self.input.len() / 4 * 4;
         let latest = self.input[..whole]
             .rchunks_exact(4)
@@ -195,28 +204,8 @@ impl Line {
     /// A record longer than `max` breaks the line. `Err(Closed)` once the other side has gone
     /// and every record it sent has been returned (see also [`Line::is_ended`]).
     pub(crate) fn receive(&mut self, max: usize) -> Result<Vec<Record>, LineError> {
-        let mut ended = self.ended;
-        let mut chunk = vec![0u8; READ_CHUNK];
-        while !ended {
-            let mut fds = Vec::new();
-            match sys::recv_with_fds(self.sock.as_raw_fd(), &mut chunk, &mut fds) {
-                Ok(0) => {
-                    ended = true;
-                    break;
-                }
-                Ok(n) => {
-                    self.input.extend_from_slice(&chunk[..n]);
-                    self.fds.extend(fds);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    ended = true;
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let ended =
+            self.ended || read_available(self.sock.as_raw_fd(), &mut self.input, &mut self.fds)?;
         let mut records = Vec::new();
         let mut at = 0;
         while let Some(head) = self.input.get(at..at + FRAME_HEAD) {

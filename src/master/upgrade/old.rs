@@ -4,6 +4,7 @@
 
 use super::{Checking, ENV, GroupFds, Inheritance, LINK, LinkMsg, Successor};
 use crate::control::Reply;
+use crate::handoff::line::read_available;
 use crate::master::event_loop::Master;
 use crate::master::supervisor::Handing;
 use crate::sys;
@@ -181,27 +182,9 @@ impl Master {
         let Some(s) = self.successor.as_mut() else {
             return;
         };
-        let mut chunk = [0u8; 4096];
-        let mut closed = false;
-        loop {
-            let mut fds = Vec::new();
-            match sys::recv_with_fds(s.link.as_raw_fd(), &mut chunk, &mut fds) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => {
-                    s.input.extend_from_slice(&chunk[..n]);
-                    s.fds.extend(fds);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
+        let read = read_available(s.link.as_raw_fd(), &mut s.input, &mut s.fds);
+        // A link that fails is as good as closed: the new master's exit decides the rest.
+        let closed = read.unwrap_or(true);
         let mut messages = Vec::new();
         while let Some(nl) = s.input.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = s.input.drain(..=nl).collect();
