@@ -164,11 +164,32 @@ impl Conn {
         limits: Limits,
         max_header_bytes: usize,
     ) -> Conn {
+        let session = Session::new(limits, max_header_bytes);
+        Conn::with_session(
+            serial,
+            socket,
+            peer,
+            ip_slot,
+            #[cfg(feature = "tls")]
+            tls,
+            session,
+        )
+    }
+
+    /// A connection with `session`, accepted now.
+    fn with_session(
+        serial: u32,
+        socket: TcpStream,
+        peer: SocketAddr,
+        ip_slot: Option<IpSlot>,
+        #[cfg(feature = "tls")] tls: Option<Box<TlsConn>>,
+        session: Session,
+    ) -> Conn {
         let now = Moment::at(Instant::now());
         Conn {
             serial,
             socket,
-            session: Session::new(limits, max_header_bytes),
+            session,
             remote: peer,
             path: None,
             since: now,
@@ -250,33 +271,21 @@ impl Conn {
             grant: handed.grant.take(),
         };
         let has_extra = extra.protocol.is_some() || extra.grant.is_some();
-        let mut conn = Conn {
+        let mut conn = Conn::with_session(
             serial,
             socket,
-            session,
-            remote: handed.remote,
-            path: None,
-            since: Moment::at(since),
-            last_input: Moment::at(now),
-            pinged_at: None,
-            closing_since: None,
-            dirty: false,
-            backlogged: false,
-            write_shut: false,
-            buffer_full: false,
-            input_ended: false,
-            reads_paused: false,
+            handed.remote,
             ip_slot,
             #[cfg(feature = "tls")]
-            tls: None,
-            traffic: Traffic {
-                bytes_in,
-                bytes_out,
-                messages_in,
-                messages_out,
-            },
-            agreed: Agreed::NONE,
-            extra: None,
+            None,
+            session,
+        );
+        conn.since = Moment::at(since);
+        conn.traffic = Traffic {
+            bytes_in,
+            bytes_out,
+            messages_in,
+            messages_out,
         };
         let path = std::mem::take(&mut handed.path);
         conn.opened(path, agreed, has_extra.then(|| Box::new(extra)));
