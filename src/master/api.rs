@@ -26,20 +26,12 @@ impl ApiSlots {
     /// Binds one socket per slot of the served group, which has `count` slots.
     pub fn bind(config: ApiConfig, group: String, count: usize) -> Result<ApiSlots, BindError> {
         let listeners = listeners::bind_slots(config.listen.addr, count, BACKLOG)?;
-        let addr = listeners[0].local_addr().map_err(|error| BindError {
-            addr: config.listen.addr,
-            error,
-        })?;
-        Ok(ApiSlots {
-            config,
-            group,
-            addr,
-            listeners,
-        })
+        ApiSlots::serve_on(config, group, listeners)
     }
 
-    /// The sockets of the master this one replaces (`wsd upgrade`).
-    pub fn inherited(
+    /// Serves on sockets bound already: by [`ApiSlots::bind`], or by the master this one
+    /// replaces (`wsd upgrade`).
+    pub fn serve_on(
         config: ApiConfig,
         group: String,
         listeners: Vec<TcpListener>,

@@ -225,7 +225,7 @@ pub fn start(plan: Plan) -> i32 {
             .map_or(1, |(d, _)| d.count);
         let kept = inherited.as_mut().map(|i| std::mem::take(&mut i.api));
         let slots = match kept.filter(|l| l.len() == count) {
-            Some(listeners) => api::ApiSlots::inherited(config, group, listeners),
+            Some(listeners) => api::ApiSlots::serve_on(config, group, listeners),
             None => api::ApiSlots::bind(config, group, count),
         };
         match slots {

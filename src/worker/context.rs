@@ -351,7 +351,8 @@ impl Context {
         self.conn(id).is_some_and(|c| c.session.can_send())
     }
 
-    fn conn(&self, id: ConnId) -> Option<&Conn> {
+    /// Connection `id`, if it is still this worker's (its slot not reused since).
+    pub(crate) fn conn(&self, id: ConnId) -> Option<&Conn> {
         self.conns
             .get(id.idx as usize)
             .filter(|c| c.serial == id.serial)

@@ -647,12 +647,7 @@ impl Loop {
         let idx = id.idx as usize;
         // The hook cannot end this connection (it has no id for it), but it ran app code; and
         // a client may leave while its handler decides.
-        if self
-            .ctx
-            .conns
-            .get(idx)
-            .is_none_or(|c| c.serial != id.serial)
-        {
+        if self.ctx.conn(id).is_none() {
             return;
         }
         let Upgrade {

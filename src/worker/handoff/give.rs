@@ -154,12 +154,7 @@ impl Loop {
                 break;
             };
             let idx = id.idx as usize;
-            if self
-                .ctx
-                .conns
-                .get(idx)
-                .is_none_or(|c| c.serial != id.serial)
-            {
+            if self.ctx.conn(id).is_none() {
                 self.handoffs.waiting.remove(&idx);
                 continue; // Gone meanwhile.
             }
