@@ -119,14 +119,63 @@ struct Seen {
     failures: Mutex<Vec<String>>,
 }
 
-fn assert_no_failures(seen: &Seen) {
-    let failures = seen.failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} clients failed, first: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+/// [`client`]s talking to a server on threads of their own, until [`Swarm::finish`].
+struct Swarm {
+    seen: Arc<Seen>,
+    done: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Swarm {
+    /// `n` clients, once every one of them is connected.
+    fn start(server: &mut Server, n: usize) -> Swarm {
+        let port = server.port;
+        let seen = Arc::new(Seen::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|i| {
+                let (seen, done) = (seen.clone(), done.clone());
+                std::thread::spawn(move || client(port, i, &seen, &done))
+            })
+            .collect();
+        wait_for("every client connected", DEADLINE, || {
+            (open_connections(server) == n as u64).then_some(())
+        });
+        Swarm {
+            seen,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits until the clients have done `more` rounds in all, or one has failed.
+    fn progress(&self, more: u64) {
+        let seen = &self.seen;
+        let from = seen.rounds.load(Ordering::Relaxed);
+        wait_for("the clients to go on", DEADLINE, || {
+            let failed = !seen.failures.lock().unwrap().is_empty();
+            (failed || seen.rounds.load(Ordering::Relaxed) >= from + more).then_some(())
+        });
+    }
+
+    fn assert_no_failures(&self) {
+        let failures = self.seen.failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} clients failed, first: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+    }
+
+    /// Stops the clients (each closes) and asserts that none failed.
+    fn finish(mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            t.join().unwrap();
+        }
+        self.assert_no_failures();
+    }
 }
 
 /// One client: named `c{i}`, then rounds of 4 pipelined messages, each answered in order with
@@ -172,33 +221,15 @@ fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
 
 fn a_reload_moves_every_connection_with_its_state_and_loses_nothing() {
     let mut server = start(4);
-    let port = server.port;
     const CLIENTS: usize = 60;
-    let seen = Arc::new(Seen::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (seen, done) = (seen.clone(), done.clone());
-            std::thread::spawn(move || client(port, i, &seen, &done))
-        })
-        .collect();
-    let progress = |seen: &Seen, more: u64| {
-        let from = seen.rounds.load(Ordering::Relaxed);
-        wait_for("the clients to go on", DEADLINE, || {
-            let failed = !seen.failures.lock().unwrap().is_empty();
-            (failed || seen.rounds.load(Ordering::Relaxed) >= from + more).then_some(())
-        });
-    };
-    wait_for("every client connected", DEADLINE, || {
-        (open_connections(&mut server) == CLIENTS as u64).then_some(())
-    });
-    progress(&seen, 200);
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    swarm.progress(200);
     // The same count, fewer workers (one worker's clients go to another slot), then more.
     for count in [4, 3, 4] {
         reload_to(&mut server, count);
-        progress(&seen, 200);
+        swarm.progress(200);
     }
-    assert_no_failures(&seen);
+    swarm.assert_no_failures();
     // Every client is still on its first connection, now held by the new workers (as their
     // next report says).
     wait_for("the new workers to count every client", DEADLINE, || {
@@ -215,11 +246,7 @@ fn a_reload_moves_every_connection_with_its_state_and_loses_nothing() {
     );
     // Their age and traffic came with them.
     assert!(rows.iter().all(|r| r["messages_in"].as_u64().unwrap() > 4));
-    done.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_no_failures(&seen);
+    swarm.finish();
 }
 
 /// Broadcasts sent through a reload (the count unchanged, so the new workers take over the
@@ -307,23 +334,9 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
     let marker = dir.path().join("crash-on-adopt");
     let env = [(CRASH_ENV, marker.as_path())];
     let mut server = Server::start_with_env(std::env::current_exe().unwrap(), dir, config, &env);
-    let port = server.port;
     const CLIENTS: usize = 30;
-    let seen = Arc::new(Seen::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (seen, done) = (seen.clone(), done.clone());
-            std::thread::spawn(move || client(port, i, &seen, &done))
-        })
-        .collect();
-    wait_for("every client connected", DEADLINE, || {
-        (open_connections(&mut server) == CLIENTS as u64).then_some(())
-    });
-    let from = seen.rounds.load(Ordering::Relaxed);
-    wait_for("the clients to talk", DEADLINE, || {
-        (seen.rounds.load(Ordering::Relaxed) > from + 100).then_some(())
-    });
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    swarm.progress(101);
     // On its first: a connection it had acknowledged would be its own, and lost with it like
     // any worker's that crashes; one it had not is still the old worker's.
     std::fs::write(&marker, "1").unwrap();
@@ -337,26 +350,18 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
     );
     assert!(
         !marker.exists(),
-        "the new worker crashed on its 10th connection"
+        "the new worker crashed on its first connection"
     );
     wait_for("the old worker to hand over and exit", DEADLINE, || {
         exited(old).then_some(())
     });
-    let from = seen.rounds.load(Ordering::Relaxed);
-    wait_for("the clients to go on", DEADLINE, || {
-        let failed = !seen.failures.lock().unwrap().is_empty();
-        (failed || seen.rounds.load(Ordering::Relaxed) > from + 100).then_some(())
-    });
-    assert_no_failures(&seen);
+    swarm.progress(101);
+    swarm.assert_no_failures();
     wait_for("the next worker to hold every client", DEADLINE, || {
         (open_connections(&mut server) == CLIENTS as u64).then_some(())
     });
     assert!(server.master_output().contains("took all 30 connections"));
-    done.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_no_failures(&seen);
+    swarm.finish();
 }
 
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
@@ -365,27 +370,9 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
 /// or dies before it is ready, changes nothing.
 fn an_upgrade_to_a_new_binary_moves_every_connection() {
     let mut server = start(2);
-    let port = server.port;
     const CLIENTS: usize = 40;
-    let seen = Arc::new(Seen::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let (seen, done) = (seen.clone(), done.clone());
-            std::thread::spawn(move || client(port, i, &seen, &done))
-        })
-        .collect();
-    let progress = |seen: &Seen, more: u64| {
-        let from = seen.rounds.load(Ordering::Relaxed);
-        wait_for("the clients to go on", DEADLINE, || {
-            let failed = !seen.failures.lock().unwrap().is_empty();
-            (failed || seen.rounds.load(Ordering::Relaxed) >= from + more).then_some(())
-        });
-    };
-    wait_for("every client connected", DEADLINE, || {
-        (open_connections(&mut server) == CLIENTS as u64).then_some(())
-    });
-    progress(&seen, 100);
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    swarm.progress(100);
 
     // A binary that is not a wsd, and one that passes `check` but exits at start.
     let dir = server.dir.path().to_path_buf();
@@ -414,7 +401,7 @@ fn an_upgrade_to_a_new_binary_moves_every_connection() {
         text(&out)
     );
     assert_eq!(server.status()["master"]["pid"], old_master);
-    progress(&seen, 100);
+    swarm.progress(100);
 
     // The new binary.
     let next = dir.join("named-next");
@@ -437,20 +424,16 @@ fn an_upgrade_to_a_new_binary_moves_every_connection() {
         workers.iter().all(|p| !before.contains(p)),
         "{before:?} -> {workers:?}"
     );
-    progress(&seen, 200);
+    swarm.progress(200);
     wait_for("the new workers to count every client", DEADLINE, || {
         (open_connections(&mut server) == CLIENTS as u64).then_some(())
     });
-    assert_no_failures(&seen);
+    swarm.assert_no_failures();
     // The new master answers the control socket: a reload, then a stop.
     let out = server.wsd(&["reload"]);
     assert!(out.status.success(), "{}", text(&out));
-    progress(&seen, 100);
-    done.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert_no_failures(&seen);
+    swarm.progress(100);
+    swarm.finish();
     let out = server.wsd(&["stop"]);
     assert!(out.status.success(), "{}", text(&out));
     wait_for("the new master to exit", DEADLINE, || {
