@@ -138,14 +138,18 @@ impl Swarm {
                 std::thread::spawn(move || client(port, i, &seen, &done))
             })
             .collect();
-        wait_for("every client connected", DEADLINE, || {
-            (open_connections(server) == n as u64).then_some(())
-        });
-        Swarm {
+        let swarm = Swarm {
             seen,
             done,
             threads,
-        }
+        };
+        // A client that failed says why, rather than the count never coming.
+        wait_for("every client connected (or one failed)", DEADLINE, || {
+            let failed = !swarm.seen.failures.lock().unwrap().is_empty();
+            (failed || open_connections(server) == n as u64).then_some(())
+        });
+        swarm.assert_no_failures();
+        swarm
     }
 
     /// Waits until the clients have done `more` rounds in all, or one has failed.
@@ -178,6 +182,31 @@ impl Swarm {
     }
 }
 
+/// A system call of the client's interrupted by a signal (a socket with a timeout returns
+/// EINTR even for one the process does not handle) is tried again: it says nothing of the
+/// server. tungstenite keeps what it had read or queued, so the call can simply be repeated.
+fn interrupted(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted)
+}
+
+fn read(c: &mut Client) -> tungstenite::Result<Message> {
+    loop {
+        match c.ws.read() {
+            Err(e) if interrupted(&e) => continue,
+            other => return other,
+        }
+    }
+}
+
+fn send(c: &mut Client, text: String) -> tungstenite::Result<()> {
+    let mut sent = c.ws.send(Message::text(text));
+    // The message is queued; only its flush was interrupted.
+    while matches!(&sent, Err(e) if interrupted(e)) {
+        sent = c.ws.flush();
+    }
+    sent
+}
+
 /// One client: named `c{i}`, then rounds of 4 pipelined messages, each answered in order with
 /// its name. Any other answer, a close or an error is a failure.
 fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
@@ -192,23 +221,23 @@ fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
         Err(e) => return fail(format!("connect: {e}")),
     };
     let name = format!("c{i}");
-    if let Err(e) = c.ws.send(Message::text(format!("name {name}"))) {
+    if let Err(e) = send(&mut c, format!("name {name}")) {
         return fail(format!("send name: {e}"));
     }
-    match c.ws.read() {
+    match read(&mut c) {
         Ok(Message::Text(t)) if t.as_str() == format!("hi {name}") => {}
         other => return fail(format!("named: {other:?}")),
     }
     let mut seq = 0u64;
     while !done.load(Ordering::Relaxed) {
         for k in 0..4 {
-            if let Err(e) = c.ws.send(Message::text((seq + k).to_string())) {
+            if let Err(e) = send(&mut c, (seq + k).to_string()) {
                 return fail(format!("send {}: {e}", seq + k));
             }
         }
         for k in 0..4 {
             let want = format!("{name} {}", seq + k);
-            match c.ws.read() {
+            match read(&mut c) {
                 Ok(Message::Text(t)) if t.as_str() == want => {}
                 other => return fail(format!("wanted {want:?}, got {other:?}")),
             }
