@@ -70,8 +70,13 @@ pub use worker::{
     ConnError, Context, Decision, SendError, TimerId, UpgradeRequest, Worker, WorkerAddr,
 };
 
-/// This build's version, shown in the banner and `status`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// This build's version, shown by `--version`, in the banner and in `status`: the crate's,
+/// unless the build set `WSD_VERSION` (a packager's `0.1.0-3`, a commit, a test's second
+/// build), so two builds of one release can be told apart during an upgrade.
+pub const VERSION: &str = match option_env!("WSD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 #[cfg(feature = "cli")]
 pub use runner::run_all;

@@ -595,13 +595,6 @@ fn reopen_logs_moves_master_and_workers_to_a_new_file() {
         new_log().contains("killed by SIGKILL").then_some(())
     });
     assert_eq!(std::fs::metadata(&rotated).unwrap().len(), old_size);
-    // SIGUSR2 does the same, for logrotate setups that signal.
-    let second = dir.path().join("wsd.log.2");
-    std::fs::rename(&log, &second).unwrap();
-    kill(Pid::from_raw(master), Signal::SIGUSR2).unwrap();
-    wait_for("the master's line after SIGUSR2", DEADLINE, || {
-        new_log().contains("reopened").then_some(())
-    });
     assert!(wsd(&["stop"]).status.success());
     // A foreground master has no log file to reopen, and says so.
     let server = Server::start("echo", 1);

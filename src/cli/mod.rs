@@ -18,7 +18,7 @@ use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = crate::VERSION,
     about = "A multi-process WebSocket server in the mould of Workerman"
 )]
 struct Cli {

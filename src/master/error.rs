@@ -108,7 +108,7 @@ pub enum ReloadError {
     },
 }
 
-/// Why `wsd reopen-logs` (or SIGUSR2) did nothing.
+/// Why `wsd reopen-logs` did nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReopenError {
     /// Only a daemon has a log file.
@@ -128,4 +128,59 @@ pub enum ReopenError {
     /// The master's output cannot be pointed at it.
     #[error("{0}")]
     Redirect(#[source] io::Error),
+}
+
+/// Why `wsd upgrade` (or SIGUSR2) did not hand the server to a new binary. The running master
+/// serves on in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// A stop has begun.
+    #[error("the server is stopping")]
+    Stopping,
+    /// One reload or upgrade at a time.
+    #[error("a reload or an upgrade is under way")]
+    Busy,
+    /// The binary could not be run (missing, not executable).
+    #[error("cannot run {}: {source}", binary.display())]
+    Run {
+        /// The new binary.
+        binary: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The binary's `check` of the configuration failed.
+    #[error("{} check {how}: {said}", binary.display())]
+    Check {
+        /// The new binary.
+        binary: PathBuf,
+        /// How it exited ("exited with status 1").
+        how: String,
+        /// What it printed.
+        said: String,
+    },
+    /// The link between the two masters could not be made.
+    #[error("cannot link to the new master: {0}")]
+    Link(#[source] io::Error),
+    /// The new master exited before it took over.
+    #[error(
+        "the new master (pid {pid}) {how} before it took over; this one (pid {this}) serves on"
+    )]
+    SuccessorExited {
+        /// The new master.
+        pid: i32,
+        /// How it exited.
+        how: String,
+        /// The master that keeps serving.
+        this: u32,
+    },
+}
+
+/// Why a master started by `wsd upgrade` could not read what the old one left it.
+#[derive(Debug, thiserror::Error)]
+#[error("bad {var}: {source}")]
+pub struct InheritanceError {
+    /// The environment variable.
+    pub var: &'static str,
+    /// Why.
+    pub source: serde_json::Error,
 }

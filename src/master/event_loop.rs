@@ -2,7 +2,8 @@
 //! every worker's channel. No threads ever (workers are forked from here), no blocking waits.
 //!
 //! Signals: SIGTERM stops gracefully, SIGINT/SIGQUIT stop fast, SIGUSR1/SIGHUP reload,
-//! SIGUSR2 reopens the log file, SIGCHLD reaps. The CLI asks the same things over the control
+//! SIGUSR2 upgrades to the binary the master was started from (as nginx does), SIGCHLD
+//! reaps. The CLI asks the same things over the control
 //! socket (`requests.rs` answers) and gets an answer. This file drives what takes time: the
 //! workers' lives, a stop, a reload.
 
@@ -389,8 +390,9 @@ impl Master {
                     }
                 }
                 Signal::SIGUSR2 => {
-                    if let Err(e) = self.reopen_logs() {
-                        log::error!("cannot reopen logs: {e}");
+                    log::info!("SIGUSR2: upgrading to {}", self.exe.display());
+                    if let Err(e) = self.begin_upgrade(None, None) {
+                        log::error!("upgrade refused: {e}");
                     }
                 }
                 _ => {}

@@ -25,7 +25,9 @@ mod requests;
 mod supervisor;
 mod upgrade;
 
-pub use error::{GroupsError, ReloadError, ReopenError, StartError};
+pub use error::{
+    GroupsError, InheritanceError, ReloadError, ReopenError, StartError, UpgradeError,
+};
 
 use crate::config::{Config, ServerConfig};
 use crate::worker::Worker;

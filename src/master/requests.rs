@@ -88,7 +88,7 @@ impl Master {
                 Err(e) => Reply::error(e.to_string()),
             },
             Request::Connections => return self.ask_connections(key, registry),
-            Request::Upgrade { binary } => match self.begin_upgrade(key, binary) {
+            Request::Upgrade { binary } => match self.begin_upgrade(Some(key), binary) {
                 Ok(()) => return,
                 Err(e) => Reply::error(format!("upgrade refused: {e}")),
             },

@@ -93,7 +93,7 @@ impl Webhook {
         let agent = ureq::AgentBuilder::new()
             .timeout(settings.webhook_timeout)
             .max_idle_connections_per_host(settings.webhook_connections)
-            .user_agent(concat!("wsd/", env!("CARGO_PKG_VERSION")))
+            .user_agent(&format!("wsd/{}", crate::VERSION))
             .build();
         let mut lanes = Vec::new();
         for n in 0..settings.webhook_connections {

@@ -26,6 +26,7 @@ mod old;
 
 pub(super) use new::Inherited;
 
+use super::InheritanceError;
 use super::event_loop::Master;
 use crate::sys;
 use mio::net::UnixStream;
@@ -83,11 +84,11 @@ impl Inheritance {
     }
 
     /// In the new master: what the old one left, if this start is an upgrade.
-    pub(in crate::master) fn from_env() -> Option<Result<Inheritance, String>> {
+    pub(in crate::master) fn from_env() -> Option<Result<Inheritance, InheritanceError>> {
         let text = std::env::var(ENV).ok()?;
         // Workers forked from here, and a later upgrade's master, must not take it for theirs.
         sys::forget_upgrade_env(ENV);
-        Some(serde_json::from_str(&text).map_err(|e| format!("bad {ENV}: {e}")))
+        Some(serde_json::from_str(&text).map_err(|source| InheritanceError { var: ENV, source }))
     }
 }
 

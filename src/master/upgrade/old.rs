@@ -5,6 +5,7 @@
 use super::{Checking, ENV, GroupFds, Inheritance, LINK, LinkMsg, Successor};
 use crate::control::Reply;
 use crate::handoff::line::read_available;
+use crate::master::UpgradeError;
 use crate::master::event_loop::Master;
 use crate::master::supervisor::Handing;
 use crate::sys;
@@ -18,20 +19,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 impl Master {
-    /// `wsd upgrade`: runs the new binary's `check` on this master's configuration; when it
-    /// passes (`check_done`), the binary starts as the next master. `Err` says why nothing
-    /// happened.
+    /// `wsd upgrade` (`waiter`: the control client to answer) or SIGUSR2: runs the new
+    /// binary's `check` on this master's configuration; when it passes (`check_done`), the
+    /// binary starts as the next master. `Err` says why nothing happened.
     pub(in crate::master) fn begin_upgrade(
         &mut self,
-        key: usize,
+        waiter: Option<usize>,
         binary: Option<PathBuf>,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpgradeError> {
         if self.stopping.is_some() {
-            return Err("the server is stopping".into());
+            return Err(UpgradeError::Stopping);
         }
         let busy = self.checking.is_some() || self.successor.is_some();
         if self.reload.is_some() || busy || self.predecessor.is_some() {
-            return Err("a reload or an upgrade is under way".into());
+            return Err(UpgradeError::Busy);
         }
         let binary = binary.unwrap_or_else(|| self.exe.clone());
         let mut cmd = std::process::Command::new(&binary);
@@ -43,11 +44,14 @@ impl Master {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+            .map_err(|source| UpgradeError::Run {
+                binary: binary.clone(),
+                source,
+            })?;
         self.checking = Some(Checking {
             child,
             binary,
-            waiters: vec![key],
+            waiters: waiter.into_iter().collect(),
         });
         Ok(())
     }
@@ -86,12 +90,11 @@ impl Master {
                         said = text;
                     }
                 }
-                let how = crate::master::supervisor::describe(status);
-                Err(format!(
-                    "{} check {how}: {}",
-                    c.binary.display(),
-                    said.trim()
-                ))
+                Err(UpgradeError::Check {
+                    binary: c.binary.clone(),
+                    how: crate::master::supervisor::describe(status),
+                    said: said.trim().to_string(),
+                })
             }
         };
         match result {
@@ -100,6 +103,7 @@ impl Master {
                 self.successor = Some(s);
             }
             Err(why) => {
+                log::error!("upgrade refused: {why}");
                 let reply = Reply::error(format!("upgrade refused: {why}"));
                 for key in c.waiters {
                     self.clients.reply(key, &reply, registry);
@@ -113,9 +117,8 @@ impl Master {
         &mut self,
         binary: &Path,
         registry: &Registry,
-    ) -> Result<Successor, String> {
-        let (mine, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| format!("cannot make the link to the new master: {e}"))?;
+    ) -> Result<Successor, UpgradeError> {
+        let (mine, theirs) = std::os::unix::net::UnixStream::pair().map_err(UpgradeError::Link)?;
         let inheritance = Inheritance {
             old_pid: std::process::id() as i32,
             host_id: self.sup.host_id,
@@ -133,16 +136,14 @@ impl Master {
                 .collect(),
             link: theirs.as_raw_fd(),
         };
-        let pid = self
-            .launch(binary, &inheritance)
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let pid = (self.launch(binary, &inheritance)).map_err(|source| UpgradeError::Run {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
         drop(theirs);
-        mine.set_nonblocking(true)
-            .map_err(|e| format!("link to the new master: {e}"))?;
+        mine.set_nonblocking(true).map_err(UpgradeError::Link)?;
         let mut link = UnixStream::from_std(mine);
-        registry
-            .register(&mut link, LINK, Interest::READABLE)
-            .map_err(|e| format!("link to the new master: {e}"))?;
+        (registry.register(&mut link, LINK, Interest::READABLE)).map_err(UpgradeError::Link)?;
         log::info!("upgrading: started {} as pid {pid}", binary.display());
         crate::master::notify::status(&format!("upgrading to pid {pid}"));
         Ok(Successor {
@@ -286,13 +287,12 @@ impl Master {
             return;
         };
         let _ = registry.deregister(&mut s.link);
-        let why = format!(
-            "upgrade failed: the new master (pid {}) {how} before it took over; this one \
-             (pid {}) serves on",
-            s.pid,
-            std::process::id()
-        );
-        log::error!("{why}");
+        let why = UpgradeError::SuccessorExited {
+            pid: s.pid.as_raw(),
+            how: how.to_string(),
+            this: std::process::id(),
+        };
+        log::error!("upgrade failed: {why}");
         let times = self.handover_times();
         let mut restart = Vec::new();
         for (_, p) in self.sup.procs.iter_mut() {
@@ -321,8 +321,8 @@ impl Master {
         }
         crate::master::notify::ready(&self.serving_line());
         for key in s.waiters {
-            self.clients
-                .reply(key, &Reply::error(why.clone()), registry);
+            let reply = Reply::error(format!("upgrade failed: {why}"));
+            self.clients.reply(key, &reply, registry);
         }
     }
 }
