@@ -177,7 +177,7 @@ impl Swarm {
     }
 
     fn assert_no_failures(&self) {
-        let failures = self.seen.failures.lock().unwrap();
+        let failures = self.seen.failures.lock().unwrap().clone();
         assert!(
             failures.is_empty(),
             "{} clients failed, first: {:?}",
@@ -315,8 +315,13 @@ struct Chat {
 }
 
 impl Chat {
-    /// `n` subscribers, all joined before the publisher's first line.
-    fn start(port: u16, n: usize) -> Chat {
+    /// `n` subscribers, all joined before the publisher's first line; the publisher tells one
+    /// every `every`. It connects first, so a worker that holds it and subscribers hands it
+    /// over before them.
+    fn start(port: u16, n: usize, every: Duration) -> Chat {
+        let mut p = Client::connect(port);
+        p.send_text("name pub");
+        assert_eq!(p.recv_text(), "hi pub");
         let heard: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let failures = Arc::new(Mutex::new(Vec::new()));
         let done = Arc::new(AtomicBool::new(false));
@@ -350,9 +355,6 @@ impl Chat {
         let publisher = {
             let (said, hold, held, done) = (said.clone(), hold.clone(), held.clone(), done.clone());
             std::thread::spawn(move || {
-                let mut p = Client::connect(port);
-                p.send_text("name pub");
-                assert_eq!(p.recv_text(), "hi pub");
                 let mut n = 0u64;
                 while !done.load(Ordering::SeqCst) {
                     if hold.load(Ordering::SeqCst) {
@@ -364,7 +366,7 @@ impl Chat {
                     send(&mut p, format!("tell {n}")).expect("the publisher sends");
                     n += 1;
                     said.store(n, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(every);
                 }
                 send(&mut p, "tell end".into()).expect("the publisher sends");
                 n
@@ -412,7 +414,7 @@ impl Chat {
     }
 
     fn assert_no_failures(&self) {
-        let failures = self.failures.lock().unwrap();
+        let failures = self.failures.lock().unwrap().clone();
         assert!(
             failures.is_empty(),
             "{:?}",
@@ -490,7 +492,7 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
     let mut server = start(4);
     let second = second_build(server.dir.path());
     let swarm = Swarm::start(&mut server, CLIENTS);
-    let chat = Chat::start(server.port, SUBSCRIBERS);
+    let chat = Chat::start(server.port, SUBSCRIBERS, Duration::from_millis(10));
     let everyone = (CLIENTS + SUBSCRIBERS + 1) as u64;
     let step = |swarm: &Swarm, chat: &Chat| {
         swarm.progress(2 * CLIENTS as u64);
@@ -561,6 +563,23 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
     );
     assert!(rows.iter().all(|r| r["messages_in"].as_u64().unwrap() >= 2));
     swarm.finish();
+    chat.finish();
+}
+
+/// A client handed over early publishes while later ones still wait in the old worker's queue
+/// (more than one window of records): they get its lines once the new worker has them all,
+/// not never. The publisher connected first, so it is handed over first.
+fn lines_published_mid_handoff_reach_the_clients_not_yet_handed() {
+    const SUBSCRIBERS: usize = 600;
+    raise_fd_limit(4 * SUBSCRIBERS as u64);
+    let mut server = start(1);
+    let chat = Chat::start(server.port, SUBSCRIBERS, Duration::from_millis(1));
+    chat.go_on(20);
+    for _ in 0..3 {
+        reload_to(&mut server, 1);
+        chat.go_on(20);
+        chat.assert_no_failures();
+    }
     chat.finish();
 }
 
@@ -908,6 +927,10 @@ fn main() {
         (
             "a_deploy_moves_a_thousand_clients_and_loses_no_message",
             a_deploy_moves_a_thousand_clients_and_loses_no_message,
+        ),
+        (
+            "lines_published_mid_handoff_reach_the_clients_not_yet_handed",
+            lines_published_mid_handoff_reach_the_clients_not_yet_handed,
         ),
         (
             "a_new_worker_dying_mid_handoff_loses_no_connection",

@@ -110,6 +110,25 @@ enum Remote {
     Running(Cluster),
 }
 
+/// Whose turn it is to read a worker's ends when they are shared with the worker of the same
+/// slot in the other generation (a reload or an upgrade that keeps `count`). Every message on
+/// them is read by exactly one of the two: the old worker up to the moment it has handed its
+/// connections over (what it did with a message travels in their send queues), the new one
+/// from then on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Ours.
+    #[default]
+    Reading,
+    /// Still the worker this one replaces: its handoff ends the wait.
+    Awaiting,
+    /// The new worker's: this one has handed its connections over.
+    Given,
+}
+
+/// Group messages a worker may hold while it awaits its turn; more are dropped (and counted).
+const MAX_HELD: usize = 65_536;
+
 /// A worker's side of its group's bus.
 pub(crate) struct Bus {
     pub origin: Origin,
@@ -117,9 +136,9 @@ pub(crate) struct Bus {
     peers: Vec<Option<OwnedFd>>,
     remote: Remote,
     pub stats: BusStats,
-    /// The ends were the slot's previous worker's, which reads them until it has handed its
-    /// connections over (`handoff`): this worker reads them only from then on.
-    inherited: bool,
+    turn: Turn,
+    /// Group messages made while the turn was awaited, to send when it comes.
+    held: Vec<BusMessage>,
 }
 
 impl Bus {
@@ -129,19 +148,66 @@ impl Bus {
             peers,
             remote: Remote::None,
             stats: BusStats::default(),
-            inherited: false,
+            turn: Turn::Reading,
+            held: Vec::new(),
         }
     }
 
-    /// Marks the ends as taken over from the slot's previous worker, still running.
+    /// Marks the ends as taken over from the slot's previous worker, which still reads them
+    /// until it has handed its connections over: this worker reads them only from then on.
     pub fn inherited(mut self) -> Bus {
-        self.inherited = true;
+        self.turn = Turn::Awaiting;
         self
     }
 
-    /// The ends were taken over from a worker that still reads them.
-    pub fn is_inherited(&self) -> bool {
-        self.inherited
+    /// Whether this worker reads its ends now.
+    pub fn reads(&self) -> bool {
+        self.turn == Turn::Reading
+    }
+
+    /// This worker has handed its connections over: the ends are its successor's to read.
+    /// False if it was not reading them.
+    pub fn give_turn(&mut self) -> bool {
+        let mine = self.turn == Turn::Reading;
+        if mine {
+            self.turn = Turn::Given;
+        }
+        mine
+    }
+
+    /// The handoff broke: the ends are this worker's again. False if it had not given them.
+    pub fn take_back_turn(&mut self) -> bool {
+        let given = self.turn == Turn::Given;
+        if given {
+            self.turn = Turn::Reading;
+        }
+        given
+    }
+
+    /// The previous worker has stopped reading the ends: they are this worker's from now on.
+    /// Returns the group messages held meanwhile, or `None` if the turn was not awaited.
+    pub fn take_turn(&mut self) -> Option<Vec<BusMessage>> {
+        if self.turn != Turn::Awaiting {
+            return None;
+        }
+        self.turn = Turn::Reading;
+        Some(std::mem::take(&mut self.held))
+    }
+
+    /// While the turn is awaited, keeps a group message (a broadcast, a publish, a user's)
+    /// to send when it comes, and returns `None`: the previous worker still holds some of the
+    /// slot's clients, which a message sent now would miss, since no end leads from a slot to
+    /// itself. Otherwise gives the message back, to send now.
+    pub fn hold(&mut self, msg: BusMessage) -> Option<BusMessage> {
+        if self.turn != Turn::Awaiting {
+            return Some(msg);
+        }
+        if self.held.len() < MAX_HELD {
+            self.held.push(msg);
+        } else {
+            self.stats.dropped += 1;
+        }
+        None
     }
 
     /// Joins the cluster bus too, once [`Bus::start_cluster`] runs in the worker.

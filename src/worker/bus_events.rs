@@ -15,7 +15,7 @@ impl Loop {
     /// The bus end to the worker in `peer` is readable. A peer with more waiting than one
     /// turn's budget is read again next turn, after the clients have had theirs.
     pub(super) fn bus_ready(&mut self, peer: usize) {
-        if !self.handoffs.reads_bus() {
+        if !self.ctx.bus.reads() {
             return; // Another worker's turn (`handoff.rs`).
         }
         let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
@@ -36,17 +36,11 @@ impl Loop {
 
     fn carry_out(&mut self, from: Origin, msg: BusMessage) {
         match msg {
-            BusMessage::Broadcast(m) => {
-                self.ctx.broadcast_local(m);
+            BusMessage::Broadcast(_) | BusMessage::Publish(..) | BusMessage::SendUser(..) => {
+                self.ctx.deliver_local(msg);
             }
             BusMessage::SendTo(conn, m) => {
                 let _ = self.ctx.send(conn, m);
-            }
-            BusMessage::Publish(topic, m) => {
-                self.ctx.publish_local(&topic, m);
-            }
-            BusMessage::SendUser(uid, m) => {
-                self.ctx.send_to_user_local(&uid, m);
             }
             BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
             BusMessage::Answer(id, answer) => self.on_answer(id, &answer),

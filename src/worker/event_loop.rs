@@ -199,10 +199,7 @@ impl Loop {
             )?;
         }
         bus.start_cluster(poll.registry(), CLUSTER)?;
-        let mut handoffs = Handoffs::default();
-        if bus.is_inherited() {
-            handoffs.await_predecessor();
-        }
+        let handoffs = Handoffs::default();
         let api = match api {
             Some(socket) => Some(Api::new(socket, settings.name(), poll.registry())?),
             None => None,

@@ -42,9 +42,41 @@ impl Context {
     /// Sends `msg` to every open connection of every worker of the group (and of the same
     /// group on every server of the cluster). Returns how many of this worker's clients got it.
     pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
-        let msg = msg.into();
-        self.bus.send_to_group(&BusMessage::Broadcast(msg.clone()));
-        self.broadcast_local(msg)
+        self.to_group(BusMessage::Broadcast(msg.into()))
+    }
+
+    /// Sends a broadcast, a publish or a user's message to the other workers and carries out
+    /// this worker's part. A worker that still awaits its turn on the bus ends it took over
+    /// holds the message until the turn comes ([`crate::bus::Bus::hold`]), and counts 0.
+    fn to_group(&mut self, msg: BusMessage) -> usize {
+        let Some(msg) = self.bus.hold(msg) else {
+            return 0;
+        };
+        self.bus.send_to_group(&msg);
+        self.deliver_local(msg)
+    }
+
+    /// This worker's part of a group message: its clients, subscribers or user's connections.
+    pub(crate) fn deliver_local(&mut self, msg: BusMessage) -> usize {
+        match msg {
+            BusMessage::Broadcast(m) => self.broadcast_local(m),
+            BusMessage::Publish(topic, m) => self.publish_local(&topic, m),
+            BusMessage::SendUser(uid, m) => self.send_to_user_local(&uid, m),
+            BusMessage::SendTo(..) | BusMessage::App(_) | BusMessage::Ask(..) => 0,
+            BusMessage::Answer(..) => 0,
+        }
+    }
+
+    /// The bus ends taken over from the slot's previous worker are this worker's to read
+    /// from now on: the group messages held meanwhile go out. False if it was not waiting.
+    pub(crate) fn take_bus_turn(&mut self) -> bool {
+        let Some(held) = self.bus.take_turn() else {
+            return false;
+        };
+        for msg in held {
+            self.to_group(msg);
+        }
+        true
     }
 
     /// Subscribes `conn` to `topic`; false if it already was, is not an open connection, or
@@ -101,10 +133,7 @@ impl Context {
     /// Sends `msg` to every subscriber of `topic` on every worker (and server). Returns how
     /// many of this worker's subscribers got it.
     pub fn publish(&mut self, topic: &str, msg: impl Into<Message>) -> usize {
-        let msg = msg.into();
-        self.bus
-            .send_to_group(&BusMessage::Publish(topic.to_string(), msg.clone()));
-        self.publish_local(topic, msg)
+        self.to_group(BusMessage::Publish(topic.to_string(), msg.into()))
     }
 
     /// Binds `conn` to the user `uid` (a connection authenticated by a token is bound to its
@@ -175,10 +204,7 @@ impl Context {
     /// Sends `msg` to every connection of user `uid`, on every worker (and server: GatewayWorker's
     /// `sendToUid`). Returns how many of this worker's connections got it.
     pub fn send_to_user(&mut self, uid: &str, msg: impl Into<Message>) -> usize {
-        let msg = msg.into();
-        self.bus
-            .send_to_group(&BusMessage::SendUser(uid.to_string(), msg.clone()));
-        self.send_to_user_local(uid, msg)
+        self.to_group(BusMessage::SendUser(uid.to_string(), msg.into()))
     }
 
     /// Delivers a message for user `uid` to this worker's connections of that user.

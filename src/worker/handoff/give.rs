@@ -7,7 +7,7 @@
 //! connections not acknowledged come back here, whole, and are served until the master sends
 //! another handoff (to the slot's next worker).
 
-use super::{BusTurn, HANDOFF_OUT, Outgoing};
+use super::{HANDOFF_OUT, Outgoing};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
 use crate::handoff::line::{Line, LineError};
@@ -97,8 +97,7 @@ impl Loop {
                 self.keep_tls(idx);
             }
         }
-        if self.handoffs.bus == BusTurn::Reading {
-            self.handoffs.bus = BusTurn::Given;
+        if self.ctx.bus.give_turn() {
             for (_, end) in self.ctx.bus.ends() {
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
             }
@@ -360,8 +359,7 @@ impl Loop {
             self.handoffs.taken_back.insert(id);
             self.again.push(id.idx as usize);
         }
-        if self.handoffs.bus == BusTurn::Given {
-            self.handoffs.bus = BusTurn::Reading;
+        if self.ctx.bus.take_back_turn() {
             let ends: Vec<(usize, i32)> = (self.ctx.bus.ends())
                 .map(|(peer, end)| (peer, end.as_raw_fd()))
                 .collect();

@@ -8,7 +8,7 @@
 //! slot's next worker: a failed handoff loses no connection.
 //!
 //! When the two workers share their slot's bus ends, exactly one of them reads them at a time
-//! ([`BusTurn`]): the giver until it has put its last connection on the line (an empty record
+//! (`bus::Turn`): the giver until it has put its last connection on the line (an empty record
 //! says so), the taker from then on; the giver reads them again if the line breaks first.
 
 mod give;
@@ -38,7 +38,6 @@ const WINDOW: usize = 256;
 pub(super) struct Handoffs {
     out: Option<Outgoing>,
     incoming: Slab<Incoming>,
-    bus: BusTurn,
     /// Connections waiting for their turn on the line, in order; not read meanwhile (their
     /// input waits in the socket for the taker).
     queue: VecDeque<ConnId>,
@@ -49,21 +48,6 @@ pub(super) struct Handoffs {
     draining: Vec<ConnId>,
     drain_until: Option<Instant>,
     drain: Duration,
-}
-
-/// Whose turn it is to read this worker's bus ends, when they are shared with the worker of the
-/// same slot in the other generation (`bus::Bus::is_inherited`). Every message on them is read
-/// by exactly one of the two: the old worker up to the moment it hands its connections over
-/// (what it did with a message travels in their send queues), the new one from then on.
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BusTurn {
-    /// Ours.
-    #[default]
-    Reading,
-    /// Still the worker this one replaces: its handoff ends the wait.
-    Awaiting,
-    /// The new worker's: this one has handed its connections over.
-    Given,
 }
 
 /// A line to the worker taking this one's connections.
@@ -110,16 +94,6 @@ impl Handoffs {
     /// the stop does not close it.
     pub(super) fn queued(&self, id: ConnId) -> bool {
         self.holds(id.idx as usize) || self.taken_back.contains(&id)
-    }
-
-    /// Whether this worker reads its bus ends now.
-    pub(super) fn reads_bus(&self) -> bool {
-        self.bus == BusTurn::Reading
-    }
-
-    /// The ends were the previous worker's: they wait for its handoff.
-    pub(super) fn await_predecessor(&mut self) {
-        self.bus = BusTurn::Awaiting;
     }
 
     /// `wss://` clients kept until the drain ends: the stop does not close them before.

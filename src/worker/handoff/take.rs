@@ -5,7 +5,7 @@
 //! it reads any of their sockets (the giver keeps its copy until then); a client whose next
 //! bytes are already waiting is read in the next turn, as its registration reports it ready.
 
-use super::{ADOPT_BASE, BusTurn, Incoming};
+use super::{ADOPT_BASE, Incoming};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
 use crate::handoff::line::{Line, LineError};
@@ -124,12 +124,12 @@ impl Loop {
     }
 
     /// Starts reading the bus ends taken over from the previous worker, which has stopped:
-    /// what waits on them now is read here, and applied to the connections it handed over.
+    /// what waits on them now is read here, and applied to the connections it handed over,
+    /// after the group messages this worker held until then have gone out to all of them.
     fn take_the_bus(&mut self) {
-        if self.handoffs.bus != BusTurn::Awaiting {
+        if !self.ctx.take_bus_turn() {
             return;
         }
-        self.handoffs.bus = BusTurn::Reading;
         let peers: Vec<usize> = self.ctx.bus.ends().map(|(peer, _)| peer).collect();
         log::debug!("reading the bus ends of the worker replaced");
         for peer in peers {
