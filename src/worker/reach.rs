@@ -42,13 +42,13 @@ impl Context {
     /// Sends `msg` to every open connection of every worker of the group (and of the same
     /// group on every server of the cluster). Returns how many of this worker's clients got it.
     pub fn broadcast(&mut self, msg: impl Into<Message>) -> usize {
-        self.to_group(BusMessage::Broadcast(msg.into()))
+        self.send_group(BusMessage::Broadcast(msg.into()))
     }
 
     /// Sends a broadcast, a publish or a user's message to the other workers and carries out
     /// this worker's part. A worker that still awaits its turn on the bus ends it took over
     /// holds the message until the turn comes ([`crate::bus::Bus::hold`]), and counts 0.
-    fn to_group(&mut self, msg: BusMessage) -> usize {
+    fn send_group(&mut self, msg: BusMessage) -> usize {
         let Some(msg) = self.bus.hold(msg) else {
             return 0;
         };
@@ -74,7 +74,7 @@ impl Context {
             return false;
         };
         for msg in held {
-            self.to_group(msg);
+            self.send_group(msg);
         }
         true
     }
@@ -133,7 +133,7 @@ impl Context {
     /// Sends `msg` to every subscriber of `topic` on every worker (and server). Returns how
     /// many of this worker's subscribers got it.
     pub fn publish(&mut self, topic: &str, msg: impl Into<Message>) -> usize {
-        self.to_group(BusMessage::Publish(topic.to_string(), msg.into()))
+        self.send_group(BusMessage::Publish(topic.to_string(), msg.into()))
     }
 
     /// Binds `conn` to the user `uid` (a connection authenticated by a token is bound to its
@@ -204,7 +204,7 @@ impl Context {
     /// Sends `msg` to every connection of user `uid`, on every worker (and server: GatewayWorker's
     /// `sendToUid`). Returns how many of this worker's connections got it.
     pub fn send_to_user(&mut self, uid: &str, msg: impl Into<Message>) -> usize {
-        self.to_group(BusMessage::SendUser(uid.to_string(), msg.into()))
+        self.send_group(BusMessage::SendUser(uid.to_string(), msg.into()))
     }
 
     /// Delivers a message for user `uid` to this worker's connections of that user.
