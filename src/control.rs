@@ -168,8 +168,12 @@ pub struct ConnInfo {
     pub pid: i32,
     #[serde(default)]
     pub worker: String,
-    /// The worker-local id hooks see (`ConnId`).
+    /// The number hooks see in `ConnId`'s display.
     pub id: String,
+    /// Its id on the bus ([`crate::GlobalId`]): what the API, `send_to` and handlers name
+    /// it by.
+    #[serde(default)]
+    pub conn: String,
     pub remote: String,
     pub path: String,
     pub age_secs: f64,

@@ -18,7 +18,8 @@ struct Name(String);
 
 /// `name X` sets the connection's name (answered `hi X`); `say T` goes to every client of
 /// the group as `X: T`; `join` subscribes to the `chat` topic (answered `joined`), and
-/// `tell T` goes to its subscribers as `X: T`; anything else comes back prefixed with the
+/// `tell T` goes to its subscribers as `X: T`; `to ID T` sends `direct T` to the connection
+/// whose bus id is `ID`, wherever it is; anything else comes back prefixed with the
 /// name (`X text`, `? text` before one is set). The name is the app's own state: it
 /// reaches a new worker only through the handoff hooks.
 fn named(worker: &mut wsd::Worker) {
@@ -38,6 +39,12 @@ fn named(worker: &mut wsd::Worker) {
         if let Some(said) = text.strip_prefix("say ") {
             let all = format!("{name}: {said}");
             ctx.broadcast(all);
+            return;
+        }
+        if let Some((to, said)) = text.strip_prefix("to ").and_then(|r| r.split_once(' ')) {
+            if let Ok(to) = to.parse::<wsd::GlobalId>() {
+                let _ = ctx.send_to(to, format!("direct {said}"));
+            }
             return;
         }
         if let Some(said) = text.strip_prefix("tell ") {
@@ -308,7 +315,7 @@ struct Chat {
     hold: Arc<AtomicBool>,
     held: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
-    heard: Arc<Vec<AtomicU64>>,
+    ears: Arc<Vec<Ears>>,
     failures: Arc<Mutex<Vec<String>>>,
     publisher: Option<std::thread::JoinHandle<u64>>,
     subscribers: Vec<std::thread::JoinHandle<()>>,
@@ -322,13 +329,13 @@ impl Chat {
         let mut p = Client::connect(port);
         p.send_text("name pub");
         assert_eq!(p.recv_text(), "hi pub");
-        let heard: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+        let ears: Arc<Vec<Ears>> = Arc::new((0..n).map(|_| Ears::default()).collect());
         let failures = Arc::new(Mutex::new(Vec::new()));
         let done = Arc::new(AtomicBool::new(false));
         let joined = Arc::new(AtomicU64::new(0));
         let subscribers = (0..n)
             .map(|i| {
-                let (heard, failures) = (heard.clone(), failures.clone());
+                let (ears, failures) = (ears.clone(), failures.clone());
                 let (done, joined) = (done.clone(), joined.clone());
                 std::thread::spawn(move || {
                     let fail = |why: String| {
@@ -337,7 +344,7 @@ impl Chat {
                             .unwrap()
                             .push(format!("subscriber {i}: {why}"));
                     };
-                    if let Err(why) = subscriber(port, i, &heard[i], &joined, &done) {
+                    if let Err(why) = subscriber(port, i, &ears[i], &joined, &done) {
                         fail(why);
                     }
                 })
@@ -377,7 +384,7 @@ impl Chat {
             hold,
             held,
             done,
-            heard,
+            ears,
             failures,
             publisher: Some(publisher),
             subscribers,
@@ -403,8 +410,21 @@ impl Chat {
         let said = self.said.load(Ordering::SeqCst);
         wait_for("every subscriber to hear every line", DEADLINE, || {
             let failed = !self.failures.lock().unwrap().is_empty();
-            let caught_up = self.heard.iter().all(|h| h.load(Ordering::SeqCst) == said);
+            let caught_up = self
+                .ears
+                .iter()
+                .all(|e| e.heard.load(Ordering::SeqCst) == said);
             (failed || caught_up).then_some(())
+        });
+        self.assert_no_failures();
+    }
+
+    /// Waits until every subscriber has had `n` lines sent to it alone.
+    fn await_direct(&self, n: u64) {
+        wait_for("every subscriber to get its direct line", DEADLINE, || {
+            (self.ears.iter())
+                .all(|e| e.direct.load(Ordering::SeqCst) >= n)
+                .then_some(())
         });
         self.assert_no_failures();
     }
@@ -430,21 +450,32 @@ impl Chat {
             t.join().unwrap();
         }
         self.assert_no_failures();
-        for (i, h) in self.heard.iter().enumerate() {
-            assert_eq!(h.load(Ordering::SeqCst), told, "subscriber {i}");
+        for (i, e) in self.ears.iter().enumerate() {
+            assert_eq!(e.heard.load(Ordering::SeqCst), told, "subscriber {i}");
         }
     }
 }
 
-/// One subscriber: joins `chat`, then expects `pub: 0`, `pub: 1`, ... until `pub: end`.
+/// What a subscriber has heard: chat lines, and lines sent to it alone (`direct ...`).
+#[derive(Default)]
+struct Ears {
+    heard: AtomicU64,
+    direct: AtomicU64,
+}
+
+/// One subscriber, on path `/sub`: joins `chat`, then expects `pub: 0`, `pub: 1`, ... until
+/// `pub: end`, and counts the `direct` lines in between.
 fn subscriber(
     port: u16,
     i: usize,
-    heard: &AtomicU64,
+    ears: &Ears,
     joined: &AtomicU64,
     done: &AtomicBool,
 ) -> Result<(), String> {
-    let mut c = Client::try_connect(port)?;
+    let mut c = match Client::connect_with(port, "/sub", &[]) {
+        Ok((c, _)) => c,
+        Err(e) => return Err(format!("connect: {e}")),
+    };
     for (say, answer) in [
         (format!("name s{i}"), format!("hi s{i}")),
         ("join".into(), "joined".into()),
@@ -459,12 +490,15 @@ fn subscriber(
     loop {
         match read(&mut c) {
             Ok(Message::Text(t)) if t.as_str() == "pub: end" => return Ok(()),
+            Ok(Message::Text(t)) if t.starts_with("direct ") => {
+                ears.direct.fetch_add(1, Ordering::SeqCst);
+            }
             Ok(Message::Text(t)) => {
-                let want = format!("pub: {}", heard.load(Ordering::SeqCst));
+                let want = format!("pub: {}", ears.heard.load(Ordering::SeqCst));
                 if t.as_str() != want {
                     return Err(format!("wanted {want:?}, got {t:?}"));
                 }
-                heard.fetch_add(1, Ordering::SeqCst);
+                ears.heard.fetch_add(1, Ordering::SeqCst);
             }
             // Quiet while the publisher is held; the end must come once it is done.
             Err(tungstenite::Error::Io(e))
@@ -475,6 +509,40 @@ fn subscriber(
             other => return Err(format!("got {other:?}")),
         }
     }
+}
+
+/// Each connection's bus id and path, by the client's address (`wsd connections --json`),
+/// once the server counts `all` of them.
+fn bus_ids(server: &mut Server, all: u64) -> std::collections::HashMap<String, (String, String)> {
+    wait_for("every connection listed", DEADLINE, || {
+        (open_connections(server) == all).then_some(())
+    });
+    let out = server.wsd(&["connections", "--json"]);
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = view["conns"].as_array().unwrap();
+    let field = |r: &Value, k: &str| r[k].as_str().unwrap().to_string();
+    (rows.iter())
+        .map(|r| (field(r, "remote"), (field(r, "conn"), field(r, "path"))))
+        .collect()
+}
+
+/// Every connection of `before` kept its bus id in `after`, unless its worker's slot is gone
+/// (at or past `count`): a reload that lowers the count moves those to other slots.
+fn assert_ids_kept(
+    before: &std::collections::HashMap<String, (String, String)>,
+    after: &std::collections::HashMap<String, (String, String)>,
+    count: usize,
+) {
+    assert_eq!(before.len(), after.len());
+    let mut kept = 0;
+    for (remote, (id, _)) in before {
+        let slot: usize = id.split('-').nth(1).unwrap().parse().unwrap();
+        if slot < count {
+            assert_eq!(&after[remote].0, id, "the bus id of {remote}");
+            kept += 1;
+        }
+    }
+    assert!(kept > 0);
 }
 
 /// The deploy sequence: a thousand clients running a numbered echo, each with its name (the
@@ -494,6 +562,7 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
     let swarm = Swarm::start(&mut server, CLIENTS);
     let chat = Chat::start(server.port, SUBSCRIBERS, Duration::from_millis(10));
     let everyone = (CLIENTS + SUBSCRIBERS + 1) as u64;
+    let everyone_and_director = everyone + 1;
     let step = |swarm: &Swarm, chat: &Chat| {
         swarm.progress(2 * CLIENTS as u64);
         chat.go_on(30);
@@ -501,14 +570,21 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
         chat.assert_no_failures();
     };
     step(&swarm, &chat);
+    let mut ids = bus_ids(&mut server, everyone);
 
     reload_to(&mut server, 4);
     step(&swarm, &chat);
+    let now = bus_ids(&mut server, everyone);
+    assert_ids_kept(&ids, &now, 4);
+    ids = now;
     for count in [3, 4] {
         chat.hold();
         reload_to(&mut server, count);
         chat.resume();
         step(&swarm, &chat);
+        let now = bus_ids(&mut server, everyone);
+        assert_ids_kept(&ids, &now, count);
+        ids = now;
     }
 
     // A new release: `wsd upgrade` to the second build.
@@ -530,6 +606,8 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
         "{before:?} -> {workers:?}"
     );
     step(&swarm, &chat);
+    let now = bus_ids(&mut server, everyone);
+    assert_ids_kept(&ids, &now, 4);
 
     // SIGUSR2: that master upgrades to the binary it was started from.
     use nix::sys::signal::{Signal, kill};
@@ -546,16 +624,30 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
         "{st}"
     );
     step(&swarm, &chat);
+    let now = bus_ids(&mut server, everyone);
+    assert_ids_kept(&ids, &now, 4);
+
+    // The ids an app kept before the upgrades still reach their connections.
+    let mut director = server.connect();
+    let subscribers: Vec<&String> = (ids.values())
+        .filter(|(_, path)| path == "/sub")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(subscribers.len(), SUBSCRIBERS);
+    for id in subscribers {
+        director.send_text(&format!("to {id} hello"));
+    }
+    chat.await_direct(1);
 
     // Every client is still on its first connection, held by the newest workers, with the
     // age and traffic it had.
     wait_for("the new workers to count every client", DEADLINE, || {
-        (open_connections(&mut server) == everyone).then_some(())
+        (open_connections(&mut server) == everyone_and_director).then_some(())
     });
     let out = server.wsd(&["connections", "--json"]);
     let view: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = view["conns"].as_array().unwrap();
-    assert_eq!(rows.len() as u64, everyone);
+    assert_eq!(rows.len() as u64, everyone_and_director);
     let pids = server.worker_pids();
     assert!(
         rows.iter()

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! kind u8 | opcode u8 | origin host u64 LE | origin slot u16 LE | kind's fields | payload
-//!   send_to: conn idx u32 LE, serial u32 LE     publish: topic length u16 LE, topic
+//!   send_to: conn idx u32 LE, serial u64 LE     publish: topic length u16 LE, topic
 //!   send_user: user length u16 LE, user         ask, answer: id u32 LE (payload: JSON)
 //! ```
 //!
@@ -141,7 +141,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Origin, BusMessage), WireError> {
         BROADCAST => BusMessage::Broadcast(r.message(opcode)?),
         SEND_TO => {
             let idx = r.u32()?;
-            let serial = r.u32()?;
+            let serial = r.u64()?;
             BusMessage::SendTo(ConnId { serial, idx }, r.message(opcode)?)
         }
         PUBLISH => BusMessage::Publish(r.name()?, r.message(opcode)?),
@@ -171,6 +171,11 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
     /// A topic or user name: its length (u16) and its UTF-8 bytes.

@@ -7,7 +7,8 @@
 //! in between, because nothing is in between: bytes the old worker has not read stay in the
 //! socket for the new one, bytes it had read but not yet made into a message travel in the
 //! decoder's state, and replies it had not yet written travel as its send queue. The new worker
-//! registers the socket and goes on as if it had been there all along.
+//! registers the socket and goes on as if it had been there all along, under the same
+//! [`crate::ConnId`].
 //!
 //! What a connection does not carry is the app's state: the app gives it with `on_handoff`
 //! (bytes) and takes it back with `on_adopt`. An app without `on_handoff` keeps the old
@@ -31,12 +32,15 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// The version of [`Handed`] this build writes and reads.
-pub(crate) const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 2;
 
 /// One connection, as it travels.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Handed {
-    /// Its id in the worker that handed it (`conn` in that worker's events and API).
+    /// Its id, which it keeps in the worker that takes it.
+    pub id: crate::ConnId,
+    /// Its id on the bus in the worker that handed it (`conn` in that worker's events and
+    /// API): the same in the next worker of its slot, another in a worker of another slot.
     pub from: String,
     /// The client's address as hooks saw it.
     pub remote: SocketAddr,

@@ -40,7 +40,7 @@ pub(super) enum Accepted {
     Client {
         stream: TcpStream,
         peer: SocketAddr,
-        serial: u32,
+        serial: u64,
         ip_slot: Option<IpSlot>,
     },
     /// A client was dropped (over its address's limit) or gave up: accept the next.
@@ -56,7 +56,7 @@ pub(super) struct Acceptor {
     listener: Option<TcpListener>,
     state: State,
     per_ip: PerIp,
-    next_serial: u32,
+    serials: crate::conn_id::Serials,
 }
 
 impl Acceptor {
@@ -65,7 +65,7 @@ impl Acceptor {
             listener: Some(listener),
             state: State::Waiting,
             per_ip: PerIp::default(),
-            next_serial: 0,
+            serials: crate::conn_id::Serials::new(),
         }
     }
 
@@ -89,11 +89,10 @@ impl Acceptor {
                     log::debug!("{peer}: over max_connections_per_ip; dropped");
                     return Accepted::Dropped;
                 };
-                self.next_serial = self.next_serial.wrapping_add(1).max(1);
                 Accepted::Client {
                     stream,
                     peer,
-                    serial: self.next_serial,
+                    serial: self.serials.next(),
                     ip_slot,
                 }
             }
@@ -162,20 +161,14 @@ impl Acceptor {
         Accepted::Stop
     }
 
-    /// A serial and a place in `max_connections_per_ip` for a connection handed over by
-    /// another worker: it is counted, but never refused (it was admitted already).
-    pub(super) fn adopt(
-        &mut self,
-        settings: &GroupConfig,
-        remote: IpAddr,
-    ) -> (u32, Option<IpSlot>) {
-        self.next_serial = self.next_serial.wrapping_add(1).max(1);
+    /// A place in `max_connections_per_ip` for a connection handed over by another worker
+    /// (it keeps its id): it is counted, but never refused (it was admitted already).
+    pub(super) fn adopt(&mut self, settings: &GroupConfig, remote: IpAddr) -> Option<IpSlot> {
         let limit = match settings.max_connections_per_ip {
             0 => 0,
             _ => usize::MAX,
         };
-        let slot = self.per_ip.admit(remote, limit).flatten();
-        (self.next_serial, slot)
+        self.per_ip.admit(remote, limit).flatten()
     }
 
     /// Counts a new peer against `max_connections_per_ip`. `Some(Some(slot))`: counted;

@@ -374,7 +374,7 @@ impl Loop {
                     return Outcome::Now(Response::json(200, &body));
                 }
                 Outcome::Ask {
-                    question: Question::IsOpen(to.conn().idx, to.conn().serial),
+                    question: Question::IsOpen(to.conn()),
                     slot: Some(to.slot),
                     compose: Compose::Count("delivered", 0),
                 }
@@ -403,10 +403,7 @@ impl Loop {
         let origin = self.ctx.bus.origin;
         let (conn, user, to) = match target {
             Target::User(uid) => (None, Some(uid), None),
-            Target::Conn(id) => {
-                let conn = id.conn();
-                (Some((conn.idx, conn.serial)), None, Some(id))
-            }
+            Target::Conn(id) => (Some(id.conn()), None, Some(id)),
         };
         let question = Question::Disconnect {
             conn,

@@ -26,17 +26,17 @@ pub(crate) enum Question {
     UserConnections(String),
     /// The connections of a user here: `[{"conn": id}]`.
     UserConns(String),
-    /// Whether a connection (index, serial) is still open, after what was sent before.
-    IsOpen(u32, u32),
+    /// Whether a connection is still open, after what was sent before.
+    IsOpen(ConnId),
     /// The subscribers of a topic here: connection ids and users.
     Presence(String),
     /// This worker's counters.
     Stats,
     /// Whether this worker serves (not stopping).
     Health,
-    /// Close a connection (index, serial) or every connection of a user; answer how many.
+    /// Close a connection or every connection of a user; answer how many.
     Disconnect {
-        conn: Option<(u32, u32)>,
+        conn: Option<ConnId>,
         user: Option<String>,
         code: u16,
         reason: String,
@@ -89,12 +89,7 @@ impl Loop {
                 let rows = ids.into_iter().filter_map(|id| ctx.global_id(id));
                 Value::Array(rows.map(|g| json!({ "conn": g.to_string() })).collect())
             }
-            Question::IsOpen(idx, serial) => ctx
-                .is_open(ConnId {
-                    idx: *idx,
-                    serial: *serial,
-                })
-                .into(),
+            Question::IsOpen(id) => ctx.is_open(*id).into(),
             Question::Presence(topic) => {
                 let members = ctx.topics.members(topic);
                 let rows: Vec<Value> = members
@@ -132,10 +127,7 @@ impl Loop {
                 reason,
             } => {
                 let ids = match (conn, user) {
-                    (Some((idx, serial)), _) => vec![ConnId {
-                        idx: *idx,
-                        serial: *serial,
-                    }],
+                    (Some(id), _) => vec![*id],
                     (None, Some(uid)) => ctx.users.members(uid),
                     (None, None) => Vec::new(),
                 };
@@ -158,7 +150,7 @@ mod tests {
         for q in [
             Question::Subscribers(vec!["a".into(), "b".into()]),
             Question::Connections,
-            Question::IsOpen(3, 9),
+            Question::IsOpen(ConnId { serial: 9, idx: 3 }),
             Question::Disconnect {
                 conn: None,
                 user: Some("ada".into()),

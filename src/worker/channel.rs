@@ -157,6 +157,7 @@ fn row_bytes_bound(row: &ConnInfo) -> usize {
     let strings = [
         &row.worker,
         &row.id,
+        &row.conn,
         &row.remote,
         &row.path,
         &row.extensions,
@@ -248,6 +249,7 @@ mod tests {
             pid: i32::MIN,
             worker: "w\u{1}\"".repeat(100),
             id: u32::MAX.to_string(),
+            conn: "ffffffffffffffff-65535-4294967295-18446744073709551615".into(),
             remote: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
             path: "/\\\"\u{7f}é".repeat(1000),
             age_secs: f64::MAX,

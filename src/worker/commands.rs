@@ -5,7 +5,6 @@
 
 use super::event_loop::Loop;
 use super::moment::Reading;
-use crate::ConnId;
 use crate::control::{FromWorker, StopMode, ToWorker};
 use crate::sys;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -65,12 +64,17 @@ impl Loop {
     /// Every connection in the slab, handshaking and closing ones included.
     fn list_connections(&mut self, query: u64) {
         let now = Reading::of(Instant::now());
-        let rows = self.ctx.conns.iter().map(|(idx, c)| {
-            let id = ConnId {
-                serial: c.serial,
-                idx: idx as u32,
-            };
-            c.info(id, now, &self.ctx.subprotocols)
+        let origin = self.ctx.bus.origin;
+        let rows = self.ctx.conns.iter().map(|(_, c)| {
+            let mut row = c.info(c.id, now, &self.ctx.subprotocols);
+            let (host, slot) = (origin.host, origin.slot);
+            row.conn = crate::GlobalId {
+                host,
+                slot,
+                conn: c.id,
+            }
+            .to_string();
+            row
         });
         self.channel.answer_connections(query, rows);
     }

@@ -26,7 +26,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 pub(crate) struct Conn {
-    pub serial: u32,
+    /// Its id for good, also in the workers it is handed to.
+    pub id: ConnId,
     pub socket: TcpStream,
     pub session: Session,
     /// The client's address as hooks see it: the peer, or the address a trusted proxy
@@ -156,7 +157,7 @@ pub(crate) enum Flushed {
 
 impl Conn {
     pub(crate) fn new(
-        serial: u32,
+        id: ConnId,
         socket: TcpStream,
         peer: SocketAddr,
         ip_slot: Option<IpSlot>,
@@ -166,7 +167,7 @@ impl Conn {
     ) -> Conn {
         let session = Session::new(limits, max_header_bytes);
         Conn::with_session(
-            serial,
+            id,
             socket,
             peer,
             ip_slot,
@@ -178,7 +179,7 @@ impl Conn {
 
     /// A connection with `session`, accepted now.
     fn with_session(
-        serial: u32,
+        id: ConnId,
         socket: TcpStream,
         peer: SocketAddr,
         ip_slot: Option<IpSlot>,
@@ -187,7 +188,7 @@ impl Conn {
     ) -> Conn {
         let now = Moment::at(Instant::now());
         Conn {
-            serial,
+            id,
             socket,
             session,
             remote: peer,
@@ -228,6 +229,7 @@ impl Conn {
             .map(str::to_string);
         let t = &self.traffic;
         let handed = Handed {
+            id: self.id,
             from,
             remote: self.remote,
             path: self.path().to_string(),
@@ -246,7 +248,7 @@ impl Conn {
     /// A connection another worker handed over, open from the start: `handed` less its
     /// session, which is `session` now.
     pub(crate) fn adopted(
-        serial: u32,
+        id: ConnId,
         socket: TcpStream,
         ip_slot: Option<IpSlot>,
         session: Session,
@@ -272,7 +274,7 @@ impl Conn {
         };
         let has_extra = extra.protocol.is_some() || extra.grant.is_some();
         let mut conn = Conn::with_session(
-            serial,
+            id,
             socket,
             handed.remote,
             ip_slot,
@@ -364,6 +366,7 @@ impl Conn {
     pub(crate) fn info(&self, id: ConnId, now: Reading, listed: &[String]) -> ConnInfo {
         ConnInfo {
             id: id.to_string(),
+            conn: String::new(),
             remote: self.remote.to_string(),
             path: self.path().to_owned(),
             age_secs: self.since.elapsed(now).as_millis() as f64 / 1000.0,

@@ -45,8 +45,11 @@ pub struct Context {
     pub(crate) counters: Counters,
     /// Connections with output waiting for the end-of-turn flush.
     pub(crate) dirty: Vec<usize>,
-    /// Connections that ended and await removal (slab index, serial).
-    pub(crate) gone: Vec<(usize, u32)>,
+    /// Connections that ended and await removal (slab index, id).
+    pub(crate) gone: Vec<(usize, ConnId)>,
+    /// Where connections handed over by another worker are kept, when not at the index
+    /// their id names ([`Context::index_of`]).
+    moved: std::collections::HashMap<ConnId, usize>,
     /// `on_buffer_full` calls owed to the app.
     pub(crate) notices: Vec<BufferNotice>,
     pub(crate) max_send_buffer: usize,
@@ -95,6 +98,7 @@ impl Context {
             counters: Counters::default(),
             dirty: Vec::new(),
             gone: Vec::new(),
+            moved: std::collections::HashMap::new(),
             notices: Vec::new(),
             max_send_buffer: settings.max_send_buffer,
             send_buffer_policy: settings.send_buffer_policy,
@@ -216,10 +220,7 @@ impl Context {
         self.conns
             .iter()
             .filter(|(_, c)| c.session.can_send())
-            .map(|(idx, c)| ConnId {
-                serial: c.serial,
-                idx: idx as u32,
-            })
+            .map(|(_, c)| c.id)
             .collect()
     }
 
@@ -248,10 +249,14 @@ impl Context {
         if c.session.close_sent() {
             return;
         }
-        if c.session.close(code, reason) {
-            self.mark_dirty(conn.idx as usize)
+        let closed = c.session.close(code, reason);
+        let Some(idx) = self.index_of(conn) else {
+            return;
+        };
+        if closed {
+            self.mark_dirty(idx)
         } else {
-            self.mark_gone(conn.idx as usize)
+            self.mark_gone(idx)
         }
     }
 
@@ -351,17 +356,54 @@ impl Context {
         self.conn(id).is_some_and(|c| c.session.can_send())
     }
 
-    /// Connection `id`, if it is still this worker's (its slot not reused since).
+    /// Where connection `id` is kept, if it is still this worker's: at the index its id
+    /// names, or, for one another worker handed over, wherever it was put here.
+    pub(crate) fn index_of(&self, id: ConnId) -> Option<usize> {
+        let idx = id.idx as usize;
+        if self.conns.get(idx).is_some_and(|c| c.id == id) {
+            return Some(idx);
+        }
+        if self.moved.is_empty() {
+            return None;
+        }
+        self.moved.get(&id).copied()
+    }
+
+    /// Connection `id`, if it is still this worker's.
     pub(crate) fn conn(&self, id: ConnId) -> Option<&Conn> {
-        self.conns
-            .get(id.idx as usize)
-            .filter(|c| c.serial == id.serial)
+        self.index_of(id).and_then(|idx| self.conns.get(idx))
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(id.idx as usize)
-            .filter(|c| c.serial == id.serial)
+        let idx = self.index_of(id)?;
+        self.conns.get_mut(idx)
+    }
+
+    /// The id for a connection accepted now, with `serial`: it names the index it will get.
+    pub(crate) fn next_id(&self, serial: u64) -> ConnId {
+        ConnId {
+            serial,
+            idx: self.conns.vacant_key() as u32,
+        }
+    }
+
+    /// Keeps `conn` (accepted, with an id from [`Context::next_id`], or handed over with the
+    /// id it had) in the slab; returns its index.
+    pub(crate) fn insert_conn(&mut self, conn: Conn) -> usize {
+        let idx = self.conns.vacant_key();
+        if conn.id.idx as usize != idx {
+            self.moved.insert(conn.id, idx);
+        }
+        self.conns.insert(conn)
+    }
+
+    /// Takes connection `idx` out of the slab.
+    pub(crate) fn remove_conn(&mut self, idx: usize) -> Conn {
+        let conn = self.conns.remove(idx);
+        if !self.moved.is_empty() {
+            self.moved.remove(&conn.id);
+        }
+        conn
     }
 
     /// Admits `wire` bytes into `id`'s queue (or applies the send-buffer policy) and counts.
@@ -373,7 +415,8 @@ impl Context {
         push: impl FnOnce(&mut Session),
     ) -> Result<(), SendError> {
         let (limit, policy) = (self.max_send_buffer, self.send_buffer_policy);
-        let c = self.conn_mut(id).ok_or(SendError::NoConnection)?;
+        let idx = self.index_of(id).ok_or(SendError::NoConnection)?;
+        let c = &mut self.conns[idx];
         if !c.session.is_open() {
             return Err(SendError::NoConnection);
         }
@@ -406,7 +449,7 @@ impl Context {
         }
         self.counters.messages_out += 1;
         self.counters.bytes_out += payload as u64;
-        self.mark_dirty(id.idx as usize);
+        self.mark_dirty(idx);
         Ok(())
     }
 
@@ -421,7 +464,7 @@ impl Context {
 
     pub(crate) fn mark_gone(&mut self, idx: usize) {
         if let Some(c) = self.conns.get(idx) {
-            self.gone.push((idx, c.serial));
+            self.gone.push((idx, c.id));
         }
     }
 
@@ -479,8 +522,9 @@ mod tests {
                 max_message: 1 << 20,
             };
             let socket = mio::net::TcpStream::from_std(server);
+            let id = ctx.next_id(serial as u64 + 1);
             let mut conn = Conn::new(
-                serial as u32,
+                id,
                 socket,
                 peer,
                 None,
@@ -502,7 +546,7 @@ mod tests {
             let Some(Step::Request(req)) = steps.pop_front() else {
                 panic!("no request")
             };
-            let idx = ctx.conns.insert(conn);
+            let idx = ctx.insert_conn(conn);
             let answer = crate::proto::handshake::Answer {
                 extensions: ctx.agree_deflate(idx, &req.extensions),
                 ..Default::default()
@@ -520,10 +564,6 @@ mod tests {
                 "{response}"
             );
             // `wsd connections` shows what was agreed.
-            let id = ConnId {
-                serial: serial as u32,
-                idx: idx as u32,
-            };
             let shown = conn
                 .info(
                     id,

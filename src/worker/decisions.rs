@@ -74,7 +74,7 @@ impl Loop {
     /// Holds `upgrade` and asks the handler about it.
     pub(super) fn ask_handler(&mut self, id: ConnId, upgrade: Upgrade) {
         let conn = self.named(id);
-        let remote = match self.ctx.conns.get(id.idx as usize) {
+        let remote = match self.ctx.conn(id) {
             Some(c) => c.remote.to_string(),
             None => return,
         };

@@ -125,7 +125,7 @@ pub(super) struct Loop {
     turn_start: Moment,
     /// When each connection still in its handshake was accepted (slab index: serial and
     /// instant), for the handshake duration metric; only handshakes are here.
-    pub(super) handshaking: HashMap<usize, (u32, Instant)>,
+    pub(super) handshaking: HashMap<usize, (u64, Instant)>,
 }
 
 /// A valid upgrade request, checked up to the app's (or handler's) decision.
@@ -413,10 +413,10 @@ impl Loop {
 
     /// Takes an accepted client into the loop. A client that cannot be registered is dropped
     /// (its place in `max_connections_per_ip` with it).
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, serial: u32, ip: Option<IpSlot>) {
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, serial: u64, ip: Option<IpSlot>) {
         let _ = stream.set_nodelay(true);
-        let entry = self.ctx.conns.vacant_entry();
-        let token = Token(CONN_BASE + entry.key());
+        let id = self.ctx.next_id(serial);
+        let token = Token(CONN_BASE + id.idx as usize);
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             token,
@@ -441,7 +441,7 @@ impl Loop {
             }
         };
         let conn = Conn::new(
-            serial,
+            id,
             stream,
             peer,
             ip,
@@ -451,8 +451,8 @@ impl Loop {
             self.settings.max_header_bytes,
         );
         self.handshaking
-            .insert(entry.key(), (serial, Instant::now()));
-        entry.insert(conn);
+            .insert(id.idx as usize, (serial, Instant::now()));
+        self.ctx.insert_conn(conn);
         self.ctx.counters.accepted += 1;
     }
 
@@ -491,7 +491,7 @@ impl Loop {
                 conn.reads_paused = true;
                 return;
             }
-            let serial = conn.serial;
+            let id = conn.id;
             let (buf, lend) = self.inbox.next();
             let mut ended = false;
             let drained = match conn.receive(buf, lend, &mut self.steps) {
@@ -524,9 +524,9 @@ impl Loop {
                     return;
                 }
             };
-            self.dispatch(idx, serial);
+            self.dispatch(idx, id);
             if let Some(c) = self.ctx.conns.get_mut(idx)
-                && c.serial == serial
+                && c.id == id
             {
                 if ended {
                     // The client said close_notify: answer what it asked, then let it go.
@@ -546,13 +546,9 @@ impl Loop {
     }
 
     /// Acts on the protocol's steps for one connection, in order.
-    fn dispatch(&mut self, idx: usize, serial: u32) {
-        let id = ConnId {
-            serial,
-            idx: idx as u32,
-        };
+    fn dispatch(&mut self, idx: usize, id: ConnId) {
         while let Some(step) = self.steps.pop_front() {
-            if self.ctx.conns.get(idx).is_none_or(|c| c.serial != serial) {
+            if self.ctx.conns.get(idx).is_none_or(|c| c.id != id) {
                 self.steps.clear();
                 return;
             }
@@ -601,7 +597,9 @@ impl Loop {
     /// Decides on a valid upgrade request: origin, per-address limit, subprotocol, the app's
     /// `on_upgrade`, then `101` and `on_connect`.
     fn upgrade(&mut self, id: ConnId, request: Request) {
-        let idx = id.idx as usize;
+        let Some(idx) = self.ctx.index_of(id) else {
+            return;
+        };
         let peer = self.ctx.conns[idx].remote.ip();
         let ip = handshake::client_ip(peer, &request, &self.settings.trusted_proxies);
         let conn = &mut self.ctx.conns[idx];
@@ -641,12 +639,11 @@ impl Loop {
 
     /// Upgrades `id` or refuses it, as `decision` (the app's, or its handler's) says.
     pub(super) fn settle_upgrade(&mut self, id: ConnId, upgrade: Upgrade, decision: Decision) {
-        let idx = id.idx as usize;
         // The hook cannot end this connection (it has no id for it), but it ran app code; and
         // a client may leave while its handler decides.
-        if self.ctx.conn(id).is_none() {
+        let Some(idx) = self.ctx.index_of(id) else {
             return;
-        }
+        };
         let Upgrade {
             request,
             token,
@@ -697,10 +694,7 @@ impl Loop {
             crate::escaped(r.why.as_bytes())
         );
         conn.session.respond(&r.response_with(headers));
-        let id = ConnId {
-            serial: conn.serial,
-            idx: idx as u32,
-        };
+        let id = conn.id;
         self.ctx.mark_dirty(idx);
         self.handshake_ended(id, Some(r.status));
     }
@@ -713,9 +707,11 @@ impl Loop {
             None => counters.upgraded += 1,
             Some(status) => *counters.rejected.entry(status.to_string()).or_default() += 1,
         }
-        if let Some((serial, at)) = self.handshaking.remove(&(id.idx as usize))
+        let idx = id.idx as usize;
+        if let Some(&(serial, at)) = self.handshaking.get(&idx)
             && serial == id.serial
         {
+            self.handshaking.remove(&idx);
             let bounds = &crate::metrics::HANDSHAKE_BOUNDS;
             counters.handshake_seconds.observe(bounds, at.elapsed());
         }
@@ -737,10 +733,7 @@ impl Loop {
             Flushed::Partly => {}
             Flushed::All if conn.buffer_full => {
                 conn.buffer_full = false;
-                let id = ConnId {
-                    serial: conn.serial,
-                    idx: idx as u32,
-                };
+                let id = conn.id;
                 // Filled and drained before the app was told it was full: it hears of neither,
                 // rather than of the drain first.
                 let notices = &mut self.ctx.notices;
@@ -770,10 +763,7 @@ impl Loop {
         let Some(conn) = self.ctx.conns.get_mut(idx) else {
             return;
         };
-        let id = ConnId {
-            serial: conn.serial,
-            idx: idx as u32,
-        };
+        let id = conn.id;
         let tell = conn.session.abort();
         log::debug!("connection {id} from {}: socket error: {e}", conn.remote);
         self.ctx.mark_gone(idx);
@@ -785,18 +775,14 @@ impl Loop {
     /// Removes connections that ended this turn and tells the app.
     pub(super) fn reap(&mut self) {
         while !self.ctx.gone.is_empty() {
-            for (idx, serial) in std::mem::take(&mut self.ctx.gone) {
-                if self.ctx.conns.get(idx).is_none_or(|c| c.serial != serial) {
+            for (idx, id) in std::mem::take(&mut self.ctx.gone) {
+                if self.ctx.conns.get(idx).is_none_or(|c| c.id != id) {
                     continue; // Already removed (listed twice).
                 }
-                let mut conn = self.ctx.conns.remove(idx);
+                let mut conn = self.ctx.remove_conn(idx);
                 self.handshaking.remove(&idx);
                 if conn.is_open() {
                     self.ctx.counters.connections -= 1;
-                    let id = ConnId {
-                        serial,
-                        idx: idx as u32,
-                    };
                     // Close the socket before the app hears of it; what the connection
                     // carried stays readable in on_close, and goes after it.
                     self.ctx.leaving = Some(Leaving {

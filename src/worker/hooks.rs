@@ -108,15 +108,10 @@ impl Loop {
 
     /// A hook panicked on `id`: close it with 1011. False if it was gone already.
     pub(super) fn fail(&mut self, id: ConnId, err: &ConnError) -> bool {
-        let idx = id.idx as usize;
-        let Some(conn) = self
-            .ctx
-            .conns
-            .get_mut(idx)
-            .filter(|c| c.serial == id.serial)
-        else {
+        let Some(idx) = self.ctx.index_of(id) else {
             return false;
         };
+        let conn = &mut self.ctx.conns[idx];
         log::debug!("connection {id} from {}: {err}", conn.remote);
         conn.session.fail(close::INTERNAL_ERROR, "internal error");
         self.ctx.mark_dirty(idx);

@@ -55,12 +55,15 @@ impl Context {
         json!({ "user": self.user_of(conn), "info": self.user_info(conn) })
     }
 
-    /// `conn` subscribed to `topic`: recorded, and announced if the group says so.
-    pub(crate) fn presence_join(&mut self, conn: ConnId, topic: &str) {
+    /// `conn` subscribed to `topic`: recorded, and announced if the group says so and
+    /// `announce` (not for a connection the slot's previous worker handed over, which has
+    /// been there all along).
+    pub(crate) fn presence_join(&mut self, conn: ConnId, topic: &str, announce: bool) {
         if !self.presence.topics.covers(topic) {
             return;
         }
-        if !self.bus.has_cluster() && !self.presence.events {
+        let announce = announce && self.presence.events;
+        if !self.bus.has_cluster() && !announce {
             return;
         }
         let row = self.presence_row(conn);
@@ -73,7 +76,7 @@ impl Context {
                 value: row.to_string(),
             });
         }
-        if self.presence.events {
+        if announce {
             self.announce("join", topic, &id, row);
         }
     }

@@ -89,7 +89,7 @@ impl Context {
             self.bus.interest(topic, true);
         }
         if added {
-            self.presence_join(conn, topic);
+            self.presence_join(conn, topic, true);
         }
         added
     }
@@ -104,6 +104,45 @@ impl Context {
             self.presence_leave(conn, topic);
         }
         removed
+    }
+
+    /// A connection goes to another worker. The next worker of this slot keeps its bus id,
+    /// so nothing is announced and its records stay (that worker writes the same ones); in a
+    /// worker of another slot its bus id changes, so it leaves here as if it had gone.
+    pub(crate) fn hand_over_conn(&mut self, conn: ConnId, same_slot: bool) {
+        if !same_slot {
+            return self.forget_conn(conn);
+        }
+        for topic in self.topics.forget(conn) {
+            self.bus.interest(&topic, false);
+        }
+        self.users.forget(conn);
+    }
+
+    /// A connection handed over by another worker takes up its user and topics: quietly from
+    /// the slot's previous worker ([`Context::hand_over_conn`]), as a newcomer from another
+    /// slot's. What its token allows was checked when it subscribed.
+    pub(crate) fn take_over_conn(
+        &mut self,
+        conn: ConnId,
+        user: Option<&str>,
+        topics: &[String],
+        same_slot: bool,
+    ) {
+        if let Some(uid) = user
+            && self.users.subscribe(conn, uid)
+        {
+            self.record_user(conn, uid, true);
+        }
+        for topic in topics {
+            if !self.topics.subscribe(conn, topic) {
+                continue;
+            }
+            if self.topics.count(topic) == 1 {
+                self.bus.interest(topic, true);
+            }
+            self.presence_join(conn, topic, !same_slot);
+        }
     }
 
     /// Drops the subscriptions and the user of a connection that has gone (while what it

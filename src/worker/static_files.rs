@@ -15,7 +15,6 @@
 //! after the response: the body is queued by reference and freed as it is written.
 
 use super::event_loop::Loop;
-use crate::ConnId;
 use crate::proto::handshake::{FileRequest, Reject};
 use bytes::Bytes;
 use std::ffi::OsStr;
@@ -34,10 +33,7 @@ impl Loop {
             None => {
                 let r = request.refusal();
                 // Not a file server: the request is a refused upgrade, and counted as one.
-                let id = ConnId {
-                    serial: self.ctx.conns[idx].serial,
-                    idx: idx as u32,
-                };
+                let id = self.ctx.conns[idx].id;
                 self.handshake_ended(id, Some(r.status));
                 (r.status, r.response())
             }

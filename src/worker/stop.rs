@@ -108,7 +108,10 @@ impl Loop {
         // (a health check, a port scan) must not hold the stop until it is killed.
         let mut open = self.ctx.connections();
         // wss:// clients kept through a handoff's drain are closed when it ends.
-        open.retain(|&id| !self.handoffs.draining(id) && !self.handoffs.queued(id));
+        open.retain(|&id| {
+            let queued = (self.ctx.index_of(id)).is_some_and(|idx| self.handoffs.queued(idx, id));
+            !self.handoffs.draining(id) && !queued
+        });
         match mode {
             StopMode::Drain => self.stopping = Stopping::Drain,
             StopMode::Close => {
@@ -321,9 +324,9 @@ mod tests {
 
     fn ids(n: u32) -> Vec<ConnId> {
         (1..=n)
-            .map(|serial| ConnId {
-                serial,
-                idx: serial,
+            .map(|n| ConnId {
+                serial: n.into(),
+                idx: n,
             })
             .collect()
     }

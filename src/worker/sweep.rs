@@ -34,7 +34,7 @@ impl Loop {
                 None => !c.is_open() && (stopping_late || c.since.elapsed(reading) >= handshake),
             };
             if late {
-                self.ctx.gone.push((idx, c.serial));
+                self.ctx.gone.push((idx, c.id));
                 continue;
             }
             if !c.session.can_send() {
@@ -42,7 +42,7 @@ impl Loop {
             }
             let quiet = c.last_input.elapsed(reading);
             if !idle.is_zero() && quiet >= idle {
-                log::debug!("connection {} from {}: idle timeout", c.serial, c.remote);
+                log::debug!("connection {} from {}: idle timeout", c.id, c.remote);
                 c.session.close(close::GOING_AWAY, "idle timeout");
             } else if !ping.is_zero()
                 && quiet >= ping

@@ -151,7 +151,7 @@ impl Loop {
     /// Binds a just-opened connection to its token's user and keeps what the token allows.
     pub(super) fn keep_grant(&mut self, id: ConnId, user: &str, grant: Grant) {
         self.ctx.bind_user(id, user);
-        if let Some(c) = self.ctx.conns.get_mut(id.idx as usize) {
+        if let Some(c) = self.ctx.index_of(id).map(|idx| &mut self.ctx.conns[idx]) {
             c.extra.get_or_insert_with(Box::default).grant = Some(grant);
         }
     }
@@ -197,12 +197,8 @@ impl Loop {
                 }
             }
             let exp = c.exp;
-            if let Some(extra) = self
-                .ctx
-                .conns
-                .get_mut(id.idx as usize)
-                .and_then(|c| c.extra.as_mut())
-            {
+            let idx = self.ctx.index_of(id);
+            if let Some(extra) = idx.and_then(|idx| self.ctx.conns[idx].extra.as_mut()) {
                 extra.grant = Some(Grant {
                     exp,
                     topics: c.topics,
@@ -225,12 +221,9 @@ impl Loop {
             .conns
             .iter()
             .filter(|(_, c)| c.session.can_send())
-            .filter_map(|(idx, c)| {
+            .filter_map(|(_, c)| {
                 let g = c.extra.as_ref()?.grant.as_ref()?;
-                (g.exp <= now).then_some(ConnId {
-                    idx: idx as u32,
-                    serial: c.serial,
-                })
+                (g.exp <= now).then_some(c.id)
             })
             .collect();
         for id in expired {

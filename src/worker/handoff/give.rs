@@ -123,11 +123,8 @@ impl Loop {
         if !app_hands_off || conn.is_tls() || !conn.session.can_hand_off() {
             return false;
         }
-        let id = ConnId {
-            serial: conn.serial,
-            idx: idx as u32,
-        };
-        self.handoffs.queue.push_back(id);
+        let id = conn.id;
+        self.handoffs.queue.push_back((idx, id));
         self.handoffs.waiting.insert(idx);
         true
     }
@@ -143,7 +140,7 @@ impl Loop {
             if out.unacked.len() >= super::WINDOW {
                 break;
             }
-            let Some(id) = self.handoffs.queue.pop_front() else {
+            let Some((idx, id)) = self.handoffs.queue.pop_front() else {
                 if !out.ended {
                     out.ended = true;
                     out.line.push(&[], None);
@@ -152,8 +149,7 @@ impl Loop {
                 }
                 break;
             };
-            let idx = id.idx as usize;
-            if self.ctx.conn(id).is_none() {
+            if self.ctx.conns.get(idx).is_none_or(|c| c.id != id) {
                 self.handoffs.waiting.remove(&idx);
                 continue; // Gone meanwhile.
             }
@@ -163,7 +159,7 @@ impl Loop {
                 }
                 Gave::Later => {
                     // No descriptor to spare: acknowledgements will free some.
-                    self.handoffs.queue.push_front(id);
+                    self.handoffs.queue.push_front((idx, id));
                     break;
                 }
                 Gave::No => {
@@ -187,10 +183,7 @@ impl Loop {
         if !(conn.is_tls() && conn.session.can_hand_off() && app_hands_off) {
             return false;
         }
-        let id = ConnId {
-            serial: conn.serial,
-            idx: idx as u32,
-        };
+        let id = conn.id;
         if !self.handoffs.draining.contains(&id) {
             self.handoffs.draining.push(id);
         }
@@ -222,10 +215,7 @@ impl Loop {
         if conn.is_tls() || !conn.session.can_hand_off() {
             return Gave::No;
         }
-        let id = ConnId {
-            serial: conn.serial,
-            idx: idx as u32,
-        };
+        let id = conn.id;
         // Our copy of the socket, kept until the taker acknowledges it. At the file limit,
         // wait for acknowledgements to free some; with none to wait for, go without it.
         let kept = match conn.socket.as_fd().try_clone_to_owned() {
@@ -250,12 +240,14 @@ impl Loop {
         let from = self.named(id).to_string();
         let user = self.ctx.user_of(id).map(str::to_string);
         let topics = self.ctx.topics_of(id);
-        let mut conn = self.ctx.conns.remove(idx);
+        let mut conn = self.ctx.remove_conn(idx);
         self.handshaking.remove(&idx);
         self.ctx.counters.connections -= 1;
         let _ = self.poll.registry().deregister(&mut conn.socket);
         // Its topics and user leave this worker; the taker takes them up.
-        self.ctx.forget_conn(id);
+        let same_slot = (self.handoffs.out.as_ref())
+            .is_some_and(|o| o.to.slot == self.ctx.bus.origin.slot as usize);
+        self.ctx.hand_over_conn(id, same_slot);
         let listed = &self.ctx.subprotocols;
         let (handed, socket) = conn.into_handed(session, listed, (from, user, topics), app);
         let record = handed.encode();
@@ -355,9 +347,9 @@ impl Loop {
         }
         // Those still waiting for their turn never left: they are read here again.
         self.handoffs.waiting.clear();
-        for id in std::mem::take(&mut self.handoffs.queue) {
+        for (idx, id) in std::mem::take(&mut self.handoffs.queue) {
             self.handoffs.taken_back.insert(id);
-            self.again.push(id.idx as usize);
+            self.again.push(idx);
         }
         if self.ctx.bus.take_back_turn() {
             let ends: Vec<(usize, i32)> = (self.ctx.bus.ends())
@@ -378,7 +370,9 @@ impl Loop {
         if !self.handoffs.giving() {
             return false;
         }
-        let idx = id.idx as usize;
+        let Some(idx) = self.ctx.index_of(id) else {
+            return false;
+        };
         if self.queue_for_handoff(idx) {
             if let Some(out) = &mut self.handoffs.out {
                 // The empty record went already: this one follows it.

@@ -40,7 +40,7 @@ pub(super) struct Handoffs {
     incoming: Slab<Incoming>,
     /// Connections waiting for their turn on the line, in order; not read meanwhile (their
     /// input waits in the socket for the taker).
-    queue: VecDeque<ConnId>,
+    queue: VecDeque<(usize, ConnId)>,
     waiting: std::collections::HashSet<usize>,
     /// Connections a broken handoff gave back, served here until the next handoff.
     taken_back: std::collections::HashSet<ConnId>,
@@ -90,10 +90,10 @@ impl Handoffs {
         !self.waiting.is_empty() && self.waiting.contains(&idx)
     }
 
-    /// Connection `id` is to be handed over (now, or by the next handoff after one broke):
-    /// the stop does not close it.
-    pub(super) fn queued(&self, id: ConnId) -> bool {
-        self.holds(id.idx as usize) || self.taken_back.contains(&id)
+    /// Connection `id`, kept at `idx`, is to be handed over (now, or by the next handoff
+    /// after one broke): the stop does not close it.
+    pub(super) fn queued(&self, idx: usize, id: ConnId) -> bool {
+        self.holds(idx) || self.taken_back.contains(&id)
     }
 
     /// `wss://` clients kept until the drain ends: the stop does not close them before.

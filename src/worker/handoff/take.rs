@@ -181,11 +181,18 @@ impl Loop {
             );
             return None;
         };
-        let (serial, ip_slot) = self.accepting.adopt(&self.settings, handed.remote.ip());
+        let ip_slot = self.accepting.adopt(&self.settings, handed.remote.ip());
         let listed = &self.ctx.subprotocols;
-        let conn = Conn::adopted(serial, socket, ip_slot, session, &mut handed, listed);
-        let entry = self.ctx.conns.vacant_entry();
-        let idx = entry.key();
+        let id = handed.id;
+        if self.ctx.conn(id).is_some() {
+            log::error!(
+                "a handed connection from {} is lost: its id {id} is taken here",
+                handed.remote
+            );
+            return None;
+        }
+        let conn = Conn::adopted(id, socket, ip_slot, session, &mut handed, listed);
+        let idx = self.ctx.conns.vacant_key();
         let interest = Interest::READABLE | Interest::WRITABLE;
         let mut conn = conn;
         let token = Token(CONN_BASE + idx);
@@ -201,18 +208,12 @@ impl Loop {
             return None;
         }
         let queued = conn.wants_flush();
-        entry.insert(conn);
+        self.ctx.insert_conn(conn);
         self.ctx.counters.connections += 1;
-        let id = ConnId {
-            serial,
-            idx: idx as u32,
-        };
-        if let Some(user) = &handed.user {
-            self.ctx.bind_user(id, user);
-        }
-        for topic in &handed.topics {
-            self.ctx.subscribe(id, topic);
-        }
+        let here = self.named(id).to_string();
+        let same_slot = handed.from == here;
+        self.ctx
+            .take_over_conn(id, handed.user.as_deref(), &handed.topics, same_slot);
         self.call_adopt_hook(id, handed.app.as_deref().unwrap_or_default());
         if self.handler.is_some() {
             let told = Told::Adopt {
