@@ -146,6 +146,57 @@ fn a_failing_backend_costs_only_its_events() {
     }
 }
 
+/// A reload hands a webhook group's clients to the new workers with their ids (the backend
+/// keeps its state under them): none is closed, and one whose message the backend is still
+/// answering (`slow`, 3 s) goes once the answer has come and been delivered, so its events
+/// reach the backend in order and the answer's commands find it.
+#[test]
+fn a_reload_hands_webhook_clients_over() {
+    let backend = Backend::start();
+    let (dir, config) = Server::config(
+        "webhook",
+        2,
+        &format!("url = \"http://127.0.0.1:{}/ws-events\"\n", backend.port),
+    );
+    let mut server = Server::start_with(wsd_bin(), dir, config);
+    let mut clients: Vec<Client> = (0..10)
+        .map(|_| {
+            let (c, _) = Client::connect_with(server.port, "/?token=letmein", &[]).unwrap();
+            c
+        })
+        .collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text(&format!("a{i}"));
+        assert_eq!(c.recv_text(), format!("a{i}"));
+    }
+    let ids = |server: &Server| -> Vec<String> {
+        let out = server.wsd(&["connections", "--json"]);
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ids: Vec<String> = (view["conns"].as_array().unwrap().iter())
+            .map(|r| r["conn"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before_ids = ids(&server);
+    clients[0].send_text("slow");
+    let before = server.worker_pids();
+    let out = server.wsd(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    for pid in before {
+        wait_for("an old worker to exit", DEADLINE, || {
+            exited(pid).then_some(())
+        });
+    }
+    assert_eq!(clients[0].recv_text(), "slow");
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_text(&format!("b{i}"));
+        assert_eq!(c.recv_text(), format!("b{i}"), "client {i}");
+    }
+    assert_eq!(ids(&server), before_ids);
+    assert!(server.master_output().contains("took all"));
+}
+
 #[test]
 fn check_names_a_bad_webhook_url() {
     let dir = tempfile::tempdir().unwrap();

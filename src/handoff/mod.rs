@@ -10,9 +10,11 @@
 //! registers the socket and goes on as if it had been there all along, under the same
 //! [`crate::ConnId`].
 //!
-//! What a connection does not carry is the app's state: the app gives it with `on_handoff`
-//! (bytes) and takes it back with `on_adopt`. An app without `on_handoff` keeps the old
-//! behaviour: its clients get Close 1001 as the old worker stops. So do connections that are
+//! What a connection does not carry is the app's state: a library app gives it with
+//! `on_handoff` (bytes) and takes it back with `on_adopt`; an exec handler hears `handoff` and
+//! `adopt`; a webhook's backend keeps it under the connection's id, which does not change. A
+//! library app without `on_handoff` keeps the old behaviour: its clients get Close 1001 as
+//! the old worker stops. So do connections that are
 //! still in their upgrade or closing; `wss://` ones are served on through a drain, then told
 //! 1012.
 //!

@@ -67,6 +67,10 @@ pub(super) struct Webhook {
     shared: Arc<Shared>,
     wake: mio::net::UnixStream,
     in_flight: usize,
+    /// Requests in flight, by connection: one that a reload hands over waits until they are
+    /// answered, so that its events reach the backend in order and the answers' commands
+    /// find it here.
+    pending: std::collections::HashMap<ConnId, u32>,
     limit: usize,
     held: Vec<usize>,
     /// When a failure was last logged and why, and those not logged since.
@@ -111,6 +115,7 @@ impl Webhook {
             shared,
             wake,
             in_flight: 0,
+            pending: std::collections::HashMap::new(),
             limit: settings.handler_queue,
             held: Vec::new(),
             warned: None,
@@ -131,6 +136,7 @@ impl Webhook {
         }) {
             Ok(()) => {
                 self.in_flight += size;
+                *self.pending.entry(conn).or_default() += 1;
                 true
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
@@ -149,8 +155,19 @@ impl Webhook {
             .unwrap_or_default();
         for d in &done {
             self.in_flight = self.in_flight.saturating_sub(d.size);
+            if let Some(n) = self.pending.get_mut(&d.conn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending.remove(&d.conn);
+                }
+            }
         }
         done
+    }
+
+    /// Whether requests for `conn` are still in flight.
+    pub(super) fn busy(&self, conn: ConnId) -> bool {
+        self.pending.contains_key(&conn)
     }
 
     /// Too much is in flight: the clients are not read.
@@ -260,6 +277,8 @@ impl Loop {
             let released = w.release();
             self.again.extend(released);
         }
+        // Connections a handoff parked until their requests were answered may go now.
+        self.handoff_pump();
     }
 
     /// One answer. For a `connect`: a 2xx accepts (as its `accept` command says, if it has

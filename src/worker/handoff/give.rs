@@ -29,6 +29,8 @@ enum Gave {
     No,
     /// Not now: no descriptor to spare until the taker acknowledges some.
     Later,
+    /// Not yet: the webhook has requests of its in flight; it goes once they are answered.
+    Parked,
 }
 
 impl Loop {
@@ -116,7 +118,7 @@ impl Loop {
     /// Queues connection `idx` for the line if it can go: it is open and plain, and the app can
     /// give its state (`on_handoff`, or an exec handler's `handoff` and `adopt` events).
     fn queue_for_handoff(&mut self, idx: usize) -> bool {
-        let app_hands_off = self.hooks.on_handoff.is_some() || self.handler.is_some();
+        let app_hands_off = self.app_hands_off();
         let Some(conn) = self.ctx.conns.get(idx) else {
             return false;
         };
@@ -133,6 +135,16 @@ impl Loop {
     /// record after the last. One that cannot go after all is closed as the stop closes the
     /// rest.
     pub(in crate::worker) fn handoff_pump(&mut self) {
+        if !self.handoffs.parked.is_empty() {
+            // Parked connections whose webhook requests have all been answered go first.
+            let webhook = self.webhook.as_ref();
+            let (ready, still): (Vec<_>, Vec<_>) = (self.handoffs.parked.drain(..))
+                .partition(|&(_, id)| !webhook.is_some_and(|w| w.busy(id)));
+            self.handoffs.parked = still;
+            for entry in ready.into_iter().rev() {
+                self.handoffs.queue.push_front(entry);
+            }
+        }
         loop {
             let Some(out) = &mut self.handoffs.out else {
                 return;
@@ -141,7 +153,7 @@ impl Loop {
                 break;
             }
             let Some((idx, id)) = self.handoffs.queue.pop_front() else {
-                if !out.ended {
+                if !out.ended && self.handoffs.parked.is_empty() {
                     out.ended = true;
                     out.line.push(&[], None);
                     out.unacked.push_back(None);
@@ -162,6 +174,7 @@ impl Loop {
                     self.handoffs.queue.push_front((idx, id));
                     break;
                 }
+                Gave::Parked => self.handoffs.parked.push((idx, id)),
                 Gave::No => {
                     self.handoffs.waiting.remove(&idx);
                     self.ctx
@@ -179,7 +192,7 @@ impl Loop {
         let Some(conn) = self.ctx.conns.get(idx) else {
             return false;
         };
-        let app_hands_off = self.hooks.on_handoff.is_some() || self.handler.is_some();
+        let app_hands_off = self.app_hands_off();
         if !(conn.is_tls() && conn.session.can_hand_off() && app_hands_off) {
             return false;
         }
@@ -203,10 +216,17 @@ impl Loop {
         }
     }
 
+    /// Whether the app lets its connections go to another worker: a library app with
+    /// `on_handoff`, an exec handler (told with `handoff` and `adopt` events), or a webhook
+    /// (whose backend keeps its state, and the connection its id).
+    fn app_hands_off(&self) -> bool {
+        self.hooks.on_handoff.is_some() || self.handler.is_some() || self.webhook.is_some()
+    }
+
     /// Puts connection `idx` on the line if it can go: it is open and plain, and the app can
-    /// give its state (`on_handoff`, or an exec handler's `handoff` and `adopt` events).
+    /// give its state.
     fn hand_off(&mut self, idx: usize) -> Gave {
-        if !self.handoffs.giving() || (self.hooks.on_handoff.is_none() && self.handler.is_none()) {
+        if !self.handoffs.giving() || !self.app_hands_off() {
             return Gave::No;
         }
         let Some(conn) = self.ctx.conns.get(idx) else {
@@ -216,6 +236,9 @@ impl Loop {
             return Gave::No;
         }
         let id = conn.id;
+        if self.webhook.as_ref().is_some_and(|w| w.busy(id)) {
+            return Gave::Parked;
+        }
         // Our copy of the socket, kept until the taker acknowledges it. At the file limit,
         // wait for acknowledgements to free some; with none to wait for, go without it.
         let kept = match conn.socket.as_fd().try_clone_to_owned() {
@@ -306,7 +329,7 @@ impl Loop {
             }
         }
         let all_taken = out.ended && out.unacked.is_empty() && out.line.is_flushed();
-        if all_taken && self.handoffs.queue.is_empty() {
+        if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
             log::info!("{taker} took all {} connections", out.handed);
@@ -347,7 +370,11 @@ impl Loop {
         }
         // Those still waiting for their turn never left: they are read here again.
         self.handoffs.waiting.clear();
-        for (idx, id) in std::mem::take(&mut self.handoffs.queue) {
+        let parked = std::mem::take(&mut self.handoffs.parked);
+        for (idx, id) in std::mem::take(&mut self.handoffs.queue)
+            .into_iter()
+            .chain(parked)
+        {
             self.handoffs.taken_back.insert(id);
             self.again.push(idx);
         }

@@ -41,6 +41,8 @@ pub(super) struct Handoffs {
     /// Connections waiting for their turn on the line, in order; not read meanwhile (their
     /// input waits in the socket for the taker).
     queue: VecDeque<(usize, ConnId)>,
+    /// Queued connections whose webhook requests are still in flight, until answered.
+    parked: Vec<(usize, ConnId)>,
     waiting: std::collections::HashSet<usize>,
     /// Connections a broken handoff gave back, served here until the next handoff.
     taken_back: std::collections::HashSet<ConnId>,

@@ -215,7 +215,8 @@ impl Loop {
         self.ctx
             .take_over_conn(id, handed.user.as_deref(), &handed.topics, same_slot);
         self.call_adopt_hook(id, handed.app.as_deref().unwrap_or_default());
-        if self.handler.is_some() {
+        // A webhook's backend hears of it only if its id changed (another slot's worker).
+        if self.handler.is_some() || (self.webhook.is_some() && !same_slot) {
             let told = Told::Adopt {
                 from: &handed.from,
                 topics: &handed.topics,
