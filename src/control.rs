@@ -100,6 +100,8 @@ pub enum FromWorker {
     /// This worker has taken every connection a handoff gave it (the giver's last record came,
     /// or its line ended): the next slot's handoff may begin.
     Taken,
+    /// This worker holds its group messages from now on ([`ToWorker::Hold`]).
+    Holding,
 }
 
 /// Master → worker.
@@ -134,6 +136,15 @@ pub enum ToWorker {
     Adopt {
         from: Option<crate::bus::bridges::Peer>,
     },
+    /// Hold every group message (broadcast, publish, a user's) until [`ToWorker::Resume`],
+    /// and say so with [`FromWorker::Holding`]: a reload that lowers `count` moves a retiring
+    /// worker's clients to another slot while no message is on its way to either.
+    Hold,
+    /// End the hold; send to the slots below `view` from now on.
+    Resume { view: usize },
+    /// Send to the slots below `view` from now on: a reload raising `count` starts workers
+    /// in new slots.
+    View { view: usize },
 }
 
 impl ToWorker {

@@ -46,6 +46,38 @@ impl Mesh {
         Ok(Mesh { ends })
     }
 
+    /// How many slots it wires: a reload that lowers a group's `count` keeps the mesh (the
+    /// slots past the count go unused), so it may wire more than the group has.
+    pub fn slots(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// This mesh wired for `slots` (more than it has): the same pairs, copied, and new ones
+    /// for the new slots. Workers started on it reach the new slots; those running on this
+    /// one do not, so a reload starts the new slots' workers after the others have gone.
+    #[allow(clippy::needless_range_loop)]
+    pub fn grown(&self, slots: usize) -> io::Result<Mesh> {
+        let have = self.ends.len();
+        let mut ends: Vec<Vec<Option<OwnedFd>>> = (0..slots)
+            .map(|_| (0..slots).map(|_| None).collect())
+            .collect();
+        for i in 0..have {
+            for j in 0..have {
+                if let Some(end) = &self.ends[i][j] {
+                    ends[i][j] = Some(end.try_clone()?);
+                }
+            }
+        }
+        for i in 0..slots {
+            for j in (i + 1).max(have)..slots {
+                let (a, b) = pair()?;
+                ends[i][j] = Some(a);
+                ends[j][i] = Some(b);
+            }
+        }
+        Ok(Mesh { ends })
+    }
+
     /// A mesh made of ends another master held (`wsd upgrade`): `ends[i][j]` as in
     /// [`Mesh::new`].
     pub fn from_ends(ends: Vec<Vec<Option<OwnedFd>>>) -> Mesh {
@@ -167,6 +199,30 @@ mod tests {
         assert_eq!(recv_on(&end).unwrap(), None);
         drop(w1.remove(3));
         assert!(recv_on(&end).is_err(), "the peer's end is gone");
+    }
+
+    #[test]
+    fn a_grown_mesh_keeps_its_pairs_and_wires_the_new_slots() {
+        let small = Mesh::new(2).unwrap();
+        let mut mesh = small.grown(4).unwrap();
+        assert_eq!(mesh.slots(), 4);
+        assert_eq!((mesh.fds_of(0).len(), mesh.fds_of(3).len()), (3, 3));
+        // The old pair 0-1 is the same pair: what one end of the small mesh sends, the grown
+        // mesh's other end reads.
+        let mut small = small;
+        let w0 = small.take_ends(0);
+        let w1 = mesh.take_ends(1);
+        assert_eq!(send_on(w0[1].as_ref().unwrap(), b"kept"), Sent::Ok);
+        assert_eq!(
+            recv_on(w1[0].as_ref().unwrap()).unwrap().as_deref(),
+            Some(&b"kept"[..])
+        );
+        let w3 = mesh.take_ends(3);
+        assert_eq!(send_on(w1[3].as_ref().unwrap(), b"new"), Sent::Ok);
+        assert_eq!(
+            recv_on(w3[1].as_ref().unwrap()).unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
     }
 
     #[test]

@@ -137,8 +137,14 @@ pub(crate) struct Bus {
     remote: Remote,
     pub stats: BusStats,
     turn: Turn,
-    /// Group messages made while the turn was awaited, to send when it comes.
+    /// Every group message is held until the master says to resume: a reload that lowers
+    /// `count` is moving a retiring worker's clients to another slot (`ToWorker::Hold`).
+    holding: bool,
+    /// Group messages made while the turn was awaited or the group held, to send later.
     held: Vec<BusMessage>,
+    /// The slots this worker sends to: those below `view` (the group's count, or, while a
+    /// reload changes it, the larger of the two counts).
+    view: usize,
 }
 
 impl Bus {
@@ -149,8 +155,16 @@ impl Bus {
             remote: Remote::None,
             stats: BusStats::default(),
             turn: Turn::Reading,
+            holding: false,
             held: Vec::new(),
+            view: usize::MAX,
         }
+    }
+
+    /// Sends only to the slots below `view`.
+    pub fn with_view(mut self, view: usize) -> Bus {
+        self.view = view;
+        self
     }
 
     /// Marks the ends as taken over from the slot's previous worker, which still reads them
@@ -185,21 +199,58 @@ impl Bus {
     }
 
     /// The previous worker has stopped reading the ends: they are this worker's from now on.
-    /// Returns the group messages held meanwhile, or `None` if the turn was not awaited.
+    /// Returns the group messages held meanwhile (none while the group is held), or `None` if
+    /// the turn was not awaited.
     pub fn take_turn(&mut self) -> Option<Vec<BusMessage>> {
         if self.turn != Turn::Awaiting {
             return None;
         }
         self.turn = Turn::Reading;
-        Some(std::mem::take(&mut self.held))
+        Some(self.release())
+    }
+
+    /// Holds every group message from now on (`ToWorker::Hold`).
+    pub fn hold_all(&mut self) {
+        self.holding = true;
+    }
+
+    /// Ends a hold, sending to the slots below `view` from now on; returns the messages held
+    /// (none while the turn is still awaited).
+    pub fn resume(&mut self, view: usize) -> Vec<BusMessage> {
+        self.holding = false;
+        self.view = view;
+        self.release()
+    }
+
+    /// Sends to the slots below `view` from now on (a reload raising `count`).
+    pub fn set_view(&mut self, view: usize) {
+        self.view = view;
+    }
+
+    fn release(&mut self) -> Vec<BusMessage> {
+        match self.holds() {
+            true => Vec::new(),
+            false => std::mem::take(&mut self.held),
+        }
+    }
+
+    /// The group messages held, taken away: a retiring worker gives them to the worker that
+    /// takes its clients, which sends them when the hold ends.
+    pub fn take_held(&mut self) -> Vec<BusMessage> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Group messages are held now: the turn is awaited, or the group is held.
+    fn holds(&self) -> bool {
+        self.turn == Turn::Awaiting || self.holding
     }
 
     /// While the turn is awaited, keeps a group message (a broadcast, a publish, a user's)
     /// to send when it comes, and returns `None`: the previous worker still holds some of the
     /// slot's clients, which a message sent now would miss, since no end leads from a slot to
-    /// itself. Otherwise gives the message back, to send now.
+    /// itself. So while the group is held. Otherwise gives the message back, to send now.
     pub fn hold(&mut self, msg: BusMessage) -> Option<BusMessage> {
-        if self.turn != Turn::Awaiting {
+        if !self.holds() {
             return Some(msg);
         }
         if self.held.len() < MAX_HELD {
@@ -393,7 +444,7 @@ impl Bus {
     }
 
     fn send_bytes_to_peers(&mut self, bytes: &[u8]) -> usize {
-        (0..self.peers.len())
+        (0..self.peers.len().min(self.view))
             .filter(|&slot| self.send_bytes(slot, bytes))
             .count()
     }

@@ -94,6 +94,25 @@ impl Handed {
     }
 }
 
+/// In place of the version: a record of the group messages (`bus::wire` bytes, postcard) a
+/// retiring worker held while its clients moved to another slot, for the taker to send.
+const HELD: u16 = u16::MAX;
+
+/// A record of held group messages.
+pub(crate) fn encode_held(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = HELD.to_le_bytes().to_vec();
+    postcard::to_io(messages, &mut out).expect("a Vec takes every byte");
+    out
+}
+
+/// The group messages in `record`, if it is a record of them.
+pub(crate) fn held_in(record: &[u8]) -> Option<Result<Vec<Vec<u8>>, RecordError>> {
+    let [a, b, rest @ ..] = record else {
+        return None;
+    };
+    (u16::from_le_bytes([*a, *b]) == HELD).then(|| Ok(postcard::from_bytes(rest)?))
+}
+
 /// The largest record a worker takes: a whole send queue and a whole message, with room for
 /// the rest.
 pub(crate) fn max_record(max_send_buffer: usize, max_message: usize) -> usize {

@@ -1,19 +1,22 @@
 //! Rolling reload: `wsd reload`, SIGUSR1, SIGHUP.
 //!
 //! Two phases. [`prepare`] reads nothing but the new group definitions and does everything
-//! that can fail — binding the sockets of new groups and new slots — before anything running
-//! is touched, so a reload that cannot happen leaves every worker as it was. [`apply`] then
-//! rewires the groups and returns the [`Reload`] to carry out, one slot at a time: start the
-//! slot's new worker on the slot's socket (which the master has held all along, so no client
-//! is refused), wait until it is ready, then retire the old worker (Close 1001 to its
-//! clients, spread over `close_spread`, SIGKILL at `reload_timeout`). Slots and groups that
-//! are gone are retired last.
+//! that can fail (binding the sockets of new groups and new slots, growing a bus mesh) before
+//! anything running is touched, so a reload that cannot happen leaves every worker as it was.
+//! [`apply`] then rewires the groups and returns the [`Reload`] to carry out, one slot at a
+//! time: start the slot's new worker on the slot's socket (which the master has held all
+//! along, so no client is refused), wait until it is ready, then have the old worker hand its
+//! connections over (`handoff`), or, for an app that cannot, retire it (Close 1001 to its
+//! clients, spread over `close_spread`, SIGKILL at `reload_timeout`).
 //!
-//! A group's new workers talk on a new bus mesh, so a group must never be left with workers
-//! on both (they would not hear each other). If a new worker fails to come up, a group that
-//! still runs only old workers goes back to its old mesh and keeps them; a group that
-//! already has a new worker is replaced to the end, the failed slot restarting like a
-//! crashed worker. The reload reports the failure either way.
+//! A group's old and new workers share its bus mesh: each new worker takes over its slot's
+//! ends, so the group is never split over two buses that do not hear each other. A higher
+//! `count` grows the mesh, and the running workers send to the new slots from the start. A
+//! lower one leaves the last slots' workers to move their clients to the others once every
+//! slot below is replaced ([`Step::Merge`]), with the group's messages held meanwhile. If a new
+//! worker fails to come up, the reload stops there: slots not reached keep their old workers,
+//! on the same mesh, and the reload reports the failure. Groups that are gone are retired
+//! last.
 
 use super::listeners;
 use super::supervisor::{BusEnds, Exit, Group, Handover, ProcRef, Slot, Supervisor};
@@ -27,8 +30,8 @@ use std::time::Instant;
 
 /// What becomes of one group of the new configuration.
 ///
-/// Every group whose workers are replaced gets a new bus mesh: the new workers talk among
-/// themselves from the start, and no bus end is ever read by an old and a new worker at once.
+/// A group whose workers are replaced keeps its bus mesh ([`Wiring`]); a new group, or one
+/// moved to another address, gets a mesh of its own.
 pub enum Change {
     /// A running group kept as it is: a group defined in code (its workers are replaced, on
     /// `mesh`, unless it is not reloadable), a `reloadable = false` one, or a `wss://` group
@@ -54,12 +57,13 @@ pub enum Change {
 pub enum Wiring {
     /// Its workers stay.
     Stays,
-    /// Its workers are replaced, the count unchanged: each new worker takes over its slot's
-    /// ends of the running mesh once the old worker has handed its connections over, so no
-    /// bus message is read by both or by neither, and the group is never split in two.
+    /// Its workers are replaced on the running mesh: each new worker takes over its slot's
+    /// ends once the old worker has handed its connections over, so no bus message is read by
+    /// both or by neither, and the group is never split in two. A lower `count` leaves the
+    /// mesh's last slots unused once their workers' clients have moved ([`Step::Merge`]).
     Inherited,
-    /// Its workers are replaced and its count changes: the new ones talk on a new mesh.
-    New(Mesh),
+    /// As `Inherited`, on the running mesh grown for a `count` higher than it wires.
+    Grown(Mesh),
 }
 
 /// A reload that can go ahead.
@@ -96,7 +100,6 @@ pub fn prepare(
     }
     let mut changes = Vec::new();
     let mut summary = Vec::new();
-    let wire = |slots: usize| Mesh::new(slots).map_err(GroupsError::Bus);
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
         let replace = g.def.reloadable;
         let bus = if replace {
@@ -154,9 +157,9 @@ pub fn prepare(
                 } else {
                     format!("{name}: {have} -> {want} worker(s)")
                 });
-                let bus = match have == want {
+                let bus = match want <= g.mesh.slots() {
                     true => Wiring::Inherited,
-                    false => Wiring::New(wire(want)?),
+                    false => Wiring::Grown(g.mesh.grown(want).map_err(GroupsError::Bus)?),
                 };
                 Change::Update {
                     old,
@@ -274,6 +277,19 @@ enum Step {
         proc: ProcRef,
         hand_to: Option<String>,
     },
+    /// Move the clients of a worker whose slot a lower `count` removed to the new worker of
+    /// another slot, exactly once: every worker of the group holds its group messages, the
+    /// two read what waits on their bus ends, the clients and the retiring worker's held
+    /// messages cross, and the hold ends with the group sending to its new count of slots.
+    Merge { proc: ProcRef, group: String },
+}
+
+/// A [`Step::Merge`] under way.
+struct Merging {
+    group: String,
+    old: ProcRef,
+    /// Waiting for every worker to hold (until this instant); then handing over.
+    holding_until: Option<Instant>,
 }
 
 /// The new worker a slot is waiting for.
@@ -292,12 +308,11 @@ pub struct Reload {
     waiting: Option<Waiting>,
     /// Groups whose new workers inherit their slot's bus ends ([`Wiring::Inherited`]): old
     /// and new workers share one mesh, so a failed reload may stop halfway and keep them
-    /// both. A group that got a new mesh (its count changed) is replaced whole even if the
-    /// reload fails, so that it is never split over two meshes, whose workers would not hear
-    /// each other.
+    /// both.
     inherited: Vec<String>,
     /// The new worker taking a slot's connections, until it has taken them or this instant.
     handing: Option<(ProcRef, Instant)>,
+    merging: Option<Merging>,
     /// Control clients waiting for the outcome.
     pub waiters: Vec<usize>,
     pub summary: Vec<String>,
@@ -313,6 +328,8 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
         .collect();
     let mut replace = Vec::new();
     let mut retire = Vec::new();
+    let mut merge = Vec::new();
+    let mut views = Vec::new();
     let mut inherited = Vec::new();
     for change in prepared.changes {
         let group = match change {
@@ -343,23 +360,23 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                     }
                 }
                 let want = def.count;
-                let ends = match bus {
-                    Wiring::New(mesh) => {
-                        g.mesh = mesh;
-                        BusEnds::Own
-                    }
-                    Wiring::Inherited | Wiring::Stays => {
-                        inherited.push(g.name().to_string());
-                        BusEnds::Inherited
-                    }
-                };
+                if let Wiring::Grown(mesh) = bus {
+                    g.mesh = mesh;
+                }
+                inherited.push(g.name().to_string());
+                let ends = BusEnds::Inherited;
+                if want > g.slots.len() {
+                    // The running workers send to the new slots from now on (what waits for
+                    // a new slot's worker before it starts is for clients it does not have).
+                    views.push((g.name().to_string(), want));
+                }
                 g.def = def;
                 g.listeners.extend(more);
                 g.slots.resize_with(want.max(g.slots.len()), Slot::default);
                 let name = g.name().to_string();
                 let surplus = g.slots.drain(want..).filter_map(|s| s.proc);
                 let surplus = surplus.filter_map(|k| sup.proc_ref(k));
-                retire.extend(surplus.map(|proc| (proc, Some(name.clone()))));
+                merge.extend(surplus.map(|proc| (proc, name.clone())));
                 g.listeners.truncate(want);
                 replace.extend((0..want).map(|s| (g.name().to_string(), s, ends)));
                 g
@@ -380,14 +397,19 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 .map(|proc| (proc, None)),
         );
     }
+    for (group, view) in views {
+        sup.set_view(&group, view);
+    }
     let steps = replace
         .into_iter()
         .map(|(group, slot, ends)| Step::Replace { group, slot, ends })
+        .chain((merge.into_iter()).map(|(proc, group)| Step::Merge { proc, group }))
         .chain((retire.into_iter()).map(|(proc, hand_to)| Step::Retire { proc, hand_to }))
         .collect();
     Reload {
         steps,
         waiting: None,
+        merging: None,
         inherited,
         handing: None,
         waiters: Vec::new(),
@@ -461,6 +483,37 @@ impl Reload {
                 }
                 self.handing = None;
             }
+            if let Some(m) = &self.merging {
+                match m.holding_until {
+                    Some(until) if !sup.group_holds(&m.group) && now < until => return,
+                    Some(_) => {
+                        let m = self.merging.as_mut().expect("checked above");
+                        m.holding_until = None;
+                        let (group, old) = (m.group.clone(), m.old);
+                        if !sup.group_holds(&group) {
+                            log::warn!("{group}: not every worker held its messages in time");
+                        }
+                        let taker = sup.live(old).and_then(|k| {
+                            let slot = sup.procs[k].slot;
+                            sup.successor(&group, slot).map(|new| (k, new))
+                        });
+                        match taker {
+                            Some((old, new)) => self.hand_over(sup, old, new, times, now),
+                            None => {
+                                if let Some(k) = sup.live(old) {
+                                    sup.retire(k, times.spread, now + times.timeout);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    None => {
+                        let m = self.merging.take().expect("checked above");
+                        self.merged(sup, m);
+                        continue;
+                    }
+                }
+            }
             match self.steps.pop_front() {
                 None => return,
                 Some(Step::Retire { proc, hand_to }) => {
@@ -471,6 +524,17 @@ impl Reload {
                         Some(new) => self.hand_over(sup, key, new, times, now),
                         None => sup.retire(key, times.spread, now + times.timeout),
                     }
+                }
+                Some(Step::Merge { proc, group }) => {
+                    if sup.live(proc).is_none() {
+                        continue;
+                    }
+                    sup.hold_group(&group);
+                    self.merging = Some(Merging {
+                        group,
+                        old: proc,
+                        holding_until: Some(now + timeout),
+                    });
                 }
                 Some(Step::Replace { group, slot, ends }) => {
                     let Some(g) = sup.group_index(&group) else {
@@ -499,6 +563,28 @@ impl Reload {
                 }
             }
         }
+    }
+
+    /// A merge's handoff is over: the group's hold ends. Its workers send to the new count of
+    /// slots once no worker past it is left to merge; until then (or while the retiring worker
+    /// still holds clients the taker did not take), to as many as before.
+    fn merged(&mut self, sup: &mut Supervisor, m: Merging) {
+        let Some(g) = sup.group_index(&m.group) else {
+            return;
+        };
+        let more = (self.steps.iter())
+            .any(|s| matches!(s, Step::Merge { group, .. } if *group == m.group));
+        let kept = sup.live(m.old).is_some_and(|k| {
+            matches!(
+                sup.procs[k].handing,
+                Some(super::supervisor::Handing::Awaiting { .. })
+            )
+        });
+        let view = match more || kept {
+            true => sup.groups[g].view,
+            false => sup.groups[g].def.count,
+        };
+        sup.resume_group(&m.group, view);
     }
 
     /// Has worker `old` hand its connections to `new`, and waits for `new` to have taken them
@@ -578,7 +664,7 @@ impl Reload {
         let steps = std::mem::take(&mut self.steps);
         self.steps = (steps.into_iter())
             .filter(|s| match s {
-                Step::Retire { .. } => true,
+                Step::Retire { .. } | Step::Merge { .. } => true,
                 Step::Replace { group, .. } => !shared(group),
             })
             .collect();
@@ -607,17 +693,20 @@ impl Reload {
     pub fn is_done(&self, sup: &Supervisor) -> bool {
         self.steps.is_empty()
             && self.waiting.is_none()
+            && self.merging.is_none()
             && sup.procs.iter().all(|(_, p)| p.retiring.is_none())
     }
 
     /// When the reload needs the loop to wake up.
     pub fn deadline(&self) -> Option<Instant> {
         let handing = self.handing.map(|(_, at)| at);
+        let holding = self.merging.as_ref().and_then(|m| m.holding_until);
         self.waiting
             .as_ref()
             .map(|w| w.deadline)
             .into_iter()
             .chain(handing)
+            .chain(holding)
             .min()
     }
 }

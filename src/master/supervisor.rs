@@ -57,8 +57,12 @@ pub struct Group {
     pub exits: BTreeMap<String, u64>,
     /// Defined in `workers.toml` (a reload re-reads it), not in the program's code.
     pub from_file: bool,
-    /// The group's bus wiring, one end per pair of slots (`bus::mesh`).
+    /// The group's bus wiring, one end per pair of slots (`bus::mesh`): at least one per
+    /// slot, more after a reload lowered `count`.
     pub mesh: Mesh,
+    /// The slots its workers send to: `count`, or, while a reload changes it, the larger
+    /// count (workers it starts get this).
+    pub view: usize,
 }
 
 pub struct Slot {
@@ -101,6 +105,8 @@ pub struct Proc {
     pub handing: Option<Handing>,
     /// This worker has taken everything the last handoff to it gave (`FromWorker::Taken`).
     pub taken: bool,
+    /// This worker holds its group messages (`FromWorker::Holding`).
+    pub holding: bool,
 }
 
 /// Whom a retiring worker hands its connections to.
@@ -167,6 +173,7 @@ impl Group {
             .unwrap_or_else(|| format!("{}{}", def.scheme(), def.listen.addr));
         let slots = (0..listeners.len()).map(|_| Slot::default()).collect();
         Group {
+            view: listeners.len(),
             mesh,
             def,
             listen,
@@ -395,7 +402,7 @@ impl Supervisor {
                     host: self.host_id,
                     slot: slot as u16,
                 };
-                let bus = Bus::new(origin, group.mesh.take_ends(slot));
+                let bus = Bus::new(origin, group.mesh.take_ends(slot)).with_view(group.view);
                 let bus = match ends {
                     BusEnds::Own => bus,
                     BusEnds::Inherited => bus.inherited(),
@@ -444,6 +451,7 @@ impl Supervisor {
                     retiring: None,
                     handing: None,
                     taken: false,
+                    holding: false,
                 });
                 let s = &mut group.slots[slot];
                 s.proc = Some(key);
@@ -565,6 +573,7 @@ impl Supervisor {
                     reported = true;
                 }
                 Ok(FromWorker::Taken) => p.taken = true,
+                Ok(FromWorker::Holding) => p.holding = true,
                 Ok(FromWorker::Connections { query, conns, last }) => {
                     rows.push(ConnRows { query, conns, last })
                 }
@@ -759,6 +768,48 @@ impl Supervisor {
     /// The worker that takes over the connections of a retiring worker of `group`'s slot
     /// `slot`: the current worker of that slot, or of `slot % count` when the group shrank,
     /// if it is ready.
+    /// Tells every worker of `group` to hold its group messages (`ToWorker::Hold`); see
+    /// [`Supervisor::group_holds`].
+    pub fn hold_group(&mut self, group: &str) {
+        let keys: Vec<usize> = (self.procs.iter())
+            .filter(|(_, p)| p.group == group)
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            self.procs[k].holding = false;
+            self.tell(k, &ToWorker::Hold);
+        }
+    }
+
+    /// Every worker of `group` has said it holds its group messages.
+    pub fn group_holds(&self, group: &str) -> bool {
+        (self.procs.iter()).all(|(_, p)| p.group != group || p.holding)
+    }
+
+    /// Ends `group`'s hold: its workers send to the slots below `view` from now on.
+    pub fn resume_group(&mut self, group: &str, view: usize) {
+        self.tell_group(group, &ToWorker::Resume { view }, view);
+    }
+
+    /// `group`'s workers, and those it starts, send to the slots below `view` from now on.
+    pub fn set_view(&mut self, group: &str, view: usize) {
+        self.tell_group(group, &ToWorker::View { view }, view);
+    }
+
+    fn tell_group(&mut self, group: &str, msg: &ToWorker, view: usize) {
+        if let Some(g) = self.group_index(group) {
+            self.groups[g].view = view;
+        }
+        let keys: Vec<usize> = (self.procs.iter())
+            .filter(|(_, p)| p.group == group)
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            self.procs[k].holding = false;
+            self.tell(k, msg);
+        }
+    }
+
     pub fn successor(&self, group: &str, slot: usize) -> Option<usize> {
         let g = &self.groups[self.group_index(group)?];
         let key = g.slots.get(slot % g.slots.len().max(1))?.proc?;

@@ -27,6 +27,26 @@ impl Loop {
         }
     }
 
+    /// Reads everything waiting on the bus ends now (this worker's to read), whatever the
+    /// budget: a handoff begins, and what was sent before it must be carried out first.
+    pub(super) fn drain_bus(&mut self) {
+        if !self.ctx.bus.reads() {
+            return;
+        }
+        let peers: Vec<usize> = self.ctx.bus.ends().map(|(peer, _)| peer).collect();
+        for peer in peers {
+            loop {
+                let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
+                for (from, msg) in messages {
+                    self.carry_out(from, msg);
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+    }
+
     /// The cluster bus has handed over messages from other hosts.
     pub(super) fn cluster_ready(&mut self) {
         for (from, msg) in self.ctx.bus.receive_cluster() {

@@ -45,6 +45,12 @@ impl Loop {
                     self.hand_off_and_stop(to, fd, spread, drain)
                 }
                 ToWorker::Adopt { from } => self.adopt_from(from, fd),
+                ToWorker::Hold => {
+                    self.ctx.bus.hold_all();
+                    self.channel.answer(&crate::control::FromWorker::Holding);
+                }
+                ToWorker::Resume { view } => self.ctx.resume_group(view),
+                ToWorker::View { view } => self.ctx.bus.set_view(view),
             }
         }
         open

@@ -73,10 +73,23 @@ impl Context {
         let Some(held) = self.bus.take_turn() else {
             return false;
         };
-        for msg in held {
+        self.release_group(held);
+        true
+    }
+
+    /// Sends group messages that were held (here, or by a worker that handed its clients
+    /// here); while this worker still holds, they stay held.
+    pub(crate) fn release_group(&mut self, messages: Vec<BusMessage>) {
+        for msg in messages {
             self.send_group(msg);
         }
-        true
+    }
+
+    /// The group's hold ends (`ToWorker::Resume`): from now on messages go to the slots
+    /// below `view`, those held first.
+    pub(crate) fn resume_group(&mut self, view: usize) {
+        let held = self.bus.resume(view);
+        self.release_group(held);
     }
 
     /// Subscribes `conn` to `topic`; false if it already was, is not an open connection, or

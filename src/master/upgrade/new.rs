@@ -92,7 +92,8 @@ impl Inherited {
             .iter()
             .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
         let (_, mut listeners, mesh) = self.groups.swap_remove(at);
-        let same = listeners.len() == def.count && mesh.len() == def.count;
+        // A mesh may wire more slots than the group has (a reload lowered its count).
+        let same = listeners.len() == def.count && mesh.len() >= def.count;
         if listeners.len() < def.count {
             let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
             match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {

@@ -10,6 +10,7 @@
 use super::{HANDOFF_OUT, Outgoing};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
+use crate::bus::wire;
 use crate::handoff::line::{Line, LineError};
 use crate::proto::close;
 use crate::worker::event_loop::Loop;
@@ -99,11 +100,27 @@ impl Loop {
                 self.keep_tls(idx);
             }
         }
+        // What waits on the bus ends is for these clients: it goes into their send queues,
+        // which travel. Then the ends are the taker's (or, when the taker is another slot's
+        // worker, nobody's: the group holds its messages meanwhile).
+        self.drain_bus();
         if self.ctx.bus.give_turn() {
             for (_, end) in self.ctx.bus.ends() {
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
             }
             self.bus_again.clear();
+        }
+        // Group messages held here (the group is held) go with the clients, for the taker to
+        // send once the hold ends.
+        let held = self.ctx.bus.take_held();
+        if !held.is_empty()
+            && let Some(out) = self.handoffs.out.as_mut()
+        {
+            let origin = self.ctx.bus.origin;
+            let bytes: Vec<Vec<u8>> = held.iter().map(|m| wire::encode(origin, m)).collect();
+            let record = crate::handoff::encode_held(&bytes);
+            out.line.push(&record, None);
+            out.unacked.push_back(Some((record, None)));
         }
         let h = &mut self.handoffs;
         log::info!("handing {} connections over", h.queue.len());
@@ -364,7 +381,7 @@ impl Loop {
             back.len()
         );
         for (record, fd) in back {
-            if let Some(id) = self.adopt(&record, fd) {
+            if let Some(id) = self.take_record(&record, fd) {
                 self.handoffs.taken_back.insert(id);
             }
         }

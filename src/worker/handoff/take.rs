@@ -8,6 +8,7 @@
 use super::{ADOPT_BASE, Incoming};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
+use crate::bus::wire;
 use crate::handoff::line::{Line, LineError};
 use crate::handoff::{self, Handed};
 use crate::proto::Session;
@@ -30,6 +31,10 @@ impl Loop {
             self.take_the_bus();
             return;
         };
+        // Connections from another slot's worker, taken while the group holds its messages:
+        // what waits on this worker's ends was sent before the hold, and is for the clients
+        // here now, not for those coming (their worker reads theirs before it hands them).
+        self.drain_bus();
         let Some(line) = fd.map(Line::new).transpose().ok().flatten() else {
             log::warn!(
                 "cannot take the handoff line from {}#{}",
@@ -103,7 +108,7 @@ impl Loop {
                 last = true;
                 continue;
             }
-            adopted += usize::from(self.adopt(&record, fd).is_some());
+            adopted += usize::from(self.take_record(&record, fd).is_some());
         }
         if let Some(incoming) = self.handoffs.incoming.get_mut(key) {
             // Registered, not yet read: the giver may let its copies go.
@@ -135,6 +140,33 @@ impl Loop {
         for peer in peers {
             self.bus_ready(peer);
         }
+    }
+
+    /// Takes one record of the line: a connection ([`Loop::adopt`]), or the group messages the
+    /// giver held, which are held here until the hold ends (or sent now, if it has).
+    pub(in crate::worker) fn take_record(
+        &mut self,
+        record: &[u8],
+        fd: Option<OwnedFd>,
+    ) -> Option<ConnId> {
+        let Some(held) = handoff::held_in(record) else {
+            return self.adopt(record, fd);
+        };
+        match held {
+            Ok(messages) => {
+                let messages = messages.iter().filter_map(|m| match wire::decode(m) {
+                    Ok((_, msg)) => Some(msg),
+                    Err(e) => {
+                        log::error!("a held bus message is lost: {e}");
+                        None
+                    }
+                });
+                let messages: Vec<_> = messages.collect();
+                self.ctx.release_group(messages);
+            }
+            Err(e) => log::error!("held bus messages are lost: {e}"),
+        }
+        None
     }
 
     /// Takes one handed connection into this worker. `None` if the record cannot be read (the
