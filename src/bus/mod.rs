@@ -145,6 +145,9 @@ pub(crate) struct Bus {
     /// The slots this worker sends to: those below `view` (the group's count, or, while a
     /// reload changes it, the larger of the two counts).
     view: usize,
+    /// While this worker hands its clients to the next worker of its slot and still reads the
+    /// slot's ends, what it delivers is copied here for that worker (`forward`).
+    forwarding: Option<Vec<BusMessage>>,
 }
 
 impl Bus {
@@ -158,6 +161,40 @@ impl Bus {
             holding: false,
             held: Vec::new(),
             view: usize::MAX,
+            forwarding: None,
+        }
+    }
+
+    /// Copies what this worker delivers from now on, for the worker taking its clients.
+    pub fn start_forwarding(&mut self) {
+        self.forwarding.get_or_insert_with(Vec::new);
+    }
+
+    /// Stops copying; returns what was not taken yet.
+    pub fn stop_forwarding(&mut self) -> Vec<BusMessage> {
+        self.forwarding.take().unwrap_or_default()
+    }
+
+    /// The copies made since the last call.
+    pub fn take_forwarded(&mut self) -> Vec<BusMessage> {
+        self.forwarding
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Copies a message this worker delivers to its own clients (a broadcast, a publish, a
+    /// user's, a `send_to`), if it is forwarding.
+    pub fn forward(&mut self, msg: &BusMessage) {
+        let for_clients = matches!(
+            msg,
+            BusMessage::Broadcast(_)
+                | BusMessage::Publish(..)
+                | BusMessage::SendUser(..)
+                | BusMessage::SendTo(..)
+        );
+        if let Some(copies) = self.forwarding.as_mut().filter(|_| for_clients) {
+            copies.push(msg.clone());
         }
     }
 

@@ -94,23 +94,45 @@ impl Handed {
     }
 }
 
-/// In place of the version: a record of the group messages (`bus::wire` bytes, postcard) a
-/// retiring worker held while its clients moved to another slot, for the taker to send.
-const HELD: u16 = u16::MAX;
-
-/// A record of held group messages.
-pub(crate) fn encode_held(messages: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = HELD.to_le_bytes().to_vec();
-    postcard::to_io(messages, &mut out).expect("a Vec takes every byte");
-    out
+/// Bus messages on the line, between connections (`bus::wire` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carried {
+    /// Group messages the giver held while the group was held (its clients moving to
+    /// another slot), for the taker to send when the hold ends.
+    Held,
+    /// Messages the giver delivered to its clients while handing them over, for the taker to
+    /// deliver to those it holds already (and its own).
+    Delivered,
 }
 
-/// The group messages in `record`, if it is a record of them.
-pub(crate) fn held_in(record: &[u8]) -> Option<Result<Vec<Vec<u8>>, RecordError>> {
-    let [a, b, rest @ ..] = record else {
-        return None;
-    };
-    (u16::from_le_bytes([*a, *b]) == HELD).then(|| Ok(postcard::from_bytes(rest)?))
+impl Carried {
+    /// Its marker, in place of a record's version.
+    fn marker(self) -> u16 {
+        match self {
+            Carried::Held => u16::MAX,
+            Carried::Delivered => u16::MAX - 1,
+        }
+    }
+
+    /// A record of such messages.
+    pub(crate) fn encode(self, messages: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = self.marker().to_le_bytes().to_vec();
+        postcard::to_io(messages, &mut out).expect("a Vec takes every byte");
+        out
+    }
+
+    /// What `record` carries, if it is a record of bus messages.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decode(record: &[u8]) -> Option<(Carried, Result<Vec<Vec<u8>>, RecordError>)> {
+        let [a, b, rest @ ..] = record else {
+            return None;
+        };
+        let marker = u16::from_le_bytes([*a, *b]);
+        let kind = [Carried::Held, Carried::Delivered]
+            .into_iter()
+            .find(|k| k.marker() == marker)?;
+        Some((kind, postcard::from_bytes(rest).map_err(RecordError::from)))
+    }
 }
 
 /// The largest record a worker takes: a whole send queue and a whole message, with room for

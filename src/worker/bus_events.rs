@@ -20,6 +20,7 @@ impl Loop {
         }
         let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
         for (from, msg) in messages {
+            self.ctx.bus.forward(&msg);
             self.carry_out(from, msg);
         }
         if more && !self.bus_again.contains(&peer) {
@@ -38,6 +39,7 @@ impl Loop {
             loop {
                 let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
                 for (from, msg) in messages {
+                    self.ctx.bus.forward(&msg);
                     self.carry_out(from, msg);
                 }
                 if !more {

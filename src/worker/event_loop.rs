@@ -330,6 +330,7 @@ impl Loop {
         self.start_asks();
         self.close_due();
         self.drain_ended(Instant::now());
+        self.handoff_forward();
         self.reap();
         self.flush_dirty();
         self.reap();
@@ -479,7 +480,7 @@ impl Loop {
     /// So a client that sends but never reads (echo floods, Ping floods) is held by TCP flow
     /// control instead of by the worker's memory.
     fn read_conn(&mut self, idx: usize) {
-        if self.backend_holds(idx) || self.handoffs.holds(idx) {
+        if self.backend_holds(idx) {
             return;
         }
         let high_water = super::context::high_water(self.settings.max_send_buffer);

@@ -53,6 +53,7 @@ impl Context {
             return 0;
         };
         self.bus.send_to_group(&msg);
+        self.bus.forward(&msg);
         self.deliver_local(msg)
     }
 
@@ -65,6 +66,24 @@ impl Context {
             BusMessage::SendTo(..) | BusMessage::App(_) | BusMessage::Ask(..) => 0,
             BusMessage::Answer(..) => 0,
         }
+    }
+
+    /// Delivers a message for clients (a broadcast, a publish, a user's, a `send_to`) to
+    /// those of `only` it is for.
+    pub(crate) fn deliver_only(
+        &mut self,
+        msg: BusMessage,
+        only: &std::collections::HashSet<ConnId>,
+    ) {
+        let (ids, m) = match msg {
+            BusMessage::Broadcast(m) => (self.connections(), m),
+            BusMessage::Publish(topic, m) => (self.topics.members(&topic), m),
+            BusMessage::SendUser(uid, m) => (self.users.members(&uid), m),
+            BusMessage::SendTo(conn, m) => (vec![conn], m),
+            BusMessage::App(_) | BusMessage::Ask(..) | BusMessage::Answer(..) => return,
+        };
+        let ids = ids.into_iter().filter(|id| only.contains(id)).collect();
+        self.send_many(ids, m);
     }
 
     /// The bus ends taken over from the slot's previous worker are this worker's to read

@@ -1,16 +1,20 @@
 //! The giving side: a worker being replaced hands its open connections over, inside its stop.
 //!
 //! Once the worker has stopped accepting and run `on_worker_stop`, every connection that can
-//! go is moved onto the line; `wss://` ones are kept for the drain; the rest are closed as any
-//! stop closes them. A connection that completes its upgrade during the stop goes the same way.
-//! The worker exits once every record has been acknowledged. If the line breaks first, the
-//! connections not acknowledged come back here, whole, and are served until the master sends
-//! another handoff (to the slot's next worker).
+//! go is queued for the line, and goes as the window opens, served here until its turn;
+//! `wss://` ones are kept for the drain; the rest are closed as any stop closes them. A
+//! connection that completes its upgrade during the stop goes the same way. Bus messages
+//! travel on the line too, between the connections: those this worker delivered while a
+//! connection was already gone (`Carried::Delivered`), and those the group held here
+//! (`Carried::Held`). The worker exits once every record has been acknowledged. If the line
+//! breaks first, the records not acknowledged come back here, whole, in order, and the
+//! connections are served until the master sends another handoff (to the slot's next worker).
 
-use super::{HANDOFF_OUT, Outgoing};
+use super::{HANDOFF_OUT, Outgoing, Sent};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
-use crate::bus::wire;
+use crate::bus::wire::{self, BusMessage};
+use crate::handoff::Carried;
 use crate::handoff::line::{Line, LineError};
 use crate::proto::close;
 use crate::worker::event_loop::Loop;
@@ -87,12 +91,18 @@ impl Loop {
 
     /// Queues every connection that can go for the line (called by the stop, before it closes
     /// the rest); they go as the window opens ([`Loop::handoff_pump`]), and an empty record
-    /// ends them. From here on the shared bus ends are the taker's, and the queued clients are
-    /// not read: what they send waits in their sockets for the taker.
+    /// ends them. Until its turn, a queued client is served here as before.
+    ///
+    /// To the next worker of this slot, this worker goes on reading the slot's bus ends until
+    /// its last client has gone, and puts what it delivers on the line too, between the
+    /// clients: the taker delivers it to those it has already (and its own), so each client
+    /// gets each message once, wherever it is. To another slot's worker (the group holding its
+    /// messages), the ends are left at once, once what waits on them is carried out.
     pub(in crate::worker) fn hand_off_all(&mut self) {
-        if !self.handoffs.giving() {
+        let Some(out) = &self.handoffs.out else {
             return;
-        }
+        };
+        let same_slot = out.to.slot == self.ctx.bus.origin.slot as usize;
         let all: Vec<usize> = self.ctx.conns.iter().map(|(idx, _)| idx).collect();
         self.handoffs.taken_back.clear();
         for idx in all {
@@ -100,27 +110,10 @@ impl Loop {
                 self.keep_tls(idx);
             }
         }
-        // What waits on the bus ends is for these clients: it goes into their send queues,
-        // which travel. Then the ends are the taker's (or, when the taker is another slot's
-        // worker, nobody's: the group holds its messages meanwhile).
-        self.drain_bus();
-        if self.ctx.bus.give_turn() {
-            for (_, end) in self.ctx.bus.ends() {
-                let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
-            }
-            self.bus_again.clear();
-        }
-        // Group messages held here (the group is held) go with the clients, for the taker to
-        // send once the hold ends.
-        let held = self.ctx.bus.take_held();
-        if !held.is_empty()
-            && let Some(out) = self.handoffs.out.as_mut()
-        {
-            let origin = self.ctx.bus.origin;
-            let bytes: Vec<Vec<u8>> = held.iter().map(|m| wire::encode(origin, m)).collect();
-            let record = crate::handoff::encode_held(&bytes);
-            out.line.push(&record, None);
-            out.unacked.push_back(Some((record, None)));
+        if same_slot && self.ctx.bus.reads() {
+            self.ctx.bus.start_forwarding();
+        } else {
+            self.give_bus_turn();
         }
         let h = &mut self.handoffs;
         log::info!("handing {} connections over", h.queue.len());
@@ -148,6 +141,58 @@ impl Loop {
         true
     }
 
+    /// Carries out what waits on the bus ends (for the clients still here, and, forwarded, for
+    /// those gone), then leaves the ends to the taker (or, in another slot, to nobody) and
+    /// puts the messages the group held here on the line, for the taker to send when the
+    /// hold ends.
+    fn give_bus_turn(&mut self) {
+        self.drain_bus();
+        self.put_forwarded();
+        self.ctx.bus.stop_forwarding();
+        if self.ctx.bus.give_turn() {
+            for (_, end) in self.ctx.bus.ends() {
+                let _ = (self.poll.registry()).deregister(&mut SourceFd(&end.as_raw_fd()));
+            }
+            self.bus_again.clear();
+        }
+        self.put_held();
+    }
+
+    /// Puts the messages the group held here (its clients moving to another slot) on the
+    /// line, for the taker to send when the hold ends: before each client, so that a client's
+    /// messages held here come before those it makes there.
+    fn put_held(&mut self) {
+        let held = self.ctx.bus.take_held();
+        self.put_carried(Carried::Held, &held);
+    }
+
+    /// At the end of each turn while handing over: what this worker delivered goes to the
+    /// taker now, not only before the next client, so that the clients there get it soon.
+    pub(in crate::worker) fn handoff_forward(&mut self) {
+        if self.handoffs.out.as_ref().is_some_and(|o| !o.ended) {
+            self.put_forwarded();
+            self.handoff_flush();
+        }
+    }
+
+    /// Puts what this worker delivered since the last time on the line, before the next
+    /// client: the taker delivers it to those it has, which left before it was delivered here.
+    fn put_forwarded(&mut self) {
+        let forwarded = self.ctx.bus.take_forwarded();
+        self.put_carried(Carried::Delivered, &forwarded);
+    }
+
+    fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
+        let Some(out) = self.handoffs.out.as_mut().filter(|_| !messages.is_empty()) else {
+            return;
+        };
+        let origin = self.ctx.bus.origin;
+        let bytes: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
+        let record = kind.encode(&bytes);
+        out.line.push(&record, None);
+        out.unacked.push_back(Sent::Carried(record));
+    }
+
     /// Puts queued connections on the line while the window has room, and the closing empty
     /// record after the last. One that cannot go after all is closed as the stop closes the
     /// rest.
@@ -171,9 +216,11 @@ impl Loop {
             }
             let Some((idx, id)) = self.handoffs.queue.pop_front() else {
                 if !out.ended && self.handoffs.parked.is_empty() {
+                    self.give_bus_turn();
+                    let out = self.handoffs.out.as_mut().expect("checked above");
                     out.ended = true;
                     out.line.push(&[], None);
-                    out.unacked.push_back(None);
+                    out.unacked.push_back(Sent::End);
                     log::info!("{} connections handed over", out.handed);
                 }
                 break;
@@ -182,6 +229,8 @@ impl Loop {
                 self.handoffs.waiting.remove(&idx);
                 continue; // Gone meanwhile.
             }
+            self.put_forwarded();
+            self.put_held();
             match self.hand_off(idx) {
                 Gave::Yes => {
                     self.handoffs.waiting.remove(&idx);
@@ -293,7 +342,7 @@ impl Loop {
         let record = handed.encode();
         let out = self.handoffs.out.as_mut().expect("giving, checked above");
         out.line.push(&record, Some(OwnedFd::from(socket)));
-        out.unacked.push_back(Some((record, kept)));
+        out.unacked.push_back(Sent::Conn(record, kept));
         out.handed += 1;
         if self.handler.is_some() {
             self.handler_tell(id, Told::Handoff);
@@ -304,7 +353,7 @@ impl Loop {
     /// Copies of sockets are held for records not yet acknowledged.
     fn copies_held(&self) -> bool {
         (self.handoffs.out.as_ref())
-            .is_some_and(|o| o.unacked.iter().flatten().any(|(_, fd)| fd.is_some()))
+            .is_some_and(|o| (o.unacked.iter()).any(|s| matches!(s, Sent::Conn(_, Some(_)))))
     }
 
     /// Calls `on_handoff` for `id`: the app's state of it, or `None` if the hook panicked
@@ -367,22 +416,32 @@ impl Loop {
             return;
         };
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
-        let (back, lost): (Vec<_>, Vec<_>) =
-            (out.unacked.into_iter().flatten()).partition(|(_, fd)| fd.is_some());
-        if !lost.is_empty() {
-            log::error!(
-                "{} connections handed without a spare descriptor are lost",
-                lost.len()
-            );
+        let lost = (out.unacked.iter())
+            .filter(|s| matches!(s, Sent::Conn(_, None)))
+            .count();
+        if lost > 0 {
+            log::error!("{lost} connections handed without a spare descriptor are lost");
         }
+        let back = (out.unacked.iter())
+            .filter(|s| matches!(s, Sent::Conn(_, Some(_))))
+            .count();
         let to = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
         log::error!(
-            "handoff to {to} broke ({why}); {} connections it had not taken are served here",
-            back.len()
+            "handoff to {to} broke ({why}); {back} connections it had not taken are served here"
         );
-        for (record, fd) in back {
-            if let Some(id) = self.take_record(&record, fd) {
-                self.handoffs.taken_back.insert(id);
+        self.ctx.bus.stop_forwarding();
+        // In order: what was delivered here after a client left goes to that client now.
+        let mut returned = std::collections::HashSet::new();
+        for sent in out.unacked {
+            match sent {
+                Sent::Conn(record, Some(fd)) => {
+                    if let Some(id) = self.take_record(&record, Some(fd)) {
+                        self.handoffs.taken_back.insert(id);
+                        returned.insert(id);
+                    }
+                }
+                Sent::Carried(record) => self.take_back_carried(&record, &returned),
+                Sent::Conn(_, None) | Sent::End => {}
             }
         }
         // Those still waiting for their turn never left: they are read here again.

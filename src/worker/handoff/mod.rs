@@ -38,11 +38,11 @@ const WINDOW: usize = 256;
 pub(super) struct Handoffs {
     out: Option<Outgoing>,
     incoming: Slab<Incoming>,
-    /// Connections waiting for their turn on the line, in order; not read meanwhile (their
-    /// input waits in the socket for the taker).
+    /// Connections waiting for their turn on the line, in order; served here meanwhile.
     queue: VecDeque<(usize, ConnId)>,
     /// Queued connections whose webhook requests are still in flight, until answered.
     parked: Vec<(usize, ConnId)>,
+    /// Where the queued and parked connections are kept.
     waiting: std::collections::HashSet<usize>,
     /// Connections a broken handoff gave back, served here until the next handoff.
     taken_back: std::collections::HashSet<ConnId>,
@@ -56,15 +56,24 @@ pub(super) struct Handoffs {
 struct Outgoing {
     line: Line,
     to: Peer,
-    /// Every record put on the line and not yet acknowledged, in order: a connection's record
-    /// and this worker's copy of its socket (none if no descriptor could be spared), or `None`
-    /// for the closing empty record.
-    unacked: VecDeque<Option<(Vec<u8>, Option<OwnedFd>)>>,
+    /// Every record put on the line and not yet acknowledged, in order.
+    unacked: VecDeque<Sent>,
     /// Records acknowledged so far.
     acked: u32,
     handed: usize,
     /// The closing empty record is on the line.
     ended: bool,
+}
+
+/// A record on the line, kept until the taker acknowledges it.
+enum Sent {
+    /// A connection's record, and this worker's copy of its socket (none if no descriptor
+    /// could be spared).
+    Conn(Vec<u8>, Option<OwnedFd>),
+    /// Bus messages (`handoff::Carried`).
+    Carried(Vec<u8>),
+    /// The closing empty record.
+    End,
 }
 
 /// A line from a worker giving this one its connections.
@@ -87,15 +96,10 @@ impl Handoffs {
         self.out.is_some()
     }
 
-    /// Connection `idx` waits for its turn on the line: it is not read here.
-    pub(super) fn holds(&self, idx: usize) -> bool {
-        !self.waiting.is_empty() && self.waiting.contains(&idx)
-    }
-
     /// Connection `id`, kept at `idx`, is to be handed over (now, or by the next handoff
     /// after one broke): the stop does not close it.
     pub(super) fn queued(&self, idx: usize, id: ConnId) -> bool {
-        self.holds(idx) || self.taken_back.contains(&id)
+        self.waiting.contains(&idx) || self.taken_back.contains(&id)
     }
 
     /// `wss://` clients kept until the drain ends: the stop does not close them before.

@@ -8,9 +8,9 @@
 use super::{ADOPT_BASE, Incoming};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
-use crate::bus::wire;
+use crate::bus::wire::{self, BusMessage};
 use crate::handoff::line::{Line, LineError};
-use crate::handoff::{self, Handed};
+use crate::handoff::{self, Carried, Handed};
 use crate::proto::Session;
 use crate::proto::deflate::{Codec, Settings, Stream};
 use crate::worker::conn::Conn;
@@ -142,31 +142,70 @@ impl Loop {
         }
     }
 
-    /// Takes one record of the line: a connection ([`Loop::adopt`]), or the group messages the
-    /// giver held, which are held here until the hold ends (or sent now, if it has).
+    /// Takes one record of the line: a connection ([`Loop::adopt`]), or bus messages: those
+    /// the giver delivered to its clients meanwhile, delivered here to the clients it already
+    /// handed over (and this worker's own); or those it held, held here until the hold ends
+    /// (or sent now, if it has).
     pub(in crate::worker) fn take_record(
         &mut self,
         record: &[u8],
         fd: Option<OwnedFd>,
     ) -> Option<ConnId> {
-        let Some(held) = handoff::held_in(record) else {
+        let Some((kind, carried)) = Carried::decode(record) else {
             return self.adopt(record, fd);
         };
-        match held {
-            Ok(messages) => {
-                let messages = messages.iter().filter_map(|m| match wire::decode(m) {
-                    Ok((_, msg)) => Some(msg),
-                    Err(e) => {
-                        log::error!("a held bus message is lost: {e}");
-                        None
-                    }
-                });
-                let messages: Vec<_> = messages.collect();
-                self.ctx.release_group(messages);
+        let messages = match carried {
+            Ok(messages) => messages,
+            Err(e) => {
+                log::error!("bus messages from a handoff are lost: {e}");
+                return None;
             }
-            Err(e) => log::error!("held bus messages are lost: {e}"),
+        };
+        let messages = messages.iter().filter_map(|m| match wire::decode(m) {
+            Ok((_, msg)) => Some(msg),
+            Err(e) => {
+                log::error!("a bus message from a handoff is lost: {e}");
+                None
+            }
+        });
+        match kind {
+            Carried::Held => self.ctx.release_group(messages.collect()),
+            Carried::Delivered => {
+                for msg in messages {
+                    match msg {
+                        BusMessage::SendTo(conn, m) => {
+                            let _ = self.ctx.send(conn, m);
+                        }
+                        msg => {
+                            self.ctx.deliver_local(msg);
+                        }
+                    }
+                }
+            }
         }
         None
+    }
+
+    /// A record of bus messages that came back from a broken line, in order after the clients
+    /// that came back before it: those held are held here (or sent), and those delivered go
+    /// to the returned clients only, which had left before they were delivered here.
+    pub(in crate::worker) fn take_back_carried(
+        &mut self,
+        record: &[u8],
+        returned: &std::collections::HashSet<ConnId>,
+    ) {
+        let Some((kind, Ok(messages))) = Carried::decode(record) else {
+            return;
+        };
+        let messages = (messages.iter()).filter_map(|m| wire::decode(m).ok().map(|(_, msg)| msg));
+        match kind {
+            Carried::Held => self.ctx.release_group(messages.collect()),
+            Carried::Delivered => {
+                for msg in messages {
+                    self.ctx.deliver_only(msg, returned);
+                }
+            }
+        }
     }
 
     /// Takes one handed connection into this worker. `None` if the record cannot be read (the
