@@ -690,6 +690,42 @@ fn a_new_worker_dying_mid_handoff_loses_no_connection() {
     swarm.finish();
 }
 
+/// The same during `wsd upgrade`: the new master's worker dies while taking the connections.
+/// The old worker takes back what was not acknowledged and hands it to the worker the new
+/// master starts again on that slot; the upgrade completes, and no client notices.
+fn a_new_worker_dying_mid_upgrade_loses_no_connection() {
+    let (dir, config) = Server::config("named", 1, "");
+    let marker = dir.path().join("crash-on-adopt");
+    let env = [(CRASH_ENV, marker.as_path())];
+    let mut server = Server::start_with_env(std::env::current_exe().unwrap(), dir, config, &env);
+    const CLIENTS: usize = 30;
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    swarm.progress(101);
+    let next = server.dir.path().join("named-next");
+    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
+    std::fs::write(&marker, "1").unwrap();
+    let old_master = server.master_pid();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !marker.exists(),
+        "the new worker crashed on its first connection"
+    );
+    wait_for("the old master to exit", DEADLINE, || {
+        exited(old_master).then_some(())
+    });
+    swarm.progress(101);
+    swarm.assert_no_failures();
+    wait_for(
+        "the new master's worker to hold every client",
+        DEADLINE,
+        || (open_connections(&mut server) == CLIENTS as u64).then_some(()),
+    );
+    assert_ne!(server.status()["master"]["pid"], old_master);
+    assert!(server.master_output().contains("took all 30 connections"));
+    swarm.finish();
+}
+
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
 /// takes over the sockets, its workers take over every connection, with the app's state, and
 /// the old master leaves it the pid file and the control socket. A binary that fails `check`,
@@ -1008,6 +1044,10 @@ fn main() {
         (
             "a_new_worker_dying_mid_handoff_loses_no_connection",
             a_new_worker_dying_mid_handoff_loses_no_connection,
+        ),
+        (
+            "a_new_worker_dying_mid_upgrade_loses_no_connection",
+            a_new_worker_dying_mid_upgrade_loses_no_connection,
         ),
         (
             "an_upgrade_to_a_new_binary_moves_every_connection",

@@ -433,6 +433,7 @@ impl Master {
                     r.note_failure(why);
                 }
             }
+            self.predecessor_taker_died(&exit);
             if let Some(r) = &mut self.reload
                 && r.worker_exited(&mut self.sup, &exit)
             {

@@ -172,6 +172,31 @@ impl Master {
         }
     }
 
+    /// A worker exited. If it was taking its slot's connections from the old master's worker
+    /// (which takes back what it had not acknowledged), the slot waits again: the worker
+    /// started again on it gets a new handoff line once it is ready.
+    pub(in crate::master) fn predecessor_taker_died(
+        &mut self,
+        exit: &crate::master::supervisor::Exit,
+    ) {
+        let Some(pre) = self.predecessor.as_mut() else {
+            return;
+        };
+        if pre.current != Some(exit.proc) {
+            return;
+        }
+        pre.current = None;
+        log::warn!(
+            "the new worker {}#{} (pid {}) {} while taking its slot's connections; the worker \
+             started again on the slot takes them",
+            exit.group,
+            exit.slot,
+            exit.pid,
+            exit.how
+        );
+        (self.sup.upgrade_pending).insert((exit.group.clone(), exit.slot));
+    }
+
     /// The link to the old master ended: it has exited (or died). This master takes over
     /// the control socket.
     pub(in crate::master) fn predecessor_gone(&mut self, registry: &Registry) -> io::Result<()> {

@@ -219,7 +219,14 @@ impl Master {
         let Some(g) = self.sup.group_index(group) else {
             return; // A group this master does not run: the new worker's line just ends.
         };
-        let Some(old) = self.sup.groups[g].slots.get(slot).and_then(|s| s.proc) else {
+        // The slot's worker; or the one already handing over, whose taker died (the new
+        // master started another on the slot): it took back what was not acknowledged.
+        let handing = (self.sup.procs.iter()).find(|(_, p)| {
+            p.group == group && p.slot == slot && matches!(p.handing, Some(Handing::Away))
+        });
+        let old = (self.sup.groups[g].slots.get(slot).and_then(|s| s.proc))
+            .or_else(|| handing.map(|(key, _)| key));
+        let Some(old) = old else {
             return;
         };
         let times = self.handover_times();
