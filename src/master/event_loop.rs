@@ -147,8 +147,18 @@ impl Master {
         if let Some(m) = &mut self.metrics {
             m.register(&registry)?;
         }
+        // After `wsd upgrade`, the slots whose old workers hand their clients over start one
+        // at a time, each once the one before has taken its clients (`hand_from_predecessor`):
+        // the old workers keep both cores for their clients meanwhile.
+        let mut deferring = false;
         for g in 0..self.sup.groups.len() {
             for slot in 0..self.sup.groups[g].slots.len() {
+                let pending = (self.sup.upgrade_pending)
+                    .contains(&(self.sup.groups[g].name().to_string(), slot));
+                if pending && deferring {
+                    continue;
+                }
+                deferring |= pending;
                 self.sup.spawn(g, slot, &registry)?;
             }
         }

@@ -123,7 +123,12 @@ impl Master {
         {
             return;
         }
-        pre.current = None;
+        if pre.current.take().is_some() || pre.ready.is_empty() {
+            self.start_next_pending();
+        }
+        let Some(pre) = self.predecessor.as_mut() else {
+            return;
+        };
         while let Some(key) = pre.ready.pop_front() {
             let Some(p) = self.sup.procs.get_mut(key) else {
                 continue;
@@ -169,6 +174,26 @@ impl Master {
             if let Err(e) = (&pre.link).write_all(&line) {
                 log::warn!("cannot tell the old master we are ready: {e}");
             }
+        }
+    }
+
+    /// Starts the next slot that waits for its old worker's clients and has no worker yet, if
+    /// no such slot's worker is starting or taking clients now.
+    fn start_next_pending(&mut self) {
+        let slots = (self.sup.upgrade_pending.iter()).filter_map(|(group, slot)| {
+            let g = self.sup.group_index(group)?;
+            Some((g, *slot, self.sup.groups[g].slots.get(*slot)?))
+        });
+        let slots: Vec<_> = slots.collect();
+        if slots
+            .iter()
+            .any(|(_, _, s)| s.proc.is_some() || s.respawn_at.is_some())
+        {
+            return;
+        }
+        let next = slots.first().map(|&(g, slot, _)| (g, slot));
+        if let Some((g, slot)) = next {
+            self.sup.groups[g].slots[slot].respawn_at = Some(std::time::Instant::now());
         }
     }
 
