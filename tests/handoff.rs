@@ -726,6 +726,33 @@ fn a_new_worker_dying_mid_upgrade_loses_no_connection() {
     swarm.finish();
 }
 
+/// `wsd upgrade` to a configuration with a higher `count`: the group's bus grows, the old
+/// workers hand their clients to the new workers of their slots, and the new slot starts
+/// empty. No client notices.
+fn an_upgrade_that_raises_the_count_moves_every_connection() {
+    let mut server = start(2);
+    const CLIENTS: usize = 30;
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    swarm.progress(100);
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(&server.config, config.replace("count = 2", "count = 3")).unwrap();
+    let next = server.dir.path().join("named-next");
+    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
+    let old_master = server.master_pid();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the old master to exit", DEADLINE, || {
+        exited(old_master).then_some(())
+    });
+    let st = server.wait_ready();
+    assert_eq!(worker_pids_in(&st).len(), 3, "{st}");
+    swarm.progress(200);
+    wait_for("the new workers to count every client", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+    });
+    swarm.finish();
+}
+
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
 /// takes over the sockets, its workers take over every connection, with the app's state, and
 /// the old master leaves it the pid file and the control socket. A binary that fails `check`,
@@ -1048,6 +1075,10 @@ fn main() {
         (
             "a_new_worker_dying_mid_upgrade_loses_no_connection",
             a_new_worker_dying_mid_upgrade_loses_no_connection,
+        ),
+        (
+            "an_upgrade_that_raises_the_count_moves_every_connection",
+            an_upgrade_that_raises_the_count_moves_every_connection,
         ),
         (
             "an_upgrade_to_a_new_binary_moves_every_connection",

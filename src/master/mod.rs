@@ -244,11 +244,9 @@ pub fn start(plan: Plan) -> i32 {
     for (def, from_file) in defs {
         if let Some(taken) = inherited.as_mut().and_then(|i| i.group(&def)) {
             match taken {
-                Ok((listeners, mesh)) => {
-                    if mesh.is_some() {
-                        let slots = (0..def.count).map(|s| (def.name().to_string(), s));
-                        sup.upgrade_pending.extend(slots);
-                    }
+                Ok((listeners, mesh, handed)) => {
+                    let slots = (0..handed).map(|s| (def.name().to_string(), s));
+                    sup.upgrade_pending.extend(slots);
                     let g = match mesh {
                         Some(mesh) => Ok(supervisor::Group::with_mesh(
                             def, listeners, from_file, mesh,

@@ -78,22 +78,40 @@ impl Inherited {
     }
 
     /// The old master's sockets for `def`, if it ran a group of that name on the same
-    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), and its
-    /// bus mesh if `count` did not change.
+    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), its bus
+    /// mesh (grown if `count` is higher than it wires), and how many of the new slots have an
+    /// old worker to hand them its clients (the old count, at most the new one).
     #[allow(clippy::type_complexity)]
     pub fn group(
         &mut self,
         def: &Worker,
     ) -> Option<
-        Result<(Vec<std::net::TcpListener>, Option<crate::bus::mesh::Mesh>), listeners::BindError>,
+        Result<
+            (
+                Vec<std::net::TcpListener>,
+                Option<crate::bus::mesh::Mesh>,
+                usize,
+            ),
+            listeners::BindError,
+        >,
     > {
         let at = self
             .groups
             .iter()
             .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
         let (_, mut listeners, mesh) = self.groups.swap_remove(at);
-        // A mesh may wire more slots than the group has (a reload lowered its count).
-        let same = listeners.len() == def.count && mesh.len() >= def.count;
+        let handed = listeners.len().min(def.count);
+        // A mesh may wire more slots than the group has (a reload lowered its count); one that
+        // wires fewer grows, and a mesh that cannot grow is replaced (its clients are then
+        // closed, not handed over).
+        let mesh = crate::bus::mesh::Mesh::from_ends(mesh);
+        let mesh = match mesh.slots() >= def.count {
+            true => Some(mesh),
+            false => mesh
+                .grown(def.count)
+                .inspect_err(|e| log::error!("cannot grow the bus of {}: {e}", def.name()))
+                .ok(),
+        };
         if listeners.len() < def.count {
             let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
             match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
@@ -102,8 +120,8 @@ impl Inherited {
             }
         }
         listeners.truncate(def.count);
-        let mesh = same.then(|| crate::bus::mesh::Mesh::from_ends(mesh));
-        Some(Ok((listeners, mesh)))
+        let handed = if mesh.is_some() { handed } else { 0 };
+        Some(Ok((listeners, mesh, handed)))
     }
 }
 
