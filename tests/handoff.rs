@@ -621,13 +621,18 @@ fn a_deploy_moves_a_thousand_clients_and_loses_no_message() {
 /// (more than one window of records): they get its lines once the new worker has them all,
 /// not never. The publisher connected first, so it is handed over first.
 fn lines_published_mid_handoff_reach_the_clients_not_yet_handed() {
-    const SUBSCRIBERS: usize = 600;
-    raise_fd_limit(4 * SUBSCRIBERS as u64);
-    let mut server = start(1);
-    let chat = Chat::start(server.port, SUBSCRIBERS, Duration::from_millis(1));
+    publish_through_reloads(600, 1, &[1, 1, 1]);
+}
+
+/// `subscribers` hear a line published every millisecond on a group of `count` workers,
+/// reloaded to each of `counts` in turn: each hears every line once, in order.
+fn publish_through_reloads(subscribers: usize, count: usize, counts: &[usize]) {
+    raise_fd_limit(4 * subscribers as u64);
+    let mut server = start(count);
+    let chat = Chat::start(server.port, subscribers, Duration::from_millis(1));
     chat.go_on(20);
-    for _ in 0..3 {
-        reload_to(&mut server, 1);
+    for &count in counts {
+        reload_to(&mut server, count);
         chat.go_on(20);
         chat.assert_no_failures();
     }
@@ -639,17 +644,7 @@ fn lines_published_mid_handoff_reach_the_clients_not_yet_handed() {
 /// the workers of new slots hear everyone from the start. Every subscriber hears every line
 /// once, in order.
 fn lines_reach_every_subscriber_once_through_count_changes() {
-    const SUBSCRIBERS: usize = 200;
-    raise_fd_limit(4 * SUBSCRIBERS as u64);
-    let mut server = start(4);
-    let chat = Chat::start(server.port, SUBSCRIBERS, Duration::from_millis(1));
-    chat.go_on(20);
-    for count in [3, 4, 2, 5, 4] {
-        reload_to(&mut server, count);
-        chat.go_on(20);
-        chat.assert_no_failures();
-    }
-    chat.finish();
+    publish_through_reloads(200, 4, &[3, 4, 2, 5, 4]);
 }
 
 /// The new worker dies while taking the connections: the old worker takes back what it had not

@@ -765,20 +765,10 @@ impl Supervisor {
         }
     }
 
-    /// The worker that takes over the connections of a retiring worker of `group`'s slot
-    /// `slot`: the current worker of that slot, or of `slot % count` when the group shrank,
-    /// if it is ready.
     /// Tells every worker of `group` to hold its group messages (`ToWorker::Hold`); see
     /// [`Supervisor::group_holds`].
     pub fn hold_group(&mut self, group: &str) {
-        let keys: Vec<usize> = (self.procs.iter())
-            .filter(|(_, p)| p.group == group)
-            .map(|(k, _)| k)
-            .collect();
-        for k in keys {
-            self.procs[k].holding = false;
-            self.tell(k, &ToWorker::Hold);
-        }
+        self.tell_workers_of(group, &ToWorker::Hold);
     }
 
     /// Every worker of `group` has said it holds its group messages.
@@ -800,6 +790,11 @@ impl Supervisor {
         if let Some(g) = self.group_index(group) {
             self.groups[g].view = view;
         }
+        self.tell_workers_of(group, msg);
+    }
+
+    /// Sends `msg` to every worker of `group`, none of which holds for it until it says so.
+    fn tell_workers_of(&mut self, group: &str, msg: &ToWorker) {
         let keys: Vec<usize> = (self.procs.iter())
             .filter(|(_, p)| p.group == group)
             .map(|(k, _)| k)
@@ -810,6 +805,9 @@ impl Supervisor {
         }
     }
 
+    /// The worker that takes over the connections of a retiring worker of `group`'s slot
+    /// `slot`: the current worker of that slot, or of `slot % count` when the group shrank,
+    /// if it is ready.
     pub fn successor(&self, group: &str, slot: usize) -> Option<usize> {
         let g = &self.groups[self.group_index(group)?];
         let key = g.slots.get(slot % g.slots.len().max(1))?.proc?;

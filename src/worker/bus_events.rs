@@ -18,11 +18,7 @@ impl Loop {
         if !self.ctx.bus.reads() {
             return; // Another worker's turn (`handoff.rs`).
         }
-        let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
-        for (from, msg) in messages {
-            self.ctx.bus.forward(&msg);
-            self.carry_out(from, msg);
-        }
+        let more = self.read_peer(peer);
         if more && !self.bus_again.contains(&peer) {
             self.bus_again.push(peer);
         }
@@ -36,17 +32,19 @@ impl Loop {
         }
         let peers: Vec<usize> = self.ctx.bus.ends().map(|(peer, _)| peer).collect();
         for peer in peers {
-            loop {
-                let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
-                for (from, msg) in messages {
-                    self.ctx.bus.forward(&msg);
-                    self.carry_out(from, msg);
-                }
-                if !more {
-                    break;
-                }
-            }
+            while self.read_peer(peer) {}
         }
+    }
+
+    /// Carries out up to a budget of what the worker in `peer` sent (copied for the worker
+    /// taking this one's clients, if it is handing them over); true if more may be waiting.
+    fn read_peer(&mut self, peer: usize) -> bool {
+        let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
+        for (from, msg) in messages {
+            self.ctx.bus.forward(&msg);
+            self.carry_out(from, msg);
+        }
+        more
     }
 
     /// The cluster bus has handed over messages from other hosts.
@@ -58,11 +56,11 @@ impl Loop {
 
     fn carry_out(&mut self, from: Origin, msg: BusMessage) {
         match msg {
-            BusMessage::Broadcast(_) | BusMessage::Publish(..) | BusMessage::SendUser(..) => {
+            BusMessage::Broadcast(_)
+            | BusMessage::Publish(..)
+            | BusMessage::SendUser(..)
+            | BusMessage::SendTo(..) => {
                 self.ctx.deliver_local(msg);
-            }
-            BusMessage::SendTo(conn, m) => {
-                let _ = self.ctx.send(conn, m);
             }
             BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
             BusMessage::Answer(id, answer) => self.on_answer(id, &answer),

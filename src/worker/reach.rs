@@ -57,14 +57,16 @@ impl Context {
         self.deliver_local(msg)
     }
 
-    /// This worker's part of a group message: its clients, subscribers or user's connections.
+    /// This worker's part of a message for clients: its clients, a topic's subscribers, a
+    /// user's connections, or the one connection of a `send_to` (skipped if it has gone).
+    /// Returns how many got it.
     pub(crate) fn deliver_local(&mut self, msg: BusMessage) -> usize {
         match msg {
             BusMessage::Broadcast(m) => self.broadcast_local(m),
             BusMessage::Publish(topic, m) => self.publish_local(&topic, m),
             BusMessage::SendUser(uid, m) => self.send_to_user_local(&uid, m),
-            BusMessage::SendTo(..) | BusMessage::App(_) | BusMessage::Ask(..) => 0,
-            BusMessage::Answer(..) => 0,
+            BusMessage::SendTo(conn, m) => usize::from(self.send(conn, m).is_ok()),
+            BusMessage::App(_) | BusMessage::Ask(..) | BusMessage::Answer(..) => 0,
         }
     }
 

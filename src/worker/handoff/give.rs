@@ -99,10 +99,10 @@ impl Loop {
     /// gets each message once, wherever it is. To another slot's worker (the group holding its
     /// messages), the ends are left at once, once what waits on them is carried out.
     pub(in crate::worker) fn hand_off_all(&mut self) {
-        let Some(out) = &self.handoffs.out else {
+        if !self.handoffs.giving() {
             return;
-        };
-        let same_slot = out.to.slot == self.ctx.bus.origin.slot as usize;
+        }
+        let same_slot = self.hands_within_slot();
         let all: Vec<usize> = self.ctx.conns.iter().map(|(idx, _)| idx).collect();
         self.handoffs.taken_back.clear();
         for idx in all {
@@ -282,6 +282,16 @@ impl Loop {
         }
     }
 
+    /// The connections go to the next worker of this slot (a reload keeping it, an upgrade),
+    /// not to another slot's (a reload lowering `count`).
+    fn hands_within_slot(&self) -> bool {
+        let slot = self.ctx.bus.origin.slot as usize;
+        self.handoffs
+            .out
+            .as_ref()
+            .is_some_and(|o| o.to.slot == slot)
+    }
+
     /// Whether the app lets its connections go to another worker: a library app with
     /// `on_handoff`, an exec handler (told with `handoff` and `adopt` events), or a webhook
     /// (whose backend keeps its state, and the connection its id).
@@ -334,8 +344,7 @@ impl Loop {
         self.ctx.counters.connections -= 1;
         let _ = self.poll.registry().deregister(&mut conn.socket);
         // Its topics and user leave this worker; the taker takes them up.
-        let same_slot = (self.handoffs.out.as_ref())
-            .is_some_and(|o| o.to.slot == self.ctx.bus.origin.slot as usize);
+        let same_slot = self.hands_within_slot();
         self.ctx.hand_over_conn(id, same_slot);
         let listed = &self.ctx.subprotocols;
         let (handed, socket) = conn.into_handed(session, listed, (from, user, topics), app);

@@ -151,35 +151,14 @@ impl Loop {
         record: &[u8],
         fd: Option<OwnedFd>,
     ) -> Option<ConnId> {
-        let Some((kind, carried)) = Carried::decode(record) else {
+        let Some((kind, messages)) = carried_in(record) else {
             return self.adopt(record, fd);
         };
-        let messages = match carried {
-            Ok(messages) => messages,
-            Err(e) => {
-                log::error!("bus messages from a handoff are lost: {e}");
-                return None;
-            }
-        };
-        let messages = messages.iter().filter_map(|m| match wire::decode(m) {
-            Ok((_, msg)) => Some(msg),
-            Err(e) => {
-                log::error!("a bus message from a handoff is lost: {e}");
-                None
-            }
-        });
         match kind {
-            Carried::Held => self.ctx.release_group(messages.collect()),
+            Carried::Held => self.ctx.release_group(messages),
             Carried::Delivered => {
                 for msg in messages {
-                    match msg {
-                        BusMessage::SendTo(conn, m) => {
-                            let _ = self.ctx.send(conn, m);
-                        }
-                        msg => {
-                            self.ctx.deliver_local(msg);
-                        }
-                    }
+                    self.ctx.deliver_local(msg);
                 }
             }
         }
@@ -194,12 +173,11 @@ impl Loop {
         record: &[u8],
         returned: &std::collections::HashSet<ConnId>,
     ) {
-        let Some((kind, Ok(messages))) = Carried::decode(record) else {
+        let Some((kind, messages)) = carried_in(record) else {
             return;
         };
-        let messages = (messages.iter()).filter_map(|m| wire::decode(m).ok().map(|(_, msg)| msg));
         match kind {
-            Carried::Held => self.ctx.release_group(messages.collect()),
+            Carried::Held => self.ctx.release_group(messages),
             Carried::Delivered => {
                 for msg in messages {
                     self.ctx.deliver_only(msg, returned);
@@ -314,4 +292,24 @@ impl Loop {
             self.fail(id, &ConnError::HookPanicked);
         }
     }
+}
+
+/// The bus messages in `record`, if it is a record of them (`handoff::Carried`); those that
+/// cannot be read are logged and lost.
+fn carried_in(record: &[u8]) -> Option<(Carried, Vec<BusMessage>)> {
+    let (kind, carried) = Carried::decode(record)?;
+    let messages = carried.unwrap_or_else(|e| {
+        log::error!("bus messages from a handoff are lost: {e}");
+        Vec::new()
+    });
+    let messages = (messages.iter())
+        .filter_map(|m| match wire::decode(m) {
+            Ok((_, msg)) => Some(msg),
+            Err(e) => {
+                log::error!("a bus message from a handoff is lost: {e}");
+                None
+            }
+        })
+        .collect();
+    Some((kind, messages))
 }
