@@ -460,3 +460,41 @@ fn a_listen_queue_longer_than_one_accept_batch_is_all_answered() {
         }
     }
 }
+
+/// A handoff whose closing record and end of line are read together is reported taken once:
+/// a second `Taken` would end the master's wait on the next handoff to this worker before it
+/// had taken anything, and the group's hold with it.
+#[test]
+fn a_handoff_is_reported_taken_once() {
+    use crate::bus::bridges::Peer;
+    use crate::control::ToWorker;
+    use crate::handoff::line::Line;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    let mut master = start();
+    let (giver, taker) = UnixStream::pair().unwrap();
+    let mut line = Line::new(OwnedFd::from(giver)).unwrap();
+    line.push(&[], None);
+    assert!(line.flush().unwrap(), "an empty record fits the socket");
+    drop(line);
+    let from = Peer {
+        group: "g".into(),
+        slot: 1,
+        pid: 1,
+    };
+    let adopt = crate::control::line(&ToWorker::Adopt { from: Some(from) });
+    let sent = crate::sys::send_with_fd(master.channel.as_raw_fd(), &adopt, taker.as_raw_fd());
+    assert_eq!(sent.unwrap(), adopt.len());
+    drop(taker);
+    while !matches!(master.next(), FromWorker::Taken) {}
+    master.tell(r#"{"cmd":"list_connections","query":1}"#);
+    loop {
+        match master.next() {
+            FromWorker::Connections { .. } => break,
+            FromWorker::Taken => panic!("a second Taken for one handoff"),
+            _ => {}
+        }
+    }
+    master.tell(r#"{"cmd":"stop","mode":"close","spread_ms":0}"#);
+    assert_eq!(master.exit_code(), 0);
+}

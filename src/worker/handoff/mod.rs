@@ -83,6 +83,8 @@ struct Incoming {
     /// Records taken so far (the count acknowledged).
     taken: u32,
     adopted: usize,
+    /// The master has been told that everything on it is taken (`FromWorker::Taken`).
+    told: bool,
 }
 
 impl Handoffs {

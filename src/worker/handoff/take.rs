@@ -63,6 +63,7 @@ impl Loop {
             from,
             taken: 0,
             adopted: 0,
+            told: false,
         });
     }
 
@@ -77,11 +78,10 @@ impl Loop {
         let records = match received {
             Ok(records) => records,
             Err(e) => {
+                // However the line ended, its sender reads the bus no more.
+                self.taken_all(key);
                 let incoming = self.handoffs.incoming.remove(key);
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
-                // However the line ended, its sender reads the bus no more.
-                self.take_the_bus();
-                self.channel.answer(&crate::control::FromWorker::Taken);
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
@@ -118,14 +118,28 @@ impl Loop {
             let _ = incoming.line.flush();
         }
         if last {
-            // The giver has stopped reading the bus ends it shares with this worker.
-            self.take_the_bus();
-            self.channel.answer(&crate::control::FromWorker::Taken);
+            self.taken_all(key);
         }
         if ended {
             // Its end was read with these records: no event will say so again.
             self.adopt_ready(key);
         }
+    }
+
+    /// The giver on line `key` has put its last record on it, or the line ended: it reads the
+    /// bus ends it shared with this worker no more, and the master may begin the next
+    /// handoff. Said once per line, whichever comes first: a second `Taken`, from a line
+    /// that closes late, would end the master's wait for the next handoff to this worker
+    /// before it has taken anything.
+    fn taken_all(&mut self, key: usize) {
+        let Some(incoming) = self.handoffs.incoming.get_mut(key) else {
+            return;
+        };
+        if std::mem::replace(&mut incoming.told, true) {
+            return;
+        }
+        self.take_the_bus();
+        self.channel.answer(&crate::control::FromWorker::Taken);
     }
 
     /// Starts reading the bus ends taken over from the previous worker, which has stopped:
