@@ -125,17 +125,30 @@ pub enum ToWorker {
     /// Stop as `Stop { mode: Close }` does, but first hand every open connection that can go
     /// to the worker `to`, over the handoff line sent with this line (`handoff`). `wss://`
     /// clients are served on for `drain_ms`, then closed with 1012.
+    ///
+    /// `returnable` (`wsd upgrade`): once all is taken, keep the line for the connections to
+    /// come back, until the taker closes it.
     HandOff {
         spread_ms: u64,
         drain_ms: u64,
         to: crate::bus::bridges::Peer,
+        #[serde(default)]
+        returnable: bool,
     },
     /// Take the connections the worker `from` hands over the line sent with this line. `None`:
     /// no handoff will come (the worker this one replaces is gone), so this worker reads the
     /// bus ends it inherited from now on.
+    ///
+    /// `returnable` (`wsd upgrade`): keep the line until [`ToWorker::Commit`], and do not die
+    /// with the master meanwhile: if it dies, hand every connection back over the line.
     Adopt {
         from: Option<crate::bus::bridges::Peer>,
+        #[serde(default)]
+        returnable: bool,
     },
+    /// The upgrade is done: close the lines kept for a hand-back, and die with the master
+    /// again.
+    Commit,
     /// Hold every group message (broadcast, publish, a user's) until [`ToWorker::Resume`],
     /// and say so with [`FromWorker::Holding`]: a reload that lowers `count` moves a retiring
     /// worker's clients to another slot while no message is on its way to either.
@@ -155,7 +168,7 @@ impl ToWorker {
             ToWorker::ReopenLogs
                 | ToWorker::Bridge(_)
                 | ToWorker::HandOff { .. }
-                | ToWorker::Adopt { from: Some(_) }
+                | ToWorker::Adopt { from: Some(_), .. }
         )
     }
 }

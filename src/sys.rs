@@ -81,6 +81,13 @@ pub fn die_with_parent(master: Pid) -> io::Result<()> {
     Ok(())
 }
 
+/// Lets this process outlive its parent (clears `PR_SET_PDEATHSIG`): a worker that keeps a
+/// line to hand its connections back if its master dies mid-upgrade must live to do it.
+/// [`die_with_parent`] ties it again.
+pub fn outlive_parent() -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(None).map_err(io::Error::from)
+}
+
 /// Has the kernel SIGKILL the process `cmd` starts when the thread that starts it (the
 /// worker's loop) dies: a worker's handler never outlives it.
 pub fn kill_with_parent(cmd: &mut std::process::Command) {

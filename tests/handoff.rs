@@ -7,6 +7,8 @@
 mod common;
 
 use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::Value;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +62,7 @@ fn named(worker: &mut wsd::Worker) {
             .map(|n| n.0.clone().into_bytes())
             .unwrap_or_default()
     });
+    worker.on_worker_start(|ctx| hold_start_if_marked(ctx.worker_id()));
     worker.on_adopt(|ctx, conn, bytes| {
         crash_if_marked();
         if !bytes.is_empty() {
@@ -85,6 +88,24 @@ fn crash_if_marked() {
     if at == Some(n) {
         let _ = std::fs::remove_file(&marker);
         std::process::abort();
+    }
+}
+
+/// Names a file holding a slot: while it exists, a worker of that slot that starts waits in
+/// `on_worker_start`, as a new build that is slow to start would (for a minute at most).
+const HOLD_START_ENV: &str = "WSD_TEST_HOLD_START";
+
+fn hold_start_if_marked(slot: usize) {
+    let Some(marker) = std::env::var_os(HOLD_START_ENV) else {
+        return;
+    };
+    let held = |m: &std::ffi::OsStr| {
+        let text = std::fs::read_to_string(m).ok();
+        text.and_then(|t| t.trim().parse::<usize>().ok()) == Some(slot)
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while held(&marker) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -721,6 +742,76 @@ fn a_new_worker_dying_mid_upgrade_loses_no_connection() {
     swarm.finish();
 }
 
+/// `kill -9` of the new master mid-upgrade: slot 0's clients have gone to its worker, and
+/// slot 1's new worker is still starting. The new worker, which keeps its handoff line until
+/// the upgrade is done and does not die with its master until then, hands every client back;
+/// the old master serves on (its worker of slot 0 hands them to a worker it starts again), and
+/// `wsd upgrade` fails with the reason. No client notices, and every chat line is heard once.
+fn a_new_master_killed_mid_upgrade_loses_no_connection() {
+    let (dir, config) = Server::config("named", 2, "");
+    let marker = dir.path().join("hold-start");
+    let env = [(HOLD_START_ENV, marker.as_path())];
+    let mut server = Server::start_with_env(std::env::current_exe().unwrap(), dir, config, &env);
+    const CLIENTS: usize = 40;
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    let chat = Chat::start(server.port, 20, Duration::from_millis(5));
+    swarm.progress(101);
+    let old_master = server.master_pid();
+    let old_slot0 = server.worker_pid(0);
+    let next = server.dir.path().join("named-next");
+    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
+    std::fs::write(&marker, "1").unwrap();
+    let upgrade = {
+        let bin = wsd_bin();
+        let config = server.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .args(["upgrade", "--binary", next.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+    };
+    let new_master: i32 = wait_for("the new master to start", DEADLINE, || {
+        let out = server.master_output();
+        let at = out.find("upgrading: started ")?;
+        let line = out[at..].lines().next()?;
+        line.rsplit("as pid ").next()?.trim().parse().ok()
+    });
+    // "named#0[OLD] named#0 (pid NEW) took all N connections"
+    server.wait_for_log(&format!("named#0[{old_slot0}] named#0 (pid"));
+    swarm.progress(101);
+    kill(Pid::from_raw(new_master), Signal::SIGKILL).unwrap();
+    let out = upgrade.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("upgrade failed"), "{}", text(&out));
+    std::fs::remove_file(&marker).unwrap();
+    server.wait_for_log("handing every connection back");
+    wait_for(
+        "the old worker of slot 0 to hand on and exit",
+        DEADLINE,
+        || exited(old_slot0).then_some(()),
+    );
+    swarm.progress(101);
+    swarm.assert_no_failures();
+    wait_for(
+        "the old master's workers to hold every client",
+        DEADLINE,
+        || (open_connections(&mut server) == CLIENTS as u64 + 21).then_some(()),
+    );
+    assert_eq!(server.status()["master"]["pid"], old_master);
+    let workers = server.worker_pids();
+    let owners = connection_owners(&server);
+    assert_eq!(owners.len(), CLIENTS + 21);
+    assert!(
+        owners.values().all(|pid| workers.contains(pid)),
+        "{owners:?}"
+    );
+    swarm.finish();
+    chat.finish();
+}
+
 /// `wsd upgrade` to a configuration with a higher `count`: the group's bus grows, the old
 /// workers hand their clients to the new workers of their slots, and the new slot starts
 /// empty. No client notices.
@@ -1070,6 +1161,10 @@ fn main() {
         (
             "a_new_worker_dying_mid_upgrade_loses_no_connection",
             a_new_worker_dying_mid_upgrade_loses_no_connection,
+        ),
+        (
+            "a_new_master_killed_mid_upgrade_loses_no_connection",
+            a_new_master_killed_mid_upgrade_loses_no_connection,
         ),
         (
             "an_upgrade_that_raises_the_count_moves_every_connection",

@@ -235,6 +235,17 @@ impl Bus {
         given
     }
 
+    /// The worker this one handed its connections to is handing them back (its master died
+    /// mid-upgrade): the ends are this worker's again once it has. False if it had not given
+    /// them.
+    pub fn await_turn_back(&mut self) -> bool {
+        let given = self.turn == Turn::Given;
+        if given {
+            self.turn = Turn::Awaiting;
+        }
+        given
+    }
+
     /// The previous worker has stopped reading the ends: they are this worker's from now on.
     /// Returns the group messages held meanwhile (none while the group is held), or `None` if
     /// the turn was not awaited.

@@ -10,6 +10,9 @@
 //!
 //! The taker answers with the count of records it has taken so far ([`Line::acknowledge`]),
 //! four bytes at a time; the giver keeps each record until then (see `worker::handoff`).
+//! Once every record is acknowledged, the line may turn round (`wsd upgrade`): the taker hands
+//! the connections back as framed records, read by [`Line::receive`] from the first byte after
+//! the last acknowledgement.
 //!
 //! Both sides are non-blocking and live in their worker's poll.
 
@@ -179,21 +182,31 @@ impl Line {
         });
     }
 
-    /// Reads the taker's acknowledgements (the giver's side): the latest count, if any came.
-    /// When the taker has gone (or the line failed), the error comes with any count read
-    /// before it.
-    pub(crate) fn acknowledged(&mut self) -> Result<Option<u32>, (Option<u32>, LineError)> {
+    /// Reads the taker's acknowledgements (the giver's side) of the `sent` records put on the
+    /// line: the latest count, if any came. What follows the acknowledgement of all `sent` is
+    /// left for [`Line::receive`]. When the taker has gone (or the line failed), the error
+    /// comes with any count read before it.
+    pub(crate) fn acknowledged(
+        &mut self,
+        sent: u32,
+    ) -> Result<Option<u32>, (Option<u32>, LineError)> {
         let failure = match read_available(self.sock.as_raw_fd(), &mut self.input, &mut self.fds) {
             Ok(false) => None,
-            Ok(true) => Some(LineError::Closed),
+            Ok(true) => {
+                self.ended = true;
+                Some(LineError::Closed)
+            }
             Err(e) => Some(e.into()),
         };
-        let whole = self.input.len() / 4 * 4;
-        let latest = self.input[..whole]
-            .rchunks_exact(4)
-            .next()
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-        self.input.drain(..whole);
+        let (mut latest, mut at) = (None, 0);
+        while latest.is_none_or(|n| n < sent) {
+            let Some(bytes) = self.input.get(at..at + 4) else {
+                break;
+            };
+            latest = Some(u32::from_le_bytes(bytes.try_into().expect("4 bytes")));
+            at += 4;
+        }
+        self.input.drain(..at);
         match failure {
             None => Ok(latest),
             Some(e) => Err((latest, e)),
@@ -297,19 +310,42 @@ mod tests {
     #[test]
     fn the_taker_acknowledges_counts_and_the_giver_sees_it_go() {
         let (mut giver, mut taker) = pair();
-        assert!(matches!(giver.acknowledged(), Ok(None)));
+        assert!(matches!(giver.acknowledged(6), Ok(None)));
         taker.acknowledge(2);
         taker.acknowledge(5);
         taker.flush().unwrap();
-        assert!(matches!(giver.acknowledged(), Ok(Some(5))));
-        assert!(matches!(giver.acknowledged(), Ok(None)));
+        assert!(matches!(giver.acknowledged(6), Ok(Some(5))));
+        assert!(matches!(giver.acknowledged(6), Ok(None)));
         taker.acknowledge(6);
         taker.flush().unwrap();
         drop(taker);
         assert!(matches!(
-            giver.acknowledged(),
+            giver.acknowledged(6),
             Err((Some(6), LineError::Closed))
         ));
+    }
+
+    /// After the last acknowledgement the taker may hand records back on the same line: the
+    /// giver reads them as records, descriptors and the line's end included.
+    #[test]
+    fn a_line_turns_round_after_its_last_acknowledgement() {
+        let (mut giver, mut taker) = pair();
+        taker.acknowledge(1);
+        taker.acknowledge(3);
+        taker.push(b"back", Some(descriptor()));
+        taker.push(&[], None);
+        taker.flush().unwrap();
+        drop(taker);
+        assert!(matches!(
+            giver.acknowledged(3),
+            Err((Some(3), LineError::Closed))
+        ));
+        let records = giver.receive(100).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].0, b"back");
+        assert!(records[0].1.is_some());
+        assert!(records[1].0.is_empty() && records[1].1.is_none());
+        assert!(matches!(giver.receive(100), Err(LineError::Closed)));
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl Master {
                     super::upgrade::LINK if self.successor.is_some() => {
                         self.successor_says(&registry)
                     }
-                    super::upgrade::LINK => self.predecessor_gone(&registry)?,
+                    super::upgrade::LINK => self.predecessor_says(&registry)?,
                     metrics_server::LISTENER => {
                         if let Some(m) = &mut self.metrics {
                             m.accept(&registry);

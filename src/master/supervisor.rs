@@ -678,7 +678,10 @@ impl Supervisor {
                 return false;
             }
         };
-        let adopt = ToWorker::Adopt { from: Some(from) };
+        let adopt = ToWorker::Adopt {
+            from: Some(from),
+            returnable: false,
+        };
         if !self.tell_with_fd(new, &adopt, take.as_raw_fd()) {
             log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
             self.retire(old, spread, deadline);
@@ -703,6 +706,7 @@ impl Supervisor {
             spread_ms: spread.as_millis() as u64,
             drain_ms: drain.as_millis() as u64,
             to,
+            returnable: false,
         };
         if !self.tell_with_fd(old, &msg, give.as_raw_fd()) {
             self.stop(old, control::StopMode::Close, spread);
@@ -751,6 +755,7 @@ impl Supervisor {
             spread_ms: times.spread.as_millis() as u64,
             drain_ms: times.drain.as_millis() as u64,
             to,
+            returnable: true,
         };
         if !self.tell_with_fd(old, &msg, line.as_raw_fd()) {
             self.stop(old, control::StopMode::Close, times.spread);
@@ -760,7 +765,11 @@ impl Supervisor {
     /// Tells a new worker that waits for a handoff that none will come: it reads its bus
     /// ends from now on (the worker it replaced is gone).
     pub fn release(&mut self, new: usize) {
-        if !self.tell(new, &ToWorker::Adopt { from: None }) {
+        let adopt = ToWorker::Adopt {
+            from: None,
+            returnable: false,
+        };
+        if !self.tell(new, &adopt) {
             log::warn!("cannot release the bus of {}", self.describe_proc(new));
         }
     }
@@ -791,6 +800,14 @@ impl Supervisor {
             self.groups[g].view = view;
         }
         self.tell_workers_of(group, msg);
+    }
+
+    /// Sends `msg` to every worker.
+    pub fn tell_all(&mut self, msg: &ToWorker) {
+        let keys: Vec<usize> = self.procs.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.tell(k, msg);
+        }
     }
 
     /// Sends `msg` to every worker of `group`, none of which holds for it until it says so.

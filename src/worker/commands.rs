@@ -17,7 +17,7 @@ impl Loop {
         if writable {
             self.channel.flush();
         }
-        if readable && !self.read_channel() {
+        if readable && !self.read_channel() && !self.hand_back() {
             log::warn!("master channel closed; stopping");
             self.stop(StopMode::Close, Duration::ZERO);
         }
@@ -39,12 +39,14 @@ impl Loop {
                     spread_ms,
                     drain_ms,
                     to,
+                    returnable,
                 } => {
                     let spread = Duration::from_millis(spread_ms);
                     let drain = Duration::from_millis(drain_ms);
-                    self.hand_off_and_stop(to, fd, spread, drain)
+                    self.hand_off_and_stop(to, fd, returnable, (spread, drain))
                 }
-                ToWorker::Adopt { from } => self.adopt_from(from, fd),
+                ToWorker::Adopt { from, returnable } => self.adopt_from(from, fd, returnable),
+                ToWorker::Commit => self.commit_upgrade(),
                 ToWorker::Hold => {
                     self.ctx.bus.hold_all();
                     self.channel.answer(&crate::control::FromWorker::Holding);

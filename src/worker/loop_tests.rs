@@ -482,7 +482,10 @@ fn a_handoff_is_reported_taken_once() {
         slot: 1,
         pid: 1,
     };
-    let adopt = crate::control::line(&ToWorker::Adopt { from: Some(from) });
+    let adopt = crate::control::line(&ToWorker::Adopt {
+        from: Some(from),
+        returnable: false,
+    });
     let sent = crate::sys::send_with_fd(master.channel.as_raw_fd(), &adopt, taker.as_raw_fd());
     assert_eq!(sent.unwrap(), adopt.len());
     drop(taker);

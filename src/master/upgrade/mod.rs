@@ -19,7 +19,10 @@
 //! If the new master exits before that, the old one keeps serving: its workers that had begun
 //! handing over take back what was not acknowledged, and hand it to workers the old master
 //! starts again on their slots (as after a taker's death in a reload). `wsd upgrade` exits 1
-//! with the reason.
+//! with the reason. What the new workers had taken comes back too: until the old master
+//! commits ([`LinkMsg::Commit`], once every new worker is ready), each keeps its handoff line
+//! and does not die with its master; if the master dies, it hands every connection back over
+//! that line to the old worker, which serves them as it serves those it took back.
 
 mod new;
 mod old;
@@ -101,6 +104,9 @@ pub(super) enum LinkMsg {
     Handoff { group: String, slot: usize, to: i32 },
     /// New → old: every new worker is ready.
     Ready,
+    /// Old → new: the old master is leaving (every new worker is ready): the new workers
+    /// close the lines they kept to hand connections back, and the old workers exit.
+    Commit,
 }
 
 /// The old master's side, first: the new binary's `check`, running.
@@ -139,6 +145,10 @@ pub(super) struct Predecessor {
     ready: VecDeque<usize>,
     /// The worker taking its slot's connections now.
     current: Option<usize>,
+    /// What came on the link and is not a whole line yet.
+    input: Vec<u8>,
+    /// The old master has committed ([`LinkMsg::Commit`]): handoffs from now on keep no line.
+    committed: bool,
 }
 
 impl Predecessor {
@@ -156,6 +166,8 @@ impl Predecessor {
             ready_sent: false,
             ready: VecDeque::new(),
             current: None,
+            input: Vec::new(),
+            committed: false,
         })
     }
 }

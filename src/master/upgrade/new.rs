@@ -4,6 +4,7 @@
 
 use super::{GroupFds, Inheritance, LinkMsg};
 use crate::control::ToWorker;
+use crate::handoff::line::read_available;
 use crate::master::event_loop::Master;
 use crate::master::listeners;
 use crate::sys;
@@ -165,7 +166,10 @@ impl Master {
                 pid: pre.pid,
             };
             let sent = std::os::unix::net::UnixStream::pair().and_then(|(give, take)| {
-                let adopt = ToWorker::Adopt { from: Some(from) };
+                let adopt = ToWorker::Adopt {
+                    from: Some(from),
+                    returnable: !pre.committed,
+                };
                 if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
                     return Err(io::Error::other("its channel did not take the line"));
                 }
@@ -240,26 +244,45 @@ impl Master {
         (self.sup.upgrade_pending).insert((exit.group.clone(), exit.slot));
     }
 
-    /// The link to the old master ended: it has exited (or died). This master takes over
-    /// the control socket.
-    pub(in crate::master) fn predecessor_gone(&mut self, registry: &Registry) -> io::Result<()> {
+    /// The link from the old master is readable: its commit, or its end (it has exited, or
+    /// died): then this master takes over the control socket.
+    pub(in crate::master) fn predecessor_says(&mut self, registry: &Registry) -> io::Result<()> {
+        let Some(pre) = self.predecessor.as_mut() else {
+            return Ok(());
+        };
+        let mut strays = std::collections::VecDeque::new();
+        // A link that fails is as good as closed.
+        let closed =
+            read_available(pre.link.as_raw_fd(), &mut pre.input, &mut strays).unwrap_or(true);
+        let mut commit = false;
+        while let Some(nl) = pre.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pre.input.drain(..=nl).collect();
+            match serde_json::from_slice::<LinkMsg>(&line[..nl]) {
+                Ok(LinkMsg::Commit) => commit = true,
+                Ok(other) => log::warn!("unexpected line from the old master: {other:?}"),
+                Err(e) => log::warn!("bad line from the old master: {e}"),
+            }
+        }
+        if commit && !std::mem::replace(&mut pre.committed, true) {
+            log::info!("the old master is leaving: the upgrade is done");
+            self.sup.tell_all(&ToWorker::Commit);
+        }
+        if closed {
+            self.predecessor_gone(registry)?;
+        }
+        Ok(())
+    }
+
+    /// The old master has exited (or died): this master takes over the control socket.
+    fn predecessor_gone(&mut self, registry: &Registry) -> io::Result<()> {
         let Some(mut pre) = self.predecessor.take() else {
             return Ok(());
         };
-        let mut buf = [0u8; 64];
-        loop {
-            match io::Read::read(&mut pre.link, &mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.predecessor = Some(pre);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
         let _ = registry.deregister(&mut pre.link);
+        if !pre.committed {
+            // It died before it committed: there is nobody left to hand anything back to.
+            self.sup.tell_all(&ToWorker::Commit);
+        }
         registry.register(
             self.clients.listener(),
             crate::master::event_loop::CONTROL,

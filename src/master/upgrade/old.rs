@@ -13,7 +13,7 @@ use mio::net::UnixStream;
 use mio::{Interest, Registry};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -203,6 +203,7 @@ impl Master {
             match msg {
                 LinkMsg::Handoff { group, slot, to } => self.pass_handoff(&group, slot, to, fd),
                 LinkMsg::Ready => self.successor_ready(),
+                LinkMsg::Commit => log::warn!("the new master sent a commit; only this one does"),
             }
         }
         if closed && let Some(s) = self.successor.as_mut() {
@@ -255,6 +256,14 @@ impl Master {
             for s in &mut g.slots {
                 s.respawn_at = None;
             }
+        }
+        // The new workers keep their handoff lines until now, to hand everything back if
+        // their master died first; from here on, the old workers exit.
+        let Some(s) = self.successor.as_mut() else {
+            return;
+        };
+        if let Err(e) = (&s.link).write_all(&crate::control::line(&LinkMsg::Commit)) {
+            log::warn!("cannot tell the new master the upgrade is done: {e}");
         }
     }
 

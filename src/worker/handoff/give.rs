@@ -42,14 +42,29 @@ impl Loop {
     /// The master's word to hand this worker's connections to `to` over the line `fd`, and
     /// stop (or, stopping already after a handoff that broke, to hand them over again).
     /// Without a usable line, this is a plain stop that closes the clients.
+    ///
+    /// `returnable`: the line is kept once all is taken, for the connections to come back if
+    /// the taker's master dies before the upgrade is done. While connections are still coming
+    /// back here, the handoff waits until they all have.
     pub(in crate::worker) fn hand_off_and_stop(
         &mut self,
         to: Peer,
         fd: Option<OwnedFd>,
-        spread: Duration,
-        drain: Duration,
+        returnable: bool,
+        times: (Duration, Duration),
     ) {
-        self.handoffs.drain = drain;
+        if self.handoffs.giving() || self.handoffs.returning() {
+            log::info!("handing over once the handoff under way is over");
+            let (spread, drain) = times;
+            self.handoffs.deferred = Some(super::Deferred {
+                to,
+                fd,
+                returnable,
+                spread,
+                drain,
+            });
+            return;
+        }
         let line = match fd.map(Line::new) {
             Some(Ok(line)) => Some(line),
             Some(Err(e)) => {
@@ -61,6 +76,28 @@ impl Loop {
                 None
             }
         };
+        self.hand_off_on(to, line, returnable, times);
+    }
+
+    /// Begins the handoff put off while another was under way, if the master asked for one.
+    pub(in crate::worker) fn hand_off_deferred(&mut self) {
+        if self.handoffs.giving() || self.handoffs.returning() {
+            return;
+        }
+        if let Some(d) = self.handoffs.deferred.take() {
+            self.hand_off_and_stop(d.to, d.fd, d.returnable, (d.spread, d.drain));
+        }
+    }
+
+    /// [`Loop::hand_off_and_stop`] on a line ready for use (or none: a plain stop).
+    pub(in crate::worker) fn hand_off_on(
+        &mut self,
+        to: Peer,
+        line: Option<Line>,
+        returnable: bool,
+        (spread, drain): (Duration, Duration),
+    ) {
+        self.handoffs.drain = drain;
         if let Some(line) = line {
             let fd = line.fd();
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -75,6 +112,7 @@ impl Loop {
                         acked: 0,
                         handed: 0,
                         ended: false,
+                        returnable,
                     });
                 }
                 Err(e) => log::warn!("cannot watch the handoff line ({e}); closing clients"),
@@ -394,7 +432,8 @@ impl Loop {
         let Some(out) = self.handoffs.out.as_mut() else {
             return;
         };
-        let acked = out.line.acknowledged();
+        let sent = out.acked + out.unacked.len() as u32;
+        let acked = out.line.acknowledged(sent);
         if let Ok(Some(n)) | Err((Some(n), _)) = acked {
             let done = n.saturating_sub(out.acked);
             out.acked = n;
@@ -403,12 +442,21 @@ impl Loop {
                 out.unacked.pop_front();
             }
         }
-        let all_taken = out.ended && out.unacked.is_empty() && out.line.is_flushed();
+        // A taker closes the line only once it has read the closing record: if its
+        // acknowledgement of that record did not make it, it still took everything.
+        let closed = acked.is_err();
+        let only_end = (out.unacked.iter()).all(|s| matches!(s, Sent::End));
+        let all_taken =
+            out.ended && out.line.is_flushed() && (out.unacked.is_empty() || closed && only_end);
         if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
+            let out = self.handoffs.out.take().expect("checked above");
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
             log::info!("{taker} took all {} connections", out.handed);
-            self.handoffs.out = None;
+            if out.returnable {
+                self.keep_for_return(out.line, out.to);
+            }
+            self.hand_off_deferred();
             return;
         }
         match acked {
@@ -464,15 +512,21 @@ impl Loop {
             self.again.push(idx);
         }
         if self.ctx.bus.take_back_turn() {
-            let ends: Vec<(usize, i32)> = (self.ctx.bus.ends())
-                .map(|(peer, end)| (peer, end.as_raw_fd()))
-                .collect();
-            for (peer, fd) in ends {
-                let token = mio::Token(crate::worker::event_loop::BUS_BASE + peer);
-                let registry = self.poll.registry();
-                let _ = registry.register(&mut SourceFd(&fd), token, Interest::READABLE);
-                self.bus_ready(peer);
-            }
+            self.watch_bus_again();
+        }
+        self.hand_off_deferred();
+    }
+
+    /// The bus ends this worker left to its taker are its own again: watched, and read.
+    pub(in crate::worker) fn watch_bus_again(&mut self) {
+        let ends: Vec<(usize, i32)> = (self.ctx.bus.ends())
+            .map(|(peer, end)| (peer, end.as_raw_fd()))
+            .collect();
+        for (peer, fd) in ends {
+            let token = mio::Token(crate::worker::event_loop::BUS_BASE + peer);
+            let registry = self.poll.registry();
+            let _ = registry.register(&mut SourceFd(&fd), token, Interest::READABLE);
+            self.bus_ready(peer);
         }
     }
 

@@ -10,6 +10,11 @@
 //! When the two workers share their slot's bus ends, exactly one of them reads them at a time
 //! (`bus::Turn`): the giver until it has put its last connection on the line (an empty record
 //! says so), the taker from then on; the giver reads them again if the line breaks first.
+//!
+//! In `wsd upgrade` the line outlives the handoff, until the upgrade is done
+//! (`ToWorker::Commit`): if the new master dies first, its worker hands every connection back
+//! over it, the same way, and the old worker serves them until its own master names the slot's
+//! next worker. So a new master killed mid-upgrade loses no connection either.
 
 mod give;
 mod take;
@@ -50,6 +55,26 @@ pub(super) struct Handoffs {
     draining: Vec<ConnId>,
     drain_until: Option<Instant>,
     drain: Duration,
+    /// The upgrade this worker takes part in is done: lines kept for a hand-back close.
+    committed: bool,
+    /// The master died mid-upgrade while a returnable line was still being taken: everything
+    /// goes back once it is.
+    orphaned: bool,
+    /// The master this worker does not die with while it keeps a line for a hand-back
+    /// (`sys::outlive_parent`); it is tied to it again when the upgrade is done.
+    outlived: Option<nix::unistd::Pid>,
+    /// A handoff the master asked for while connections were still coming back: it begins
+    /// once they all have.
+    deferred: Option<Deferred>,
+}
+
+/// A [`ToWorker::HandOff`](crate::control::ToWorker::HandOff) put off.
+struct Deferred {
+    to: Peer,
+    fd: Option<OwnedFd>,
+    returnable: bool,
+    spread: Duration,
+    drain: Duration,
 }
 
 /// A line to the worker taking this one's connections.
@@ -63,6 +88,9 @@ struct Outgoing {
     handed: usize,
     /// The closing empty record is on the line.
     ended: bool,
+    /// Once all is taken, the line is kept for the connections to come back
+    /// ([`Way::Back`]) until the upgrade is done.
+    returnable: bool,
 }
 
 /// A record on the line, kept until the taker acknowledges it.
@@ -80,17 +108,52 @@ enum Sent {
 struct Incoming {
     line: Line,
     from: Peer,
+    way: Way,
     /// Records taken so far (the count acknowledged).
     taken: u32,
     adopted: usize,
-    /// The master has been told that everything on it is taken (`FromWorker::Taken`).
-    told: bool,
+    /// The giver's closing record came, or the line ended.
+    done: bool,
+}
+
+/// Which way a line brings connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// From the worker this one replaces; `returnable`: kept, once all is taken, until the
+    /// upgrade is done, to hand everything back if this worker's master dies first.
+    Forth { returnable: bool },
+    /// Back from the worker this one handed them to, whose master died mid-upgrade.
+    Back,
+}
+
+impl Incoming {
+    fn new(line: Line, from: Peer, way: Way) -> Incoming {
+        Incoming {
+            line,
+            from,
+            way,
+            taken: 0,
+            adopted: 0,
+            done: false,
+        }
+    }
+
+    /// All taken, and kept for a hand-back.
+    fn kept(&self) -> bool {
+        self.done && self.way == Way::Forth { returnable: true }
+    }
 }
 
 impl Handoffs {
-    /// Nothing handed over waits for the taker: the worker may exit.
+    /// Nothing handed over waits for the taker, and nothing can come back: the worker may
+    /// exit.
     pub(super) fn settled(&self) -> bool {
-        self.out.is_none()
+        self.out.is_none() && self.incoming.is_empty() && self.deferred.is_none()
+    }
+
+    /// Connections may still come back over a line this worker handed them on.
+    fn returning(&self) -> bool {
+        (self.incoming.iter()).any(|(_, i)| i.way == Way::Back)
     }
 
     /// Connections go out on a line.

@@ -5,7 +5,7 @@
 //! it reads any of their sockets (the giver keeps its copy until then); a client whose next
 //! bytes are already waiting is read in the next turn, as its registration reports it ready.
 
-use super::{ADOPT_BASE, Incoming};
+use super::{ADOPT_BASE, Incoming, Way};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
 use crate::bus::wire::{self, BusMessage};
@@ -22,15 +22,24 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 use std::os::fd::OwnedFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
 
 impl Loop {
     /// The master's word that `from` will hand its connections over the line `fd`; `None`:
     /// the worker this one replaces is gone, and its bus ends are this one's to read.
-    pub(in crate::worker) fn adopt_from(&mut self, from: Option<Peer>, fd: Option<OwnedFd>) {
+    /// `returnable` (`wsd upgrade`): the line is kept until the upgrade is done, and this
+    /// worker no longer dies with its master: if the master dies first, everything goes back.
+    pub(in crate::worker) fn adopt_from(
+        &mut self,
+        from: Option<Peer>,
+        fd: Option<OwnedFd>,
+        returnable: bool,
+    ) {
         let Some(from) = from else {
             self.take_the_bus();
             return;
         };
+        let returnable = returnable && !self.handoffs.committed && self.outlive_master();
         // Connections from another slot's worker, taken while the group holds its messages:
         // what waits on this worker's ends was sent before the hold, and is for the clients
         // here now, not for those coming (their worker reads theirs before it hands them).
@@ -44,27 +53,121 @@ impl Loop {
             self.take_the_bus();
             return;
         };
-        let entry = self.handoffs.incoming.vacant_entry();
-        let token = Token(ADOPT_BASE + entry.key());
-        let fd = line.fd();
-        if let Err(e) =
-            (self.poll.registry()).register(&mut SourceFd(&fd), token, Interest::READABLE)
+        if self
+            .watch_line(line, from, Way::Forth { returnable })
+            .is_none()
         {
-            log::warn!(
-                "cannot watch the handoff line from {}#{}: {e}",
-                from.group,
-                from.slot
-            );
             self.take_the_bus();
-            return;
         }
-        entry.insert(Incoming {
-            line,
-            from,
-            taken: 0,
-            adopted: 0,
-            told: false,
-        });
+    }
+
+    /// Reads `line` from now on; its key, or `None` if the poll cannot watch it.
+    fn watch_line(&mut self, line: Line, from: Peer, way: Way) -> Option<usize> {
+        let entry = self.handoffs.incoming.vacant_entry();
+        let key = entry.key();
+        let fd = line.fd();
+        let registry = self.poll.registry();
+        match registry.register(
+            &mut SourceFd(&fd),
+            Token(ADOPT_BASE + key),
+            Interest::READABLE,
+        ) {
+            Ok(()) => {
+                entry.insert(Incoming::new(line, from, way));
+                Some(key)
+            }
+            Err(e) => {
+                log::warn!(
+                    "cannot watch the handoff line with {}#{}: {e}",
+                    from.group,
+                    from.slot
+                );
+                None
+            }
+        }
+    }
+
+    /// This worker stops dying with its master (`PR_SET_PDEATHSIG`), so that it can hand its
+    /// connections back if the master dies mid-upgrade; false if it cannot.
+    fn outlive_master(&mut self) -> bool {
+        if self.handoffs.outlived.is_some() {
+            return true;
+        }
+        let master = nix::unistd::getppid();
+        match crate::sys::outlive_parent() {
+            Ok(()) => {
+                self.handoffs.outlived = Some(master);
+                true
+            }
+            Err(e) => {
+                log::warn!("cannot outlive the master ({e}); the upgrade's lines are not kept");
+                false
+            }
+        }
+    }
+
+    /// A handoff this worker made is all taken, and `line` is kept for a hand-back: what
+    /// comes on it now is the taker's connections coming back ([`Way::Back`]), and its end
+    /// with none is the upgrade done.
+    pub(in crate::worker) fn keep_for_return(&mut self, line: Line, to: Peer) {
+        if let Some(key) = self.watch_line(line, to, Way::Back) {
+            // What came with the last acknowledgement raises no event of its own.
+            self.adopt_ready(key);
+        }
+    }
+
+    /// The master has gone with the upgrade not done: every connection goes back to the
+    /// worker that handed this one its clients, over the line kept for that, once all it
+    /// sent is taken. False if no line is kept for it.
+    pub(in crate::worker) fn hand_back(&mut self) -> bool {
+        let returnable = Way::Forth { returnable: true };
+        let line = (self.handoffs.incoming.iter()).find(|(_, i)| i.way == returnable);
+        let Some((key, done)) = line.map(|(key, i)| (key, i.done)) else {
+            return false;
+        };
+        if !done {
+            self.handoffs.orphaned = true;
+            return true;
+        }
+        let incoming = self.handoffs.incoming.remove(key);
+        let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+        let from = incoming.from;
+        // `from` names the worker's master (the new master knows no more of the old worker).
+        log::warn!(
+            "the master has gone before the upgrade was done: handing every connection back to \
+             {}#{} of the master with pid {}",
+            from.group,
+            from.slot,
+            from.pid
+        );
+        let times = (Duration::ZERO, Duration::ZERO);
+        self.hand_off_on(from, Some(incoming.line), false, times);
+        true
+    }
+
+    /// The upgrade is done (`ToWorker::Commit`): the lines kept for a hand-back close (their
+    /// givers exit), and this worker dies with its master again.
+    pub(in crate::worker) fn commit_upgrade(&mut self) {
+        self.handoffs.committed = true;
+        let kept: Vec<usize> = (self.handoffs.incoming.iter())
+            .filter(|(_, i)| i.kept())
+            .map(|(key, _)| key)
+            .collect();
+        for key in kept {
+            self.close_line(key);
+        }
+        if let Some(master) = self.handoffs.outlived.take()
+            && let Err(e) = crate::sys::die_with_parent(master)
+        {
+            log::warn!("cannot tie this worker to its master again: {e}");
+        }
+    }
+
+    /// Stops reading incoming line `key` and closes it.
+    fn close_line(&mut self, key: usize) {
+        let mut incoming = self.handoffs.incoming.remove(key);
+        let _ = incoming.line.flush();
+        let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
     }
 
     /// Records arrived on incoming line `key` (or it closed).
@@ -75,16 +178,21 @@ impl Loop {
         };
         let received = incoming.line.receive(max);
         let ended = incoming.line.is_ended();
+        let back = incoming.way == Way::Back;
         let records = match received {
             Ok(records) => records,
             Err(e) => {
                 // However the line ended, its sender reads the bus no more.
                 self.taken_all(key);
-                let incoming = self.handoffs.incoming.remove(key);
+                let Some(incoming) = self.handoffs.incoming.try_remove(key) else {
+                    return;
+                };
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
+                    // A kept line that ends with nothing back: the upgrade is done.
+                    LineError::Closed if incoming.kept() || back && took == 0 => {}
                     LineError::Closed => log::info!(
                         "took {took} connections from {}#{} (pid {})",
                         from.group,
@@ -97,9 +205,18 @@ impl Loop {
                         from.slot
                     ),
                 }
+                self.hand_off_deferred();
+                if self.handoffs.orphaned && !back {
+                    // No master, and the worker to hand back to has gone too.
+                    self.stop(crate::control::StopMode::Close, Duration::ZERO);
+                }
                 return;
             }
         };
+        if back && !records.is_empty() {
+            // The taker hands everything back: the bus ends are its until its closing record.
+            self.ctx.bus.await_turn_back();
+        }
         let count = records.len() as u32;
         let mut adopted = 0;
         let mut last = false;
@@ -108,10 +225,17 @@ impl Loop {
                 last = true;
                 continue;
             }
-            adopted += usize::from(self.take_record(&record, fd).is_some());
+            if let Some(id) = self.take_record(&record, fd) {
+                adopted += 1;
+                if back {
+                    // Served here until the master names the slot's next worker.
+                    self.handoffs.taken_back.insert(id);
+                }
+            }
         }
-        if let Some(incoming) = self.handoffs.incoming.get_mut(key) {
-            // Registered, not yet read: the giver may let its copies go.
+        if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| count > 0) {
+            // Registered, not yet read: the giver may let its copies go. Each count once: the
+            // first bytes after the last one may be records coming back (`Line::acknowledged`).
             incoming.taken += count;
             incoming.adopted += adopted;
             incoming.line.acknowledge(incoming.taken);
@@ -131,15 +255,35 @@ impl Loop {
     /// handoff. Said once per line, whichever comes first: a second `Taken`, from a line
     /// that closes late, would end the master's wait for the next handoff to this worker
     /// before it has taken anything.
+    ///
+    /// A line kept for a hand-back closes now if the upgrade is done, or turns round if the
+    /// master has gone meanwhile.
     fn taken_all(&mut self, key: usize) {
         let Some(incoming) = self.handoffs.incoming.get_mut(key) else {
             return;
         };
-        if std::mem::replace(&mut incoming.told, true) {
+        if std::mem::replace(&mut incoming.done, true) {
+            return;
+        }
+        let way = incoming.way;
+        if way == Way::Back {
+            // Connections came back to this retiring worker (no master waits on it), and with
+            // them the bus ends it had left.
+            if self.ctx.take_bus_turn() {
+                self.watch_bus_again();
+            }
             return;
         }
         self.take_the_bus();
         self.channel.answer(&crate::control::FromWorker::Taken);
+        let open = (self.handoffs.incoming.get(key)).is_some_and(|i| !i.line.is_ended());
+        if open && way == (Way::Forth { returnable: true }) {
+            if self.handoffs.committed {
+                self.close_line(key);
+            } else if self.handoffs.orphaned {
+                self.hand_back();
+            }
+        }
     }
 
     /// Starts reading the bus ends taken over from the previous worker, which has stopped:
