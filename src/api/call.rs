@@ -64,6 +64,17 @@ pub enum Call {
     Health,
 }
 
+impl Call {
+    /// The call sends messages or closes connections: its answer waits until Redis has what
+    /// it sent to other hosts, so that the caller's next call comes after it there too.
+    pub fn sends(&self) -> bool {
+        matches!(
+            self,
+            Call::Publish(_) | Call::Broadcast(_) | Call::Send(..) | Call::Disconnect { .. }
+        )
+    }
+}
+
 /// A call and the group it is for: `None` when the request names none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Addressed {

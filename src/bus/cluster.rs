@@ -28,6 +28,12 @@
 //! worker, after fork (workers never fork, the master never has threads), and die with the
 //! worker process.
 //!
+//! Order. A worker's messages reach Redis in the order it sent them (one connection); those of
+//! two workers, in the order Redis takes them, which need not be the order they were sent in:
+//! each publisher goes at its own pace. So the backend API, whose calls the host's workers
+//! share, answers a call that sends only once Redis has what it sent ([`Cluster::flush`]): a
+//! backend's next call, whichever worker takes it, reaches Redis after it.
+//!
 //! Outages. [`Link`] is the state both threads share. A failure on either side marks the whole
 //! link down and makes both sides verify their connection again (reconnect, or `PING`), so
 //! "up" always means both connections were seen working after the last failure. Each thread
@@ -320,6 +326,8 @@ enum Outgoing {
     /// A question for the records: every live worker's entries for a topic or user. The
     /// answer comes back to the loop as a [`BusMessage::Answer`] to `id`.
     Lookup { id: u32, kind: Kind, name: String },
+    /// Answer `id` (`null`) once everything queued before is in Redis, or dropped.
+    Flush(u32),
 }
 
 /// A message from another host for the loop, and its size on the wire.
@@ -437,6 +445,13 @@ impl Cluster {
             name: name.to_string(),
         };
         self.shared.link.is_up() && self.out.try_send(ask).is_ok()
+    }
+
+    /// Asks for an `Answer` to `id` once Redis has taken every message this worker queued
+    /// before (or they were dropped): from then on, a message any worker sends reaches Redis
+    /// after them. False when no answer will come (the link is not up).
+    pub fn flush(&self, id: u32) -> bool {
+        self.shared.link.is_up() && self.out.try_send(Outgoing::Flush(id)).is_ok()
     }
 
     /// Every message the subscriber has handed over since the loop was last woken.
@@ -698,7 +713,7 @@ impl Publisher {
                 .filter(|_| !self.shared.link.needs(Side::Publisher));
             let Some(c) = usable else {
                 self.shared.dropped.fetch_add(n, Ordering::Relaxed);
-                self.answer_lookups(&batch, None);
+                self.answer(&batch, None);
                 continue;
             };
             let result = self.publish(c, &batch).or_else(|e| {
@@ -715,38 +730,40 @@ impl Publisher {
                 Ok(unheard) => {
                     self.shared.sent.fetch_add(n - unheard, Ordering::Relaxed);
                     self.shared.dropped.fetch_add(unheard, Ordering::Relaxed);
-                    self.answer_lookups(&batch, con.as_mut());
+                    self.answer(&batch, con.as_mut());
                 }
                 Err(e) => {
                     self.shared.dropped.fetch_add(n, Ordering::Relaxed);
                     con = None;
                     self.shared.failed(Side::Publisher, &e);
                     retry_at = Instant::now() + backoff.next_delay();
-                    self.answer_lookups(&batch, None);
+                    self.answer(&batch, None);
                 }
             }
         }
     }
 
-    /// Reads the records each lookup of the batch asks for, and hands the loop the answer:
-    /// the entries as a JSON list, or `{"error": ...}` when Redis cannot say (`con` none).
-    fn answer_lookups(&self, batch: &[Outgoing], mut con: Option<&mut Connection>) {
+    /// Hands the loop the answers the batch wants, once its messages are in Redis or
+    /// dropped: each lookup's records, as a JSON list, or `{"error": ...}` when Redis cannot
+    /// say (`con` none); each flush's `null`.
+    fn answer(&self, batch: &[Outgoing], mut con: Option<&mut Connection>) {
         for m in batch {
-            let Outgoing::Lookup { id, kind, name } = m else {
-                continue;
-            };
-            let answer = match con.as_deref_mut() {
-                Some(c) => match directory::read(c, &self.group, *kind, name) {
-                    Ok(entries) => entries_json(entries),
-                    Err(e) => serde_json::json!({ "error": format!("redis: {e}") }),
+            let (id, answer) = match m {
+                Outgoing::Lookup { id, kind, name } => match con.as_deref_mut() {
+                    Some(c) => match directory::read(c, &self.group, *kind, name) {
+                        Ok(entries) => (id, entries_json(entries)),
+                        Err(e) => (id, serde_json::json!({ "error": format!("redis: {e}") })),
+                    },
+                    None => (id, serde_json::json!({ "error": "redis unavailable" })),
                 },
-                None => serde_json::json!({ "error": "redis unavailable" }),
+                Outgoing::Flush(id) => (id, serde_json::Value::Null),
+                Outgoing::Publish { .. } | Outgoing::Record(_) => continue,
             };
             let body = bytes::Bytes::from(answer.to_string());
             let n = body.len();
             let item = (self.origin, BusMessage::Answer(*id, body), n);
             if let HandedOver::Full = self.shared.hand_over(&self.to_loop, &self.waker, item) {
-                log::debug!("bus: the worker is not keeping up; a lookup's answer is dropped");
+                log::debug!("bus: the worker is not keeping up; an answer is dropped");
             }
         }
     }
@@ -771,7 +788,7 @@ impl Publisher {
     /// messages for one worker found nobody listening (its host or worker has gone): those
     /// count as dropped.
     fn publish(&self, con: &mut Connection, batch: &[Outgoing]) -> redis::RedisResult<u64> {
-        if batch.iter().all(|m| matches!(m, Outgoing::Lookup { .. })) {
+        if !(batch.iter()).any(|m| matches!(m, Outgoing::Publish { .. } | Outgoing::Record(_))) {
             return Ok(0); // Nothing to write: an empty pipeline is an error to Redis.
         }
         let mut pipe = redis::pipe();
@@ -785,7 +802,7 @@ impl Publisher {
                     to_one.push(matches!(to, Target::Worker { .. }));
                 }
                 Outgoing::Record(rec) => directory::write(&mut pipe, &self.group, self.origin, rec),
-                Outgoing::Lookup { .. } => {}
+                Outgoing::Lookup { .. } | Outgoing::Flush(_) => {}
             }
         }
         let listeners: Vec<i64> = pipe.query(con)?;

@@ -477,6 +477,18 @@ impl Bus {
         false
     }
 
+    /// Asks for an `Answer` to `id` once Redis has taken everything this worker sent it so
+    /// far: then a message any worker sends reaches Redis after those. False when no answer
+    /// will come: no cluster bus, or Redis is unreachable (what was sent is dropped anyway).
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub fn flush(&mut self, id: u32) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(c) = &self.remote {
+            return c.flush(id);
+        }
+        false
+    }
+
     /// This worker now has subscribers to `topic` (`true`), or has none left: with a cluster
     /// bus, it listens to the topic's Redis channel only meanwhile.
     #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]

@@ -282,11 +282,14 @@ impl Loop {
             let to = reply_to(self);
             return self.health_everywhere(&others, to);
         }
+        let sends = addressed.call.sends();
         match self.api_carry_out(addressed.call) {
-            Outcome::Now(r) => self.api_reply_now(idx, endpoint, &r, keep_alive, head_only),
+            Outcome::Now(r) if !sends => {
+                self.api_reply_now(idx, endpoint, &r, keep_alive, head_only)
+            }
             outcome => {
                 let to = reply_to(self);
-                self.ask_for(outcome, to);
+                self.ask_for(outcome, to, sends);
             }
         }
     }

@@ -2,7 +2,8 @@
 //! (`asking.rs`) or to Redis (`bus::directory`), and the answers are gathered here until all
 //! have come or [`GATHER_TIMEOUT`] passes, then put together and sent to whoever asked: a
 //! backend's API request (here, or relayed from another group's worker), or a client that
-//! asked who is on a topic.
+//! asked who is on a topic. An API call that sends is also answered only once Redis has what
+//! it sent to other hosts (`bus::cluster`, "Order").
 
 use super::asking::Question;
 use super::event_loop::Loop;
@@ -83,6 +84,8 @@ pub(super) enum Compose {
     Health(bool),
     /// Another group's answer to a relayed request, as it is; 503 if none came.
     Relayed(String),
+    /// An answer known already (status and body), given once Redis has what the call sent.
+    Ready(u16, Value),
 }
 
 impl Compose {
@@ -184,11 +187,18 @@ impl Loop {
         self.gatherings.wait(id, g);
     }
 
-    /// Sends the question of `outcome` and gathers the answers for `reply_to`.
-    pub(super) fn ask_for(&mut self, outcome: Outcome, reply_to: ReplyTo) {
+    /// Sends the question of `outcome` and gathers the answers for `reply_to`. A call that
+    /// `sends` is answered only once Redis has taken what this worker sent it, too: the
+    /// caller's next call, whichever worker of the host takes it, reaches Redis after it
+    /// (workers publish on connections of their own, at their own pace).
+    pub(super) fn ask_for(&mut self, outcome: Outcome, reply_to: ReplyTo, sends: bool) {
         let id = self.gatherings.id();
+        let redis = usize::from(sends && self.ctx.bus.flush(id));
         let (question, slot, compose) = match outcome {
-            Outcome::Now(_) => unreachable!("answered at once"),
+            Outcome::Now(r) => {
+                let body = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                return self.gather(id, reply_to, redis, Compose::Ready(r.status, body));
+            }
             Outcome::Ask {
                 question,
                 slot,
@@ -201,7 +211,7 @@ impl Loop {
                 host,
             } => {
                 if self.ctx.bus.lookup(id, kind, &name) {
-                    return self.gather(id, reply_to, 1, compose);
+                    return self.gather(id, reply_to, 1 + redis, compose);
                 }
                 (host.0, None, host.1)
             }
@@ -211,7 +221,7 @@ impl Loop {
             Some(s) => usize::from(self.ctx.bus.send_to_slot(s as usize, &msg)),
             None => self.ctx.bus.send_to_peers(&msg),
         };
-        self.gather(id, reply_to, wanted, compose);
+        self.gather(id, reply_to, wanted + redis, compose);
     }
 
     /// An answer from another worker, or from Redis, to question `id`.
@@ -269,7 +279,7 @@ impl Loop {
                 Wanted::Presence(topic) => self.presence_outcome(topic),
                 Wanted::User(user) => self.user_outcome(user),
             };
-            self.ask_for(outcome, reply_to);
+            self.ask_for(outcome, reply_to, false);
         }
     }
 
@@ -380,6 +390,7 @@ impl Loop {
                     (503, json!({ "error": why }))
                 }
             },
+            Compose::Ready(status, body) => (status, body),
         }
     }
 }

@@ -110,6 +110,7 @@ impl Loop {
     /// A request the API's worker relayed here: carried out as this group's own API would,
     /// and answered over the same bridge.
     fn run_relayed(&mut self, bridge: BridgeRef, id: u32, body: &[u8]) {
+        let mut sends = false;
         let outcome = match serde_json::from_slice::<Relayed>(body) {
             Ok(r) => match call::read(&r.path, r.query.as_deref(), r.body.as_bytes()) {
                 Ok(a)
@@ -117,6 +118,7 @@ impl Loop {
                         .as_deref()
                         .is_none_or(|g| g == self.ctx.worker_name()) =>
                 {
+                    sends = a.call.sends();
                     self.api_carry_out(a.call)
                 }
                 Ok(a) => Outcome::Now(
@@ -134,11 +136,11 @@ impl Loop {
             }
         };
         match outcome {
-            Outcome::Now(r) => {
+            Outcome::Now(r) if !sends => {
                 let body = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
                 self.relay_answer(bridge, id, r.status, &body);
             }
-            wait => self.ask_for(wait, ReplyTo::Relay { bridge, id }),
+            wait => self.ask_for(wait, ReplyTo::Relay { bridge, id }, sends),
         }
     }
 
