@@ -395,6 +395,86 @@ fn a_reload_serves_wss_clients_through_the_drain_then_tells_them_1012() {
     echo(&mut fresh, "still served");
 }
 
+/// The next text a client hears.
+fn hear(ws: &mut WebSocket<Tls>) -> String {
+    loop {
+        match ws.read().unwrap() {
+            Message::Text(t) => return t.as_str().to_string(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Drained wss:// clients stay on the group's bus: through the drain of a reload, what the
+/// new workers' clients say reaches them, and what they say reaches those clients, each line
+/// once (`chat` relays every line to every client, the sender included).
+#[test]
+fn drained_wss_clients_hear_and_are_heard_through_the_drain() {
+    let cert = Cert::new(Key::Ecdsa, 12, 30);
+    let (dir, config) = Server::config("chat", 2, TLS_KEYS);
+    cert.write(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("[server]\n", "[server]\ndrain_timeout = \"60s\"\n");
+    std::fs::write(&config, &text).unwrap();
+    let mut server = Server::start_with(wsd_bin(), dir, config.clone());
+    let trust = client_config(&cert, &tls12_13());
+    let old_pids = server.worker_pids();
+    let mut clients: Vec<_> = (0..4).map(|_| wss(server.port, trust.clone())).collect();
+
+    // A changed setting, so the workers are replaced.
+    std::fs::write(&config, format!("{text}handshake_timeout = \"9s\"\n")).unwrap();
+    let bin = server.bin.clone();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(bin)
+            .args(["-c", config.to_str().unwrap(), "reload"])
+            .output()
+            .unwrap()
+    });
+    wait_for("both new workers", DEADLINE, || {
+        let pids = worker_pids_in(&server.try_status()?);
+        let new = pids.iter().filter(|p| **p > 0 && !old_pids.contains(p));
+        (new.count() == 2).then_some(())
+    });
+    let fresh: Vec<_> = (0..4).map(|_| wss(server.port, trust.clone())).collect();
+    let kept = clients.len();
+    clients.extend(fresh);
+    // One line at a time, from each client in turn: every client hears it, once.
+    for i in 0..clients.len() {
+        let line = format!("line {i}");
+        clients[i].send(Message::text(line.clone())).unwrap();
+        for (j, ws) in clients.iter_mut().enumerate() {
+            assert_eq!(hear(ws), line, "client {j}");
+        }
+    }
+    let owners = connection_owners(&server);
+    for ws in &clients[..kept] {
+        let port = ws.get_ref().sock.local_addr().unwrap().port();
+        let pid = owners[&port];
+        assert!(
+            old_pids.contains(&pid),
+            "an old worker drains client {port}"
+        );
+    }
+    // The drain ends as the drained clients leave.
+    for ws in &mut clients[..kept] {
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    }
+    let out = reload.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for &pid in &old_pids {
+        wait_for("the old worker to exit", DEADLINE, || {
+            exited(pid).then_some(())
+        });
+    }
+    let line = "after".to_string();
+    clients[kept].send(Message::text(line.clone())).unwrap();
+    for ws in &mut clients[kept..] {
+        assert_eq!(hear(ws), line);
+    }
+}
+
 #[test]
 fn plain_http_garbage_and_silence_on_a_tls_port_cost_only_their_connection() {
     let cert = Cert::new(Key::Ecdsa, 10, 30);

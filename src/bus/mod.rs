@@ -148,6 +148,10 @@ pub(crate) struct Bus {
     /// While this worker hands its clients to the next worker of its slot and still reads the
     /// slot's ends, what it delivers is copied here for that worker (`forward`).
     forwarding: Option<Vec<BusMessage>>,
+    /// While a worker at the other end of a handoff line still serves some of this slot's
+    /// clients (`wss://` ones drained after a handoff), what this worker delivers is copied
+    /// here for it too (`forward`).
+    copies: Option<Vec<BusMessage>>,
 }
 
 impl Bus {
@@ -162,6 +166,7 @@ impl Bus {
             held: Vec::new(),
             view: usize::MAX,
             forwarding: None,
+            copies: None,
         }
     }
 
@@ -183,8 +188,23 @@ impl Bus {
             .unwrap_or_default()
     }
 
+    /// Copies what this worker delivers from now on for the workers that still serve some of
+    /// its slot's clients at the other end of a handoff line; `false` stops, dropping the
+    /// copies not taken.
+    pub fn copy_for_partners(&mut self, on: bool) {
+        match on {
+            true => drop(self.copies.get_or_insert_with(Vec::new)),
+            false => self.copies = None,
+        }
+    }
+
+    /// The copies for partners made since the last call.
+    pub fn take_copies(&mut self) -> Vec<BusMessage> {
+        self.copies.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// Copies a message this worker delivers to its own clients (a broadcast, a publish, a
-    /// user's, a `send_to`), if it is forwarding.
+    /// user's, a `send_to`), if it is forwarding or copying for partners.
     pub fn forward(&mut self, msg: &BusMessage) {
         let for_clients = matches!(
             msg,
@@ -193,7 +213,13 @@ impl Bus {
                 | BusMessage::SendUser(..)
                 | BusMessage::SendTo(..)
         );
-        if let Some(copies) = self.forwarding.as_mut().filter(|_| for_clients) {
+        if !for_clients {
+            return;
+        }
+        for copies in [self.forwarding.as_mut(), self.copies.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             copies.push(msg.clone());
         }
     }

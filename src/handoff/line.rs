@@ -8,11 +8,10 @@
 //! receiver always holds it by the time the whole record has arrived, and descriptors arrive in
 //! the order of their records.
 //!
-//! The taker answers with the count of records it has taken so far ([`Line::acknowledge`]),
-//! four bytes at a time; the giver keeps each record until then (see `worker::handoff`).
-//! Once every record is acknowledged, the line may turn round (`wsd upgrade`): the taker hands
-//! the connections back as framed records, read by [`Line::receive`] from the first byte after
-//! the last acknowledgement.
+//! Each side counts the records it receives and acknowledges them ([`Line::acknowledge`]) in a
+//! frame of its own; the giver keeps each record until then (see `worker::handoff`). Records
+//! may go both ways: the taker sends bus messages back for the clients the giver still serves
+//! (`wss://` ones, drained), and in `wsd upgrade` it may hand every connection back.
 //!
 //! Both sides are non-blocking and live in their worker's poll.
 
@@ -22,8 +21,14 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-/// Framing before each record: its length and whether a descriptor rides with it.
+/// Framing before each record: its length and its kind ([`RECORD`], [`RECORD_FD`], [`ACK`]).
 const FRAME_HEAD: usize = 5;
+/// A record.
+const RECORD: u8 = 0;
+/// A record with a descriptor.
+const RECORD_FD: u8 = 1;
+/// An acknowledgement: the little-endian `u32` count of records received so far.
+const ACK: u8 = 2;
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 64 << 10;
 /// Descriptors sent with one `sendmsg` at most (the kernel's `SCM_MAX_FD`): records go out
@@ -46,6 +51,8 @@ pub(crate) enum LineError {
     TooLarge(usize, usize),
     #[error("a handoff record names a descriptor that did not come with it")]
     NoDescriptor,
+    #[error("a handoff frame of unknown kind {0}")]
+    BadFrame(u8),
 }
 
 struct Outgoing {
@@ -63,6 +70,12 @@ pub(crate) struct Line {
     fds: VecDeque<OwnedFd>,
     /// The other side has closed it (read as end of stream).
     ended: bool,
+    /// Records received so far.
+    received: u32,
+    /// Records put on the line so far.
+    pushed: u32,
+    /// The latest acknowledgement received and not yet taken.
+    acked: Option<u32>,
 }
 
 /// Reads everything a non-blocking Unix stream socket has now into `input`, and the
@@ -101,6 +114,9 @@ impl Line {
             input: Vec::new(),
             fds: VecDeque::new(),
             ended: false,
+            received: 0,
+            pushed: 0,
+            acked: None,
         })
     }
 
@@ -110,10 +126,21 @@ impl Line {
 
     /// Queues `record`, with `fd` if given; [`Line::flush`] sends it.
     pub(crate) fn push(&mut self, record: &[u8], fd: Option<OwnedFd>) {
-        let mut bytes = Vec::with_capacity(FRAME_HEAD + record.len());
-        bytes.extend_from_slice(&(record.len() as u32).to_le_bytes());
-        bytes.push(u8::from(fd.is_some()));
-        bytes.extend_from_slice(record);
+        let kind = if fd.is_some() { RECORD_FD } else { RECORD };
+        self.push_frame(kind, record, fd);
+        self.pushed += 1;
+    }
+
+    /// Records put on the line so far: what the other side's acknowledgements count.
+    pub(crate) fn pushed(&self) -> u32 {
+        self.pushed
+    }
+
+    fn push_frame(&mut self, kind: u8, body: &[u8], fd: Option<OwnedFd>) {
+        let mut bytes = Vec::with_capacity(FRAME_HEAD + body.len());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.push(kind);
+        bytes.extend_from_slice(body);
         self.out.push_back(Outgoing { bytes, sent: 0, fd });
     }
 
@@ -171,51 +198,23 @@ impl Line {
         Ok(true)
     }
 
-    /// Acknowledges records (the taker's side): `count` taken so far, in all. Four bytes, no
-    /// framing: acknowledgements are all that goes this way.
-    pub(crate) fn acknowledge(&mut self, count: u32) {
-        let bytes = count.to_le_bytes().to_vec();
-        self.out.push_back(Outgoing {
-            bytes,
-            sent: 0,
-            fd: None,
-        });
+    /// Acknowledges every record received so far (once registered: the other side may then
+    /// let its copies go).
+    pub(crate) fn acknowledge(&mut self) {
+        let count = self.received.to_le_bytes();
+        self.push_frame(ACK, &count, None);
     }
 
-    /// Reads the taker's acknowledgements (the giver's side) of the `sent` records put on the
-    /// line: the latest count, if any came. What follows the acknowledgement of all `sent` is
-    /// left for [`Line::receive`]. When the taker has gone (or the line failed), the error
-    /// comes with any count read before it.
-    pub(crate) fn acknowledged(
-        &mut self,
-        sent: u32,
-    ) -> Result<Option<u32>, (Option<u32>, LineError)> {
-        let failure = match read_available(self.sock.as_raw_fd(), &mut self.input, &mut self.fds) {
-            Ok(false) => None,
-            Ok(true) => {
-                self.ended = true;
-                Some(LineError::Closed)
-            }
-            Err(e) => Some(e.into()),
-        };
-        let (mut latest, mut at) = (None, 0);
-        while latest.is_none_or(|n| n < sent) {
-            let Some(bytes) = self.input.get(at..at + 4) else {
-                break;
-            };
-            latest = Some(u32::from_le_bytes(bytes.try_into().expect("4 bytes")));
-            at += 4;
-        }
-        self.input.drain(..at);
-        match failure {
-            None => Ok(latest),
-            Some(e) => Err((latest, e)),
-        }
+    /// The latest count of records the other side has acknowledged, if one came since the
+    /// last call (read by [`Line::receive`]).
+    pub(crate) fn acknowledged(&mut self) -> Option<u32> {
+        self.acked.take()
     }
 
-    /// Reads what has arrived and returns the whole records among it, each with its descriptor.
-    /// A record longer than `max` breaks the line. `Err(Closed)` once the other side has gone
-    /// and every record it sent has been returned (see also [`Line::is_ended`]).
+    /// Reads what has arrived and returns the whole records among it, each with its descriptor;
+    /// acknowledgements among them are kept for [`Line::acknowledged`]. A record longer than
+    /// `max` breaks the line. `Err(Closed)` once the other side has gone and every record it
+    /// sent has been returned (see also [`Line::is_ended`]).
     pub(crate) fn receive(&mut self, max: usize) -> Result<Vec<Record>, LineError> {
         let ended =
             self.ended || read_available(self.sock.as_raw_fd(), &mut self.input, &mut self.fds)?;
@@ -226,15 +225,25 @@ impl Line {
             if len > max {
                 return Err(LineError::TooLarge(len, max));
             }
-            let with_fd = head[4] != 0;
+            let kind = head[4];
             let Some(body) = self.input.get(at + FRAME_HEAD..at + FRAME_HEAD + len) else {
                 break;
             };
-            let fd = match with_fd {
-                true => Some(self.fds.pop_front().ok_or(LineError::NoDescriptor)?),
-                false => None,
-            };
-            records.push((body.to_vec(), fd));
+            match kind {
+                ACK => {
+                    let count = body.try_into().map_err(|_| LineError::BadFrame(kind))?;
+                    self.acked = Some(u32::from_le_bytes(count));
+                }
+                RECORD | RECORD_FD => {
+                    let fd = match kind == RECORD_FD {
+                        true => Some(self.fds.pop_front().ok_or(LineError::NoDescriptor)?),
+                        false => None,
+                    };
+                    records.push((body.to_vec(), fd));
+                    self.received += 1;
+                }
+                _ => return Err(LineError::BadFrame(kind)),
+            }
             at += FRAME_HEAD + len;
         }
         self.input.drain(..at);
@@ -310,37 +319,45 @@ mod tests {
     #[test]
     fn the_taker_acknowledges_counts_and_the_giver_sees_it_go() {
         let (mut giver, mut taker) = pair();
-        assert!(matches!(giver.acknowledged(6), Ok(None)));
-        taker.acknowledge(2);
-        taker.acknowledge(5);
+        assert!(giver.receive(100).unwrap().is_empty());
+        assert_eq!(giver.acknowledged(), None);
+        for _ in 0..5 {
+            giver.push(b"r", None);
+        }
+        giver.flush().unwrap();
+        assert_eq!(taker.receive(100).unwrap().len(), 5);
+        taker.acknowledge();
         taker.flush().unwrap();
-        assert!(matches!(giver.acknowledged(6), Ok(Some(5))));
-        assert!(matches!(giver.acknowledged(6), Ok(None)));
-        taker.acknowledge(6);
+        assert!(giver.receive(100).unwrap().is_empty());
+        assert_eq!(giver.acknowledged(), Some(5));
+        assert_eq!(giver.acknowledged(), None);
+        giver.push(b"r", None);
+        giver.flush().unwrap();
+        assert_eq!(taker.receive(100).unwrap().len(), 1);
+        taker.acknowledge();
         taker.flush().unwrap();
         drop(taker);
-        assert!(matches!(
-            giver.acknowledged(6),
-            Err((Some(6), LineError::Closed))
-        ));
+        assert!(matches!(giver.receive(100), Err(LineError::Closed)));
+        assert_eq!(giver.acknowledged(), Some(6));
     }
 
-    /// After the last acknowledgement the taker may hand records back on the same line: the
-    /// giver reads them as records, descriptors and the line's end included.
+    /// Records go both ways, each side counting and acknowledging what it received: the
+    /// taker's records come in order with its acknowledgements, descriptors and the line's end
+    /// included.
     #[test]
-    fn a_line_turns_round_after_its_last_acknowledgement() {
+    fn records_and_acknowledgements_go_both_ways() {
         let (mut giver, mut taker) = pair();
-        taker.acknowledge(1);
-        taker.acknowledge(3);
+        giver.push(b"conn", Some(descriptor()));
+        giver.push(&[], None);
+        giver.flush().unwrap();
+        assert_eq!(taker.receive(100).unwrap().len(), 2);
+        taker.acknowledge();
         taker.push(b"back", Some(descriptor()));
         taker.push(&[], None);
         taker.flush().unwrap();
         drop(taker);
-        assert!(matches!(
-            giver.acknowledged(3),
-            Err((Some(3), LineError::Closed))
-        ));
         let records = giver.receive(100).unwrap();
+        assert_eq!(giver.acknowledged(), Some(2));
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].0, b"back");
         assert!(records[0].1.is_some());

@@ -121,17 +121,26 @@ impl Carried {
         out
     }
 
-    /// What `record` carries, if it is a record of bus messages.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn decode(record: &[u8]) -> Option<(Carried, Result<Vec<Vec<u8>>, RecordError>)> {
-        let [a, b, rest @ ..] = record else {
+    /// Which kind `record` is, if it is a record of bus messages (and not a connection, or
+    /// the closing empty record).
+    pub(crate) fn of(record: &[u8]) -> Option<Carried> {
+        let [a, b, ..] = record else {
             return None;
         };
         let marker = u16::from_le_bytes([*a, *b]);
-        let kind = [Carried::Held, Carried::Delivered]
+        [Carried::Held, Carried::Delivered]
             .into_iter()
-            .find(|k| k.marker() == marker)?;
-        Some((kind, postcard::from_bytes(rest).map_err(RecordError::from)))
+            .find(|k| k.marker() == marker)
+    }
+
+    /// What `record` carries, if it is a record of bus messages.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decode(record: &[u8]) -> Option<(Carried, Result<Vec<Vec<u8>>, RecordError>)> {
+        let kind = Carried::of(record)?;
+        Some((
+            kind,
+            postcard::from_bytes(&record[2..]).map_err(RecordError::from),
+        ))
     }
 }
 

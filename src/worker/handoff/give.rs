@@ -105,11 +105,13 @@ impl Loop {
                 Ok(()) => {
                     let (group, slot, pid) = (&to.group, to.slot, to.pid);
                     log::info!("handing connections to {group}#{slot} (pid {pid})");
+                    // A line that turns round has carried records this way already.
+                    let acked = line.pushed();
                     self.handoffs.out = Some(Outgoing {
                         line,
                         to,
                         unacked: VecDeque::new(),
-                        acked: 0,
+                        acked,
                         handed: 0,
                         ended: false,
                         returnable,
@@ -211,6 +213,7 @@ impl Loop {
             self.put_forwarded();
             self.handoff_flush();
         }
+        self.copy_to_partners();
     }
 
     /// Puts what this worker delivered since the last time on the line, before the next
@@ -260,6 +263,7 @@ impl Loop {
                     out.line.push(&[], None);
                     out.unacked.push_back(Sent::End);
                     log::info!("{} connections handed over", out.handed);
+                    self.update_copying();
                 }
                 break;
             };
@@ -427,14 +431,17 @@ impl Loop {
         }
     }
 
-    /// The outgoing line became writable, or readable: the taker acknowledged records, or went.
+    /// The outgoing line became writable, or readable: the taker acknowledged records, sent
+    /// some of its own (bus messages for the clients still here, or connections coming back),
+    /// or went.
     pub(in crate::worker) fn handoff_out_ready(&mut self) {
+        let max =
+            crate::handoff::max_record(self.settings.max_send_buffer, self.limits.max_message);
         let Some(out) = self.handoffs.out.as_mut() else {
             return;
         };
-        let sent = out.acked + out.unacked.len() as u32;
-        let acked = out.line.acknowledged(sent);
-        if let Ok(Some(n)) | Err((Some(n), _)) = acked {
+        let received = out.line.receive(max);
+        if let Some(n) = out.line.acknowledged().filter(|&n| n > out.acked) {
             let done = n.saturating_sub(out.acked);
             out.acked = n;
             for _ in 0..done {
@@ -442,10 +449,26 @@ impl Loop {
                 out.unacked.pop_front();
             }
         }
+        let failure = match received {
+            Ok(records) => {
+                if !records.is_empty() {
+                    self.take_records(records, true);
+                    if let Some(out) = self.handoffs.out.as_mut() {
+                        out.line.acknowledge();
+                    }
+                }
+                None
+            }
+            Err(e) => Some(e),
+        };
+        let Some(out) = self.handoffs.out.as_mut() else {
+            return;
+        };
         // A taker closes the line only once it has read the closing record: if its
         // acknowledgement of that record did not make it, it still took everything.
-        let closed = acked.is_err();
+        let closed = failure.is_some();
         let only_end = (out.unacked.iter()).all(|s| matches!(s, Sent::End));
+        let _ = out.line.flush();
         let all_taken =
             out.ended && out.line.is_flushed() && (out.unacked.is_empty() || closed && only_end);
         if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
@@ -453,15 +476,18 @@ impl Loop {
             let out = self.handoffs.out.take().expect("checked above");
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
             log::info!("{taker} took all {} connections", out.handed);
-            if out.returnable {
-                self.keep_for_return(out.line, out.to);
+            // Kept for what still goes between the two: bus messages for the `wss://` clients
+            // drained here, and, in an upgrade, the connections if they come back.
+            let draining = !self.handoffs.draining.is_empty();
+            if !closed && (out.returnable || draining) {
+                self.keep_for_return(out.line, out.to, out.returnable);
             }
             self.hand_off_deferred();
             return;
         }
-        match acked {
-            Err((_, e)) => self.handoff_broke(e),
-            Ok(_) => self.handoff_pump(),
+        match failure {
+            Some(e) => self.handoff_broke(e),
+            None => self.handoff_pump(),
         }
     }
 
@@ -473,6 +499,7 @@ impl Loop {
             return;
         };
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
+        self.update_copying();
         let lost = (out.unacked.iter())
             .filter(|s| matches!(s, Sent::Conn(_, None)))
             .count();

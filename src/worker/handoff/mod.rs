@@ -109,8 +109,6 @@ struct Incoming {
     line: Line,
     from: Peer,
     way: Way,
-    /// Records taken so far (the count acknowledged).
-    taken: u32,
     adopted: usize,
     /// The giver's closing record came, or the line ended.
     done: bool,
@@ -122,8 +120,10 @@ enum Way {
     /// From the worker this one replaces; `returnable`: kept, once all is taken, until the
     /// upgrade is done, to hand everything back if this worker's master dies first.
     Forth { returnable: bool },
-    /// Back from the worker this one handed them to, whose master died mid-upgrade.
-    Back,
+    /// Back from the worker this one handed its connections to, once it has taken them all:
+    /// bus messages for the `wss://` clients still served here, and, `returnable` (`wsd
+    /// upgrade`), the connections themselves if its master dies before the upgrade is done.
+    Back { returnable: bool },
 }
 
 impl Incoming {
@@ -132,7 +132,6 @@ impl Incoming {
             line,
             from,
             way,
-            taken: 0,
             adopted: 0,
             done: false,
         }
@@ -141,6 +140,15 @@ impl Incoming {
     /// All taken, and kept for a hand-back.
     fn kept(&self) -> bool {
         self.done && self.way == Way::Forth { returnable: true }
+    }
+
+    /// What this worker delivers goes to the worker at the other end too: its clients are
+    /// this worker's slot's ([`crate::bus::Bus::start_copying`]).
+    fn partner(&self) -> bool {
+        match self.way {
+            Way::Forth { .. } => self.done && !self.line.is_ended(),
+            Way::Back { .. } => !self.line.is_ended(),
+        }
     }
 }
 
@@ -153,7 +161,7 @@ impl Handoffs {
 
     /// Connections may still come back over a line this worker handed them on.
     fn returning(&self) -> bool {
-        (self.incoming.iter()).any(|(_, i)| i.way == Way::Back)
+        (self.incoming.iter()).any(|(_, i)| i.way == Way::Back { returnable: true })
     }
 
     /// Connections go out on a line.

@@ -106,13 +106,59 @@ impl Loop {
         }
     }
 
-    /// A handoff this worker made is all taken, and `line` is kept for a hand-back: what
-    /// comes on it now is the taker's connections coming back ([`Way::Back`]), and its end
-    /// with none is the upgrade done.
-    pub(in crate::worker) fn keep_for_return(&mut self, line: Line, to: Peer) {
-        if let Some(key) = self.watch_line(line, to, Way::Back) {
+    /// A handoff this worker made is all taken, and `line` is kept: what goes on it now is bus
+    /// messages for the clients each side serves of this slot (the `wss://` ones drained
+    /// here, those it took), and, if `returnable`, the taker's connections coming back; its
+    /// end says the drain or the upgrade is over.
+    pub(in crate::worker) fn keep_for_return(&mut self, line: Line, to: Peer, returnable: bool) {
+        if let Some(key) = self.watch_line(line, to, Way::Back { returnable }) {
+            self.update_copying();
             // What came with the last acknowledgement raises no event of its own.
             self.adopt_ready(key);
+        }
+    }
+
+    /// Copies what this worker delivers for the workers at the other end of its lines while
+    /// any of them serves clients of this slot ([`Incoming::partner`]), and only then.
+    /// So while this worker's last record is on its way to its taker, with `wss://` clients
+    /// kept here: the taker serves the rest of the slot.
+    pub(in crate::worker) fn update_copying(&mut self) {
+        let h = &self.handoffs;
+        let ended = h.out.as_ref().is_some_and(|o| o.ended) && !h.draining.is_empty();
+        let any = ended || (h.incoming.iter()).any(|(_, i)| i.partner());
+        self.ctx.bus.copy_for_partners(any);
+    }
+
+    /// At the end of each turn: what this worker delivered goes to the workers at the other
+    /// end of its lines that serve clients of its slot; and a line kept only for the drain of
+    /// `wss://` clients here closes once they have all gone.
+    pub(in crate::worker) fn copy_to_partners(&mut self) {
+        let copies = self.ctx.bus.take_copies();
+        if !copies.is_empty() {
+            let origin = self.ctx.bus.origin;
+            let bytes: Vec<Vec<u8>> = copies.iter().map(|m| wire::encode(origin, m)).collect();
+            let record = Carried::Delivered.encode(&bytes);
+            for (_, incoming) in self.handoffs.incoming.iter_mut() {
+                if incoming.partner() {
+                    incoming.line.push(&record, None);
+                    let _ = incoming.line.flush();
+                }
+            }
+            // After the closing record: the taker reads them as its partner's.
+            if let Some(out) = self.handoffs.out.as_mut().filter(|o| o.ended) {
+                out.line.push(&record, None);
+                let _ = out.line.flush();
+            }
+        }
+        if !self.ctx.conns.is_empty() {
+            return;
+        }
+        let drained: Vec<usize> = (self.handoffs.incoming.iter())
+            .filter(|(_, i)| i.way == Way::Back { returnable: false })
+            .map(|(key, _)| key)
+            .collect();
+        for key in drained {
+            self.close_line(key);
         }
     }
 
@@ -131,6 +177,7 @@ impl Loop {
         }
         let incoming = self.handoffs.incoming.remove(key);
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+        self.update_copying();
         let from = incoming.from;
         // `from` names the worker's master (the new master knows no more of the old worker).
         log::warn!(
@@ -168,6 +215,7 @@ impl Loop {
         let mut incoming = self.handoffs.incoming.remove(key);
         let _ = incoming.line.flush();
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+        self.update_copying();
     }
 
     /// Records arrived on incoming line `key` (or it closed).
@@ -178,7 +226,7 @@ impl Loop {
         };
         let received = incoming.line.receive(max);
         let ended = incoming.line.is_ended();
-        let back = incoming.way == Way::Back;
+        let back = matches!(incoming.way, Way::Back { .. });
         let records = match received {
             Ok(records) => records,
             Err(e) => {
@@ -188,10 +236,11 @@ impl Loop {
                     return;
                 };
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
+                self.update_copying();
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
-                    // A kept line that ends with nothing back: the upgrade is done.
+                    // A kept line that ends with nothing back: the drain or upgrade is over.
                     LineError::Closed if incoming.kept() || back && took == 0 => {}
                     LineError::Closed => log::info!(
                         "took {took} connections from {}#{} (pid {})",
@@ -213,32 +262,12 @@ impl Loop {
                 return;
             }
         };
-        if back && !records.is_empty() {
-            // The taker hands everything back: the bus ends are its until its closing record.
-            self.ctx.bus.await_turn_back();
-        }
-        let count = records.len() as u32;
-        let mut adopted = 0;
-        let mut last = false;
-        for (record, fd) in records {
-            if record.is_empty() {
-                last = true;
-                continue;
-            }
-            if let Some(id) = self.take_record(&record, fd) {
-                adopted += 1;
-                if back {
-                    // Served here until the master names the slot's next worker.
-                    self.handoffs.taken_back.insert(id);
-                }
-            }
-        }
-        if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| count > 0) {
-            // Registered, not yet read: the giver may let its copies go. Each count once: the
-            // first bytes after the last one may be records coming back (`Line::acknowledged`).
-            incoming.taken += count;
+        let came = !records.is_empty();
+        let (adopted, last) = self.take_records(records, back);
+        if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| came) {
+            // Registered, not yet read: the giver may let its copies go.
             incoming.adopted += adopted;
-            incoming.line.acknowledge(incoming.taken);
+            incoming.line.acknowledge();
             let _ = incoming.line.flush();
         }
         if last {
@@ -250,14 +279,48 @@ impl Loop {
         }
     }
 
+    /// Takes records that came on a line, in order: connections ([`Loop::adopt`]) and bus
+    /// messages ([`Loop::take_record`]). `back`: from the worker this one handed its
+    /// connections to; those are served here until the master names the slot's next worker,
+    /// and the bus ends are that worker's until its closing record. Returns how many
+    /// connections were adopted, and whether the closing record came.
+    pub(in crate::worker) fn take_records(
+        &mut self,
+        records: Vec<handoff::line::Record>,
+        back: bool,
+    ) -> (usize, bool) {
+        let returning = records.iter().any(|(r, _)| Carried::of(r).is_none());
+        if back && returning {
+            self.ctx.bus.await_turn_back();
+        }
+        let (mut adopted, mut last) = (0, false);
+        for (record, fd) in records {
+            if record.is_empty() {
+                last = true;
+                continue;
+            }
+            if let Some(id) = self.take_record(&record, fd) {
+                adopted += 1;
+                if back {
+                    self.handoffs.taken_back.insert(id);
+                }
+            }
+        }
+        if back && last && self.ctx.take_bus_turn() {
+            self.watch_bus_again();
+        }
+        (adopted, last)
+    }
+
     /// The giver on line `key` has put its last record on it, or the line ended: it reads the
     /// bus ends it shared with this worker no more, and the master may begin the next
     /// handoff. Said once per line, whichever comes first: a second `Taken`, from a line
     /// that closes late, would end the master's wait for the next handoff to this worker
     /// before it has taken anything.
     ///
-    /// A line kept for a hand-back closes now if the upgrade is done, or turns round if the
-    /// master has gone meanwhile.
+    /// From then on what this worker delivers is copied to the giver, for the clients of
+    /// this slot it still serves. A line kept for a hand-back closes now if the upgrade is
+    /// done, or turns round if the master has gone meanwhile.
     fn taken_all(&mut self, key: usize) {
         let Some(incoming) = self.handoffs.incoming.get_mut(key) else {
             return;
@@ -265,19 +328,15 @@ impl Loop {
         if std::mem::replace(&mut incoming.done, true) {
             return;
         }
-        let way = incoming.way;
-        if way == Way::Back {
-            // Connections came back to this retiring worker (no master waits on it), and with
-            // them the bus ends it had left.
-            if self.ctx.take_bus_turn() {
-                self.watch_bus_again();
-            }
-            return;
-        }
+        let Way::Forth { returnable } = incoming.way else {
+            return; // Connections came back to a retiring worker: no master waits on it.
+        };
+        // Before the bus: the messages held until now go to the giver's clients too.
+        self.update_copying();
         self.take_the_bus();
         self.channel.answer(&crate::control::FromWorker::Taken);
         let open = (self.handoffs.incoming.get(key)).is_some_and(|i| !i.line.is_ended());
-        if open && way == (Way::Forth { returnable: true }) {
+        if open && returnable {
             if self.handoffs.committed {
                 self.close_line(key);
             } else if self.handoffs.orphaned {
