@@ -812,13 +812,14 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
     chat.finish();
 }
 
-/// `wsd upgrade` to a configuration with a higher `count`: the group's bus grows, the old
-/// workers hand their clients to the new workers of their slots, and the new slot starts
-/// empty. No client notices.
+/// `wsd upgrade` to a configuration with a higher `count`: the old workers hand their
+/// clients to the new workers of their slots, then a reload of the new master's grows the
+/// group, its bus with it. No client notices, and every chat line is heard once.
 fn an_upgrade_that_raises_the_count_moves_every_connection() {
     let mut server = start(2);
     const CLIENTS: usize = 30;
     let swarm = Swarm::start(&mut server, CLIENTS);
+    let chat = Chat::start(server.port, 30, Duration::from_millis(2));
     swarm.progress(100);
     let config = std::fs::read_to_string(&server.config).unwrap();
     std::fs::write(&server.config, config.replace("count = 2", "count = 3")).unwrap();
@@ -830,13 +831,48 @@ fn an_upgrade_that_raises_the_count_moves_every_connection() {
     wait_for("the old master to exit", DEADLINE, || {
         exited(old_master).then_some(())
     });
+    server.wait_for_log("reload done");
     let st = server.wait_ready();
     assert_eq!(worker_pids_in(&st).len(), 3, "{st}");
     swarm.progress(200);
+    chat.go_on(20);
     wait_for("the new workers to count every client", DEADLINE, || {
-        (open_connections(&mut server) == CLIENTS as u64).then_some(())
+        (open_connections(&mut server) == CLIENTS as u64 + 31).then_some(())
     });
     swarm.finish();
+    chat.finish();
+}
+
+/// `wsd upgrade` to a configuration with a lower `count`: every old worker hands its clients
+/// to the new worker of its slot, and once the old master has gone a reload of its own merges
+/// the slots past the count into the others, the group holding its messages meanwhile. No client
+/// notices, and every chat line is heard once.
+fn an_upgrade_that_lowers_the_count_moves_every_connection() {
+    let mut server = start(3);
+    const CLIENTS: usize = 30;
+    let swarm = Swarm::start(&mut server, CLIENTS);
+    let chat = Chat::start(server.port, 30, Duration::from_millis(2));
+    swarm.progress(100);
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(&server.config, config.replace("count = 3", "count = 2")).unwrap();
+    let next = server.dir.path().join("named-next");
+    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
+    let old_master = server.master_pid();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the old master to exit", DEADLINE, || {
+        exited(old_master).then_some(())
+    });
+    server.wait_for_log("reload done");
+    let st = server.wait_ready();
+    assert_eq!(worker_pids_in(&st).len(), 2, "{st}");
+    swarm.progress(200);
+    chat.go_on(20);
+    wait_for("the new workers to count every client", DEADLINE, || {
+        (open_connections(&mut server) == CLIENTS as u64 + 31).then_some(())
+    });
+    swarm.finish();
+    chat.finish();
 }
 
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
@@ -1169,6 +1205,10 @@ fn main() {
         (
             "an_upgrade_that_raises_the_count_moves_every_connection",
             an_upgrade_that_raises_the_count_moves_every_connection,
+        ),
+        (
+            "an_upgrade_that_lowers_the_count_moves_every_connection",
+            an_upgrade_that_lowers_the_count_moves_every_connection,
         ),
         (
             "an_upgrade_to_a_new_binary_moves_every_connection",

@@ -241,28 +241,24 @@ pub fn start(plan: Plan) -> i32 {
             log::warn!("group {:?}: {warning}", def.name());
         }
     }
-    for (def, from_file) in defs {
-        if let Some(taken) = inherited.as_mut().and_then(|i| i.group(&def)) {
-            match taken {
-                Ok((listeners, mesh, handed)) => {
-                    let slots = (0..handed).map(|s| (def.name().to_string(), s));
-                    sup.upgrade_pending.extend(slots);
-                    let g = match mesh {
-                        Some(mesh) => Ok(supervisor::Group::with_mesh(
-                            def, listeners, from_file, mesh,
-                        )),
-                        None => supervisor::Group::new(def, listeners, from_file),
-                    };
-                    match g {
-                        Ok(g) => sup.groups.push(g),
-                        Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
-                    }
-                }
-                Err(source) => {
-                    let group = def.name().to_string();
-                    return fail(pidfile, GroupsError::Bind { group, source }.into());
-                }
+    for (mut def, from_file) in defs {
+        if let Some((listeners, mesh)) = inherited.as_mut().and_then(|i| i.group(&def)) {
+            if listeners.len() != def.count {
+                // Every old worker hands its clients to the new one of its slot; a reload
+                // brings the count to the configuration's once the old master has gone.
+                let (old, new) = (listeners.len(), def.count);
+                log::info!(
+                    "{}: {old} worker(s) until the old master has gone, then {new}",
+                    def.name()
+                );
+                def.count = old;
+                sup.recount_after_upgrade = true;
             }
+            let slots = (0..def.count).map(|s| (def.name().to_string(), s));
+            sup.upgrade_pending.extend(slots);
+            sup.groups.push(supervisor::Group::with_mesh(
+                def, listeners, from_file, mesh,
+            ));
             continue;
         }
         match listeners::bind_slots(def.listen.addr, def.count, def.backlog) {

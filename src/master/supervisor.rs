@@ -230,6 +230,9 @@ pub struct Supervisor {
     /// bus ends and has not been given a handoff line yet: their workers start on inherited
     /// ends.
     pub upgrade_pending: std::collections::BTreeSet<(String, usize)>,
+    /// After `wsd upgrade` to another `count`: the groups run the old count until the old
+    /// master has gone, then a reload changes it.
+    pub recount_after_upgrade: bool,
 }
 
 /// A worker process named across turns: its key in [`Supervisor::procs`] and its pid, since a

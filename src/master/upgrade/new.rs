@@ -6,7 +6,6 @@ use super::{GroupFds, Inheritance, LinkMsg};
 use crate::control::ToWorker;
 use crate::handoff::line::read_available;
 use crate::master::event_loop::Master;
-use crate::master::listeners;
 use crate::sys;
 use crate::worker::Worker;
 use mio::{Interest, Registry};
@@ -79,50 +78,20 @@ impl Inherited {
     }
 
     /// The old master's sockets for `def`, if it ran a group of that name on the same
-    /// `listen`: one per slot (more bound, or the extra closed, if `count` changed), its bus
-    /// mesh (grown if `count` is higher than it wires), and how many of the new slots have an
-    /// old worker to hand them its clients (the old count, at most the new one).
-    #[allow(clippy::type_complexity)]
+    /// `listen`: one per slot of the old count, and its bus mesh (which wires at least as
+    /// many). The group starts with the old count, so that each old worker hands its clients
+    /// to the new worker of its own slot; a reload then brings it to `def.count`.
     pub fn group(
         &mut self,
         def: &Worker,
-    ) -> Option<
-        Result<
-            (
-                Vec<std::net::TcpListener>,
-                Option<crate::bus::mesh::Mesh>,
-                usize,
-            ),
-            listeners::BindError,
-        >,
-    > {
+    ) -> Option<(Vec<std::net::TcpListener>, crate::bus::mesh::Mesh)> {
         let at = self
             .groups
             .iter()
             .position(|(g, _, _)| g.name == def.name() && g.listen == def.listen.to_string())?;
-        let (_, mut listeners, mesh) = self.groups.swap_remove(at);
-        let handed = listeners.len().min(def.count);
-        // A mesh may wire more slots than the group has (a reload lowered its count); one that
-        // wires fewer grows, and a mesh that cannot grow is replaced (its clients are then
-        // closed, not handed over).
+        let (_, listeners, mesh) = self.groups.swap_remove(at);
         let mesh = crate::bus::mesh::Mesh::from_ends(mesh);
-        let mesh = match mesh.slots() >= def.count {
-            true => Some(mesh),
-            false => mesh
-                .grown(def.count)
-                .inspect_err(|e| log::error!("cannot grow the bus of {}: {e}", def.name()))
-                .ok(),
-        };
-        if listeners.len() < def.count {
-            let addr = listeners.first().and_then(|l| l.local_addr().ok())?;
-            match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
-                Ok(more) => listeners.extend(more),
-                Err(e) => return Some(Err(e)),
-            }
-        }
-        listeners.truncate(def.count);
-        let handed = if mesh.is_some() { handed } else { 0 };
-        Some(Ok((listeners, mesh, handed)))
+        (!listeners.is_empty() && mesh.slots() >= listeners.len()).then_some((listeners, mesh))
     }
 }
 
@@ -301,6 +270,13 @@ impl Master {
             }
         }
         crate::master::notify::ready(&self.serving_line());
+        if std::mem::take(&mut self.sup.recount_after_upgrade) {
+            // Every slot took its own clients; now the count changes as in any reload,
+            // every message reaching every client once.
+            if let Err(e) = self.begin_reload("upgrade to another count", None, registry) {
+                log::error!("cannot change the count after the upgrade: {e}");
+            }
+        }
         Ok(())
     }
 }
