@@ -559,10 +559,16 @@ impl Subscriber {
         self.shared.verified(Side::Subscriber);
         let mut heard = Instant::now();
         loop {
-            for change in self.take_interest() {
+            let changes = self.take_interest();
+            if !changes.is_empty() {
+                // Redis answers a (un)subscribe in its own time: the short timeout is for
+                // waiting on messages, and a slow answer is no outage.
+                let _ = ps.set_read_timeout(Some(IO_TIMEOUT));
+            }
+            for change in &changes {
                 let done = match change {
-                    Interest::Join(t) => ps.subscribe(channel_of_topic(&self.group, &t)),
-                    Interest::Leave(t) => ps.unsubscribe(channel_of_topic(&self.group, &t)),
+                    Interest::Join(t) => ps.subscribe(channel_of_topic(&self.group, t)),
+                    Interest::Leave(t) => ps.unsubscribe(channel_of_topic(&self.group, t)),
                 };
                 if let Err(e) = done {
                     return Ended::Failed(e);
@@ -570,6 +576,9 @@ impl Subscriber {
                 self.shared
                     .routed
                     .store(self.topics.len(), Ordering::Relaxed);
+            }
+            if !changes.is_empty() {
+                let _ = ps.set_read_timeout(Some(SUBSCRIBE_DELAY));
             }
             match ps.get_message() {
                 Ok(msg) => {
