@@ -406,13 +406,14 @@ fn hear(ws: &mut WebSocket<Tls>) -> String {
     }
 }
 
-/// Drained wss:// clients stay on the group's bus: through the drain of a reload, what the
-/// new workers' clients say reaches them, and what they say reaches those clients, each line
-/// once (`chat` relays every line to every client, the sender included).
-#[test]
-fn drained_wss_clients_hear_and_are_heard_through_the_drain() {
+/// Drained wss:// clients stay on the group's bus: through the drain of a reload, or of an
+/// upgrade (done, with one worker, as soon as it begins: the lines stay for the drain), what
+/// the new workers' clients say reaches them, and what they say reaches those clients, each
+/// line once (`chat` relays every line to every client, the sender included).
+fn drained_wss_clients_stay_on_the_bus(upgrade: bool) {
     let cert = Cert::new(Key::Ecdsa, 12, 30);
-    let (dir, config) = Server::config("chat", 2, TLS_KEYS);
+    let count = if upgrade { 1 } else { 2 };
+    let (dir, config) = Server::config("chat", count, TLS_KEYS);
     cert.write(dir.path());
     let text = std::fs::read_to_string(&config).unwrap();
     let text = text.replace("[server]\n", "[server]\ndrain_timeout = \"60s\"\n");
@@ -422,20 +423,27 @@ fn drained_wss_clients_hear_and_are_heard_through_the_drain() {
     let old_pids = server.worker_pids();
     let mut clients: Vec<_> = (0..4).map(|_| wss(server.port, trust.clone())).collect();
 
-    // A changed setting, so the workers are replaced.
-    std::fs::write(&config, format!("{text}handshake_timeout = \"9s\"\n")).unwrap();
-    let bin = server.bin.clone();
-    let reload = std::thread::spawn(move || {
-        std::process::Command::new(bin)
-            .args(["-c", config.to_str().unwrap(), "reload"])
-            .output()
-            .unwrap()
-    });
-    wait_for("both new workers", DEADLINE, || {
-        let pids = worker_pids_in(&server.try_status()?);
-        let new = pids.iter().filter(|p| **p > 0 && !old_pids.contains(p));
-        (new.count() == 2).then_some(())
-    });
+    let mut cmd = std::process::Command::new(&server.bin);
+    cmd.arg("-c").arg(&config);
+    if upgrade {
+        let next = server.dir.path().join("wsd-next");
+        std::fs::copy(&server.bin, &next).unwrap();
+        cmd.args(["upgrade", "--binary", next.to_str().unwrap()]);
+    } else {
+        // A changed setting, so the workers are replaced.
+        std::fs::write(&config, format!("{text}handshake_timeout = \"9s\"\n")).unwrap();
+        cmd.arg("reload");
+    }
+    let deploy = std::thread::spawn(move || cmd.output().unwrap());
+    match upgrade {
+        // The old master answers `status` until it has gone.
+        true => server.wait_for_log("the upgrade is done"),
+        false => wait_for("the new workers", DEADLINE, || {
+            let pids = worker_pids_in(&server.try_status()?);
+            let new = pids.iter().filter(|p| **p > 0 && !old_pids.contains(p));
+            (new.count() == count).then_some(())
+        }),
+    }
     let fresh: Vec<_> = (0..4).map(|_| wss(server.port, trust.clone())).collect();
     let kept = clients.len();
     clients.extend(fresh);
@@ -461,7 +469,7 @@ fn drained_wss_clients_hear_and_are_heard_through_the_drain() {
         ws.close(None).unwrap();
         while ws.read().is_ok() {}
     }
-    let out = reload.join().unwrap();
+    let out = deploy.join().unwrap();
     assert!(out.status.success(), "{out:?}");
     for &pid in &old_pids {
         wait_for("the old worker to exit", DEADLINE, || {
@@ -473,6 +481,16 @@ fn drained_wss_clients_hear_and_are_heard_through_the_drain() {
     for ws in &mut clients[kept..] {
         assert_eq!(hear(ws), line);
     }
+}
+
+#[test]
+fn drained_wss_clients_hear_and_are_heard_through_a_reload() {
+    drained_wss_clients_stay_on_the_bus(false);
+}
+
+#[test]
+fn drained_wss_clients_hear_and_are_heard_through_an_upgrade() {
+    drained_wss_clients_stay_on_the_bus(true);
 }
 
 #[test]

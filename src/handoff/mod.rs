@@ -103,6 +103,9 @@ pub(crate) enum Carried {
     /// Messages the giver delivered to its clients while handing them over, for the taker to
     /// deliver to those it holds already (and its own).
     Delivered,
+    /// None: the taker's upgrade is done, and nothing will come back on the line (it stays
+    /// open while the giver still serves `wss://` clients).
+    Committed,
 }
 
 impl Carried {
@@ -111,6 +114,7 @@ impl Carried {
         match self {
             Carried::Held => u16::MAX,
             Carried::Delivered => u16::MAX - 1,
+            Carried::Committed => u16::MAX - 2,
         }
     }
 
@@ -128,7 +132,7 @@ impl Carried {
             return None;
         };
         let marker = u16::from_le_bytes([*a, *b]);
-        [Carried::Held, Carried::Delivered]
+        [Carried::Held, Carried::Delivered, Carried::Committed]
             .into_iter()
             .find(|k| k.marker() == marker)
     }

@@ -451,6 +451,12 @@ impl Loop {
         }
         let failure = match received {
             Ok(records) => {
+                let committed = crate::handoff::Carried::Committed;
+                if (records.iter()).any(|(r, _)| crate::handoff::Carried::of(r) == Some(committed))
+                {
+                    // The taker's upgrade is done: nothing will come back.
+                    out.returnable = false;
+                }
                 if !records.is_empty() {
                     self.take_records(records, true);
                     if let Some(out) = self.handoffs.out.as_mut() {
@@ -540,6 +546,14 @@ impl Loop {
         }
         if self.ctx.bus.take_back_turn() {
             self.watch_bus_again();
+        }
+        if self.handoffs.orphaned {
+            // Handing back, with no master to name another taker: they are closed as a stop
+            // closes its clients.
+            for id in std::mem::take(&mut self.handoffs.taken_back) {
+                self.ctx
+                    .close_with(id, close::GOING_AWAY, "server shutting down");
+            }
         }
         self.hand_off_deferred();
     }

@@ -57,8 +57,8 @@ pub(super) struct Handoffs {
     drain: Duration,
     /// The upgrade this worker takes part in is done: lines kept for a hand-back close.
     committed: bool,
-    /// The master died mid-upgrade while a returnable line was still being taken: everything
-    /// goes back once it is.
+    /// The master died mid-upgrade: everything goes back over the returnable line (once all
+    /// on it is taken), and no master will name another taker.
     orphaned: bool,
     /// The master this worker does not die with while it keeps a line for a hand-back
     /// (`sys::outlive_parent`); it is tied to it again when the upgrade is done.

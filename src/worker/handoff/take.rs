@@ -147,6 +147,7 @@ impl Loop {
             // After the closing record: the taker reads them as its partner's.
             if let Some(out) = self.handoffs.out.as_mut().filter(|o| o.ended) {
                 out.line.push(&record, None);
+                out.unacked.push_back(super::Sent::Carried(record));
                 let _ = out.line.flush();
             }
         }
@@ -171,10 +172,12 @@ impl Loop {
         let Some((key, done)) = line.map(|(key, i)| (key, i.done)) else {
             return false;
         };
+        self.handoffs.orphaned = true;
         if !done {
-            self.handoffs.orphaned = true;
             return true;
         }
+        // What was delivered here this turn goes to the old worker first.
+        self.copy_to_partners();
         let incoming = self.handoffs.incoming.remove(key);
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
         self.update_copying();
@@ -192,8 +195,9 @@ impl Loop {
         true
     }
 
-    /// The upgrade is done (`ToWorker::Commit`): the lines kept for a hand-back close (their
-    /// givers exit), and this worker dies with its master again.
+    /// The upgrade is done (`ToWorker::Commit`): the lines kept for a hand-back say so (their
+    /// givers close them once their last clients have gone, and exit), and this worker dies
+    /// with its master again.
     pub(in crate::worker) fn commit_upgrade(&mut self) {
         self.handoffs.committed = true;
         let kept: Vec<usize> = (self.handoffs.incoming.iter())
@@ -201,13 +205,23 @@ impl Loop {
             .map(|(key, _)| key)
             .collect();
         for key in kept {
-            self.close_line(key);
+            self.say_committed(key);
         }
         if let Some(master) = self.handoffs.outlived.take()
             && let Err(e) = crate::sys::die_with_parent(master)
         {
             log::warn!("cannot tie this worker to its master again: {e}");
         }
+    }
+
+    /// Tells the giver on kept line `key` that nothing will come back. It may still serve
+    /// `wss://` clients: it closes the line once they have gone, and until then the two go
+    /// on sending each other what they deliver.
+    fn say_committed(&mut self, key: usize) {
+        let incoming = &mut self.handoffs.incoming[key];
+        incoming.line.push(&Carried::Committed.encode(&[]), None);
+        let _ = incoming.line.flush();
+        incoming.way = Way::Forth { returnable: false };
     }
 
     /// Stops reading incoming line `key` and closes it.
@@ -227,9 +241,15 @@ impl Loop {
         let received = incoming.line.receive(max);
         let ended = incoming.line.is_ended();
         let back = matches!(incoming.way, Way::Back { .. });
+        let committed = |(r, _): &handoff::line::Record| Carried::of(r) == Some(Carried::Committed);
+        if back && received.as_ref().is_ok_and(|r| r.iter().any(committed)) {
+            // Nothing will come back: the line stays for the drain only.
+            incoming.way = Way::Back { returnable: false };
+        }
         let records = match received {
             Ok(records) => records,
             Err(e) => {
+                let finished = incoming.done;
                 // However the line ended, its sender reads the bus no more.
                 self.taken_all(key);
                 let Some(incoming) = self.handoffs.incoming.try_remove(key) else {
@@ -240,19 +260,24 @@ impl Loop {
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
-                    // A kept line that ends with nothing back: the drain or upgrade is over.
-                    LineError::Closed if incoming.kept() || back && took == 0 => {}
-                    LineError::Closed => log::info!(
-                        "took {took} connections from {}#{} (pid {})",
+                    // After its closing record: the drain or the upgrade is over.
+                    LineError::Closed if finished => {}
+                    LineError::Closed => log::warn!(
+                        "the handoff line with {}#{} (pid {}) ended after {took} connections",
                         from.group,
                         from.slot,
                         from.pid
                     ),
                     e => log::error!(
-                        "handoff from {}#{} broken after {took} connections: {e}",
+                        "handoff with {}#{} broken after {took} connections: {e}",
                         from.group,
                         from.slot
                     ),
+                }
+                if back && self.ctx.take_bus_turn() {
+                    // It ended while handing connections back: the bus ends are this
+                    // worker's again.
+                    self.watch_bus_again();
                 }
                 self.hand_off_deferred();
                 if self.handoffs.orphaned && !back {
@@ -271,6 +296,16 @@ impl Loop {
             let _ = incoming.line.flush();
         }
         if last {
+            if let Some(i) = self.handoffs.incoming.get(key) {
+                let (from, took) = (&i.from, i.adopted);
+                let (group, slot, pid) = (&from.group, from.slot, from.pid);
+                match back {
+                    false => log::info!("took {took} connections from {group}#{slot} (pid {pid})"),
+                    true => {
+                        log::info!("took {took} connections back from {group}#{slot} (pid {pid})")
+                    }
+                }
+            }
             self.taken_all(key);
         }
         if ended {
@@ -338,7 +373,7 @@ impl Loop {
         let open = (self.handoffs.incoming.get(key)).is_some_and(|i| !i.line.is_ended());
         if open && returnable {
             if self.handoffs.committed {
-                self.close_line(key);
+                self.say_committed(key);
             } else if self.handoffs.orphaned {
                 self.hand_back();
             }
@@ -378,6 +413,7 @@ impl Loop {
                     self.ctx.deliver_local(msg);
                 }
             }
+            Carried::Committed => {}
         }
         None
     }
@@ -400,6 +436,7 @@ impl Loop {
                     self.ctx.deliver_only(msg, returned);
                 }
             }
+            Carried::Committed => {}
         }
     }
 
