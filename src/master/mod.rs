@@ -241,8 +241,41 @@ pub fn start(plan: Plan) -> i32 {
             log::warn!("group {:?}: {warning}", def.name());
         }
     }
+    let protocol = inherited.as_ref().map(|i| i.protocol);
+    let speaks = protocol.is_none_or(|p| p == crate::handoff::line::PROTOCOL);
+    if !speaks {
+        log::warn!(
+            "the old master's workers speak handoff protocol {}, this build's {}: their \
+             clients are closed with 1001 instead of handed over",
+            protocol.unwrap_or_default(),
+            crate::handoff::line::PROTOCOL
+        );
+    }
     for (mut def, from_file) in defs {
-        if let Some((listeners, mesh)) = inherited.as_mut().and_then(|i| i.group(&def)) {
+        let mut taken = inherited.as_mut().and_then(|i| i.group(&def));
+        if let Some((mut listeners, _)) = taken.take_if(|_| !speaks) {
+            // The same sockets, so no client is refused; a bus of its own.
+            if listeners.len() > def.count {
+                listeners.truncate(def.count);
+            }
+            if listeners.len() < def.count
+                && let Some(addr) = listeners.first().and_then(|l| l.local_addr().ok())
+            {
+                match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
+                    Ok(more) => listeners.extend(more),
+                    Err(source) => {
+                        let group = def.name().to_string();
+                        return fail(pidfile, GroupsError::Bind { group, source }.into());
+                    }
+                }
+            }
+            match supervisor::Group::new(def, listeners, from_file) {
+                Ok(g) => sup.groups.push(g),
+                Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
+            }
+            continue;
+        }
+        if let Some((listeners, mesh)) = taken {
             if listeners.len() != def.count {
                 // Every old worker hands its clients to the new one of its slot; a reload
                 // brings the count to the configuration's once the old master has gone.

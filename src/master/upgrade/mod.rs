@@ -51,6 +51,10 @@ pub(super) const LINK: Token = Token(3);
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Inheritance {
     pub old_pid: i32,
+    /// The handoff protocol the old master's workers speak (`handoff::line::PROTOCOL`; none
+    /// from a build before it was named).
+    #[serde(default)]
+    pub protocol: u16,
     /// The server's name on a cluster bus, kept so global connection ids stay valid.
     pub host_id: u64,
     pub pid_file: Vec<RawFd>,
@@ -101,7 +105,14 @@ impl Inheritance {
 pub(super) enum LinkMsg {
     /// New → old: the new worker `to` of `group`'s `slot` is ready; the descriptor sent with
     /// this line is a handoff line's end for that slot's old worker.
-    Handoff { group: String, slot: usize, to: i32 },
+    Handoff {
+        group: String,
+        slot: usize,
+        to: i32,
+        /// The handoff protocol the new worker speaks (none from a build before it was named).
+        #[serde(default)]
+        protocol: u16,
+    },
     /// New → old: every new worker is ready.
     Ready,
     /// Old → new: the old master is leaving (every new worker is ready): the new workers
@@ -180,5 +191,26 @@ impl Master {
             drain: self.server.drain_timeout,
             timeout: self.server.reload_timeout,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a build from before the handoff protocol was named sends says no protocol: the
+    /// two masters then hand nothing over, instead of misreading each other's lines.
+    #[test]
+    fn an_older_build_speaks_no_named_protocol() {
+        let older = r#"{"old_pid":7,"host_id":9,"pid_file":[3],"control":4,"metrics":null,
+            "api":[],"groups":[],"link":5}"#;
+        let i: Inheritance = serde_json::from_str(older).unwrap();
+        assert_eq!(i.protocol, 0);
+        let older = r#"{"link":"handoff","group":"g","slot":1,"to":42}"#;
+        let LinkMsg::Handoff { protocol, .. } = serde_json::from_str(older).unwrap() else {
+            panic!("a handoff line");
+        };
+        assert_eq!(protocol, 0);
+        assert_ne!(crate::handoff::line::PROTOCOL, 0);
     }
 }

@@ -24,6 +24,7 @@ type InheritedGroup = (
 /// when the start is done (a group the new configuration has no more) is closed.
 pub(in crate::master) struct Inherited {
     pub old_pid: i32,
+    pub protocol: u16,
     pub host_id: u64,
     pub pid_file: Vec<std::fs::File>,
     pub control: Option<OwnedFd>,
@@ -57,6 +58,7 @@ impl Inherited {
             .collect();
         Inherited {
             old_pid: i.old_pid,
+            protocol: i.protocol,
             host_id: i.host_id,
             pid_file: i
                 .pid_file
@@ -142,7 +144,13 @@ impl Master {
                 if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
                     return Err(io::Error::other("its channel did not take the line"));
                 }
-                let msg = LinkMsg::Handoff { group, slot, to };
+                let protocol = crate::handoff::line::PROTOCOL;
+                let msg = LinkMsg::Handoff {
+                    group,
+                    slot,
+                    to,
+                    protocol,
+                };
                 let line = crate::control::line(&msg);
                 sys::send_with_fd(pre.link.as_raw_fd(), &line, give.as_raw_fd()).map(|_| ())
             });

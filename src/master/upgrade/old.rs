@@ -121,6 +121,7 @@ impl Master {
         let (mine, theirs) = std::os::unix::net::UnixStream::pair().map_err(UpgradeError::Link)?;
         let inheritance = Inheritance {
             old_pid: std::process::id() as i32,
+            protocol: crate::handoff::line::PROTOCOL,
             host_id: self.sup.host_id,
             pid_file: self.pid_file_fds.clone(),
             control: self.clients.listener().as_raw_fd(),
@@ -201,7 +202,19 @@ impl Master {
         }
         for (msg, fd) in messages {
             match msg {
-                LinkMsg::Handoff { group, slot, to } => self.pass_handoff(&group, slot, to, fd),
+                LinkMsg::Handoff {
+                    group,
+                    slot,
+                    to,
+                    protocol,
+                } if protocol == crate::handoff::line::PROTOCOL => {
+                    self.pass_handoff(&group, slot, to, fd)
+                }
+                LinkMsg::Handoff { protocol, .. } => log::warn!(
+                    "the new master's workers speak handoff protocol {protocol}, this build's \
+                     {}: its clients are closed with 1001 instead",
+                    crate::handoff::line::PROTOCOL
+                ),
                 LinkMsg::Ready => self.successor_ready(),
                 LinkMsg::Commit => log::warn!("the new master sent a commit; only this one does"),
             }
