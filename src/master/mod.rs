@@ -155,6 +155,25 @@ struct Reread {
     from_file: bool,
 }
 
+/// The listening sockets an upgrade inherited for `def`, one per slot of its count: the extra
+/// closed, or more bound on the same address.
+fn fit_listeners(
+    mut listeners: Vec<std::net::TcpListener>,
+    def: &crate::Worker,
+) -> Result<Vec<std::net::TcpListener>, listeners::BindError> {
+    listeners.truncate(def.count);
+    if let Some(addr) = listeners.first().and_then(|l| l.local_addr().ok())
+        && listeners.len() < def.count
+    {
+        listeners.extend(listeners::bind_more(
+            addr,
+            def.count - listeners.len(),
+            def.backlog,
+        )?);
+    }
+    Ok(listeners)
+}
+
 /// Runs a master to the end. Returns the process exit code.
 pub fn start(plan: Plan) -> i32 {
     let server = plan.config.server.clone();
@@ -253,22 +272,15 @@ pub fn start(plan: Plan) -> i32 {
     }
     for (mut def, from_file) in defs {
         let mut taken = inherited.as_mut().and_then(|i| i.group(&def));
-        if let Some((mut listeners, _)) = taken.take_if(|_| !speaks) {
+        if let Some((listeners, _)) = taken.take_if(|_| !speaks) {
             // The same sockets, so no client is refused; a bus of its own.
-            if listeners.len() > def.count {
-                listeners.truncate(def.count);
-            }
-            if listeners.len() < def.count
-                && let Some(addr) = listeners.first().and_then(|l| l.local_addr().ok())
-            {
-                match listeners::bind_more(addr, def.count - listeners.len(), def.backlog) {
-                    Ok(more) => listeners.extend(more),
-                    Err(source) => {
-                        let group = def.name().to_string();
-                        return fail(pidfile, GroupsError::Bind { group, source }.into());
-                    }
+            let listeners = match fit_listeners(listeners, &def) {
+                Ok(listeners) => listeners,
+                Err(source) => {
+                    let group = def.name().to_string();
+                    return fail(pidfile, GroupsError::Bind { group, source }.into());
                 }
-            }
+            };
             match supervisor::Group::new(def, listeners, from_file) {
                 Ok(g) => sup.groups.push(g),
                 Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
@@ -276,10 +288,35 @@ pub fn start(plan: Plan) -> i32 {
             continue;
         }
         if let Some((listeners, mesh)) = taken {
-            if listeners.len() != def.count {
+            let (old, new) = (listeners.len(), def.count);
+            // Only a reload of the file can change the count later.
+            let by_reload = from_file && def.reloadable;
+            let (listeners, mesh) = match by_reload {
+                true => (listeners, Ok(mesh)),
+                false => match fit_listeners(listeners, &def) {
+                    // Its own count at once: the clients of slots it drops are closed with
+                    // 1001, and those of slots it adds may miss what the old workers send.
+                    Ok(l) => (
+                        l,
+                        if new > mesh.slots() {
+                            mesh.grown(new)
+                        } else {
+                            Ok(mesh)
+                        },
+                    ),
+                    Err(source) => {
+                        let group = def.name().to_string();
+                        return fail(pidfile, GroupsError::Bind { group, source }.into());
+                    }
+                },
+            };
+            let mesh = match mesh {
+                Ok(mesh) => mesh,
+                Err(e) => return fail(pidfile, GroupsError::Bus(e).into()),
+            };
+            if by_reload && old != new {
                 // Every old worker hands its clients to the new one of its slot; a reload
                 // brings the count to the configuration's once the old master has gone.
-                let (old, new) = (listeners.len(), def.count);
                 log::info!(
                     "{}: {old} worker(s) until the old master has gone, then {new}",
                     def.name()
@@ -287,7 +324,7 @@ pub fn start(plan: Plan) -> i32 {
                 def.count = old;
                 sup.recount_after_upgrade = true;
             }
-            let slots = (0..def.count).map(|s| (def.name().to_string(), s));
+            let slots = (0..old.min(def.count)).map(|s| (def.name().to_string(), s));
             sup.upgrade_pending.extend(slots);
             sup.groups.push(supervisor::Group::with_mesh(
                 def, listeners, from_file, mesh,
