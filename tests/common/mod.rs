@@ -251,17 +251,29 @@ impl Client {
         Ok((Client { ws }, response))
     }
 
+    /// A socket call with a timeout returns EINTR when the process is stopped and resumed,
+    /// even for a signal it does not handle (signal(7)): a handshake cut so says nothing of
+    /// the server, and is made again on a new connection.
     pub fn try_connect(port: u16) -> Result<Client, String> {
-        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        let (ws, _) = tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream)
-            .map_err(|e| e.to_string())?;
-        Ok(Client { ws })
+        let mut tries = 0;
+        loop {
+            let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            stream
+                .set_write_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            match tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream) {
+                Ok((ws, _)) => return Ok(Client { ws }),
+                Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)))
+                    if e.kind() == std::io::ErrorKind::Interrupted && tries < 3 =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 
     pub fn send_text(&mut self, text: &str) {
