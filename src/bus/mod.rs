@@ -147,11 +147,36 @@ pub(crate) struct Bus {
     view: usize,
     /// While this worker hands its clients to the next worker of its slot and still reads the
     /// slot's ends, what it delivers is copied here for that worker (`forward`).
-    forwarding: Option<Vec<BusMessage>>,
+    forwarding: Copies,
     /// While a worker at the other end of a handoff line still serves some of this slot's
     /// clients (`wss://` ones drained after a handoff), what this worker delivers is copied
     /// here for it too (`forward`).
-    copies: Option<Vec<BusMessage>>,
+    copies: Copies,
+}
+
+/// Copies of the messages a worker delivers, kept while on, for another worker.
+#[derive(Default)]
+struct Copies(Option<Vec<BusMessage>>);
+
+impl Copies {
+    /// Starts copying, or stops and drops the copies not taken.
+    fn set(&mut self, on: bool) {
+        match on {
+            true => drop(self.0.get_or_insert_with(Vec::new)),
+            false => self.0 = None,
+        }
+    }
+
+    /// The copies made since the last call.
+    fn take(&mut self) -> Vec<BusMessage> {
+        self.0.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn push(&mut self, msg: &BusMessage) {
+        if let Some(copies) = &mut self.0 {
+            copies.push(msg.clone());
+        }
+    }
 }
 
 impl Bus {
@@ -165,42 +190,36 @@ impl Bus {
             holding: false,
             held: Vec::new(),
             view: usize::MAX,
-            forwarding: None,
-            copies: None,
+            forwarding: Copies::default(),
+            copies: Copies::default(),
         }
     }
 
     /// Copies what this worker delivers from now on, for the worker taking its clients.
     pub fn start_forwarding(&mut self) {
-        self.forwarding.get_or_insert_with(Vec::new);
+        self.forwarding.set(true);
     }
 
     /// Stops copying, and drops the copies not taken.
     pub fn stop_forwarding(&mut self) {
-        self.forwarding = None;
+        self.forwarding.set(false);
     }
 
     /// The copies made since the last call.
     pub fn take_forwarded(&mut self) -> Vec<BusMessage> {
-        self.forwarding
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+        self.forwarding.take()
     }
 
     /// Copies what this worker delivers from now on for the workers that still serve some of
     /// its slot's clients at the other end of a handoff line; `false` stops, dropping the
     /// copies not taken.
     pub fn copy_for_partners(&mut self, on: bool) {
-        match on {
-            true => drop(self.copies.get_or_insert_with(Vec::new)),
-            false => self.copies = None,
-        }
+        self.copies.set(on);
     }
 
     /// The copies for partners made since the last call.
     pub fn take_copies(&mut self) -> Vec<BusMessage> {
-        self.copies.as_mut().map(std::mem::take).unwrap_or_default()
+        self.copies.take()
     }
 
     /// Copies a message this worker delivers to its own clients (a broadcast, a publish, a
@@ -213,14 +232,9 @@ impl Bus {
                 | BusMessage::SendUser(..)
                 | BusMessage::SendTo(..)
         );
-        if !for_clients {
-            return;
-        }
-        for copies in [self.forwarding.as_mut(), self.copies.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            copies.push(msg.clone());
+        if for_clients {
+            self.forwarding.push(msg);
+            self.copies.push(msg);
         }
     }
 

@@ -137,6 +137,11 @@ impl Carried {
             .find(|k| k.marker() == marker)
     }
 
+    /// Whether `records` tell that the taker's upgrade is done ([`Carried::Committed`]).
+    pub(crate) fn committed_in(records: &[line::Record]) -> bool {
+        (records.iter()).any(|(r, _)| Carried::of(r) == Some(Carried::Committed))
+    }
+
     /// What `record` carries, if it is a record of bus messages.
     #[allow(clippy::type_complexity)]
     pub(crate) fn decode(record: &[u8]) -> Option<(Carried, Result<Vec<Vec<u8>>, RecordError>)> {

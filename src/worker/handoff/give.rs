@@ -223,15 +223,21 @@ impl Loop {
         self.put_carried(Carried::Delivered, &forwarded);
     }
 
-    fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
-        let Some(out) = self.handoffs.out.as_mut().filter(|_| !messages.is_empty()) else {
+    pub(in crate::worker) fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
+        if self.handoffs.out.is_none() || messages.is_empty() {
             return;
-        };
-        let origin = self.ctx.bus.origin;
-        let bytes: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
-        let record = kind.encode(&bytes);
+        }
+        let record = self.carried(kind, messages);
+        let out = self.handoffs.out.as_mut().expect("checked above");
         out.line.push(&record, None);
         out.unacked.push_back(Sent::Carried(record));
+    }
+
+    /// A record of bus messages (`handoff::Carried`), as this worker's.
+    pub(in crate::worker) fn carried(&self, kind: Carried, messages: &[BusMessage]) -> Vec<u8> {
+        let origin = self.ctx.bus.origin;
+        let bytes: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
+        kind.encode(&bytes)
     }
 
     /// Puts queued connections on the line while the window has room, and the closing empty
@@ -442,7 +448,7 @@ impl Loop {
         };
         let received = out.line.receive(max);
         if let Some(n) = out.line.acknowledged().filter(|&n| n > out.acked) {
-            let done = n.saturating_sub(out.acked);
+            let done = n - out.acked;
             out.acked = n;
             for _ in 0..done {
                 // The taker holds it now: our copy of the socket goes.
@@ -451,9 +457,7 @@ impl Loop {
         }
         let failure = match received {
             Ok(records) => {
-                let committed = crate::handoff::Carried::Committed;
-                if (records.iter()).any(|(r, _)| crate::handoff::Carried::of(r) == Some(committed))
-                {
+                if Carried::committed_in(&records) {
                     // The taker's upgrade is done: nothing will come back.
                     out.returnable = false;
                 }

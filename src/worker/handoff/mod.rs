@@ -55,7 +55,8 @@ pub(super) struct Handoffs {
     draining: Vec<ConnId>,
     drain_until: Option<Instant>,
     drain: Duration,
-    /// The upgrade this worker takes part in is done: lines kept for a hand-back close.
+    /// The upgrade this worker takes part in is done: lines kept for a hand-back say so
+    /// (`Carried::Committed`).
     committed: bool,
     /// The master died mid-upgrade: everything goes back over the returnable line (once all
     /// on it is taken), and no master will name another taker.

@@ -135,9 +135,7 @@ impl Loop {
     pub(in crate::worker) fn copy_to_partners(&mut self) {
         let copies = self.ctx.bus.take_copies();
         if !copies.is_empty() {
-            let origin = self.ctx.bus.origin;
-            let bytes: Vec<Vec<u8>> = copies.iter().map(|m| wire::encode(origin, m)).collect();
-            let record = Carried::Delivered.encode(&bytes);
+            let record = self.carried(Carried::Delivered, &copies);
             for (_, incoming) in self.handoffs.incoming.iter_mut() {
                 if incoming.partner() {
                     incoming.line.push(&record, None);
@@ -145,10 +143,12 @@ impl Loop {
                 }
             }
             // After the closing record: the taker reads them as its partner's.
-            if let Some(out) = self.handoffs.out.as_mut().filter(|o| o.ended) {
-                out.line.push(&record, None);
-                out.unacked.push_back(super::Sent::Carried(record));
-                let _ = out.line.flush();
+            if self.handoffs.out.as_ref().is_some_and(|o| o.ended) {
+                self.put_carried(Carried::Delivered, &copies);
+                if let Some(out) = self.handoffs.out.as_mut() {
+                    // A line that failed is found so when it is next ready.
+                    let _ = out.line.flush();
+                }
             }
         }
         if !self.ctx.conns.is_empty() {
@@ -241,8 +241,7 @@ impl Loop {
         let received = incoming.line.receive(max);
         let ended = incoming.line.is_ended();
         let back = matches!(incoming.way, Way::Back { .. });
-        let committed = |(r, _): &handoff::line::Record| Carried::of(r) == Some(Carried::Committed);
-        if back && received.as_ref().is_ok_and(|r| r.iter().any(committed)) {
+        if back && received.as_ref().is_ok_and(|r| Carried::committed_in(r)) {
             // Nothing will come back: the line stays for the drain only.
             incoming.way = Way::Back { returnable: false };
         }
