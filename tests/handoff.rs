@@ -812,17 +812,20 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
     chat.finish();
 }
 
-/// `wsd upgrade` to a configuration with a higher `count`: the old workers hand their
-/// clients to the new workers of their slots, then a reload of the new master's grows the
-/// group, its bus with it. No client notices, and every chat line is heard once.
-fn an_upgrade_that_raises_the_count_moves_every_connection() {
-    let mut server = start(2);
+/// `wsd upgrade` from `from` workers to a configuration with `to`: every old worker hands its
+/// clients to the new worker of its slot, and once the old master has gone a reload of the new
+/// master's changes the count (merging the slots past a lower one into the others, the group
+/// holding its messages meanwhile; or growing the group and its bus). No client notices, and
+/// every chat line is heard once.
+fn upgrade_to_another_count(from: usize, to: usize) {
+    let mut server = start(from);
     const CLIENTS: usize = 30;
     let swarm = Swarm::start(&mut server, CLIENTS);
     let chat = Chat::start(server.port, 30, Duration::from_millis(2));
     swarm.progress(100);
     let config = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(&server.config, config.replace("count = 2", "count = 3")).unwrap();
+    let config = config.replace(&format!("count = {from}"), &format!("count = {to}"));
+    std::fs::write(&server.config, config).unwrap();
     let next = server.dir.path().join("named-next");
     std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
     let old_master = server.master_pid();
@@ -833,7 +836,7 @@ fn an_upgrade_that_raises_the_count_moves_every_connection() {
     });
     server.wait_for_log("reload done");
     let st = server.wait_ready();
-    assert_eq!(worker_pids_in(&st).len(), 3, "{st}");
+    assert_eq!(worker_pids_in(&st).len(), to, "{st}");
     swarm.progress(200);
     chat.go_on(20);
     wait_for("the new workers to count every client", DEADLINE, || {
@@ -843,36 +846,12 @@ fn an_upgrade_that_raises_the_count_moves_every_connection() {
     chat.finish();
 }
 
-/// `wsd upgrade` to a configuration with a lower `count`: every old worker hands its clients
-/// to the new worker of its slot, and once the old master has gone a reload of its own merges
-/// the slots past the count into the others, the group holding its messages meanwhile. No client
-/// notices, and every chat line is heard once.
+fn an_upgrade_that_raises_the_count_moves_every_connection() {
+    upgrade_to_another_count(2, 3);
+}
+
 fn an_upgrade_that_lowers_the_count_moves_every_connection() {
-    let mut server = start(3);
-    const CLIENTS: usize = 30;
-    let swarm = Swarm::start(&mut server, CLIENTS);
-    let chat = Chat::start(server.port, 30, Duration::from_millis(2));
-    swarm.progress(100);
-    let config = std::fs::read_to_string(&server.config).unwrap();
-    std::fs::write(&server.config, config.replace("count = 3", "count = 2")).unwrap();
-    let next = server.dir.path().join("named-next");
-    std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
-    let old_master = server.master_pid();
-    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    wait_for("the old master to exit", DEADLINE, || {
-        exited(old_master).then_some(())
-    });
-    server.wait_for_log("reload done");
-    let st = server.wait_ready();
-    assert_eq!(worker_pids_in(&st).len(), 2, "{st}");
-    swarm.progress(200);
-    chat.go_on(20);
-    wait_for("the new workers to count every client", DEADLINE, || {
-        (open_connections(&mut server) == CLIENTS as u64 + 31).then_some(())
-    });
-    swarm.finish();
-    chat.finish();
+    upgrade_to_another_count(3, 2);
 }
 
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master

@@ -72,6 +72,26 @@ fn start(app: &str, count: usize, cert: &Cert, extra: &str) -> Server {
     Server::start_with(wsd_bin(), dir, config)
 }
 
+/// A TLS group serving `app` × `count` with `cert` and `drain_timeout = drain`; with its
+/// config file and that file's text.
+fn start_draining(
+    app: &str,
+    count: usize,
+    cert: &Cert,
+    drain: &str,
+) -> (Server, std::path::PathBuf, String) {
+    let (dir, config) = Server::config(app, count, TLS_KEYS);
+    cert.write(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "[server]\n",
+        &format!("[server]\ndrain_timeout = \"{drain}\"\n"),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let server = Server::start_with(wsd_bin(), dir, config.clone());
+    (server, config, text)
+}
+
 /// `wsd -c config check`.
 fn check(config: &Path) -> std::process::Output {
     std::process::Command::new(wsd_bin())
@@ -340,12 +360,7 @@ fn reload_renews_the_certificate_without_touching_open_connections() {
 #[test]
 fn a_reload_serves_wss_clients_through_the_drain_then_tells_them_1012() {
     let cert = Cert::new(Key::Ecdsa, 11, 30);
-    let (dir, config) = Server::config("echo", 1, TLS_KEYS);
-    cert.write(dir.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace("[server]\n", "[server]\ndrain_timeout = \"2s\"\n");
-    std::fs::write(&config, &text).unwrap();
-    let mut server = Server::start_with(wsd_bin(), dir, config.clone());
+    let (mut server, config, text) = start_draining("echo", 1, &cert, "2s");
     let trust = client_config(&cert, &tls12_13());
     let old_pid = server.worker_pid(0);
     let mut kept: Vec<_> = (0..2).map(|_| wss(server.port, trust.clone())).collect();
@@ -413,12 +428,7 @@ fn hear(ws: &mut WebSocket<Tls>) -> String {
 fn drained_wss_clients_stay_on_the_bus(upgrade: bool) {
     let cert = Cert::new(Key::Ecdsa, 12, 30);
     let count = if upgrade { 1 } else { 2 };
-    let (dir, config) = Server::config("chat", count, TLS_KEYS);
-    cert.write(dir.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace("[server]\n", "[server]\ndrain_timeout = \"60s\"\n");
-    std::fs::write(&config, &text).unwrap();
-    let mut server = Server::start_with(wsd_bin(), dir, config.clone());
+    let (mut server, config, text) = start_draining("chat", count, &cert, "60s");
     let trust = client_config(&cert, &tls12_13());
     let old_pids = server.worker_pids();
     let mut clients: Vec<_> = (0..4).map(|_| wss(server.port, trust.clone())).collect();
