@@ -669,6 +669,102 @@ fn the_api_publishes_across_hosts_routed_by_interest() {
     }
 }
 
+/// A backend publishes a numbered line through one host's API every millisecond while the
+/// other host reloads, reloads to one worker a group, and upgrades to a new binary with two:
+/// each subscriber there moves to a new worker (of its slot, or of another) with the lines in
+/// flight, and hears every line once, in order.
+fn publishes_from_another_host_cross_a_reload_exactly_once() {
+    const SUBSCRIBERS: usize = 40;
+    let redis = Redis::start();
+    let mut hosts = [Host::start(&redis), Host::start(&redis)];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let mut subs: Vec<Client> = (0..SUBSCRIBERS)
+        .map(|_| {
+            let mut c = hosts[0].connect("pubsub");
+            subscribe(&mut c, "live");
+            c
+        })
+        .collect();
+    wait_routed(&redis, &hosts, "live");
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (published, stop, api) = (published.clone(), stop.clone(), hosts[1].api);
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
+            while !stop.load(SeqCst) {
+                let seq = published.load(SeqCst);
+                let body = serde_json::json!({ "topic": "live", "data": format!("1-{seq}") });
+                let a = api_call(
+                    api,
+                    "POST",
+                    "/api/publish",
+                    Some(API_KEY),
+                    &body.to_string(),
+                );
+                assert_eq!(a.status, 200, "publish {seq}: {a:?}");
+                published.store(seq + 1, SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let advance = |by: usize| {
+        let from = published.load(std::sync::atomic::Ordering::SeqCst);
+        wait_for("the publisher to go on", DEADLINE, || {
+            (published.load(std::sync::atomic::Ordering::SeqCst) >= from + by).then_some(())
+        });
+    };
+    advance(50);
+    let next = hosts[0].server.dir.path().join("wsd-next");
+    std::fs::copy(this_program(), &next).unwrap();
+    for (count, action) in [(COUNT, "reload"), (1, "reload"), (COUNT, "upgrade")] {
+        let server = &mut hosts[0].server;
+        let config = std::fs::read_to_string(&server.config).unwrap();
+        let config = config.replace(&format!("count = {COUNT}"), &format!("count = {count}"));
+        std::fs::write(
+            &server.config,
+            config.replace("count = 1", &format!("count = {count}")),
+        )
+        .unwrap();
+        let before = server.worker_pids();
+        let out = match action {
+            "reload" => server.wsd(&["reload"]),
+            _ => server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]),
+        };
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{action} to count {count}: {said}");
+        for pid in before {
+            wait_for("the old worker to exit", DEADLINE, || {
+                exited(pid).then_some(())
+            });
+        }
+        // An upgrade to another count changes it once the old master has gone.
+        wait_for("every group at its count", DEADLINE, || {
+            (server.worker_pids().len() == APPS.len() * count).then_some(())
+        });
+        advance(50);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.join().expect("the publisher");
+    let n = published.load(std::sync::atomic::Ordering::SeqCst);
+    for (i, c) in subs.iter_mut().enumerate() {
+        for seq in 0..n {
+            assert_eq!(c.recv_text(), format!("1-{seq}"), "subscriber {i}");
+        }
+    }
+    std::thread::sleep(QUIET);
+    for (i, c) in subs.iter_mut().enumerate() {
+        assert_silent(c, &format!("subscriber {i}"));
+    }
+    let log = hosts[0].log();
+    assert!(
+        !log.contains("no mark from redis"),
+        "a crossing went on without its mark:\n{log}"
+    );
+}
+
 /// HS256 tokens for the presence test (the test signs them as a backend would).
 const SECRET: &str = "cluster-presence-secret-0123456789ab";
 
@@ -834,6 +930,10 @@ fn main() {
         (
             "presence_and_users_span_hosts",
             presence_and_users_span_hosts,
+        ),
+        (
+            "publishes_from_another_host_cross_a_reload_exactly_once",
+            publishes_from_another_host_cross_a_reload_exactly_once,
         ),
     ]);
 }

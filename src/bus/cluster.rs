@@ -122,6 +122,9 @@ pub enum Interest {
     Join(String),
     /// The last one left.
     Leave(String),
+    /// Publish a [`BusMessage::Mark`] on `all` once every change before this one is in
+    /// Redis: the mark comes after them in Redis's order of messages.
+    Mark(u64),
 }
 
 /// The state of a worker's bus, as its reports and `status` show it.
@@ -383,6 +386,8 @@ impl Cluster {
             shared: shared.clone(),
             to_loop: in_tx.clone(),
             waker: waker.clone(),
+            marks: out.clone(),
+            origin,
         };
         let publisher = Publisher {
             client,
@@ -411,6 +416,12 @@ impl Cluster {
     pub fn interest(&self, change: Interest) {
         // Fails only when the thread is gone, with the worker.
         let _ = self.interest.send(change);
+    }
+
+    /// Asks for a [`BusMessage::Mark`] with `token` on `all`, after the topics asked for
+    /// before it are routed here. Lost (quietly) if Redis is not reachable meanwhile.
+    pub fn mark(&self, token: u64) {
+        let _ = self.interest.send(Interest::Mark(token));
     }
 
     /// Queues an encoded message for Redis. False when it is dropped: the link is not up, or
@@ -499,6 +510,9 @@ struct Subscriber {
     shared: Arc<Shared>,
     to_loop: SyncSender<Received>,
     waker: Arc<Waker>,
+    /// The publisher's queue, for marks, and what they carry.
+    marks: SyncSender<Outgoing>,
+    origin: Origin,
 }
 
 /// Why the subscriber's connection ended.
@@ -536,8 +550,9 @@ impl Subscriber {
     /// starts over once subscribed.
     fn listen(&mut self, con: &mut Connection, backoff: &mut Backoff) -> Ended {
         let mut ps = con.as_pubsub();
-        // What came while disconnected is in the set: every channel is subscribed afresh.
-        self.take_interest();
+        // What came while disconnected is in the set: every channel is subscribed afresh,
+        // and then the marks asked for meanwhile go.
+        let first = self.take_interest();
         let topics: Vec<String> = (self.topics.iter())
             .map(|t| channel_of_topic(&self.group, t))
             .collect();
@@ -550,6 +565,11 @@ impl Subscriber {
             return Ended::Failed(e);
         }
         self.shared.routed.store(topics.len(), Ordering::Relaxed);
+        for change in first {
+            if let Interest::Mark(token) = change {
+                self.publish_mark(token);
+            }
+        }
         // Short reads from here on, so the thread notices a failure seen by the publisher,
         // and the topics to join or leave.
         if let Err(e) = ps.set_read_timeout(Some(SUBSCRIBE_DELAY)) {
@@ -569,6 +589,10 @@ impl Subscriber {
                 let done = match change {
                     Interest::Join(t) => ps.subscribe(channel_of_topic(&self.group, t)),
                     Interest::Leave(t) => ps.unsubscribe(channel_of_topic(&self.group, t)),
+                    Interest::Mark(token) => {
+                        self.publish_mark(*token);
+                        Ok(())
+                    }
                 };
                 if let Err(e) = done {
                     return Ended::Failed(e);
@@ -620,6 +644,7 @@ impl Subscriber {
             let changed = match &change {
                 Interest::Join(t) => topics.insert(t.clone()),
                 Interest::Leave(t) => topics.remove(t),
+                Interest::Mark(_) => true,
             };
             if changed {
                 out.push(change);
@@ -628,10 +653,30 @@ impl Subscriber {
         out
     }
 
+    /// Queues a mark for the publisher: the (un)subscribes before it have been answered, so
+    /// Redis has them before it. A mark that cannot go is lost: the workers waiting for it
+    /// go on after [`crate::bus::crossing::WAIT`].
+    fn publish_mark(&self, token: u64) {
+        let bytes = wire::encode(self.origin, &BusMessage::Mark(token));
+        let n = bytes.len();
+        if !self.shared.out_bytes.take(n) {
+            return;
+        }
+        let mark = Outgoing::Publish {
+            to: Target::All,
+            bytes,
+        };
+        if self.marks.try_send(mark).is_err() {
+            self.shared.out_bytes.give_back(n);
+        }
+    }
+
     /// Hands one received payload to the loop. False when the loop is gone.
     fn deliver(&self, payload: &[u8]) -> bool {
-        // The local mesh has already carried this host's own messages.
-        if wire::origin_of(payload).is_ok_and(|o| o.host == self.host) {
+        // The local mesh has already carried this host's own messages, and a mark is for the
+        // host that sent it only.
+        let own = wire::origin_of(payload).is_ok_and(|o| o.host == self.host);
+        if own != wire::is_mark(payload) {
             return true;
         }
         let (origin, msg) = match wire::decode(payload) {

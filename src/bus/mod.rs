@@ -11,6 +11,7 @@
 pub mod bridges;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub(crate) mod crossing;
 pub mod directory;
 pub mod mesh;
 pub mod wire;
@@ -19,6 +20,7 @@ use crate::ConnId;
 use crate::control::BusState;
 #[cfg(feature = "cluster")]
 use cluster::{Cluster, ClusterSettings, Interest, Target};
+use crossing::Crossings;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -152,6 +154,8 @@ pub(crate) struct Bus {
     /// clients (`wss://` ones drained after a handoff), what this worker delivers is copied
     /// here for it too (`forward`).
     copies: Copies,
+    /// Messages from other hosts for the clients of a handoff (`crossing.rs`).
+    crossings: Crossings,
 }
 
 /// Copies of the messages a worker delivers, kept while on, for another worker.
@@ -192,6 +196,7 @@ impl Bus {
             view: usize::MAX,
             forwarding: Copies::default(),
             copies: Copies::default(),
+            crossings: Crossings::default(),
         }
     }
 
@@ -402,6 +407,47 @@ impl Bus {
         }
     }
 
+    /// The crossings of messages from other hosts this worker takes part in.
+    pub fn crossings(&mut self) -> &mut Crossings {
+        &mut self.crossings
+    }
+
+    /// Begins a crossing as the giver, if messages come from other hosts: its token, for the
+    /// taker to mark.
+    pub fn give_crossing(&mut self) -> Option<u64> {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(_) = &self.remote {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let token = (u64::from(std::process::id()) << 32) | u64::from(n);
+            self.crossings.give(token);
+            return Some(token);
+        }
+        None
+    }
+
+    /// Publishes the mark of crossing `token` (`crossing.rs`), after the topics asked for.
+    #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
+    pub fn mark(&mut self, token: u64) {
+        #[cfg(feature = "cluster")]
+        if let Remote::Running(c) = &self.remote {
+            c.mark(token);
+        }
+    }
+
+    /// The copies for the taker of this worker's crossing, and whether its cut follows
+    /// them; with the cut, the topic channels kept for the crossing are left.
+    pub fn crossing_copies(&mut self) -> (Vec<BusMessage>, bool) {
+        let (copies, leaves) = self.crossings.take_copies();
+        let Some(leaves) = leaves else {
+            return (copies, false);
+        };
+        for topic in leaves {
+            self.interest(&topic, false);
+        }
+        (copies, true)
+    }
+
     /// Messages from other hosts, handed over by the cluster bus's subscriber.
     pub fn receive_cluster(&mut self) -> Vec<(Origin, BusMessage)> {
         match &self.remote {
@@ -531,10 +577,18 @@ impl Bus {
 
     /// This worker now has subscribers to `topic` (`true`), or has none left: with a cluster
     /// bus, it listens to the topic's Redis channel only meanwhile.
+    /// While a crossing waits for its mark, a topic's channel stays: the clients that took
+    /// the topic away may still be owed its messages from here.
     #[cfg_attr(not(feature = "cluster"), allow(unused_variables))]
     pub fn interest(&mut self, topic: &str, wanted: bool) {
+        let later = !wanted && self.crossings.defer_leave(topic);
+        if wanted {
+            self.crossings.cancel_leave(topic);
+        }
         #[cfg(feature = "cluster")]
-        if let Remote::Running(c) = &self.remote {
+        if let Remote::Running(c) = &self.remote
+            && !later
+        {
             c.interest(if wanted {
                 Interest::Join(topic.to_string())
             } else {

@@ -4,6 +4,7 @@
 //! kind u8 | opcode u8 | origin host u64 LE | origin slot u16 LE | kind's fields | payload
 //!   send_to: conn idx u32 LE, serial u64 LE     publish: topic length u16 LE, topic
 //!   send_user: user length u16 LE, user         ask, answer: id u32 LE (payload: JSON)
+//!   mark: token u64 LE
 //! ```
 //!
 //! `Ask` and `Answer` are how one worker asks the others of its host something (how many
@@ -25,6 +26,7 @@ const APP: u8 = 4;
 const SEND_USER: u8 = 5;
 const ASK: u8 = 6;
 const ANSWER: u8 = 7;
+const MARK: u8 = 8;
 
 const TEXT: u8 = 1;
 const BINARY: u8 = 2;
@@ -54,6 +56,10 @@ pub enum BusMessage {
     Ask(u32, Bytes),
     /// The answer (JSON) to the asking worker's question `id`.
     Answer(u32, Bytes),
+    /// A point in Redis's order of messages that two workers of one host agree on, to share
+    /// out the messages from other hosts for the clients one hands the other
+    /// (`bus::crossing`). Only on Redis, from and for the sending host.
+    Mark(u64),
 }
 
 /// Why bytes are not a bus message.
@@ -85,6 +91,7 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
         BusMessage::SendUser(_, m) => (SEND_USER, Some(m)),
         BusMessage::Ask(..) => (ASK, None),
         BusMessage::Answer(..) => (ANSWER, None),
+        BusMessage::Mark(_) => (MARK, None),
     };
     let opcode = match body {
         Some(Message::Text(_)) => TEXT,
@@ -113,10 +120,17 @@ pub fn encode(origin: Origin, msg: &BusMessage) -> Vec<u8> {
         BusMessage::Ask(id, _) | BusMessage::Answer(id, _) => {
             out.extend_from_slice(&id.to_le_bytes())
         }
+        BusMessage::Mark(token) => out.extend_from_slice(&token.to_le_bytes()),
         BusMessage::Broadcast(_) | BusMessage::App(_) => {}
     }
     out.extend_from_slice(payload);
     out
+}
+
+/// Whether `bytes` are a [`BusMessage::Mark`], without decoding them.
+#[cfg(feature = "cluster")]
+pub fn is_mark(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&MARK)
 }
 
 /// Where a message came from, without decoding (or copying) the rest.
@@ -149,6 +163,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Origin, BusMessage), WireError> {
         APP => BusMessage::App(Bytes::copy_from_slice(r.0)),
         ASK => BusMessage::Ask(r.u32()?, Bytes::copy_from_slice(r.0)),
         ANSWER => BusMessage::Answer(r.u32()?, Bytes::copy_from_slice(r.0)),
+        MARK => BusMessage::Mark(r.u64()?),
         other => return Err(WireError::UnknownKind(other)),
     };
     Ok((origin, msg))
@@ -219,6 +234,7 @@ mod tests {
             BusMessage::SendUser("bob".into(), Message::from(vec![1u8, 2])),
             BusMessage::Ask(7, Bytes::from_static(b"{\"stats\":null}")),
             BusMessage::Answer(u32::MAX, Bytes::from_static(b"[]")),
+            BusMessage::Mark(u64::MAX - 1),
         ] {
             let bytes = encode(origin, &msg);
             assert_eq!(origin_of(&bytes), Ok(origin));

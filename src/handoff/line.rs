@@ -24,7 +24,7 @@ use std::os::unix::net::UnixStream;
 /// The handoff protocol this build speaks: the line's framing and the records on it. Two
 /// masters of `wsd upgrade` that speak different ones hand nothing over (the old workers'
 /// clients are closed with 1001, as without a handoff); a change to either bumps it.
-pub(crate) const PROTOCOL: u16 = 3;
+pub(crate) const PROTOCOL: u16 = 4;
 
 /// Framing before each record: its length and its kind ([`RECORD`], [`RECORD_FD`], [`ACK`]).
 const FRAME_HEAD: usize = 5;

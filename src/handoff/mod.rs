@@ -106,6 +106,14 @@ pub(crate) enum Carried {
     /// None: the taker's upgrade is done, and nothing will come back on the line (it stays
     /// open while the giver still serves `wss://` clients).
     Committed,
+    /// One: the token of the giver's crossing of messages from other hosts
+    /// (`bus::crossing`), before its first connection.
+    Crossing,
+    /// Messages from other hosts the giver delivered while its clients were already gone,
+    /// for the taker to deliver to those (and only those) of the crossing.
+    Remote,
+    /// None: the giver has read the crossing's mark, and no [`Carried::Remote`] follows.
+    Cut,
 }
 
 impl Carried {
@@ -115,6 +123,9 @@ impl Carried {
             Carried::Held => u16::MAX,
             Carried::Delivered => u16::MAX - 1,
             Carried::Committed => u16::MAX - 2,
+            Carried::Crossing => u16::MAX - 3,
+            Carried::Remote => u16::MAX - 4,
+            Carried::Cut => u16::MAX - 5,
         }
     }
 
@@ -132,9 +143,31 @@ impl Carried {
             return None;
         };
         let marker = u16::from_le_bytes([*a, *b]);
-        [Carried::Held, Carried::Delivered, Carried::Committed]
-            .into_iter()
-            .find(|k| k.marker() == marker)
+        [
+            Carried::Held,
+            Carried::Delivered,
+            Carried::Committed,
+            Carried::Crossing,
+            Carried::Remote,
+            Carried::Cut,
+        ]
+        .into_iter()
+        .find(|k| k.marker() == marker)
+    }
+
+    /// A [`Carried::Crossing`] record of `token`.
+    pub(crate) fn crossing(token: u64) -> Vec<u8> {
+        Carried::Crossing.encode(&[token.to_le_bytes().to_vec()])
+    }
+
+    /// The token in a [`Carried::Crossing`] record.
+    pub(crate) fn token_in(record: &[u8]) -> Option<u64> {
+        match Carried::decode(record)? {
+            (Carried::Crossing, Ok(parts)) => {
+                Some(u64::from_le_bytes(parts.first()?[..].try_into().ok()?))
+            }
+            _ => None,
+        }
     }
 
     /// Whether `records` tell that the taker's upgrade is done ([`Carried::Committed`]).

@@ -42,26 +42,37 @@ impl Loop {
         let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
         for (from, msg) in messages {
             self.ctx.bus.forward(&msg);
-            self.carry_out(from, msg);
+            self.carry_out(from, msg, false);
         }
         more
     }
 
-    /// The cluster bus has handed over messages from other hosts.
+    /// The cluster bus has handed over messages from other hosts. While this worker hands
+    /// its clients over or takes some, they are shared out around a mark (`bus::crossing`):
+    /// copied for the clients handed over, held back from those taken.
     pub(super) fn cluster_ready(&mut self) {
         for (from, msg) in self.ctx.bus.receive_cluster() {
-            self.carry_out(from, msg);
+            if let BusMessage::Mark(token) = msg {
+                self.crossing_marked(token);
+                continue;
+            }
+            let crossings = self.ctx.bus.crossings();
+            crossings.copy(&msg);
+            crossings.read(&msg);
+            self.carry_out(from, msg, true);
         }
     }
 
-    fn carry_out(&mut self, from: Origin, msg: BusMessage) {
+    /// `remote`: from another host.
+    fn carry_out(&mut self, from: Origin, msg: BusMessage, remote: bool) {
         match msg {
             BusMessage::Broadcast(_)
             | BusMessage::Publish(..)
             | BusMessage::SendUser(..)
-            | BusMessage::SendTo(..) => {
-                self.ctx.deliver_local(msg);
-            }
+            | BusMessage::SendTo(..) => match remote {
+                true => self.ctx.deliver_remote(msg),
+                false => drop(self.ctx.deliver_local(msg)),
+            },
             BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
             BusMessage::Answer(id, answer) => self.on_answer(id, &answer),
             BusMessage::App(data) => {
@@ -73,6 +84,7 @@ impl Loop {
                     log::error!("on_bus_message hook panicked; the worker carries on");
                 }
             }
+            BusMessage::Mark(_) => {}
         }
     }
 }

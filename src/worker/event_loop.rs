@@ -330,6 +330,7 @@ impl Loop {
         self.start_asks();
         self.close_due();
         self.drain_ended(Instant::now());
+        self.crossings_due(Instant::now());
         self.handoff_forward();
         self.reap();
         self.flush_dirty();
@@ -380,6 +381,7 @@ impl Loop {
             self.handler.as_ref().and_then(|h| h.restart_at()),
             self.decisions.next_deadline(),
             self.handoffs.drain_due(),
+            self.ctx.bus.crossings().due(),
         ];
         let until = deadlines
             .into_iter()

@@ -66,8 +66,29 @@ impl Context {
             BusMessage::Publish(topic, m) => self.publish_local(&topic, m),
             BusMessage::SendUser(uid, m) => self.send_to_user_local(&uid, m),
             BusMessage::SendTo(conn, m) => usize::from(self.send(conn, m).is_ok()),
-            BusMessage::App(_) | BusMessage::Ask(..) | BusMessage::Answer(..) => 0,
+            BusMessage::App(_)
+            | BusMessage::Ask(..)
+            | BusMessage::Answer(..)
+            | BusMessage::Mark(_) => 0,
         }
+    }
+
+    /// A message from another host, as [`Context::deliver_local`] delivers it, but not to
+    /// the clients a crossing still keeps it from (`bus::crossing`).
+    pub(crate) fn deliver_remote(&mut self, msg: BusMessage) {
+        if !self.bus.crossings().is_taking() {
+            self.deliver_local(msg);
+            return;
+        }
+        let Some((ids, m)) = self.recipients(msg) else {
+            return;
+        };
+        let crossings = self.bus.crossings();
+        let ids = ids
+            .into_iter()
+            .filter(|&id| !crossings.withholds(id))
+            .collect();
+        self.send_many(ids, m);
     }
 
     /// Delivers a message for clients (a broadcast, a publish, a user's, a `send_to`) to
@@ -77,15 +98,25 @@ impl Context {
         msg: BusMessage,
         only: &std::collections::HashSet<ConnId>,
     ) {
-        let (ids, m) = match msg {
+        let Some((ids, m)) = self.recipients(msg) else {
+            return;
+        };
+        let ids = ids.into_iter().filter(|id| only.contains(id)).collect();
+        self.send_many(ids, m);
+    }
+
+    /// The clients here a message is for, and what they get; `None` if it is not for clients.
+    fn recipients(&self, msg: BusMessage) -> Option<(Vec<ConnId>, Message)> {
+        Some(match msg {
             BusMessage::Broadcast(m) => (self.connections(), m),
             BusMessage::Publish(topic, m) => (self.topics.members(&topic), m),
             BusMessage::SendUser(uid, m) => (self.users.members(&uid), m),
             BusMessage::SendTo(conn, m) => (vec![conn], m),
-            BusMessage::App(_) | BusMessage::Ask(..) | BusMessage::Answer(..) => return,
-        };
-        let ids = ids.into_iter().filter(|id| only.contains(id)).collect();
-        self.send_many(ids, m);
+            BusMessage::App(_)
+            | BusMessage::Ask(..)
+            | BusMessage::Answer(..)
+            | BusMessage::Mark(_) => return None,
+        })
     }
 
     /// The bus ends taken over from the slot's previous worker are this worker's to read

@@ -150,6 +150,7 @@ impl Loop {
                 self.keep_tls(idx);
             }
         }
+        self.begin_crossing();
         if same_slot && self.ctx.bus.reads() {
             self.ctx.bus.start_forwarding();
         } else {
@@ -212,6 +213,9 @@ impl Loop {
         if self.handoffs.out.as_ref().is_some_and(|o| !o.ended) {
             self.put_forwarded();
             self.handoff_flush();
+        } else if self.ctx.bus.crossings().giving().is_some() {
+            self.put_remote();
+            self.handoff_flush();
         }
         self.copy_to_partners();
     }
@@ -221,6 +225,7 @@ impl Loop {
     fn put_forwarded(&mut self) {
         let forwarded = self.ctx.bus.take_forwarded();
         self.put_carried(Carried::Delivered, &forwarded);
+        self.put_remote();
     }
 
     pub(in crate::worker) fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
@@ -269,6 +274,7 @@ impl Loop {
                     out.line.push(&[], None);
                     out.unacked.push_back(Sent::End);
                     log::info!("{} connections handed over", out.handed);
+                    self.ctx.bus.crossings().given(Instant::now());
                     self.update_copying();
                 }
                 break;
@@ -462,7 +468,7 @@ impl Loop {
                     out.returnable = false;
                 }
                 if !records.is_empty() {
-                    self.take_records(records, true);
+                    self.take_records(records, true, None);
                     if let Some(out) = self.handoffs.out.as_mut() {
                         out.line.acknowledge();
                     }
@@ -479,8 +485,12 @@ impl Loop {
         let closed = failure.is_some();
         let only_end = (out.unacked.iter()).all(|s| matches!(s, Sent::End));
         let _ = out.line.flush();
-        let all_taken =
-            out.ended && out.line.is_flushed() && (out.unacked.is_empty() || closed && only_end);
+        // A crossing's cut is still to go: the line stays until it has.
+        let crossing = self.ctx.bus.crossings().giving().is_some() && !closed;
+        let all_taken = out.ended
+            && !crossing
+            && out.line.is_flushed()
+            && (out.unacked.is_empty() || closed && only_end);
         if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
             let out = self.handoffs.out.take().expect("checked above");
@@ -536,6 +546,14 @@ impl Loop {
                 }
                 Sent::Carried(record) => self.take_back_carried(&record, &returned),
                 Sent::Conn(_, None) | Sent::End => {}
+            }
+        }
+        // The crossing ends: what was delivered here from other hosts since the copies last
+        // went is owed to the clients that came back too.
+        if self.ctx.bus.crossings().giving().is_some() {
+            self.ctx.bus.crossings().cut_now();
+            for msg in self.ctx.bus.crossing_copies().0 {
+                self.ctx.deliver_only(msg, &returned);
             }
         }
         // Those still waiting for their turn never left: they are read here again.

@@ -16,6 +16,7 @@
 //! over it, the same way, and the old worker serves them until its own master names the slot's
 //! next worker. So a new master killed mid-upgrade loses no connection either.
 
+mod cross;
 mod give;
 mod take;
 

@@ -181,6 +181,7 @@ impl Loop {
         let incoming = self.handoffs.incoming.remove(key);
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
         self.update_copying();
+        self.crossing_line_gone(key);
         let from = incoming.from;
         // `from` names the worker's master (the new master knows no more of the old worker).
         log::warn!(
@@ -230,6 +231,7 @@ impl Loop {
         let _ = incoming.line.flush();
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
         self.update_copying();
+        self.crossing_line_gone(key);
     }
 
     /// Records arrived on incoming line `key` (or it closed).
@@ -256,6 +258,7 @@ impl Loop {
                 };
                 let _ = (self.poll.registry()).deregister(&mut SourceFd(&incoming.line.fd()));
                 self.update_copying();
+                self.crossing_line_gone(key);
                 let from = &incoming.from;
                 let took = incoming.adopted;
                 match e {
@@ -287,7 +290,7 @@ impl Loop {
             }
         };
         let came = !records.is_empty();
-        let (adopted, last) = self.take_records(records, back);
+        let (adopted, last) = self.take_records(records, back, Some(key));
         if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| came) {
             // Registered, not yet read: the giver may let its copies go.
             incoming.adopted += adopted;
@@ -322,6 +325,7 @@ impl Loop {
         &mut self,
         records: Vec<handoff::line::Record>,
         back: bool,
+        line: Option<usize>,
     ) -> (usize, bool) {
         let returning = records.iter().any(|(r, _)| Carried::of(r).is_none());
         if back && returning {
@@ -333,10 +337,22 @@ impl Loop {
                 last = true;
                 continue;
             }
+            let crossing = line.filter(|_| !back);
+            if let Some(kind @ (Carried::Crossing | Carried::Remote | Carried::Cut)) =
+                Carried::of(&record)
+            {
+                if let Some(key) = crossing {
+                    self.take_crossing(kind, &record, key);
+                }
+                continue;
+            }
             if let Some(id) = self.take_record(&record, fd) {
                 adopted += 1;
                 if back {
                     self.handoffs.taken_back.insert(id);
+                }
+                if let Some(key) = crossing {
+                    self.ctx.bus.crossings().adopted(key, id);
                 }
             }
         }
@@ -365,6 +381,7 @@ impl Loop {
         let Way::Forth { returnable } = incoming.way else {
             return; // Connections came back to a retiring worker: no master waits on it.
         };
+        self.ask_mark(key);
         // Before the bus: the messages held until now go to the giver's clients too.
         self.update_copying();
         self.take_the_bus();
@@ -412,7 +429,7 @@ impl Loop {
                     self.ctx.deliver_local(msg);
                 }
             }
-            Carried::Committed => {}
+            Carried::Committed | Carried::Crossing | Carried::Remote | Carried::Cut => {}
         }
         None
     }
@@ -425,17 +442,24 @@ impl Loop {
         record: &[u8],
         returned: &std::collections::HashSet<ConnId>,
     ) {
+        if matches!(
+            Carried::of(record),
+            Some(Carried::Committed | Carried::Crossing | Carried::Cut)
+        ) {
+            return;
+        }
         let Some((kind, messages)) = carried_in(record) else {
             return;
         };
         match kind {
             Carried::Held => self.ctx.release_group(messages),
-            Carried::Delivered => {
+            // Delivered here, from this host or another, once they had gone.
+            Carried::Delivered | Carried::Remote => {
                 for msg in messages {
                     self.ctx.deliver_only(msg, returned);
                 }
             }
-            Carried::Committed => {}
+            Carried::Committed | Carried::Crossing | Carried::Cut => {}
         }
     }
 
@@ -549,7 +573,7 @@ impl Loop {
 
 /// The bus messages in `record`, if it is a record of them (`handoff::Carried`); those that
 /// cannot be read are logged and lost.
-fn carried_in(record: &[u8]) -> Option<(Carried, Vec<BusMessage>)> {
+pub(super) fn carried_in(record: &[u8]) -> Option<(Carried, Vec<BusMessage>)> {
     let (kind, carried) = Carried::decode(record)?;
     let messages = carried.unwrap_or_else(|e| {
         log::error!("bus messages from a handoff are lost: {e}");
