@@ -7,9 +7,10 @@
 //! wsd:{group}:all                  broadcasts, users, questions: every worker of every host
 //! wsd:{group}:t:{topic}            a topic's publishes: the workers with subscribers to it
 //! wsd:{group}:{host:016x}:{slot}   `send_to` a connection held by that host's worker `slot`
+//! wsd:{group}:{host:016x}:marks    marks of that host's handoffs (`bus::crossing`)
 //! ```
 //!
-//! Every worker subscribes to `all` and to its own channel, and to a topic's channel only while
+//! Every worker subscribes to `all`, to its own channel and to its host's marks, and to a topic's channel only while
 //! it has subscribers to that topic (interest-based routing): a publish costs Redis one copy
 //! per worker that delivers it, not one per worker of the cluster. A worker that gains its
 //! first subscriber to a topic tells its subscriber thread, which subscribes within
@@ -89,6 +90,11 @@ pub fn channel_of(group: &str, host: u64, slot: u16) -> String {
     format!("wsd:{group}:{host:016x}:{slot}")
 }
 
+/// The channel of `host`'s marks: every worker of `group` there listens to it.
+pub fn channel_of_marks(group: &str, host: u64) -> String {
+    format!("wsd:{group}:{host:016x}:marks")
+}
+
 /// The channel of a topic's publishes: the workers with subscribers to `topic` listen to it.
 pub fn channel_of_topic(group: &str, topic: &str) -> String {
     format!("wsd:{group}:t:{topic}")
@@ -103,6 +109,8 @@ pub enum Target {
     Topic(String),
     /// One worker of another host.
     Worker { host: u64, slot: u16 },
+    /// Every worker of a host: its marks.
+    Marks { host: u64 },
 }
 
 impl Target {
@@ -111,6 +119,7 @@ impl Target {
             Target::All => channel_all(group),
             Target::Topic(topic) => channel_of_topic(group, topic),
             Target::Worker { host, slot } => channel_of(group, *host, *slot),
+            Target::Marks { host } => channel_of_marks(group, *host),
         }
     }
 }
@@ -122,9 +131,23 @@ pub enum Interest {
     Join(String),
     /// The last one left.
     Leave(String),
-    /// Publish a [`BusMessage::Mark`] on `all` once every change before this one is in
-    /// Redis: the mark comes after them in Redis's order of messages.
+    /// Publish a [`BusMessage::Mark`] on the host's marks channel once every change before
+    /// this one is in Redis: the mark comes after them in Redis's order of messages.
     Mark(u64),
+}
+
+impl Interest {
+    fn topic(&self) -> Option<&str> {
+        match self {
+            Interest::Join(t) | Interest::Leave(t) => Some(t),
+            Interest::Mark(_) => None,
+        }
+    }
+}
+
+/// Whether two changes go in one command: both joins, both leaves, or both marks.
+fn same_kind(a: &Interest, b: &Interest) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
 /// The state of a worker's bus, as its reports and `status` show it.
@@ -361,6 +384,7 @@ impl Cluster {
         let channels = vec![
             channel_all(&settings.group),
             channel_of(&settings.group, origin.host, origin.slot),
+            channel_of_marks(&settings.group, origin.host),
         ];
         let shared = Arc::new(Shared {
             link: Link::default(),
@@ -371,7 +395,7 @@ impl Cluster {
             dropped: AtomicU64::new(0),
             routed: AtomicUsize::new(0),
             url: settings.url.redacted(),
-            channels: channels.join(" and "),
+            channels: channels.join(", "),
         });
         let (out, out_rx) = mpsc::sync_channel(QUEUE);
         let (in_tx, incoming) = mpsc::sync_channel(QUEUE);
@@ -418,8 +442,8 @@ impl Cluster {
         let _ = self.interest.send(change);
     }
 
-    /// Asks for a [`BusMessage::Mark`] with `token` on `all`, after the topics asked for
-    /// before it are routed here. Lost (quietly) if Redis is not reachable meanwhile.
+    /// Asks for a [`BusMessage::Mark`] with `token` on this host's marks channel, after the
+    /// topics asked for before it are routed here. Lost (quietly) if Redis is not reachable meanwhile.
     pub fn mark(&self, token: u64) {
         let _ = self.interest.send(Interest::Mark(token));
     }
@@ -585,12 +609,21 @@ impl Subscriber {
                 // waiting on messages, and a slow answer is no outage.
                 let _ = ps.set_read_timeout(Some(IO_TIMEOUT));
             }
-            for change in &changes {
-                let done = match change {
-                    Interest::Join(t) => ps.subscribe(channel_of_topic(&self.group, t)),
-                    Interest::Leave(t) => ps.unsubscribe(channel_of_topic(&self.group, t)),
-                    Interest::Mark(token) => {
-                        self.publish_mark(*token);
+            // Runs of joins, and of leaves, go as one command each: a mark waits for them.
+            for run in changes.chunk_by(same_kind) {
+                let channels = || run.iter().filter_map(|c| c.topic());
+                let channels: Vec<String> = channels()
+                    .map(|t| channel_of_topic(&self.group, t))
+                    .collect();
+                let done = match &run[0] {
+                    Interest::Join(_) => ps.subscribe(&channels[..]),
+                    Interest::Leave(_) => ps.unsubscribe(&channels[..]),
+                    Interest::Mark(_) => {
+                        for change in run {
+                            if let Interest::Mark(token) = change {
+                                self.publish_mark(*token);
+                            }
+                        }
                         Ok(())
                     }
                 };
@@ -659,15 +692,18 @@ impl Subscriber {
     fn publish_mark(&self, token: u64) {
         let bytes = wire::encode(self.origin, &BusMessage::Mark(token));
         let n = bytes.len();
+        let lost = || log::warn!("bus: the publisher is too far behind to take a handoff's mark");
         if !self.shared.out_bytes.take(n) {
-            return;
+            return lost();
         }
-        let mark = Outgoing::Publish {
-            to: Target::All,
-            bytes,
-        };
-        if self.marks.try_send(mark).is_err() {
+        let to = Target::Marks { host: self.host };
+        if self
+            .marks
+            .try_send(Outgoing::Publish { to, bytes })
+            .is_err()
+        {
             self.shared.out_bytes.give_back(n);
+            lost();
         }
     }
 

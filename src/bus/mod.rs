@@ -20,7 +20,7 @@ use crate::ConnId;
 use crate::control::BusState;
 #[cfg(feature = "cluster")]
 use cluster::{Cluster, ClusterSettings, Interest, Target};
-use crossing::Crossings;
+use crossing::{Crossings, ToLine};
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -408,18 +408,20 @@ impl Bus {
     }
 
     /// The crossings of messages from other hosts this worker takes part in.
-    pub fn crossings(&mut self) -> &mut Crossings {
+    pub fn crossings(&self) -> &Crossings {
+        &self.crossings
+    }
+
+    pub fn crossings_mut(&mut self) -> &mut Crossings {
         &mut self.crossings
     }
 
-    /// Begins a crossing as the giver, if messages come from other hosts: its token, for the
-    /// taker to mark.
+    /// Begins a crossing as the giver (or names the one under way anew), if messages come
+    /// from other hosts: its token, for the taker to mark.
     pub fn give_crossing(&mut self) -> Option<u64> {
         #[cfg(feature = "cluster")]
         if let Remote::Running(_) = &self.remote {
-            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let token = (u64::from(std::process::id()) << 32) | u64::from(n);
+            let token = self.crossings.name();
             self.crossings.give(token);
             return Some(token);
         }
@@ -435,17 +437,16 @@ impl Bus {
         }
     }
 
-    /// The copies for the taker of this worker's crossing, and whether its cut follows
-    /// them; with the cut, the topic channels kept for the crossing are left.
-    pub fn crossing_copies(&mut self) -> (Vec<BusMessage>, bool) {
-        let (copies, leaves) = self.crossings.take_copies();
-        let Some(leaves) = leaves else {
-            return (copies, false);
-        };
-        for topic in leaves {
-            self.interest(&topic, false);
+    /// What this worker's crossing puts on the line now; with the cut, the topic channels
+    /// kept for it are left.
+    pub fn crossing_for_line(&mut self) -> Option<ToLine> {
+        let next = self.crossings.take_for_line()?;
+        if let ToLine::Cut { leave, .. } = &next {
+            for topic in leave.clone() {
+                self.interest(&topic, false);
+            }
         }
-        (copies, true)
+        Some(next)
     }
 
     /// Messages from other hosts, handed over by the cluster bus's subscriber.

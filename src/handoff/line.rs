@@ -26,6 +26,17 @@ use std::os::unix::net::UnixStream;
 /// clients are closed with 1001, as without a handoff); a change to either bumps it.
 pub(crate) const PROTOCOL: u16 = 4;
 
+/// The older protocols this build's workers take connections from. Protocol 3 lacks only the
+/// records of a crossing of messages from other hosts (`bus::crossing`), which a giver sends
+/// and a taker never does; and a new worker that hands its connections back to an old one,
+/// its master gone mid-upgrade, names no crossing.
+pub(crate) const TAKES_FROM: [u16; 1] = [3];
+
+/// Whether this build's workers take connections from workers that speak `protocol`.
+pub(crate) fn takes_from(protocol: u16) -> bool {
+    protocol == PROTOCOL || TAKES_FROM.contains(&protocol)
+}
+
 /// Framing before each record: its length and its kind ([`RECORD`], [`RECORD_FD`], [`ACK`]).
 const FRAME_HEAD: usize = 5;
 /// A record.

@@ -261,7 +261,7 @@ pub fn start(plan: Plan) -> i32 {
         }
     }
     let protocol = inherited.as_ref().map(|i| i.protocol);
-    let speaks = protocol.is_none_or(|p| p == crate::handoff::line::PROTOCOL);
+    let speaks = protocol.is_none_or(crate::handoff::line::takes_from);
     if !speaks {
         log::warn!(
             "the old master's workers speak handoff protocol {}, this build's {}: their \
@@ -384,8 +384,10 @@ pub fn start(plan: Plan) -> i32 {
     let mut master =
         event_loop::Master::new(server.clone(), source, sup, control, announce, metrics);
     master.pid_file_fds = pidfile.fds();
-    if let Some((old_pid, link)) = inherited.and_then(|i| Some((i.old_pid, i.link?))) {
-        match upgrade::Predecessor::new(old_pid, link) {
+    if let Some((old_pid, protocol, link)) =
+        inherited.and_then(|i| Some((i.old_pid, i.protocol, i.link?)))
+    {
+        match upgrade::Predecessor::new(old_pid, protocol, link) {
             Ok(p) => master.predecessor = Some(p),
             Err(e) => log::warn!("the link to the old master is unusable ({e}); serving alone"),
         }

@@ -42,7 +42,7 @@ impl Loop {
         let (messages, more) = self.ctx.bus.receive(peer, BUS_BUDGET);
         for (from, msg) in messages {
             self.ctx.bus.forward(&msg);
-            self.carry_out(from, msg, false);
+            self.carry_out(from, msg);
         }
         more
     }
@@ -52,27 +52,30 @@ impl Loop {
     /// copied for the clients handed over, held back from those taken.
     pub(super) fn cluster_ready(&mut self) {
         for (from, msg) in self.ctx.bus.receive_cluster() {
-            if let BusMessage::Mark(token) = msg {
-                self.crossing_marked(token);
-                continue;
+            match msg {
+                BusMessage::Mark(token) => self.crossing_marked(token),
+                BusMessage::Broadcast(_)
+                | BusMessage::Publish(..)
+                | BusMessage::SendUser(..)
+                | BusMessage::SendTo(..) => {
+                    let crossings = self.ctx.bus.crossings_mut();
+                    crossings.copy(&msg);
+                    crossings.read(&msg);
+                    self.ctx.deliver_remote(msg);
+                }
+                _ => self.carry_out(from, msg),
             }
-            let crossings = self.ctx.bus.crossings();
-            crossings.copy(&msg);
-            crossings.read(&msg);
-            self.carry_out(from, msg, true);
         }
     }
 
-    /// `remote`: from another host.
-    fn carry_out(&mut self, from: Origin, msg: BusMessage, remote: bool) {
+    fn carry_out(&mut self, from: Origin, msg: BusMessage) {
         match msg {
             BusMessage::Broadcast(_)
             | BusMessage::Publish(..)
             | BusMessage::SendUser(..)
-            | BusMessage::SendTo(..) => match remote {
-                true => self.ctx.deliver_remote(msg),
-                false => drop(self.ctx.deliver_local(msg)),
-            },
+            | BusMessage::SendTo(..) => {
+                self.ctx.deliver_local(msg);
+            }
             BusMessage::Ask(id, question) => self.on_ask(from, id, &question),
             BusMessage::Answer(id, answer) => self.on_answer(id, &answer),
             BusMessage::App(data) => {

@@ -80,13 +80,25 @@ impl Context {
             self.deliver_local(msg);
             return;
         }
-        let Some((ids, m)) = self.recipients(msg) else {
+        let Some((ids, m)) = self.recipients(&msg) else {
             return;
         };
         let crossings = self.bus.crossings();
-        let ids = ids
-            .into_iter()
-            .filter(|&id| !crossings.withholds(id))
+        let ids = (ids.into_iter())
+            .filter(|&id| !crossings.withholds(id, &msg))
+            .collect();
+        self.send_many(ids, m);
+    }
+
+    /// A copy, from the giver on handoff line `line`, of a message from another host: to
+    /// the clients that came on that line and are owed it (`bus::crossing`).
+    pub(crate) fn deliver_copy(&mut self, line: usize, msg: BusMessage) {
+        let Some((ids, m)) = self.recipients(&msg) else {
+            return;
+        };
+        let crossings = self.bus.crossings();
+        let ids = (ids.into_iter())
+            .filter(|&id| crossings.copy_for(line, id, &msg))
             .collect();
         self.send_many(ids, m);
     }
@@ -98,7 +110,7 @@ impl Context {
         msg: BusMessage,
         only: &std::collections::HashSet<ConnId>,
     ) {
-        let Some((ids, m)) = self.recipients(msg) else {
+        let Some((ids, m)) = self.recipients(&msg) else {
             return;
         };
         let ids = ids.into_iter().filter(|id| only.contains(id)).collect();
@@ -106,12 +118,12 @@ impl Context {
     }
 
     /// The clients here a message is for, and what they get; `None` if it is not for clients.
-    fn recipients(&self, msg: BusMessage) -> Option<(Vec<ConnId>, Message)> {
+    fn recipients(&self, msg: &BusMessage) -> Option<(Vec<ConnId>, Message)> {
         Some(match msg {
-            BusMessage::Broadcast(m) => (self.connections(), m),
-            BusMessage::Publish(topic, m) => (self.topics.members(&topic), m),
-            BusMessage::SendUser(uid, m) => (self.users.members(&uid), m),
-            BusMessage::SendTo(conn, m) => (vec![conn], m),
+            BusMessage::Broadcast(m) => (self.connections(), m.clone()),
+            BusMessage::Publish(topic, m) => (self.topics.members(topic), m.clone()),
+            BusMessage::SendUser(uid, m) => (self.users.members(uid), m.clone()),
+            BusMessage::SendTo(conn, m) => (vec![*conn], m.clone()),
             BusMessage::App(_)
             | BusMessage::Ask(..)
             | BusMessage::Answer(..)

@@ -150,6 +150,9 @@ pub(super) struct Successor {
 /// The new master's side: the master it replaces, until that one exits.
 pub(super) struct Predecessor {
     pub pid: i32,
+    /// The handoff protocol its workers speak: the one named in each handoff offered to it
+    /// (an older one this build takes from, or this build's).
+    protocol: u16,
     link: UnixStream,
     ready_sent: bool,
     /// Ready workers whose slots wait for their turn to be handed over.
@@ -168,11 +171,16 @@ impl Predecessor {
         registry.register(&mut self.link, LINK, Interest::READABLE)
     }
 
-    pub(in crate::master) fn new(pid: i32, link: OwnedFd) -> io::Result<Predecessor> {
+    pub(in crate::master) fn new(
+        pid: i32,
+        protocol: u16,
+        link: OwnedFd,
+    ) -> io::Result<Predecessor> {
         let link = std::os::unix::net::UnixStream::from(link);
         link.set_nonblocking(true)?;
         Ok(Predecessor {
             pid,
+            protocol,
             link: UnixStream::from_std(link),
             ready_sent: false,
             ready: VecDeque::new(),
@@ -211,6 +219,20 @@ mod tests {
             panic!("a handoff line");
         };
         assert_eq!(protocol, 0);
-        assert_ne!(crate::handoff::line::PROTOCOL, 0);
+        assert!(!crate::handoff::line::takes_from(0));
+    }
+
+    /// A build takes connections from one a protocol behind (its givers name no crossing),
+    /// and offers the old master its own protocol, the only one an older build accepts.
+    #[test]
+    fn this_build_takes_from_the_build_before() {
+        assert!(crate::handoff::line::takes_from(3));
+        assert!(crate::handoff::line::takes_from(
+            crate::handoff::line::PROTOCOL
+        ));
+        assert!(!crate::handoff::line::takes_from(2));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pre = Predecessor::new(7, 3, a.into()).unwrap();
+        assert_eq!(pre.protocol, 3);
     }
 }

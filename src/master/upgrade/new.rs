@@ -144,7 +144,7 @@ impl Master {
                 if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
                     return Err(io::Error::other("its channel did not take the line"));
                 }
-                let protocol = crate::handoff::line::PROTOCOL;
+                let protocol = pre.protocol;
                 let msg = LinkMsg::Handoff {
                     group,
                     slot,

@@ -1,26 +1,29 @@
 //! Both sides of a crossing of messages from other hosts (`bus::crossing`) on a handoff
-//! line: the giver's copies and cut, the taker's mark, and what each owes its clients when a
-//! crossing ends.
+//! line: the giver's token, copies and cut, the taker's mark, and what each owes its clients
+//! when a crossing ends.
 
 use super::Sent;
-use crate::bus::crossing::Owed;
+use crate::bus::crossing::{Owed, ToLine};
 use crate::handoff::Carried;
 use crate::worker::event_loop::Loop;
 use std::time::Instant;
 
 impl Loop {
-    /// Begins the crossing of this worker's handoff, if messages come from other hosts and
-    /// there are clients to hand over: its token goes on the line before the first
-    /// connection. A crossing this worker takes ends first: its clients are on their way
-    /// again.
+    /// Names the crossing of the clients about to go on the line, if messages come from
+    /// other hosts and there are clients to hand over: the token goes on the line before
+    /// them. A crossing this worker takes ends first: its clients are on their way again.
+    /// Called as the handoff begins, and again for a client that goes after the closing
+    /// record (the taker then marks again).
     pub(in crate::worker) fn begin_crossing(&mut self) {
-        for owed in self.ctx.bus.crossings().end_taking() {
+        for owed in self.ctx.bus.crossings_mut().end_taking() {
             self.pay(owed);
         }
         let h = &self.handoffs;
         if h.out.is_none() || h.orphaned || h.queue.is_empty() && h.parked.is_empty() {
             return;
         }
+        // A cut still to go belongs to the crossing before.
+        self.put_remote();
         let Some(token) = self.ctx.bus.give_crossing() else {
             return;
         };
@@ -33,21 +36,23 @@ impl Loop {
     /// Puts the giver's copies of messages from other hosts on the line, and the cut once
     /// the mark has come.
     pub(in crate::worker) fn put_remote(&mut self) {
-        if self.ctx.bus.crossings().giving().is_none() {
-            return;
-        }
-        let (copies, cut) = self.ctx.bus.crossing_copies();
-        self.put_carried(Carried::Remote, &copies);
-        if cut && let Some(out) = self.handoffs.out.as_mut() {
-            let record = Carried::Cut.encode(&[]);
-            out.line.push(&record, None);
-            out.unacked.push_back(Sent::Carried(record));
+        match self.ctx.bus.crossing_for_line() {
+            None => {}
+            Some(ToLine::Copies(copies)) => self.put_carried(Carried::Remote, &copies),
+            Some(ToLine::Cut { copies, .. }) => {
+                self.put_carried(Carried::Remote, &copies);
+                if let Some(out) = self.handoffs.out.as_mut() {
+                    let record = Carried::Cut.encode(&[]);
+                    out.line.push(&record, None);
+                    out.unacked.push_back(Sent::Carried(record));
+                }
+            }
         }
     }
 
     /// Mark `token` came from Redis, in its place among the messages from other hosts.
     pub(in crate::worker) fn crossing_marked(&mut self, token: u64) {
-        if let Some(owed) = self.ctx.bus.crossings().marked(token) {
+        if let Some(owed) = self.ctx.bus.crossings_mut().marked(token) {
             self.pay(owed);
         }
         if self.ctx.bus.crossings().giving() == Some(token) {
@@ -59,7 +64,8 @@ impl Loop {
     /// The giver on incoming line `key` has put its last connection on it: this worker
     /// marks the place in Redis's order from which the clients it took are its own.
     pub(in crate::worker) fn ask_mark(&mut self, key: usize) {
-        if let Some(token) = self.ctx.bus.crossings().ask_mark(key, Instant::now()) {
+        let ask = self.ctx.bus.crossings_mut().ask_mark(key, Instant::now());
+        if let Some(token) = ask {
             self.ctx.bus.mark(token);
         }
     }
@@ -68,23 +74,24 @@ impl Loop {
     /// cut.
     pub(in crate::worker) fn take_crossing(&mut self, kind: Carried, record: &[u8], key: usize) {
         match kind {
-            Carried::Crossing => match Carried::token_in(record) {
-                Some(token) => self.ctx.bus.crossings().take(key, token),
-                None => log::error!("a crossing record without its token"),
-            },
-            Carried::Remote => {
-                let Some(only) = self.ctx.bus.crossings().copies_for(key).cloned() else {
+            Carried::Crossing => {
+                let Some(token) = Carried::token_in(record) else {
+                    log::error!("a crossing record without its token");
                     return;
                 };
-                for msg in super::take::carried_in(record)
-                    .map(|(_, m)| m)
-                    .unwrap_or_default()
-                {
-                    self.ctx.deliver_only(msg, &only);
+                let here = self.ctx.bus.origin.slot as usize;
+                let same_slot =
+                    (self.handoffs.incoming.get(key)).is_some_and(|i| i.from.slot == here);
+                self.ctx.bus.crossings_mut().take(key, token, same_slot);
+            }
+            Carried::Remote => {
+                let messages = super::take::carried_in(record).map(|(_, m)| m);
+                for msg in messages.unwrap_or_default() {
+                    self.ctx.deliver_copy(key, msg);
                 }
             }
             Carried::Cut => {
-                if let Some(owed) = self.ctx.bus.crossings().cut(key) {
+                if let Some(owed) = self.ctx.bus.crossings_mut().cut(key) {
                     self.pay(owed);
                 }
             }
@@ -92,9 +99,9 @@ impl Loop {
         }
     }
 
-    /// Incoming line `key` is gone: its crossing ends.
+    /// Incoming line `key` is gone: the crossing under way on it ends.
     pub(in crate::worker) fn crossing_line_gone(&mut self, key: usize) {
-        if let Some(owed) = self.ctx.bus.crossings().line_gone(key) {
+        if let Some(owed) = self.ctx.bus.crossings_mut().line_gone(key) {
             self.pay(owed);
         }
     }
@@ -104,7 +111,7 @@ impl Loop {
         if self.ctx.bus.crossings().due().is_none_or(|at| now < at) {
             return;
         }
-        let (cut, owed) = self.ctx.bus.crossings().overdue(now);
+        let (cut, owed) = self.ctx.bus.crossings_mut().overdue(now);
         for owed in owed {
             self.pay(owed);
         }

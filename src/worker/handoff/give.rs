@@ -13,6 +13,7 @@
 use super::{HANDOFF_OUT, Outgoing, Sent};
 use crate::ConnId;
 use crate::bus::bridges::Peer;
+use crate::bus::crossing::ToLine;
 use crate::bus::wire::{self, BusMessage};
 use crate::handoff::Carried;
 use crate::handoff::line::{Line, LineError};
@@ -25,6 +26,9 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
+
+/// Bytes of bus messages in one record on the line, at most (unless one message is larger).
+const CARRIED_BYTES: usize = 256 << 10;
 
 /// What became of a connection put forward for the line.
 enum Gave {
@@ -228,14 +232,30 @@ impl Loop {
         self.put_remote();
     }
 
+    /// Puts bus messages on the line, in records of up to [`CARRIED_BYTES`] of messages
+    /// each (or one message), well under what a taker reads ([`crate::handoff::max_record`]).
     pub(in crate::worker) fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
         if self.handoffs.out.is_none() || messages.is_empty() {
             return;
         }
-        let record = self.carried(kind, messages);
+        let origin = self.ctx.bus.origin;
+        let encoded: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
         let out = self.handoffs.out.as_mut().expect("checked above");
-        out.line.push(&record, None);
-        out.unacked.push_back(Sent::Carried(record));
+        let mut rest = &encoded[..];
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = (rest.iter())
+                .take_while(|m| {
+                    bytes += m.len();
+                    bytes <= CARRIED_BYTES
+                })
+                .count()
+                .max(1);
+            let record = kind.encode(&rest[..n]);
+            out.line.push(&record, None);
+            out.unacked.push_back(Sent::Carried(record));
+            rest = &rest[n..];
+        }
     }
 
     /// A record of bus messages (`handoff::Carried`), as this worker's.
@@ -274,7 +294,7 @@ impl Loop {
                     out.line.push(&[], None);
                     out.unacked.push_back(Sent::End);
                     log::info!("{} connections handed over", out.handed);
-                    self.ctx.bus.crossings().given(Instant::now());
+                    self.ctx.bus.crossings_mut().given(Instant::now());
                     self.update_copying();
                 }
                 break;
@@ -550,9 +570,9 @@ impl Loop {
         }
         // The crossing ends: what was delivered here from other hosts since the copies last
         // went is owed to the clients that came back too.
-        if self.ctx.bus.crossings().giving().is_some() {
-            self.ctx.bus.crossings().cut_now();
-            for msg in self.ctx.bus.crossing_copies().0 {
+        self.ctx.bus.crossings_mut().cut_now();
+        if let Some(ToLine::Cut { copies, .. }) = self.ctx.bus.crossing_for_line() {
+            for msg in copies {
                 self.ctx.deliver_only(msg, &returned);
             }
         }
@@ -603,9 +623,11 @@ impl Loop {
             return false;
         };
         if self.queue_for_handoff(idx) {
-            if let Some(out) = &mut self.handoffs.out {
-                // The empty record went already: this one follows it.
+            if let Some(out) = self.handoffs.out.as_mut().filter(|o| o.ended) {
+                // The empty record went already: this one follows it, in a crossing of its
+                // own.
                 out.ended = false;
+                self.begin_crossing();
             }
             self.handoff_pump();
             return true;

@@ -333,11 +333,14 @@ impl Loop {
         }
         let (mut adopted, mut last) = (0, false);
         for (record, fd) in records {
+            let crossing = line.filter(|_| !back);
             if record.is_empty() {
                 last = true;
+                if let Some(key) = crossing {
+                    self.ask_mark(key);
+                }
                 continue;
             }
-            let crossing = line.filter(|_| !back);
             if let Some(kind @ (Carried::Crossing | Carried::Remote | Carried::Cut)) =
                 Carried::of(&record)
             {
@@ -352,7 +355,8 @@ impl Loop {
                     self.handoffs.taken_back.insert(id);
                 }
                 if let Some(key) = crossing {
-                    self.ctx.bus.crossings().adopted(key, id);
+                    let topics = self.ctx.topics_of(id);
+                    self.ctx.bus.crossings_mut().adopted(key, id, topics);
                 }
             }
         }
@@ -381,7 +385,6 @@ impl Loop {
         let Way::Forth { returnable } = incoming.way else {
             return; // Connections came back to a retiring worker: no master waits on it.
         };
-        self.ask_mark(key);
         // Before the bus: the messages held until now go to the giver's clients too.
         self.update_copying();
         self.take_the_bus();
