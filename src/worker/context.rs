@@ -397,6 +397,16 @@ impl Context {
         self.conns.insert(conn)
     }
 
+    /// Lets go of the room the connections took, once none is left (all handed over).
+    pub(crate) fn shrink(&mut self) {
+        if self.conns.is_empty() {
+            self.conns = Slab::new();
+        }
+        self.moved.shrink_to_fit();
+        self.dirty.shrink_to_fit();
+        self.gone.shrink_to_fit();
+    }
+
     /// Takes connection `idx` out of the slab.
     pub(crate) fn remove_conn(&mut self, idx: usize) -> Conn {
         let conn = self.conns.remove(idx);

@@ -516,6 +516,12 @@ impl Loop {
             let out = self.handoffs.out.take().expect("checked above");
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
             log::info!("{taker} took all {} connections", out.handed);
+            // This worker may live on (the drain, an upgrade's commit): what the connections
+            // took goes back to the system.
+            self.handoffs.queue.shrink_to_fit();
+            self.handoffs.waiting.shrink_to_fit();
+            self.ctx.shrink();
+            crate::sys::trim_heap();
             // Kept for what still goes between the two: bus messages for the `wss://` clients
             // drained here, and, in an upgrade, the connections if they come back.
             let draining = !self.handoffs.draining.is_empty();
