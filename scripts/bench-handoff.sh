@@ -14,12 +14,17 @@
 # part of CI: each N takes the time to open its connections and 2 × WINDOW s more.
 #
 # Usage: [ACTION=reload|upgrade] [CONNS="10000 100000"] [WORKERS=8] [RATE=1000] [LAT_CONNS=100]
-#        [WINDOW=10] [PSS=1] [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
+#        [WINDOW=10] [PSS=1] [LAT_RT=0] [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
 #   PSS=0 reads only RSS while sampling (Pss walks the page tables: /proc/PID/smaps_rollup).
+#   LAT_RT=1 runs the latency client at real-time priority (`chrt -f 1`): on cores it shares
+#   with the server, what it measures is then the server's pause, not its own wait for a core.
 # Exits non-zero if a run could not be made, or if any connection was lost or did not echo.
 set -euo pipefail
 
 ACTION=${ACTION:-reload}
+LAT_RT=${LAT_RT:-0}
+lat_prio=()
+if ((LAT_RT)); then lat_prio=(chrt -f 1); fi
 [[ $ACTION == reload || $ACTION == upgrade ]] || { echo "bench-handoff: ACTION is reload or upgrade, got '$ACTION'" >&2; exit 2; }
 CONNS=${CONNS:-10000 100000}
 WORKERS=${WORKERS:-8}
@@ -165,7 +170,7 @@ run_one() {
     # 2. Latency in the steady state.
     say "N=$n: steady state: $RATE msgs/s over $LAT_CONNS connections for $WINDOW s"
     rc=0
-    timeout $((WINDOW + 120)) "$WSD_BIN" bench latency --url "ws://127.0.0.1:$port/" \
+    timeout $((WINDOW + 120)) "${lat_prio[@]}" "$WSD_BIN" bench latency --url "ws://127.0.0.1:$port/" \
         --conns "$LAT_CONNS" --rate "$RATE" --secs "$WINDOW" --json \
         >"$dir/lat-steady.json" 2>"$dir/lat-steady.err" || rc=$?
     ((rc <= 1)) || die "the steady latency run failed ($rc): $(tail -n 3 "$dir/lat-steady.err" | tr '\n' ' ')"
@@ -176,7 +181,7 @@ run_one() {
 import json, sys
 for w in json.load(open(sys.argv[1]))["workers"]:
     print(w["pid"])' "$dir/status-before.json")
-    "$WSD_BIN" bench latency --url "ws://127.0.0.1:$port/" --conns "$LAT_CONNS" \
+    "${lat_prio[@]}" "$WSD_BIN" bench latency --url "ws://127.0.0.1:$port/" --conns "$LAT_CONNS" \
         --rate "$RATE" --secs "$WINDOW" --json >"$dir/lat-reload.json" 2>"$dir/lat-reload.err" &
     lat=$!
     pids+=("$lat")
