@@ -14,17 +14,25 @@
 # part of CI: each N takes the time to open its connections and 2 × WINDOW s more.
 #
 # Usage: [ACTION=reload|upgrade] [CONNS="10000 100000"] [WORKERS=8] [RATE=1000] [LAT_CONNS=100]
-#        [WINDOW=10] [PSS=1] [LAT_RT=0] [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
+#        [WINDOW=10] [PSS=1] [LAT_RT=1] [WSD_BIN=path/to/wsd] scripts/bench-handoff.sh [--json]
 #   PSS=0 reads only RSS while sampling (Pss walks the page tables: /proc/PID/smaps_rollup).
-#   LAT_RT=1 runs the latency client at real-time priority (`chrt -f 1`): on cores it shares
-#   with the server, what it measures is then the server's pause, not its own wait for a core.
+#   LAT_RT=1 (the default) runs the latency client at real-time priority (`chrt -f 1`): it
+#   shares the cores with the server, and what it measures is then the server's pause, not its
+#   own wait for a core while two workers hand connections over at full speed (as a client on
+#   another machine would not wait). LAT_RT=0 runs it as any process.
 # Exits non-zero if a run could not be made, or if any connection was lost or did not echo.
 set -euo pipefail
 
 ACTION=${ACTION:-reload}
-LAT_RT=${LAT_RT:-0}
+LAT_RT=${LAT_RT:-1}
 lat_prio=()
-if ((LAT_RT)); then lat_prio=(chrt -f 1); fi
+if ((LAT_RT)); then
+    if chrt -f 1 true 2>/dev/null; then
+        lat_prio=(chrt -f 1)
+    else
+        echo "bench-handoff: cannot run at real-time priority here (needs CAP_SYS_NICE); LAT_RT=0" >&2
+    fi
+fi
 [[ $ACTION == reload || $ACTION == upgrade ]] || { echo "bench-handoff: ACTION is reload or upgrade, got '$ACTION'" >&2; exit 2; }
 CONNS=${CONNS:-10000 100000}
 WORKERS=${WORKERS:-8}
@@ -247,8 +255,8 @@ say "done in $((SECONDS - started)) s"
 
 # The report: a column per N (or one JSON object); the exit status says whether every
 # connection came through.
-python3 - "$tmp" "$json" "$WORKERS" "$RATE" "$LAT_CONNS" "$WINDOW" "$ACTION" "${conns_list[@]}" <<'EOF'
-import json, re, sys
+LAT_PRIO=${lat_prio[*]:-} python3 - "$tmp" "$json" "$WORKERS" "$RATE" "$LAT_CONNS" "$WINDOW" "$ACTION" "${conns_list[@]}" <<'EOF'
+import json, os, re, sys
 from datetime import datetime
 
 tmp, as_json, workers, rate, lat_conns, window, action = sys.argv[1:8]
@@ -420,8 +428,10 @@ rows += [
     ("all came through", lambda r: "yes" if r["all_came_through"] else "NO"),
 ]
 print()
+client = "at real-time priority" if os.environ.get("LAT_PRIO") else "at normal priority"
 print(f"wsd {action} with connections open: echo app, {workers} workers; latency {rate} msgs/s "
-      f"over {lat_conns} more connections for {window} s, without and across the {action}")
+      f"over {lat_conns} more connections for {window} s (the client {client}), without and "
+      f"across the {action}")
 print()
 print("| | " + " | ".join(f"{r['conns']:,} conns" for r in runs) + " |")
 print("|---|" + "---:|" * len(runs))

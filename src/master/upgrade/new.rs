@@ -167,7 +167,10 @@ impl Master {
                 .iter()
                 .all(|s| s.proc.is_some_and(|k| self.sup.procs[k].ready))
         });
-        if all_ready && self.sup.upgrade_pending.is_empty() && !pre.ready_sent {
+        // Once the last slot's clients are taken too: the old workers exit at the commit that
+        // follows, and not on the cores a handoff is using.
+        let taking = (pre.current).is_some_and(|k| self.sup.procs.get(k).is_some_and(|p| !p.taken));
+        if all_ready && self.sup.upgrade_pending.is_empty() && !taking && !pre.ready_sent {
             pre.ready_sent = true;
             let line = crate::control::line(&LinkMsg::Ready);
             if let Err(e) = (&pre.link).write_all(&line) {
