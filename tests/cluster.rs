@@ -9,11 +9,16 @@
 //! subscribers to it (Redis `PUBSUB NUMSUB`), and through a Redis restart the API keeps
 //! answering and routing rebuilds itself.
 //!
+//! Deploys keep it exactly once: a line published from one host every millisecond reaches each
+//! subscriber on the other once, in order, through reloads (to another count too), an upgrade,
+//! and a new worker dying in the middle of taking its clients.
+//!
 //! Needs `redis-server` on the PATH (`scripts/test.sh` installs it with apt-get).
 //!
 //! Like `tests/bus.rs`, this binary is itself a wsd program: with `WSD_LIBRARY_SERVER=1` it
 //! serves the built-in apps plus `relay` (shows each client its global id and forwards
-//! `to ID TEXT` with `send_to`). `harness = false` because a forking master must be the main
+//! `to ID TEXT` with `send_to`) and `feed` (topics, and a worker that crashes on adopting a
+//! client when a test says so). `harness = false` because a forking master must be the main
 //! thread of its process.
 
 mod common;
@@ -31,10 +36,32 @@ const OUTAGE: Duration = Duration::from_secs(2);
 /// Workers per group on each master.
 const COUNT: usize = 2;
 /// The groups each master runs (one bus per group name).
-const APPS: [&str; 3] = ["chat", "pubsub", "relay"];
+const APPS: [&str; 4] = ["chat", "pubsub", "relay", "feed"];
 
 fn server_program() -> ! {
-    wsd::Runner::new().app("relay", relay_app).run()
+    wsd::Runner::new()
+        .app("relay", relay_app)
+        .app("feed", feed_app)
+        .run()
+}
+
+/// `sub T` subscribes to topic T (answered `subscribed T`); `pub T DATA` publishes DATA to
+/// it. It hands its clients over (it keeps no state of its own), and a new worker crashes on
+/// adopting one when the test says so ([`crash_if_marked`]).
+fn feed_app(worker: &mut wsd::Worker) {
+    worker.on_message(|ctx, conn, msg| {
+        let text = msg.as_text().unwrap_or("");
+        if let Some(topic) = text.strip_prefix("sub ") {
+            ctx.subscribe(conn, topic);
+            let _ = ctx.send(conn, format!("subscribed {topic}"));
+        } else if let Some((topic, data)) =
+            text.strip_prefix("pub ").and_then(|r| r.split_once(' '))
+        {
+            ctx.publish(topic, data.to_string());
+        }
+    });
+    worker.on_handoff(|_, _| Vec::new());
+    worker.on_adopt(|_, _, _| crash_if_marked());
 }
 
 /// A `redis-server` of the test's own on a free loopback port, killed when dropped.
@@ -156,6 +183,11 @@ impl Host {
 
     /// A host whose pubsub group has `pubsub` lines added.
     fn start_with(redis: &Redis, pubsub: &str) -> Host {
+        Host::start_with_env(redis, pubsub, &[])
+    }
+
+    /// A host whose pubsub group has `pubsub` lines added, started with `env`.
+    fn start_with_env(redis: &Redis, pubsub: &str, env: &[(&str, &std::path::Path)]) -> Host {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("workers.toml");
         let mut text = format!(
@@ -174,7 +206,7 @@ impl Host {
             "\n[api]\nlisten = \"127.0.0.1:0\"\nkeys = [\"{API_KEY}\"]\ngroup = \"pubsub\"\n"
         );
         std::fs::write(&config, text).unwrap();
-        let mut server = Server::start_with(this_program(), dir, config);
+        let mut server = Server::start_with_env(this_program(), dir, config, env);
         let st = server.status();
         let port = |listen: &str| listen.rsplit(':').next().unwrap().parse().unwrap();
         let ports = (0..APPS.len())
@@ -402,7 +434,8 @@ fn cluster_delivers_and_survives_a_redis_outage() {
     }
     let out = hosts[0].server.wsd(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let line = format!("bus: {} — up on 6/6 workers", redis.url());
+    let all = APPS.len() * COUNT;
+    let line = format!("bus: {} — up on {all}/{all} workers", redis.url());
     assert!(text.contains(&line), "no {line:?} in:\n{text}");
     // The workers' helper threads are the workers' own: the master, which forks, has none.
     for h in &hosts {
@@ -479,7 +512,10 @@ fn cluster_delivers_and_survives_a_redis_outage() {
         let out = h.server.wsd(&["status"]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
-            text.contains(&format!("bus: {} — down (up on 0/6 workers)", redis.url())),
+            text.contains(&format!(
+                "bus: {} — down (up on 0/{workers} workers)",
+                redis.url()
+            )),
             "host {i}:\n{text}"
         );
     }
@@ -669,6 +705,58 @@ fn the_api_publishes_across_hosts_routed_by_interest() {
     }
 }
 
+/// Numbered lines (`1-0`, `1-1`, ...) sent one a millisecond by `send` on a thread of its own,
+/// until [`Lines::finish`].
+struct Lines {
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Lines {
+    fn start(mut send: impl FnMut(&str) + Send + 'static) -> Lines {
+        use std::sync::atomic::Ordering::SeqCst;
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, halt) = (sent.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !halt.load(SeqCst) {
+                let seq = count.load(SeqCst);
+                send(&format!("1-{seq}"));
+                count.store(seq + 1, SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Lines { sent, stop, thread }
+    }
+
+    /// Waits until `by` more lines have gone.
+    fn advance(&self, by: usize) {
+        let sent = || self.sent.load(std::sync::atomic::Ordering::SeqCst);
+        let from = sent();
+        wait_for("the lines to go on", DEADLINE, || {
+            (sent() >= from + by).then_some(())
+        });
+    }
+
+    /// Stops, and checks that each of `subs` heard every line once, in order, and nothing
+    /// more.
+    fn finish(self, subs: &mut [Client]) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("the sending thread");
+        let n = self.sent.load(std::sync::atomic::Ordering::SeqCst);
+        for (i, c) in subs.iter_mut().enumerate() {
+            for seq in 0..n {
+                assert_eq!(c.recv_text(), format!("1-{seq}"), "subscriber {i}");
+            }
+        }
+        std::thread::sleep(QUIET);
+        for (i, c) in subs.iter_mut().enumerate() {
+            assert_silent(c, &format!("subscriber {i}"));
+        }
+    }
+}
+
 /// A backend publishes a numbered line through one host's API every millisecond while the
 /// other host reloads, reloads to one worker a group, and upgrades to a new binary with two:
 /// each subscriber there moves to a new worker (of its slot, or of another) with the lines in
@@ -688,35 +776,19 @@ fn publishes_from_another_host_cross_a_reload_exactly_once() {
         })
         .collect();
     wait_routed(&redis, &hosts, "live");
-    let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = {
-        let (published, stop, api) = (published.clone(), stop.clone(), hosts[1].api);
-        std::thread::spawn(move || {
-            use std::sync::atomic::Ordering::SeqCst;
-            while !stop.load(SeqCst) {
-                let seq = published.load(SeqCst);
-                let body = serde_json::json!({ "topic": "live", "data": format!("1-{seq}") });
-                let a = api_call(
-                    api,
-                    "POST",
-                    "/api/publish",
-                    Some(API_KEY),
-                    &body.to_string(),
-                );
-                assert_eq!(a.status, 200, "publish {seq}: {a:?}");
-                published.store(seq + 1, SeqCst);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
-    let advance = |by: usize| {
-        let from = published.load(std::sync::atomic::Ordering::SeqCst);
-        wait_for("the publisher to go on", DEADLINE, || {
-            (published.load(std::sync::atomic::Ordering::SeqCst) >= from + by).then_some(())
-        });
-    };
-    advance(50);
+    let api = hosts[1].api;
+    let lines = Lines::start(move |line| {
+        let body = serde_json::json!({ "topic": "live", "data": line });
+        let a = api_call(
+            api,
+            "POST",
+            "/api/publish",
+            Some(API_KEY),
+            &body.to_string(),
+        );
+        assert_eq!(a.status, 200, "publish {line}: {a:?}");
+    });
+    lines.advance(50);
     let next = hosts[0].server.dir.path().join("wsd-next");
     std::fs::copy(this_program(), &next).unwrap();
     for (count, action) in [(COUNT, "reload"), (1, "reload"), (COUNT, "upgrade")] {
@@ -744,25 +816,64 @@ fn publishes_from_another_host_cross_a_reload_exactly_once() {
         wait_for("every group at its count", DEADLINE, || {
             (server.worker_pids().len() == APPS.len() * count).then_some(())
         });
-        advance(50);
+        lines.advance(50);
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    publisher.join().expect("the publisher");
-    let n = published.load(std::sync::atomic::Ordering::SeqCst);
-    for (i, c) in subs.iter_mut().enumerate() {
-        for seq in 0..n {
-            assert_eq!(c.recv_text(), format!("1-{seq}"), "subscriber {i}");
-        }
-    }
-    std::thread::sleep(QUIET);
-    for (i, c) in subs.iter_mut().enumerate() {
-        assert_silent(c, &format!("subscriber {i}"));
-    }
+    lines.finish(&mut subs);
     let log = hosts[0].log();
     assert!(
         !log.contains("no mark from redis"),
         "a crossing went on without its mark:\n{log}"
     );
+}
+
+/// A new worker dies while taking its clients in a reload, with a line published from another
+/// host every millisecond: the old worker takes back the clients it had not handed over (it
+/// read every message for them itself) and hands them on to the worker started again. Each
+/// subscriber hears every line once, in order.
+fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
+    const SUBSCRIBERS: usize = 40;
+    let redis = Redis::start();
+    let marks = tempfile::tempdir().expect("temp dir");
+    let marker = marks.path().join("crash-on-adopt");
+    let env = [(CRASH_ENV, marker.as_path())];
+    let mut hosts = [Host::start_with_env(&redis, "", &env), Host::start(&redis)];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let mut subs: Vec<Client> = (0..SUBSCRIBERS)
+        .map(|_| {
+            let mut c = hosts[0].connect("feed");
+            c.send_text("sub live");
+            assert_eq!(c.recv_text(), "subscribed live");
+            c
+        })
+        .collect();
+    let holders = (hosts[0].server.worker_pids().len() / APPS.len()) as u64;
+    wait_for("live routed to every feed worker", DEADLINE, || {
+        (redis.numsub("wsd:feed:t:live") == holders).then_some(())
+    });
+    let mut publisher = hosts[1].connect("feed");
+    let lines = Lines::start(move |line| publisher.send_text(&format!("pub live {line}")));
+    lines.advance(50);
+    // The first new worker dies as it takes its first client, before it has said so: every
+    // client is still the old worker's.
+    std::fs::write(&marker, "1").unwrap();
+    let before = hosts[0].server.worker_pids();
+    let out = hosts[0].server.wsd(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the reload reports the death: {said}"
+    );
+    assert!(!marker.exists(), "a new worker crashed on its first client");
+    for pid in before {
+        wait_for("the old worker to exit", DEADLINE, || {
+            exited(pid).then_some(())
+        });
+    }
+    lines.advance(50);
+    lines.finish(&mut subs);
 }
 
 /// HS256 tokens for the presence test (the test signs them as a backend would).
@@ -934,6 +1045,10 @@ fn main() {
         (
             "publishes_from_another_host_cross_a_reload_exactly_once",
             publishes_from_another_host_cross_a_reload_exactly_once,
+        ),
+        (
+            "publishes_from_another_host_survive_a_new_worker_dying_mid_handoff",
+            publishes_from_another_host_survive_a_new_worker_dying_mid_handoff,
         ),
     ]);
 }

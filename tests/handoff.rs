@@ -71,26 +71,6 @@ fn named(worker: &mut wsd::Worker) {
     });
 }
 
-/// Names a file holding N: the worker that adopts its N-th connection deletes the file and
-/// aborts, as a new build that crashes on its first clients would.
-const CRASH_ENV: &str = "WSD_TEST_CRASH_ON_ADOPT";
-
-fn crash_if_marked() {
-    use std::sync::atomic::AtomicUsize;
-    static ADOPTED: AtomicUsize = AtomicUsize::new(0);
-    let n = ADOPTED.fetch_add(1, Ordering::Relaxed) + 1;
-    let Some(marker) = std::env::var_os(CRASH_ENV) else {
-        return;
-    };
-    let at = std::fs::read_to_string(&marker)
-        .ok()
-        .and_then(|t| t.trim().parse::<usize>().ok());
-    if at == Some(n) {
-        let _ = std::fs::remove_file(&marker);
-        std::process::abort();
-    }
-}
-
 /// Names a file holding a slot: while it exists, a worker of that slot that starts waits in
 /// `on_worker_start`, as a new build that is slow to start would (for a minute at most).
 const HOLD_START_ENV: &str = "WSD_TEST_HOLD_START";

@@ -840,3 +840,23 @@ pub fn relay_app(w: &mut wsd::Worker) {
         ctx.broadcast_local(format!("bus from slot {}: {text}", from.slot));
     });
 }
+
+/// Names a file holding N: the worker that adopts its N-th connection deletes the file and
+/// aborts, as a new build that crashes on its first clients would.
+pub const CRASH_ENV: &str = "WSD_TEST_CRASH_ON_ADOPT";
+
+pub fn crash_if_marked() {
+    use std::sync::atomic::AtomicUsize;
+    static ADOPTED: AtomicUsize = AtomicUsize::new(0);
+    let n = ADOPTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let Some(marker) = std::env::var_os(CRASH_ENV) else {
+        return;
+    };
+    let at = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|t| t.trim().parse::<usize>().ok());
+    if at == Some(n) {
+        let _ = std::fs::remove_file(&marker);
+        std::process::abort();
+    }
+}
