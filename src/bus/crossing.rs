@@ -166,16 +166,9 @@ impl Crossings {
 
     /// Copies a message from another host delivered here, for the clients handed over.
     pub fn copy(&mut self, msg: &BusMessage) {
-        let for_clients = matches!(
-            msg,
-            BusMessage::Broadcast(_)
-                | BusMessage::Publish(..)
-                | BusMessage::SendUser(..)
-                | BusMessage::SendTo(..)
-        );
         if let Some(g) = self.giving.as_mut()
             && g.phase != Giver::Marked
-            && for_clients
+            && msg.is_for_clients()
         {
             g.copies.push(msg.clone());
         }

@@ -230,14 +230,7 @@ impl Bus {
     /// Copies a message this worker delivers to its own clients (a broadcast, a publish, a
     /// user's, a `send_to`), if it is forwarding or copying for partners.
     pub fn forward(&mut self, msg: &BusMessage) {
-        let for_clients = matches!(
-            msg,
-            BusMessage::Broadcast(_)
-                | BusMessage::Publish(..)
-                | BusMessage::SendUser(..)
-                | BusMessage::SendTo(..)
-        );
-        if for_clients {
+        if msg.is_for_clients() {
             self.forwarding.push(msg);
             self.copies.push(msg);
         }

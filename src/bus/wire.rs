@@ -62,6 +62,19 @@ pub enum BusMessage {
     Mark(u64),
 }
 
+impl BusMessage {
+    /// A message for clients: a broadcast, a publish, a user's, a `send_to`.
+    pub fn is_for_clients(&self) -> bool {
+        matches!(
+            self,
+            BusMessage::Broadcast(_)
+                | BusMessage::Publish(..)
+                | BusMessage::SendUser(..)
+                | BusMessage::SendTo(..)
+        )
+    }
+}
+
 /// Why bytes are not a bus message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WireError {

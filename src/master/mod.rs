@@ -160,16 +160,16 @@ struct Reread {
 fn fit_listeners(
     mut listeners: Vec<std::net::TcpListener>,
     def: &crate::Worker,
-) -> Result<Vec<std::net::TcpListener>, listeners::BindError> {
+) -> Result<Vec<std::net::TcpListener>, GroupsError> {
     listeners.truncate(def.count);
     if let Some(addr) = listeners.first().and_then(|l| l.local_addr().ok())
         && listeners.len() < def.count
     {
-        listeners.extend(listeners::bind_more(
-            addr,
-            def.count - listeners.len(),
-            def.backlog,
-        )?);
+        let more = listeners::bind_more(addr, def.count - listeners.len(), def.backlog);
+        listeners.extend(more.map_err(|source| GroupsError::Bind {
+            group: def.name().to_string(),
+            source,
+        })?);
     }
     Ok(listeners)
 }
@@ -276,10 +276,7 @@ pub fn start(plan: Plan) -> i32 {
             // The same sockets, so no client is refused; a bus of its own.
             let listeners = match fit_listeners(listeners, &def) {
                 Ok(listeners) => listeners,
-                Err(source) => {
-                    let group = def.name().to_string();
-                    return fail(pidfile, GroupsError::Bind { group, source }.into());
-                }
+                Err(e) => return fail(pidfile, e.into()),
             };
             match supervisor::Group::new(def, listeners, from_file) {
                 Ok(g) => sup.groups.push(g),
@@ -304,10 +301,7 @@ pub fn start(plan: Plan) -> i32 {
                             Ok(mesh)
                         },
                     ),
-                    Err(source) => {
-                        let group = def.name().to_string();
-                        return fail(pidfile, GroupsError::Bind { group, source }.into());
-                    }
+                    Err(e) => return fail(pidfile, e.into()),
                 },
             };
             let mesh = match mesh {

@@ -2,7 +2,6 @@
 //! line: the giver's token, copies and cut, the taker's mark, and what each owes its clients
 //! when a crossing ends.
 
-use super::Sent;
 use crate::bus::crossing::{Owed, ToLine};
 use crate::handoff::Carried;
 use crate::worker::event_loop::Loop;
@@ -27,10 +26,8 @@ impl Loop {
         let Some(token) = self.ctx.bus.give_crossing() else {
             return;
         };
-        let record = Carried::crossing(token);
         let out = self.handoffs.out.as_mut().expect("checked above");
-        out.line.push(&record, None);
-        out.unacked.push_back(Sent::Carried(record));
+        out.push_carried(Carried::crossing(token));
     }
 
     /// Puts the giver's copies of messages from other hosts on the line, and the cut once
@@ -42,9 +39,7 @@ impl Loop {
             Some(ToLine::Cut { copies, .. }) => {
                 self.put_carried(Carried::Remote, &copies);
                 if let Some(out) = self.handoffs.out.as_mut() {
-                    let record = Carried::Cut.encode(&[]);
-                    out.line.push(&record, None);
-                    out.unacked.push_back(Sent::Carried(record));
+                    out.push_carried(Carried::Cut.encode(&[]));
                 }
             }
         }

@@ -232,15 +232,29 @@ impl Loop {
         self.put_remote();
     }
 
-    /// Puts bus messages on the line, in records of up to [`CARRIED_BYTES`] of messages
-    /// each (or one message), well under what a taker reads ([`crate::handoff::max_record`]).
+    /// Puts bus messages on the outgoing line ([`Loop::carried`]).
     pub(in crate::worker) fn put_carried(&mut self, kind: Carried, messages: &[BusMessage]) {
         if self.handoffs.out.is_none() || messages.is_empty() {
             return;
         }
+        let records = self.carried(kind, messages);
+        let out = self.handoffs.out.as_mut().expect("checked above");
+        for record in records {
+            out.push_carried(record);
+        }
+    }
+
+    /// Records of bus messages (`handoff::Carried`), as this worker's: up to
+    /// [`CARRIED_BYTES`] of messages each (or one message), well under what a taker reads
+    /// ([`crate::handoff::max_record`]).
+    pub(in crate::worker) fn carried(
+        &self,
+        kind: Carried,
+        messages: &[BusMessage],
+    ) -> Vec<Vec<u8>> {
         let origin = self.ctx.bus.origin;
         let encoded: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
-        let out = self.handoffs.out.as_mut().expect("checked above");
+        let mut records = Vec::new();
         let mut rest = &encoded[..];
         while !rest.is_empty() {
             let mut bytes = 0;
@@ -251,18 +265,10 @@ impl Loop {
                 })
                 .count()
                 .max(1);
-            let record = kind.encode(&rest[..n]);
-            out.line.push(&record, None);
-            out.unacked.push_back(Sent::Carried(record));
+            records.push(kind.encode(&rest[..n]));
             rest = &rest[n..];
         }
-    }
-
-    /// A record of bus messages (`handoff::Carried`), as this worker's.
-    pub(in crate::worker) fn carried(&self, kind: Carried, messages: &[BusMessage]) -> Vec<u8> {
-        let origin = self.ctx.bus.origin;
-        let bytes: Vec<Vec<u8>> = messages.iter().map(|m| wire::encode(origin, m)).collect();
-        kind.encode(&bytes)
+        records
     }
 
     /// Puts queued connections on the line while the window has room, and the closing empty

@@ -95,6 +95,15 @@ struct Outgoing {
     returnable: bool,
 }
 
+impl Outgoing {
+    /// Puts a record of bus messages (`handoff::Carried`) on the line, kept until it is
+    /// acknowledged.
+    fn push_carried(&mut self, record: Vec<u8>) {
+        self.line.push(&record, None);
+        self.unacked.push_back(Sent::Carried(record));
+    }
+}
+
 /// A record on the line, kept until the taker acknowledges it.
 enum Sent {
     /// A connection's record, and this worker's copy of its socket (none if no descriptor

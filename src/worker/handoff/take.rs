@@ -135,10 +135,12 @@ impl Loop {
     pub(in crate::worker) fn copy_to_partners(&mut self) {
         let copies = self.ctx.bus.take_copies();
         if !copies.is_empty() {
-            let record = self.carried(Carried::Delivered, &copies);
+            let records = self.carried(Carried::Delivered, &copies);
             for (_, incoming) in self.handoffs.incoming.iter_mut() {
                 if incoming.partner() {
-                    incoming.line.push(&record, None);
+                    for record in &records {
+                        incoming.line.push(record, None);
+                    }
                     let _ = incoming.line.flush();
                 }
             }
@@ -332,8 +334,8 @@ impl Loop {
             self.ctx.bus.await_turn_back();
         }
         let (mut adopted, mut last) = (0, false);
+        let crossing = line.filter(|_| !back);
         for (record, fd) in records {
-            let crossing = line.filter(|_| !back);
             if record.is_empty() {
                 last = true;
                 if let Some(key) = crossing {
@@ -445,12 +447,6 @@ impl Loop {
         record: &[u8],
         returned: &std::collections::HashSet<ConnId>,
     ) {
-        if matches!(
-            Carried::of(record),
-            Some(Carried::Committed | Carried::Crossing | Carried::Cut)
-        ) {
-            return;
-        }
         let Some((kind, messages)) = carried_in(record) else {
             return;
         };
@@ -578,6 +574,9 @@ impl Loop {
 /// cannot be read are logged and lost.
 pub(super) fn carried_in(record: &[u8]) -> Option<(Carried, Vec<BusMessage>)> {
     let (kind, carried) = Carried::decode(record)?;
+    if kind == Carried::Crossing {
+        return Some((kind, Vec::new())); // A token, not messages.
+    }
     let messages = carried.unwrap_or_else(|e| {
         log::error!("bus messages from a handoff are lost: {e}");
         Vec::new()
