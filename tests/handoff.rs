@@ -972,12 +972,7 @@ fn a_half_received_message_and_a_full_send_queue_survive_a_reload() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     stream.connect(&addr.into()).unwrap();
     let mut stream: std::net::TcpStream = stream.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    with_timeouts(&stream).unwrap();
     stream.write_all(upgrade_request("").as_bytes()).unwrap();
     let mut slow = RawClient::finish_upgrade(stream).expect("upgraded");
     slow.frame(true, 0x1, b"name slow");

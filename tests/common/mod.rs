@@ -242,8 +242,7 @@ impl Client {
             request.headers_mut().append(name, value);
         }
         let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
-        stream.set_write_timeout(Some(Duration::from_secs(15)))?;
+        with_timeouts(&stream)?;
         let (ws, response) = tungstenite::client(request, stream).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(e) => e,
             tungstenite::HandshakeError::Interrupted(_) => unreachable!("a blocking stream"),
@@ -258,12 +257,7 @@ impl Client {
         let mut tries = 0;
         loop {
             let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(15)))
-                .unwrap();
-            stream
-                .set_write_timeout(Some(Duration::from_secs(15)))
-                .unwrap();
+            with_timeouts(&stream).unwrap();
             match tungstenite::client(format!("ws://127.0.0.1:{port}/"), stream) {
                 Ok((ws, _)) => return Ok(Client { ws }),
                 Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)))
@@ -859,4 +853,11 @@ pub fn crash_if_marked() {
         let _ = std::fs::remove_file(&marker);
         std::process::abort();
     }
+}
+
+/// Gives a test's blocking socket 15 s read and write timeouts: a server that stops answering
+/// fails the test instead of hanging it.
+pub fn with_timeouts(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(15)))
 }
