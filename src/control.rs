@@ -140,11 +140,14 @@ pub enum ToWorker {
     /// bus ends it inherited from now on.
     ///
     /// `returnable` (`wsd upgrade`): keep the line until [`ToWorker::Commit`], and do not die
-    /// with the master meanwhile: if it dies, hand every connection back over the line.
+    /// with the master meanwhile: if it dies, hand every connection back over the line, in
+    /// `protocol`, the handoff protocol `from` speaks.
     Adopt {
         from: Option<crate::bus::bridges::Peer>,
         #[serde(default)]
         returnable: bool,
+        #[serde(default = "this_protocol")]
+        protocol: u16,
     },
     /// The upgrade is done: close the lines kept for a hand-back, and die with the master
     /// again.
@@ -171,6 +174,10 @@ impl ToWorker {
                 | ToWorker::Adopt { from: Some(_), .. }
         )
     }
+}
+
+fn this_protocol() -> u16 {
+    crate::handoff::line::PROTOCOL
 }
 
 /// Text that must not be shown: its `Debug` is `"<secret>"`, so no log line can carry it.

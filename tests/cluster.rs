@@ -46,8 +46,9 @@ fn server_program() -> ! {
 }
 
 /// `sub T` subscribes to topic T (answered `subscribed T`); `pub T DATA` publishes DATA to
-/// it. It hands its clients over (it keeps no state of its own), and a new worker crashes on
-/// adopting one when the test says so ([`crash_if_marked`]).
+/// it. It hands its clients over (it keeps no state of its own). When the test says so, a new
+/// worker crashes on adopting one ([`crash_if_marked`]), or waits as it starts
+/// ([`hold_start_if_marked`]).
 fn feed_app(worker: &mut wsd::Worker) {
     worker.on_message(|ctx, conn, msg| {
         let text = msg.as_text().unwrap_or("");
@@ -61,6 +62,7 @@ fn feed_app(worker: &mut wsd::Worker) {
         }
     });
     worker.on_handoff(|_, _| Vec::new());
+    worker.on_worker_start(|ctx| hold_start_if_marked(ctx.worker_id()));
     worker.on_adopt(|_, _, _| crash_if_marked());
 }
 
@@ -876,6 +878,87 @@ fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
     lines.finish(&mut subs);
 }
 
+/// `kill -9` of a new master mid-upgrade, with a line published from another host every
+/// millisecond: the clients of feed's slot 0 have gone to its new worker, and slot 1's new
+/// worker is still starting. The new worker hands every client back to the old one, which
+/// hands them on to a worker its master starts again. Each subscriber hears every line once,
+/// in order.
+fn publishes_from_another_host_survive_a_new_master_killed_mid_upgrade() {
+    const SUBSCRIBERS: usize = 40;
+    let redis = Redis::start();
+    let marks = tempfile::tempdir().expect("temp dir");
+    let marker = marks.path().join("hold-start");
+    let env = [(HOLD_START_ENV, marker.as_path())];
+    let mut hosts = [Host::start_with_env(&redis, "", &env), Host::start(&redis)];
+    for h in hosts.iter_mut() {
+        h.wait_bus("up");
+    }
+    let mut subs: Vec<Client> = (0..SUBSCRIBERS)
+        .map(|_| {
+            let mut c = hosts[0].connect("feed");
+            c.send_text("sub live");
+            assert_eq!(c.recv_text(), "subscribed live");
+            c
+        })
+        .collect();
+    wait_for("live routed to every feed worker", DEADLINE, || {
+        (redis.numsub("wsd:feed:t:live") == COUNT as u64).then_some(())
+    });
+    let mut publisher = hosts[1].connect("feed");
+    let lines = Lines::start(move |line| publisher.send_text(&format!("pub live {line}")));
+    lines.advance(50);
+    let server = &mut hosts[0].server;
+    let old_master = server.master_pid();
+    let st = server.status();
+    let feed0 = (st["workers"].as_array().unwrap().iter())
+        .find(|w| w["name"] == "feed" && w["slot"] == 0)
+        .and_then(|w| w["pid"].as_i64())
+        .expect("feed's worker of slot 0") as i32;
+    let next = server.dir.path().join("wsd-next");
+    std::fs::copy(this_program(), &next).unwrap();
+    std::fs::write(&marker, "1").unwrap();
+    let upgrade = {
+        let (bin, config) = (wsd_bin(), server.config.clone());
+        std::thread::spawn(move || {
+            Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .args(["upgrade", "--binary", next.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+    };
+    let new_master: i32 = wait_for("the new master to start", DEADLINE, || {
+        let out = server.master_output();
+        let at = out.find("upgrading: started ")?;
+        let line = out[at..].lines().next()?;
+        line.rsplit("as pid ").next()?.trim().parse().ok()
+    });
+    // "feed#0[OLD] feed#0 (pid NEW) took all N connections"
+    server.wait_for_log(&format!("feed#0[{feed0}] feed#0 (pid"));
+    lines.advance(50);
+    let pid = nix::unistd::Pid::from_raw(new_master);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = upgrade.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "the upgrade fails: {said}");
+    std::fs::remove_file(&marker).unwrap();
+    server.wait_for_log("handing every connection back");
+    wait_for(
+        "feed's old worker of slot 0 to hand on and exit",
+        DEADLINE,
+        || exited(feed0).then_some(()),
+    );
+    assert_eq!(server.status()["master"]["pid"], old_master);
+    lines.advance(50);
+    lines.finish(&mut subs);
+    let log = hosts[0].log();
+    assert!(
+        !log.contains("no mark from redis"),
+        "a crossing went on without its mark:\n{log}"
+    );
+}
+
 /// HS256 tokens for the presence test (the test signs them as a backend would).
 const SECRET: &str = "cluster-presence-secret-0123456789ab";
 
@@ -1049,6 +1132,10 @@ fn main() {
         (
             "publishes_from_another_host_survive_a_new_worker_dying_mid_handoff",
             publishes_from_another_host_survive_a_new_worker_dying_mid_handoff,
+        ),
+        (
+            "publishes_from_another_host_survive_a_new_master_killed_mid_upgrade",
+            publishes_from_another_host_survive_a_new_master_killed_mid_upgrade,
         ),
     ]);
 }

@@ -29,8 +29,11 @@ pub(crate) const PROTOCOL: u16 = 4;
 /// The older protocols this build's workers take connections from. Protocol 3 lacks only the
 /// records of a crossing of messages from other hosts (`bus::crossing`), which a giver sends
 /// and a taker never does; and a new worker that hands its connections back to an old one,
-/// its master gone mid-upgrade, names no crossing.
+/// its master gone mid-upgrade, names a crossing only if the old one speaks [`CROSSINGS`].
 pub(crate) const TAKES_FROM: [u16; 1] = [3];
+
+/// The first protocol with the records of a crossing.
+pub(crate) const CROSSINGS: u16 = 4;
 
 /// Whether this build's workers take connections from workers that speak `protocol`.
 pub(crate) fn takes_from(protocol: u16) -> bool {
@@ -92,6 +95,9 @@ pub(crate) struct Line {
     pushed: u32,
     /// The latest acknowledgement received and not yet taken.
     acked: Option<u32>,
+    /// The handoff protocol the worker at the other end speaks: what may be sent to it if the
+    /// line turns round.
+    speaks: u16,
 }
 
 /// Reads everything a non-blocking Unix stream socket has now into `input`, and the
@@ -133,7 +139,20 @@ impl Line {
             received: 0,
             pushed: 0,
             acked: None,
+            speaks: PROTOCOL,
         })
+    }
+
+    /// The line to a worker that speaks `protocol` (the giver of an upgrade from an older
+    /// build).
+    pub(crate) fn speaking(mut self, protocol: u16) -> Line {
+        self.speaks = protocol;
+        self
+    }
+
+    /// Whether the worker at the other end takes the records of a crossing (`bus::crossing`).
+    pub(crate) fn takes_crossings(&self) -> bool {
+        self.speaks >= CROSSINGS
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -360,6 +379,22 @@ mod tests {
     /// Records go both ways, each side counting and acknowledging what it received: the
     /// taker's records come in order with its acknowledgements, descriptors and the line's end
     /// included.
+    /// A line turned round to a giver of the build before sends it no crossing records; one
+    /// to a worker of this build (or a newer one, which takes from it) does.
+    #[test]
+    fn crossings_go_only_to_a_worker_that_takes_them() {
+        let (giver, taker) = pair();
+        assert!(giver.takes_crossings());
+        assert!(taker.takes_crossings());
+        let older = TAKES_FROM.iter().copied().filter(|&p| p < CROSSINGS);
+        for protocol in older {
+            let (_, taker) = pair();
+            assert!(!taker.speaking(protocol).takes_crossings());
+        }
+        let (_, taker) = pair();
+        assert!(taker.speaking(PROTOCOL).takes_crossings());
+    }
+
     #[test]
     fn records_and_acknowledgements_go_both_ways() {
         let (mut giver, mut taker) = pair();

@@ -684,6 +684,7 @@ impl Supervisor {
         let adopt = ToWorker::Adopt {
             from: Some(from),
             returnable: false,
+            protocol: crate::handoff::line::PROTOCOL,
         };
         if !self.tell_with_fd(new, &adopt, take.as_raw_fd()) {
             log::warn!("cannot hand a handoff line to {}", self.describe_proc(new));
@@ -771,6 +772,7 @@ impl Supervisor {
         let adopt = ToWorker::Adopt {
             from: None,
             returnable: false,
+            protocol: crate::handoff::line::PROTOCOL,
         };
         if !self.tell(new, &adopt) {
             log::warn!("cannot release the bus of {}", self.describe_proc(new));

@@ -45,7 +45,11 @@ impl Loop {
                     let drain = Duration::from_millis(drain_ms);
                     self.hand_off_and_stop(to, fd, returnable, (spread, drain))
                 }
-                ToWorker::Adopt { from, returnable } => self.adopt_from(from, fd, returnable),
+                ToWorker::Adopt {
+                    from,
+                    returnable,
+                    protocol,
+                } => self.adopt_from(from, fd, returnable, protocol),
                 ToWorker::Commit => self.commit_upgrade(),
                 ToWorker::Hold => {
                     self.ctx.bus.hold_all();

@@ -485,6 +485,7 @@ fn a_handoff_is_reported_taken_once() {
     let adopt = crate::control::line(&ToWorker::Adopt {
         from: Some(from),
         returnable: false,
+        protocol: crate::handoff::line::PROTOCOL,
     });
     let sent = crate::sys::send_with_fd(master.channel.as_raw_fd(), &adopt, taker.as_raw_fd());
     assert_eq!(sent.unwrap(), adopt.len());

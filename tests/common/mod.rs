@@ -835,6 +835,24 @@ pub fn relay_app(w: &mut wsd::Worker) {
     });
 }
 
+/// Names a file holding a slot: while it exists, a worker of that slot that starts waits in
+/// `on_worker_start`, as a new build that is slow to start would (for a minute at most).
+pub const HOLD_START_ENV: &str = "WSD_TEST_HOLD_START";
+
+pub fn hold_start_if_marked(slot: usize) {
+    let Some(marker) = std::env::var_os(HOLD_START_ENV) else {
+        return;
+    };
+    let held = |m: &std::ffi::OsStr| {
+        let text = std::fs::read_to_string(m).ok();
+        text.and_then(|t| t.trim().parse::<usize>().ok()) == Some(slot)
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while held(&marker) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Names a file holding N: the worker that adopts its N-th connection deletes the file and
 /// aborts, as a new build that crashes on its first clients would.
 pub const CRASH_ENV: &str = "WSD_TEST_CRASH_ON_ADOPT";

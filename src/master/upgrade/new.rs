@@ -140,6 +140,7 @@ impl Master {
                 let adopt = ToWorker::Adopt {
                     from: Some(from),
                     returnable: !pre.committed,
+                    protocol: pre.protocol,
                 };
                 if !self.sup.tell_with_fd(key, &adopt, take.as_raw_fd()) {
                     return Err(io::Error::other("its channel did not take the line"));

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 impl Loop {
     /// Names the crossing of the clients about to go on the line, if messages come from
-    /// other hosts and there are clients to hand over: the token goes on the line before
+    /// other hosts, there are clients to hand over, and the taker takes crossings (a build
+    /// before them, taking its clients back, does not): the token goes on the line before
     /// them. A crossing this worker takes ends first: its clients are on their way again.
     /// Called as the handoff begins, and again for a client that goes after the closing
     /// record (the taker then marks again).
@@ -18,7 +19,10 @@ impl Loop {
             self.pay(owed);
         }
         let h = &self.handoffs;
-        if h.out.is_none() || h.orphaned || h.queue.is_empty() && h.parked.is_empty() {
+        let Some(out) = h.out.as_ref() else {
+            return;
+        };
+        if !out.line.takes_crossings() || h.queue.is_empty() && h.parked.is_empty() {
             return;
         }
         // A cut still to go belongs to the crossing before.
@@ -49,6 +53,7 @@ impl Loop {
     pub(in crate::worker) fn crossing_marked(&mut self, token: u64) {
         if let Some(owed) = self.ctx.bus.crossings_mut().marked(token) {
             self.pay(owed);
+            self.hand_back_if_orphaned();
         }
         if self.ctx.bus.crossings().giving() == Some(token) {
             self.put_remote();
@@ -110,6 +115,7 @@ impl Loop {
         for owed in owed {
             self.pay(owed);
         }
+        self.hand_back_if_orphaned();
         if cut {
             self.put_remote();
             self.handoff_flush();

@@ -487,25 +487,14 @@ impl Loop {
                 out.unacked.pop_front();
             }
         }
-        let failure = match received {
-            Ok(records) => {
-                if Carried::committed_in(&records) {
-                    // The taker's upgrade is done: nothing will come back.
-                    out.returnable = false;
-                }
-                if !records.is_empty() {
-                    self.take_records(records, true, None);
-                    if let Some(out) = self.handoffs.out.as_mut() {
-                        out.line.acknowledge();
-                    }
-                }
-                None
-            }
-            Err(e) => Some(e),
+        let (records, failure) = match received {
+            Ok(records) => (records, None),
+            Err(e) => (Vec::new(), Some(e)),
         };
-        let Some(out) = self.handoffs.out.as_mut() else {
-            return;
-        };
+        if Carried::committed_in(&records) {
+            // The taker's upgrade is done: nothing will come back.
+            out.returnable = false;
+        }
         // A taker closes the line only once it has read the closing record: if its
         // acknowledgement of that record did not make it, it still took everything.
         let closed = failure.is_some();
@@ -517,7 +506,17 @@ impl Loop {
             && !crossing
             && out.line.is_flushed()
             && (out.unacked.is_empty() || closed && only_end);
-        if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
+        let all_taken =
+            all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty();
+        if !all_taken && !records.is_empty() {
+            self.take_records(records, true, None);
+            if let Some(out) = self.handoffs.out.as_mut() {
+                out.line.acknowledge();
+                let _ = out.line.flush();
+            }
+            return self.handoff_pump_or_break(failure);
+        }
+        if all_taken {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
             let out = self.handoffs.out.take().expect("checked above");
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
@@ -532,11 +531,19 @@ impl Loop {
             // drained here, and, in an upgrade, the connections if they come back.
             let draining = !self.handoffs.draining.is_empty();
             if !closed && (out.returnable || draining) {
-                self.keep_for_return(out.line, out.to, out.returnable);
+                // Connections may be coming back already, read with the last acknowledgement.
+                self.keep_for_return(out.line, out.to, out.returnable, records);
+            } else if !records.is_empty() {
+                self.take_records(records, true, None);
             }
             self.hand_off_deferred();
             return;
         }
+        self.handoff_pump_or_break(failure);
+    }
+
+    /// Goes on handing over, or takes back what the taker has not taken if the line failed.
+    fn handoff_pump_or_break(&mut self, failure: Option<LineError>) {
         match failure {
             Some(e) => self.handoff_broke(e),
             None => self.handoff_pump(),

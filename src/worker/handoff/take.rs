@@ -28,12 +28,14 @@ impl Loop {
     /// The master's word that `from` will hand its connections over the line `fd`; `None`:
     /// the worker this one replaces is gone, and its bus ends are this one's to read.
     /// `returnable` (`wsd upgrade`): the line is kept until the upgrade is done, and this
-    /// worker no longer dies with its master: if the master dies first, everything goes back.
+    /// worker no longer dies with its master: if the master dies first, everything goes back,
+    /// in `protocol`, the one `from` speaks.
     pub(in crate::worker) fn adopt_from(
         &mut self,
         from: Option<Peer>,
         fd: Option<OwnedFd>,
         returnable: bool,
+        protocol: u16,
     ) {
         let Some(from) = from else {
             self.take_the_bus();
@@ -44,7 +46,8 @@ impl Loop {
         // what waits on this worker's ends was sent before the hold, and is for the clients
         // here now, not for those coming (their worker reads theirs before it hands them).
         self.drain_bus();
-        let Some(line) = fd.map(Line::new).transpose().ok().flatten() else {
+        let line = fd.map(Line::new).transpose().ok().flatten();
+        let Some(line) = line.map(|l| l.speaking(protocol)) else {
             log::warn!(
                 "cannot take the handoff line from {}#{}",
                 from.group,
@@ -109,12 +112,26 @@ impl Loop {
     /// A handoff this worker made is all taken, and `line` is kept: what goes on it now is bus
     /// messages for the clients each side serves of this slot (the `wss://` ones drained
     /// here, those it took), and, if `returnable`, the taker's connections coming back; its
-    /// end says the drain or the upgrade is over.
-    pub(in crate::worker) fn keep_for_return(&mut self, line: Line, to: Peer, returnable: bool) {
-        if let Some(key) = self.watch_line(line, to, Way::Back { returnable }) {
-            self.update_copying();
-            // What came with the last acknowledgement raises no event of its own.
-            self.adopt_ready(key);
+    /// end says the drain or the upgrade is over. `came`: records read with the last
+    /// acknowledgement (connections coming back already, in a crossing of their own).
+    pub(in crate::worker) fn keep_for_return(
+        &mut self,
+        line: Line,
+        to: Peer,
+        returnable: bool,
+        came: Vec<handoff::line::Record>,
+    ) {
+        match self.watch_line(line, to, Way::Back { returnable }) {
+            Some(key) => {
+                self.update_copying();
+                self.took(key, came, true);
+                // What came with the last acknowledgement raises no event of its own.
+                self.adopt_ready(key);
+            }
+            None if !came.is_empty() => {
+                self.take_records(came, true, None);
+            }
+            None => {}
         }
     }
 
@@ -167,7 +184,8 @@ impl Loop {
 
     /// The master has gone with the upgrade not done: every connection goes back to the
     /// worker that handed this one its clients, over the line kept for that, once all it
-    /// sent is taken. False if no line is kept for it.
+    /// sent is taken and the crossings this worker takes have ended (the clients have had
+    /// every message from other hosts once; `bus::crossing`). False if no line is kept for it.
     pub(in crate::worker) fn hand_back(&mut self) -> bool {
         let returnable = Way::Forth { returnable: true };
         let line = (self.handoffs.incoming.iter()).find(|(_, i)| i.way == returnable);
@@ -175,7 +193,7 @@ impl Loop {
             return false;
         };
         self.handoffs.orphaned = true;
-        if !done {
+        if !done || self.ctx.bus.crossings().is_taking() {
             return true;
         }
         // What was delivered here this turn goes to the old worker first.
@@ -196,6 +214,14 @@ impl Loop {
         let times = (Duration::ZERO, Duration::ZERO);
         self.hand_off_on(from, Some(incoming.line), false, times);
         true
+    }
+
+    /// A crossing this worker took may have ended: if its master has gone, the hand-back that
+    /// waited for it begins.
+    pub(in crate::worker) fn hand_back_if_orphaned(&mut self) {
+        if self.handoffs.orphaned {
+            self.hand_back();
+        }
     }
 
     /// The upgrade is done (`ToWorker::Commit`): the lines kept for a hand-back say so (their
@@ -291,6 +317,15 @@ impl Loop {
                 return;
             }
         };
+        self.took(key, records, back);
+        if ended {
+            // Its end was read with these records: no event will say so again.
+            self.adopt_ready(key);
+        }
+    }
+
+    /// Takes the records that came on incoming line `key`, and acknowledges them.
+    fn took(&mut self, key: usize, records: Vec<handoff::line::Record>, back: bool) {
         let came = !records.is_empty();
         let (adopted, last) = self.take_records(records, back, Some(key));
         if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| came) {
@@ -312,10 +347,9 @@ impl Loop {
             }
             self.taken_all(key);
         }
-        if ended {
-            // Its end was read with these records: no event will say so again.
-            self.adopt_ready(key);
-        }
+        // The giver's cut may have ended the crossing a hand-back waits for: the line turns
+        // round now that what came on it is acknowledged.
+        self.hand_back_if_orphaned();
     }
 
     /// Takes records that came on a line, in order: connections ([`Loop::adopt`]) and bus
@@ -334,7 +368,7 @@ impl Loop {
             self.ctx.bus.await_turn_back();
         }
         let (mut adopted, mut last) = (0, false);
-        let crossing = line.filter(|_| !back);
+        let crossing = line;
         for (record, fd) in records {
             if record.is_empty() {
                 last = true;
