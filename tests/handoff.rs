@@ -71,24 +71,6 @@ fn named(worker: &mut wsd::Worker) {
     });
 }
 
-/// Names a file holding a slot: while it exists, a worker of that slot that starts waits in
-/// `on_worker_start`, as a new build that is slow to start would (for a minute at most).
-const HOLD_START_ENV: &str = "WSD_TEST_HOLD_START";
-
-fn hold_start_if_marked(slot: usize) {
-    let Some(marker) = std::env::var_os(HOLD_START_ENV) else {
-        return;
-    };
-    let held = |m: &std::ffi::OsStr| {
-        let text = std::fs::read_to_string(m).ok();
-        text.and_then(|t| t.trim().parse::<usize>().ok()) == Some(slot)
-    };
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while held(&marker) && std::time::Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn server_program() -> ! {
     wsd::Runner::new().app("named", named).run()
 }
@@ -733,8 +715,15 @@ fn a_new_worker_dying_mid_upgrade_loses_no_connection() {
 /// the upgrade is done and does not die with its master until then, hands every client back;
 /// the old master serves on (its worker of slot 0 hands them to a worker it starts again), and
 /// `wsd upgrade` fails with the reason. No client notices, and every chat line is heard once.
+/// The kill comes after the old worker's deadline (the drain and reload timeouts, 3 s) would
+/// have passed: that deadline runs only once the upgrade is done.
 fn a_new_master_killed_mid_upgrade_loses_no_connection() {
     let (dir, config) = Server::config("named", 2, "");
+    let short = std::fs::read_to_string(&config).unwrap().replace(
+        "[server]\n",
+        "[server]\ndrain_timeout = \"1s\"\nreload_timeout = \"2s\"\n",
+    );
+    std::fs::write(&config, short).unwrap();
     let marker = dir.path().join("hold-start");
     let env = [(HOLD_START_ENV, marker.as_path())];
     let mut server = Server::start_with_env(std::env::current_exe().unwrap(), dir, config, &env);
@@ -767,7 +756,12 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
     });
     // "named#0[OLD] named#0 (pid NEW) took all N connections"
     server.wait_for_log(&format!("named#0[{old_slot0}] named#0 (pid"));
+    let handed = std::time::Instant::now();
     swarm.progress(101);
+    wait_for("the old worker's deadline to pass", DEADLINE, || {
+        (handed.elapsed() > Duration::from_secs(4)).then_some(())
+    });
+    assert!(!exited(old_slot0), "{}", server.master_output());
     kill(Pid::from_raw(new_master), Signal::SIGKILL).unwrap();
     let out = upgrade.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -794,6 +788,8 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
         owners.values().all(|pid| workers.contains(pid)),
         "{owners:?}"
     );
+    let log = server.master_output();
+    assert!(!log.contains("after its deadline"), "{log}");
     swarm.finish();
     chat.finish();
 }

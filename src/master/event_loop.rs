@@ -227,6 +227,15 @@ impl Master {
         }
     }
 
+    /// When retiring worker `p` is killed if it is still running. One that has handed its
+    /// connections to the next master's keeps its line for them to come back until the
+    /// upgrade is done, however long the new master takes: its deadline runs from then.
+    fn kill_at(&self, p: &supervisor::Proc) -> Option<Instant> {
+        let upgrading = self.successor.as_ref().is_some_and(|s| !s.ready());
+        let kept = upgrading && matches!(p.handing, Some(supervisor::Handing::Away));
+        p.retiring.filter(|_| !kept)
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let respawns = self
             .sup
@@ -234,7 +243,7 @@ impl Master {
             .iter()
             .flat_map(|g| g.slots.iter().filter_map(|s| s.respawn_at))
             .filter(|_| self.stopping.is_none());
-        let retiring = self.sup.procs.iter().filter_map(|(_, p)| p.retiring);
+        let retiring = (self.sup.procs.iter()).filter_map(|(_, p)| self.kill_at(p));
         let kill_at = self.stopping.as_ref().and_then(|s| s.kill_at);
         let reload = self.reload.as_ref().and_then(|r| r.deadline());
         let queries = self.queries.iter().map(|q| q.deadline);
@@ -250,8 +259,13 @@ impl Master {
 
     fn run_deadlines(&mut self, registry: &Registry) {
         let now = Instant::now();
-        for (_, p) in self.sup.procs.iter_mut() {
-            if p.retiring.is_some_and(|t| now >= t) {
+        let due: Vec<usize> = (self.sup.procs.iter())
+            .filter(|(_, p)| self.kill_at(p).is_some_and(|t| now >= t))
+            .map(|(key, _)| key)
+            .collect();
+        for key in due {
+            let p = &mut self.sup.procs[key];
+            {
                 log::warn!(
                     "worker {}#{} pid {} still running after its deadline; killing it",
                     p.group,

@@ -147,6 +147,13 @@ pub(super) struct Successor {
     started: Instant,
 }
 
+impl Successor {
+    /// It said every new worker is ready: the upgrade is done.
+    pub(super) fn ready(&self) -> bool {
+        self.ready
+    }
+}
+
 /// The new master's side: the master it replaces, until that one exits.
 pub(super) struct Predecessor {
     pub pid: i32,

@@ -261,9 +261,16 @@ impl Master {
             .filter(|(_, p)| p.retiring.is_none())
             .map(|(key, _)| key)
             .collect();
-        let deadline = Instant::now() + times.timeout;
+        let now = Instant::now();
         for key in leftovers {
-            self.sup.retire(key, times.spread, deadline);
+            self.sup.retire(key, times.spread, now + times.timeout);
+        }
+        // The workers that handed their connections over waited for this with their lines
+        // kept: their deadlines run from now.
+        for (_, p) in self.sup.procs.iter_mut() {
+            if let Some(Handing::Away) = p.handing {
+                p.retiring = Some(now + times.drain + times.timeout);
+            }
         }
         for g in &mut self.sup.groups {
             for s in &mut g.slots {
@@ -324,8 +331,11 @@ impl Master {
         log::error!("upgrade failed: {why}");
         let times = self.handover_times();
         let mut restart = Vec::new();
+        // Their deadlines waited for the upgrade to be done: they run from now.
+        let deadline = Instant::now() + times.drain + times.timeout;
         for (_, p) in self.sup.procs.iter_mut() {
             if let Some(Handing::Away) = p.handing {
+                p.retiring = Some(deadline);
                 p.handing = Some(Handing::Awaiting {
                     group: p.group.clone(),
                     slot: p.slot,
