@@ -53,7 +53,7 @@ impl Loop {
     pub(in crate::worker) fn crossing_marked(&mut self, token: u64) {
         if let Some(owed) = self.ctx.bus.crossings_mut().marked(token) {
             self.pay(owed);
-            self.hand_back_if_orphaned();
+            self.crossing_ended();
         }
         if self.ctx.bus.crossings().giving() == Some(token) {
             self.put_remote();
@@ -115,11 +115,20 @@ impl Loop {
         for owed in owed {
             self.pay(owed);
         }
-        self.hand_back_if_orphaned();
+        self.crossing_ended();
         if cut {
             self.put_remote();
             self.handoff_flush();
         }
+    }
+
+    /// A crossing this worker took may have ended: a hand-back or a handoff that waited for
+    /// it begins.
+    pub(super) fn crossing_ended(&mut self) {
+        if self.handoffs.orphaned {
+            self.hand_back();
+        }
+        self.hand_off_deferred();
     }
 
     /// Delivers what an ended crossing owes its clients.

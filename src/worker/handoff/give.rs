@@ -49,7 +49,9 @@ impl Loop {
     ///
     /// `returnable`: the line is kept once all is taken, for the connections to come back if
     /// the taker's master dies before the upgrade is done. While connections are still coming
-    /// back here, the handoff waits until they all have.
+    /// back here, or a crossing of messages from other hosts this worker takes has not ended
+    /// (its clients are still owed some, or are to skip some: `bus::crossing`), the handoff
+    /// waits until they all have.
     pub(in crate::worker) fn hand_off_and_stop(
         &mut self,
         to: Peer,
@@ -57,7 +59,7 @@ impl Loop {
         returnable: bool,
         times: (Duration, Duration),
     ) {
-        if self.handoffs.giving() || self.handoffs.returning() {
+        if self.handoff_waits() {
             log::info!("handing over once the handoff under way is over");
             let (spread, drain) = times;
             self.handoffs.deferred = Some(super::Deferred {
@@ -83,9 +85,15 @@ impl Loop {
         self.hand_off_on(to, line, returnable, times);
     }
 
+    /// Whether a handoff the master asks for waits for the one under way.
+    fn handoff_waits(&self) -> bool {
+        let h = &self.handoffs;
+        h.giving() || h.returning() || self.ctx.bus.crossings().is_taking()
+    }
+
     /// Begins the handoff put off while another was under way, if the master asked for one.
     pub(in crate::worker) fn hand_off_deferred(&mut self) {
-        if self.handoffs.giving() || self.handoffs.returning() {
+        if self.handoff_waits() {
             return;
         }
         if let Some(d) = self.handoffs.deferred.take() {

@@ -216,14 +216,6 @@ impl Loop {
         true
     }
 
-    /// A crossing this worker took may have ended: if its master has gone, the hand-back that
-    /// waited for it begins.
-    pub(in crate::worker) fn hand_back_if_orphaned(&mut self) {
-        if self.handoffs.orphaned {
-            self.hand_back();
-        }
-    }
-
     /// The upgrade is done (`ToWorker::Commit`): the lines kept for a hand-back say so (their
     /// givers close them once their last clients have gone, and exit), and this worker dies
     /// with its master again.
@@ -347,9 +339,9 @@ impl Loop {
             }
             self.taken_all(key);
         }
-        // The giver's cut may have ended the crossing a hand-back waits for: the line turns
-        // round now that what came on it is acknowledged.
-        self.hand_back_if_orphaned();
+        // The giver's cut may have ended the crossing a hand-back or a handoff waits for: it
+        // begins now that what came on the line is acknowledged.
+        self.crossing_ended();
     }
 
     /// Takes records that came on a line, in order: connections ([`Loop::adopt`]) and bus
