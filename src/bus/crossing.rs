@@ -364,6 +364,13 @@ impl Crossings {
         (cut, owed)
     }
 
+    /// The crossings taken on line `from` go by `to` from now on: the line turned round.
+    pub fn rekey(&mut self, from: usize, to: usize) {
+        for t in self.taking.iter_mut().filter(|t| t.line == from) {
+            t.line = to;
+        }
+    }
+
     /// The crossing under way on `line`, if any.
     fn active(&mut self, line: usize) -> Option<&mut Taking> {
         (self.taking.iter_mut()).find(|t| t.line == line && t.active())
@@ -527,5 +534,22 @@ mod tests {
             Some((HashSet::from([id(1)]), vec![msg("x")]))
         );
         assert_eq!(c.line_gone(2), None);
+    }
+
+    /// Connections coming back on a line before it has turned round: their crossing goes by
+    /// the line's new key from then on, copies, cut and all.
+    #[test]
+    fn a_crossing_follows_its_line_to_a_new_key() {
+        const OUT: usize = usize::MAX;
+        let mut c = Crossings::default();
+        c.take(OUT, 9, true);
+        c.adopted(OUT, id(1), Vec::new());
+        c.rekey(OUT, 3);
+        assert!(c.copy_for(3, id(1), &msg("a")));
+        assert!(!c.copy_for(OUT, id(1), &msg("a")));
+        assert_eq!(c.ask_mark(3, Instant::now()), Some(9));
+        assert_eq!(c.cut(3), None, "the mark is still to come");
+        assert_eq!(c.marked(9), Some((HashSet::from([id(1)]), Vec::new())));
+        assert!(!c.is_taking());
     }
 }

@@ -24,16 +24,18 @@ use std::os::unix::net::UnixStream;
 /// The handoff protocol this build speaks: the line's framing and the records on it. Two
 /// masters of `wsd upgrade` that speak different ones hand nothing over (the old workers'
 /// clients are closed with 1001, as without a handoff); a change to either bumps it.
-pub(crate) const PROTOCOL: u16 = 4;
+pub(crate) const PROTOCOL: u16 = 5;
 
-/// The older protocols this build's workers take connections from. Protocol 3 lacks only the
-/// records of a crossing of messages from other hosts (`bus::crossing`), which a giver sends
-/// and a taker never does; and a new worker that hands its connections back to an old one,
-/// its master gone mid-upgrade, names a crossing only if the old one speaks [`CROSSINGS`].
-pub(crate) const TAKES_FROM: [u16; 1] = [3];
+/// The older protocols this build's workers take connections from. What they lack is sent
+/// only by a giver, never asked of a taker:
+/// - protocol 3, the records of a crossing of messages from other hosts (`bus::crossing`);
+/// - protocol 4, a crossing on the connections a new worker hands back to an old one when
+///   its master dies mid-upgrade: the new worker names one only if the old one speaks
+///   [`CROSSING_BACK`].
+pub(crate) const TAKES_FROM: [u16; 2] = [3, 4];
 
-/// The first protocol with the records of a crossing.
-pub(crate) const CROSSINGS: u16 = 4;
+/// The first protocol whose workers take a crossing on connections handed back to them.
+pub(crate) const CROSSING_BACK: u16 = 5;
 
 /// Whether this build's workers take connections from workers that speak `protocol`.
 pub(crate) fn takes_from(protocol: u16) -> bool {
@@ -150,9 +152,12 @@ impl Line {
         self
     }
 
-    /// Whether the worker at the other end takes the records of a crossing (`bus::crossing`).
+    /// Whether the worker at the other end takes the records of a crossing (`bus::crossing`)
+    /// from this one: always on a line this worker was given to hand over on (its taker takes
+    /// from this build); on one turned round, if the giver at the other end speaks
+    /// [`CROSSING_BACK`].
     pub(crate) fn takes_crossings(&self) -> bool {
-        self.speaks >= CROSSINGS
+        self.speaks >= CROSSING_BACK
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -376,17 +381,14 @@ mod tests {
         assert_eq!(giver.acknowledged(), Some(6));
     }
 
-    /// Records go both ways, each side counting and acknowledging what it received: the
-    /// taker's records come in order with its acknowledgements, descriptors and the line's end
-    /// included.
-    /// A line turned round to a giver of the build before sends it no crossing records; one
+    /// A line turned round to a giver of the builds before sends it no crossing records; one
     /// to a worker of this build (or a newer one, which takes from it) does.
     #[test]
     fn crossings_go_only_to_a_worker_that_takes_them() {
         let (giver, taker) = pair();
         assert!(giver.takes_crossings());
         assert!(taker.takes_crossings());
-        let older = TAKES_FROM.iter().copied().filter(|&p| p < CROSSINGS);
+        let older = TAKES_FROM.iter().copied().filter(|&p| p < CROSSING_BACK);
         for protocol in older {
             let (_, taker) = pair();
             assert!(!taker.speaking(protocol).takes_crossings());
@@ -395,6 +397,9 @@ mod tests {
         assert!(taker.speaking(PROTOCOL).takes_crossings());
     }
 
+    /// Records go both ways, each side counting and acknowledging what it received: the
+    /// taker's records come in order with its acknowledgements, descriptors and the line's end
+    /// included.
     #[test]
     fn records_and_acknowledgements_go_both_ways() {
         let (mut giver, mut taker) = pair();

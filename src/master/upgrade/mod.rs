@@ -229,11 +229,13 @@ mod tests {
         assert!(!crate::handoff::line::takes_from(0));
     }
 
-    /// A build takes connections from one a protocol behind (its givers name no crossing),
-    /// and offers the old master its own protocol, the only one an older build accepts.
+    /// A build takes connections from the builds two protocols behind (their givers name no
+    /// crossing, or none on a hand-back), and offers the old master its own protocol, the only
+    /// one an older build accepts.
     #[test]
-    fn this_build_takes_from_the_build_before() {
+    fn this_build_takes_from_the_builds_before() {
         assert!(crate::handoff::line::takes_from(3));
+        assert!(crate::handoff::line::takes_from(4));
         assert!(crate::handoff::line::takes_from(
             crate::handoff::line::PROTOCOL
         ));

@@ -11,7 +11,9 @@ impl Loop {
     /// Names the crossing of the clients about to go on the line, if messages come from
     /// other hosts, there are clients to hand over, and the taker takes crossings (a build
     /// before them, taking its clients back, does not): the token goes on the line before
-    /// them. A crossing this worker takes ends first: its clients are on their way again.
+    /// them. A crossing this worker still takes ends first: its clients are on their way
+    /// again (a handoff waits for those crossings, so only a client going after the closing
+    /// record can find one).
     /// Called as the handoff begins, and again for a client that goes after the closing
     /// record (the taker then marks again).
     pub(in crate::worker) fn begin_crossing(&mut self) {
@@ -80,8 +82,11 @@ impl Loop {
                     return;
                 };
                 let here = self.ctx.bus.origin.slot as usize;
-                let same_slot =
-                    (self.handoffs.incoming.get(key)).is_some_and(|i| i.from.slot == here);
+                let from = match key {
+                    super::OUT_LINE => self.handoffs.out.as_ref().map(|o| &o.to),
+                    key => self.handoffs.incoming.get(key).map(|i| &i.from),
+                };
+                let same_slot = from.is_some_and(|p| p.slot == here);
                 self.ctx.bus.crossings_mut().take(key, token, same_slot);
             }
             Carried::Remote => {

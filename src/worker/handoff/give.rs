@@ -495,14 +495,27 @@ impl Loop {
                 out.unacked.pop_front();
             }
         }
-        let (records, failure) = match received {
-            Ok(records) => (records, None),
-            Err(e) => (Vec::new(), Some(e)),
+        let failure = match received {
+            Ok(records) => {
+                if Carried::committed_in(&records) {
+                    // The taker's upgrade is done: nothing will come back.
+                    out.returnable = false;
+                }
+                if !records.is_empty() {
+                    // Bus messages for the clients here, or connections coming back, in a
+                    // crossing of their own that goes by the line's key once it turns round.
+                    self.take_records(records, true, Some(super::OUT_LINE));
+                    if let Some(out) = self.handoffs.out.as_mut() {
+                        out.line.acknowledge();
+                    }
+                }
+                None
+            }
+            Err(e) => Some(e),
         };
-        if Carried::committed_in(&records) {
-            // The taker's upgrade is done: nothing will come back.
-            out.returnable = false;
-        }
+        let Some(out) = self.handoffs.out.as_mut() else {
+            return;
+        };
         // A taker closes the line only once it has read the closing record: if its
         // acknowledgement of that record did not make it, it still took everything.
         let closed = failure.is_some();
@@ -514,17 +527,7 @@ impl Loop {
             && !crossing
             && out.line.is_flushed()
             && (out.unacked.is_empty() || closed && only_end);
-        let all_taken =
-            all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty();
-        if !all_taken && !records.is_empty() {
-            self.take_records(records, true, None);
-            if let Some(out) = self.handoffs.out.as_mut() {
-                out.line.acknowledge();
-                let _ = out.line.flush();
-            }
-            return self.handoff_pump_or_break(failure);
-        }
-        if all_taken {
+        if all_taken && self.handoffs.queue.is_empty() && self.handoffs.parked.is_empty() {
             let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
             let out = self.handoffs.out.take().expect("checked above");
             let taker = format!("{}#{} (pid {})", out.to.group, out.to.slot, out.to.pid);
@@ -539,19 +542,13 @@ impl Loop {
             // drained here, and, in an upgrade, the connections if they come back.
             let draining = !self.handoffs.draining.is_empty();
             if !closed && (out.returnable || draining) {
-                // Connections may be coming back already, read with the last acknowledgement.
-                self.keep_for_return(out.line, out.to, out.returnable, records);
-            } else if !records.is_empty() {
-                self.take_records(records, true, None);
+                self.keep_for_return(out.line, out.to, out.returnable);
+            } else {
+                self.crossing_line_gone(super::OUT_LINE);
             }
             self.hand_off_deferred();
             return;
         }
-        self.handoff_pump_or_break(failure);
-    }
-
-    /// Goes on handing over, or takes back what the taker has not taken if the line failed.
-    fn handoff_pump_or_break(&mut self, failure: Option<LineError>) {
         match failure {
             Some(e) => self.handoff_broke(e),
             None => self.handoff_pump(),
@@ -567,6 +564,7 @@ impl Loop {
         };
         let _ = (self.poll.registry()).deregister(&mut SourceFd(&out.line.fd()));
         self.update_copying();
+        self.crossing_line_gone(super::OUT_LINE);
         let lost = (out.unacked.iter())
             .filter(|s| matches!(s, Sent::Conn(_, None)))
             .count();

@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 pub(super) const HANDOFF_OUT: Token = Token(9);
 /// Lines from the workers this one takes connections from: `ADOPT_BASE + index`.
 pub(super) const ADOPT_BASE: usize = 1 << 38;
+/// The key a crossing on the outgoing line goes by (connections coming back on it before it
+/// has turned round into an incoming one); no incoming line's key is ever this.
+const OUT_LINE: usize = usize::MAX;
 /// Records on the line not yet acknowledged, at most. The giver holds a second descriptor for
 /// each until then, so a worker near its file limit (`RLIMIT_NOFILE`) must not hold one per
 /// connection at once; and records are built as the window opens, not all up front.
@@ -60,13 +63,14 @@ pub(super) struct Handoffs {
     /// (`Carried::Committed`).
     committed: bool,
     /// The master died mid-upgrade: everything goes back over the returnable line (once all
-    /// on it is taken), and no master will name another taker.
+    /// on it is taken, and the crossings this worker takes have ended), and no master will
+    /// name another taker.
     orphaned: bool,
     /// The master this worker does not die with while it keeps a line for a hand-back
     /// (`sys::outlive_parent`); it is tied to it again when the upgrade is done.
     outlived: Option<nix::unistd::Pid>,
-    /// A handoff the master asked for while connections were still coming back: it begins
-    /// once they all have.
+    /// A handoff the master asked for while connections were still coming back, or a crossing
+    /// this worker takes had not ended: it begins once they all have.
     deferred: Option<Deferred>,
 }
 

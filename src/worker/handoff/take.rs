@@ -112,26 +112,17 @@ impl Loop {
     /// A handoff this worker made is all taken, and `line` is kept: what goes on it now is bus
     /// messages for the clients each side serves of this slot (the `wss://` ones drained
     /// here, those it took), and, if `returnable`, the taker's connections coming back; its
-    /// end says the drain or the upgrade is over. `came`: records read with the last
-    /// acknowledgement (connections coming back already, in a crossing of their own).
-    pub(in crate::worker) fn keep_for_return(
-        &mut self,
-        line: Line,
-        to: Peer,
-        returnable: bool,
-        came: Vec<handoff::line::Record>,
-    ) {
+    /// end says the drain or the upgrade is over. A crossing of connections already coming
+    /// back goes by the line's new key.
+    pub(in crate::worker) fn keep_for_return(&mut self, line: Line, to: Peer, returnable: bool) {
         match self.watch_line(line, to, Way::Back { returnable }) {
             Some(key) => {
+                self.ctx.bus.crossings_mut().rekey(super::OUT_LINE, key);
                 self.update_copying();
-                self.took(key, came, true);
                 // What came with the last acknowledgement raises no event of its own.
                 self.adopt_ready(key);
             }
-            None if !came.is_empty() => {
-                self.take_records(came, true, None);
-            }
-            None => {}
+            None => self.crossing_line_gone(super::OUT_LINE),
         }
     }
 
