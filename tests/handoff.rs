@@ -796,7 +796,7 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
 
 /// `wsd upgrade` from `from` workers to a configuration with `to`: every old worker hands its
 /// clients to the new worker of its slot, and once the old master has gone a reload of the new
-/// master's changes the count (merging the slots past a lower one into the others, the group
+/// master's (which keeps the workers it has) changes the count (merging the slots past a lower one into the others, the group
 /// holding its messages meanwhile; or growing the group and its bus). No client notices, and
 /// every chat line is heard once.
 fn upgrade_to_another_count(from: usize, to: usize) {
@@ -819,6 +819,17 @@ fn upgrade_to_another_count(from: usize, to: usize) {
     server.wait_for_log("reload done");
     let st = server.wait_ready();
     assert_eq!(worker_pids_in(&st).len(), to, "{st}");
+    // A reload that lowers the count keeps the workers running (they run this build and this
+    // configuration already); one that raises it grows the bus, which only new workers join,
+    // so it replaces them.
+    let new_master = st["master"]["pid"].as_i64().unwrap();
+    let log = server.master_output();
+    let started = (log.lines())
+        .filter(|l| l.contains(&format!("master[{new_master}] worker named#")))
+        .filter(|l| l.contains(" started, pid "))
+        .count();
+    let expected = if to < from { from } else { from + to };
+    assert_eq!(started, expected, "{log}");
     swarm.progress(200);
     chat.go_on(20);
     wait_for("the new workers to count every client", DEADLINE, || {
@@ -838,8 +849,9 @@ fn an_upgrade_that_lowers_the_count_moves_every_connection() {
 
 /// `wsd upgrade` to another binary (a copy of this program under a new name): a new master
 /// takes over the sockets, its workers take over every connection, with the app's state, and
-/// the old master leaves it the pid file and the control socket. A binary that fails `check`,
-/// or dies before it is ready, changes nothing.
+/// the old master leaves it the pid file and the control socket. A binary that fails `check`
+/// (it is not a wsd, or the configuration has a mistake), or dies before it is ready, changes
+/// nothing.
 fn an_upgrade_to_a_new_binary_moves_every_connection() {
     let mut server = start(2);
     const CLIENTS: usize = 40;
@@ -875,9 +887,26 @@ fn an_upgrade_to_a_new_binary_moves_every_connection() {
     assert_eq!(server.status()["master"]["pid"], old_master);
     swarm.progress(100);
 
-    // The new binary.
+    // The new binary, with a mistake in the configuration: its `check` names the line, and
+    // nothing changes.
     let next = dir.join("named-next");
     std::fs::copy(&me, &next).unwrap();
+    let good = std::fs::read_to_string(&server.config).unwrap();
+    let bad = good.replace("count = 2", "count = \"two\"");
+    assert_ne!(bad, good);
+    std::fs::write(&server.config, &bad).unwrap();
+    let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let line = bad.lines().position(|l| l.contains("two")).unwrap() + 1;
+    let at = format!("workers.toml:{line}:");
+    assert!(
+        text(&out).contains("upgrade refused") && text(&out).contains(&at),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(server.status()["master"]["pid"], old_master);
+    swarm.progress(100);
+    std::fs::write(&server.config, &good).unwrap();
     let before = server.worker_pids();
     let out = server.wsd(&["upgrade", "--binary", next.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));

@@ -265,16 +265,14 @@ impl Master {
             .collect();
         for key in due {
             let p = &mut self.sup.procs[key];
-            {
-                log::warn!(
-                    "worker {}#{} pid {} still running after its deadline; killing it",
-                    p.group,
-                    p.slot,
-                    p.pid
-                );
-                sigkill(p.pid);
-                p.retiring = Some(now + Duration::from_secs(1));
-            }
+            log::warn!(
+                "worker {}#{} pid {} still running after its deadline; killing it",
+                p.group,
+                p.slot,
+                p.pid
+            );
+            sigkill(p.pid);
+            p.retiring = Some(now + Duration::from_secs(1));
         }
         self.clients.expire(now, registry);
         if let Some(m) = &mut self.metrics {
@@ -409,7 +407,9 @@ impl Master {
                     self.begin_stop(StopMode::Fast, sig.as_str(), registry)
                 }
                 Signal::SIGUSR1 | Signal::SIGHUP => {
-                    if let Err(e) = self.begin_reload(sig.as_str(), None, registry) {
+                    if let Err(e) =
+                        self.begin_reload(sig.as_str(), None, reload::Scope::All, registry)
+                    {
                         log::error!("reload refused: {e}");
                     }
                 }
@@ -543,12 +543,13 @@ impl Master {
 
     // ---- reload -------------------------------------------------------------------------
 
-    /// Re-reads the config and starts replacing workers. `Err` (nothing touched) if the
-    /// config is bad or a reload cannot happen now.
+    /// Re-reads the config and starts replacing workers (those of `scope`). `Err` (nothing
+    /// touched) if the config is bad or a reload cannot happen now.
     pub(super) fn begin_reload(
         &mut self,
         why: &str,
         waiter: Option<usize>,
+        scope: reload::Scope,
         registry: &Registry,
     ) -> Result<(), ReloadError> {
         if self.stopping.is_some() {
@@ -564,7 +565,7 @@ impl Master {
         } else {
             self.sup.api.as_ref().map(|a| a.config.clone())
         };
-        let prepared = reload::prepare(&self.sup, file_groups, api.as_ref())?;
+        let prepared = reload::prepare(&self.sup, file_groups, api.as_ref(), scope)?;
         log::info!("reloading ({why}): {}", prepared.summary.join("; "));
         notify::reloading();
         self.sup.creds = super::privileges::for_workers(&server);

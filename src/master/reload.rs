@@ -43,11 +43,13 @@ pub enum Change {
         tls: Option<Renewed>,
     },
     /// Same name and address: new settings, maybe a new count (`more` sockets for new slots).
+    /// `kept`: the running workers stay ([`Scope::Count`]); only new slots start.
     Update {
         old: usize,
         def: Worker,
         more: Vec<TcpListener>,
         bus: Wiring,
+        kept: bool,
     },
     /// A new group, or one whose address changed.
     Fresh(Group),
@@ -66,6 +68,19 @@ pub enum Wiring {
     Grown(Mesh),
 }
 
+/// Which workers a reload replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every worker of a reloadable group: the settings, or the code the app runs (an exec
+    /// handler's script, say), may be new.
+    All,
+    /// Only what a new `count` needs: the running workers run this configuration on this
+    /// build already (the reload that follows `wsd upgrade` to another count). A group whose
+    /// other settings differ is replaced all the same, and so is one whose bus mesh must grow
+    /// (running workers have no ends to the new slots: [`Wiring::Grown`]).
+    Count,
+}
+
 /// A reload that can go ahead.
 pub struct Prepared {
     changes: Vec<Change>,
@@ -79,6 +94,7 @@ pub fn prepare(
     sup: &Supervisor,
     file_groups: Vec<Worker>,
     api: Option<&crate::config::ApiConfig>,
+    scope: Scope,
 ) -> Result<Prepared, ReloadError> {
     let code = sup.groups.iter().filter(|g| !g.from_file);
     let listens: Vec<_> = code
@@ -101,14 +117,18 @@ pub fn prepare(
     let mut changes = Vec::new();
     let mut summary = Vec::new();
     for (old, g) in sup.groups.iter().enumerate().filter(|(_, g)| !g.from_file) {
-        let replace = g.def.reloadable;
+        let replace = g.def.reloadable && scope == Scope::All;
         let bus = if replace {
             Wiring::Inherited
         } else {
             Wiring::Stays
         };
         let tls = reread_tls(g)?;
-        summary.push(kept(g, replace) + &renewed_note(&tls));
+        let line = match scope {
+            Scope::Count => format!("{}: kept (running this build)", g.name()),
+            Scope::All => kept(g, replace),
+        };
+        summary.push(line + &renewed_note(&tls));
         changes.push(Change::Keep { old, bus, tls });
     }
     for def in file_groups {
@@ -152,20 +172,26 @@ pub fn prepare(
                 })?;
                 let more = listeners::bind_more(addr, want.saturating_sub(have), def.backlog)
                     .map_err(bind)?;
-                summary.push(if have == want {
-                    format!("{name}: {want} worker(s) replaced")
-                } else {
-                    format!("{name}: {have} -> {want} worker(s)")
+                let grown = want > g.mesh.slots();
+                let kept = scope == Scope::Count && !grown && same_but_count(g, &def);
+                summary.push(match (have == want, kept) {
+                    (true, false) => format!("{name}: {want} worker(s) replaced"),
+                    (true, true) => format!("{name}: kept (running this build)"),
+                    (false, false) => format!("{name}: {have} -> {want} worker(s)"),
+                    (false, true) => {
+                        format!("{name}: {have} -> {want} worker(s), running ones kept")
+                    }
                 });
-                let bus = match want <= g.mesh.slots() {
-                    true => Wiring::Inherited,
-                    false => Wiring::Grown(g.mesh.grown(want).map_err(GroupsError::Bus)?),
+                let bus = match grown {
+                    false => Wiring::Inherited,
+                    true => Wiring::Grown(g.mesh.grown(want).map_err(GroupsError::Bus)?),
                 };
                 Change::Update {
                     old,
                     def,
                     more,
                     bus,
+                    kept,
                 }
             }
             other => {
@@ -216,6 +242,14 @@ fn same_settings(g: &Group, def: &Worker) -> bool {
     {
         def.config() == g.def.config()
     }
+}
+
+/// The running group's settings and `def`'s are the same, `count` aside (certificates
+/// included).
+fn same_but_count(g: &Group, def: &Worker) -> bool {
+    let mut new = def.config().clone();
+    new.count = g.def.config().count;
+    new == *g.def.config()
 }
 
 /// `def`'s certificate, if it is not the one the running group serves.
@@ -350,6 +384,7 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 def,
                 more,
                 bus,
+                kept,
             } => {
                 let mut g = old[i].take().expect("each old group is used once");
                 if def.backlog != g.def.backlog {
@@ -378,7 +413,9 @@ pub fn apply(sup: &mut Supervisor, prepared: Prepared) -> Reload {
                 let surplus = surplus.filter_map(|k| sup.proc_ref(k));
                 merge.extend(surplus.map(|proc| (proc, name.clone())));
                 g.listeners.truncate(want);
-                replace.extend((0..want).map(|s| (g.name().to_string(), s, ends)));
+                let running = |s: &usize| kept && g.slots[*s].proc.is_some();
+                let slots = (0..want).filter(|s| !running(s));
+                replace.extend(slots.map(|s| (g.name().to_string(), s, ends)));
                 g
             }
             Change::Fresh(g) => {

@@ -76,7 +76,12 @@ impl Master {
                 }
                 return;
             }
-            Request::Reload => match self.begin_reload("wsd reload", Some(key), registry) {
+            Request::Reload => match self.begin_reload(
+                "wsd reload",
+                Some(key),
+                super::reload::Scope::All,
+                registry,
+            ) {
                 Ok(()) => return,
                 Err(e) => Reply::error(format!("reload refused: {e}")),
             },

@@ -284,8 +284,9 @@ impl Master {
         crate::master::notify::ready(&self.serving_line());
         if std::mem::take(&mut self.sup.recount_after_upgrade) {
             // Every slot took its own clients; now the count changes as in any reload,
-            // every message reaching every client once.
-            if let Err(e) = self.begin_reload("upgrade to another count", None, registry) {
+            // every message reaching every client once, and the workers running stay.
+            let scope = crate::master::reload::Scope::Count;
+            if let Err(e) = self.begin_reload("upgrade to another count", None, scope, registry) {
                 log::error!("cannot change the count after the upgrade: {e}");
             }
         }
