@@ -41,6 +41,14 @@ pub fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// `st`, a `status --json`, if every worker in it has reported and is idle.
+fn all_idle(st: Value) -> Option<Value> {
+    let ws = st["workers"].as_array()?;
+    (ws.iter())
+        .all(|w| w["status"] == "idle" && w["pid"].as_i64() > Some(0))
+        .then_some(st)
+}
+
 /// A master started by a test, killed with all its workers when dropped.
 pub struct Server {
     pub dir: tempfile::TempDir,
@@ -105,20 +113,36 @@ impl Server {
             child: Some(child),
             port: 0,
         };
-        let st = s.wait_ready();
+        let st = s.wait_started();
         let listen = st["groups"][0]["listen"].as_str().unwrap().to_string();
         s.port = listen.rsplit(':').next().unwrap().parse().unwrap();
         s
     }
 
+    /// As [`Server::wait_ready`], failing at once if the master exits first (a configuration
+    /// it refused, say), with what it said.
+    fn wait_started(&mut self) -> Value {
+        let st = wait_for("all workers idle", DEADLINE, || {
+            if let Some(how) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "the master exited at start ({how}):\n{}",
+                    self.master_output()
+                );
+            }
+            all_idle(self.try_status()?)
+        });
+        self.remember(&st);
+        st
+    }
+
     /// Waits until every worker has reported, and returns that status.
     pub fn wait_ready(&mut self) -> Value {
         let st = wait_for("all workers idle", DEADLINE, || {
-            let st = self.try_status()?;
-            let ws = st["workers"].as_array()?;
-            ws.iter()
-                .all(|w| w["status"] == "idle" && w["pid"].as_i64() > Some(0))
-                .then_some(st)
+            all_idle(self.try_status()?)
         });
         self.remember(&st);
         st
