@@ -159,6 +159,33 @@ impl Redis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
+
+    /// The same server, spoken to in RESP3 (`HELLO 3`), as Redis 6+ and Valkey allow.
+    fn url_resp3(&self) -> String {
+        format!("{}?protocol=resp3", self.url())
+    }
+
+    /// `CLIENT LIST`: a line per connection (`id=3 addr=... resp=2`).
+    fn client_list(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"CLIENT LIST\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            s.read_exact(&mut b).expect("redis answer");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        let len: usize = head
+            .trim_start_matches('$')
+            .trim_end()
+            .parse()
+            .expect("a bulk string");
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).expect("the client list");
+        String::from_utf8_lossy(&body).to_string()
+    }
 }
 
 impl Drop for Redis {
@@ -176,6 +203,8 @@ struct Host {
     server: Server,
     ports: Vec<u16>,
     api: u16,
+    /// Its bus.
+    url: String,
 }
 
 impl Host {
@@ -190,12 +219,14 @@ impl Host {
 
     /// A host whose pubsub group has `pubsub` lines added, started with `env`.
     fn start_with_env(redis: &Redis, pubsub: &str, env: &[(&str, &std::path::Path)]) -> Host {
+        Host::start_on(&redis.url(), pubsub, env)
+    }
+
+    /// A host on the bus at `url`.
+    fn start_on(url: &str, pubsub: &str, env: &[(&str, &std::path::Path)]) -> Host {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("workers.toml");
-        let mut text = format!(
-            "[server]\nstop_timeout = \"5s\"\nbus = \"{}\"\n",
-            redis.url()
-        );
+        let mut text = format!("[server]\nstop_timeout = \"5s\"\nbus = \"{url}\"\n");
         for app in APPS {
             text += &format!(
                 "\n[[worker]]\nlisten = \"websocket://127.0.0.1:0\"\ncount = {COUNT}\napp = \"{app}\"\n"
@@ -215,7 +246,12 @@ impl Host {
             .map(|g| port(st["groups"][g]["listen"].as_str().unwrap()))
             .collect();
         let api = port(st["api"]["listen"].as_str().unwrap());
-        Host { server, ports, api }
+        Host {
+            server,
+            ports,
+            api,
+            url: url.to_string(),
+        }
     }
 
     /// Publishes through this host's API; the status and the answer.
@@ -428,12 +464,21 @@ fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
 
+/// Two hosts, one speaking RESP2 to Redis and one RESP3, share chat, topics and `send_to`,
+/// lose Redis for a while, and share them again once it is back.
 fn cluster_delivers_and_survives_a_redis_outage() {
     let mut redis = Redis::start();
-    let mut hosts = [Host::start(&redis), Host::start(&redis)];
+    let mut hosts = [
+        Host::start(&redis),
+        Host::start_on(&redis.url_resp3(), "", &[]),
+    ];
     for h in hosts.iter_mut() {
         h.wait_bus("up");
     }
+    let speaks = |list: &str, resp: &str| list.lines().any(|l| l.ends_with(resp));
+    let both = |list: String| speaks(&list, " resp=2") && speaks(&list, " resp=3");
+    let list = redis.client_list();
+    assert!(both(list.clone()), "both protocols in use:\n{list}");
     let out = hosts[0].server.wsd(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let all = APPS.len() * COUNT;
@@ -516,7 +561,7 @@ fn cluster_delivers_and_survives_a_redis_outage() {
         assert!(
             text.contains(&format!(
                 "bus: {} — down (up on 0/{workers} workers)",
-                redis.url()
+                h.url
             )),
             "host {i}:\n{text}"
         );
@@ -545,6 +590,8 @@ fn cluster_delivers_and_survives_a_redis_outage() {
         h.server
             .wait_for_log("bus: redis back (every worker reaches it)");
     }
+    let list = redis.client_list();
+    assert!(both(list.clone()), "both protocols again:\n{list}");
     a[1].send_text("after the outage");
     for (who, c) in [("host 0", &mut a), ("host 1", &mut b)] {
         for c in c.iter_mut() {
