@@ -30,7 +30,7 @@ impl Lines {
 
     /// Takes `data`, handing each line it completes to `out`.
     pub fn feed(&mut self, mut data: &[u8], mut out: impl FnMut(Piece<'_>)) {
-        while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', data) {
             let (head, rest) = (&data[..nl], &data[nl + 1..]);
             data = rest;
             if let Some(skipped) = self.skipping.take() {

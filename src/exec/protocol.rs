@@ -44,7 +44,8 @@ pub enum Event<'a> {
     },
     /// A message from a client.
     Message {
-        conn: String,
+        #[serde(serialize_with = "as_text")]
+        conn: GlobalId,
         data: json_data::Data<'a>,
     },
     /// A client is gone.
@@ -120,9 +121,20 @@ fn is_mechanics(name: &str) -> bool {
 
 /// `event` as a line, newline included.
 pub fn line(event: &Event<'_>) -> Vec<u8> {
-    let mut out = serde_json::to_vec(event).expect("an event serializes");
-    out.push(b'\n');
+    let mut out = Vec::new();
+    write_line(&mut out, event);
     out
+}
+
+/// Appends `event` to `out` as a line, newline included.
+pub fn write_line(out: &mut Vec<u8>, event: &Event<'_>) {
+    serde_json::to_writer(&mut *out, event).expect("an event serializes");
+    out.push(b'\n');
+}
+
+/// A connection id in its text form, written where it goes rather than into a string first.
+fn as_text<S: serde::Serializer>(id: &GlobalId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
 }
 
 /// What the handler asks.
@@ -214,14 +226,16 @@ pub enum BadCommand {
     Empty(&'static str),
 }
 
-/// The line as it comes; every field a command may have.
+/// The line as it comes; every field a command may have. The connection id is read in place
+/// (it is parsed, not kept).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Raw {
+struct Raw<'a> {
     cmd: Name,
     #[serde(default)]
     id: Option<Value>,
-    conn: Option<String>,
+    #[serde(borrow)]
+    conn: Option<std::borrow::Cow<'a, str>>,
     data: Option<Value>,
     topic: Option<String>,
     user: Option<String>,
@@ -274,11 +288,11 @@ pub fn read_command(line: &[u8]) -> Read {
     }
 }
 
-fn command(r: Raw) -> Result<Command, BadCommand> {
+fn command(r: Raw<'_>) -> Result<Command, BadCommand> {
     let missing = |key: &'static str| {
         BadCommand::Json(<serde_json::Error as serde::de::Error>::missing_field(key))
     };
-    let conn = |c: Option<String>| -> Result<GlobalId, BadCommand> {
+    let conn = |c: Option<std::borrow::Cow<'_, str>>| -> Result<GlobalId, BadCommand> {
         Ok(c.ok_or_else(|| missing("conn"))?.parse()?)
     };
     let data = |d: Option<Value>| -> Result<Message, BadCommand> {
@@ -443,7 +457,7 @@ mod tests {
     #[test]
     fn events_are_one_line_each() {
         let text = line(&Event::Message {
-            conn: CONN.into(),
+            conn: CONN.parse().unwrap(),
             data: json_data::Data(&Message::from("a\nb")),
         });
         assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 1);

@@ -130,6 +130,11 @@ impl Handler {
         self.out.extend_from_slice(line);
     }
 
+    /// Queues `event` as a line, written in place.
+    pub(super) fn queue_event(&mut self, event: &Event<'_>) {
+        protocol::write_line(&mut self.out, event);
+    }
+
     /// Too much waits for the handler: its clients are not read.
     pub(super) fn congested(&self) -> bool {
         self.out.len() >= self.limit
@@ -445,13 +450,19 @@ impl Loop {
         let (kind, line) = match what {
             Told::Connect(headers) => (Kind::Connect, self.connect_line(id, Some(headers), false)),
             Told::Message(msg) => {
-                let line = self.ctx.global_id(id).map(|g| {
-                    protocol::line(&Event::Message {
-                        conn: g.to_string(),
-                        data: crate::json_data::Data(msg),
-                    })
-                });
-                (Kind::Message, line)
+                let Some(conn) = self.ctx.global_id(id) else {
+                    return;
+                };
+                let event = Event::Message {
+                    conn,
+                    data: crate::json_data::Data(msg),
+                };
+                if let Some(h) = self.handler.as_mut() {
+                    // The busiest event goes straight into the handler's queue.
+                    h.queue_event(&event);
+                    return;
+                }
+                (Kind::Message, Some(protocol::line(&event)))
             }
             // The connection is out of the slab already.
             Told::Close => {

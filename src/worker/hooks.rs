@@ -75,6 +75,18 @@ impl Loop {
             _ => OnPanic::FailAndTell,
         };
         let (h, ctx) = (&mut self.hooks, &mut self.ctx);
+        let set = match hook {
+            Hook::Message(_) => h.on_message.is_some(),
+            Hook::Error(_) => h.on_error.is_some(),
+            Hook::Connect => h.on_connect.is_some(),
+            Hook::Close => h.on_close.is_some(),
+            Hook::BufferFull => h.on_buffer_full.is_some(),
+            Hook::BufferDrain => h.on_buffer_drain.is_some(),
+        };
+        if !set {
+            // Nothing to time or to guard (an exec handler's app sets none).
+            return;
+        }
         let call = || match hook {
             Hook::Message(msg) => h.on_message.as_mut().map(|f| f(ctx, id, msg)),
             Hook::Error(err) => h.on_error.as_mut().map(|f| f(ctx, id, err)),
