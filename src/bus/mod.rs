@@ -13,85 +13,18 @@ pub mod bridges;
 pub mod cluster;
 pub(crate) mod crossing;
 pub mod directory;
+mod global_id;
 pub mod mesh;
 pub mod wire;
 
-use crate::ConnId;
 use crate::control::BusState;
 #[cfg(feature = "cluster")]
 use cluster::{Cluster, ClusterSettings, Interest, Target};
 use crossing::{Crossings, ToLine};
-use std::fmt;
+pub use global_id::{BadGlobalId, GlobalId};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::str::FromStr;
 use wire::{BusMessage, Origin};
-
-/// A connection anywhere on the bus: the host (wsd master) that holds it, the worker slot, and
-/// the worker-local id. Its text form (`Display`/`FromStr`) is what apps hand to clients and
-/// get back: `3f2a9c0d11e87b45-2-17-42`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GlobalId {
-    /// The wsd master (host) that holds the connection.
-    pub host: u64,
-    /// The worker slot in its group.
-    pub slot: u16,
-    pub(crate) conn: ConnId,
-}
-
-impl GlobalId {
-    /// The worker-local id, valid in the worker that holds the connection.
-    pub fn conn(&self) -> ConnId {
-        self.conn
-    }
-}
-
-impl fmt::Display for GlobalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:016x}-{}-{}-{}",
-            self.host, self.slot, self.conn.idx, self.conn.serial
-        )
-    }
-}
-
-/// Why a string is not a [`GlobalId`].
-#[derive(Debug, PartialEq, Eq)]
-pub struct BadGlobalId(pub String);
-
-impl fmt::Display for BadGlobalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "not a connection id: {:?} (expected HOST-SLOT-INDEX-SERIAL)",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for BadGlobalId {}
-
-impl FromStr for GlobalId {
-    type Err = BadGlobalId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadGlobalId(s.to_string());
-        let mut parts = s.split('-');
-        let mut next = || parts.next().ok_or_else(bad);
-        let host = u64::from_str_radix(next()?, 16).map_err(|_| bad())?;
-        let slot = next()?.parse().map_err(|_| bad())?;
-        let idx = next()?.parse().map_err(|_| bad())?;
-        let serial = next()?.parse().map_err(|_| bad())?;
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(GlobalId {
-            host,
-            slot,
-            conn: ConnId { serial, idx },
-        })
-    }
-}
 
 /// What the bus has done, for `status`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -659,23 +592,6 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn global_ids_read_back_what_they_print() {
-        let id = GlobalId {
-            host: 0x3f2a_9c0d_11e8_7b45,
-            slot: 2,
-            conn: ConnId {
-                serial: 42,
-                idx: 17,
-            },
-        };
-        assert_eq!(id.to_string(), "3f2a9c0d11e87b45-2-17-42");
-        assert_eq!(id.to_string().parse::<GlobalId>(), Ok(id));
-        for bad in ["", "1-2-3", "zz-1-2-3", "1-2-3-4-5", "1--3-4"] {
-            assert!(bad.parse::<GlobalId>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn workers_exchange_messages_over_the_mesh() {

@@ -132,9 +132,9 @@ pub fn write_line(out: &mut Vec<u8>, event: &Event<'_>) {
     out.push(b'\n');
 }
 
-/// A connection id in its text form, written where it goes rather than into a string first.
+/// A connection id in its text form, from the stack rather than a string.
 fn as_text<S: serde::Serializer>(id: &GlobalId, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(id)
+    s.serialize_str(id.text().as_str())
 }
 
 /// What the handler asks.

@@ -1,0 +1,203 @@
+//! A connection's id anywhere on the bus, and its text form (`3f2a9c0d11e87b45-2-17-42`):
+//! what apps hand to clients and backends, and get back. An exec handler's every event and
+//! command carries one, so both ways are written by hand, in one pass, with no allocation.
+
+use crate::ConnId;
+use std::fmt;
+use std::str::FromStr;
+
+/// A connection anywhere on the bus: the host (wsd master) that holds it, the worker slot, and
+/// the worker-local id. Its text form (`Display`/`FromStr`) is
+/// `HOST-SLOT-INDEX-SERIAL`, the host in hex: `3f2a9c0d11e87b45-2-17-42`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GlobalId {
+    /// The wsd master (host) that holds the connection.
+    pub host: u64,
+    /// The worker slot in its group.
+    pub slot: u16,
+    pub(crate) conn: ConnId,
+}
+
+impl GlobalId {
+    /// The worker-local id, valid in the worker that holds the connection.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// The text form, on the stack.
+    pub(crate) fn text(&self) -> IdText {
+        let mut t = IdText {
+            buf: [0; IdText::MAX],
+            len: 0,
+        };
+        for shift in (0..16).rev() {
+            t.push(b"0123456789abcdef"[(self.host >> (shift * 4)) as usize & 0xf]);
+        }
+        t.push(b'-');
+        t.decimal(u64::from(self.slot));
+        t.push(b'-');
+        t.decimal(u64::from(self.conn.idx));
+        t.push(b'-');
+        t.decimal(self.conn.serial);
+        t
+    }
+}
+
+/// A [`GlobalId`]'s text, kept on the stack.
+pub(crate) struct IdText {
+    buf: [u8; IdText::MAX],
+    len: usize,
+}
+
+impl IdText {
+    /// 16 hex digits, a `u16`, a `u32` and a `u64` in decimal, and three dashes.
+    const MAX: usize = 16 + 5 + 10 + 20 + 3;
+
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII digits and dashes")
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn decimal(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[at..] {
+            self.push(d);
+        }
+    }
+}
+
+impl fmt::Display for GlobalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text().as_str())
+    }
+}
+
+/// Why a string is not a [`GlobalId`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadGlobalId(pub String);
+
+impl fmt::Display for BadGlobalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "not a connection id: {:?} (expected HOST-SLOT-INDEX-SERIAL)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadGlobalId {}
+
+impl FromStr for GlobalId {
+    type Err = BadGlobalId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadGlobalId(s.to_string());
+        let mut parts = Parts(s.as_bytes());
+        let host = parts.number(16, u64::MAX).ok_or_else(bad)?;
+        let slot = parts.number(10, u64::from(u16::MAX)).ok_or_else(bad)?;
+        let idx = parts.number(10, u64::from(u32::MAX)).ok_or_else(bad)?;
+        let serial = parts.number(10, u64::MAX).ok_or_else(bad)?;
+        if !parts.0.is_empty() {
+            return Err(bad());
+        }
+        Ok(GlobalId {
+            host,
+            slot: slot as u16,
+            conn: ConnId {
+                serial,
+                idx: idx as u32,
+            },
+        })
+    }
+}
+
+/// What is left of an id's text as it is read.
+struct Parts<'a>(&'a [u8]);
+
+impl Parts<'_> {
+    /// The next part: one digit or more in `radix`, up to `max`, then a dash or the end.
+    fn number(&mut self, radix: u32, max: u64) -> Option<u64> {
+        let end = (self.0.iter()).position(|&b| b == b'-');
+        let (digits, rest) = match end {
+            Some(at) => (&self.0[..at], &self.0[at + 1..]),
+            None => (self.0, &self.0[self.0.len()..]),
+        };
+        // A dash ends every part but the last, which ends the text.
+        if digits.is_empty() || end.is_some() && rest.is_empty() {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for &b in digits {
+            let d = (b as char).to_digit(radix)?;
+            n = n.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+        }
+        self.0 = rest;
+        (n <= max).then_some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_ids_read_back_what_they_print() {
+        let id = GlobalId {
+            host: 0x3f2a_9c0d_11e8_7b45,
+            slot: 2,
+            conn: ConnId {
+                serial: 42,
+                idx: 17,
+            },
+        };
+        assert_eq!(id.to_string(), "3f2a9c0d11e87b45-2-17-42");
+        assert_eq!(id.to_string().parse::<GlobalId>(), Ok(id));
+        let widest = GlobalId {
+            host: u64::MAX,
+            slot: u16::MAX,
+            conn: ConnId {
+                serial: u64::MAX,
+                idx: u32::MAX,
+            },
+        };
+        assert_eq!(widest.text().as_str().len(), IdText::MAX);
+        assert_eq!(widest.to_string().parse::<GlobalId>(), Ok(widest));
+        let small = GlobalId {
+            host: 1,
+            slot: 0,
+            conn: ConnId { serial: 0, idx: 0 },
+        };
+        assert_eq!(small.to_string(), "0000000000000001-0-0-0");
+        assert_eq!("1-0-0-0".parse::<GlobalId>(), Ok(small));
+        for bad in [
+            "",
+            "1-2-3",
+            "zz-1-2-3",
+            "1-2-3-4-5",
+            "1--3-4",
+            "1-2-3-",
+            "-1-2-3",
+            "1-65536-3-4",
+            "1-2-4294967296-4",
+            "10000000000000000-1-2-3",
+            "1-2-3-18446744073709551616",
+            "1-+2-3-4",
+            "1-2-3-4 ",
+        ] {
+            assert!(bad.parse::<GlobalId>().is_err(), "{bad}");
+        }
+    }
+}
