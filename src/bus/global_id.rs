@@ -105,12 +105,15 @@ impl FromStr for GlobalId {
     type Err = BadGlobalId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadGlobalId(s.to_string());
-        let mut parts = Parts(s.as_bytes());
-        let host = parts.number(16, u64::MAX).ok_or_else(bad)?;
-        let slot = parts.number(10, u64::from(u16::MAX)).ok_or_else(bad)?;
-        let idx = parts.number(10, u64::from(u32::MAX)).ok_or_else(bad)?;
-        let serial = parts.number(10, u64::MAX).ok_or_else(bad)?;
-        if !parts.0.is_empty() {
+        let mut r = Reader { text: s.as_bytes(), at: 0 };
+        let host = r.number(16, u64::MAX).ok_or_else(bad)?;
+        r.dash().ok_or_else(bad)?;
+        let slot = r.number(10, u64::from(u16::MAX)).ok_or_else(bad)?;
+        r.dash().ok_or_else(bad)?;
+        let idx = r.number(10, u64::from(u32::MAX)).ok_or_else(bad)?;
+        r.dash().ok_or_else(bad)?;
+        let serial = r.number(10, u64::MAX).ok_or_else(bad)?;
+        if r.at != r.text.len() {
             return Err(bad());
         }
         Ok(GlobalId {
@@ -124,28 +127,34 @@ impl FromStr for GlobalId {
     }
 }
 
-/// What is left of an id's text as it is read.
-struct Parts<'a>(&'a [u8]);
+/// An id's text, read once from start to end.
+struct Reader<'a> {
+    text: &'a [u8],
+    at: usize,
+}
 
-impl Parts<'_> {
-    /// The next part: one digit or more in `radix`, up to `max`, then a dash or the end.
-    fn number(&mut self, radix: u32, max: u64) -> Option<u64> {
-        let end = (self.0.iter()).position(|&b| b == b'-');
-        let (digits, rest) = match end {
-            Some(at) => (&self.0[..at], &self.0[at + 1..]),
-            None => (self.0, &self.0[self.0.len()..]),
-        };
-        // A dash ends every part but the last, which ends the text.
-        if digits.is_empty() || end.is_some() && rest.is_empty() {
-            return None;
-        }
+impl Reader<'_> {
+    /// One digit or more in `radix` (10 or 16), up to `max`.
+    fn number(&mut self, radix: u64, max: u64) -> Option<u64> {
+        let start = self.at;
         let mut n: u64 = 0;
-        for &b in digits {
-            let d = (b as char).to_digit(radix)?;
-            n = n.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+        while let Some(&c) = self.text.get(self.at) {
+            let digit = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' if radix == 16 => c - b'a' + 10,
+                b'A'..=b'F' if radix == 16 => c - b'A' + 10,
+                _ => break,
+            };
+            n = n.checked_mul(radix)?.checked_add(u64::from(digit))?;
+            self.at += 1;
         }
-        self.0 = rest;
-        (n <= max).then_some(n)
+        (self.at > start && n <= max).then_some(n)
+    }
+
+    fn dash(&mut self) -> Option<()> {
+        let is = self.text.get(self.at) == Some(&b'-');
+        self.at += usize::from(is);
+        is.then_some(())
     }
 }
 
