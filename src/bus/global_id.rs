@@ -26,21 +26,39 @@ impl GlobalId {
 
     /// The text form, on the stack.
     pub(crate) fn text(&self) -> IdText {
-        let mut t = IdText {
-            buf: [0; IdText::MAX],
-            len: 0,
-        };
-        for shift in (0..16).rev() {
-            t.push(b"0123456789abcdef"[(self.host >> (shift * 4)) as usize & 0xf]);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; IdText::MAX];
+        for (i, b) in buf[..16].iter_mut().enumerate() {
+            *b = HEX[(self.host >> (60 - 4 * i)) as usize & 0xf];
         }
-        t.push(b'-');
-        t.decimal(u64::from(self.slot));
-        t.push(b'-');
-        t.decimal(u64::from(self.conn.idx));
-        t.push(b'-');
-        t.decimal(self.conn.serial);
-        t
+        let mut len = 16;
+        for n in [
+            u64::from(self.slot),
+            u64::from(self.conn.idx),
+            self.conn.serial,
+        ] {
+            buf[len] = b'-';
+            len += 1 + decimal(n, &mut buf[len + 1..]);
+        }
+        IdText { buf, len }
     }
+}
+
+/// Writes `n` in decimal at the start of `out`; how many digits it took.
+fn decimal(mut n: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - at;
+    out[..len].copy_from_slice(&digits[at..]);
+    len
 }
 
 /// A [`GlobalId`]'s text, kept on the stack.
@@ -54,28 +72,11 @@ impl IdText {
     const MAX: usize = 16 + 5 + 10 + 20 + 3;
 
     pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII digits and dashes")
+        std::str::from_utf8(self.as_bytes()).expect("ASCII digits and dashes")
     }
 
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
-    }
-
-    fn decimal(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &d in &digits[at..] {
-            self.push(d);
-        }
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -105,7 +106,10 @@ impl FromStr for GlobalId {
     type Err = BadGlobalId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadGlobalId(s.to_string());
-        let mut r = Reader { text: s.as_bytes(), at: 0 };
+        let mut r = Reader {
+            text: s.as_bytes(),
+            at: 0,
+        };
         let host = r.number(16, u64::MAX).ok_or_else(bad)?;
         r.dash().ok_or_else(bad)?;
         let slot = r.number(10, u64::from(u16::MAX)).ok_or_else(bad)?;

@@ -132,7 +132,7 @@ pub fn write_line(out: &mut Vec<u8>, event: &Event<'_>) {
     match event {
         Event::Message { conn, data } => {
             out.extend_from_slice(br#"{"event":"message","conn":""#);
-            out.extend_from_slice(conn.text().as_str().as_bytes());
+            out.extend_from_slice(conn.text().as_bytes());
             out.extend_from_slice(br#"","data":"#);
             serde_json::to_writer(&mut *out, data).expect("a message serializes");
             out.push(b'}');
@@ -467,7 +467,10 @@ mod tests {
     /// The message event written by hand is the one serde writes.
     #[test]
     fn a_message_is_written_as_serde_would() {
-        for msg in [Message::from("a\"b\\c\n\u{1}é"), Message::from(vec![0u8, 255])] {
+        for msg in [
+            Message::from("a\"b\\c\n\u{1}é"),
+            Message::from(vec![0u8, 255]),
+        ] {
             let event = Event::Message {
                 conn: CONN.parse().unwrap(),
                 data: json_data::Data(&msg),
