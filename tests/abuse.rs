@@ -310,7 +310,7 @@ fn a_client_ignoring_pings_is_closed_1001_and_one_answering_them_stays() {
         let start = Instant::now();
         let mut pings = 0;
         while start.elapsed() < IDLE + Duration::from_secs(3) {
-            match answering.ws.read() {
+            match answering.read() {
                 Ok(tungstenite::Message::Ping(p)) => {
                     assert!(p.is_empty(), "keepalive pings are empty");
                     pings += 1;

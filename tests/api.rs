@@ -179,7 +179,7 @@ fn a_disconnect_carries_its_code_and_reason() {
     let mut codes = Vec::new();
     for client in &mut c {
         client.send_text(r#"{"unsubscribe":"nothing"}"#);
-        match client.ws.read() {
+        match client.read() {
             Ok(Message::Close(Some(f))) => codes.push((u16::from(f.code), f.reason.to_string())),
             Ok(Message::Text(_)) => {}
             other => panic!("unexpected {other:?}"),

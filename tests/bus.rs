@@ -80,7 +80,7 @@ fn chat_reaches_every_client_once_in_each_senders_order() {
     c.ws.get_mut()
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    assert!(c.ws.read().is_err(), "an extra message arrived");
+    assert!(c.read().is_err(), "an extra message arrived");
     // The workers' next reports count the bus traffic, and nothing was dropped.
     let st = wait_for("bus counters reported", DEADLINE, || {
         let st = server.try_status()?;
@@ -155,7 +155,7 @@ fn pubsub_delivers_only_to_subscribers_and_answers_bad_input() {
         c.ws.get_mut()
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        assert!(c.ws.read().is_err(), "a delivery too many");
+        assert!(c.read().is_err(), "a delivery too many");
     }
 }
 
@@ -245,7 +245,7 @@ fn broadcasts_survive_a_worker_killed_mid_stream() {
             .unwrap();
         let mut lost = false;
         for _ in 0..N + 1 {
-            if c.ws.read().is_err() {
+            if c.read().is_err() {
                 lost = true;
                 break;
             }

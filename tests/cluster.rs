@@ -329,7 +329,7 @@ fn assert_silent(c: &mut Client, who: &str) {
         .set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     loop {
-        match c.ws.read() {
+        match c.read() {
             Ok(tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_)) => continue,
             Ok(m) => panic!("{who}: unexpected {m:?}"),
             Err(tungstenite::Error::Io(e))

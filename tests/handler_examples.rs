@@ -175,7 +175,7 @@ fn rooms_js_publishes_to_the_rooms_members_on_every_worker_only() {
         assert_eq!(keys, ["error"], "{bad:?} got {m}");
         assert!(m["error"].is_string(), "{bad:?} got {m}");
     }
-    a.ws.send(Message::binary(vec![0; 4])).expect("send");
+    a.send(Message::binary(vec![0; 4])).expect("send");
     assert!(recv_json(&mut a)["error"].is_string());
     // b saw none of it: its next message is the next thing said in the lobby.
     say(&mut a, "lobby", "still here");
@@ -233,7 +233,7 @@ fn echo_py_sends_text_and_binary_back_to_their_sender() {
     for round in 0..3 {
         for (i, c) in clients.iter_mut().enumerate() {
             c.send_text(&format!("{i}: hé \"quoted\" {round}"));
-            c.ws.send(Message::binary(vec![i as u8, 0, 255, round]))
+            c.send(Message::binary(vec![i as u8, 0, 255, round]))
                 .unwrap();
         }
         // Each client gets its own two messages back, in order, and nobody else's.

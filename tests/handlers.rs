@@ -119,7 +119,7 @@ fn messages_and_binary_round_trip_and_timers_fire() {
         c.send_text(&format!("hello {i}\nwith a newline"));
         assert_eq!(c.recv_text(), format!("hello {i}\nwith a newline"));
         let bytes = vec![0u8, 1, 2, 255, b'\n', i as u8];
-        c.ws.send(Message::binary(bytes.clone())).unwrap();
+        c.send(Message::binary(bytes.clone())).unwrap();
         assert_eq!(c.recv(), Message::binary(bytes));
     }
     // A timer the handler adds comes back to it as an event; it broadcasts on it.
@@ -314,8 +314,8 @@ fn a_command_that_cannot_run_is_refused_or_backed_off() {
     let worker = server.worker_pids()[0];
     let mut c = server.connect();
     c.send_text("nobody answers, but the connection stays");
-    c.ws.send(Message::Ping(vec![1].into())).unwrap();
-    match c.ws.read().unwrap() {
+    c.send(Message::Ping(vec![1].into())).unwrap();
+    match c.read().unwrap() {
         Message::Pong(p) => assert_eq!(&p[..], &[1]),
         other => panic!("unexpected {other:?}"),
     }

@@ -186,31 +186,6 @@ impl Swarm {
     }
 }
 
-/// A system call of the client's interrupted by a signal (a socket with a timeout returns
-/// EINTR even for one the process does not handle) is tried again: it says nothing of the
-/// server. tungstenite keeps what it had read or queued, so the call can simply be repeated.
-fn interrupted(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted)
-}
-
-fn read(c: &mut Client) -> tungstenite::Result<Message> {
-    loop {
-        match c.ws.read() {
-            Err(e) if interrupted(&e) => continue,
-            other => return other,
-        }
-    }
-}
-
-fn send(c: &mut Client, text: String) -> tungstenite::Result<()> {
-    let mut sent = c.ws.send(Message::text(text));
-    // The message is queued; only its flush was interrupted.
-    while matches!(&sent, Err(e) if interrupted(e)) {
-        sent = c.ws.flush();
-    }
-    sent
-}
-
 /// One client: named `c{i}`, then rounds of 4 pipelined messages 10 ms apart, each answered in
 /// order with its name. Any other answer, a close or an error is a failure.
 fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
@@ -225,23 +200,23 @@ fn client(port: u16, i: usize, seen: &Seen, done: &AtomicBool) {
         Err(e) => return fail(format!("connect: {e}")),
     };
     let name = format!("c{i}");
-    if let Err(e) = send(&mut c, format!("name {name}")) {
+    if let Err(e) = c.send(Message::text(format!("name {name}"))) {
         return fail(format!("send name: {e}"));
     }
-    match read(&mut c) {
+    match c.read() {
         Ok(Message::Text(t)) if t.as_str() == format!("hi {name}") => {}
         other => return fail(format!("named: {other:?}")),
     }
     let mut seq = 0u64;
     while !done.load(Ordering::Relaxed) {
         for k in 0..4 {
-            if let Err(e) = send(&mut c, (seq + k).to_string()) {
+            if let Err(e) = c.send(Message::text((seq + k).to_string())) {
                 return fail(format!("send {}: {e}", seq + k));
             }
         }
         for k in 0..4 {
             let want = format!("{name} {}", seq + k);
-            match read(&mut c) {
+            match c.read() {
                 Ok(Message::Text(t)) if t.as_str() == want => {}
                 other => return fail(format!("wanted {want:?}, got {other:?}")),
             }
@@ -341,12 +316,14 @@ impl Chat {
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !done.load(Ordering::SeqCst) {
-                    send(&mut p, format!("tell {n}")).expect("the publisher sends");
+                    p.send(Message::text(format!("tell {n}")))
+                        .expect("the publisher sends");
                     n += 1;
                     said.store(n, Ordering::SeqCst);
                     std::thread::sleep(every);
                 }
-                send(&mut p, "tell end".into()).expect("the publisher sends");
+                p.send(Message::text("tell end"))
+                    .expect("the publisher sends");
                 n
             })
         };
@@ -427,15 +404,15 @@ fn subscriber(
         (format!("name s{i}"), format!("hi s{i}")),
         ("join".into(), "joined".into()),
     ] {
-        send(&mut c, say).map_err(|e| e.to_string())?;
-        match read(&mut c) {
+        c.send(Message::text(say)).map_err(|e| e.to_string())?;
+        match c.read() {
             Ok(Message::Text(t)) if t.as_str() == answer => {}
             other => return Err(format!("wanted {answer:?}, got {other:?}")),
         }
     }
     joined.fetch_add(1, Ordering::SeqCst);
     loop {
-        match read(&mut c) {
+        match c.read() {
             Ok(Message::Text(t)) if t.as_str() == "pub: end" => return Ok(()),
             Ok(Message::Text(t)) if t.starts_with("direct ") => {
                 ears.direct.fetch_add(1, Ordering::SeqCst);

@@ -176,8 +176,7 @@ fn hooks_see_ids_paths_and_timers() {
     assert_eq!(c.recv_text(), "1 1 timers 1");
     c.send_text("later");
     assert_eq!(c.recv_text(), "later");
-    c.ws.send(tungstenite::Message::binary(vec![1, 2, 3]))
-        .unwrap();
+    c.send(tungstenite::Message::binary(vec![1, 2, 3])).unwrap();
     assert_eq!(c.recv(), tungstenite::Message::binary(vec![1, 2, 3]));
 }
 
@@ -209,7 +208,7 @@ fn hooks_close_with_a_code_and_hear_about_errors() {
     c.recv_text();
     c.send_text("close me");
     let code = loop {
-        match c.ws.read().unwrap() {
+        match c.read().unwrap() {
             tungstenite::Message::Close(Some(f)) => break u16::from(f.code),
             _ => continue,
         }

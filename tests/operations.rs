@@ -56,7 +56,7 @@ fn one_visit(port: u16, n: u64, tally: &Tally) {
         }
     };
     let msg = format!("visit {n}");
-    if let Err(e) = c.ws.send(Message::text(msg.clone())) {
+    if let Err(e) = c.send(Message::text(msg.clone())) {
         tally
             .failures
             .lock()
@@ -65,7 +65,7 @@ fn one_visit(port: u16, n: u64, tally: &Tally) {
         return;
     }
     loop {
-        match c.ws.read() {
+        match c.read() {
             Ok(Message::Text(t)) if t.as_str() == msg => {
                 tally.served.fetch_add(1, Ordering::Relaxed);
                 let _ = c.ws.close(None);
@@ -270,9 +270,9 @@ fn echo_sequence(
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
         let msg = format!("seq {seq}");
-        c.ws.send(Message::text(msg.clone()))
+        c.send(Message::text(msg.clone()))
             .map_err(|e| format!("send {seq}: {e}"))?;
-        match c.ws.read() {
+        match c.read() {
             Ok(Message::Text(t)) if t.as_str() == msg => {}
             Ok(other) => return Err(format!("after seq {seq}: got {other:?}")),
             Err(e) => return Err(format!("read {seq}: {e}")),

@@ -16,7 +16,7 @@ fn fifty_clients_echo_and_spread_over_four_workers() {
     let mut clients: Vec<Client> = (0..50).map(|_| server.connect()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.send_text(&format!("message {i}"));
-        c.ws.send(Message::binary(vec![i as u8; 3000])).unwrap();
+        c.send(Message::binary(vec![i as u8; 3000])).unwrap();
     }
     for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.recv_text(), format!("message {i}"));

@@ -139,6 +139,25 @@ fn tls_connect(port: u16, config: Arc<rustls::ClientConfig>) -> Result<Tls, Stri
     Ok(tls)
 }
 
+/// The next message on `ws`, read again after an EINTR (see `Client::send`).
+fn read<S: Read + Write>(ws: &mut WebSocket<S>) -> tungstenite::Result<Message> {
+    loop {
+        match ws.read() {
+            Err(e) if interrupted(&e) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Sends `msg` on `ws`; after an EINTR only the flush is done again.
+fn send<S: Read + Write>(ws: &mut WebSocket<S>, msg: Message) -> tungstenite::Result<()> {
+    let mut sent = ws.send(msg);
+    while matches!(&sent, Err(e) if interrupted(e)) {
+        sent = ws.flush();
+    }
+    sent
+}
+
 /// A wss:// client.
 fn wss(port: u16, config: Arc<rustls::ClientConfig>) -> WebSocket<Tls> {
     let tls = tls_connect(port, config).expect("TLS handshake");
@@ -147,9 +166,9 @@ fn wss(port: u16, config: Arc<rustls::ClientConfig>) -> WebSocket<Tls> {
 }
 
 fn echo(ws: &mut WebSocket<Tls>, text: &str) {
-    ws.send(Message::text(text)).unwrap();
+    send(ws, Message::text(text)).unwrap();
     loop {
-        match ws.read().unwrap() {
+        match read(ws).unwrap() {
             Message::Text(t) => {
                 assert_eq!(t.as_str(), text);
                 return;
@@ -210,7 +229,7 @@ fn wss_echoes_over_tls_12_and_13_with_ecdsa_and_rsa_keys() {
             // The closing handshake ends with the server's close_notify: rustls reads a clean
             // end of stream, not an unexpected EOF.
             loop {
-                match ws.read() {
+                match read(&mut ws) {
                     Ok(_) => {}
                     Err(tungstenite::Error::ConnectionClosed) => break,
                     Err(e) => panic!("not a clean close: {e}"),
@@ -394,7 +413,7 @@ fn a_reload_serves_wss_clients_through_the_drain_then_tells_them_1012() {
     // Then 1012, and the reload is done once the old worker has gone.
     for ws in &mut kept {
         let code = loop {
-            match ws.read() {
+            match read(ws) {
                 Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
                 Ok(_) => continue,
                 Err(e) => panic!("ended without a close frame: {e}"),
@@ -413,7 +432,7 @@ fn a_reload_serves_wss_clients_through_the_drain_then_tells_them_1012() {
 /// The next text a client hears.
 fn hear(ws: &mut WebSocket<Tls>) -> String {
     loop {
-        match ws.read().unwrap() {
+        match read(ws).unwrap() {
             Message::Text(t) => return t.as_str().to_string(),
             Message::Ping(_) | Message::Pong(_) => {}
             other => panic!("unexpected {other:?}"),
@@ -477,7 +496,7 @@ fn drained_wss_clients_stay_on_the_bus(upgrade: bool) {
     // The drain ends as the drained clients leave.
     for ws in &mut clients[..kept] {
         ws.close(None).unwrap();
-        while ws.read().is_ok() {}
+        while read(ws).is_ok() {}
     }
     let out = deploy.join().unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -584,9 +603,9 @@ fn large_messages_to_a_slow_reader_arrive_whole() {
         let payload: Vec<u8> = (0..6u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(round) >> 13) as u8)
             .collect();
-        ws.send(Message::binary(payload.clone())).unwrap();
+        send(&mut ws, Message::binary(payload.clone())).unwrap();
         loop {
-            match ws.read().unwrap() {
+            match read(&mut ws).unwrap() {
                 Message::Binary(b) => {
                     assert!(b == payload, "round {round}: the echo differs");
                     break;

@@ -132,11 +132,10 @@ fn a_failing_backend_costs_only_its_events() {
         "{metrics_free}"
     );
     // The client is still connected.
-    a.ws.send(tungstenite::Message::Ping(vec![7].into()))
-        .unwrap();
+    a.send(tungstenite::Message::Ping(vec![7].into())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match a.ws.read().unwrap() {
+        match a.read().unwrap() {
             tungstenite::Message::Pong(p) => {
                 assert_eq!(&p[..], &[7]);
                 break;

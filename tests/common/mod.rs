@@ -295,13 +295,34 @@ impl Client {
     }
 
     pub fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).expect("send");
+        self.send(Message::text(text)).expect("send");
+    }
+
+    /// Sends `msg`. A socket call with a timeout returns EINTR when the process is stopped
+    /// and resumed (a busy or paused machine), even with no signal handler: the message is
+    /// queued by then, and only its flush is done again.
+    pub fn send(&mut self, msg: Message) -> tungstenite::Result<()> {
+        let mut sent = self.ws.send(msg);
+        while matches!(&sent, Err(e) if interrupted(e)) {
+            sent = self.ws.flush();
+        }
+        sent
+    }
+
+    /// The next message or control frame, read again after an EINTR (see [`Client::send`]).
+    pub fn read(&mut self) -> tungstenite::Result<Message> {
+        loop {
+            match self.ws.read() {
+                Err(e) if interrupted(&e) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The next data message (pings are answered by tungstenite and skipped).
     pub fn recv(&mut self) -> Message {
         loop {
-            match self.ws.read().expect("read") {
+            match self.read().expect("read") {
                 Message::Ping(_) | Message::Pong(_) => continue,
                 m => return m,
             }
@@ -318,7 +339,7 @@ impl Client {
     /// Reads until the server's Close frame; returns its code.
     pub fn expect_close(&mut self) -> u16 {
         loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Close(Some(f))) => return u16::from(f.code),
                 Ok(Message::Close(None)) => return 1005,
                 Ok(_) => continue,
@@ -326,6 +347,11 @@ impl Client {
             }
         }
     }
+}
+
+/// The call was cut short by EINTR (see [`Client::send`]).
+pub fn interrupted(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted)
 }
 
 /// A raw TCP client that speaks frames by hand, for what tungstenite's client will not send.
