@@ -121,39 +121,27 @@ impl Redis {
         }
     }
 
-    /// Sends one inline command; returns the first line of the answer.
-    fn command(&self, cmd: &str) -> String {
+    /// Sends one inline command; the connection, to read the answer from.
+    fn ask(&self, cmd: &str) -> TcpStream {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while !line.ends_with(b"\r\n") {
-            s.read_exact(&mut b).expect("redis answer");
-            line.push(b[0]);
-        }
-        String::from_utf8_lossy(&line).trim_end().to_string()
+        s
+    }
+
+    /// Sends one inline command; returns the first line of the answer.
+    fn command(&self, cmd: &str) -> String {
+        answer_line(&mut self.ask(cmd))
     }
 
     /// `PUBSUB NUMSUB channel`: how many connections listen to `channel`.
     fn numsub(&self, channel: &str) -> u64 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(format!("PUBSUB NUMSUB {channel}\r\n").as_bytes())
-            .unwrap();
+        let mut s = self.ask(&format!("PUBSUB NUMSUB {channel}"));
         // *2 / $len / channel / :count
-        let mut lines = Vec::new();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while lines.len() < 4 {
-            s.read_exact(&mut b).expect("redis answer");
-            line.push(b[0]);
-            if line.ends_with(b"\r\n") {
-                lines.push(String::from_utf8_lossy(&line).trim_end().to_string());
-                line.clear();
-            }
+        for _ in 0..3 {
+            answer_line(&mut s);
         }
-        lines[3].trim_start_matches(':').parse().expect("a count")
+        (answer_line(&mut s).trim_start_matches(':').parse()).expect("a count")
     }
 
     fn url(&self) -> String {
@@ -167,25 +155,24 @@ impl Redis {
 
     /// `CLIENT LIST`: a line per connection (`id=3 addr=... resp=2`).
     fn client_list(&self) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"CLIENT LIST\r\n").unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n") {
-            s.read_exact(&mut b).expect("redis answer");
-            head.push(b[0]);
-        }
-        let head = String::from_utf8_lossy(&head);
-        let len: usize = head
-            .trim_start_matches('$')
-            .trim_end()
-            .parse()
-            .expect("a bulk string");
+        let mut s = self.ask("CLIENT LIST");
+        let head = answer_line(&mut s);
+        let len: usize = (head.trim_start_matches('$').parse()).expect("a bulk string");
         let mut body = vec![0u8; len];
         s.read_exact(&mut body).expect("the client list");
         String::from_utf8_lossy(&body).to_string()
     }
+}
+
+/// One line of Redis's answer, without its CRLF.
+fn answer_line(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        s.read_exact(&mut b).expect("redis answer");
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).trim_end().to_string()
 }
 
 impl Drop for Redis {
@@ -875,21 +862,16 @@ fn publishes_from_another_host_cross_a_reload_exactly_once() {
     );
 }
 
-/// A new worker dies while taking its clients in a reload, with a line published from another
-/// host every millisecond: the old worker takes back the clients it had not handed over (it
-/// read every message for them itself) and hands them on to the worker started again. Each
-/// subscriber hears every line once, in order.
-fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
+/// Two hosts on `redis`, the first started with `env`: 40 clients of the first one's `feed`
+/// group subscribed to `live` (routed to both its feed workers), and the second one's `feed`
+/// publishing a numbered line to it every millisecond, 50 of them gone already.
+fn feed_live(redis: &Redis, env: &[(&str, &std::path::Path)]) -> ([Host; 2], Vec<Client>, Lines) {
     const SUBSCRIBERS: usize = 40;
-    let redis = Redis::start();
-    let marks = tempfile::tempdir().expect("temp dir");
-    let marker = marks.path().join("crash-on-adopt");
-    let env = [(CRASH_ENV, marker.as_path())];
-    let mut hosts = [Host::start_with_env(&redis, "", &env), Host::start(&redis)];
+    let mut hosts = [Host::start_with_env(redis, "", env), Host::start(redis)];
     for h in hosts.iter_mut() {
         h.wait_bus("up");
     }
-    let mut subs: Vec<Client> = (0..SUBSCRIBERS)
+    let subs: Vec<Client> = (0..SUBSCRIBERS)
         .map(|_| {
             let mut c = hosts[0].connect("feed");
             c.send_text("sub live");
@@ -897,13 +879,24 @@ fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
             c
         })
         .collect();
-    let holders = (hosts[0].server.worker_pids().len() / APPS.len()) as u64;
     wait_for("live routed to every feed worker", DEADLINE, || {
-        (redis.numsub("wsd:feed:t:live") == holders).then_some(())
+        (redis.numsub("wsd:feed:t:live") == COUNT as u64).then_some(())
     });
     let mut publisher = hosts[1].connect("feed");
     let lines = Lines::start(move |line| publisher.send_text(&format!("pub live {line}")));
     lines.advance(50);
+    (hosts, subs, lines)
+}
+
+/// A new worker dies while taking its clients in a reload, with a line published from another
+/// host every millisecond: the old worker takes back the clients it had not handed over (it
+/// read every message for them itself) and hands them on to the worker started again. Each
+/// subscriber hears every line once, in order.
+fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
+    let redis = Redis::start();
+    let marks = tempfile::tempdir().expect("temp dir");
+    let marker = marks.path().join("crash-on-adopt");
+    let (mut hosts, mut subs, lines) = feed_live(&redis, &[(CRASH_ENV, marker.as_path())]);
     // The first new worker dies as it takes its first client, before it has said so: every
     // client is still the old worker's.
     std::fs::write(&marker, "1").unwrap();
@@ -931,29 +924,10 @@ fn publishes_from_another_host_survive_a_new_worker_dying_mid_handoff() {
 /// hands them on to a worker its master starts again. Each subscriber hears every line once,
 /// in order.
 fn publishes_from_another_host_survive_a_new_master_killed_mid_upgrade() {
-    const SUBSCRIBERS: usize = 40;
     let redis = Redis::start();
     let marks = tempfile::tempdir().expect("temp dir");
     let marker = marks.path().join("hold-start");
-    let env = [(HOLD_START_ENV, marker.as_path())];
-    let mut hosts = [Host::start_with_env(&redis, "", &env), Host::start(&redis)];
-    for h in hosts.iter_mut() {
-        h.wait_bus("up");
-    }
-    let mut subs: Vec<Client> = (0..SUBSCRIBERS)
-        .map(|_| {
-            let mut c = hosts[0].connect("feed");
-            c.send_text("sub live");
-            assert_eq!(c.recv_text(), "subscribed live");
-            c
-        })
-        .collect();
-    wait_for("live routed to every feed worker", DEADLINE, || {
-        (redis.numsub("wsd:feed:t:live") == COUNT as u64).then_some(())
-    });
-    let mut publisher = hosts[1].connect("feed");
-    let lines = Lines::start(move |line| publisher.send_text(&format!("pub live {line}")));
-    lines.advance(50);
+    let (mut hosts, mut subs, lines) = feed_live(&redis, &[(HOLD_START_ENV, marker.as_path())]);
     let server = &mut hosts[0].server;
     let old_master = server.master_pid();
     let st = server.status();
@@ -964,23 +938,7 @@ fn publishes_from_another_host_survive_a_new_master_killed_mid_upgrade() {
     let next = server.dir.path().join("wsd-next");
     std::fs::copy(this_program(), &next).unwrap();
     std::fs::write(&marker, "1").unwrap();
-    let upgrade = {
-        let (bin, config) = (wsd_bin(), server.config.clone());
-        std::thread::spawn(move || {
-            Command::new(bin)
-                .arg("-c")
-                .arg(config)
-                .args(["upgrade", "--binary", next.to_str().unwrap()])
-                .output()
-                .unwrap()
-        })
-    };
-    let new_master: i32 = wait_for("the new master to start", DEADLINE, || {
-        let out = server.master_output();
-        let at = out.find("upgrading: started ")?;
-        let line = out[at..].lines().next()?;
-        line.rsplit("as pid ").next()?.trim().parse().ok()
-    });
+    let (upgrade, new_master) = server.upgrade_in_background(next);
     // "feed#0[OLD] feed#0 (pid NEW) took all N connections"
     server.wait_for_log(&format!("feed#0[{feed0}] feed#0 (pid"));
     lines.advance(50);

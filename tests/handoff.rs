@@ -713,24 +713,7 @@ fn a_new_master_killed_mid_upgrade_loses_no_connection() {
     let next = server.dir.path().join("named-next");
     std::fs::copy(std::env::current_exe().unwrap(), &next).unwrap();
     std::fs::write(&marker, "1").unwrap();
-    let upgrade = {
-        let bin = wsd_bin();
-        let config = server.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .arg("-c")
-                .arg(config)
-                .args(["upgrade", "--binary", next.to_str().unwrap()])
-                .output()
-                .unwrap()
-        })
-    };
-    let new_master: i32 = wait_for("the new master to start", DEADLINE, || {
-        let out = server.master_output();
-        let at = out.find("upgrading: started ")?;
-        let line = out[at..].lines().next()?;
-        line.rsplit("as pid ").next()?.trim().parse().ok()
-    });
+    let (upgrade, new_master) = server.upgrade_in_background(next);
     // "named#0[OLD] named#0 (pid NEW) took all N connections"
     server.wait_for_log(&format!("named#0[{old_slot0}] named#0 (pid"));
     let handed = std::time::Instant::now();

@@ -139,25 +139,6 @@ fn tls_connect(port: u16, config: Arc<rustls::ClientConfig>) -> Result<Tls, Stri
     Ok(tls)
 }
 
-/// The next message on `ws`, read again after an EINTR (see `Client::send`).
-fn read<S: Read + Write>(ws: &mut WebSocket<S>) -> tungstenite::Result<Message> {
-    loop {
-        match ws.read() {
-            Err(e) if interrupted(&e) => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Sends `msg` on `ws`; after an EINTR only the flush is done again.
-fn send<S: Read + Write>(ws: &mut WebSocket<S>, msg: Message) -> tungstenite::Result<()> {
-    let mut sent = ws.send(msg);
-    while matches!(&sent, Err(e) if interrupted(e)) {
-        sent = ws.flush();
-    }
-    sent
-}
-
 /// A wss:// client.
 fn wss(port: u16, config: Arc<rustls::ClientConfig>) -> WebSocket<Tls> {
     let tls = tls_connect(port, config).expect("TLS handshake");

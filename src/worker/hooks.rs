@@ -96,11 +96,9 @@ impl Loop {
             Hook::BufferDrain => h.on_buffer_drain.as_mut().map(|f| f(ctx, id)),
         };
         let started = Instant::now();
-        if let Ok(ran) = catch_unwind(AssertUnwindSafe(call)) {
-            if ran.is_some() {
-                let hooks = &mut self.ctx.counters.hook_seconds;
-                hooks.observe(&crate::metrics::HOOK_BOUNDS, started.elapsed());
-            }
+        if catch_unwind(AssertUnwindSafe(call)).is_ok() {
+            let hooks = &mut self.ctx.counters.hook_seconds;
+            hooks.observe(&crate::metrics::HOOK_BOUNDS, started.elapsed());
             return;
         }
         log::error!("{name} hook panicked on connection {id}; closing it with 1011");

@@ -213,6 +213,30 @@ impl Server {
         std::fs::read_to_string(self.dir.path().join("master.out")).unwrap_or_default()
     }
 
+    /// Runs `wsd upgrade --binary next` on a thread of its own (it answers once the upgrade is
+    /// done or has failed), and waits for the new master it starts: the thread, and that
+    /// master's pid.
+    pub fn upgrade_in_background(&self, next: PathBuf) -> (std::thread::JoinHandle<Output>, i32) {
+        let (bin, config) = (wsd_bin(), self.config.clone());
+        let upgrade = std::thread::spawn(move || {
+            Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .arg("upgrade")
+                .arg("--binary")
+                .arg(next)
+                .output()
+                .expect("run wsd upgrade")
+        });
+        let new_master = wait_for("the new master to start", DEADLINE, || {
+            let out = self.master_output();
+            let at = out.find("upgrading: started ")?;
+            let line = out[at..].lines().next()?;
+            line.rsplit("as pid ").next()?.trim().parse().ok()
+        });
+        (upgrade, new_master)
+    }
+
     /// Waits until the master's output (its log and its workers') contains `text`.
     pub fn wait_for_log(&self, text: &str) {
         wait_for(&format!("the log to say {text:?}"), DEADLINE, || {
@@ -298,25 +322,14 @@ impl Client {
         self.send(Message::text(text)).expect("send");
     }
 
-    /// Sends `msg`. A socket call with a timeout returns EINTR when the process is stopped
-    /// and resumed (a busy or paused machine), even with no signal handler: the message is
-    /// queued by then, and only its flush is done again.
+    /// Sends `msg`, surviving an EINTR ([`send`]).
     pub fn send(&mut self, msg: Message) -> tungstenite::Result<()> {
-        let mut sent = self.ws.send(msg);
-        while matches!(&sent, Err(e) if interrupted(e)) {
-            sent = self.ws.flush();
-        }
-        sent
+        send(&mut self.ws, msg)
     }
 
-    /// The next message or control frame, read again after an EINTR (see [`Client::send`]).
+    /// The next message or control frame, read again after an EINTR ([`read`]).
     pub fn read(&mut self) -> tungstenite::Result<Message> {
-        loop {
-            match self.ws.read() {
-                Err(e) if interrupted(&e) => continue,
-                other => return other,
-            }
-        }
+        read(&mut self.ws)
     }
 
     /// The next data message (pings are answered by tungstenite and skipped).
@@ -349,7 +362,28 @@ impl Client {
     }
 }
 
-/// The call was cut short by EINTR (see [`Client::send`]).
+/// Sends `msg` on `ws`. A socket call with a timeout returns EINTR when the process is stopped
+/// and resumed (a busy or paused machine), even with no signal handler: the message is queued
+/// by then, and only its flush is done again.
+pub fn send<S: Read + Write>(ws: &mut WebSocket<S>, msg: Message) -> tungstenite::Result<()> {
+    let mut sent = ws.send(msg);
+    while matches!(&sent, Err(e) if interrupted(e)) {
+        sent = ws.flush();
+    }
+    sent
+}
+
+/// The next message or control frame on `ws`, read again after an EINTR (see [`send`]).
+pub fn read<S: Read + Write>(ws: &mut WebSocket<S>) -> tungstenite::Result<Message> {
+    loop {
+        match ws.read() {
+            Err(e) if interrupted(&e) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The call was cut short by EINTR (see [`send`]).
 pub fn interrupted(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted)
 }
