@@ -504,7 +504,7 @@ impl Loop {
                 if !records.is_empty() {
                     // Bus messages for the clients here, or connections coming back, in a
                     // crossing of their own that goes by the line's key once it turns round.
-                    self.take_records(records, true, Some(super::OUT_LINE));
+                    self.take_records(records, true, super::OUT_LINE);
                     if let Some(out) = self.handoffs.out.as_mut() {
                         out.line.acknowledge();
                     }

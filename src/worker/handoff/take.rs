@@ -310,7 +310,7 @@ impl Loop {
     /// Takes the records that came on incoming line `key`, and acknowledges them.
     fn took(&mut self, key: usize, records: Vec<handoff::line::Record>, back: bool) {
         let came = !records.is_empty();
-        let (adopted, last) = self.take_records(records, back, Some(key));
+        let (adopted, last) = self.take_records(records, back, key);
         if let Some(incoming) = self.handoffs.incoming.get_mut(key).filter(|_| came) {
             // Registered, not yet read: the giver may let its copies go.
             incoming.adopted += adopted;
@@ -338,34 +338,30 @@ impl Loop {
     /// Takes records that came on a line, in order: connections ([`Loop::adopt`]) and bus
     /// messages ([`Loop::take_record`]). `back`: from the worker this one handed its
     /// connections to; those are served here until the master names the slot's next worker,
-    /// and the bus ends are that worker's until its closing record. Returns how many
-    /// connections were adopted, and whether the closing record came.
+    /// and the bus ends are that worker's until its closing record. `line`: the key a
+    /// crossing on the line goes by. Returns how many connections were adopted, and whether
+    /// the closing record came.
     pub(in crate::worker) fn take_records(
         &mut self,
         records: Vec<handoff::line::Record>,
         back: bool,
-        line: Option<usize>,
+        line: usize,
     ) -> (usize, bool) {
         let returning = records.iter().any(|(r, _)| Carried::of(r).is_none());
         if back && returning {
             self.ctx.bus.await_turn_back();
         }
         let (mut adopted, mut last) = (0, false);
-        let crossing = line;
         for (record, fd) in records {
             if record.is_empty() {
                 last = true;
-                if let Some(key) = crossing {
-                    self.ask_mark(key);
-                }
+                self.ask_mark(line);
                 continue;
             }
             if let Some(kind @ (Carried::Crossing | Carried::Remote | Carried::Cut)) =
                 Carried::of(&record)
             {
-                if let Some(key) = crossing {
-                    self.take_crossing(kind, &record, key);
-                }
+                self.take_crossing(kind, &record, line);
                 continue;
             }
             if let Some(id) = self.take_record(&record, fd) {
@@ -373,10 +369,8 @@ impl Loop {
                 if back {
                     self.handoffs.taken_back.insert(id);
                 }
-                if let Some(key) = crossing {
-                    let topics = self.ctx.topics_of(id);
-                    self.ctx.bus.crossings_mut().adopted(key, id, topics);
-                }
+                let topics = self.ctx.topics_of(id);
+                self.ctx.bus.crossings_mut().adopted(line, id, topics);
             }
         }
         if back && last && self.ctx.take_bus_turn() {
